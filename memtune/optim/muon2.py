@@ -1,0 +1,270 @@
+"""Muon²: Muon with Adam-style second-moment preconditioning before Newton-Schulz.
+
+Liu et al. 2026 (arXiv 2604.09967): dividing Muon's momentum by an RMS estimate of the
+gradient, elementwise, before orthogonalizing makes it well conditioned, so 3 NS iterations
+do the work of Muon's 5. Per 2-D parameter W with gradient g:
+
+    M ← lerp(M, g, 1 − μ)                        momentum (torch.optim.Muon's form)
+    V ← β2·V + (1 − β2)·g²                       second moment (Adafactor row/col factors for Muon²-F)
+    U ← lerp(g, M, μ) if nesterov else M         torch.optim.Muon's Nesterov blend
+    P ← U / (√V̂ + ε)                              V̂ = V, or V/(1−β2^t) with bias_correction
+    O ← NS_K(P)                                  quintic Newton-Schulz in bf16 (newton_schulz.py)
+    W ← W·(1 − ηλ) − η·scale(W)·O
+
+With ``precondition=False`` this is exactly ``torch.optim.Muon`` (same NS ops in bf16, same
+Nesterov blend, weight decay with the unscaled lr, same ``adjust_lr`` scales), which the
+tests check. The paper leaves bias correction, the place of ε and β2 open; the defaults here
+are the ones benchmarks/muon2.py measured best (docs/muon2.md).
+
+Parameters of more than 2 dims: a group's ``matrix_view`` says how to see them as matrices.
+"flatten" (default, as KellerJordan/Muon does for conv weights) views ``(out, in, kh, kw)``
+as ``(out, in·kh·kw)``; "batch" treats ``(..., m, n)`` as a batch of independent matrices
+(MoE expert weights). 1-D parameters are refused: give them to AdamW.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from typing import Any
+
+import torch
+from torch.optim import Optimizer
+
+from memtune.optim.newton_schulz import DEFAULT_COEFFS, newton_schulz, newton_schulz_traced
+from memtune.optim.quant import read_state, write_state
+from memtune.optim.settings import (ADJUST_LR, EPS_MODES, INT8_DOMAINS, STATE_DTYPES, AdaptiveNS,
+                                    OptimizerConfigError)
+
+MOMENTUM, SECOND_MOMENT, ROW, COL = "momentum_buffer", "exp_avg_sq", "exp_avg_sq_row", "exp_avg_sq_col"
+
+
+# ----------------------------------------------------------------------------- pure maths
+def shape_scale(rows: int, cols: int, adjust_lr: str) -> float:
+    """Per-matrix lr multiplier: √max(1, rows/cols) ("original", Keller Jordan) or
+    0.2·√max(rows, cols) ("match_rms_adamw", Moonlight: update RMS ≈ AdamW's)."""
+    if adjust_lr == "original":
+        return math.sqrt(max(1.0, rows / cols))
+    if adjust_lr == "match_rms_adamw":
+        return 0.2 * math.sqrt(max(rows, cols))
+    raise OptimizerConfigError(f"adjust_lr={adjust_lr!r}: use one of {ADJUST_LR}")
+
+
+def factored_second_moment(row: torch.Tensor, col: torch.Tensor) -> torch.Tensor:
+    """Adafactor's rank-1 estimate ``V̂ = r cᵀ / mean(r)`` from row means ``r`` (..., m) and
+    column means ``c`` (..., n) of g²."""
+    return row[..., :, None] * col[..., None, :] / row.mean(dim=-1, keepdim=True)[..., None].clamp_min(1e-30)
+
+
+def precondition(update: torch.Tensor, second_moment: torch.Tensor, *, eps: float, eps_mode: str = "outside",
+                 bias_correction2: float = 1.0) -> torch.Tensor:
+    """``update / (√(V/bc2) + ε)`` ("outside") or ``update / √(V/bc2 + ε)`` ("inside")."""
+    v = second_moment / bias_correction2 if bias_correction2 != 1.0 else second_moment
+    if eps_mode == "outside":
+        return update / (v.sqrt() + eps)
+    if eps_mode == "inside":
+        return update / (v + eps).sqrt()
+    raise OptimizerConfigError(f"eps_mode={eps_mode!r}: use one of {EPS_MODES}")
+
+
+def next_ns_steps(k: int, errors: torch.Tensor, rule: dict) -> int:
+    """Adaptive-NS rule (:class:`AdaptiveNS`): ``errors[j]`` is the orthogonality error after
+    j iterations (max over a batch). Up one if ``X_K`` is off target, down one if ``X_{K-1}``
+    was on target, else stay; clamped to [k_min, k_max]."""
+    target = rule["target_error"]
+    if errors[k] > target:
+        k += 1
+    elif k >= 1 and errors[k - 1] <= target:
+        k -= 1
+    return max(rule["k_min"], min(rule["k_max"], k))
+
+
+def _as_matrix(t: torch.Tensor, view: str) -> torch.Tensor:
+    return t.reshape(t.shape[0], -1) if (view == "flatten" and t.ndim > 2) else t
+
+
+# ----------------------------------------------------------------------------- optimizer shell
+class Muon2(Optimizer):
+    """Muon² (see module docstring). ``precondition=False`` gives torch.optim.Muon.
+
+    Extra keyword options: ``eps_mode`` ("outside" | "inside"), ``bias_correction`` (bool),
+    ``int8_domain`` ("sqrt" | "linear"), ``ns_coefficients``, ``ns_eps`` (NS normalization ε),
+    ``ns_dtype`` (NS compute dtype, bf16), ``matrix_view`` ("flatten" | "batch"), ``batch_ns``
+    (stack same-shape matrices into one batched NS call).
+
+    Telemetry: ``ns_telemetry`` maps each parameter's name (from named params, else
+    ``"group{i}.param{j}"``) to ``{"ns_steps", "orthogonality_error", "next_ns_steps"}``; it
+    is filled when ``adaptive_ns`` is set.
+    """
+
+    def __init__(self, params, lr: float = 0.02, momentum: float = 0.95, nesterov: bool = True, beta2: float = 0.95,
+                 eps: float = 1e-8, ns_steps: int = 3, weight_decay: float = 0.0, adjust_lr: str = "original",
+                 state_dtype: str = "fp32", factorized: bool = False, precondition: bool = True,
+                 adaptive_ns: AdaptiveNS | dict | None = None, *, eps_mode: str = "outside",
+                 bias_correction: bool = False, int8_domain: str = "sqrt",
+                 ns_coefficients: tuple[float, float, float] = DEFAULT_COEFFS, ns_eps: float = 1e-7,
+                 ns_dtype: torch.dtype = torch.bfloat16, matrix_view: str = "flatten", batch_ns: bool = True):
+        if isinstance(adaptive_ns, AdaptiveNS):
+            adaptive_ns = adaptive_ns.as_dict()  # plain dict: state_dict stays loadable with weights_only
+        defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, beta2=beta2, eps=eps, ns_steps=ns_steps,
+                        weight_decay=weight_decay, adjust_lr=adjust_lr, state_dtype=state_dtype,
+                        factorized=factorized, precondition=precondition, adaptive_ns=adaptive_ns,
+                        eps_mode=eps_mode, bias_correction=bias_correction, int8_domain=int8_domain,
+                        ns_coefficients=tuple(ns_coefficients), ns_eps=ns_eps, ns_dtype=ns_dtype,
+                        matrix_view=matrix_view, batch_ns=batch_ns)
+        super().__init__(params, defaults)
+        for group in self.param_groups:
+            self._check_group(group)
+        self.ns_telemetry: dict[str, dict[str, Any]] = {}
+
+    @staticmethod
+    def _check_group(group: dict) -> None:
+        for key, allowed in (("state_dtype", STATE_DTYPES), ("adjust_lr", ADJUST_LR), ("eps_mode", EPS_MODES),
+                             ("int8_domain", INT8_DOMAINS), ("matrix_view", ("flatten", "batch"))):
+            if group[key] not in allowed:
+                raise OptimizerConfigError(f"Muon2 {key}={group[key]!r}: use one of {allowed}")
+        if group["ns_steps"] < 1 and not group["adaptive_ns"]:
+            raise OptimizerConfigError(f"Muon2 ns_steps={group['ns_steps']}: need at least 1")
+        for p in group["params"]:
+            if p.ndim < 2:
+                raise OptimizerConfigError(
+                    f"Muon2 optimizes matrices; got a parameter of shape {tuple(p.shape)}. Give 1-D parameters "
+                    "(biases, norms) to AdamW, e.g. with memtune.optim.build_optimizer.")
+            if torch.is_complex(p):
+                raise OptimizerConfigError("Muon2 does not support complex parameters")
+
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        if hasattr(self, "ns_telemetry"):
+            self._check_group(self.param_groups[-1])
+
+    # ---------------------------------------------------------------- state helpers
+    def _buffers(self, group: dict) -> list[tuple[str, bool]]:
+        """(name, signed) of the buffers stored in ``group``'s state precision."""
+        bufs = [(MOMENTUM, True)]
+        if group["precondition"] and not group["factorized"]:
+            bufs.append((SECOND_MOMENT, False))
+        return bufs
+
+    def _init_state(self, p: torch.Tensor, group: dict) -> dict:
+        state = self.state[p]
+        state["step"] = 0
+        g = _as_matrix(p, group["matrix_view"])
+        zeros = torch.zeros(g.shape, dtype=torch.float32, device=p.device)
+        for name, signed in self._buffers(group):
+            write_state(state, name, zeros.clone(), group["state_dtype"], signed=signed, domain=group["int8_domain"])
+        if group["precondition"] and group["factorized"]:
+            state[ROW] = torch.zeros(g.shape[:-1], dtype=torch.float32, device=p.device)
+            state[COL] = torch.zeros(*g.shape[:-2], g.shape[-1], dtype=torch.float32, device=p.device)
+        if group["adaptive_ns"]:
+            rule = group["adaptive_ns"]
+            state["ns_steps"] = max(rule["k_min"], min(rule["k_max"], group["ns_steps"]))
+        return state
+
+    def set_ns_steps(self, ns_steps: int) -> None:
+        """Use ``ns_steps`` NS iterations from the next step on (also resets adaptive K)."""
+        if ns_steps < 1:
+            raise OptimizerConfigError(f"ns_steps={ns_steps}: need at least 1")
+        for group in self.param_groups:
+            group["ns_steps"] = ns_steps
+            for p in group["params"]:
+                if "ns_steps" in self.state.get(p, {}):
+                    self.state[p]["ns_steps"] = ns_steps
+
+    def set_state_dtype(self, state_dtype: str) -> None:
+        """Re-encode every state buffer in ``state_dtype`` ("fp32" | "bf16" | "int8") in place.
+        Going up in precision is exact; going down rounds once, as a step would."""
+        if state_dtype not in STATE_DTYPES:
+            raise OptimizerConfigError(f"state_dtype={state_dtype!r}: use one of {STATE_DTYPES}")
+        for group in self.param_groups:
+            self._recode_group(group, state_dtype)
+            group["state_dtype"] = state_dtype
+
+    def _recode_group(self, group: dict, state_dtype: str) -> None:
+        for p in group["params"]:
+            state = self.state.get(p)
+            if not state:
+                continue
+            shape = _as_matrix(p, group["matrix_view"]).shape
+            for name, signed in self._buffers(group):
+                value = read_state(state, name, shape, signed=signed, domain=group["int8_domain"])
+                write_state(state, name, value, state_dtype, signed=signed, domain=group["int8_domain"])
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        # Optimizer.load_state_dict casts floating state to the parameter's dtype (bf16 → fp32);
+        # re-encode so the resumed state has the precision (and the bytes) it was saved with.
+        super().load_state_dict(state_dict)
+        for group in self.param_groups:
+            self._recode_group(group, group["state_dtype"])
+
+    def _name(self, gi: int, pi: int, group: dict) -> str:
+        names = group.get("param_names")
+        return names[pi] if names else f"group{gi}.param{pi}"
+
+    # ---------------------------------------------------------------- step
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for gi, group in enumerate(self.param_groups):
+            self._step_group(gi, group)
+        return loss
+
+    def _step_group(self, gi: int, group: dict) -> None:
+        mu, beta2, view = group["momentum"], group["beta2"], group["matrix_view"]
+        dtype, domain, rule = group["state_dtype"], group["int8_domain"], group["adaptive_ns"]
+        buckets: dict[tuple, list] = defaultdict(list)
+        for pi, p in enumerate(group["params"]):
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                raise OptimizerConfigError("Muon2 does not support sparse gradients")
+            state = self.state[p] if self.state.get(p) else self._init_state(p, group)
+            state["step"] += 1
+            g = _as_matrix(p.grad, view).float()
+
+            m = read_state(state, MOMENTUM, g.shape, signed=True, domain=domain)
+            m.lerp_(g, 1 - mu)
+            update = g.lerp(m, mu) if group["nesterov"] else m.clone()
+            write_state(state, MOMENTUM, m, dtype, signed=True, domain=domain)
+
+            if group["precondition"]:
+                g2 = g * g
+                if group["factorized"]:
+                    state[ROW].mul_(beta2).add_(g2.mean(dim=-1), alpha=1 - beta2)
+                    state[COL].mul_(beta2).add_(g2.mean(dim=-2), alpha=1 - beta2)
+                    v = factored_second_moment(state[ROW], state[COL])
+                else:
+                    v = read_state(state, SECOND_MOMENT, g.shape, signed=False, domain=domain)
+                    v.mul_(beta2).add_(g2, alpha=1 - beta2)
+                    write_state(state, SECOND_MOMENT, v, dtype, signed=False, domain=domain)
+                bc2 = 1 - beta2 ** state["step"] if group["bias_correction"] else 1.0
+                update = precondition(update, v, eps=group["eps"], eps_mode=group["eps_mode"], bias_correction2=bc2)
+
+            k = state["ns_steps"] if rule else group["ns_steps"]
+            key = (tuple(update.shape), k) if group["batch_ns"] else (pi,)
+            buckets[key].append((pi, p, update, state, k))
+
+        for items in buckets.values():
+            k = items[0][4]
+            stacked = items[0][2] if len(items) == 1 else torch.stack([it[2] for it in items])
+            ns_kw = dict(coeffs=group["ns_coefficients"], eps=group["ns_eps"], dtype=group["ns_dtype"])
+            if rule:
+                ortho, errors = newton_schulz_traced(stacked, k, **ns_kw)
+            else:
+                ortho, errors = newton_schulz(stacked, k, **ns_kw), None
+            if len(items) == 1:
+                ortho = ortho[None]
+                errors = errors[:, None] if errors is not None else None
+            for j, (pi, p, _, state, k) in enumerate(items):
+                o = ortho[j]
+                rows, cols = o.shape[-2], o.shape[-1]
+                p.mul_(1 - group["lr"] * group["weight_decay"])
+                p.add_(o.view_as(p), alpha=-group["lr"] * shape_scale(rows, cols, group["adjust_lr"]))
+                if errors is not None:
+                    errs = errors[:, j].reshape(k + 1, -1).amax(dim=1).tolist()
+                    state["ns_steps"] = next_ns_steps(k, errs, rule)
+                    self.ns_telemetry[self._name(gi, pi, group)] = {
+                        "ns_steps": k, "orthogonality_error": errs[k], "next_ns_steps": state["ns_steps"]}

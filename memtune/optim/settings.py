@@ -1,0 +1,111 @@
+"""The one frozen settings object that configures memtune's optimizers.
+
+``OptimizerSettings`` is plain data (no live tensors or modules): :func:`memtune.optim.build_optimizer`
+turns it into an optimizer, and :func:`memtune.optim.state_bytes` prices it for the planner.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Mapping
+
+from memtune.errors import MemtuneError
+
+OPTIMIZER_NAMES = ("muon2", "muon", "adamw")
+STATE_DTYPES = ("fp32", "bf16", "int8")
+ADJUST_LR = ("original", "match_rms_adamw")
+EPS_MODES = ("outside", "inside")
+INT8_DOMAINS = ("linear", "sqrt")
+
+
+class OptimizerConfigError(MemtuneError, ValueError):
+    """Optimizer settings, or an override, that memtune cannot honour; the message says the fix."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class AdaptiveNS:
+    """Adaptive Newton-Schulz: each matrix picks its own K in ``[k_min, k_max]`` each step.
+
+    After a step with K iterations we know the orthogonality error of the iterates ``X_{K-1}``
+    and ``X_K`` (:func:`memtune.optim.newton_schulz.newton_schulz_traced`). If ``X_K`` was
+    still worse than ``target_error`` the next step uses K+1; if ``X_{K-1}`` was already
+    within ``target_error`` the next step uses K-1; otherwise K stays.
+    """
+
+    k_min: int = 2
+    """Fewest NS iterations, >= 1."""
+    k_max: int = 5
+    """Most NS iterations, >= k_min."""
+    target_error: float = 0.45
+    """Orthogonality error (:func:`orthogonality_error`) counted as converged, in (0, 1). The
+    default quintic's own band gives about 0.3-0.39 at convergence, so values below ~0.4 ask
+    for more than the iteration can deliver."""
+
+    def as_dict(self) -> dict:
+        return {"k_min": self.k_min, "k_max": self.k_max, "target_error": self.target_error}
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class OptimizerSettings:
+    """Hybrid optimizer: hidden matrices get Muon² (or Muon), everything else AdamW."""
+
+    name: str = "muon2"
+    """"muon2" (Muon² on hidden matrices), "muon" (plain Muon on them) or "adamw" (AdamW on all)."""
+    lr: float = 0.02
+    """Learning rate of the Muon/Muon² part, before the shape scale of ``adjust_lr``."""
+    adamw_lr: float = 3e-3
+    """Learning rate of the AdamW part (embeddings, head, norms, biases)."""
+    momentum: float = 0.95
+    """Muon momentum μ in [0, 1)."""
+    nesterov: bool = True
+    beta2: float = 0.95
+    """Muon² second-moment decay β2 in [0, 1); see docs/muon2.md for the measured choice."""
+    eps: float = 1e-8
+    """Muon² preconditioner epsilon (added to √V, or inside the root with ``eps_mode="inside"``)."""
+    eps_mode: str = "outside"
+    """"outside": U / (√V + ε) (Adam's form); "inside": U / √(V + ε)."""
+    bias_correction: bool = False
+    """Divide V by (1 − β2^t) in Muon². NS normalizes away a global scale, so this only moves ε."""
+    ns_steps: int = 3
+    """Newton-Schulz iterations K (the start value when ``adaptive_ns`` is set)."""
+    adjust_lr: str = "original"
+    """"original": scale √max(1, rows/cols) (Keller Jordan); "match_rms_adamw": 0.2·√max(rows, cols) (Moonlight)."""
+    weight_decay: float = 0.0
+    """Decoupled weight decay of the Muon part (multiplied by the unscaled lr, as torch.optim.Muon)."""
+    adamw_weight_decay: float | None = None
+    """Weight decay of the AdamW part; ``None`` means the same as ``weight_decay``."""
+    betas: tuple[float, float] = (0.9, 0.95)
+    """AdamW (β1, β2)."""
+    adamw_eps: float = 1e-8
+    state_dtype: str = "fp32"
+    """Optimizer-state precision of both parts: "fp32", "bf16" or "int8" (blockwise absmax)."""
+    int8_domain: str = "sqrt"
+    """What int8 state quantizes: "linear" (the value) or "sqrt" (sign·√|value|, finer near 0)."""
+    factorized: bool = False
+    """Muon²-F: Adafactor-style row/column second moment, O(rows + cols) instead of O(rows·cols)."""
+    adaptive_ns: AdaptiveNS | None = None
+    """Per-matrix adaptive K; ``None`` keeps ``ns_steps`` fixed."""
+    overrides: Mapping[str, str] = field(default_factory=dict)
+    """Parameter FQN → "muon2" | "muon" | "adamw", applied after the automatic split."""
+
+    def __post_init__(self) -> None:
+        def check(ok: bool, msg: str) -> None:
+            if not ok:
+                raise OptimizerConfigError(msg)
+
+        check(self.name in OPTIMIZER_NAMES, f"name={self.name!r}: use one of {OPTIMIZER_NAMES}")
+        check(self.state_dtype in STATE_DTYPES, f"state_dtype={self.state_dtype!r}: use one of {STATE_DTYPES}")
+        check(self.adjust_lr in ADJUST_LR, f"adjust_lr={self.adjust_lr!r}: use one of {ADJUST_LR}")
+        check(self.eps_mode in EPS_MODES, f"eps_mode={self.eps_mode!r}: use one of {EPS_MODES}")
+        check(self.int8_domain in INT8_DOMAINS, f"int8_domain={self.int8_domain!r}: use one of {INT8_DOMAINS}")
+        check(self.ns_steps >= 1, f"ns_steps={self.ns_steps}: need at least 1 Newton-Schulz iteration")
+        check(0 <= self.momentum < 1 and 0 <= self.beta2 < 1, "momentum and beta2 must lie in [0, 1)")
+        check(self.lr >= 0 and self.adamw_lr >= 0, "learning rates must be >= 0")
+        for fqn, choice in self.overrides.items():
+            check(choice in OPTIMIZER_NAMES, f"override {fqn!r} → {choice!r}: use one of {OPTIMIZER_NAMES}")
+        if self.adaptive_ns is not None:
+            a = self.adaptive_ns
+            check(1 <= a.k_min <= a.k_max, f"adaptive_ns needs 1 <= k_min <= k_max, got {a.k_min}, {a.k_max}")
+        # A read-only copy, so a frozen settings object really is frozen.
+        object.__setattr__(self, "overrides", MappingProxyType(dict(self.overrides)))
