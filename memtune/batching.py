@@ -1,0 +1,78 @@
+"""How memtune turns a batch into a loss, shared by the profiler and the runtime.
+
+A batch can be
+
+* a ``dict`` (Hugging Face style): ``model(**batch)`` returns an output with ``.loss``;
+  with ``loss_fn`` the loss is ``loss_fn(output, batch)``;
+* a ``tuple``/``list``: without ``loss_fn``, ``model(*batch)`` returns the loss (a scalar
+  tensor) or an output with ``.loss``; with ``loss_fn``, the last element is the target
+  and the loss is ``loss_fn(model(*batch[:-1]), batch[-1])``;
+* a tensor: ``model(batch)``; the loss is ``loss_fn(output)`` when given, else the output
+  itself when it is a scalar.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch.utils._pytree import tree_flatten, tree_map_only
+
+LossFn = Callable[..., torch.Tensor]
+
+
+def split_batch(batch: Any, loss_fn: LossFn | None) -> tuple[tuple, dict, Any]:
+    """``(args, kwargs, target)`` for calling the model on ``batch``."""
+    if isinstance(batch, dict):
+        return (), dict(batch), None
+    if isinstance(batch, (tuple, list)):
+        if loss_fn is not None:
+            if len(batch) < 2:
+                raise ValueError("with loss_fn, a tuple batch must be (inputs..., target)")
+            return tuple(batch[:-1]), {}, batch[-1]
+        return tuple(batch), {}, None
+    if isinstance(batch, torch.Tensor):
+        return (batch,), {}, None
+    raise TypeError(f"unsupported batch type {type(batch).__name__}: use a dict, a tuple (inputs..., target) or a tensor")
+
+
+def loss_from_output(output: Any, batch: Any, target: Any, loss_fn: LossFn | None) -> torch.Tensor:
+    """The scalar loss for ``output``, per the rules in the module docstring."""
+    if loss_fn is not None:
+        if isinstance(batch, dict):
+            return loss_fn(output, batch)
+        if target is None:
+            return loss_fn(output)
+        return loss_fn(output, target)
+    loss = getattr(output, "loss", None)
+    if loss is None and isinstance(output, dict):
+        loss = output.get("loss")
+    if loss is None and isinstance(output, torch.Tensor) and output.dim() == 0:
+        loss = output
+    if loss is None:
+        raise ValueError(
+            "cannot find a loss: the model returned "
+            f"{type(output).__name__}{'' if not isinstance(output, torch.Tensor) else tuple(output.shape)}; "
+            "pass loss_fn=..., or make the model return a scalar loss or an output with .loss"
+        )
+    return loss
+
+
+def batch_size_of(batch: Any) -> int | None:
+    """Leading dimension of the first tensor in the batch."""
+    leaves, _ = tree_flatten(batch)
+    for leaf in leaves:
+        if isinstance(leaf, torch.Tensor) and leaf.dim() > 0:
+            return int(leaf.shape[0])
+    return None
+
+
+def describe(batch: Any) -> str:
+    """``(4, 128) int64`` style description of every tensor in the batch."""
+    leaves, _ = tree_flatten(batch)
+    parts = [f"{tuple(t.shape)} {str(t.dtype).removeprefix('torch.')}" for t in leaves if isinstance(t, torch.Tensor)]
+    return ", ".join(parts) if parts else "no tensors"
+
+
+def move_batch(batch: Any, device: torch.device | str) -> Any:
+    return tree_map_only(torch.Tensor, lambda t: t.to(device, non_blocking=True), batch)

@@ -1,0 +1,109 @@
+"""Memory budgets: ``Budget.parse("24GB")`` and friends.
+
+Accepted forms (and nothing else):
+
+* an ``int``: bytes;
+* ``"24GB"``/``"500MB"``/``"2TB"``/``"512KB"``: decimal units (10^9, 10^6, 10^12, 10^3);
+* ``"24GiB"``/``"500MiB"``/``"2TiB"``/``"512KiB"``: binary units (2^30, 2^20, 2^40, 2^10);
+* ``"1000000B"`` or a plain number string: bytes;
+* ``"80%"``: a share of the target device's total memory.
+
+The usable budget is the budget minus a reserve for what no tensor accounts for: the CUDA
+context, library workspaces and allocator slack (:data:`memtune.devices.DEFAULT_CUDA_RESERVE_BYTES`
+on CUDA, 0 on CPU).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+
+from .devices import DEFAULT_CUDA_RESERVE_BYTES, DeviceSpec, resolve_device
+from .errors import BudgetError
+from .units_fmt import fmt_bytes
+
+_UNITS = {
+    "": 1, "B": 1,
+    "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+    "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40,
+}
+_PATTERN = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*$")
+_PERCENT = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*%\s*$")
+ACCEPTED_FORMS = ('an int (bytes), "24GB" (10^9), "24GiB" (2^30), "500MB", "500MiB", '
+                  '"1000000B", or "80%" (of the target device\'s total memory)')
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Budget:
+    budget_bytes: int
+    """The budget as given."""
+    reserve_bytes: int
+    """Set aside for the CUDA context, workspaces and allocator slack."""
+    spec: str
+    """What the user wrote, for messages."""
+    device: str
+    """Device-table name the budget was parsed for."""
+
+    @property
+    def usable_bytes(self) -> int:
+        """What tensors may use: ``budget_bytes - reserve_bytes``."""
+        return self.budget_bytes - self.reserve_bytes
+
+    @classmethod
+    def parse(cls, value: "int | str | Budget", *, device: str | torch.device | DeviceSpec | None = None,
+              reserve: int | str | None = None) -> "Budget":
+        """Parse a budget for ``device`` (a device-table name such as ``"H100"``, a torch
+        device, or ``None`` for the current CUDA device, else the CPU).
+
+        ``reserve`` overrides the default reserve (bytes or a size string)."""
+        if isinstance(value, Budget):
+            return value
+        spec_dev = None
+
+        def dev() -> DeviceSpec:
+            nonlocal spec_dev
+            if spec_dev is None:
+                spec_dev = resolve_device(device)
+            return spec_dev
+
+        nbytes = _parse_bytes(value, total=lambda: dev().memory_bytes)
+        if reserve is None:
+            reserve_bytes = DEFAULT_CUDA_RESERVE_BYTES if dev().kind == "cuda" else 0
+        else:
+            reserve_bytes = _parse_bytes(reserve, total=lambda: dev().memory_bytes)
+        if nbytes <= reserve_bytes:
+            raise BudgetError(
+                f"budget {value!r} ({fmt_bytes(nbytes)}) does not exceed the {fmt_bytes(reserve_bytes)} reserved for "
+                f"the CUDA context and allocator slack on {dev().name}; give a larger budget, or pass reserve=... "
+                f"if you have measured a smaller reserve"
+            )
+        return cls(budget_bytes=nbytes, reserve_bytes=reserve_bytes, spec=str(value), device=dev().name)
+
+    def __str__(self) -> str:
+        return f"{self.spec} ({fmt_bytes(self.usable_bytes)} usable on {self.device})"
+
+
+def _parse_bytes(value: object, *, total) -> int:
+    if isinstance(value, bool):
+        raise BudgetError(f"budget {value!r} is a bool; accepted forms: {ACCEPTED_FORMS}")
+    if isinstance(value, int):
+        if value <= 0:
+            raise BudgetError(f"budget must be positive, got {value}; accepted forms: {ACCEPTED_FORMS}")
+        return value
+    if not isinstance(value, str):
+        raise BudgetError(f"cannot parse budget {value!r} of type {type(value).__name__}; accepted forms: {ACCEPTED_FORMS}")
+    m = _PERCENT.match(value)
+    if m:
+        pct = float(m.group(1))
+        if not 0 < pct <= 100:
+            raise BudgetError(f"budget {value!r} must be a percentage in (0, 100]; accepted forms: {ACCEPTED_FORMS}")
+        return int(total() * pct / 100)
+    m = _PATTERN.match(value)
+    if not m or m.group(2).upper() not in _UNITS:
+        raise BudgetError(f"cannot parse budget {value!r}; accepted forms: {ACCEPTED_FORMS}")
+    nbytes = int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+    if nbytes <= 0:
+        raise BudgetError(f"budget must be positive, got {value!r}; accepted forms: {ACCEPTED_FORMS}")
+    return nbytes

@@ -1,0 +1,287 @@
+"""``ModelProfile``: what one training step of a model costs, per checkpointable unit.
+
+Plain frozen data keyed by module FQN, units in the field names, no live modules. It
+round-trips through JSON (:meth:`ModelProfile.to_json` / :meth:`ModelProfile.from_json`)
+and carries enough of the measured step to replay it under any plan:
+
+* ``units``: per unit parameter/gradient/saved-activation/input/output bytes, FLOPs and
+  transient peaks, in execution order;
+* ``storages``: every activation storage saved for backward, deduplicated by storage (a
+  view counts once), with the timeline intervals where it was created and freed and the
+  units that hold it;
+* ``timeline``: the measured live bytes at each event of the step (unit forward start/end,
+  unit backward start/end, optimizer) and the peak inside each interval.
+
+The memory model (:mod:`memtune.memory_model`) replays ``timeline`` with the storages a
+plan drops or recomputes; see docs/profiler.md for the exact semantics.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import PlanFileError
+
+SCHEMA_VERSION = 1
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ParamInfo:
+    """One parameter (tied parameters appear once, under their first FQN)."""
+
+    fqn: str
+    shape: tuple[int, ...]
+    dtype: str
+    """torch dtype name without the ``torch.`` prefix, e.g. ``float32``."""
+    param_bytes: int
+    """Bytes on the target device (allocation rounding included)."""
+    unit: str | None
+    """FQN of the unit holding it, or ``None`` for parameters outside every unit."""
+    module_type: str
+    """Class name of the owning module (``Linear``, ``Embedding``, ``LayerNorm``...)."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class UnitProfile:
+    """A checkpointable unit (a repeated block by default)."""
+
+    fqn: str
+    module_type: str
+    order: int
+    """Position in forward execution order (0 = first)."""
+    param_bytes: int
+    grad_bytes: int
+    saved_activation_bytes: int
+    """Distinct storages saved for backward by ops inside the unit (parameters and the
+    batch excluded). Includes unit inputs that the unit itself saves."""
+    input_bytes: int
+    """Distinct activation storages passed in (what a checkpoint of the unit keeps)."""
+    output_bytes: int
+    fwd_flops: int
+    bwd_flops: int
+    fwd_transient_bytes: int
+    """Peak live bytes during the unit's forward minus live bytes when it started."""
+    bwd_transient_bytes: int
+    """Peak live bytes during the unit's backward minus live bytes when it started."""
+    saved_storages: tuple[int, ...]
+    """Indices into :attr:`ModelProfile.storages` of what the unit saves."""
+    input_storages: tuple[int, ...]
+    """Indices into :attr:`ModelProfile.storages` of the unit's activation inputs that are
+    also saved by someone (inputs nobody saves are freed in the baseline too)."""
+    input_storage_bytes: tuple[int, ...] = ()
+    """Bytes of every activation input storage, saved or not, in input order."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class StorageInfo:
+    """An activation storage that autograd saved for backward."""
+
+    nbytes: int
+    created: int
+    """Timeline interval in which it was allocated."""
+    freed: int
+    """Timeline interval in which it was freed (``len(timeline)`` if it outlived the step)."""
+    producer: str | None
+    """Unit FQN whose forward allocated it, or ``None`` when allocated outside units."""
+    holders: tuple[str, ...]
+    """Units that saved it (empty when only code outside units saved it)."""
+    saved_outside: bool
+    """Code outside every unit (embedding, head, loss) also saved it."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class TimelineEvent:
+    """A boundary of the measured step; interval *i* runs from event *i* to event *i+1*."""
+
+    name: str
+    """``start``, ``fwd_start``/``fwd_end``, ``loss``, ``bwd_start``/``bwd_end``,
+    ``bwd_done``, ``optim_start``, ``optim_end``."""
+    unit: str | None
+    live_bytes: int
+    """Live tensor bytes at the event."""
+    peak_bytes: int
+    """Peak live bytes from this event until the next one."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelProfile:
+    """The result of :func:`memtune.profile`. All sizes in bytes, all FLOPs per step."""
+
+    model: str
+    tracer: str
+    """``symbolic_trace`` or ``make_fx``: which tracer produced :attr:`graph`."""
+    tracers_tried: tuple[tuple[str, str], ...]
+    """``(tracer, why it failed)`` for each tracer tried before the one that worked."""
+    target: str
+    """Device type the profile models (``cuda`` or ``cpu``)."""
+    target_name: str
+    """Device-table key the profile was made for (``H100``, ``cpu``...)."""
+    precision: str
+    """``fp32`` or ``bf16-mixed``."""
+    optimizer: str
+    batch_size: int | None
+    """Leading dimension of the sample (the micro-batch the profile was measured at)."""
+    sample: str
+    """Shapes and dtypes of the sample, for humans."""
+    param_bytes: int
+    buffer_bytes: int
+    grad_bytes: int
+    optimizer_state_bytes: int
+    input_bytes: int
+    """The batch itself."""
+    outside_activation_bytes: int
+    """Activations saved by code outside every unit (embeddings, head, loss)."""
+    baseline_peak_bytes: int
+    """Peak of one steady-state training step (forward, backward, optimizer step) with
+    ``optimizer`` and no recomputation."""
+    fwd_flops: int
+    bwd_flops: int
+    units: tuple[UnitProfile, ...]
+    params: tuple[ParamInfo, ...]
+    storages: tuple[StorageInfo, ...]
+    timeline: tuple[TimelineEvent, ...]
+    assumptions: tuple[str, ...] = ()
+    """Data-dependent reads the fake run could not know and how they were resolved."""
+    allocation_granularity: int = 1
+    """Every allocation is rounded up to this many bytes (512 for CUDA)."""
+    profile_seconds: float = 0.0
+    torch_version: str = ""
+    schema_version: int = SCHEMA_VERSION
+    graph: Any = field(default=None, compare=False, repr=False)
+    """The torch.fx ``GraphModule`` (kept in memory only, not serialized)."""
+
+    # ------------------------------------------------------------------ derived
+    @property
+    def static_bytes(self) -> int:
+        """Parameters and buffers."""
+        return self.param_bytes + self.buffer_bytes
+
+    @property
+    def unit_fqns(self) -> tuple[str, ...]:
+        return tuple(u.fqn for u in self.units)
+
+    def unit(self, fqn: str) -> UnitProfile:
+        for u in self.units:
+            if u.fqn == fqn:
+                return u
+        raise KeyError(f"no unit {fqn!r}; units are {list(self.unit_fqns)}")
+
+    @property
+    def saved_activation_bytes(self) -> int:
+        """All distinct activation storages saved for backward."""
+        return sum(s.nbytes for s in self.storages)
+
+    @property
+    def fingerprint(self) -> str:
+        """Stable hash of the serialized profile (timing fields excluded)."""
+        d = self.to_dict()
+        d.pop("profile_seconds", None)
+        blob = json.dumps(d, sort_keys=True, separators=(",", ":")).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+    # ------------------------------------------------------------------ JSON
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            if f.name == "graph":
+                continue
+            out[f.name] = _plain(getattr(self, f.name))
+        return out
+
+    def to_json(self, path: str | Path | None = None, *, indent: int | None = None) -> str:
+        text = json.dumps(self.to_dict(), indent=indent)
+        if path is not None:
+            Path(path).write_text(text)
+        return text
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ModelProfile":
+        try:
+            if d.get("schema_version") != SCHEMA_VERSION:
+                raise PlanFileError(
+                    f"profile schema_version {d.get('schema_version')!r} is not {SCHEMA_VERSION}; "
+                    "re-run memtune.profile with this version of memtune"
+                )
+            kw = dict(d)
+            kw["tracers_tried"] = tuple(tuple(t) for t in d["tracers_tried"])
+            kw["assumptions"] = tuple(d.get("assumptions", ()))
+            kw["units"] = tuple(
+                UnitProfile(**{**u, "saved_storages": tuple(u["saved_storages"]),
+                               "input_storages": tuple(u["input_storages"]),
+                               "input_storage_bytes": tuple(u.get("input_storage_bytes", ()))})
+                for u in d["units"]
+            )
+            kw["params"] = tuple(ParamInfo(**{**p, "shape": tuple(p["shape"])}) for p in d["params"])
+            kw["storages"] = tuple(StorageInfo(**{**s, "holders": tuple(s["holders"])}) for s in d["storages"])
+            kw["timeline"] = tuple(TimelineEvent(**e) for e in d["timeline"])
+            return cls(**kw)
+        except PlanFileError:
+            raise
+        except (KeyError, TypeError, ValueError) as e:
+            raise PlanFileError(
+                f"not a memtune profile ({type(e).__name__}: {e}); write one with memtune.profile(...).to_json(path)"
+            ) from e
+
+    @classmethod
+    def from_json(cls, text_or_path: str | Path) -> "ModelProfile":
+        text = str(text_or_path)
+        if not text.lstrip().startswith("{"):
+            try:
+                text = Path(text_or_path).read_text()
+            except OSError as e:
+                raise PlanFileError(f"cannot read profile file {text_or_path}: {e}") from e
+        try:
+            d = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise PlanFileError(f"profile file is not valid JSON ({e}); re-create it with memtune profile") from e
+        if not isinstance(d, dict):
+            raise PlanFileError("profile JSON must be an object; re-create it with memtune profile")
+        return cls.from_dict(d)
+
+    # ------------------------------------------------------------------ display
+    def summary(self) -> str:
+        """A readable table: one row per unit, then the whole-model totals."""
+        from .units_fmt import fmt_bytes, fmt_flops
+
+        head = (f"{'unit':<28} {'params':>10} {'saved act':>10} {'input':>10} {'fwd peak+':>10} "
+                f"{'bwd peak+':>10} {'fwd FLOPs':>10} {'bwd FLOPs':>10}")
+        lines = [
+            f"ModelProfile of {self.model}: traced with {self.tracer}, target {self.target_name} ({self.target}), "
+            f"{self.precision}, optimizer {self.optimizer}, sample {self.sample}",
+            head,
+            "-" * len(head),
+        ]
+        for u in self.units:
+            lines.append(
+                f"{u.fqn:<28} {fmt_bytes(u.param_bytes):>10} {fmt_bytes(u.saved_activation_bytes):>10} "
+                f"{fmt_bytes(u.input_bytes):>10} {fmt_bytes(u.fwd_transient_bytes):>10} "
+                f"{fmt_bytes(u.bwd_transient_bytes):>10} {fmt_flops(u.fwd_flops):>10} {fmt_flops(u.bwd_flops):>10}"
+            )
+        lines.append("-" * len(head))
+        lines += [
+            f"parameters {fmt_bytes(self.param_bytes)} · buffers {fmt_bytes(self.buffer_bytes)} · "
+            f"gradients {fmt_bytes(self.grad_bytes)} · optimizer state {fmt_bytes(self.optimizer_state_bytes)} · "
+            f"batch {fmt_bytes(self.input_bytes)}",
+            f"saved activations {fmt_bytes(self.saved_activation_bytes)} "
+            f"(outside units {fmt_bytes(self.outside_activation_bytes)}) · "
+            f"FLOPs fwd {fmt_flops(self.fwd_flops)} bwd {fmt_flops(self.bwd_flops)}",
+            f"baseline peak (one training step, no recompute): {fmt_bytes(self.baseline_peak_bytes)}",
+        ]
+        for a in self.assumptions:
+            lines.append(f"assumed: {a}")
+        return "\n".join(lines)
+
+
+def _plain(v: Any) -> Any:
+    if dataclasses.is_dataclass(v) and not isinstance(v, type):
+        return {f.name: _plain(getattr(v, f.name)) for f in dataclasses.fields(v)}
+    if isinstance(v, (list, tuple)):
+        return [_plain(x) for x in v]
+    if isinstance(v, dict):
+        return {k: _plain(x) for k, x in v.items()}
+    return v

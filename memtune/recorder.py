@@ -1,0 +1,255 @@
+"""``StepRecorder``: live-memory, saved-tensor and FLOP accounting for one training step.
+
+A ``TorchDispatchMode`` that sees every aten op of the step (forward, backward, optimizer)
+and tracks storages the way an allocator would: a storage is allocated when an op first
+returns it and freed when its last reference dies (a weakref callback, so it works for
+fake tensors that own no memory). Each storage is rounded up to the target's allocation
+granularity (512 B on CUDA). Events (unit boundaries) split the step into intervals; for
+each interval the recorder keeps the live bytes at its start and its peak.
+
+Autograd's saved tensors are seen through ``saved_tensors_hooks``: the pack hook notes
+which unit saved which storage (deduplicated by storage, so views count once) and returns
+a detached alias, which keeps the storage alive exactly as autograd would without the
+reference cycle a saved output would otherwise form.
+
+This is the measuring instrument of :func:`memtune.profile`; it is written to be exact
+for eager execution, and checked against ``torch.distributed._tools.mem_tracker.MemTracker``
+in the tests.
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+from torch.utils.flop_counter import flop_registry
+from torch.utils.weak import WeakIdKeyDictionary
+
+from .devices import cuda_sdpa_backend, cuda_sdpa_logsumexp_bytes, round_allocation
+
+aten = torch.ops.aten
+
+_SDPA_CPU = {aten._scaled_dot_product_flash_attention_for_cpu.default}
+
+
+@dataclass(eq=False)
+class StorageRecord:
+    nbytes: int
+    created: int
+    producer: str | None
+    freed: int | None = None
+    holders: list[str] = field(default_factory=list)
+    saved_outside: bool = False
+
+    @property
+    def saved(self) -> bool:
+        return bool(self.holders) or self.saved_outside
+
+
+@dataclass
+class Interval:
+    name: str
+    unit: str | None
+    live_bytes: int
+    peak_bytes: int
+
+
+class StepRecorder(TorchDispatchMode):
+    """Record one step. Use as a context manager *inside* the fake (or real) tensor mode."""
+
+    def __init__(self, *, granularity: int = 1, target: str = "cpu", resolve_data_dependent: bool = True):
+        super().__init__()
+        self.granularity = granularity
+        self.target = target
+        self.resolve_data_dependent = resolve_data_dependent
+        self.live_bytes = 0
+        self.intervals: list[Interval] = []
+        self.records: list[StorageRecord] = []
+        self._by_storage: WeakIdKeyDictionary = WeakIdKeyDictionary()
+        self._static: WeakIdKeyDictionary = WeakIdKeyDictionary()
+        self.static_bytes = 0
+        self.unit_stack: list[str] = []
+        self.bwd_unit: str | None = None
+        self.phase = "forward"
+        self.flops: dict[tuple[str, str | None], int] = {}
+        self.assumptions: list[str] = []
+        self._overrides: dict[int, int] = {}
+
+    # ------------------------------------------------------------------ events
+    @property
+    def current_unit(self) -> str | None:
+        if self.phase == "backward":
+            return self.bwd_unit
+        return self.unit_stack[-1] if self.unit_stack else None
+
+    def mark(self, name: str, unit: str | None = None) -> None:
+        """Close the current interval and open one starting at this event."""
+        self.intervals.append(Interval(name, unit, self.live_bytes, self.live_bytes))
+
+    def _bump_peak(self) -> None:
+        if self.intervals and self.live_bytes > self.intervals[-1].peak_bytes:
+            self.intervals[-1].peak_bytes = self.live_bytes
+
+    # ------------------------------------------------------------------ storages
+    def _nbytes(self, st: torch.UntypedStorage) -> int:
+        return round_allocation(int(st.nbytes()), self.granularity)
+
+    def register_static(self, *objs: Any) -> int:
+        """Count pre-existing tensors (parameters, buffers, optimizer state, the batch) as live
+        for the whole step. Returns the bytes added."""
+        added = 0
+        leaves, _ = tree_flatten(list(objs))
+        for t in leaves:
+            if not isinstance(t, torch.Tensor):
+                continue
+            st = t.untyped_storage()
+            if st in self._static or st in self._by_storage:
+                continue
+            n = self._nbytes(st)
+            self._static[st] = n
+            self._watch(st, n, record=None)
+            added += n
+        self.static_bytes += added
+        self.live_bytes += added
+        self._bump_peak()
+        return added
+
+    def is_static(self, t: torch.Tensor) -> bool:
+        return t.untyped_storage() in self._static
+
+    def record_of(self, t: torch.Tensor) -> StorageRecord | None:
+        entry = self._by_storage.get(t.untyped_storage())
+        return None if entry is None else entry[0]
+
+    def _watch(self, st: torch.UntypedStorage, nbytes: int, record: StorageRecord | None) -> None:
+        def on_free(_ref, self=self, nbytes=nbytes, record=record):
+            self.live_bytes -= nbytes
+            if record is not None:
+                record.freed = len(self.intervals) - 1
+            else:
+                self.static_bytes -= nbytes
+
+        # The weakref must outlive the storage for the callback to fire: keep it on the record map.
+        ref = weakref.ref(st, on_free)
+        if record is not None:
+            self._by_storage[st] = (record, ref)
+        else:
+            self._static[st] = (nbytes, ref)
+
+    def _track_output(self, t: torch.Tensor) -> None:
+        st = t.untyped_storage()
+        if st in self._by_storage or st in self._static:
+            return
+        n = self._overrides.pop(id(t), None)
+        n = self._nbytes(st) if n is None else round_allocation(n, self.granularity)
+        rec = StorageRecord(nbytes=n, created=len(self.intervals) - 1, producer=self.current_unit if self.phase == "forward" else None)
+        self.records.append(rec)
+        self._watch(st, n, rec)
+        self.live_bytes += n
+
+    # ------------------------------------------------------------------ saved tensors
+    def pack(self, t: torch.Tensor) -> torch.Tensor:
+        entry = self._by_storage.get(t.untyped_storage())
+        if entry is not None:
+            rec = entry[0]
+            unit = self.unit_stack[-1] if self.unit_stack else None
+            if unit is None:
+                rec.saved_outside = True
+            elif unit not in rec.holders:
+                rec.holders.append(unit)
+        # A detached alias keeps the storage alive as autograd would, without a reference
+        # cycle through the grad_fn of a saved output.
+        return t.detach()
+
+    @staticmethod
+    def unpack(t: torch.Tensor) -> torch.Tensor:
+        return t
+
+    # ------------------------------------------------------------------ dispatch
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if self.resolve_data_dependent:
+            resolved = self._resolve_data_dependent(func, args)
+            if resolved is not NotImplemented:
+                return resolved
+        out = func(*args, **kwargs)
+        self._count_flops(func, args, kwargs, out)
+        if self.target == "cuda" and func in _SDPA_CPU:
+            self._model_cuda_sdpa(args, kwargs, out)
+        leaves, _ = tree_flatten(out)
+        for t in leaves:
+            if isinstance(t, torch.Tensor):
+                self._track_output(t)
+        self._bump_peak()
+        return out
+
+    def _count_flops(self, func, args, kwargs, out) -> None:
+        fn = flop_registry.get(func._overloadpacket)
+        if fn is None:
+            return
+        n = int(fn(*args, **kwargs, out_val=out))
+        key = (self.phase, self.current_unit)
+        self.flops[key] = self.flops.get(key, 0) + n
+
+    def _model_cuda_sdpa(self, args, kwargs, out) -> None:
+        """Replace the CPU kernel's saved log-sum-exp by what the CUDA kernel would save.
+
+        The CPU flash kernel returns ``(out, logsumexp(B, H, T))``; on CUDA the flash kernel
+        saves the same plus two RNG-state scalars, the memory-efficient kernel pads the
+        log-sum-exp to a multiple of 32, and the math kernel materializes the attention
+        matrix (added as an extra saved allocation of ``B*H*T*S`` elements).
+        """
+        q, k = args[0], args[1]
+        attn_mask = kwargs.get("attn_mask")
+        dropout = args[3] if len(args) > 3 else kwargs.get("dropout_p", 0.0)
+        B, H, T, D = q.shape
+        backend = cuda_sdpa_backend(dtype=q.dtype, head_dim=D, has_mask=attn_mask is not None, dropout_p=dropout)
+        lse = out[1]
+        if backend in ("flash", "efficient"):
+            self._overrides[id(lse)] = cuda_sdpa_logsumexp_bytes(backend, B, H, T)
+        else:
+            self._overrides[id(lse)] = B * H * T * k.shape[2] * q.element_size()
+            self.assumptions.append(
+                f"scaled_dot_product_attention ({tuple(q.shape)}, {q.dtype}) runs the math kernel on CUDA: "
+                "counted the attention matrix as saved"
+            ) if not any("math kernel" in a for a in self.assumptions) else None
+
+    def _resolve_data_dependent(self, func, args):
+        """Under fake tensors a value read (``bool(t)``, ``t.item()``) or a data-dependent
+        shape (``nonzero``) has no answer. Resolve them the way that keeps memory an upper
+        bound: a branch condition reads as true, ``nonzero`` keeps every element."""
+        if func is aten._local_scalar_dense.default:
+            t = args[0]
+            if not _is_fake(t):
+                return NotImplemented
+            value: Any = True if t.dtype == torch.bool else (1 if not t.is_floating_point() else 1.0)
+            if self.phase != "optimizer":  # optimizers read their step counters: not a model assumption
+                self._assume(f"value read of a {t.dtype} tensor in {self.current_unit or 'the model'} resolved as {value!r}")
+            return value
+        if func is aten.nonzero.default and _is_fake(args[0]):
+            x = args[0]
+            self._assume(f"nonzero on {tuple(x.shape)} in {self.current_unit or 'the model'}: assumed every element is selected")
+            out = torch.empty((x.numel(), x.dim()), dtype=torch.long, device=x.device)
+            self._track_output(out)
+            self._bump_peak()
+            return out
+        return NotImplemented
+
+    def _assume(self, text: str) -> None:
+        if text not in self.assumptions:
+            self.assumptions.append(text)
+
+
+def _is_fake(t: Any) -> bool:
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    return isinstance(t, FakeTensor)
+
+
+def ceil_div(a: int, b: int) -> int:
+    return math.ceil(a / b)

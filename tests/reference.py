@@ -1,0 +1,69 @@
+"""Independent reference measurements on real tensors, for the fidelity tests.
+
+``measure_step`` runs real training steps on the CPU and measures the second one with
+PyTorch's own ``MemTracker``; ``saved_bytes_per_unit`` captures what autograd saves per
+unit with ``saved_tensors_hooks`` on real tensors, deduplicated by storage pointer.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from torch.distributed._tools.mem_tracker import MemTracker
+
+from memtune.batching import loss_from_output, split_batch
+
+
+def train_step(model, batch, loss_fn, opt) -> torch.Tensor:
+    args, kwargs, target = split_batch(batch, loss_fn)
+    out = model(*args, **kwargs)
+    loss = loss_from_output(out, batch, target, loss_fn)
+    del out
+    loss.backward()
+    if opt is not None:
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return loss.detach()
+
+
+def measure_step(model: nn.Module, batch, *, loss_fn=None, opt=None, warmup: int = 1) -> int:
+    """Peak bytes of one steady-state step (after ``warmup`` steps), measured by MemTracker."""
+    for _ in range(warmup):
+        train_step(model, batch, loss_fn, opt)
+    mt = MemTracker()
+    tensors = [t for t in (batch.values() if isinstance(batch, dict) else batch if isinstance(batch, (tuple, list)) else [batch])]
+    mt.track_external(model, *( [opt] if opt is not None else []), *tensors)
+    with mt:
+        train_step(model, batch, loss_fn, opt)
+    snap = mt.get_tracker_snapshot("peak")
+    return int(snap[torch.device("cpu")]["Total"])
+
+
+def saved_bytes_per_unit(model: nn.Module, batch, unit_fqns, *, loss_fn=None) -> dict[str, int]:
+    """Bytes of distinct activation storages saved for backward inside each unit's forward."""
+    modules = dict(model.named_modules())
+    static = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    static |= {b.untyped_storage().data_ptr() for b in model.buffers()}
+    stack: list[str] = []
+    seen: dict[str, dict[int, int]] = {u: {} for u in unit_fqns}
+    handles = []
+    for u in unit_fqns:
+        handles.append(modules[u].register_forward_pre_hook(lambda m, a, u=u: (stack.append(u), None)[1]))
+        handles.append(modules[u].register_forward_hook(lambda m, a, o: (stack.pop(), None)[1]))
+
+    def pack(t):
+        st = t.untyped_storage()
+        if stack and st.data_ptr() not in static:
+            seen[stack[-1]][st.data_ptr()] = st.nbytes()
+        return t
+
+    args, kwargs, target = split_batch(batch, loss_fn)
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = model(*args, **kwargs)
+            loss = loss_from_output(out, batch, target, loss_fn)
+        loss.backward()
+    finally:
+        for h in handles:
+            h.remove()
+    return {u: sum(v.values()) for u, v in seen.items()}
