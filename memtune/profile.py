@@ -106,6 +106,8 @@ class TimelineEvent:
     """Live tensor bytes at the event."""
     peak_bytes: int
     """Peak live bytes from this event until the next one."""
+    grad_bytes: int = 0
+    """Parameter-gradient bytes live at the event (part of ``live_bytes``)."""
 
 
 @dataclass(frozen=True, kw_only=True)

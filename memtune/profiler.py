@@ -19,7 +19,7 @@ optimizer implementation CUDA defaults to (``foreach``). See docs/profiler.md.
 from __future__ import annotations
 
 import time
-from contextlib import ExitStack, nullcontext
+from contextlib import contextmanager, nullcontext
 from typing import Any, Callable
 
 import torch
@@ -79,7 +79,7 @@ def profile(
 
     graph, tracer, tried = _capture_graph(model, fake_mode, fparams, fbuffers, fsample, loss_fn, precision)
 
-    with fake_mode:
+    with fake_mode, _eager_hf_masking():
         opt = _build_optimizer(optimizer, model, fparams, spec)
         _create_optimizer_state(opt, fparams)
         rec = StepRecorder(granularity=granularity, target=spec.kind)
@@ -119,6 +119,32 @@ def _forward_loss(model, fparams, fbuffers, fsample, loss_fn, precision) -> tupl
         out = torch.func.functional_call(model, {**fparams, **fbuffers}, args, kwargs, strict=False)
         loss = loss_from_output(out, fsample, target, loss_fn)
     return out, loss
+
+
+@contextmanager
+def _eager_hf_masking():
+    """Hugging Face models build a full ``(B, 1, T, T)`` attention mask when they see a
+    fake tensor (their tracing-safe path), where eager training passes ``is_causal`` and no
+    mask. memtune measures eager training, so while the step is recorded the check ignores
+    fake tensors; whether the batch is padded then becomes a value read, which the recorder
+    resolves as "no padding" and lists in ``profile.assumptions``."""
+    import sys
+
+    masking = sys.modules.get("transformers.masking_utils")
+    original = getattr(masking, "is_tracing", None)
+    if original is None:
+        yield
+        return
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    def is_tracing(tensor=None):
+        return original(None if isinstance(tensor, FakeTensor) else tensor)
+
+    masking.is_tracing = is_tracing
+    try:
+        yield
+    finally:
+        masking.is_tracing = original
 
 
 # ----------------------------------------------------------------------------- graph
@@ -274,6 +300,7 @@ def _record_step(rec: StepRecorder, model, unit_fqns, fparams, fbuffers, fsample
             rec.mark("bwd_end", fqn)
             rec.bwd_unit = None
 
+    handles += rec.watch_grads(list(fparams.values()))
     for fqn in unit_fqns:
         handles.append(modules[fqn].register_forward_pre_hook(pre_hook(fqn), with_kwargs=True))
         handles.append(modules[fqn].register_forward_hook(post_hook(fqn), with_kwargs=True))
@@ -305,6 +332,7 @@ def _record_step(rec: StepRecorder, model, unit_fqns, fparams, fbuffers, fsample
             else:
                 for p in fparams.values():
                     p.grad = None
+            rec.grad_bytes = 0
             rec.mark("end")
     finally:
         for h in handles:
@@ -358,8 +386,8 @@ def _assemble(*, model, spec, precision, optimizer, rec: StepRecorder, opt, unit
                     producer=r.producer, holders=tuple(r.holders), saved_outside=r.saved_outside)
         for r in saved
     )
-    timeline = tuple(TimelineEvent(name=iv.name, unit=iv.unit, live_bytes=iv.live_bytes, peak_bytes=iv.peak_bytes)
-                     for iv in rec.intervals)
+    timeline = tuple(TimelineEvent(name=iv.name, unit=iv.unit, live_bytes=iv.live_bytes, peak_bytes=iv.peak_bytes,
+                                   grad_bytes=iv.grad_bytes) for iv in rec.intervals)
 
     def interval_index(name: str, unit: str) -> int | None:
         for i, iv in enumerate(rec.intervals):

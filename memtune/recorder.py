@@ -57,6 +57,7 @@ class Interval:
     unit: str | None
     live_bytes: int
     peak_bytes: int
+    grad_bytes: int = 0
 
 
 class StepRecorder(TorchDispatchMode):
@@ -79,6 +80,8 @@ class StepRecorder(TorchDispatchMode):
         self.flops: dict[tuple[str, str | None], int] = {}
         self.assumptions: list[str] = []
         self._overrides: dict[int, int] = {}
+        self.grad_bytes = 0
+        """Parameter gradients accumulated so far (see :meth:`watch_grads`)."""
 
     # ------------------------------------------------------------------ events
     @property
@@ -89,7 +92,18 @@ class StepRecorder(TorchDispatchMode):
 
     def mark(self, name: str, unit: str | None = None) -> None:
         """Close the current interval and open one starting at this event."""
-        self.intervals.append(Interval(name, unit, self.live_bytes, self.live_bytes))
+        self.intervals.append(Interval(name, unit, self.live_bytes, self.live_bytes, self.grad_bytes))
+
+    def watch_grads(self, params: list[torch.Tensor]) -> list:
+        """Count each parameter's gradient once it is first accumulated (handles returned)."""
+        done: set[int] = set()
+
+        def hook(p: torch.Tensor) -> None:
+            if id(p) not in done:
+                done.add(id(p))
+                self.grad_bytes += round_allocation(p.untyped_storage().nbytes(), self.granularity)
+
+        return [p.register_post_accumulate_grad_hook(hook) for p in params if p.requires_grad]
 
     def _bump_peak(self) -> None:
         if self.intervals and self.live_bytes > self.intervals[-1].peak_bytes:

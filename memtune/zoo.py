@@ -254,6 +254,8 @@ class Branchy(nn.Module):
 
 
 # --------------------------------------------------------------------------- Hugging Face
+# Training never wants a KV cache: it would hold keys/values outside autograd and grow on every
+# recomputation (Hugging Face turns it off under gradient checkpointing for the same reason).
 def hf_llama(*, hidden_size=128, intermediate_size=344, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=None, vocab_size=256, max_position_embeddings=512, **kw) -> nn.Module:
     """A ``transformers`` LlamaForCausalLM built from a config: random weights, no hub."""
@@ -263,7 +265,7 @@ def hf_llama(*, hidden_size=128, intermediate_size=344, num_hidden_layers=2, num
         hidden_size=hidden_size, intermediate_size=intermediate_size, num_hidden_layers=num_hidden_layers,
         num_attention_heads=num_attention_heads, num_key_value_heads=num_key_value_heads or num_attention_heads,
         vocab_size=vocab_size, max_position_embeddings=max_position_embeddings,
-        attn_implementation="sdpa", **kw,
+        attn_implementation="sdpa", use_cache=False, **kw,
     )
     return LlamaForCausalLM(cfg)
 
@@ -280,5 +282,5 @@ def hf_gpt2(*, n_embd=128, n_layer=2, n_head=4, vocab_size=256, n_positions=512,
 
     cfg = GPT2Config(n_embd=n_embd, n_layer=n_layer, n_head=n_head, vocab_size=vocab_size, n_positions=n_positions,
                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0,
-                     attn_implementation="sdpa", **kw)
+                     attn_implementation="sdpa", use_cache=False, **kw)
     return GPT2LMHeadModel(cfg)

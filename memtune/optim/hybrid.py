@@ -37,7 +37,7 @@ from torch.optim import Optimizer
 
 from memtune.optim.adamw import AdamW
 from memtune.optim.muon2 import Muon2
-from memtune.optim.settings import OptimizerConfigError, OptimizerSettings
+from memtune.optim.settings import NS_DTYPES, OptimizerConfigError, OptimizerSettings
 
 HEAD_NAMES = ("lm_head", "head", "classifier", "score", "output", "wte")
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
@@ -192,7 +192,8 @@ def build_optimizer(model: nn.Module, settings: OptimizerSettings | None = None)
             eps=settings.eps, ns_steps=settings.ns_steps, weight_decay=settings.weight_decay,
             adjust_lr=settings.adjust_lr, state_dtype=settings.state_dtype, factorized=settings.factorized,
             precondition=settings.name == "muon2", adaptive_ns=settings.adaptive_ns, eps_mode=settings.eps_mode,
-            bias_correction=settings.bias_correction, int8_domain=settings.int8_domain)
+            bias_correction=settings.bias_correction, int8_domain=settings.int8_domain,
+            ns_dtype=NS_DTYPES[settings.ns_dtype])
     if split.adamw:
         wd = settings.weight_decay if settings.adamw_weight_decay is None else settings.adamw_weight_decay
         parts["adamw"] = AdamW([(f, params[f]) for f in split.adamw], lr=settings.adamw_lr, betas=settings.betas,

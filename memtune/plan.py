@@ -1,0 +1,219 @@
+"""``Plan``: what memtune decided for a model under a budget.
+
+Plain frozen data keyed by module FQN, JSON round-trip, no live objects:
+
+* per unit a :class:`Decision` (``save``, ``recompute``, ``offload``);
+* the optimizer (:class:`OptimizerPlan`): Muon²/Muon/AdamW, Newton-Schulz steps, state
+  precision, and which parameters go to Muon² and which to AdamW;
+* micro-batch size and gradient-accumulation steps (the global batch is preserved);
+* the predicted peak with its breakdown (:class:`MemoryBreakdown`) and the predicted step
+  time with its breakdown (:class:`TimeBreakdown`);
+* the planner's name and the fingerprint of the profile it planned for.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+from .errors import PlanFileError
+from .units_fmt import fmt_bytes, fmt_ms
+
+PLAN_SCHEMA_VERSION = 1
+
+
+class Decision(str, Enum):
+    """What happens to a unit's saved activations between its forward and backward
+    (the vocabulary follows ``torch.utils.checkpoint.CheckpointPolicy``)."""
+
+    SAVE = "save"
+    """Keep them on the device (no recomputation)."""
+    RECOMPUTE = "recompute"
+    """Drop them after the forward; recompute the unit's forward in backward."""
+    OFFLOAD = "offload"
+    """Move them to host memory after the forward and bring them back for backward."""
+
+
+STATE_DTYPES = ("fp32", "bf16", "int8")
+
+
+@dataclass(frozen=True, kw_only=True)
+class OptimizerPlan:
+    name: str = "adamw"
+    """``muon2``, ``muon`` or ``adamw`` (with Muon variants, non-matrix parameters use AdamW)."""
+    ns_steps: int = 0
+    """Newton-Schulz iterations per step (0 for AdamW)."""
+    state_dtype: str = "fp32"
+    """``fp32``, ``bf16`` or ``int8`` (blockwise absmax-quantized)."""
+    muon_params: tuple[str, ...] = ()
+    """Parameter FQNs updated by Muon²/Muon."""
+    adamw_params: tuple[str, ...] = ()
+    """Parameter FQNs updated by AdamW."""
+
+    def __post_init__(self) -> None:
+        if self.name not in ("muon2", "muon", "adamw"):
+            raise ValueError(f"optimizer name must be muon2, muon or adamw, got {self.name!r}")
+        if self.state_dtype not in STATE_DTYPES:
+            raise ValueError(f"state_dtype must be one of {STATE_DTYPES}, got {self.state_dtype!r}")
+        if self.ns_steps < 0:
+            raise ValueError(f"ns_steps must be >= 0, got {self.ns_steps}")
+
+    @property
+    def key(self) -> str:
+        """Identifies the memory behaviour (name and state precision)."""
+        return f"{self.name}/{self.state_dtype}"
+
+
+@dataclass(frozen=True, kw_only=True)
+class MemoryBreakdown:
+    """Bytes live at the predicted peak, by category. ``peak_bytes`` excludes ``reserve_bytes``
+    and is what must fit in the usable budget."""
+
+    peak_bytes: int
+    params_bytes: int = 0
+    grads_bytes: int = 0
+    optimizer_state_bytes: int = 0
+    saved_activation_bytes: int = 0
+    """Activations retained for backward (and the batch)."""
+    recompute_transient_bytes: int = 0
+    optimizer_transient_bytes: int = 0
+    """Optimizer-step temporaries, e.g. the Newton-Schulz workspace."""
+    other_transient_bytes: int = 0
+    """Temporaries of the op running at the peak (logits, gradients in flight...)."""
+    reserve_bytes: int = 0
+    """CUDA context and allocator slack, outside ``peak_bytes``."""
+    phase: str = ""
+    """Where the peak happens: ``forward``, ``backward``, ``recompute:<unit>``, ``optimizer``."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class TimeBreakdown:
+    forward_ms: float = 0.0
+    backward_ms: float = 0.0
+    recompute_ms: float = 0.0
+    ns_ms: float = 0.0
+    optimizer_ms: float = 0.0
+    offload_ms: float = 0.0
+
+    @property
+    def total_ms(self) -> float:
+        return self.forward_ms + self.backward_ms + self.recompute_ms + self.ns_ms + self.optimizer_ms + self.offload_ms
+
+
+@dataclass(frozen=True, kw_only=True)
+class Plan:
+    budget_bytes: int
+    usable_bytes: int
+    decisions: dict[str, Decision]
+    """Unit FQN -> decision, in execution order."""
+    optimizer: OptimizerPlan = field(default_factory=OptimizerPlan)
+    micro_batch_size: int | None = None
+    """Samples per forward/backward; ``None`` keeps the profiled batch."""
+    grad_accum_steps: int = 1
+    """Micro-batches per optimizer step (``micro_batch_size * grad_accum_steps`` is the global batch)."""
+    predicted_peak_bytes: int = 0
+    memory: MemoryBreakdown = field(default_factory=lambda: MemoryBreakdown(peak_bytes=0))
+    predicted_step_ms: float = 0.0
+    time: TimeBreakdown = field(default_factory=TimeBreakdown)
+    planner: str = ""
+    profile_hash: str = ""
+    target: str = ""
+    """Device-table name planned for."""
+    notes: tuple[str, ...] = ()
+    """What the planner wants the user to know (fallbacks, assumptions)."""
+    schema_version: int = PLAN_SCHEMA_VERSION
+
+    def __post_init__(self) -> None:
+        for fqn, d in self.decisions.items():
+            if not isinstance(d, Decision):
+                raise ValueError(f"decision for {fqn!r} must be a Decision, got {d!r}")
+        if self.grad_accum_steps < 1:
+            raise ValueError(f"grad_accum_steps must be >= 1, got {self.grad_accum_steps}")
+
+    # ------------------------------------------------------------------ views
+    def units_with(self, decision: Decision) -> tuple[str, ...]:
+        return tuple(u for u, d in self.decisions.items() if d is decision)
+
+    @property
+    def recompute_units(self) -> tuple[str, ...]:
+        return self.units_with(Decision.RECOMPUTE)
+
+    @property
+    def fits(self) -> bool:
+        return self.predicted_peak_bytes <= self.usable_bytes
+
+    # ------------------------------------------------------------------ JSON
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["decisions"] = {k: v.value for k, v in self.decisions.items()}
+        return d
+
+    def to_json(self, path: str | Path | None = None, *, indent: int | None = 2) -> str:
+        text = json.dumps(self.to_dict(), indent=indent)
+        if path is not None:
+            Path(path).write_text(text)
+        return text
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Plan":
+        try:
+            if d.get("schema_version") != PLAN_SCHEMA_VERSION:
+                raise PlanFileError(
+                    f"plan schema_version {d.get('schema_version')!r} is not {PLAN_SCHEMA_VERSION}; re-plan with this memtune"
+                )
+            kw = dict(d)
+            kw["decisions"] = {k: Decision(v) for k, v in d["decisions"].items()}
+            o = d["optimizer"]
+            kw["optimizer"] = OptimizerPlan(**{**o, "muon_params": tuple(o["muon_params"]), "adamw_params": tuple(o["adamw_params"])})
+            kw["memory"] = MemoryBreakdown(**d["memory"])
+            kw["time"] = TimeBreakdown(**d["time"])
+            kw["notes"] = tuple(d.get("notes", ()))
+            return cls(**kw)
+        except PlanFileError:
+            raise
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise PlanFileError(
+                f"not a valid memtune plan ({type(e).__name__}: {e}); re-create it with `memtune plan ... --out plan.json`"
+            ) from e
+
+    @classmethod
+    def from_json(cls, text_or_path: str | Path) -> "Plan":
+        text = str(text_or_path)
+        if not text.lstrip().startswith("{"):
+            try:
+                text = Path(text_or_path).read_text()
+            except OSError as e:
+                raise PlanFileError(f"cannot read plan file {text_or_path}: {e}") from e
+        try:
+            d = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise PlanFileError(f"plan file is not valid JSON ({e}); re-create it with `memtune plan ... --out plan.json`") from e
+        if not isinstance(d, dict):
+            raise PlanFileError("plan JSON must be an object; re-create it with `memtune plan ... --out plan.json`")
+        return cls.from_dict(d)
+
+    def summary(self) -> str:
+        n_rc = len(self.recompute_units)
+        n_off = len(self.units_with(Decision.OFFLOAD))
+        m, t, o = self.memory, self.time, self.optimizer
+        lines = [
+            f"Plan ({self.planner}) for {self.target}: peak {fmt_bytes(self.predicted_peak_bytes)} of "
+            f"{fmt_bytes(self.usable_bytes)} usable (budget {fmt_bytes(self.budget_bytes)}), step {fmt_ms(self.predicted_step_ms)}",
+            f"  units: {len(self.decisions) - n_rc - n_off} save, {n_rc} recompute, {n_off} offload",
+            f"  optimizer: {o.name} ns_steps={o.ns_steps} state={o.state_dtype} "
+            f"({len(o.muon_params)} Muon params, {len(o.adamw_params)} AdamW params)",
+            f"  batch: micro-batch {self.micro_batch_size} x {self.grad_accum_steps} accumulation steps",
+            f"  memory at peak ({m.phase}): params {fmt_bytes(m.params_bytes)}, grads {fmt_bytes(m.grads_bytes)}, "
+            f"optimizer state {fmt_bytes(m.optimizer_state_bytes)}, activations {fmt_bytes(m.saved_activation_bytes)}, "
+            f"recompute {fmt_bytes(m.recompute_transient_bytes)}, optimizer step {fmt_bytes(m.optimizer_transient_bytes)}, "
+            f"other {fmt_bytes(m.other_transient_bytes)}; reserve {fmt_bytes(m.reserve_bytes)}",
+            f"  time: forward {fmt_ms(t.forward_ms)}, backward {fmt_ms(t.backward_ms)}, recompute {fmt_ms(t.recompute_ms)}, "
+            f"NS {fmt_ms(t.ns_ms)}, optimizer {fmt_ms(t.optimizer_ms)}"
+            + (f", offload {fmt_ms(t.offload_ms)}" if t.offload_ms else ""),
+        ]
+        lines += [f"  note: {n}" for n in self.notes]
+        return "\n".join(lines)
