@@ -67,6 +67,8 @@ def optimizer_memory(profile: ModelProfile, opt: OptimizerPlan) -> OptimizerMemo
     for measured in getattr(profile, "optimizer_options", ()):
         if measured.key == opt.key:
             return OptimizerMemory(measured.state_bytes, measured.step_transient_bytes)
+    if opt.name == profile.optimizer and opt.state_dtype == "fp32":
+        return profiled_optimizer_memory(profile)
     g = profile.allocation_granularity
     muon = set(opt.muon_params) if opt.name != "adamw" else set()
     state = 0
