@@ -18,6 +18,8 @@ from typing import Any, Callable
 import torch
 from torch.utils._pytree import tree_flatten, tree_map_only
 
+from .errors import SampleError
+
 LossFn = Callable[..., torch.Tensor]
 
 
@@ -50,10 +52,10 @@ def loss_from_output(output: Any, batch: Any, target: Any, loss_fn: LossFn | Non
     if loss is None and isinstance(output, torch.Tensor) and output.dim() == 0:
         loss = output
     if loss is None:
-        raise ValueError(
-            "cannot find a loss: the model returned "
-            f"{type(output).__name__}{'' if not isinstance(output, torch.Tensor) else tuple(output.shape)}; "
-            "pass loss_fn=..., or make the model return a scalar loss or an output with .loss"
+        what = f"a tensor of shape {tuple(output.shape)}" if isinstance(output, torch.Tensor) else type(output).__name__
+        raise SampleError(
+            f"cannot find a loss: the model returned {what}; pass loss_fn=..., or make the model return a "
+            "scalar loss or an output with .loss"
         )
     return loss
 

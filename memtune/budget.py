@@ -81,6 +81,19 @@ class Budget:
             )
         return cls(budget_bytes=nbytes, reserve_bytes=reserve_bytes, spec=str(value), device=dev().name)
 
+    def check_static(self, profile) -> None:
+        """Raise :class:`BudgetError` when the usable budget cannot even hold what no plan can
+        shrink below: parameters, buffers and gradients (plus the batch). Says how much is needed."""
+        needed = profile.param_bytes + profile.buffer_bytes + profile.grad_bytes + profile.input_bytes
+        if self.usable_bytes < needed:
+            raise BudgetError(
+                f"budget {self.spec} leaves {fmt_bytes(self.usable_bytes)} usable on {self.device}, but {profile.model} needs "
+                f"at least {fmt_bytes(needed)} before any activation or optimizer state: parameters "
+                f"{fmt_bytes(profile.param_bytes)}, gradients {fmt_bytes(profile.grad_bytes)}, buffers "
+                f"{fmt_bytes(profile.buffer_bytes)}, batch {fmt_bytes(profile.input_bytes)}. Give a budget above "
+                f"{fmt_bytes(needed + self.reserve_bytes)}, or shard the model across devices"
+            )
+
     def __str__(self) -> str:
         return f"{self.spec} ({fmt_bytes(self.usable_bytes)} usable on {self.device})"
 

@@ -109,7 +109,11 @@ def resolve_device(device: str | torch.device | DeviceSpec | None) -> DeviceSpec
         device = torch.device("cuda")
     if device is None:
         return local_cpu()
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"unknown device {device!r}: name a torch device ('cuda', 'cpu') or a device-table entry "
+                         f"({', '.join(DEVICES)})") from None
     if dev.type == "cpu":
         return local_cpu()
     if dev.type == "cuda":

@@ -77,7 +77,7 @@ def profile(
         fbuffers = {n: _fake_like(b) for n, b in named_buffers.items()}
         fsample = tree_map_only(torch.Tensor, _fake_like, sample)
 
-    graph, tracer, tried = _capture_graph(model, fake_mode, fparams, fbuffers, fsample, loss_fn, precision)
+    graph, tracer, tried = _capture_graph(model, unit_fqns, fake_mode, fparams, fbuffers, fsample, loss_fn, precision)
 
     with fake_mode, _eager_hf_masking():
         opt = _build_optimizer(optimizer, model, fparams, spec)
@@ -148,11 +148,23 @@ def _eager_hf_masking():
 
 
 # ----------------------------------------------------------------------------- graph
-def _capture_graph(model, fake_mode, fparams, fbuffers, fsample, loss_fn, precision):
+class _UnitTracer(torch.fx.Tracer):
+    """symbolic_trace that keeps each unit as one ``call_module`` node."""
+
+    def __init__(self, unit_fqns):
+        super().__init__()
+        self.unit_fqns = set(unit_fqns)
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return qualname in self.unit_fqns or super().is_leaf_module(m, qualname)
+
+
+def _capture_graph(model, unit_fqns, fake_mode, fparams, fbuffers, fsample, loss_fn, precision):
     """``(graph, tracer, tried)``: symbolic_trace first, then make_fx over fake tensors."""
     tried: list[tuple[str, str]] = []
     try:
-        return torch.fx.symbolic_trace(model), "symbolic_trace", tried
+        graph = _UnitTracer(unit_fqns).trace(model)
+        return torch.fx.GraphModule(model, graph, type(model).__name__), "symbolic_trace", tried
     except Exception as e:  # fx raises many types: TraceError, TypeError, AttributeError...
         tried.append(("symbolic_trace", _one_line(e)))
     from torch.fx.experimental.proxy_tensor import make_fx
@@ -161,11 +173,18 @@ def _capture_graph(model, fake_mode, fparams, fbuffers, fsample, loss_fn, precis
         return _forward_loss(model, params, buffers, batch, loss_fn, precision)[1]
 
     try:
-        with fake_mode, StepRecorder():  # the recorder resolves data-dependent reads
+        with fake_mode, StepRecorder(), _eager_hf_masking():  # the recorder resolves data-dependent reads
             gm = make_fx(fwd, tracing_mode="real", pre_dispatch=False)(fparams, fbuffers, fsample)
         return gm, "make_fx", tried
     except Exception as e:
         tried.append(("make_fx", _one_line(e)))
+        # Tell a bad sample from an untraceable model: does plain eager execution on fake
+        # tensors get through the forward?
+        try:
+            with fake_mode, StepRecorder(), _eager_hf_masking():
+                fwd(fparams, fbuffers, fsample)
+        except Exception as eager_error:
+            raise _classify_failure(eager_error, model, tried, "eager") from e
         raise _classify_failure(e, model, tried, None) from e
 
 
@@ -178,12 +197,12 @@ def _classify_failure(e: Exception, model: nn.Module, tried, tracer) -> Exceptio
     name = type(model).__name__
     if isinstance(e, (TraceError, SampleError)):
         return e
-    if type(e).__name__ in _DATA_DEPENDENT or "data-dependent" in str(e).lower():
+    if type(e).__name__ in _DATA_DEPENDENT or "data-dependent" in str(e).lower() or _needs_real_data(e):
         attempts = "; ".join(f"{t}: {why}" for t, why in tried) or "none"
         return TraceError(
             f"cannot trace {name}: it depends on tensor values that fake tensors do not have "
-            f"({_one_line(e)}). Tracers tried: {attempts}. Fix: profile with units=... around the "
-            "data-dependent part, or give the model a static path for profiling."
+            f"({_one_line(e)}). Tracers tried: {attempts}. Fake tensors carry shapes, not values: keep "
+            "forward() in torch ops (no .numpy(), .tolist() or data pointers), or move that work out of forward."
         )
     if tracer is None:
         attempts = "; ".join(f"{t}: {why}" for t, why in tried)
@@ -192,6 +211,13 @@ def _classify_failure(e: Exception, model: nn.Module, tried, tracer) -> Exceptio
         f"{name} does not run on the sample ({describe_safe(e)}). Pass the batch exactly as the training loop "
         "would: a dict for model(**batch), a tuple for model(*batch) (with loss_fn: (inputs..., target)), or a tensor."
     )
+
+
+def _needs_real_data(e: Exception) -> bool:
+    """Errors that come from asking a fake tensor for real data (``.numpy()``, ``.tolist()``
+    into Python, data pointers): the model, not the sample, is at fault."""
+    text = str(e)
+    return any(k in text for k in ("FakeTensor", "fake tensor", "Cannot access data pointer", "numpy()"))
 
 
 def describe_safe(e: Exception) -> str:

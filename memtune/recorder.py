@@ -235,8 +235,10 @@ class StepRecorder(TorchDispatchMode):
 
     def _resolve_data_dependent(self, func, args):
         """Under fake tensors a value read (``bool(t)``, ``t.item()``) or a data-dependent
-        shape (``nonzero``) has no answer. Resolve them the way that keeps memory an upper
-        bound: a branch condition reads as true, ``nonzero`` keeps every element."""
+        shape (``nonzero``) has no answer. A value read resolves as true (or 1): checks in
+        training code are mostly guards whose normal answer is yes ("all finite", "no
+        padding", "mask is all ones"). ``nonzero`` keeps every element, an upper bound on
+        memory. Each resolution is listed in ``profile.assumptions``."""
         if func is aten._local_scalar_dense.default:
             t = args[0]
             if not _is_fake(t):

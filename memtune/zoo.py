@@ -250,6 +250,9 @@ class Branchy(nn.Module):
         x = self.inp(x)
         for b in self.blocks:
             x = b(x)
+            # A value-dependent guard at the top level, outside the units.
+            if not torch.isfinite(x).all():
+                raise FloatingPointError("non-finite activations")
         return self.head(x)
 
 

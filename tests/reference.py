@@ -14,10 +14,11 @@ from torch.distributed._tools.mem_tracker import MemTracker
 from memtune.batching import loss_from_output, split_batch
 
 
-def train_step(model, batch, loss_fn, opt) -> torch.Tensor:
+def train_step(model, batch, loss_fn, opt, autocast: bool = False) -> torch.Tensor:
     args, kwargs, target = split_batch(batch, loss_fn)
-    out = model(*args, **kwargs)
-    loss = loss_from_output(out, batch, target, loss_fn)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        out = model(*args, **kwargs)
+        loss = loss_from_output(out, batch, target, loss_fn)
     del out
     loss.backward()
     if opt is not None:
@@ -26,15 +27,16 @@ def train_step(model, batch, loss_fn, opt) -> torch.Tensor:
     return loss.detach()
 
 
-def measure_step(model: nn.Module, batch, *, loss_fn=None, opt=None, warmup: int = 1) -> int:
-    """Peak bytes of one steady-state step (after ``warmup`` steps), measured by MemTracker."""
+def measure_step(model: nn.Module, batch, *, loss_fn=None, opt=None, warmup: int = 1, autocast: bool = False) -> int:
+    """Peak bytes of one steady-state step (after ``warmup`` steps), measured by MemTracker.
+    ``autocast`` runs forward and loss under CPU bf16 autocast (bf16-mixed)."""
     for _ in range(warmup):
-        train_step(model, batch, loss_fn, opt)
+        train_step(model, batch, loss_fn, opt, autocast)
     mt = MemTracker()
     tensors = [t for t in (batch.values() if isinstance(batch, dict) else batch if isinstance(batch, (tuple, list)) else [batch])]
     mt.track_external(model, *( [opt] if opt is not None else []), *tensors)
     with mt:
-        train_step(model, batch, loss_fn, opt)
+        train_step(model, batch, loss_fn, opt, autocast)
     snap = mt.get_tracker_snapshot("peak")
     return int(snap[torch.device("cpu")]["Total"])
 

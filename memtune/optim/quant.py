@@ -10,7 +10,9 @@ int8 layout: the buffer is flattened and cut into blocks of ``BLOCK_SIZE`` = 256
 (the last block zero-padded during compute, not in storage). Each block keeps its absmax as
 one fp32 scale; values are stored as ``round(x / absmax · L)``: signed int8 with L = 127 for
 momentum, unsigned uint8 with L = 255 for the second moment (it is non-negative, so the sign
-bit would be wasted). With ``domain="sqrt"`` the quantized value is ``sign(x)·√|x|``, which
+bit would be wasted), and a positive second-moment entry is never stored as 0 (a zeroed V
+under a live momentum entry makes U/√V explode; rounding it up to one quantum bounds that).
+With ``domain="sqrt"`` the quantized value is ``sign(x)·√|x|``, which
 gives small entries much finer steps: an entry 10⁻⁴ of its block's max is representable in
 the sqrt domain (√ is 10⁻², above the 1/255 step) but rounds to 0 in the linear one. Which
 domain tracks fp32 better is measured in benchmarks/muon2.py (docs/muon2.md).
@@ -49,6 +51,11 @@ def quantize_blockwise(x: torch.Tensor, *, signed: bool, domain: str = "sqrt",
     absmax = blocks.abs().amax(dim=1)
     levels = 127.0 if signed else 255.0
     codes = torch.round(blocks * (levels / absmax.clamp_min(torch.finfo(torch.float32).tiny))[:, None])
+    if not signed:
+        # A positive second moment never rounds to 0: Adam-style U/√V would turn a decaying
+        # momentum entry over a zeroed V into a huge step (measured: int8 runs diverged).
+        # Code 1 acts as a floor of one quantum, relative to the block's max.
+        codes = torch.where(blocks > 0, codes.clamp_min(1), codes)
     codes = codes.to(torch.int8 if signed else torch.uint8).view(-1)[:n]
     return codes, absmax
 

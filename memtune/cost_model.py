@@ -1,0 +1,264 @@
+"""``predict_step_time``: how long one optimizer step of a profiled model takes under a plan.
+
+A roofline model from the profile's FLOPs and bytes, not a measurement:
+
+* **per unit** (and once for the code outside every unit): ``max(flops / (peak · eff),
+  bytes / (bandwidth · eff)) + kernels · overhead`` for its forward and its backward, at the
+  bf16 rate for ``bf16-mixed`` profiles and the fp32 rate otherwise. Bytes moved are the
+  unit's parameters, inputs, outputs and saved activations (backward: twice the
+  activations, plus parameters and gradients). The kernel count of a unit is estimated as
+  the number of storages it saves (about one per op), at least one;
+* **recompute**: the forward time of every RECOMPUTE unit, run again in backward;
+* **offload**: ``2 × saved bytes / host bandwidth`` per OFFLOAD unit (out and back over
+  PCIe). Overlap with compute is *not* assumed, so this is an upper bound;
+* **Newton-Schulz**: ``ns_flops(m, n, steps) = steps · (4m²n + 2m³)`` FLOPs per m × n
+  matrix (m ≤ n, :func:`memtune.optim.ns_flops`) at the bf16 rate, plus three kernels
+  per iteration;
+* **optimizer**: elementwise, bandwidth bound: parameters, gradients and states read and
+  written once. Low-precision state (bf16, int8) adds its conversion passes (dequantize to
+  an fp32 temporary, requantize after the update), so **fp32 state is faster** and the
+  planner only picks bf16/int8 when memory demands it;
+* **micro-batching** (micro-batch *m*, *k* accumulation steps): the same FLOPs and bytes in
+  total, but every kernel launches *k* times.
+
+Rates come from :data:`memtune.devices.DEVICES` by ``profile.target_name`` (or an explicit
+device). :func:`calibrate` measures effective matmul/elementwise rates on a present device
+(a few hundred milliseconds, cached per process) and returns a :class:`DeviceSpec` with
+efficiency 1.0.
+
+The planners use :func:`cost_table`, whose per-unit terms are exactly the ones
+:func:`predict_step_time` sums, so the MILP objective *is* this model.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, replace
+from functools import lru_cache
+
+import torch
+
+from .devices import DEVICES, DeviceSpec, local_cpu, resolve_device
+from .plan import Decision, OptimizerPlan, Plan, TimeBreakdown
+from .profile import ModelProfile
+
+HOST_BANDWIDTH: dict[str, float] = {
+    "H100": 55e9, "H200": 55e9,            # PCIe Gen5 x16, measured host<->device copies ~50-55 GB/s
+    "A100-80GB": 25e9, "A100-40GB": 25e9,  # PCIe Gen4 x16
+    "L4": 25e9, "RTX4090": 25e9, "RTX3090": 25e9,
+    "T4": 12e9,                            # PCIe Gen3 x16
+}
+"""Bytes/s of pinned host<->device copies, used to price OFFLOAD. Unknown devices get 12 GB/s
+(PCIe Gen3); a CPU target uses its memory bandwidth (offloading there is a plain copy)."""
+
+DEFAULT_HOST_BANDWIDTH = 12e9
+OPTIMIZER_KERNELS_PER_PARAM = 6
+"""Elementwise kernels per parameter tensor in a single-tensor optimizer step (lerp, mul,
+addcmul, sqrt, div, add). CUDA's foreach path launches them once per ~tensor list instead."""
+
+
+# ----------------------------------------------------------------------------- devices
+def device_for(profile: ModelProfile, device: str | DeviceSpec | None = None) -> DeviceSpec:
+    """The device whose rates price ``profile``: ``device`` if given, else the table entry
+    named by ``profile.target_name`` (the local CPU for ``cpu``)."""
+    if device is not None:
+        if isinstance(device, DeviceSpec):
+            return device
+        return _cpu() if str(device).lower() == "cpu" else resolve_device(device)
+    if profile.target_name in DEVICES:
+        return DEVICES[profile.target_name]
+    if profile.target == "cpu" or profile.target_name == "cpu":
+        return _cpu()
+    return resolve_device(profile.target_name)
+
+
+@lru_cache(maxsize=1)
+def _cpu() -> DeviceSpec:
+    return local_cpu()
+
+
+def host_bandwidth(spec: DeviceSpec) -> float:
+    if spec.kind == "cpu":
+        return spec.mem_bandwidth * spec.bandwidth_efficiency
+    return HOST_BANDWIDTH.get(spec.name, DEFAULT_HOST_BANDWIDTH)
+
+
+_CALIBRATED: dict[str, DeviceSpec] = {}
+
+
+def calibrate(device: str | torch.device | None = None, *, force: bool = False) -> DeviceSpec:
+    """Measure effective fp32/bf16 matmul FLOP/s, elementwise bandwidth and per-kernel
+    overhead on a *present* device (``"cpu"``, ``"cuda"``; ``None``: CUDA if present, else
+    CPU) and return its :class:`DeviceSpec` with those rates and efficiencies of 1.0.
+
+    Runs for well under a second; the result is cached per process (``force=True``
+    re-measures)."""
+    dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    key = str(dev)
+    if key in _CALIBRATED and not force:
+        return _CALIBRATED[key]
+    base = _cpu() if dev.type == "cpu" else resolve_device(dev)
+    cuda = dev.type == "cuda"
+    n = 2048 if cuda else 384
+    fp32 = _matmul_rate(dev, torch.float32, n)
+    bf16 = _matmul_rate(dev, torch.bfloat16, n if cuda else 128)
+    bw = _bandwidth(dev, (64 if cuda else 8) * 2**20)
+    overhead = _overhead(dev)
+    spec = replace(base, fp32_flops=fp32, bf16_flops=bf16, mem_bandwidth=bw, matmul_efficiency=1.0,
+                   bandwidth_efficiency=1.0, kernel_overhead_s=overhead)
+    _CALIBRATED[key] = spec
+    return spec
+
+
+def _timeit(fn, dev: torch.device, min_s: float = 0.05, max_iter: int = 200) -> float:
+    """Median seconds per call of ``fn`` (one warm-up call)."""
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    fn()
+    sync()
+    times = []
+    t_end = time.perf_counter() + min_s
+    while len(times) < 3 or (time.perf_counter() < t_end and len(times) < max_iter):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def _matmul_rate(dev: torch.device, dtype: torch.dtype, n: int) -> float:
+    a = torch.randn(n, n, device=dev).to(dtype)
+    b = torch.randn(n, n, device=dev).to(dtype)
+    return 2 * n**3 / _timeit(lambda: a @ b, dev)
+
+
+def _bandwidth(dev: torch.device, nbytes: int) -> float:
+    x = torch.randn(nbytes // 4, device=dev)
+    y = torch.randn(nbytes // 4, device=dev)
+    out = torch.empty_like(x)
+    return 3 * nbytes / _timeit(lambda: torch.add(x, y, out=out), dev)
+
+
+def _overhead(dev: torch.device) -> float:
+    x = torch.zeros(8, device=dev)
+    return _timeit(lambda: [x.add_(1.0) for _ in range(20)], dev) / 20
+
+
+# ----------------------------------------------------------------------------- costs
+@dataclass(frozen=True)
+class CostTable:
+    """Step time of one configuration (optimizer, micro-batching) with every unit SAVEd in
+    ``base``, plus what each unit would add as RECOMPUTE or OFFLOAD (ms per optimizer step).
+    :func:`predict_step_time` is ``base`` plus the per-unit terms of the plan's decisions."""
+
+    base: TimeBreakdown
+    recompute_ms: dict[str, float]
+    offload_ms: dict[str, float]
+
+
+def _roofline_s(spec: DeviceSpec, flops: float, nbytes: float, kernels: float, rate: float) -> float:
+    compute = flops / (rate * spec.matmul_efficiency) if flops else 0.0
+    memory = nbytes / (spec.mem_bandwidth * spec.bandwidth_efficiency) if nbytes else 0.0
+    return max(compute, memory) + kernels * spec.kernel_overhead_s
+
+
+def cost_table(profile: ModelProfile, *, optimizer: OptimizerPlan | None = None, micro_batch_size: int | None = None,
+               grad_accum_steps: int = 1, device: str | DeviceSpec | None = None) -> CostTable:
+    """Per-configuration costs; see the module docstring for the model."""
+    spec = device_for(profile, device)
+    rate = spec.bf16_flops if profile.precision == "bf16-mixed" else spec.fp32_flops
+    B = profile.batch_size or 1
+    m = micro_batch_size if micro_batch_size is not None else B
+    k = grad_accum_steps if micro_batch_size is not None else 1
+    scale = m / B  # activation FLOPs and bytes per micro-step relative to the profile
+
+    def fwd_bwd(u) -> tuple[float, float]:
+        act = u.input_bytes + u.output_bytes + u.saved_activation_bytes
+        kernels = max(1, len(u.saved_storages))
+        f = _roofline_s(spec, u.fwd_flops * scale, u.param_bytes + act * scale, kernels, rate)
+        b = _roofline_s(spec, u.bwd_flops * scale, u.param_bytes + u.grad_bytes + 2 * act * scale, 2 * kernels, rate)
+        return f * k, b * k
+
+    unit_fwd: dict[str, float] = {}
+    fwd = bwd = 0.0
+    for u in profile.units:
+        f, b = fwd_bwd(u)
+        unit_fwd[u.fqn] = f
+        fwd += f
+        bwd += b
+    # Everything outside the units: embeddings, head, loss.
+    out_fwd_flops = max(0, profile.fwd_flops - sum(u.fwd_flops for u in profile.units))
+    out_bwd_flops = max(0, profile.bwd_flops - sum(u.bwd_flops for u in profile.units))
+    out_params = max(0, profile.param_bytes - sum(u.param_bytes for u in profile.units))
+    out_act = profile.outside_activation_bytes + profile.input_bytes
+    out_kernels = max(1, sum(1 for s in profile.storages if not s.holders))
+    fwd += k * _roofline_s(spec, out_fwd_flops * scale, out_params + out_act * scale, out_kernels, rate)
+    bwd += k * _roofline_s(spec, out_bwd_flops * scale, 2 * out_params + 2 * out_act * scale, 2 * out_kernels, rate)
+
+    host_bw = host_bandwidth(spec)
+    offload = {u.fqn: k * (2 * u.saved_activation_bytes * scale / host_bw + 2 * spec.kernel_overhead_s)
+               for u in profile.units}
+    ns_s, opt_s = _optimizer_seconds(profile, optimizer, spec)
+    base = TimeBreakdown(forward_ms=fwd * 1e3, backward_ms=bwd * 1e3, ns_ms=ns_s * 1e3, optimizer_ms=opt_s * 1e3)
+    return CostTable(base=base, recompute_ms={f: t * 1e3 for f, t in unit_fwd.items()},
+                     offload_ms={f: t * 1e3 for f, t in offload.items()})
+
+
+_STATE_BYTES = {"fp32": 4, "bf16": 2, "int8": 1}
+
+
+def _optimizer_seconds(profile: ModelProfile, opt: OptimizerPlan | None, spec: DeviceSpec) -> tuple[float, float]:
+    """(Newton-Schulz seconds, elementwise optimizer seconds) of one optimizer step."""
+    if opt is None:
+        opt = OptimizerPlan(name="adamw" if profile.optimizer not in ("muon2", "muon") else profile.optimizer)
+    muon = set(opt.muon_params) if opt.name != "adamw" else set()
+    elem = _STATE_BYTES[opt.state_dtype]
+    # Per state tensor and element: fp32 reads and writes it once (8 bytes); low precision reads
+    # and writes its own bytes and round-trips through an fp32 temporary (dequantize, update,
+    # requantize: 4 more fp32 accesses). int8 also reads/writes one fp32 scale per 256 elements.
+    per_state = 8.0 if elem == 4 else 2 * elem + 16 + (8 / 256 if elem == 1 else 0)
+    ns_flops_total = 0.0
+    ns_kernels = 0
+    nbytes = 0.0
+    kernels = 0
+    for p in profile.params:
+        numel = math.prod(p.shape)
+        pbytes = p.param_bytes / max(numel, 1)  # bytes per element of the parameter
+        if p.fqn in muon and len(p.shape) >= 2:
+            rows, cols = (p.shape[0], math.prod(p.shape[1:])) if len(p.shape) != 3 else p.shape[1:]
+            batch = p.shape[0] if len(p.shape) == 3 else 1
+            ns_flops_total += batch * _ns_flops(rows, cols, opt.ns_steps)
+            ns_kernels += batch * 3 * opt.ns_steps
+            n_states = 2 if opt.name == "muon2" else 1
+        else:
+            n_states = 2
+        nbytes += numel * (2 * pbytes + pbytes + n_states * per_state)  # param r/w, grad r, states
+        kernels += OPTIMIZER_KERNELS_PER_PARAM + (2 * n_states if elem != 4 else 0)
+    if spec.kind == "cuda" and not muon and opt.state_dtype == "fp32":
+        kernels = OPTIMIZER_KERNELS_PER_PARAM * max(1, math.ceil(len(profile.params) / 64))  # foreach
+    ns_s = ns_flops_total / (spec.bf16_flops * spec.matmul_efficiency) + ns_kernels * spec.kernel_overhead_s
+    opt_s = nbytes / (spec.mem_bandwidth * spec.bandwidth_efficiency) + kernels * spec.kernel_overhead_s
+    return ns_s, opt_s
+
+
+def _ns_flops(m: int, n: int, steps: int) -> int:
+    try:
+        from memtune.optim import ns_flops
+    except ImportError:  # optim not importable: the same formula
+        m, n = min(m, n), max(m, n)
+        return steps * (4 * m * m * n + 2 * m**3)
+    return ns_flops(m, n, steps)
+
+
+def predict_step_time(profile: ModelProfile, plan: Plan, device: str | DeviceSpec | None = None) -> TimeBreakdown:
+    """Predicted time of one optimizer step (all micro-batches) of ``profile`` under ``plan``."""
+    table = cost_table(profile, optimizer=plan.optimizer, micro_batch_size=plan.micro_batch_size,
+                       grad_accum_steps=plan.grad_accum_steps, device=device)
+    return apply_decisions(table, plan.decisions)
+
+
+def apply_decisions(table: CostTable, decisions: dict[str, Decision]) -> TimeBreakdown:
+    rc = sum(table.recompute_ms[u] for u, d in decisions.items() if d is Decision.RECOMPUTE)
+    off = sum(table.offload_ms[u] for u, d in decisions.items() if d is Decision.OFFLOAD)
+    return replace(table.base, recompute_ms=rc, offload_ms=off)
