@@ -184,7 +184,13 @@ class NVMLSource:
         uuid = getattr(torch.cuda.get_device_properties(index), "uuid", None)
         if uuid is not None:
             text = str(uuid)
-            return cls(uuid=text if text.startswith(("GPU-", "MIG-")) else f"GPU-{text}", **kwargs)
+            try:
+                return cls(uuid=text if text.startswith(("GPU-", "MIG-")) else f"GPU-{text}", **kwargs)
+            except TelemetryError:
+                pass  # a UUID format NVML does not take: map the index instead
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")
+        if index < len(visible) and visible[index].strip().isdigit():
+            index = int(visible[index])
         return cls(device_index=index, **kwargs)
 
     def _device_count(self) -> int:
