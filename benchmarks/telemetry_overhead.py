@@ -49,6 +49,16 @@ def git_commit() -> str:
         return "unknown"
 
 
+def dirty_files() -> list[str]:
+    """Uncommitted changes in the files this benchmark measures (empty: the commit is the code)."""
+    try:
+        out = subprocess.check_output(["git", "status", "--porcelain", "--", "runtime/telemetry.py", "benchmarks/telemetry_overhead.py"],
+                                      cwd=Path(__file__).resolve().parents[1], text=True)
+        return [line[3:] for line in out.splitlines()]
+    except Exception:
+        return ["unknown"]
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -168,7 +178,7 @@ def main(argv=None) -> None:
     result = {
         "command": " ".join([Path(sys.executable).name] + sys.argv),
         "torch": torch.__version__, "python": platform.python_version(), "device": device_name(device),
-        "commit": git_commit(), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "quick": args.quick,
+        "commit": git_commit(), "dirty_files": dirty_files(), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "quick": args.quick,
         "model": {"n_layer": args.n_layer, "n_embd": args.n_embd, "block": args.block, "batch": args.batch,
                   "params": sum(p.numel() for p in model.parameters())},
         "sources": source_names,
@@ -191,7 +201,7 @@ def main(argv=None) -> None:
 def render_md(r: dict) -> str:
     lines = [
         "# Telemetry overhead", "",
-        f"`{r['command']}` on {r['device']}, torch {r['torch']}, commit `{r['commit'][:12]}`, {r['time']}"
+        f"`{r['command']}` on {r['device']}, torch {r['torch']}, commit `{r['commit'][:12]}`{' + uncommitted ' + ', '.join(r['dirty_files']) if r['dirty_files'] else ''}, {r['time']}"
         + (" (quick smoke run, not a result)" if r["quick"] else ""), "",
         f"GPT {r['model']['n_layer']} layers x {r['model']['n_embd']}, context {r['model']['block']}, batch "
         f"{r['model']['batch']} ({r['model']['params'] / 1e6:.2f} M params); sources: {', '.join(r['sources'])}; "
