@@ -26,10 +26,9 @@ override may name any alias of a tied tensor.
 from __future__ import annotations
 
 import difflib
-from collections import ChainMap
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Mapping
+from typing import Iterator, Mapping
 
 import torch
 import torch.nn as nn
@@ -116,6 +115,27 @@ def split_parameters(model: nn.Module, settings: OptimizerSettings | None = None
                       reasons=MappingProxyType(reasons))
 
 
+class _MergedState(Mapping):
+    """Read-only live view of the parts' ``state``. Not a ChainMap: looking a key up in a
+    part's defaultdict would create an empty entry there."""
+
+    def __init__(self, maps: list):
+        self.maps = maps
+
+    def __getitem__(self, key):
+        for m in self.maps:
+            if key in m:
+                return m[key]
+        raise KeyError(key)
+
+    def __iter__(self) -> Iterator:
+        for m in self.maps:
+            yield from m
+
+    def __len__(self) -> int:
+        return sum(len(m) for m in self.maps)
+
+
 class HybridOptimizer(Optimizer):
     """Several optimizers stepped as one. ``param_groups`` is the concatenation of the parts'
     own group dicts (the same objects), so LR schedulers and ``zero_grad`` act on all parts;
@@ -128,7 +148,7 @@ class HybridOptimizer(Optimizer):
             raise OptimizerConfigError("HybridOptimizer got no parameters; does the model require grad?")
         super().__init__(all_params, {})  # sets up hooks and step profiling; groups replaced below
         self.param_groups = [g for opt in self.parts.values() for g in opt.param_groups]
-        self.state = ChainMap(*(opt.state for opt in self.parts.values()))  # type: ignore[assignment]
+        self.state = _MergedState([opt.state for opt in self.parts.values()])  # type: ignore[assignment]
         self.defaults = {}
         self._built = True
 
