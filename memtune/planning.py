@@ -108,7 +108,13 @@ def pareto(profile: ModelProfile, planner: str | None = None, *, max_points: int
             if not pts or p.predicted_peak_bytes < pts[-1].predicted_peak_bytes:
                 pts.append(p)
         frontier = pts
-    return frontier
+    # Equal-time plans with different peaks: keep only the lowest peak (the others are dominated).
+    kept: list[Plan] = []
+    for p in frontier:
+        while kept and kept[-1].predicted_step_ms >= p.predicted_step_ms - 1e-12:
+            kept.pop()
+        kept.append(p)
+    return kept
 
 
 def _min_peak(profile: ModelProfile, opts, reserve) -> int:
