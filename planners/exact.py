@@ -22,6 +22,7 @@ tightened by the excess and the MILP re-solved.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import numpy as np
@@ -52,10 +53,10 @@ class ExactPlanner:
             table = costs_for(profile, cfg, options)
             cands.append((table.base.total_ms, cfg.key, cfg, table))
         cands.sort(key=lambda t: (t[0], t[1]))
-        best: tuple[float, Config, dict, object, tuple] | None = None
+        best: Plan | None = None
         deadline = time.perf_counter() + options.time_limit_s
         for base_ms, _, cfg, table in cands:
-            if best is not None and base_ms >= best[0] - 1e-12:
+            if best is not None and base_ms >= best.predicted_step_ms - 1e-12:
                 break
             cc = tm.constants(cfg)
             if cc.fixed_peak > U:
@@ -79,14 +80,12 @@ class ExactPlanner:
                 plan = make_plan(profile, budget, cfg, decisions, planner=self.name, options=options, table=table)
             if plan.predicted_peak_bytes > budget.usable_bytes:
                 continue
-            total = plan.predicted_step_ms
-            if best is None or total < best[0] - 1e-12:
-                best = (total, cfg, decisions, table, notes)
+            if best is None or plan.predicted_step_ms < best.predicted_step_ms - 1e-12:
+                best = dataclasses.replace(plan, notes=notes) if notes else plan
         if best is None:
             from .infeasible import infeasible_error
             raise infeasible_error(profile, budget, options)
-        total, cfg, decisions, table, notes = best
-        return make_plan(profile, budget, cfg, decisions, planner=self.name, options=options, table=table, notes=notes)
+        return best
 
 
 def _byte_scale(tm: TimelineModel, cc: ConfigConstants, U: float) -> float:

@@ -89,20 +89,26 @@ def chain_profile(n_units: int, seed: int, *, batch_size: int = 4, scale: int = 
     opt_state = 2 * param_bytes
     head_params = param_bytes - sum(unit_params.values())
 
+    done_by = [0] * (n_events + 1)  # unit gradients appear once the unit's backward ran
+    for k in range(n_units):
+        done_by[bs[k] + 1] += unit_params[k]
+    unit_grads = [0] * n_events
+    acc = 0
+    for i in range(n_events):
+        acc += done_by[i]
+        unit_grads[i] = acc
+
     def grads_at(i: int) -> int:
-        if i <= loss or i >= end:
-            return 0
-        g = head_params
-        for k in range(n_units):
-            if i > bs[k]:
-                g += unit_params[k]
-        return g
+        return 0 if i <= loss or i >= end else head_params + unit_grads[i]
 
-    def live_at(i: int) -> int:
-        act = sum(b for b, c, f in blobs if c < i <= f)
-        return param_bytes + opt_state + grads_at(i) + act
-
-    live = [live_at(i) for i in range(n_events)]
+    diff = [0] * (n_events + 2)
+    for b, c, f in blobs:  # alive at events c+1 .. f
+        diff[max(c + 1, 0)] += b
+        diff[min(f, n_events - 1) + 1] -= b
+    act, live = 0, []
+    for i in range(n_events):
+        act += diff[i]
+        live.append(param_bytes + opt_state + grads_at(i) + act)
     live[end] = param_bytes + opt_state + batch_bytes
     events = []
     for i in range(n_events):
