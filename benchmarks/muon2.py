@@ -26,7 +26,6 @@ import argparse
 import dataclasses
 import json
 import math
-import os
 import platform
 import statistics
 import subprocess
@@ -134,9 +133,14 @@ def main(argv=None) -> None:
     ap.add_argument("--no-sweep", action="store_true", help="use the LRs recorded in a previous muon2.json")
     ap.add_argument("--gpu-matrices", action="store_true", help="time NS/optimizer steps on 1B-Llama matrices (CUDA)")
     ap.add_argument("--out", default=str(RESULTS / "muon2"))
+    ap.add_argument("--adamw-lr-check", type=float, nargs="*", default=None,
+                    help="only run AdamW at these LRs for every seed and add them to an existing <out>.json "
+                         "(checks that the sweep's AdamW optimum is not at the edge of its grid)")
     args = ap.parse_args(argv)
     if args.gpu_matrices:
         return gpu_matrices(args)
+    if args.adamw_lr_check:
+        return adamw_lr_check(args)
     if args.quick:
         args.steps, args.seeds, args.no_sweep = min(args.steps, 50), 1, True
     # Subnormal floats (tiny second moments, decayed activations) made CPU steps 2-3x slower
@@ -160,7 +164,7 @@ def main(argv=None) -> None:
     sweep: dict[str, dict[float, float]] = {}
     if not args.no_sweep:
         print("LR sweep (seed 0)")
-        sweep["adamw"] = {lr: do(f"sweep adamw lr={lr}", adamw_lr=lr, name="adamw")["val_loss"] for lr in (2e-3, 4e-3, 8e-3)}
+        sweep["adamw"] = {lr: do(f"sweep adamw lr={lr}", adamw_lr=lr, name="adamw")["val_loss"] for lr in (1e-3, 2e-3, 4e-3)}
         lrs["adamw"] = min(sweep["adamw"], key=sweep["adamw"].get)
         for fam, k in (("muon", 5), ("muon2", 3)):
             sweep[fam] = {lr: do(f"sweep {fam} K={k} lr={lr}", name=fam, lr=lr, ns_steps=k, adamw_lr=lrs["adamw"])["val_loss"]
@@ -234,6 +238,24 @@ def main(argv=None) -> None:
         print(f"  {dt}/{dom}: ‖W−W_fp32‖/‖W_fp32−W0‖={dist / moved:.4f}  Δval={r['val_loss'] - ref['val_loss']:+.4f}")
 
     write_results(args, lrs, sweep, main_runs, ablation, drift, time.perf_counter() - t0)
+
+
+def adamw_lr_check(args) -> None:
+    torch.set_flush_denormal(True)
+    torch.set_num_threads(args.threads)
+    corpus = TextCorpus.load()
+    base = dict(ns_dtype="fp32" if not torch.cuda.is_available() else "bf16")
+    path = Path(args.out + ".json")
+    record = json.loads(path.read_text()) if path.exists() else {}
+    check = record.setdefault("adamw_lr_check", {"command": " ".join([sys.executable, *sys.argv])})
+    for lr in args.adamw_lr_check:
+        rs = []
+        for seed in range(args.seeds):
+            r = train(RunConfig(f"AdamW lr={lr}", OptimizerSettings(**base, name="adamw", adamw_lr=lr), seed), corpus, args)
+            rs.append(r)
+            print(f"  AdamW lr={lr} seed={seed} val={r['val_loss']:.4f}", flush=True)
+        check[str(lr)] = summarize(rs)
+    path.write_text(json.dumps(record, indent=1, default=str))
 
 
 def summarize(rs: list[dict]) -> dict:

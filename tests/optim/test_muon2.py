@@ -1,7 +1,6 @@
 """Muon² against torch.optim.Muon (precondition=False) and against the update rule written
 out step by step; low-precision state against fp32; state_dict resume; in-place re-tuning."""
 
-import copy
 import io
 
 import pytest

@@ -1,6 +1,5 @@
 """Newton-Schulz against the SVD polar factor U Vᵀ, FlopCounterMode and the CUDA allocator."""
 
-import math
 
 import pytest
 import torch
