@@ -33,10 +33,9 @@ from memtune.budget import Budget
 from memtune.plan import Decision, Plan
 from memtune.profile import ModelProfile
 
-from .options import Config, PlannerOptions, configs, costs_for, make_plan
+from .options import Config, PlannerOptions, configs, costs_for, make_plan, offload_allowed
 from .timeline import ConfigConstants, TimelineModel
 
-MIP_REL_GAP = 1e-7
 MAX_TIGHTEN = 4
 
 
@@ -62,7 +61,8 @@ class ExactPlanner:
             if cc.fixed_peak > U:
                 continue
             left = max(0.05, deadline - time.perf_counter())
-            sol = solve_config(tm, cc, table, U, allow_offload=options.allow_offload, time_limit_s=left)
+            sol = solve_config(tm, cc, table, U, allow_offload=offload_allowed(profile, options), time_limit_s=left,
+                               mip_rel_gap=options.mip_rel_gap)
             if sol is None:
                 continue
             decisions, objective_ms, notes = sol
@@ -71,8 +71,8 @@ class ExactPlanner:
             while plan.predicted_peak_bytes > budget.usable_bytes and tighten < MAX_TIGHTEN:
                 tighten += 1  # float rounding in the solver: tighten by the excess and re-solve
                 excess = plan.predicted_peak_bytes - budget.usable_bytes
-                sol = solve_config(tm, cc, table, U - excess * 2**tighten, allow_offload=options.allow_offload,
-                                   time_limit_s=left)
+                sol = solve_config(tm, cc, table, U - excess * 2**tighten, allow_offload=offload_allowed(profile, options),
+                                   time_limit_s=left, mip_rel_gap=options.mip_rel_gap)
                 if sol is None:
                     break
                 decisions, objective_ms, notes = sol
@@ -94,7 +94,7 @@ def _byte_scale(tm: TimelineModel, cc: ConfigConstants, U: float) -> float:
 
 
 def solve_config(tm: TimelineModel, cc: ConfigConstants, table, U: float, *, allow_offload: bool,
-                 time_limit_s: float, minimize_peak: bool = False
+                 time_limit_s: float, minimize_peak: bool = False, mip_rel_gap: float = 1e-5
                  ) -> tuple[dict[str, Decision], float, tuple[str, ...]] | None:
     """Optimal unit decisions for one configuration, or ``None`` if none fits ``U``.
 
@@ -188,17 +188,23 @@ def solve_config(tm: TimelineModel, cc: ConfigConstants, table, U: float, *, all
         cost[iR:iR + N] = [table.recompute_ms[f] for f in tm.fqns]
         if allow_offload:
             cost[iO:iO + N] = [table.offload_ms[f] for f in tm.fqns]
+    # A fixed variable carrying the configuration's base step time: HiGHS's relative gap is then
+    # relative to the whole step time, not to the (small) recompute/offload part of it.
+    cost = np.append(cost, 0.0 if minimize_peak else table.base.total_ms)
+    nv += 1
+    A = sp.hstack([A, sp.csr_matrix((r, 1))], format="csr")
     integrality = np.zeros(nv)
     integrality[iR:iR + N + no] = 1
     lb = np.zeros(nv)
     ub = np.ones(nv)
+    lb[-1] = ub[-1] = 1.0
     lb[iD:iD + n] = -np.inf
     ub[iD:iD + n] = np.inf
     if minimize_peak:
         lb[iP] = cc.fixed_peak / S
         ub[iP] = np.inf
     res = milp(cost, constraints=LinearConstraint(A, lo, hi), integrality=integrality, bounds=Bounds(lb, ub),
-               options={"time_limit": time_limit_s, "mip_rel_gap": MIP_REL_GAP, "disp": False})
+               options={"time_limit": time_limit_s, "mip_rel_gap": mip_rel_gap, "disp": False})
     if res.x is None:
         return None
     notes: tuple[str, ...] = ()

@@ -25,7 +25,7 @@ from memtune.budget import Budget
 from memtune.plan import Decision, Plan
 from memtune.profile import ModelProfile
 
-from .options import PlannerOptions, configs, costs_for, make_plan
+from .options import PlannerOptions, configs, costs_for, make_plan, offload_allowed
 from .timeline import ConfigConstants, TimelineModel
 
 DESCENT_EVAL_LIMIT = 200_000
@@ -47,7 +47,7 @@ class GreedyPlanner:
             cc = tm.constants(cfg)
             if cc.fixed_peak > U:
                 continue
-            state = fit(tm, cc, table, U, allow_offload=options.allow_offload)
+            state = fit(tm, cc, table, U, allow_offload=offload_allowed(profile, options))
             if state is None:
                 continue
             plan = make_plan(profile, budget, cfg, state, planner=self.name, options=options, table=table)

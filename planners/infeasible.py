@@ -10,7 +10,7 @@ from memtune.plan import Plan
 from memtune.profile import ModelProfile
 from memtune.units_fmt import fmt_bytes
 
-from .options import PlannerOptions, configs, costs_for, make_plan
+from .options import PlannerOptions, configs, costs_for, make_plan, offload_allowed
 from .timeline import TimelineModel
 
 
@@ -26,11 +26,11 @@ def most_frugal_plan(profile: ModelProfile, budget: Budget, options: PlannerOpti
         table = costs_for(profile, cfg, options)
         cc = tm.constants(cfg)
         if tm.N <= options.max_exact_units:
-            sol = solve_config(tm, cc, table, 0.0, allow_offload=options.allow_offload,
+            sol = solve_config(tm, cc, table, 0.0, allow_offload=offload_allowed(profile, options),
                                time_limit_s=options.time_limit_s, minimize_peak=True)
             decisions = sol[0] if sol else None
         else:
-            decisions = fit(tm, cc, table, 0.0, allow_offload=options.allow_offload, minimize_peak=True)
+            decisions = fit(tm, cc, table, 0.0, allow_offload=offload_allowed(profile, options), minimize_peak=True)
         if decisions is None:
             continue
         plan = make_plan(profile, budget, cfg, decisions, planner="min-peak", options=options, table=table)

@@ -36,7 +36,8 @@ class PlannerOptions:
     """Optimizer-state precisions allowed, any of ``fp32``, ``bf16``, ``int8``. fp32 is fastest; the
     others are chosen only when memory needs them."""
     allow_offload: bool = False
-    """Allow OFFLOAD decisions (saved activations to pinned host memory; priced at PCIe bandwidth)."""
+    """Allow OFFLOAD decisions (saved activations to pinned host memory; priced at PCIe bandwidth).
+    Ignored for CPU targets, where host memory *is* the budget."""
     allow_microbatching: bool = False
     """Allow splitting the global batch into micro-batches with gradient accumulation."""
     global_batch_size: int | None = None
@@ -48,6 +49,9 @@ class PlannerOptions:
     :func:`memtune.cost_model.calibrate`); ``None``: ``profile.target_name``."""
     time_limit_s: float = 10.0
     """Wall-clock limit of one MILP solve (exact planner); past it the best plan found is used."""
+    mip_rel_gap: float = 1e-5
+    """Exact planner: stop when the plan's step time is proven within this fraction of the optimum
+    (HiGHS's relative MIP gap, taken over the whole predicted step time)."""
     max_exact_units: int = 2000
     """:func:`memtune.planning.plan` uses the greedy planner past this many units."""
 
@@ -131,8 +135,14 @@ def costs_for(profile: ModelProfile, config: Config, options: PlannerOptions) ->
                       grad_accum_steps=config.grad_accum_steps, device=options.device)
 
 
-def unit_choices(options: PlannerOptions) -> tuple[Decision, ...]:
-    return (Decision.SAVE, Decision.RECOMPUTE) + ((Decision.OFFLOAD,) if options.allow_offload else ())
+def offload_allowed(profile: ModelProfile, options: PlannerOptions) -> bool:
+    """OFFLOAD only means something when the target has memory apart from the host: on a CPU
+    target, "offloading" to host memory frees nothing, so it is never planned there."""
+    return options.allow_offload and profile.target != "cpu"
+
+
+def unit_choices(profile: ModelProfile, options: PlannerOptions) -> tuple[Decision, ...]:
+    return (Decision.SAVE, Decision.RECOMPUTE) + ((Decision.OFFLOAD,) if offload_allowed(profile, options) else ())
 
 
 def make_plan(profile: ModelProfile, budget: Budget, config: Config, decisions: dict[str, Decision], *, planner: str,

@@ -21,7 +21,9 @@ import random
 from memtune.profile import ModelProfile, ParamInfo, StorageInfo, TimelineEvent, UnitProfile
 
 
-def chain_profile(n_units: int, seed: int, *, batch_size: int = 4, scale: int = 1024) -> ModelProfile:
+def chain_profile(n_units: int, seed: int, *, batch_size: int = 4, scale: int = 1024,
+                  target_name: str = "cpu") -> ModelProfile:
+    """``target_name="H100"`` makes a CUDA-target profile (offload is only planned there)."""
     rng = random.Random(seed)
     # Event indices: 0 start, fwd_start(k)=1+2k, fwd_end(k)=2+2k, loss, bwd_start(k) in reverse, ...
     fs = [1 + 2 * k for k in range(n_units)]
@@ -130,8 +132,8 @@ def chain_profile(n_units: int, seed: int, *, batch_size: int = 4, scale: int = 
             saved_storages=tuple(saved[k]), input_storages=tuple(inputs[k]),
             input_storage_bytes=tuple(input_bytes[k])))
     return ModelProfile(
-        model=f"SyntheticChain(n={n_units}, seed={seed})", tracer="synthetic", tracers_tried=(), target="cpu",
-        target_name="cpu", precision="fp32", optimizer="adamw", batch_size=batch_size,
+        model=f"SyntheticChain(n={n_units}, seed={seed})", tracer="synthetic", tracers_tried=(),
+        target="cpu" if target_name == "cpu" else "cuda", target_name=target_name, precision="fp32", optimizer="adamw", batch_size=batch_size,
         sample=f"({batch_size}, 2) int64", param_bytes=param_bytes, buffer_bytes=0, grad_bytes=param_bytes,
         optimizer_state_bytes=opt_state, input_bytes=batch_bytes,
         outside_activation_bytes=sum(s.nbytes for s in storages if s.saved_outside),

@@ -23,8 +23,15 @@ OPTIONS = {
 
 
 def _instances():
+    """Small random chains; odd seeds target an H100 so that OFFLOAD is in play."""
     for seed in range(6):
-        yield f"chain{seed}", lambda seed=seed: chain_profile(random.Random(seed).randint(2, 4), seed)
+        target = "H100" if seed % 2 else "cpu"
+        yield f"chain{seed}-{target}", lambda seed=seed, t=target: chain_profile(random.Random(seed).randint(2, 4), seed,
+                                                                               target_name=t)
+
+
+def _budget(prof, frac: float) -> Budget:
+    return Budget.parse(int(prof.baseline_peak_bytes * frac), device=prof.target_name, reserve=0)
 
 
 def _try(planner, profile, budget, options):
@@ -42,7 +49,7 @@ def test_plans_fit_roundtrip_and_are_deterministic(planner_name, opt_name, profi
     n_plans = 0
     for prof in profiles:
         for frac in FRACTIONS:
-            budget = Budget.parse(int(prof.baseline_peak_bytes * frac), device="cpu")
+            budget = _budget(prof, frac)
             plan = _try(planner, prof, budget, options)
             if isinstance(plan, InfeasibleBudgetError):
                 assert plan.min_feasible_bytes > budget.budget_bytes
@@ -65,7 +72,7 @@ def test_exact_equals_brute_force_and_greedy_finds_a_plan_whenever_exact_does(op
     for name, make in _instances():
         prof = make()
         for frac in FRACTIONS:
-            budget = Budget.parse(int(prof.baseline_peak_bytes * frac), device="cpu")
+            budget = _budget(prof, frac)
             e, b, g = (_try(p, prof, budget, options) for p in (exact, brute, greedy))
             assert isinstance(e, Exception) == isinstance(b, Exception), (name, frac)
             if isinstance(e, Exception):
@@ -73,7 +80,8 @@ def test_exact_equals_brute_force_and_greedy_finds_a_plan_whenever_exact_does(op
                 assert e.min_feasible_bytes == b.min_feasible_bytes
                 continue
             compared += 1
-            assert e.predicted_step_ms == pytest.approx(b.predicted_step_ms, rel=1e-9, abs=1e-12), (name, frac)
+            # Equal up to the MILP's proven gap (PlannerOptions.mip_rel_gap, relative to the step time).
+            assert b.predicted_step_ms - 1e-9 <= e.predicted_step_ms <= b.predicted_step_ms * (1 + options.mip_rel_gap)
             assert not isinstance(g, Exception), f"greedy found no plan for {name} at {frac} where exact did"
             assert g.predicted_step_ms >= e.predicted_step_ms - 1e-9
     assert compared >= 10
