@@ -71,6 +71,8 @@ class Budget:
         nbytes = _parse_bytes(value, total=lambda: dev().memory_bytes)
         if reserve is None:
             reserve_bytes = DEFAULT_CUDA_RESERVE_BYTES if dev().kind == "cuda" else 0
+        elif isinstance(reserve, int) and not isinstance(reserve, bool) and reserve >= 0:
+            reserve_bytes = reserve
         else:
             reserve_bytes = _parse_bytes(reserve, total=lambda: dev().memory_bytes)
         if nbytes <= reserve_bytes:

@@ -1,0 +1,7 @@
+"""memtune's runtime: ``fit``/``Trainer``, live telemetry, re-tuning and OOM recovery."""
+
+from .retune import RetuneConfig, Retuner
+from .telemetry import Telemetry, TelemetrySample
+from .trainer import Trainer, fit
+
+__all__ = ["RetuneConfig", "Retuner", "Telemetry", "TelemetrySample", "Trainer", "fit"]

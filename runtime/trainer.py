@@ -1,0 +1,539 @@
+"""``memtune.fit``: train a model inside a memory budget, re-tuning as conditions change.
+
+    >>> trainer = memtune.fit(model, budget="24GB")            # profiles and plans on the first batch
+    >>> trainer.train(loader, steps=1000)                       # progress bar: loss, ms, memory, plan
+    >>> trainer.save("ckpt.pt"); trainer = memtune.Trainer.resume("ckpt.pt", model, budget="24GB")
+
+Each step: forward/backward per micro-batch as the plan says, one optimizer step, then a
+telemetry sample. The runtime re-plans between steps when the memory it can get shrinks
+(tighten) or stays ample (relax), and corrects its memory model with measured peaks
+(:mod:`memtune.runtime.retune`). An out-of-memory error inside forward/backward frees
+what the step held, re-plans tighter and retries the same batch with the same RNG state:
+gradients are never applied twice and no batch is skipped.
+
+The budget is enforced on CUDA with ``torch.cuda.set_per_process_memory_fraction``; on a
+CPU it applies to tracked tensor memory (:class:`~memtune.runtime.memguard.TensorMemoryGuard`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import logging
+import math
+import signal
+import threading
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+import torch.nn as nn
+from torch.utils._pytree import tree_flatten, tree_map_only
+
+from memtune.batching import LossFn, batch_size_of, loss_from_output, move_batch, split_batch
+from memtune.budget import Budget
+from memtune.errors import InfeasibleBudgetError, MemtuneError
+from memtune.plan import Decision, Plan
+from memtune.profile import ModelProfile
+from memtune.units_fmt import fmt_bytes
+
+from . import checkpoint as ckpt
+from .memguard import TensorMemoryGuard
+from .retune import RetuneConfig, RetuneDecision, Retuner
+from .telemetry import HostSource, Telemetry, TelemetrySource, default_sources
+
+log = logging.getLogger("memtune.runtime")
+
+
+@dataclasses.dataclass
+class OOMInjection:
+    """Test hook: raise ``torch.OutOfMemoryError`` at ``step`` (0-based optimizer steps) in
+    ``phase`` (``forward`` or ``backward``), ``times`` times. See :meth:`Trainer.inject_oom`."""
+
+    step: int
+    phase: str = "backward"
+    times: int = 1
+
+
+class Trainer:
+    """The object :func:`fit` returns. Attributes: ``model``, ``optimizer``, ``plan``,
+    ``profile``, ``history`` (one dict per step), ``events`` (plan changes with reasons),
+    ``step_count``."""
+
+    def __init__(self, model: nn.Module, budget: int | str | Budget, *, sample: Any = None, loss_fn: LossFn | None = None,
+                 optimizer: str = "muon2", optimizer_settings: Any = None, planner: str | None = None,
+                 device: str | torch.device | None = None, precision: str | None = None,
+                 allow_microbatching: bool = True, allow_offload: bool = False, retune: bool = True,
+                 retune_config: RetuneConfig | None = None, telemetry: Telemetry | Iterable[TelemetrySource] | None = None,
+                 metrics_path: str | Path | None = None, checkpoint_path: str | Path | None = None,
+                 checkpoint_every: int = 0, max_oom_retries: int = 4, enforce_budget: bool = True,
+                 progress: bool = True, planner_options: dict | None = None):
+        self.device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if precision is None:
+            precision = "bf16-mixed" if self.device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+        self.precision = precision
+        self.model = model.to(self.device)
+        self.budget = Budget.parse(budget, device=self.device if self.device.type == "cuda" else "cpu")
+        self.sample = sample
+        self.loss_fn = loss_fn
+        self.optimizer_name = optimizer
+        self.optimizer_settings = self._default_settings(optimizer, optimizer_settings)
+        self.planner = planner
+        self.allow_microbatching = allow_microbatching
+        self.allow_offload = allow_offload
+        self.retune_enabled = retune
+        self.retuner = Retuner(self.budget.usable_bytes, retune_config)
+        self.planner_options = dict(planner_options or {})
+        self.max_oom_retries = max_oom_retries
+        self.enforce_budget = enforce_budget
+        self.progress = progress
+        self.checkpoint_path = Path(checkpoint_path) if checkpoint_path else None
+        self.checkpoint_every = checkpoint_every
+        if telemetry is None:
+            sources = default_sources(self.device) if self.device.type == "cuda" else [HostSource()]
+            telemetry = Telemetry(sources, jsonl_path=metrics_path)
+        elif not isinstance(telemetry, Telemetry):
+            telemetry = Telemetry(list(telemetry), jsonl_path=metrics_path)
+        self.telemetry = telemetry
+
+        self.profile: ModelProfile | None = None
+        self.plan: Plan | None = None
+        self.plan_budget_bytes: int = self.budget.usable_bytes
+        self.plan_version = 0
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.history: list[dict[str, Any]] = []
+        self.events: list[dict[str, Any]] = []
+        self.step_count = 0
+        self.batches_seen = 0
+        self.interrupted: str | None = None
+        self._injections: list[OOMInjection] = []
+        self._phase = "idle"
+        self._stop_signal: str | None = None
+        if self.device.type == "cuda" and enforce_budget:
+            total = torch.cuda.get_device_properties(self.device).total_memory
+            torch.cuda.set_per_process_memory_fraction(min(1.0, self.budget.usable_bytes / total), self.device)
+
+    # ------------------------------------------------------------------ setup
+    def _default_settings(self, name: str, settings: Any):
+        from memtune.optim import OptimizerSettings
+
+        if settings is None:
+            # bf16 Newton-Schulz is the GPU choice; CPUs without bf16 matmul units run fp32 far faster.
+            settings = OptimizerSettings(name=name, ns_dtype="bf16" if self.device.type == "cuda" else "fp32")
+        return settings
+
+    def _setup(self, batch: Any) -> None:
+        sample = self.sample if self.sample is not None else batch
+        target = "cpu" if self.device.type == "cpu" else self.device
+        t0 = time.perf_counter()
+        self.profile = _profile_for_training(self.model, sample, self.loss_fn, self.optimizer_name, self.precision, target)
+        log.info("profiled %s in %.1f s: baseline peak %s", self.profile.model, time.perf_counter() - t0,
+                 fmt_bytes(self.profile.baseline_peak_bytes))
+        plan = self._make_plan(self.retuner.planning_budget(self.budget.usable_bytes), lossless=False)
+        self._install(plan, kind="initial", reason=f"budget {self.budget}")
+
+    def _plan_options(self, *, lossless: bool) -> list[dict]:
+        """Option sets to try, from exact-maths changes (unit decisions only) to lossy ones
+        (micro-batching changes summation order; lower state precision changes values)."""
+        base = dict(optimizer=self.optimizer_name, **self.planner_options)
+        if self.device.type == "cpu":
+            base.setdefault("device", "cpu")
+        base.setdefault("allow_offload", self.allow_offload)
+        full = dict(base, allow_microbatching=self.allow_microbatching)
+        if not lossless or self.plan is None:
+            return [full]
+        current = self.plan
+        same = dict(base, state_dtypes=(current.optimizer.state_dtype,), allow_microbatching=current.grad_accum_steps > 1,
+                    **({"micro_batch_sizes": (current.micro_batch_size,)} if current.micro_batch_size else {}))
+        same_dtype = dict(base, state_dtypes=(current.optimizer.state_dtype,), allow_microbatching=self.allow_microbatching)
+        return [same, same_dtype, full]
+
+    def _make_plan(self, usable_bytes: int, *, lossless: bool) -> Plan:
+        from memtune.planning import plan as make_plan
+
+        budget = usable_bytes + self.budget.reserve_bytes
+        last: InfeasibleBudgetError | None = None
+        for opts in self._plan_options(lossless=lossless):
+            try:
+                return make_plan(self.profile, budget, self.planner, reserve=self.budget.reserve_bytes, **opts)
+            except InfeasibleBudgetError as e:
+                last = e
+        assert last is not None
+        raise last
+
+    def _install(self, plan: Plan, *, kind: str, reason: str) -> None:
+        from memtune.apply import apply_plan
+
+        old = self.plan
+        if self.optimizer is None:
+            self.optimizer = apply_plan(self.model, plan, settings=self.optimizer_settings)
+        else:
+            apply_plan(self.model, plan, optimizer=self.optimizer)
+            if old is not None and plan.optimizer.ns_steps != old.optimizer.ns_steps and hasattr(self.optimizer, "set_ns_steps"):
+                self.optimizer.set_ns_steps(plan.optimizer.ns_steps)
+            if old is not None and plan.optimizer.state_dtype != old.optimizer.state_dtype:
+                if not hasattr(self.optimizer, "set_state_dtype"):
+                    raise MemtuneError(f"the plan converts optimizer state to {plan.optimizer.state_dtype}, which "
+                                       f"{type(self.optimizer).__name__} cannot do in place")
+                self.optimizer.set_state_dtype(plan.optimizer.state_dtype)
+        self.plan = plan
+        self.plan_budget_bytes = plan.usable_bytes
+        self.plan_version += 1
+        event = {"step": self.step_count, "kind": kind, "reason": reason, "plan_version": self.plan_version,
+                 "budget_bytes": plan.usable_bytes, "predicted_peak_bytes": plan.predicted_peak_bytes,
+                 "predicted_step_ms": plan.predicted_step_ms, "recompute": list(plan.recompute_units),
+                 "ns_steps": plan.optimizer.ns_steps, "state_dtype": plan.optimizer.state_dtype,
+                 "micro_batch_size": plan.micro_batch_size, "grad_accum_steps": plan.grad_accum_steps}
+        if old is not None:
+            event["changes"] = _plan_changes(old, plan)
+        self.events.append(event)
+        log.info("plan v%d (%s) at step %d: %s; %s", self.plan_version, kind, self.step_count, reason,
+                 event.get("changes", plan.summary().splitlines()[0]))
+
+    # ------------------------------------------------------------------ one step
+    def inject_oom(self, step: int, phase: str = "backward", times: int = 1) -> None:
+        """Test hook: raise ``torch.OutOfMemoryError`` in ``phase`` (``forward``/``backward``)
+        of optimizer step ``step`` (0-based), ``times`` times in a row, as the allocator would."""
+        if phase not in ("forward", "backward"):
+            raise ValueError("phase must be 'forward' or 'backward'")
+        self._injections.append(OOMInjection(step, phase, times))
+
+    def _maybe_inject(self, phase: str) -> None:
+        for inj in self._injections:
+            if inj.step == self.step_count and inj.phase == phase and inj.times > 0:
+                inj.times -= 1
+                raise torch.OutOfMemoryError(f"injected out-of-memory error at step {inj.step} ({phase})")
+
+    def step(self, batch: Any) -> float:
+        """Forward, backward (per micro-batch) and one optimizer step on ``batch``; returns the loss."""
+        batch = move_batch(batch, self.device)
+        if self.plan is None:
+            self._setup(batch)
+        rng = ckpt.rng_state()
+        retries = 0
+        t0 = time.perf_counter()
+        while True:
+            try:
+                loss, peak = self._run(batch)
+                break
+            except torch.OutOfMemoryError as e:
+                if self._phase == "optimizer":
+                    self._free_failed_step()
+                    raise MemtuneError(
+                        f"out of memory inside optimizer.step() at step {self.step_count}: parameters may be partly "
+                        "updated, so the step cannot be retried safely; resume from the last checkpoint with a "
+                        "smaller budget") from e
+                peak = getattr(self, "_guard_peak", None)
+                self._free_failed_step()
+                retries += 1
+                if retries > self.max_oom_retries:
+                    raise InfeasibleBudgetError(
+                        f"step {self.step_count} ran out of memory {retries} times under budget {self.budget} even "
+                        f"after re-planning (last plan: {self.plan.summary().splitlines()[0]}); the last checkpoint "
+                        f"{'at ' + str(self.checkpoint_path) if self.checkpoint_path else ''} is intact. Give a larger "
+                        "budget or allow offload / micro-batching") from e
+                self._tighten_after_oom(e, peak)
+                ckpt.set_rng_state(rng)  # the retry draws the same dropout masks
+        step_ms = (time.perf_counter() - t0) * 1000
+        self.step_count += 1
+        self._after_step(loss, step_ms, peak, retries)
+        return loss
+
+    def _micro_batches(self, batch: Any) -> list[tuple[Any, float]]:
+        """Split ``batch`` along dim 0 into the plan's micro-batches, each with its weight."""
+        plan = self.plan
+        n = batch_size_of(batch)
+        if plan.grad_accum_steps <= 1 or not plan.micro_batch_size or n is None or n <= plan.micro_batch_size:
+            return [(batch, 1.0)]
+        m = plan.micro_batch_size
+        out = []
+        for start in range(0, n, m):
+            size = min(m, n - start)
+            part = tree_map_only(torch.Tensor, lambda t: t[start:start + size] if t.dim() > 0 and t.shape[0] == n else t, batch)
+            out.append((part, size / n))
+        return out
+
+    def _autocast(self):
+        if self.precision == "bf16-mixed":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return nullcontext()
+
+    def _run(self, batch: Any) -> tuple[float, int | None]:
+        guard = None
+        if self.device.type == "cpu" and self.enforce_budget:
+            guard = TensorMemoryGuard(self.budget.usable_bytes)
+            self._guard_peak = None
+        elif self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        total = 0.0
+        with guard if guard is not None else nullcontext():
+            if guard is not None:
+                guard.track([list(self.model.parameters()), list(self.model.buffers()), _optimizer_tensors(self.optimizer),
+                             tree_flatten(batch)[0]])
+            try:
+                for part, weight in self._micro_batches(batch):
+                    self._phase = "forward"
+                    args, kwargs, target = split_batch(part, self.loss_fn)
+                    with self._autocast():
+                        self._maybe_inject("forward")
+                        out = self.model(*args, **kwargs)
+                        loss = loss_from_output(out, part, target, self.loss_fn)
+                    del out
+                    self._phase = "backward"
+                    self._maybe_inject("backward")
+                    (loss if weight == 1.0 else loss * weight).backward()
+                    total += float(loss.detach()) * weight
+                    del loss
+                self._phase = "optimizer"
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+            finally:
+                if guard is not None:
+                    self._guard_peak = guard.peak_bytes
+        self._phase = "idle"
+        if guard is not None:
+            peak = guard.peak_bytes
+        elif self.device.type == "cuda":
+            peak = torch.cuda.max_memory_allocated(self.device)
+        else:
+            peak = None
+        return total, peak
+
+    def _free_failed_step(self) -> None:
+        self._phase = "idle"
+        self.optimizer.zero_grad(set_to_none=True)
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def _tighten_after_oom(self, error: BaseException, measured_peak: int | None) -> None:
+        """Learn from the failure: the step needed more than the plan predicted."""
+        predicted = self.plan.predicted_peak_bytes
+        ratio = (measured_peak / predicted) if measured_peak and predicted else 1.0
+        # An allocator failure means the real need exceeded the limit: raise the correction at
+        # least 10 % per failure, more if the measured peak says so.
+        self.retuner.correction = min(max(self.retuner.correction * 1.10, ratio * 1.02), 4.0)
+        # Aim below the failed plan's own predicted peak: a plan predicted to use as much would fail again.
+        target = self.retuner.planning_budget(min(self.plan_budget_bytes, self.plan.predicted_peak_bytes))
+        try:
+            plan = self._make_plan(target, lossless=True)
+        except InfeasibleBudgetError:
+            self._free_failed_step()
+            raise
+        self._install(plan, kind="oom", reason=f"{type(error).__name__}: {str(error).splitlines()[0][:160]}; "
+                                               f"re-planned for {fmt_bytes(target)} (correction {self.retuner.correction:.2f})")
+
+    # ------------------------------------------------------------------ after a step
+    def _after_step(self, loss: float, step_ms: float, peak: int | None, retries: int) -> None:
+        plan = self.plan
+        if peak is not None:
+            self.retuner.observe_peak(peak, plan.predicted_peak_bytes)
+        ns = getattr(self.optimizer, "ns_telemetry", None)
+        ns = ns() if callable(ns) else ns
+        record = {"step": self.step_count, "loss": loss, "step_ms": round(step_ms, 3), "peak_bytes": peak,
+                  "predicted_peak_bytes": plan.predicted_peak_bytes, "budget_bytes": self.budget.usable_bytes,
+                  "plan_budget_bytes": self.plan_budget_bytes, "plan_version": self.plan_version,
+                  "oom_retries": retries, "correction": round(self.retuner.correction, 4)}
+        if ns:
+            record["ns"] = ns
+        sample = self.telemetry.sample(self.step_count, **{k: v for k, v in record.items() if k != "step"})
+        record["telemetry"] = {k: v for k, v in sample.to_dict().items() if v is not None and k not in ("step",)}
+        self.history.append(record)
+        if self.retune_enabled:
+            self._retune(sample)
+
+    def _available_bytes(self, sample) -> int | None:
+        if sample.device_free_bytes is None:
+            return None
+        return sample.device_free_bytes + (sample.reserved_bytes or 0)
+
+    def _retune(self, sample) -> None:
+        decision: RetuneDecision | None = self.retuner.decide(
+            self._available_bytes(sample), self.plan_budget_bytes, self.plan.predicted_peak_bytes)
+        if decision is None:
+            return
+        target = self.retuner.planning_budget(decision.budget_bytes)
+        try:
+            plan = self._make_plan(target, lossless=decision.kind == "tighten")
+        except InfeasibleBudgetError as e:
+            log.warning("cannot %s to %s at step %d: %s", decision.kind, fmt_bytes(target), self.step_count, e)
+            self.events.append({"step": self.step_count, "kind": f"{decision.kind}-infeasible", "reason": decision.reason,
+                                "budget_bytes": target})
+            return
+        if _same_plan(plan, self.plan):
+            self.plan_budget_bytes = plan.usable_bytes
+            return
+        self._install(plan, kind=decision.kind, reason=decision.reason)
+
+    # ------------------------------------------------------------------ loops
+    def train(self, loader: Iterable, *, steps: int | None = None, epochs: int | None = None) -> list[dict[str, Any]]:
+        """Train on ``loader`` for ``steps`` optimizer steps or ``epochs`` passes (one of them).
+
+        Resumed trainers skip the batches already consumed (the loader must be deterministic
+        and re-iterable). With ``checkpoint_path`` and ``checkpoint_every=N``, a checkpoint is
+        written every N steps. SIGINT/SIGTERM finish the current step, write a checkpoint (when
+        ``checkpoint_path`` is set) and return, with ``trainer.interrupted`` set."""
+        if (steps is None) == (epochs is None):
+            raise ValueError("give exactly one of steps=... or epochs=...")
+        total = steps if steps is not None else None
+        bar = None
+        if self.progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=total, initial=self.step_count if steps is not None else 0, desc="memtune", unit="step",
+                       dynamic_ncols=True)
+        restore = self._install_signal_handlers()
+        try:
+            for batch in self._stream(loader, epochs):
+                if steps is not None and self.step_count >= steps:
+                    break
+                loss = self.step(batch)
+                self.batches_seen += 1
+                if self.checkpoint_path and self.checkpoint_every and self.step_count % self.checkpoint_every == 0:
+                    self.save(self.checkpoint_path)  # after the data position moved on
+                if bar is not None:
+                    h = self.history[-1]
+                    mem = fmt_bytes(h["peak_bytes"]) if h["peak_bytes"] is not None else "?"
+                    bar.set_postfix_str(f"loss {loss:.4f} · {h['step_ms']:.0f} ms · mem {mem}/{fmt_bytes(self.budget.usable_bytes)}"
+                                        f" · plan v{self.plan_version}", refresh=False)
+                    bar.update(1)
+                if self._stop_signal:
+                    self.interrupted = self._stop_signal
+                    if self.checkpoint_path:
+                        self.save(self.checkpoint_path)
+                    log.warning("%s received: stopped after step %d%s", self._stop_signal, self.step_count,
+                                f", checkpoint at {self.checkpoint_path}" if self.checkpoint_path else "")
+                    break
+        finally:
+            restore()
+            if bar is not None:
+                bar.close()
+        return self.history
+
+    def _stream(self, loader: Iterable, epochs: int | None):
+        skip = self.batches_seen
+        epoch = 0
+        while epochs is None or epoch < epochs:
+            n = 0
+            for batch in loader:
+                n += 1
+                if skip:
+                    skip -= 1
+                    continue
+                yield batch
+            if n == 0:
+                if epoch == 0:
+                    raise ValueError("the loader yielded no batches")
+                return  # a one-shot iterator is exhausted
+            epoch += 1
+
+    def _install_signal_handlers(self):
+        if threading.current_thread() is not threading.main_thread():
+            return lambda: None
+        self._stop_signal = None
+
+        def handler(signum, frame):
+            self._stop_signal = signal.Signals(signum).name
+
+        previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+
+        def restore():
+            for s, h in previous.items():
+                signal.signal(s, h)
+        return restore
+
+    # ------------------------------------------------------------------ persistence
+    def save(self, path: str | Path | None = None) -> Path:
+        """Write a checkpoint atomically (model, optimizer, plan, profile, step, data position, RNG)."""
+        path = Path(path or self.checkpoint_path or "memtune-checkpoint.pt")
+        if self.plan is None:
+            raise MemtuneError("nothing to save yet: the trainer has not run a step")
+        return ckpt.save_atomic({
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "plan": self.plan.to_dict(), "profile": self.profile.to_dict(), "plan_version": self.plan_version,
+            "plan_budget_bytes": self.plan_budget_bytes, "step": self.step_count, "batches_seen": self.batches_seen,
+            "rng": ckpt.rng_state(), "retuner": self.retuner.state_dict(), "history": self.history, "events": self.events,
+        }, path)
+
+    @classmethod
+    def resume(cls, path: str | Path, model: nn.Module, budget: int | str | Budget, **fit_kwargs) -> "Trainer":
+        """A trainer that continues the run saved at ``path``. ``model`` is a freshly built
+        instance of the same architecture; ``fit_kwargs`` are those given to :func:`fit`."""
+        state = ckpt.load(path)
+        fit_kwargs.setdefault("checkpoint_path", path)
+        trainer = cls(model, budget, **fit_kwargs)
+        trainer.profile = ModelProfile.from_dict(state["profile"])
+        plan = Plan.from_dict(state["plan"])
+        trainer.model.load_state_dict(state["model"])
+        trainer._install(plan, kind="resume", reason=f"resumed from {path} at step {state['step']}")
+        trainer.optimizer.load_state_dict(state["optimizer"])
+        trainer.plan_version = state["plan_version"]
+        trainer.plan_budget_bytes = state["plan_budget_bytes"]
+        trainer.step_count = state["step"]
+        trainer.batches_seen = state["batches_seen"]
+        trainer.history = list(state["history"])
+        trainer.events = list(state["events"]) + trainer.events[-1:]
+        trainer.retuner.load_state_dict(state["retuner"])
+        ckpt.set_rng_state(state["rng"])
+        return trainer
+
+
+def fit(model: nn.Module, budget: int | str | Budget = "24GB", **kwargs) -> Trainer:
+    """Configure ``model`` to train within ``budget`` at the best predicted speed.
+
+    Returns a :class:`Trainer`. With only a model and a budget, profiling and planning
+    happen on the first batch. Keyword arguments (all optional):
+
+    sample, loss_fn: the batch to profile with (default: the first batch) and how to get a
+        loss (see :mod:`memtune.batching`);
+    optimizer: ``"muon2"`` (default), ``"muon"`` or ``"adamw"``; optimizer_settings: a
+        :class:`memtune.optim.OptimizerSettings` for learning rates and the like;
+    planner: ``"exact"`` (default), ``"greedy"``; planner_options: extra
+        :class:`memtune.planners.PlannerOptions` fields;
+    device: default CUDA when present, else CPU; precision: ``"bf16-mixed"`` on CUDA,
+        ``"fp32"`` on CPU by default;
+    allow_microbatching (True), allow_offload (False), retune (True), retune_config;
+    telemetry: a :class:`~memtune.runtime.telemetry.Telemetry` or its sources;
+        metrics_path: JSONL file for per-step metrics;
+    checkpoint_path, checkpoint_every: periodic crash-safe checkpoints;
+    max_oom_retries (4), enforce_budget (True), progress (True).
+    """
+    return Trainer(model, budget, **kwargs)
+
+
+# ----------------------------------------------------------------------------- helpers
+def _profile_for_training(model, sample, loss_fn, optimizer, precision, target) -> ModelProfile:
+    import memtune
+
+    return memtune.profile(model, sample, loss_fn=loss_fn, optimizer=optimizer, precision=precision, target=target)
+
+
+def _optimizer_tensors(opt) -> list[torch.Tensor]:
+    if opt is None:
+        return []
+    leaves, _ = tree_flatten([dict(s) for s in opt.state.values()])
+    return [t for t in leaves if isinstance(t, torch.Tensor)]
+
+
+def _same_plan(a: Plan, b: Plan) -> bool:
+    return (a.decisions == b.decisions and a.optimizer == b.optimizer and a.micro_batch_size == b.micro_batch_size
+            and a.grad_accum_steps == b.grad_accum_steps)
+
+
+def _plan_changes(old: Plan, new: Plan) -> dict[str, Any]:
+    changes: dict[str, Any] = {}
+    to_rc = [u for u, d in new.decisions.items() if d is not Decision.SAVE and old.decisions.get(u) is Decision.SAVE]
+    to_save = [u for u, d in new.decisions.items() if d is Decision.SAVE and old.decisions.get(u) is not Decision.SAVE]
+    if to_rc:
+        changes["save->recompute"] = to_rc
+    if to_save:
+        changes["recompute->save"] = to_save
+    if new.optimizer.ns_steps != old.optimizer.ns_steps:
+        changes["ns_steps"] = [old.optimizer.ns_steps, new.optimizer.ns_steps]
+    if new.optimizer.state_dtype != old.optimizer.state_dtype:
+        changes["state_dtype"] = [old.optimizer.state_dtype, new.optimizer.state_dtype]
+    if (new.micro_batch_size, new.grad_accum_steps) != (old.micro_batch_size, old.grad_accum_steps):
+        changes["micro_batch"] = [[old.micro_batch_size, old.grad_accum_steps], [new.micro_batch_size, new.grad_accum_steps]]
+    return changes
