@@ -33,7 +33,7 @@ from memtune.budget import Budget
 from memtune.plan import Decision, Plan
 from memtune.profile import ModelProfile
 
-from .options import Config, PlannerOptions, configs, costs_for, make_plan, offload_allowed
+from .options import PlannerOptions, configs, costs_for, make_plan, offload_allowed
 from .timeline import ConfigConstants, TimelineModel
 
 MAX_TIGHTEN = 4
@@ -71,15 +71,25 @@ class ExactPlanner:
             while plan.predicted_peak_bytes > budget.usable_bytes and tighten < MAX_TIGHTEN:
                 tighten += 1  # float rounding in the solver: tighten by the excess and re-solve
                 excess = plan.predicted_peak_bytes - budget.usable_bytes
-                sol = solve_config(tm, cc, table, U - excess * 2**tighten, allow_offload=offload_allowed(profile, options),
-                                   time_limit_s=left, mip_rel_gap=options.mip_rel_gap)
+                sol = solve_config(tm, cc, table, U - excess * 2**tighten,
+                                   allow_offload=offload_allowed(profile, options), time_limit_s=left,
+                                   mip_rel_gap=options.mip_rel_gap)
                 if sol is None:
                     break
                 decisions, objective_ms, notes = sol
                 notes = notes + (f"MILP bound tightened {tighten}x so predict_peak agrees",)
                 plan = make_plan(profile, budget, cfg, decisions, planner=self.name, options=options, table=table)
-            if plan.predicted_peak_bytes > budget.usable_bytes:
-                continue
+            if plan.predicted_peak_bytes > budget.usable_bytes:  # still disagrees: greedy for this configuration
+                from .greedy import fit
+
+                decisions = fit(tm, cc, table, U, allow_offload=offload_allowed(profile, options))
+                if decisions is None:
+                    continue
+                notes = notes + ("the MILP plan failed verification with predict_peak; greedy planned this "
+                                 "configuration",)
+                plan = make_plan(profile, budget, cfg, decisions, planner=self.name, options=options, table=table)
+                if plan.predicted_peak_bytes > budget.usable_bytes:
+                    continue
             if best is None or plan.predicted_step_ms < best.predicted_step_ms - 1e-12:
                 best = dataclasses.replace(plan, notes=notes) if notes else plan
         if best is None:

@@ -25,7 +25,7 @@ from memtune.budget import Budget
 from memtune.plan import Decision, Plan
 from memtune.profile import ModelProfile
 
-from .options import PlannerOptions, configs, costs_for, make_plan, offload_allowed
+from .options import Config, PlannerOptions, configs, costs_for, make_plan, offload_allowed
 from .timeline import ConfigConstants, TimelineModel
 
 DESCENT_EVAL_LIMIT = 200_000
@@ -56,8 +56,18 @@ class GreedyPlanner:
             if best is None or plan.predicted_step_ms < best.predicted_step_ms - 1e-12:
                 best = plan
         if best is None:
-            from .infeasible import infeasible_error
-            raise infeasible_error(profile, budget, options)
+            # Local search can miss plans that need several units changed at once (docs/planners.md).
+            # The most frugal plan (a min-peak MILP up to max_exact_units units) settles it.
+            from .infeasible import infeasible_error, most_frugal_plan
+
+            frugal = most_frugal_plan(profile, budget, options)
+            if frugal.predicted_peak_bytes > budget.usable_bytes:
+                raise infeasible_error(profile, budget, options, frugal=frugal)
+            note = ("the greedy search found no plan; this is the most memory-frugal plan "
+                    "(minimum-peak MILP), which fits but is not time-optimized")
+            return make_plan(profile, budget, Config(frugal.optimizer, frugal.micro_batch_size,
+                                                     frugal.grad_accum_steps),
+                             frugal.decisions, planner=self.name, options=options, notes=(note,))
         return best
 
 

@@ -41,8 +41,9 @@ def most_frugal_plan(profile: ModelProfile, budget: Budget, options: PlannerOpti
     return best
 
 
-def infeasible_error(profile: ModelProfile, budget: Budget, options: PlannerOptions) -> InfeasibleBudgetError:
-    frugal = most_frugal_plan(profile, budget, options)
+def infeasible_error(profile: ModelProfile, budget: Budget, options: PlannerOptions, *,
+                     frugal: Plan | None = None) -> InfeasibleBudgetError:
+    frugal = frugal or most_frugal_plan(profile, budget, options)
     reserve = budget.budget_bytes - budget.usable_bytes
     min_budget = frugal.predicted_peak_bytes + reserve
     opt_mem = optimizer_memory(profile, frugal.optimizer)
