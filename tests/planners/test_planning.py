@@ -46,3 +46,19 @@ def test_pareto_frontier_trades_memory_for_time(planner):
         for p in front:
             assert plan(prof, p.predicted_peak_bytes, optimizer="adamw",
                         state_dtypes=("fp32",)).predicted_step_ms == pytest.approx(p.predicted_step_ms)
+
+
+def test_greedy_falls_back_to_the_min_peak_plan_when_its_search_fails(monkeypatch):
+    """If local search misses (simulated here), greedy still returns a fitting plan, with a note."""
+    from memtune.budget import Budget
+    from memtune.planners import PLANNERS, PlannerOptions
+    import memtune.planners.greedy as greedy
+
+    prof = chain_profile(4, 7)
+    opts = PlannerOptions(optimizer="adamw", state_dtypes=("fp32",))
+    from memtune.planners.infeasible import most_frugal_plan
+
+    tight = most_frugal_plan(prof, Budget.parse(prof.baseline_peak_bytes, device="cpu"), opts).predicted_peak_bytes
+    monkeypatch.setattr(greedy, "fit", lambda *a, **k: None)  # min-peak uses the MILP at this size
+    p = PLANNERS["greedy"].plan(prof, Budget.parse(tight, device="cpu"), options=opts)
+    assert p.fits and p.planner == "greedy" and "most memory-frugal" in p.notes[0]
