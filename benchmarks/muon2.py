@@ -105,8 +105,8 @@ def train(run: RunConfig, corpus: TextCorpus, args, *, return_model: bool = Fals
                     for f in split.muon) + sum(state_bytes(params[f], run.settings, kind="adamw") for f in split.adamw)
     out = {
         "label": run.label, "seed": run.seed, "val_loss": val, "final_train_loss": loss.item(),
-        "opt_step_ms_median": statistics.median(step_ms[5:]),
-        "opt_step_cpu_ms_median": statistics.median(step_cpu_ms[5:]), "train_s": time.perf_counter() - t_start,
+        "opt_step_ms_median": statistics.median(step_ms[5:] or step_ms),
+        "opt_step_cpu_ms_median": statistics.median(step_cpu_ms[5:] or step_cpu_ms), "train_s": time.perf_counter() - t_start,
         "state_bytes": opt_state, "mean_ns_steps": statistics.mean(ks) if ks else None,
         "settings": {k: (v.as_dict() if hasattr(v, "as_dict") else dict(v) if k == "overrides" else v)
                      for k, v in ((f.name, getattr(run.settings, f.name)) for f in dataclasses.fields(run.settings))},
@@ -133,6 +133,9 @@ def main(argv=None) -> None:
     ap.add_argument("--no-sweep", action="store_true", help="use the LRs recorded in a previous muon2.json")
     ap.add_argument("--gpu-matrices", action="store_true", help="time NS/optimizer steps on 1B-Llama matrices (CUDA)")
     ap.add_argument("--out", default=str(RESULTS / "muon2"))
+    ap.add_argument("--ablation-only", action="store_true",
+                    help="only rerun the Muon² ablation for --ablation-seeds seeds at the LRs in <out>.json, "
+                         "reusing its Muon² K=3 runs as the default, and add it there as 'ablation_multi_seed'")
     ap.add_argument("--adamw-lr-check", type=float, nargs="*", default=None,
                     help="only run AdamW at these LRs for every seed and add them to an existing <out>.json "
                          "(checks that the sweep's AdamW optimum is not at the edge of its grid)")
@@ -141,6 +144,8 @@ def main(argv=None) -> None:
         return gpu_matrices(args)
     if args.adamw_lr_check:
         return adamw_lr_check(args)
+    if args.ablation_only:
+        return ablation_only(args)
     if args.quick:
         args.steps, args.seeds, args.no_sweep = min(args.steps, 50), 1, True
     # Subnormal floats (tiny second moments, decayed activations) made CPU steps 2-3x slower
@@ -149,7 +154,9 @@ def main(argv=None) -> None:
     torch.set_num_threads(args.threads)
     corpus = TextCorpus.load()
     t0 = time.perf_counter()
-    base = dict(ns_dtype="fp32" if not torch.cuda.is_available() else "bf16")
+    # β2 pinned to 0.95, the value the recorded table was measured with, before the ablation
+    # below chose 0.99 as the default; the ablation's β2=0.99 row is the default's number.
+    base = dict(ns_dtype="fp32" if not torch.cuda.is_available() else "bf16", beta2=0.95)
     runs: list[dict] = []
 
     def do(label: str, seed: int = 0, **kw) -> dict:
@@ -206,13 +213,7 @@ def main(argv=None) -> None:
     # -- ablation of the unpublished choices (Muon² K=3) --------------------------------------
     print("ablation")
     ab_kw = dict(name="muon2", lr=lrs["muon2"], ns_steps=3, **mu)
-    ablation_defs = [
-        ("default (no bias corr., ε outside, β2=0.95)", {}),
-        ("bias correction on", dict(bias_correction=True)),
-        ("ε inside √", dict(eps_mode="inside")),
-        ("β2=0.99", dict(beta2=0.99)),
-        ("β2=0.999", dict(beta2=0.999)),
-    ]
+    ablation_defs = [("default (no bias corr., ε outside, β2=0.95)", {})] + ABLATION
     ab_seeds = 1 if args.quick else min(args.ablation_seeds, args.seeds)
     ablation: dict[str, list[dict]] = {}
     for label, kw in ablation_defs:
@@ -238,6 +239,33 @@ def main(argv=None) -> None:
         print(f"  {dt}/{dom}: ‖W−W_fp32‖/‖W_fp32−W0‖={dist / moved:.4f}  Δval={r['val_loss'] - ref['val_loss']:+.4f}")
 
     write_results(args, lrs, sweep, main_runs, ablation, drift, time.perf_counter() - t0)
+
+
+ABLATION = [("bias correction on", dict(bias_correction=True)), ("ε inside √", dict(eps_mode="inside")),
+            ("β2=0.99", dict(beta2=0.99)), ("β2=0.999", dict(beta2=0.999))]
+
+
+def ablation_only(args) -> None:
+    torch.set_flush_denormal(True)
+    torch.set_num_threads(args.threads)
+    corpus = TextCorpus.load()
+    path = Path(args.out + ".json")
+    record = json.loads(path.read_text())
+    lrs = record["chosen_lrs"]
+    kw = dict(ns_dtype="fp32" if not torch.cuda.is_available() else "bf16", name="muon2", lr=lrs["muon2"], ns_steps=3,
+              adamw_lr=lrs["adamw"], beta2=0.95)
+    default = {r["seed"]: r for r in record["runs"] if r["label"] == "Muon² K=3"}
+    out = {"command": " ".join([sys.executable, *sys.argv]), "git_commit": git_commit(),
+           "default (no bias corr., ε outside, β2=0.95)": summarize([default[s] for s in range(args.ablation_seeds)])}
+    for label, extra in ABLATION:
+        rs = []
+        for seed in range(args.ablation_seeds):
+            r = train(RunConfig(label, OptimizerSettings(**{**kw, **extra}), seed), corpus, args)
+            rs.append({k: v for k, v in r.items() if k != "_params"})
+            print(f"  {label} seed={seed} val={r['val_loss']:.4f}", flush=True)
+        out[label] = {**summarize(rs), "val_loss_per_seed": [r["val_loss"] for r in rs]}
+    record["ablation_multi_seed"] = out
+    path.write_text(json.dumps(record, indent=1, default=str))
 
 
 def adamw_lr_check(args) -> None:

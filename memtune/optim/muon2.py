@@ -97,7 +97,7 @@ class Muon2(Optimizer):
     is filled when ``adaptive_ns`` is set.
     """
 
-    def __init__(self, params, lr: float = 0.02, momentum: float = 0.95, nesterov: bool = True, beta2: float = 0.95,
+    def __init__(self, params, lr: float = 0.02, momentum: float = 0.95, nesterov: bool = True, beta2: float = 0.99,
                  eps: float = 1e-8, ns_steps: int = 3, weight_decay: float = 0.0, adjust_lr: str = "original",
                  state_dtype: str = "fp32", factorized: bool = False, precondition: bool = True,
                  adaptive_ns: AdaptiveNS | dict | None = None, *, eps_mode: str = "outside",
