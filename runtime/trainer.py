@@ -71,6 +71,8 @@ class Trainer:
                  checkpoint_every: int = 0, max_oom_retries: int = 4, enforce_budget: bool = True,
                  progress: bool = True, planner_options: dict | None = None):
         self.device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
         if precision is None:
             precision = "bf16-mixed" if self.device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
         self.precision = precision
@@ -317,6 +319,10 @@ class Trainer:
         self.retuner.correction = min(max(self.retuner.correction * 1.10, ratio * 1.02), 4.0)
         # Aim below the failed plan's own predicted peak: a plan predicted to use as much would fail again.
         target = self.retuner.planning_budget(min(self.plan_budget_bytes, self.plan.predicted_peak_bytes))
+        # And below what the device has left now, if another process took memory.
+        available = self._available_bytes(self.telemetry.sample(self.step_count, force=True, event="oom"))
+        if available is not None:
+            target = min(target, self.retuner.planning_budget(int(available / (1 + self.retuner.config.margin))))
         try:
             plan = self._make_plan(target, lossless=True)
         except InfeasibleBudgetError:
