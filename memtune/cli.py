@@ -1,0 +1,453 @@
+"""The ``memtune`` command line: profile, plan, fit, sweep and report from a shell.
+
+    memtune profile examples/models.py:tiny_gpt --out profile.json
+    memtune plan examples/models.py:tiny_gpt --budget 5MB --out plan.json
+    memtune fit examples/models.py:gpt_with_data --budget 5MB --steps 50 --metrics run/metrics.jsonl
+    memtune sweep examples/models.py:gpt_with_data --budget 1MB --trials 20 --storage sqlite:///sweep.db
+    memtune report --plan plan.json --profile profile.json --run run/metrics.jsonl --out report/
+
+A model is named ``path/to/file.py:factory`` or ``package.module:factory``. The factory takes
+no arguments and returns ``(model, sample)``, ``(model, sample, loss_fn)`` or a dict with the
+keys ``model``, ``sample`` and optionally ``loss_fn`` and ``data`` (an iterable of batches;
+``fit`` and ``sweep`` train on it, or on the sample repeated when there is none).
+
+Subcommands live in one dict, :data:`_COMMANDS` (the layout of Optuna's CLI). Every error is
+one line on stderr, and the exit status says what kind of failure it was (:data:`EXIT_CODES`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import importlib.util
+import itertools
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+from memtune.errors import BudgetError, InfeasibleBudgetError, MemtuneError, PlanFileError, SampleError, TraceError
+
+EXIT_OK, EXIT_USAGE, EXIT_INFEASIBLE, EXIT_BAD_FILE, EXIT_INTERRUPTED = 0, 2, 3, 4, 130
+EXIT_CODES = {
+    EXIT_OK: "success",
+    EXIT_USAGE: "usage or bad input: unknown option, unknown model path, bad budget, model that fails on its sample",
+    EXIT_INFEASIBLE: "infeasible budget: no plan fits (the message gives the smallest budget that would)",
+    EXIT_BAD_FILE: "corrupt or unreadable plan, profile or metrics file",
+    EXIT_INTERRUPTED: "interrupted (Ctrl-C)",
+}
+
+
+class UsageError(MemtuneError, ValueError):
+    """Bad command-line input that is not a budget: a model path that does not resolve, a
+    factory that returns the wrong thing, a missing file."""
+
+
+# ----------------------------------------------------------------------------- models
+@dataclasses.dataclass
+class Workload:
+    """What a factory returns, normalized."""
+
+    model: Any
+    sample: Any
+    loss_fn: Callable | None = None
+    data: Any = None
+
+    def batches(self):
+        """The factory's data, or the sample forever."""
+        return self.data if self.data is not None else itertools.repeat(self.sample)
+
+
+def load_factory(spec: str) -> Callable[[], Any]:
+    """Resolve ``path/to/file.py:factory`` or ``package.module:factory`` to the callable."""
+    where, sep, name = spec.rpartition(":")
+    if not sep or not where or not name:
+        raise UsageError(f"model {spec!r} must look like path/to/file.py:factory or package.module:factory")
+    if where.endswith(".py") or "/" in where or "\\" in where:
+        path = Path(where)
+        if not path.is_file():
+            raise UsageError(f"model file {where} not found (model {spec!r}); give an existing .py file")
+        mod_name = f"_memtune_model_{path.stem}"
+        module_spec = importlib.util.spec_from_file_location(mod_name, path)
+        module = importlib.util.module_from_spec(module_spec)
+        sys.modules[mod_name] = module
+        sys.path.insert(0, str(path.resolve().parent))  # so the file can import its neighbours
+        try:
+            module_spec.loader.exec_module(module)
+        finally:
+            sys.path.pop(0)
+    else:
+        try:
+            module = importlib.import_module(where)
+        except ModuleNotFoundError as e:
+            raise UsageError(f"cannot import module {where!r} for model {spec!r} ({e}); "
+                             f"check the name, or give a file path like path/to/file.py:factory") from e
+    factory = getattr(module, name, None)
+    if not callable(factory):
+        found = sorted(n for n, v in vars(module).items() if callable(v) and not n.startswith("_")
+                       and getattr(v, "__module__", None) == module.__name__)
+        raise UsageError(f"{where} has no factory {name!r}; callables defined there: {', '.join(found) or 'none'}")
+    return factory
+
+
+def normalize(result: Any, spec: str = "factory") -> Workload:
+    """A factory's return value as a :class:`Workload`."""
+    if isinstance(result, dict):
+        unknown = set(result) - {"model", "sample", "loss_fn", "data"}
+        if unknown or "model" not in result:
+            raise UsageError(f"{spec} returned a dict with keys {sorted(result)}; use model, sample, loss_fn, data")
+        w = Workload(result["model"], result.get("sample"), result.get("loss_fn"), result.get("data"))
+        if w.sample is None:
+            if w.data is None:
+                raise UsageError(f"{spec} returned neither a sample nor data; return a sample batch")
+            it = iter(w.data)
+            w.sample = next(it)
+            w.data = itertools.chain([w.sample], it)
+        return w
+    if isinstance(result, tuple) and len(result) in (2, 3):
+        return Workload(*result)
+    raise UsageError(f"{spec} returned {type(result).__name__}; return (model, sample), (model, sample, loss_fn) "
+                     f"or a dict with keys model, sample, loss_fn, data")
+
+
+def load_workload(spec: str) -> Workload:
+    return normalize(load_factory(spec)(), spec)
+
+
+# ----------------------------------------------------------------------------- shared bits
+def _budget(text: str) -> int | str:
+    return int(text) if text.isdigit() else text
+
+
+def _default_target() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _console():
+    from rich.console import Console
+
+    return Console(soft_wrap=False, width=max(100, _terminal_width()))
+
+
+def _terminal_width() -> int:
+    import shutil
+
+    return shutil.get_terminal_size((120, 24)).columns
+
+
+def _profile_table(prof):
+    from rich.table import Table
+
+    from memtune.units_fmt import fmt_bytes, fmt_flops
+
+    t = Table(title=f"Profile of {prof.model} for {prof.target_name} ({prof.precision}, optimizer {prof.optimizer})",
+              caption=f"sample {prof.sample}; traced with {prof.tracer}")
+    for col in ("unit", "params", "saved act", "input", "fwd peak+", "bwd peak+", "fwd FLOPs", "bwd FLOPs"):
+        t.add_column(col, justify="left" if col == "unit" else "right")
+    for u in prof.units:
+        t.add_row(u.fqn, fmt_bytes(u.param_bytes), fmt_bytes(u.saved_activation_bytes), fmt_bytes(u.input_bytes),
+                  fmt_bytes(u.fwd_transient_bytes), fmt_bytes(u.bwd_transient_bytes), fmt_flops(u.fwd_flops),
+                  fmt_flops(u.bwd_flops))
+    t.add_section()
+    t.add_row("[b]whole model[/b]", fmt_bytes(prof.param_bytes), fmt_bytes(prof.saved_activation_bytes),
+              fmt_bytes(prof.input_bytes), "", "", fmt_flops(prof.fwd_flops), fmt_flops(prof.bwd_flops))
+    return t
+
+
+def _plan_table(plan, prof=None):
+    from rich.table import Table
+
+    from memtune.units_fmt import fmt_bytes, fmt_ms
+
+    o, m, tm = plan.optimizer, plan.memory, plan.time
+    t = Table(title=f"Plan ({plan.planner}) for {plan.target}: peak {fmt_bytes(plan.predicted_peak_bytes)} of "
+                    f"{fmt_bytes(plan.usable_bytes)} usable, step {fmt_ms(plan.predicted_step_ms)}")
+    t.add_column("what")
+    t.add_column("decision / value", justify="right")
+    saved = {u.fqn: u.saved_activation_bytes for u in prof.units} if prof is not None else {}
+    for unit, d in plan.decisions.items():
+        extra = f" ({fmt_bytes(saved[unit])} saved act)" if unit in saved else ""
+        style = {"save": "green", "recompute": "yellow", "offload": "cyan"}[d.value]
+        t.add_row(unit, f"[{style}]{d.value}[/{style}]{extra}")
+    t.add_section()
+    t.add_row("optimizer", f"{o.name}, {o.ns_steps} NS steps, {o.state_dtype} state")
+    t.add_row("batch", "the profiled batch, whole" if plan.micro_batch_size is None else
+              f"micro-batch {plan.micro_batch_size} x {plan.grad_accum_steps} accumulation")
+    t.add_section()
+    for label, v in (("params", m.params_bytes), ("grads", m.grads_bytes), ("optimizer state", m.optimizer_state_bytes),
+                     ("saved activations", m.saved_activation_bytes), ("recompute transient", m.recompute_transient_bytes),
+                     ("optimizer transient", m.optimizer_transient_bytes), ("other transient", m.other_transient_bytes)):
+        t.add_row(f"memory: {label}", fmt_bytes(v))
+    t.add_row(f"[b]memory: peak[/b] ({m.phase})", f"[b]{fmt_bytes(plan.predicted_peak_bytes)}[/b]")
+    t.add_section()
+    for label, v in (("forward", tm.forward_ms), ("backward", tm.backward_ms), ("recompute", tm.recompute_ms),
+                     ("Newton-Schulz", tm.ns_ms), ("optimizer", tm.optimizer_ms), ("offload", tm.offload_ms)):
+        t.add_row(f"time: {label}", fmt_ms(v))
+    for n in plan.notes:
+        t.add_row("note", n)
+    return t
+
+
+def _profile(args, w: Workload):
+    import memtune
+
+    return memtune.profile(w.model, w.sample, loss_fn=w.loss_fn, optimizer=args.optimizer, precision=args.precision,
+                           target=args.target or _default_target())
+
+
+def _add_profile_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--target", default=None, help="device to model: cpu, cuda, H100, A100-80GB... "
+                                                  "(default: cuda when a GPU is present, else cpu)")
+    p.add_argument("--precision", default="fp32", choices=("fp32", "bf16-mixed"), help="default: fp32")
+    p.add_argument("--optimizer", default="muon2", choices=("muon2", "muon", "adamw"), help="default: muon2")
+
+
+# ----------------------------------------------------------------------------- commands
+def _args_profile(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="path/to/file.py:factory or package.module:factory")
+    _add_profile_args(p)
+    p.add_argument("--out", default=None, help="write the profile JSON here")
+
+
+def _cmd_profile(args) -> int:
+    prof = _profile(args, load_workload(args.model))
+    from memtune.units_fmt import fmt_bytes
+
+    con = _console()
+    con.print(_profile_table(prof))
+    con.print(f"baseline peak (one training step, no recompute): [b]{fmt_bytes(prof.baseline_peak_bytes)}[/b]")
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        prof.to_json(args.out)
+        con.print(f"profile written to {args.out}")
+    return EXIT_OK
+
+
+def _args_plan(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", nargs="?", help="path/to/file.py:factory or package.module:factory (or give --profile)")
+    p.add_argument("--profile", dest="profile_path", default=None, help="plan from a saved profile JSON instead")
+    p.add_argument("--budget", required=True, help="memory budget: 24GB, 512MiB, 80%%, or bytes")
+    p.add_argument("--planner", default=None, choices=("exact", "greedy", "brute"), help="default: exact")
+    _add_profile_args(p)
+    p.add_argument("--no-microbatching", action="store_true", help="keep the profiled batch whole")
+    p.add_argument("--out", default="plan.json", help="where to write the plan JSON (default: plan.json)")
+
+
+def _cmd_plan(args) -> int:
+    import memtune
+    from memtune.profile import ModelProfile
+
+    if args.profile_path:
+        prof = ModelProfile.from_json(args.profile_path)
+    elif args.model:
+        prof = _profile(args, load_workload(args.model))
+    else:
+        raise UsageError("give a model (path/to/file.py:factory) or --profile profile.json")
+    device = "cpu" if prof.target == "cpu" else None
+    plan = memtune.plan(prof, _budget(args.budget), args.planner, optimizer=args.optimizer,
+                        allow_microbatching=not args.no_microbatching, **({"device": device} if device else {}))
+    con = _console()
+    con.print(_plan_table(plan, prof))
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    plan.to_json(args.out)
+    con.print(f"plan written to {args.out}")
+    return EXIT_OK
+
+
+def _args_fit(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="path/to/file.py:factory or package.module:factory")
+    p.add_argument("--budget", required=True, help="memory budget: 24GB, 512MiB, 80%%, or bytes")
+    p.add_argument("--steps", type=int, required=True, help="optimizer steps to train")
+    p.add_argument("--optimizer", default="muon2", choices=("muon2", "muon", "adamw"), help="default: muon2")
+    p.add_argument("--lr", type=float, default=None, help="Muon-part learning rate (default: OptimizerSettings')")
+    p.add_argument("--planner", default=None, choices=("exact", "greedy", "brute"), help="default: exact")
+    p.add_argument("--device", default=None, help="default: cuda when present, else cpu")
+    p.add_argument("--metrics", default=None, help="per-step metrics JSONL (for memtune report --run)")
+    p.add_argument("--checkpoint", default=None, help="checkpoint file, written every 50 steps and on Ctrl-C")
+    p.add_argument("--plan-out", default=None, help="write the final plan JSON here")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _cmd_fit(args) -> int:
+    import memtune
+    from memtune.units_fmt import fmt_bytes
+
+    w = load_workload(args.model)
+    device = args.device or _default_target()
+    settings = None
+    if args.lr is not None:
+        from memtune.optim import OptimizerSettings
+
+        settings = OptimizerSettings(name=args.optimizer, lr=args.lr, ns_dtype="bf16" if device.startswith("cuda") else "fp32")
+    trainer = memtune.fit(w.model, _budget(args.budget), sample=w.sample, loss_fn=w.loss_fn, optimizer=args.optimizer,
+                          optimizer_settings=settings, planner=args.planner, device=device, metrics_path=args.metrics,
+                          checkpoint_path=args.checkpoint, checkpoint_every=50 if args.checkpoint else 0,
+                          progress=not args.no_progress)
+    trainer.train(w.batches(), steps=args.steps)
+    hist = trainer.history
+    peaks = [h["peak_bytes"] for h in hist if h.get("peak_bytes") is not None]
+    con = _console()
+    if hist:
+        con.print(f"trained {trainer.step_count} steps: loss {hist[0]['loss']:.4f} -> {hist[-1]['loss']:.4f}; "
+                  f"peak {fmt_bytes(max(peaks)) if peaks else '?'} (predicted {fmt_bytes(trainer.plan.predicted_peak_bytes)}, "
+                  f"budget {fmt_bytes(trainer.budget.usable_bytes)}); plan changes: {len(trainer.events) - 1}")
+    if args.plan_out:
+        trainer.plan.to_json(args.plan_out)
+        con.print(f"plan written to {args.plan_out}")
+    if args.metrics:
+        con.print(f"metrics in {args.metrics}")
+    if trainer.interrupted:
+        return EXIT_INTERRUPTED
+    return EXIT_OK
+
+
+def _args_sweep(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="path/to/file.py:factory or package.module:factory (called once per trial)")
+    p.add_argument("--budget", required=True, help="memory budget: 24GB, 512MiB, 80%%, or bytes")
+    p.add_argument("--trials", type=int, required=True, help="total trials the study should hold (resumes count)")
+    p.add_argument("--storage", default=None, help="Optuna storage URL (default: sqlite:///memtune-sweep.db)")
+    p.add_argument("--study-name", default="memtune-sweep", help="default: memtune-sweep")
+    p.add_argument("--steps-per-trial", type=int, default=30, help="default: 30")
+    p.add_argument("--objective", default="loss", choices=("loss", "loss,step_ms"),
+                   help="loss (one objective) or loss,step_ms (a Pareto front); default: loss")
+    p.add_argument("--device", default=None, help="default: cuda when present, else cpu")
+
+
+def _cmd_sweep(args) -> int:
+    import memtune
+    from memtune.units_fmt import fmt_ms
+
+    factory = load_factory(args.model)
+    objective = tuple(args.objective.split(",")) if "," in args.objective else args.objective
+    study = memtune.sweep(lambda: factory(), budget=_budget(args.budget), n_trials=args.trials, storage=args.storage,
+                          study_name=args.study_name, objective=objective, steps_per_trial=args.steps_per_trial,
+                          device=args.device)
+    con = _console()
+    attrs = study.user_attrs
+    con.print(f"study {study.study_name}: {len(study.trials)} trials, {attrs.get('infeasible_pruned', 0)} pruned as "
+              f"infeasible before running (saved ~{attrs.get('device_seconds_saved', 0):.1f} device-seconds)")
+    from rich.table import Table
+
+    best = study.best_trials if len(study.directions) > 1 else ([study.best_trial] if _any_complete(study) else [])
+    t = Table(title="Pareto front (loss, step time)" if len(study.directions) > 1 else "Best trial")
+    for col in ("trial", "loss", "step", "params"):
+        t.add_column(col)
+    for tr in best:
+        step = fmt_ms(tr.values[1]) if len(tr.values) > 1 else fmt_ms(tr.user_attrs.get("step_ms", 0.0))
+        t.add_row(str(tr.number), f"{tr.values[0]:.4f}", step, ", ".join(f"{k}={_short(v)}" for k, v in tr.params.items()))
+    con.print(t)
+    return EXIT_OK
+
+
+def _any_complete(study) -> bool:
+    import optuna
+
+    return any(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
+
+
+def _short(v: Any) -> str:
+    return f"{v:.3g}" if isinstance(v, float) else str(v)
+
+
+def _args_report(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--plan", default=None, help="plan JSON (memtune plan --out)")
+    p.add_argument("--profile", default=None, help="profile JSON (memtune profile --out)")
+    p.add_argument("--run", default=None, help="metrics JSONL of a run (memtune fit --metrics)")
+    p.add_argument("--out", required=True, help="directory for the PNGs and report.md")
+
+
+def _cmd_report(args) -> int:
+    from memtune.plan import Plan
+    from memtune.profile import ModelProfile
+    from memtune.report import write_report
+
+    if not (args.plan or args.profile or args.run):
+        raise UsageError("give at least one of --plan, --profile, --run")
+    plan = Plan.from_json(args.plan) if args.plan else None
+    prof = ModelProfile.from_json(args.profile) if args.profile else None
+    if args.run and not Path(args.run).is_file():
+        raise PlanFileError(f"cannot read metrics file {args.run}: no such file")
+    paths = write_report(args.out, plan=plan, profile=prof, run=args.run)
+    for p in paths:
+        print(p)
+    return EXIT_OK
+
+
+@dataclasses.dataclass(frozen=True)
+class Command:
+    help: str
+    example: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+_COMMANDS: dict[str, Command] = {
+    "profile": Command("profile one training step and print memory per unit",
+                       "memtune profile examples/models.py:tiny_gpt --target H100 --precision bf16-mixed --out profile.json",
+                       _args_profile, _cmd_profile),
+    "plan": Command("choose what to recompute, the optimizer setup and micro-batching for a budget",
+                    "memtune plan examples/models.py:tiny_gpt --budget 5MB --planner exact --out plan.json\n"
+                    "  memtune plan --profile profile.json --budget 24GB",
+                    _args_plan, _cmd_plan),
+    "fit": Command("train within a budget (profiles, plans and re-plans as it goes)",
+                   "memtune fit examples/models.py:gpt_with_data --budget 5MB --steps 50 --metrics run/metrics.jsonl",
+                   _args_fit, _cmd_fit),
+    "sweep": Command("Optuna search over what the planner leaves open; infeasible trials are pruned before running",
+                     "memtune sweep examples/models.py:gpt_with_data --budget 1MB --trials 20 "
+                     "--storage sqlite:///sweep.db",
+                     _args_sweep, _cmd_sweep),
+    "report": Command("write PNG plots and report.md from a plan, a profile and/or a run's metrics",
+                      "memtune report --plan plan.json --profile profile.json --run run/metrics.jsonl --out report/",
+                      _args_report, _cmd_report),
+}
+
+
+def _exit_codes_text() -> str:
+    return "exit codes:\n" + "\n".join(f"  {code:<4} {what}" for code, what in EXIT_CODES.items())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    fmt = argparse.RawDescriptionHelpFormatter
+    examples = "\n".join(f"  {c.example}" for c in _COMMANDS.values())
+    parser = argparse.ArgumentParser(
+        prog="memtune", description="Fit PyTorch training into a memory budget at the best speed.",
+        epilog=f"Example:\n{examples}\n\n{_exit_codes_text()}", formatter_class=fmt)
+    from memtune import __version__
+
+    parser.add_argument("--version", action="version", version=f"memtune {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, cmd in _COMMANDS.items():
+        p = sub.add_parser(name, help=cmd.help, description=cmd.help, formatter_class=fmt,
+                           epilog=f"Example:\n  {cmd.example}\n\n{_exit_codes_text()}")
+        cmd.add_arguments(p)
+        p.set_defaults(_run=cmd.run)
+    return parser
+
+
+def _fail(code: int, message: str) -> int:
+    print(f"memtune: error: {message}", file=sys.stderr)
+    return code
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)  # exits 2 on usage errors, as argparse does
+    try:
+        return args._run(args)
+    except KeyboardInterrupt:
+        return _fail(EXIT_INTERRUPTED, "interrupted")
+    except InfeasibleBudgetError as e:
+        return _fail(EXIT_INFEASIBLE, str(e))
+    except PlanFileError as e:
+        return _fail(EXIT_BAD_FILE, str(e))
+    except (BudgetError, UsageError, SampleError, TraceError) as e:
+        return _fail(EXIT_USAGE, str(e))
+    except MemtuneError as e:
+        if type(e).__name__ == "TelemetryError":  # a corrupt metrics file
+            return _fail(EXIT_BAD_FILE, str(e))
+        return _fail(EXIT_USAGE, str(e))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
