@@ -24,10 +24,15 @@ GiB = 2**30
 CUDA_ALLOCATION_GRANULARITY = 512
 """Bytes: the CUDA caching allocator rounds each allocation up to a multiple of this."""
 
+CUDA_CONTEXT_BYTES = 682 * 2**20
+"""Device memory of a CUDA context with cuBLAS handles and workspace, outside PyTorch's
+caching allocator (measured with NVML on an H100, torch 2.11; docs/benchmarks.md)."""
+
 DEFAULT_CUDA_RESERVE_BYTES = 1 * GiB
-"""Bytes set aside from a CUDA budget for the CUDA context, cuBLAS/cuDNN workspaces and
-allocator fragmentation. See docs/benchmarks.md for the figures measured on an H100
-(context ~0.5 GiB plus allocator slack); override with ``Budget.parse(..., reserve=...)``."""
+"""Bytes set aside from a CUDA budget for the CUDA context (:data:`CUDA_CONTEXT_BYTES`) and
+for memory no tensor op exposes: cuBLAS/cuDNN/attention workspaces and allocator slack
+(the rest, ~340 MiB). Measured on an H100 in docs/benchmarks.md; override with
+``Budget.parse(..., reserve=...)``."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

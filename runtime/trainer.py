@@ -114,8 +114,14 @@ class Trainer:
         self._phase = "idle"
         self._stop_signal: str | None = None
         if self.device.type == "cuda" and enforce_budget:
+            # The caching allocator may hold the budget less the CUDA context (which lives outside
+            # it); plans target the smaller usable budget, leaving room for kernel workspaces and
+            # allocator slack that no tensor op exposes.
+            from memtune.devices import CUDA_CONTEXT_BYTES
+
             total = torch.cuda.get_device_properties(self.device).total_memory
-            torch.cuda.set_per_process_memory_fraction(min(1.0, self.budget.usable_bytes / total), self.device)
+            cap = max(self.budget.usable_bytes, self.budget.budget_bytes - CUDA_CONTEXT_BYTES)
+            torch.cuda.set_per_process_memory_fraction(min(1.0, cap / total), self.device)
 
     # ------------------------------------------------------------------ setup
     def _default_settings(self, name: str, settings: Any):
