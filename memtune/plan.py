@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import PlanFileError
+from .jsonfile import read_json_object
 from .units_fmt import fmt_bytes, fmt_ms
 
 PLAN_SCHEMA_VERSION = 1
@@ -182,19 +183,9 @@ class Plan:
 
     @classmethod
     def from_json(cls, text_or_path: str | Path) -> "Plan":
-        text = str(text_or_path)
-        if not text.lstrip().startswith("{"):
-            try:
-                text = Path(text_or_path).read_text()
-            except OSError as e:
-                raise PlanFileError(f"cannot read plan file {text_or_path}: {e}") from e
-        try:
-            d = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise PlanFileError(f"plan file is not valid JSON ({e}); re-create it with `memtune plan ... --out plan.json`") from e
-        if not isinstance(d, dict):
-            raise PlanFileError("plan JSON must be an object; re-create it with `memtune plan ... --out plan.json`")
-        return cls.from_dict(d)
+        """A plan from a JSON string or file; :class:`PlanFileError` if it is not one."""
+        return cls.from_dict(read_json_object(text_or_path, what="plan",
+                                              remedy="re-create it with `memtune plan ... --out plan.json`"))
 
     def summary(self) -> str:
         n_rc = len(self.recompute_units)

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import PlanFileError
+from .jsonfile import read_json_object
 
 SCHEMA_VERSION = 1
 
@@ -231,19 +232,9 @@ class ModelProfile:
 
     @classmethod
     def from_json(cls, text_or_path: str | Path) -> "ModelProfile":
-        text = str(text_or_path)
-        if not text.lstrip().startswith("{"):
-            try:
-                text = Path(text_or_path).read_text()
-            except OSError as e:
-                raise PlanFileError(f"cannot read profile file {text_or_path}: {e}") from e
-        try:
-            d = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise PlanFileError(f"profile file is not valid JSON ({e}); re-create it with memtune profile") from e
-        if not isinstance(d, dict):
-            raise PlanFileError("profile JSON must be an object; re-create it with memtune profile")
-        return cls.from_dict(d)
+        """A profile from a JSON string or file; :class:`PlanFileError` if it is not one."""
+        return cls.from_dict(read_json_object(text_or_path, what="profile",
+                                              remedy="re-create it with `memtune profile ... --out profile.json`"))
 
     # ------------------------------------------------------------------ display
     def summary(self) -> str:

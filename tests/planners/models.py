@@ -3,25 +3,14 @@ budgets well below the baseline peak are feasible), each with a batch and a loss
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Callable
-
 import torch
 import torch.nn.functional as F
 
 from memtune import zoo
 
-
-@dataclass(frozen=True)
-class Case:
-    name: str
-    make: Callable[[], torch.nn.Module]
-    batch: Any
-    loss_fn: Callable | None = None
-
-
-def _lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+# The same Case record and LM loss as the profiler tests' models (tests/cases.py); these are
+# smaller so that real training steps at several budgets stay fast.
+from cases import Case, _lm_loss
 
 
 def cases() -> dict[str, Case]:

@@ -1,0 +1,30 @@
+"""Reading memtune's JSON files (profiles, plans) with errors that say how to recover."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from .errors import PlanFileError
+
+
+def read_json_object(text_or_path: str | Path, *, what: str, remedy: str) -> dict[str, Any]:
+    """The JSON object in ``text_or_path`` (a JSON string or a file path).
+
+    ``what`` names the file kind in messages ("plan", "profile"); ``remedy`` says how to
+    make a good one. Raises :class:`PlanFileError` for unreadable files, invalid JSON and
+    non-object documents."""
+    text = str(text_or_path)
+    if not text.lstrip().startswith("{"):
+        try:
+            text = Path(text_or_path).read_text()
+        except OSError as e:
+            raise PlanFileError(f"cannot read {what} file {text_or_path}: {e}") from e
+    try:
+        d = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise PlanFileError(f"{what} file is not valid JSON ({e}); {remedy}") from e
+    if not isinstance(d, dict):
+        raise PlanFileError(f"{what} JSON must be an object; {remedy}")
+    return d
