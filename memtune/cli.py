@@ -321,7 +321,11 @@ def _cmd_sweep(args) -> int:
 
     factory = load_factory(args.model)
     objective = tuple(args.objective.split(",")) if "," in args.objective else args.objective
-    study = memtune.sweep(lambda: factory(), budget=_budget(args.budget), n_trials=args.trials, storage=args.storage,
+    def build():
+        w = normalize(factory(), args.model)
+        return {"model": w.model, "data": w.batches(), "loss_fn": w.loss_fn}
+
+    study = memtune.sweep(build, budget=_budget(args.budget), n_trials=args.trials, storage=args.storage,
                           study_name=args.study_name, objective=objective, steps_per_trial=args.steps_per_trial,
                           device=args.device)
     con = _console()
