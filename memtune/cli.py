@@ -128,7 +128,8 @@ def _default_target() -> str:
 def _console():
     from rich.console import Console
 
-    return Console(soft_wrap=False, width=max(100, _terminal_width()))
+    # Piped output keeps whole rows (no terminal to fit); a terminal gets its own width, at least 110.
+    return Console(soft_wrap=False, highlight=False, width=max(110, _terminal_width()) if sys.stdout.isatty() else 200)
 
 
 def _terminal_width() -> int:
@@ -145,7 +146,7 @@ def _profile_table(prof):
     t = Table(title=f"Profile of {prof.model} for {prof.target_name} ({prof.precision}, optimizer {prof.optimizer})",
               caption=f"sample {prof.sample}; traced with {prof.tracer}")
     for col in ("unit", "params", "saved act", "input", "fwd peak+", "bwd peak+", "fwd FLOPs", "bwd FLOPs"):
-        t.add_column(col, justify="left" if col == "unit" else "right")
+        t.add_column(col, justify="left" if col == "unit" else "right", no_wrap=True)
     for u in prof.units:
         t.add_row(u.fqn, fmt_bytes(u.param_bytes), fmt_bytes(u.saved_activation_bytes), fmt_bytes(u.input_bytes),
                   fmt_bytes(u.fwd_transient_bytes), fmt_bytes(u.bwd_transient_bytes), fmt_flops(u.fwd_flops),
@@ -164,7 +165,7 @@ def _plan_table(plan, prof=None):
     o, m, tm = plan.optimizer, plan.memory, plan.time
     t = Table(title=f"Plan ({plan.planner}) for {plan.target}: peak {fmt_bytes(plan.predicted_peak_bytes)} of "
                     f"{fmt_bytes(plan.usable_bytes)} usable, step {fmt_ms(plan.predicted_step_ms)}")
-    t.add_column("what")
+    t.add_column("what", no_wrap=True)
     t.add_column("decision / value", justify="right")
     saved = {u.fqn: u.saved_activation_bytes for u in prof.units} if prof is not None else {}
     for unit, d in plan.decisions.items():
@@ -242,6 +243,9 @@ def _cmd_plan(args) -> int:
     if args.profile_path:
         prof = ModelProfile.from_json(args.profile_path)
     elif args.model:
+        from memtune.budget import Budget
+
+        Budget.parse(_budget(args.budget), device=args.target or _default_target())  # fail fast, before profiling
         prof = _profile(args, load_workload(args.model))
     else:
         raise UsageError("give a model (path/to/file.py:factory) or --profile profile.json")
