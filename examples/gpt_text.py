@@ -90,6 +90,12 @@ def main() -> None:
           f"({1 - measured / prof.baseline_peak_bytes:.0%} less)")
     print(f"Plan changes: {len(trainer.events) - 1}; metrics in {out / 'metrics.jsonl'}, report in {out / 'report.json'}")
 
+    # 5. Plots: per-unit memory, the memory/time frontier, and the run's timeline (report.md embeds them).
+    from memtune.report import write_report
+
+    write_report(out, plan=trainer.plan, profile=prof, run=out / "metrics.jsonl")
+    print(f"Plots and summary in {out / 'report.md'}")
+
 
 if __name__ == "__main__":
     main()
