@@ -15,6 +15,24 @@ reference cycle a saved output would otherwise form.
 This is the measuring instrument of :func:`memtune.profile`; it is written to be exact
 for eager execution, and checked against ``torch.distributed._tools.mem_tracker.MemTracker``
 in the tests.
+
+For a CUDA target the recorder also logs every allocation and free, in the order the step
+makes them, and when the step ends (``__exit__``) replays that log through
+:class:`~memtune.cuda_allocator.CachingAllocatorSim`: the static storages once, then the step
+``cuda_warmup_steps + 1`` times (a real measured step runs on a cache that earlier steps
+filled and fragmented; storages of one step still alive at its end are freed before the
+next). Each interval's live and peak bytes are then taken from the last replayed step as
+the simulated allocator's *allocated* bytes: the sizes of the blocks it hands out, which can exceed the 512-rounded
+requests when a cached block is reused without being split. That is what
+``torch.cuda.max_memory_allocated`` reports. Per-storage sizes (``StorageRecord.nbytes``)
+stay the rounded requests. The static storages (parameters, buffers, the batch, optimizer
+state) are allocated first, in registration order (parameter order): on a real GPU they
+were allocated before the step, possibly interleaved with earlier steps' temporaries, so
+this is an approximation of the cache's layout. With ``late_optimizer_state`` (default) the
+static storages that are not parameters (optimizer state, and also buffers and the batch,
+which the recorder cannot tell apart) are instead allocated in the first replayed step at
+``optim_start``, as a real first ``optimizer.step()`` creates its state. The replayed allocator stays on
+``recorder.allocator`` (``peak_reserved_bytes`` predicts ``max_memory_reserved``).
 """
 
 from __future__ import annotations
@@ -30,6 +48,7 @@ from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import flop_registry
 from torch.utils.weak import WeakIdKeyDictionary
 
+from .cuda_allocator import CachingAllocatorSim
 from .devices import cuda_sdpa_backend, cuda_sdpa_logsumexp_bytes, round_allocation
 
 aten = torch.ops.aten
@@ -63,7 +82,8 @@ class Interval:
 class StepRecorder(TorchDispatchMode):
     """Record one step. Use as a context manager *inside* the fake (or real) tensor mode."""
 
-    def __init__(self, *, granularity: int = 1, target: str = "cpu", resolve_data_dependent: bool = True):
+    def __init__(self, *, granularity: int = 1, target: str = "cpu", resolve_data_dependent: bool = True,
+                 cuda_warmup_steps: int = 2, late_optimizer_state: bool = True):
         super().__init__()
         self.granularity = granularity
         self.target = target
@@ -82,6 +102,25 @@ class StepRecorder(TorchDispatchMode):
         self._overrides: dict[int, int] = {}
         self.grad_bytes = 0
         """Parameter gradients accumulated so far (see :meth:`watch_grads`)."""
+        self.cuda_warmup_steps = cuda_warmup_steps
+        self.late_optimizer_state = late_optimizer_state
+        self.allocator: CachingAllocatorSim | None = None
+        """The simulated CUDA caching allocator after replaying the step (CUDA targets only)."""
+        # CUDA targets: ("m", key, nbytes) / ("f", key) / ("mark", interval index), in step order.
+        self._trace: list[tuple] | None = [] if target == "cuda" else None
+        self._next_key = 0
+        self._param_storages: WeakIdKeyDictionary = WeakIdKeyDictionary()
+        self._late_static: list[tuple[int, int]] = []
+
+    @property
+    def peak_reserved_bytes(self) -> int | None:
+        """Simulated ``torch.cuda.max_memory_reserved`` of the step (CUDA targets only)."""
+        return None if self.allocator is None else self.allocator.peak_reserved_bytes
+
+    @property
+    def peak_allocated_bytes(self) -> int | None:
+        """Simulated ``torch.cuda.max_memory_allocated`` of the step (CUDA targets only)."""
+        return None if self.allocator is None else self.allocator.peak_allocated_bytes
 
     # ------------------------------------------------------------------ events
     @property
@@ -93,10 +132,75 @@ class StepRecorder(TorchDispatchMode):
     def mark(self, name: str, unit: str | None = None) -> None:
         """Close the current interval and open one starting at this event."""
         self.intervals.append(Interval(name, unit, self.live_bytes, self.live_bytes, self.grad_bytes))
+        if self._trace is not None:
+            self._trace.append(("mark", len(self.intervals) - 1))
+
+    def __exit__(self, *exc):
+        out = super().__exit__(*exc)
+        if self._trace is not None and exc[0] is None:
+            self._replay_cuda_allocator()
+        return out
+
+    def _replay_cuda_allocator(self) -> None:
+        """Replace each interval's live/peak bytes by the simulated caching allocator's
+        allocated bytes (block sizes) on the last of ``cuda_warmup_steps + 1`` replayed steps."""
+        trace, self._trace = self._trace, None  # frees after the step are not part of it
+        assert trace is not None
+        first = next((i for i, ev in enumerate(trace) if ev[0] == "mark"), len(trace))
+        sim = CachingAllocatorSim()
+        static: dict[int, int | None] = {}
+        late = dict(self._late_static) if self.late_optimizer_state else {}
+        for ev in trace[:first]:  # parameters (buffers, batch, optimizer state): in registration order
+            if ev[0] == "m":
+                if ev[1] not in late:
+                    static[ev[1]] = sim.malloc(ev[2])
+            elif ev[1] in static:
+                sim.free(static.pop(ev[1]))
+        optim_mark = next((i for i, iv in enumerate(self.intervals) if iv.name == "optim_start"), None)
+
+        def allocate_late() -> None:
+            for key, n in late.items():
+                if key not in static:
+                    static[key] = sim.malloc(n)
+        for it in range(self.cuda_warmup_steps + 1):
+            last = it == self.cuda_warmup_steps
+            if last:
+                sim.reset_peaks()  # like torch.cuda.reset_peak_memory_stats() before the measured step
+            handles = dict(static)
+            cur = -1
+            for ev in trace[first:]:
+                kind = ev[0]
+                if kind == "m":
+                    handles[ev[1]] = sim.malloc(ev[2])
+                elif kind == "f":
+                    h = handles.pop(ev[1], None)
+                    static.pop(ev[1], None)
+                    sim.free(h)
+                else:
+                    cur = ev[1]
+                    if it == 0 and cur == optim_mark:
+                        allocate_late()
+                        handles.update(static)
+                    if last:
+                        iv = self.intervals[cur]
+                        iv.live_bytes = iv.peak_bytes = sim.allocated_bytes
+                    continue
+                if last and cur >= 0 and sim.allocated_bytes > self.intervals[cur].peak_bytes:
+                    self.intervals[cur].peak_bytes = sim.allocated_bytes
+            allocate_late()
+            handles.update(static)
+            if not last:  # the step's leftovers die before the next step allocates much
+                for key, h in handles.items():
+                    if key not in static:
+                        sim.free(h)
+        self.allocator = sim
 
     def watch_grads(self, params: list[torch.Tensor]) -> list:
         """Count each parameter's gradient once it is first accumulated (handles returned)."""
         done: set[int] = set()
+
+        for p in params:
+            self._param_storages[p.untyped_storage()] = True
 
         def hook(p: torch.Tensor) -> None:
             if id(p) not in done:
@@ -141,8 +245,18 @@ class StepRecorder(TorchDispatchMode):
         return None if entry is None else entry[0]
 
     def _watch(self, st: torch.UntypedStorage, nbytes: int, record: StorageRecord | None) -> None:
-        def on_free(_ref, self=self, nbytes=nbytes, record=record):
+        key = None
+        if self._trace is not None:
+            key = self._next_key
+            self._next_key += 1
+            if record is None and self._param_storages and st not in self._param_storages:
+                self._late_static.append((key, nbytes))  # optimizer state (or buffer / batch)
+            self._trace.append(("m", key, nbytes))
+
+        def on_free(_ref, self=self, nbytes=nbytes, record=record, key=key):
             self.live_bytes -= nbytes
+            if self._trace is not None:
+                self._trace.append(("f", key))
             if record is not None:
                 record.freed = len(self.intervals) - 1
             else:
