@@ -59,7 +59,10 @@ def run(name, make, batch, precision, backend=None):
           flush=True)
 
 
-def main():
+CASES = ["gpt-fp32", "gpt-bf16", "gpt-bf16-flash", "gpt-bf16-efficient", "llama-fp32", "llama-bf16"]
+
+
+def run_case(case: str) -> None:
     from torch.nn.attention import SDPBackend
 
     T = 1024
@@ -68,12 +71,22 @@ def main():
     ids2 = torch.randint(0, 32000, (4, T), device="cuda")
     llama = lambda: zoo.hf_llama(hidden_size=1024, intermediate_size=2816, num_hidden_layers=4, num_attention_heads=16,  # noqa: E731
                                  vocab_size=32000, max_position_embeddings=T)
-    run("gpt", gpt, (ids, ids), "fp32")
-    run("gpt", gpt, (ids, ids), "bf16-mixed")
-    run("gpt", gpt, (ids, ids), "bf16-mixed", SDPBackend.FLASH_ATTENTION)
-    run("gpt", gpt, (ids, ids), "bf16-mixed", SDPBackend.EFFICIENT_ATTENTION)
-    run("llama", llama, {"input_ids": ids2, "labels": ids2}, "fp32")
-    run("llama", llama, {"input_ids": ids2, "labels": ids2}, "bf16-mixed")
+    model, prec, *backend = case.split("-")
+    make, batch = (gpt, (ids, ids)) if model == "gpt" else (llama, {"input_ids": ids2, "labels": ids2})
+    b = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION}.get(backend[0]) if backend else None
+    run(model, make, batch, "bf16-mixed" if prec == "bf16" else "fp32", b)
+
+
+def main():
+    """Each case in a fresh process, so no case sees memory another one left behind."""
+    import subprocess
+    import sys
+
+    if len(sys.argv) > 1:
+        run_case(sys.argv[1])
+        return
+    for case in CASES:
+        subprocess.run([sys.executable, __file__, case], check=True)
 
 
 if __name__ == "__main__":

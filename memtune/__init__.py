@@ -6,11 +6,19 @@
     >>> trainer = memtune.fit(model, budget="24GB"); trainer.train(loader, steps=1000)
 """
 
-from .budget import Budget
-from .errors import BudgetError, InfeasibleBudgetError, MemtuneError, PlanFileError, SampleError, TraceError
-from .memory_model import predict_peak
-from .plan import Decision, MemoryBreakdown, OptimizerPlan, Plan, TimeBreakdown
-from .profile import ModelProfile, ParamInfo, StorageInfo, TimelineEvent, UnitProfile
+import os as _os
+
+# Expandable segments let the CUDA caching allocator grow segments in place instead of carving
+# fixed ones. Under a tight budget on an H100 this removed the fragmentation (reserved far above
+# allocated) that otherwise made the first steps run out of memory (docs/benchmarks.md §4).
+# It takes effect only before the first CUDA allocation, and a user's own setting wins.
+_os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+
+from .budget import Budget  # noqa: E402
+from .errors import BudgetError, InfeasibleBudgetError, MemtuneError, PlanFileError, SampleError, TraceError  # noqa: E402
+from .memory_model import predict_peak  # noqa: E402
+from .plan import Decision, MemoryBreakdown, OptimizerPlan, Plan, TimeBreakdown  # noqa: E402
+from .profile import ModelProfile, ParamInfo, StorageInfo, TimelineEvent, UnitProfile  # noqa: E402
 from .profiler import profile  # binds the function over the submodule of the same name
 from .planning import pareto, plan  # likewise: memtune.plan is the function, memtune.plan.Plan lives in memtune/plan.py
 

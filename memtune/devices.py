@@ -28,6 +28,13 @@ CUDA_CONTEXT_BYTES = 682 * 2**20
 """Device memory of a CUDA context with cuBLAS handles and workspace, outside PyTorch's
 caching allocator (measured with NVML on an H100, torch 2.11; docs/benchmarks.md)."""
 
+CUDA_WORKSPACE_BYTES = 128 * 2**20
+"""Persistent kernel workspaces that live in PyTorch's caching allocator but belong to no
+tensor op (cuBLAS/cuBLASLt workspaces, kept after first use). Measured on an H100 with
+torch 2.11 as the constant gap between ``max_memory_allocated`` and a dispatch-level view
+of the same step: 65-129 MiB across GPT and Llama, fp32 and bf16, every SDPA kernel
+(benchmarks/results/gpu_gap_clean.log); the upper end is used so plans err on the safe side."""
+
 DEFAULT_CUDA_RESERVE_BYTES = 1 * GiB
 """Bytes set aside from a CUDA budget for the CUDA context (:data:`CUDA_CONTEXT_BYTES`) and
 for memory no tensor op exposes: cuBLAS/cuDNN/attention workspaces and allocator slack

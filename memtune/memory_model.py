@@ -178,7 +178,7 @@ class _Replay:
         if plan.micro_batch_size is not None and p.batch_size:
             scale = plan.micro_batch_size / p.batch_size
         accum = plan.grad_accum_steps > 1
-        static = p.param_bytes + p.buffer_bytes
+        static = p.param_bytes + p.buffer_bytes + p.workspace_bytes
 
         def nonact(i: int) -> int:  # bytes that do not scale with the batch
             return static + base_opt.state_bytes + ev[i].grad_bytes

@@ -137,6 +137,9 @@ class ModelProfile:
     optimizer_state_bytes: int
     input_bytes: int
     """The batch itself."""
+    workspace_bytes: int = 0
+    """Persistent kernel workspaces the target allocates outside tensor ops (cuBLAS on CUDA),
+    live for the whole step and included in the timeline and ``baseline_peak_bytes``."""
     outside_activation_bytes: int
     """Activations saved by code outside every unit (embeddings, head, loss)."""
     baseline_peak_bytes: int
@@ -156,13 +159,15 @@ class ModelProfile:
     torch_version: str = ""
     schema_version: int = SCHEMA_VERSION
     graph: Any = field(default=None, compare=False, repr=False)
-    """The torch.fx ``GraphModule`` (kept in memory only, not serialized)."""
+    """The ``torch.fx.Graph`` the tracer produced (kept in memory only, not serialized). A
+    plain Graph names modules by FQN and holds no live module or parameter, so keeping a
+    profile never keeps the model alive."""
 
     # ------------------------------------------------------------------ derived
     @property
     def static_bytes(self) -> int:
-        """Parameters and buffers."""
-        return self.param_bytes + self.buffer_bytes
+        """Parameters, buffers and persistent kernel workspaces."""
+        return self.param_bytes + self.buffer_bytes + self.workspace_bytes
 
     @property
     def unit_fqns(self) -> tuple[str, ...]:
@@ -259,7 +264,8 @@ class ModelProfile:
         lines += [
             f"parameters {fmt_bytes(self.param_bytes)} · buffers {fmt_bytes(self.buffer_bytes)} · "
             f"gradients {fmt_bytes(self.grad_bytes)} · optimizer state {fmt_bytes(self.optimizer_state_bytes)} · "
-            f"batch {fmt_bytes(self.input_bytes)}",
+            f"batch {fmt_bytes(self.input_bytes)}"
+            + (f" · kernel workspaces {fmt_bytes(self.workspace_bytes)}" if self.workspace_bytes else ""),
             f"saved activations {fmt_bytes(self.saved_activation_bytes)} "
             f"(outside units {fmt_bytes(self.outside_activation_bytes)}) · "
             f"FLOPs fwd {fmt_flops(self.fwd_flops)} bwd {fmt_flops(self.bwd_flops)}",

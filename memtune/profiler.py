@@ -28,7 +28,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._pytree import tree_flatten, tree_map_only
 
 from .batching import LossFn, batch_size_of, describe, loss_from_output, split_batch
-from .devices import CUDA_ALLOCATION_GRANULARITY, DeviceSpec, resolve_device
+from .devices import CUDA_ALLOCATION_GRANULARITY, CUDA_WORKSPACE_BYTES, DeviceSpec, resolve_device
 from .errors import SampleError, TraceError
 from .profile import ModelProfile, ParamInfo, StorageInfo, TimelineEvent, UnitProfile
 from .recorder import StepRecorder
@@ -55,7 +55,8 @@ def profile(
         model: any ``nn.Module``, on any device (``meta`` included). It is not modified.
         sample: one batch, as the runtime would see it (see :mod:`memtune.batching`).
         loss_fn: how to get a loss from the model's output, when the model does not return one.
-        optimizer: ``"adamw"``, ``"adam"``, ``"sgd"``, ``"muon2"``, ``"muon"``, ``"none"``, or a
+        optimizer: ``"adamw"``, ``"adam"``, ``"sgd"``, ``"muon2"``, ``"muon"``, ``"none"``, a
+            :class:`memtune.optim.OptimizerSettings` (the exact hybrid that will train), or a
             callable that builds a ``torch.optim.Optimizer`` from a list of parameters.
         precision: ``"fp32"`` or ``"bf16-mixed"`` (autocast to bf16, fp32 master weights).
         target: ``"cuda"`` (an H100 unless a CUDA device is present), ``"cpu"``, a device-table
@@ -163,8 +164,9 @@ def _capture_graph(model, unit_fqns, fake_mode, fparams, fbuffers, fsample, loss
     """``(graph, tracer, tried)``: symbolic_trace first, then make_fx over fake tensors."""
     tried: list[tuple[str, str]] = []
     try:
-        graph = _UnitTracer(unit_fqns).trace(model)
-        return torch.fx.GraphModule(model, graph, type(model).__name__), "symbolic_trace", tried
+        # Keep the Graph, not a GraphModule: a GraphModule would hold the user's modules and
+        # parameters, and a kept profile would keep the model alive.
+        return _UnitTracer(unit_fqns).trace(model), "symbolic_trace", tried
     except Exception as e:  # fx raises many types: TraceError, TypeError, AttributeError...
         tried.append(("symbolic_trace", _one_line(e)))
     from torch.fx.experimental.proxy_tensor import make_fx
@@ -175,7 +177,7 @@ def _capture_graph(model, unit_fqns, fake_mode, fparams, fbuffers, fsample, loss
     try:
         with fake_mode, StepRecorder(), _eager_hf_masking():  # the recorder resolves data-dependent reads
             gm = make_fx(fwd, tracing_mode="real", pre_dispatch=False)(fparams, fbuffers, fsample)
-        return gm, "make_fx", tried
+        return gm.graph, "make_fx", tried
     except Exception as e:
         tried.append(("make_fx", _one_line(e)))
         # Tell a bad sample from an untraceable model: does plain eager execution on fake
@@ -227,6 +229,10 @@ def describe_safe(e: Exception) -> str:
 # ----------------------------------------------------------------------------- optimizer
 def _build_optimizer(optimizer: OptimizerSpec, model: nn.Module, fparams: dict[str, torch.Tensor], spec: DeviceSpec):
     params = [p for p in fparams.values() if p.requires_grad]
+    if not isinstance(optimizer, str) and hasattr(optimizer, "state_dtype"):  # memtune.optim.OptimizerSettings
+        from .optim import build_optimizer
+
+        return build_optimizer(_FakeParamView(model, fparams), optimizer)
     if callable(optimizer):
         return optimizer(params)
     name = optimizer.lower()
@@ -412,8 +418,11 @@ def _assemble(*, model, spec, precision, optimizer, rec: StepRecorder, opt, unit
                     producer=r.producer, holders=tuple(r.holders), saved_outside=r.saved_outside)
         for r in saved
     )
-    timeline = tuple(TimelineEvent(name=iv.name, unit=iv.unit, live_bytes=iv.live_bytes, peak_bytes=iv.peak_bytes,
-                                   grad_bytes=iv.grad_bytes) for iv in rec.intervals)
+    # Persistent kernel workspaces (cuBLAS on CUDA) are live for the whole step.
+    workspace = CUDA_WORKSPACE_BYTES if spec.kind == "cuda" else 0
+    timeline = tuple(TimelineEvent(name=iv.name, unit=iv.unit, live_bytes=iv.live_bytes + workspace,
+                                   peak_bytes=iv.peak_bytes + workspace, grad_bytes=iv.grad_bytes)
+                     for iv in rec.intervals)
 
     def interval_index(name: str, unit: str) -> int | None:
         for i, iv in enumerate(rec.intervals):
@@ -459,18 +468,25 @@ def _assemble(*, model, spec, precision, optimizer, rec: StepRecorder, opt, unit
     total_flops = lambda phase: sum(v for (ph, _), v in rec.flops.items() if ph == phase)  # noqa: E731
     return ModelProfile(
         model=type(model).__name__, tracer=tracer, tracers_tried=tuple(tried), target=spec.kind, target_name=spec.name,
-        precision=precision, optimizer=optimizer if isinstance(optimizer, str) else getattr(optimizer, "__name__", "custom"),
+        precision=precision, optimizer=_optimizer_name(optimizer),
         batch_size=batch_size_of(sample), sample=describe(sample),
         param_bytes=sum(p.param_bytes for p in params), buffer_bytes=sum(nbytes(b) for b in fbuffers.values()),
         grad_bytes=grad_bytes, optimizer_state_bytes=_unique_bytes(_optimizer_tensors(opt), nbytes),
         input_bytes=_unique_bytes([t for t in tree_flatten(fsample)[0] if isinstance(t, torch.Tensor)], nbytes),
         outside_activation_bytes=sum(s.nbytes for s in storages if s.saved_outside and not s.holders),
-        baseline_peak_bytes=max(iv.peak_bytes for iv in rec.intervals),
+        workspace_bytes=workspace, baseline_peak_bytes=max(e.peak_bytes for e in timeline),
         fwd_flops=total_flops("forward"), bwd_flops=total_flops("backward"),
         units=tuple(units), params=params, storages=storages, timeline=timeline,
         assumptions=tuple(rec.assumptions), allocation_granularity=g, profile_seconds=round(seconds, 3),
         torch_version=torch.__version__, graph=graph,
     )
+
+
+def _optimizer_name(optimizer: OptimizerSpec) -> str:
+    if isinstance(optimizer, str):
+        return optimizer
+    name = getattr(optimizer, "name", None)  # OptimizerSettings
+    return name if isinstance(name, str) else getattr(optimizer, "__name__", "custom")
 
 
 def _unique_bytes(tensors, nbytes) -> int:

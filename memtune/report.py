@@ -84,7 +84,10 @@ def _frontier(profile: ModelProfile, plan: Plan | None) -> list[Plan]:
 
     optimizer = plan.optimizer.name if plan else (profile.optimizer if profile.optimizer in ("muon2", "muon", "adamw")
                                                   else "adamw")
-    opts: dict[str, Any] = dict(optimizer=optimizer, allow_microbatching=True)
+    # Draw the frontier of the space the plan was chosen from, or the chosen plan can look
+    # dominated by plans it was never allowed to pick (micro-batching).
+    allow_mb = plan.grad_accum_steps > 1 if plan is not None else True
+    opts: dict[str, Any] = dict(optimizer=optimizer, allow_microbatching=allow_mb)
     if profile.target == "cpu":
         opts["device"] = "cpu"
     return memtune.pareto(profile, **opts)

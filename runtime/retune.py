@@ -65,12 +65,14 @@ class Retuner:
 
     def decide(self, available_bytes: int | None, plan_budget_bytes: int, predicted_peak_bytes: int) -> RetuneDecision | None:
         """``available_bytes``: what the process could hold now (``None`` when unknown, e.g.
-        a CPU without replayed device readings): no availability-driven change then."""
-        if available_bytes is None:
-            return None
+        a CPU without replayed device readings: then only the user's budget limits the plan)."""
         c = self.config
         # What a plan may use now: the user's budget, or what the device leaves us less a margin.
-        limit = min(self.user_usable_bytes, int(available_bytes / (1 + c.margin)))
+        limit = self.user_usable_bytes
+        if available_bytes is not None:
+            limit = min(limit, int(available_bytes / (1 + c.margin)))
+        else:
+            available_bytes = self.user_usable_bytes
         need = predicted_peak_bytes * self.correction
         if need > limit * 1.005:
             self.ample_steps = 0

@@ -136,7 +136,9 @@ class Trainer:
         sample = self.sample if self.sample is not None else batch
         target = "cpu" if self.device.type == "cpu" else self.device
         t0 = time.perf_counter()
-        self.profile = _profile_for_training(self.model, sample, self.loss_fn, self.optimizer_name, self.precision, target)
+        # Profile with the exact optimizer settings that will train (NS dtype, state precision...),
+        # so the optimizer step's measured memory is the real one.
+        self.profile = _profile_for_training(self.model, sample, self.loss_fn, self.optimizer_settings, self.precision, target)
         log.info("profiled %s in %.1f s: baseline peak %s", self.profile.model, time.perf_counter() - t0,
                  fmt_bytes(self.profile.baseline_peak_bytes))
         plan = self._make_plan(self.retuner.planning_budget(self.budget.usable_bytes), lossless=False)
@@ -295,6 +297,10 @@ class Trainer:
                     total += float(loss.detach()) * weight
                     del loss
                 self._phase = "optimizer"
+                if guard is not None:
+                    # A partial optimizer step cannot be retried, so here the CPU guard only measures;
+                    # an overflow feeds the closed loop, which tightens the plan before the next step.
+                    guard.limit_bytes = None
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
             finally:
@@ -511,6 +517,9 @@ def fit(model: nn.Module, budget: int | str | Budget = "24GB", **kwargs) -> Trai
         metrics_path: JSONL file for per-step metrics;
     checkpoint_path, checkpoint_every: periodic crash-safe checkpoints;
     max_oom_retries (4), enforce_budget (True), progress (True).
+
+    On CUDA, import memtune before the first CUDA allocation so that its allocator default
+    (expandable segments, see :mod:`memtune`) takes effect.
     """
     return Trainer(model, budget, **kwargs)
 

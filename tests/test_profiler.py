@@ -80,13 +80,13 @@ def test_default_units_are_the_repeated_blocks(profiles):
 def test_symbolic_trace_first_then_make_fx(profiles):
     gpt, branchy = profiles["gpt"], profiles["branchy"]
     assert gpt.tracer == "symbolic_trace" and gpt.tracers_tried == ()
-    assert isinstance(gpt.graph, torch.fx.GraphModule)
-    assert any(n.op == "call_module" and n.target == "transformer.h.0" for n in gpt.graph.graph.nodes)
+    assert isinstance(gpt.graph, torch.fx.Graph)
+    assert any(n.op == "call_module" and n.target == "transformer.h.0" for n in gpt.graph.nodes)
     # Branchy branches on a tensor value: symbolic_trace fails and the aten-level fallback works.
     assert branchy.tracer == "make_fx"
     assert branchy.tracers_tried[0][0] == "symbolic_trace" and "control flow" in branchy.tracers_tried[0][1]
-    assert isinstance(branchy.graph, torch.fx.GraphModule)
-    assert any("aten" in str(n.target) for n in branchy.graph.graph.nodes)
+    assert isinstance(branchy.graph, torch.fx.Graph)
+    assert any("aten" in str(n.target) for n in branchy.graph.nodes)
     assert any("resolved as True" in a for a in branchy.assumptions)
     assert profiles["hf_llama"].tracer == "make_fx"
 
@@ -127,6 +127,17 @@ def test_profiling_allocates_no_real_memory():
     assert prof.param_bytes > 4.5e9
     assert prof.baseline_peak_bytes > 4 * prof.param_bytes  # weights, grads, two Adam moments
     assert grown < 500 * 2**20, f"RSS grew by {grown / 2**20:.0f} MiB"
+
+
+def test_a_kept_profile_does_not_keep_the_model_alive():
+    import weakref
+
+    model = zoo.GPT()
+    ref = weakref.ref(model)
+    prof = memtune.profile(model, CASES["gpt"].batch, target="cpu")
+    del model
+    gc.collect()
+    assert ref() is None and prof.graph is not None
 
 
 def test_model_is_left_untouched(profiles):
