@@ -15,12 +15,17 @@ import torch
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def environment() -> dict:
+def git_commit() -> str:
+    """HEAD of the repository the benchmarks live in ("unknown" outside a git checkout)."""
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).parent).stdout.strip()
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent)
     except OSError:
-        commit = ""
+        return "unknown"
+    return out.stdout.strip() or "unknown"
+
+
+def environment() -> dict:
+    commit = git_commit()
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({platform.processor() or platform.machine()})"
     return {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),

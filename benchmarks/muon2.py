@@ -28,12 +28,14 @@ import json
 import math
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _record  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -46,11 +48,6 @@ from memtune.zoo import GPT, GPTConfig  # noqa: E402
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def git_commit() -> str:
-    try:
-        return subprocess.check_output(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, text=True).strip()
-    except Exception:
-        return "unknown"
 
 
 def device_name() -> str:
@@ -255,7 +252,7 @@ def ablation_only(args) -> None:
     kw = dict(ns_dtype="fp32" if not torch.cuda.is_available() else "bf16", name="muon2", lr=lrs["muon2"], ns_steps=3,
               adamw_lr=lrs["adamw"], beta2=0.95)
     default = {r["seed"]: r for r in record["runs"] if r["label"] == "Muon² K=3"}
-    out = {"command": " ".join([sys.executable, *sys.argv]), "git_commit": git_commit(),
+    out = {"command": " ".join([sys.executable, *sys.argv]), "git_commit": _record.git_commit(),
            "default (no bias corr., ε outside, β2=0.95)": summarize([default[s] for s in range(args.ablation_seeds)])}
     for label, extra in ABLATION:
         rs = []
@@ -300,7 +297,7 @@ def write_results(args, lrs, sweep, main_runs, ablation, drift, wall_s) -> None:
     abl = {k: summarize(v) for k, v in ablation.items()}
     record = {
         "command": " ".join([sys.executable, *sys.argv]), "torch": torch.__version__, "device": device_name(),
-        "git_commit": git_commit(), "wall_s": wall_s, "model": dict(n_layer=args.n_layer, n_embd=args.n_embd, n_head=4,
+        "git_commit": _record.git_commit(), "wall_s": wall_s, "model": dict(n_layer=args.n_layer, n_embd=args.n_embd, n_head=4,
         block_size=args.block, vocab=256), "steps": args.steps, "batch": args.batch, "seeds": args.seeds,
         "threads": args.threads, "ablation_seeds": min(args.ablation_seeds, args.seeds),
         "lr_schedule": "constant, linear decay to 0 over the last 40% of steps", "chosen_lrs": lrs,
@@ -311,7 +308,7 @@ def write_results(args, lrs, sweep, main_runs, ablation, drift, wall_s) -> None:
     Path(args.out + ".json").write_text(json.dumps(record, indent=1, default=str))
     lines = [f"Small GPT ({args.n_layer}×{args.n_embd}, ctx {args.block}, batch {args.batch}) on pydoc topics, "
              f"{args.steps} steps, {args.seeds} seed(s), {device_name()}, torch {torch.__version__}, "
-             f"commit {git_commit()[:10]}. LRs: {lrs}.", "",
+             f"commit {_record.git_commit()[:10]}. LRs: {lrs}.", "",
              "| optimizer | val loss (mean ± std) | opt step ms (wall) | opt step CPU ms | state MiB | mean K |",
              "|---|---|---|---|---|---|"]
     for k, s in table.items():
@@ -386,7 +383,7 @@ def gpu_matrices(args) -> None:
                        "predicted_workspace_bytes": ns_workspace_bytes(shape)})
             print(f"NS {shape} K={k}: {ms:.3f} ms, peak {peak / 2**20:.1f} MiB (predicted {ns_workspace_bytes(shape) / 2**20:.1f})")
     record = {"command": " ".join([sys.executable, *sys.argv]), "torch": torch.__version__, "device": device_name(),
-              "git_commit": git_commit(), "matrices": f"TinyLlama-1.1B hidden matrices: {layers} layers × 7, "
+              "git_commit": _record.git_commit(), "matrices": f"TinyLlama-1.1B hidden matrices: {layers} layers × 7, "
               f"{n_params / 1e9:.3f}B params, fp32 params/grads, bf16 NS, batched same-shape NS",
               "optimizer_steps": rows, "newton_schulz": ns}
     RESULTS.mkdir(parents=True, exist_ok=True)

@@ -34,6 +34,9 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _record  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
@@ -197,7 +200,7 @@ def cuda_main(steps: int) -> None:
     sac_milp with its CUDA estimators. Writes benchmarks/results/plan_quality_cuda.{json,md}."""
     dev = torch.device("cuda")
     record = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "torch_version": torch.__version__,
-              "device": torch.cuda.get_device_name(), "git_commit": _git_commit(), "batch": BATCH, "models": {}}
+              "device": torch.cuda.get_device_name(), "git_commit": _record.git_commit(), "batch": BATCH, "models": {}}
     md = [f"# Plan quality on {torch.cuda.get_device_name()} (GPT, fp32, AdamW)", ""]
     for name, cfg in MODELS.items():
         batch = tuple(t.to(dev) for t in make_batch(cfg))
@@ -284,7 +287,7 @@ def main() -> None:
 
     record = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "torch_version": torch.__version__,
               "device": f"cpu: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
-              "git_commit": _git_commit(), "batch": BATCH, "models": {}}
+              "git_commit": _record.git_commit(), "batch": BATCH, "models": {}}
     md = ["# Plan quality on CPU (GPT, fp32, AdamW)", ""]
     for name, cfg in MODELS.items():
         batch = make_batch(cfg)
@@ -379,11 +382,6 @@ def _table(name, cfg, prof, measured_base, eager_saved, rows, full_row, sac, com
     return md
 
 
-def _git_commit() -> str:
-    try:
-        return subprocess.check_output(["git", "rev-parse", "HEAD"], cwd=ROOT, text=True).strip()
-    except Exception:  # noqa: BLE001
-        return "unknown"
 
 
 if __name__ == "__main__":

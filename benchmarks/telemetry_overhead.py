@@ -33,6 +33,9 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _record  # noqa: E402
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from memtune.data import TextCorpus  # noqa: E402
@@ -42,11 +45,6 @@ from memtune.zoo import GPT, GPTConfig  # noqa: E402
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def git_commit() -> str:
-    try:
-        return subprocess.check_output(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, text=True).strip()
-    except Exception:
-        return "unknown"
 
 
 def dirty_files() -> list[str]:
@@ -178,7 +176,7 @@ def main(argv=None) -> None:
     result = {
         "command": " ".join([Path(sys.executable).name] + sys.argv),
         "torch": torch.__version__, "python": platform.python_version(), "device": device_name(device),
-        "commit": git_commit(), "dirty_files": dirty_files(), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "quick": args.quick,
+        "commit": _record.git_commit(), "dirty_files": dirty_files(), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "quick": args.quick,
         "model": {"n_layer": args.n_layer, "n_embd": args.n_embd, "block": args.block, "batch": args.batch,
                   "params": sum(p.numel() for p in model.parameters())},
         "sources": source_names,

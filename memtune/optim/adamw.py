@@ -13,14 +13,14 @@ import math
 import torch
 from torch.optim import Optimizer
 
-from memtune.optim.quant import read_state, write_state
+from memtune.optim.quant import StateDtypeMixin, read_state, write_state
 from memtune.optim.settings import INT8_DOMAINS, STATE_DTYPES, OptimizerConfigError
 
 EXP_AVG, EXP_AVG_SQ = "exp_avg", "exp_avg_sq"
 _BUFFERS = ((EXP_AVG, True), (EXP_AVG_SQ, False))  # (name, signed)
 
 
-class AdamW(Optimizer):
+class AdamW(StateDtypeMixin, Optimizer):
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.01, state_dtype: str = "fp32", *, int8_domain: str = "sqrt"):
         if state_dtype not in STATE_DTYPES:
@@ -30,14 +30,6 @@ class AdamW(Optimizer):
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, state_dtype=state_dtype,
                         int8_domain=int8_domain)
         super().__init__(params, defaults)
-
-    def set_state_dtype(self, state_dtype: str) -> None:
-        """Re-encode both moments of every parameter in ``state_dtype``, in place."""
-        if state_dtype not in STATE_DTYPES:
-            raise OptimizerConfigError(f"state_dtype={state_dtype!r}: use one of {STATE_DTYPES}")
-        for group in self.param_groups:
-            self._recode_group(group, state_dtype)
-            group["state_dtype"] = state_dtype
 
     def _recode_group(self, group: dict, state_dtype: str) -> None:
         for p in group["params"]:

@@ -32,7 +32,7 @@ import torch
 from torch.optim import Optimizer
 
 from memtune.optim.newton_schulz import DEFAULT_COEFFS, newton_schulz, newton_schulz_traced
-from memtune.optim.quant import read_state, write_state
+from memtune.optim.quant import StateDtypeMixin, read_state, write_state
 from memtune.optim.settings import (ADJUST_LR, EPS_MODES, INT8_DOMAINS, STATE_DTYPES, AdaptiveNS,
                                     OptimizerConfigError)
 
@@ -84,7 +84,7 @@ def _as_matrix(t: torch.Tensor, view: str) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- optimizer shell
-class Muon2(Optimizer):
+class Muon2(StateDtypeMixin, Optimizer):
     """Muon² (see module docstring). ``precondition=False`` gives torch.optim.Muon.
 
     Extra keyword options: ``eps_mode`` ("outside" | "inside"), ``bias_correction`` (bool),
@@ -170,15 +170,6 @@ class Muon2(Optimizer):
             for p in group["params"]:
                 if "ns_steps" in self.state.get(p, {}):
                     self.state[p]["ns_steps"] = ns_steps
-
-    def set_state_dtype(self, state_dtype: str) -> None:
-        """Re-encode every state buffer in ``state_dtype`` ("fp32" | "bf16" | "int8") in place.
-        Going up in precision is exact; going down rounds once, as a step would."""
-        if state_dtype not in STATE_DTYPES:
-            raise OptimizerConfigError(f"state_dtype={state_dtype!r}: use one of {STATE_DTYPES}")
-        for group in self.param_groups:
-            self._recode_group(group, state_dtype)
-            group["state_dtype"] = state_dtype
 
     def _recode_group(self, group: dict, state_dtype: str) -> None:
         for p in group["params"]:

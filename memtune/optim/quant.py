@@ -142,3 +142,21 @@ def state_bytes(param_or_shape: torch.Tensor | Sequence[int], settings: Optimize
             return one + 4 * (rows + cols)
         return 2 * one
     raise OptimizerConfigError(f"kind={kind!r}: use 'muon2', 'muon' or 'adamw'")
+
+
+class StateDtypeMixin:
+    """``set_state_dtype`` for optimizers that keep their buffers through :func:`write_state`.
+
+    The optimizer provides ``_recode_group(group, state_dtype)``, which re-encodes one param
+    group's buffers (it knows their names and shapes)."""
+
+    def set_state_dtype(self, state_dtype: str) -> None:
+        """Re-encode every state buffer in ``state_dtype`` ("fp32" | "bf16" | "int8") in place.
+        Going up in precision is exact; going down rounds once, as a step would."""
+        from memtune.optim.settings import STATE_DTYPES, OptimizerConfigError
+
+        if state_dtype not in STATE_DTYPES:
+            raise OptimizerConfigError(f"state_dtype={state_dtype!r}: use one of {STATE_DTYPES}")
+        for group in self.param_groups:
+            self._recode_group(group, state_dtype)
+            group["state_dtype"] = state_dtype
