@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import os
 import subprocess
 import sys
 import textwrap
@@ -103,7 +102,6 @@ def models(quick: bool):
 
 
 def fidelity(quick: bool) -> list[dict]:
-    import memtune
 
     rows = []
     for name, make, batch, loss_fn in models(quick):
@@ -159,7 +157,6 @@ GRABBER = textwrap.dedent("""
 
 
 def runtime_checks(quick: bool, tmp: Path) -> dict:
-    import memtune
     from memtune import zoo
     from memtune.runtime import RetuneConfig
     from memtune.runtime.telemetry import read_jsonl
@@ -212,7 +209,6 @@ def runtime_checks(quick: bool, tmp: Path) -> dict:
     # (b) a second process grabs memory mid-run: re-plan, no crash; then it lets go.
     torch.manual_seed(0)
     model = zoo.GPT(cfg).cuda()
-    total = torch.cuda.get_device_properties(0).total_memory
     budget = int(prof.baseline_peak_bytes * 1.1) + DEFAULT_CUDA_RESERVE_BYTES
     trainer = memtune.fit(model, budget, progress=False, metrics_path=tmp / "grab.jsonl", enforce_budget=False,
                           retune_config=RetuneConfig(relax_after_steps=3))

@@ -32,8 +32,7 @@ from dataclasses import dataclass
 from .plan import Decision, MemoryBreakdown, OptimizerPlan, Plan
 from .profile import ModelProfile
 
-INT8_BLOCK = 256
-"""Elements per absmax scale in int8 optimizer state (memtune.optim documents the layout)."""
+from .optim.quant import BLOCK_SIZE as INT8_BLOCK  # elements per absmax scale in int8 optimizer state
 
 _STATE_ELEM_BYTES = {"fp32": 4, "bf16": 2, "int8": 1}
 

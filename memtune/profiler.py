@@ -210,7 +210,7 @@ def _classify_failure(e: Exception, model: nn.Module, tried, tracer) -> Exceptio
         attempts = "; ".join(f"{t}: {why}" for t, why in tried)
         return TraceError(f"cannot trace {name}. Tracers tried: {attempts}")
     return SampleError(
-        f"{name} does not run on the sample ({describe_safe(e)}). Pass the batch exactly as the training loop "
+        f"{name} does not run on the sample ({_one_line(e)}). Pass the batch exactly as the training loop "
         "would: a dict for model(**batch), a tuple for model(*batch) (with loss_fn: (inputs..., target)), or a tensor."
     )
 
@@ -220,10 +220,6 @@ def _needs_real_data(e: Exception) -> bool:
     into Python, data pointers): the model, not the sample, is at fault."""
     text = str(e)
     return any(k in text for k in ("FakeTensor", "fake tensor", "Cannot access data pointer", "numpy()"))
-
-
-def describe_safe(e: Exception) -> str:
-    return _one_line(e)
 
 
 # ----------------------------------------------------------------------------- optimizer
@@ -286,7 +282,8 @@ def _create_optimizer_state(opt, fparams) -> None:
     opt.zero_grad(set_to_none=True)
 
 
-def _optimizer_tensors(opt) -> list[torch.Tensor]:
+def optimizer_state_tensors(opt) -> list[torch.Tensor]:
+    """Every tensor in ``opt``'s state (none for ``None``)."""
     if opt is None:
         return []
     leaves, _ = tree_flatten([dict(s) for s in opt.state.values()])
@@ -338,7 +335,7 @@ def _record_step(rec: StepRecorder, model, unit_fqns, fparams, fbuffers, fsample
         handles.append(modules[fqn].register_forward_hook(post_hook(fqn), with_kwargs=True))
     try:
         with rec:
-            rec.register_static(list(fparams.values()), list(fbuffers.values()), fsample, _optimizer_tensors(opt))
+            rec.register_static(list(fparams.values()), list(fbuffers.values()), fsample, optimizer_state_tensors(opt))
             rec.mark("start")
             with torch.autograd.graph.saved_tensors_hooks(rec.pack, rec.unpack):
                 out, loss = _forward_loss(model, fparams, fbuffers, fsample, loss_fn, precision)
@@ -471,7 +468,7 @@ def _assemble(*, model, spec, precision, optimizer, rec: StepRecorder, opt, unit
         precision=precision, optimizer=_optimizer_name(optimizer),
         batch_size=batch_size_of(sample), sample=describe(sample),
         param_bytes=sum(p.param_bytes for p in params), buffer_bytes=sum(nbytes(b) for b in fbuffers.values()),
-        grad_bytes=grad_bytes, optimizer_state_bytes=_unique_bytes(_optimizer_tensors(opt), nbytes),
+        grad_bytes=grad_bytes, optimizer_state_bytes=_unique_bytes(optimizer_state_tensors(opt), nbytes),
         input_bytes=_unique_bytes([t for t in tree_flatten(fsample)[0] if isinstance(t, torch.Tensor)], nbytes),
         outside_activation_bytes=sum(s.nbytes for s in storages if s.saved_outside and not s.holders),
         workspace_bytes=workspace, baseline_peak_bytes=max(e.peak_bytes for e in timeline),

@@ -37,7 +37,6 @@ which the recorder cannot tell apart) are instead allocated in the first replaye
 
 from __future__ import annotations
 
-import math
 import weakref
 from dataclasses import dataclass, field
 from typing import Any
@@ -380,6 +379,3 @@ def _is_fake(t: Any) -> bool:
 
     return isinstance(t, FakeTensor)
 
-
-def ceil_div(a: int, b: int) -> int:
-    return math.ceil(a / b)

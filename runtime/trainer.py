@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import gc
 import logging
-import math
 import signal
 import threading
 import time
@@ -37,6 +36,7 @@ from memtune.budget import Budget
 from memtune.errors import InfeasibleBudgetError, MemtuneError
 from memtune.plan import Decision, Plan
 from memtune.profile import ModelProfile
+from memtune.profiler import optimizer_state_tensors
 from memtune.units_fmt import fmt_bytes
 
 from . import checkpoint as ckpt
@@ -280,7 +280,7 @@ class Trainer:
         total = 0.0
         with guard if guard is not None else nullcontext():
             if guard is not None:
-                guard.track([list(self.model.parameters()), list(self.model.buffers()), _optimizer_tensors(self.optimizer),
+                guard.track([list(self.model.parameters()), list(self.model.buffers()), optimizer_state_tensors(self.optimizer),
                              tree_flatten(batch)[0]])
             try:
                 for part, weight in self._micro_batches(batch):
@@ -530,12 +530,6 @@ def _profile_for_training(model, sample, loss_fn, optimizer, precision, target) 
 
     return memtune.profile(model, sample, loss_fn=loss_fn, optimizer=optimizer, precision=precision, target=target)
 
-
-def _optimizer_tensors(opt) -> list[torch.Tensor]:
-    if opt is None:
-        return []
-    leaves, _ = tree_flatten([dict(s) for s in opt.state.values()])
-    return [t for t in leaves if isinstance(t, torch.Tensor)]
 
 
 def _same_plan(a: Plan, b: Plan) -> bool:

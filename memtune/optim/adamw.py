@@ -40,11 +40,6 @@ class AdamW(StateDtypeMixin, Optimizer):
                 value = read_state(state, name, p.shape, signed=signed, domain=group["int8_domain"])
                 write_state(state, name, value, state_dtype, signed=signed, domain=group["int8_domain"])
 
-    def load_state_dict(self, state_dict: dict) -> None:
-        super().load_state_dict(state_dict)  # casts bf16 state to the param dtype; undo that
-        for group in self.param_groups:
-            self._recode_group(group, group["state_dtype"])
-
     @torch.no_grad()
     def step(self, closure=None):
         loss = None

@@ -181,13 +181,6 @@ class Muon2(StateDtypeMixin, Optimizer):
                 value = read_state(state, name, shape, signed=signed, domain=group["int8_domain"])
                 write_state(state, name, value, state_dtype, signed=signed, domain=group["int8_domain"])
 
-    def load_state_dict(self, state_dict: dict) -> None:
-        # Optimizer.load_state_dict casts floating state to the parameter's dtype (bf16 → fp32);
-        # re-encode so the resumed state has the precision (and the bytes) it was saved with.
-        super().load_state_dict(state_dict)
-        for group in self.param_groups:
-            self._recode_group(group, group["state_dtype"])
-
     def _name(self, gi: int, pi: int, group: dict) -> str:
         names = group.get("param_names")
         return names[pi] if names else f"group{gi}.param{pi}"

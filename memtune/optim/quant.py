@@ -160,3 +160,10 @@ class StateDtypeMixin:
         for group in self.param_groups:
             self._recode_group(group, state_dtype)
             group["state_dtype"] = state_dtype
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        # Optimizer.load_state_dict casts floating state to the parameter's dtype (bf16 -> fp32);
+        # re-encode so the resumed state has the precision (and the bytes) it was saved with.
+        super().load_state_dict(state_dict)
+        for group in self.param_groups:
+            self._recode_group(group, group["state_dtype"])

@@ -9,7 +9,6 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-import memtune
 from memtune.apply import apply_plan, remove_plan
 from memtune.errors import InfeasibleBudgetError
 from memtune.plan import Decision, Plan

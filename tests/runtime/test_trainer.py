@@ -106,7 +106,6 @@ def test_real_budget_overrun_on_cpu_raises_oom_and_replans():
     trainer = memtune.fit(model, budget, progress=False, device="cpu")
     trainer.step(data[0])
     # Pretend the memory model under-predicts by 30 %: plan for more than really fits.
-    from memtune.plan import Plan
     import dataclasses
 
     optimistic = memtune.plan(trainer.profile, int(budget * 1.6), optimizer="muon2", device="cpu")
