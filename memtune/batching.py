@@ -78,3 +78,19 @@ def describe(batch: Any) -> str:
 
 def move_batch(batch: Any, device: torch.device | str) -> Any:
     return tree_map_only(torch.Tensor, lambda t: t.to(device, non_blocking=True), batch)
+
+
+def split_micro_batches(batch: Any, micro_batch_size: int | None) -> list[tuple[Any, float]]:
+    """``batch`` cut along dim 0 into micro-batches of ``micro_batch_size``, each with its weight
+    (its share of the batch; the loss of each is scaled by it before backward). Tensors whose
+    leading dimension is not the batch's are passed whole. Slices are views: no new memory."""
+    n = batch_size_of(batch)
+    if not micro_batch_size or n is None or n <= micro_batch_size:
+        return [(batch, 1.0)]
+    out = []
+    for start in range(0, n, micro_batch_size):
+        size = min(micro_batch_size, n - start)
+        part = tree_map_only(torch.Tensor,
+                             lambda t: t[start:start + size] if t.dim() > 0 and t.shape[0] == n else t, batch)
+        out.append((part, size / n))
+    return out

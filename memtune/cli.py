@@ -194,15 +194,17 @@ def _plan_table(plan, prof=None):
 def _profile(args, w: Workload):
     import memtune
 
-    return memtune.profile(w.model, w.sample, loss_fn=w.loss_fn, optimizer=args.optimizer, precision=args.precision,
-                           target=args.target or _default_target())
+    return memtune.profile(w.model, w.sample, loss_fn=w.loss_fn, optimizer=args.optimizer or "muon2",
+                           precision=args.precision, target=args.target or _default_target())
 
 
 def _add_profile_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target", default=None, help="device to model: cpu, cuda, H100, A100-80GB... "
                                                   "(default: cuda when a GPU is present, else cpu)")
     p.add_argument("--precision", default="fp32", choices=("fp32", "bf16-mixed"), help="default: fp32")
-    p.add_argument("--optimizer", default="muon2", choices=("muon2", "muon", "adamw"), help="default: muon2")
+    p.add_argument("--optimizer", default=None, choices=("muon2", "muon", "adamw"),
+                   help="optimizer to profile with (default: muon2); with --profile, one the profile recorded "
+                        "to switch to (default: the profile's own)")
 
 
 # ----------------------------------------------------------------------------- commands

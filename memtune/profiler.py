@@ -28,7 +28,7 @@ import torch.nn as nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._pytree import tree_flatten, tree_map_only
 
-from .batching import LossFn, batch_size_of, describe, loss_from_output, split_batch
+from .batching import LossFn, batch_size_of, describe, loss_from_output, split_batch, split_micro_batches
 from .devices import CUDA_ALLOCATION_GRANULARITY, CUDA_WORKSPACE_BYTES, DeviceSpec, resolve_device
 from .errors import SampleError, TraceError
 from .fake_compat import EAGER_KERNELS, eager_hf_masking, raised_by_fake_kernel, training_configs
@@ -235,9 +235,8 @@ def _nbytes(t: torch.Tensor, granularity: int) -> int:
 
 
 def _slice_batch(batch: Any, full: int, m: int) -> Any:
-    """The first micro-batch of size ``m``: the runtime slices every tensor whose leading
-    dimension is the batch, and keeps the others whole (views: no new memory)."""
-    return tree_map_only(torch.Tensor, lambda t: t[:m] if t.dim() > 0 and t.shape[0] == full else t, batch)
+    """The first micro-batch of size ``m``, cut as the runtime cuts it."""
+    return split_micro_batches(batch, m)[0][0]
 
 
 def _unit_of(fqn: str, unit_fqns) -> str | None:
@@ -417,9 +416,11 @@ def _runs_on_real_tensors(model: nn.Module, sample, loss_fn) -> bool | None:
     leaves, _ = tree_flatten(sample)
     if any(isinstance(t, torch.Tensor) and t.device.type != "cpu" for t in leaves):
         return None
+    from torch.utils._python_dispatch import _disable_current_modes
+
     args, kwargs, target = split_batch(sample, loss_fn)
     try:
-        with torch.no_grad():
+        with _disable_current_modes(), torch.no_grad():  # outside the fake mode and the recorder
             loss_from_output(model(*args, **kwargs), sample, target, loss_fn)
     except Exception:
         return False

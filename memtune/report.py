@@ -82,8 +82,7 @@ def plot_memory_by_unit(path: Path, profile: ModelProfile, plan: Plan | None = N
 def _frontier(profile: ModelProfile, plan: Plan | None) -> list[Plan]:
     import memtune
 
-    optimizer = plan.optimizer.name if plan else (profile.optimizer if profile.optimizer in ("muon2", "muon", "adamw")
-                                                  else "adamw")
+    optimizer = plan.optimizer.name if plan else None  # None: the profile's own optimizer
     # Draw the frontier of the space the plan was chosen from, or the chosen plan can look
     # dominated by plans it was never allowed to pick (micro-batching).
     allow_mb = plan.grad_accum_steps > 1 if plan is not None else True

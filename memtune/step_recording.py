@@ -101,8 +101,8 @@ def record_step(rec: StepRecorder, model, unit_fqns, fparams, fbuffers, fsample,
             rec.mark("start")
             with torch.autograd.graph.saved_tensors_hooks(rec.pack, rec.unpack):
                 out, loss = forward_loss(model, fparams, fbuffers, fsample, loss_fn, precision)
-                if accumulate_weight is not None:
-                    loss = loss * accumulate_weight
+                # The runtime keeps the unscaled loss (to log it) while the scaled one backpropagates.
+                scaled = loss * accumulate_weight if accumulate_weight is not None else loss
             # Keep only references to the unit boundary *records*; drop the tensors so that
             # their storages free when autograd is done with them.
             for d in io.values():
@@ -111,9 +111,9 @@ def record_step(rec: StepRecorder, model, unit_fqns, fparams, fbuffers, fsample,
             del out
             rec.mark("loss")
             rec.phase = "backward"
-            loss.backward()
+            scaled.backward()
             rec.bwd_unit = None
-            del loss
+            del loss, scaled
             rec.phase = "optimizer"
             rec.params_with_grad = tuple(n for n, p in fparams.items() if p.grad is not None)  # type: ignore[attr-defined]
             rec.mark("bwd_done")

@@ -23,6 +23,11 @@ def _signature(m: nn.Module) -> tuple:
     return type(m), params
 
 
+def _is_block(m: nn.Module) -> bool:
+    """A composite module that holds parameters (not a bare Linear, norm or activation)."""
+    return any(True for _ in m.children()) and any(True for _ in m.parameters())
+
+
 def repeated_blocks(model: nn.Module) -> list[str]:
     """FQNs of the repeated blocks, in registration order."""
     found: list[str] = []
@@ -33,10 +38,19 @@ def repeated_blocks(model: nn.Module) -> list[str]:
             continue  # inside a block we already took
         counts = Counter(_signature(c) for c in mod.children())
         sig, n = counts.most_common(1)[0]
+        key = _signature
         if n < 2 or not sig[1]:
-            continue  # nothing repeats, or the repeated children hold no parameters
+            # Blocks of one type whose parameters differ slightly (T5's first block alone holds
+            # the relative position bias) still repeat: match composite modules by type.
+            by_type = Counter(type(c) for c in mod.children() if _is_block(c))
+            if not by_type:
+                continue
+            sig, n = by_type.most_common(1)[0]
+            key = type
+            if n < 2:
+                continue  # nothing repeats, or the repeated children hold no parameters
         prefix = f"{name}." if name else ""
-        found += [prefix + child for child, c in mod.named_children() if _signature(c) == sig]
+        found += [prefix + child for child, c in mod.named_children() if key(c) == sig and (key is _signature or _is_block(c))]
     # Drop containers that sit inside another found block (outermost level wins).
     return [f for f in found if not any(f != g and f.startswith(g + ".") for g in found)]
 

@@ -287,3 +287,55 @@ def hf_gpt2(*, n_embd=128, n_layer=2, n_head=4, vocab_size=256, n_positions=512,
                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0,
                      attn_implementation="sdpa", use_cache=False, **kw)
     return GPT2LMHeadModel(cfg)
+
+
+def hf_bert_mlm(*, hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128, vocab_size=256,
+                max_position_embeddings=128, **kw) -> nn.Module:
+    """A ``transformers`` BertForMaskedLM (an encoder) built from a config: random weights, no hub."""
+    from transformers import BertConfig, BertForMaskedLM
+
+    cfg = BertConfig(hidden_size=hidden_size, num_hidden_layers=num_hidden_layers,
+                     num_attention_heads=num_attention_heads, intermediate_size=intermediate_size,
+                     vocab_size=vocab_size, max_position_embeddings=max_position_embeddings,
+                     hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, attn_implementation="sdpa", **kw)
+    return BertForMaskedLM(cfg)
+
+
+def hf_t5(*, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4, vocab_size=256, **kw) -> nn.Module:
+    """A ``transformers`` T5ForConditionalGeneration (an encoder-decoder) built from a config.
+    Its default ``use_cache=True`` is kept: memtune turns the cache off for training itself."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    cfg = T5Config(d_model=d_model, d_kv=d_kv, d_ff=d_ff, num_layers=num_layers, num_decoder_layers=num_layers,
+                   num_heads=num_heads, vocab_size=vocab_size, decoder_start_token_id=0, dropout_rate=0.0, **kw)
+    return T5ForConditionalGeneration(cfg)
+
+
+def hf_mixtral(*, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, vocab_size=256,
+               max_position_embeddings=256, **kw) -> nn.Module:
+    """A ``transformers`` MixtralForCausalLM (sparse mixture of experts) built from a config."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    cfg = MixtralConfig(hidden_size=hidden_size, intermediate_size=intermediate_size,
+                        num_hidden_layers=num_hidden_layers, num_attention_heads=num_attention_heads,
+                        num_key_value_heads=num_key_value_heads, num_local_experts=num_local_experts,
+                        num_experts_per_tok=num_experts_per_tok, vocab_size=vocab_size,
+                        max_position_embeddings=max_position_embeddings, use_cache=False, **kw)
+    return MixtralForCausalLM(cfg)
+
+
+def hf_qwen2_moe(*, hidden_size=64, intermediate_size=128, moe_intermediate_size=64, shared_expert_intermediate_size=64,
+                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, num_experts=4,
+                 num_experts_per_tok=2, vocab_size=256, max_position_embeddings=256, **kw) -> nn.Module:
+    """A ``transformers`` Qwen2MoeForCausalLM (routed experts plus a shared expert) built from a config."""
+    from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+    cfg = Qwen2MoeConfig(hidden_size=hidden_size, intermediate_size=intermediate_size,
+                         moe_intermediate_size=moe_intermediate_size,
+                         shared_expert_intermediate_size=shared_expert_intermediate_size,
+                         num_hidden_layers=num_hidden_layers, num_attention_heads=num_attention_heads,
+                         num_key_value_heads=num_key_value_heads, num_experts=num_experts,
+                         num_experts_per_tok=num_experts_per_tok, vocab_size=vocab_size,
+                         max_position_embeddings=max_position_embeddings, use_cache=False, **kw)
+    return Qwen2MoeForCausalLM(cfg)

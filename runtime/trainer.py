@@ -31,7 +31,7 @@ import torch
 import torch.nn as nn
 from torch.utils._pytree import tree_flatten, tree_map_only
 
-from memtune.batching import LossFn, batch_size_of, loss_from_output, move_batch, split_batch
+from memtune.batching import LossFn, batch_size_of, loss_from_output, move_batch, split_batch, split_micro_batches
 from memtune.budget import Budget
 from memtune.errors import InfeasibleBudgetError, MemtuneError
 from memtune.plan import Decision, Plan
@@ -269,18 +269,9 @@ class Trainer:
         return loss
 
     def _micro_batches(self, batch: Any) -> list[tuple[Any, float]]:
-        """Split ``batch`` along dim 0 into the plan's micro-batches, each with its weight."""
+        """The plan's micro-batches of ``batch``, each with its weight (as the profile recorded them)."""
         plan = self.plan
-        n = batch_size_of(batch)
-        if plan.grad_accum_steps <= 1 or not plan.micro_batch_size or n is None or n <= plan.micro_batch_size:
-            return [(batch, 1.0)]
-        m = plan.micro_batch_size
-        out = []
-        for start in range(0, n, m):
-            size = min(m, n - start)
-            part = tree_map_only(torch.Tensor, lambda t: t[start:start + size] if t.dim() > 0 and t.shape[0] == n else t, batch)
-            out.append((part, size / n))
-        return out
+        return split_micro_batches(batch, plan.micro_batch_size if plan.grad_accum_steps > 1 else None)
 
     def _autocast(self):
         if self.precision == "bf16-mixed":

@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 from torch.distributed._tools.mem_tracker import MemTracker
 
-from memtune.batching import loss_from_output, split_batch
+from memtune.batching import loss_from_output, split_batch, split_micro_batches
 
 
 def train_step(model, batch, loss_fn, opt, autocast: bool = False) -> torch.Tensor:
@@ -69,3 +69,51 @@ def saved_bytes_per_unit(model: nn.Module, batch, unit_fqns, *, loss_fn=None) ->
         for h in handles:
             h.remove()
     return {u: sum(v.values()) for u, v in seen.items()}
+
+
+class AccumulatingMemTracker(MemTracker):
+    """MemTracker for steps that run the model once per micro-batch. MemTracker refuses a root
+    module called a second time in one step (it takes that for the next iteration); here the
+    per-module statistics are reset at that point instead, and the device-wide peak, which is
+    what the fidelity tests read, keeps accumulating."""
+
+    def _pre_fw_hook(self, module: nn.Module, inputs) -> None:
+        if module in self.memory_tracking and not self._mod_tracker.is_bw:
+            parents = set(self._mod_tracker.parents) - {self._mod_tracker.get_known_fqn(module)}
+            if parents == {"Global"}:
+                self.reset_mod_stats()
+        super()._pre_fw_hook(module, inputs)
+
+
+def planned_step(model, batch, plan, opt, *, loss_fn=None, autocast: bool = False) -> float:
+    """One optimizer step as memtune's runtime takes it under ``plan``: the plan's micro-batches
+    (cut by memtune.batching.split_micro_batches), each loss scaled by its share before backward,
+    then one optimizer step."""
+    total = 0.0
+    parts = split_micro_batches(batch, plan.micro_batch_size if plan.grad_accum_steps > 1 else None)
+    for part, weight in parts:
+        args, kwargs, target = split_batch(part, loss_fn)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = model(*args, **kwargs)
+            loss = loss_from_output(out, part, target, loss_fn)
+        del out
+        (loss if weight == 1.0 else loss * weight).backward()
+        total += float(loss.detach()) * weight
+        del loss
+    if opt is not None:
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return total
+
+
+def measure_planned_step(model, batch, plan, opt, *, loss_fn=None, warmup: int = 1, autocast: bool = False) -> int:
+    """Peak bytes of one steady-state :func:`planned_step`, measured by (accumulating) MemTracker."""
+    for _ in range(warmup):
+        planned_step(model, batch, plan, opt, loss_fn=loss_fn, autocast=autocast)
+    mt = AccumulatingMemTracker()
+    leaves = [t for t in (batch.values() if isinstance(batch, dict) else batch if isinstance(batch, (tuple, list))
+                          else [batch])]
+    mt.track_external(model, *([opt] if opt is not None else []), *leaves)
+    with mt:
+        planned_step(model, batch, plan, opt, loss_fn=loss_fn, autocast=autocast)
+    return int(mt.get_tracker_snapshot("peak")[torch.device("cpu")]["Total"])

@@ -244,3 +244,90 @@ def test_missing_loss_says_how_to_fix():
 def test_budget_below_static_bytes_says_how_much_is_needed(profiles):
     with pytest.raises(memtune.BudgetError, match=r"needs at least 6\.\d+ MiB"):
         memtune.Budget.parse("1MB", device="cpu").check_static(profiles["gpt"])
+
+
+@pytest.mark.parametrize("make", [lambda: zoo.hf_mixtral(), lambda: zoo.hf_qwen2_moe()], ids=["mixtral", "qwen2_moe"])
+@pytest.mark.parametrize("precision", ["fp32", "bf16-mixed"])
+def test_hf_moe_profiles_as_it_trains(make, precision):
+    """transformers 5 runs experts through aten._grouped_mm, whose fake kernel only accepts bf16;
+    the profile records the eager kernel's allocation instead, says so, and matches MemTracker."""
+    x, y = CASES["gpt"].batch
+    batch = {"input_ids": x[:4, :64], "labels": y[:4, :64]}
+    torch.manual_seed(0)
+    model = make()
+    prof = memtune.profile(model, batch, target="cpu", precision=precision)
+    measured = measure_step(model, batch, opt=torch.optim.AdamW(model.parameters(), lr=1e-3),
+                            autocast=precision == "bf16-mixed")
+    assert abs(prof.baseline_peak_bytes - measured) / measured <= 0.03, (prof.baseline_peak_bytes, measured)
+    assert len(prof.units) == 2
+    if precision == "fp32":
+        assert any("_grouped_mm" in a for a in prof.assumptions)
+
+
+class _Picky(nn.Module):
+    """A model whose only op has a fake kernel that refuses what the real kernel accepts."""
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(8, 8), nn.ReLU()) for _ in range(2))
+
+    def forward(self, x):
+        for b in self.blocks:
+            x = torch.ops.memtune_test.picky(b(x))
+        return x.sum()
+
+
+@torch.library.custom_op("memtune_test::picky", mutates_args=())
+def _picky(x: torch.Tensor) -> torch.Tensor:
+    return x.clone()
+
+
+@_picky.register_fake
+def _(x):
+    raise RuntimeError("this fake kernel refuses every input")
+
+
+_picky.register_autograd(lambda ctx, g: g)
+
+
+def test_a_fake_tensor_limitation_is_not_blamed_on_the_sample():
+    x = torch.randn(4, 8)
+    _Picky()(x).backward()  # the real model trains on this sample
+    with pytest.raises(memtune.TraceError, match="limitation of fake tensors, not of your sample"):
+        memtune.profile(_Picky(), x, target="cpu")
+
+
+def test_unsafe_recompute_is_found_and_never_planned():
+    """A unit that carries state between calls (here: it saves more tensors once it has been
+    called) cannot be recomputed; the profiler finds it, says why, and no plan recomputes it."""
+
+    class Stateful(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(16, 16)
+            self.calls = 0
+
+        def forward(self, x):
+            self.calls += 1
+            y = self.fc(x)
+            return torch.tanh(y) if self.calls % 2 else torch.sigmoid(torch.relu(y))
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = nn.ModuleList([nn.Sequential(nn.Linear(16, 16), nn.GELU()), Stateful(),
+                                         nn.Sequential(nn.Linear(16, 16), nn.GELU())])
+
+        def forward(self, x):
+            for b in self.blocks:
+                x = b(x)
+            return x.square().mean()
+
+    prof = memtune.profile(Net(), torch.randn(64, 16), target="cpu", units=["blocks.0", "blocks.1", "blocks.2"])
+    blocked = {u.fqn: u.recompute_blocker for u in prof.units if u.recompute_blocker}
+    assert list(blocked) == ["blocks.1"] and "different tensors" in blocked["blocks.1"]
+    for planner in ("exact", "greedy"):
+        plan = memtune.plan(prof, memtune.planning.plan(prof, 1 << 40).predicted_peak_bytes // 2 * 2, planner)
+        frugal = memtune.pareto(prof, planner)[-1]
+        assert "blocks.1" not in plan.recompute_units and "blocks.1" not in frugal.recompute_units
+        assert set(frugal.recompute_units) == {"blocks.0", "blocks.2"}
