@@ -27,6 +27,7 @@ import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
 from .errors import MemtuneError
+from . import loss_chunking
 from .fake_compat import disable_kv_cache
 from .plan import Decision, Plan
 
@@ -61,13 +62,24 @@ def apply_plan(model: nn.Module, plan: Plan, *, optimizer: torch.optim.Optimizer
         if decision is not Decision.SAVE:
             _wrap(modules[fqn], decision)
     disable_kv_cache(model)
+    loss_chunking.apply(model, plan.loss_chunks)
+    masters = _store_weights(model, plan.weights)
     if optimizer is not None:
-        return optimizer
-    return build_plan_optimizer(model, plan, settings)
+        from .stepping import rewrap
+
+        return rewrap(optimizer, model, in_backward=plan.optimizer_in_backward, offload=plan.optimizer.offload,
+                      weights=plan.weights)
+    opt = build_plan_optimizer(model, plan, settings)
+    if masters:
+        for p, value in masters.items():
+            opt.seed_master(p, value)
+    return opt
 
 
 def remove_plan(model: nn.Module) -> None:
-    """Undo :func:`apply_plan`: every unit runs its own forward again."""
+    """Undo :func:`apply_plan`'s forward changes: every unit runs its own forward again and the
+    loss is no longer chunked. Parameters a plan stored in bf16 stay in bf16."""
+    loss_chunking.remove(model)
     for m in model.modules():
         if _ORIGINAL in m.__dict__:
             original = m.__dict__.pop(_ORIGINAL)
@@ -130,8 +142,25 @@ def _offload_hooks(*, pin_memory: bool):
 
 def build_plan_optimizer(model: nn.Module, plan: Plan, settings=None) -> torch.optim.Optimizer | None:
     """The optimizer ``plan.optimizer`` names, built exactly as the profile recorded it
-    (:func:`memtune.optimizers.build_optimizer_for`); ``settings`` contributes only learning
-    rates and other hyperparameters that change no allocation."""
-    from .optimizers import build_optimizer_for
+    (:func:`memtune.optimizers.build_plan_stepper`): stepped one parameter at a time when the
+    plan steps in backward, offloads its state or stores bf16 weights. ``settings`` contributes
+    only learning rates and other hyperparameters that change no allocation."""
+    from .optimizers import build_plan_stepper
 
-    return build_optimizer_for(model, plan.optimizer, settings=settings)
+    return build_plan_stepper(model, plan.optimizer, settings=settings, in_backward=plan.optimizer_in_backward,
+                              weights=plan.weights)
+
+
+def _store_weights(model: nn.Module, weights: str | None) -> dict:
+    """Store the floating parameters in bf16 when the plan says so (in place: the Parameter
+    objects, their FQNs and any optimizer referencing them are kept). For ``bf16-master`` the
+    fp32 values become the master copies, one parameter at a time."""
+    masters = {}
+    if not weights:
+        return masters
+    for p in model.parameters():
+        if p.is_floating_point() and p.dtype != torch.bfloat16:
+            if weights == "bf16-master" and p.requires_grad:
+                masters[p] = p.detach().float().cpu() if torch.cuda.is_available() else p.detach().clone()
+            p.data = p.data.to(torch.bfloat16)
+    return masters

@@ -164,9 +164,11 @@ def _roofline_s(spec: DeviceSpec, flops: float, nbytes: float, kernels: float, r
 
 
 def cost_table(profile: ModelProfile, *, optimizer: OptimizerPlan | None = None, micro_batch_size: int | None = None,
-               grad_accum_steps: int = 1, device: str | DeviceSpec | None = None) -> CostTable:
+               grad_accum_steps: int = 1, device: str | DeviceSpec | None = None, weights: str | None = None,
+               in_backward: bool = False, loss_chunks: int | None = None) -> CostTable:
     """Per-configuration costs; see the module docstring for the model."""
     spec = device_for(profile, device)
+    wscale = 0.5 if weights and _fp32_params(profile) else 1.0  # bf16 weights move half the parameter bytes
     rate = spec.bf16_flops if profile.precision == "bf16-mixed" else spec.fp32_flops
     B = profile.batch_size or 1
     m = micro_batch_size if micro_batch_size is not None else B
@@ -176,8 +178,9 @@ def cost_table(profile: ModelProfile, *, optimizer: OptimizerPlan | None = None,
     def fwd_bwd(u) -> tuple[float, float]:
         act = u.input_bytes + u.output_bytes + u.saved_activation_bytes
         kernels = max(1, len(u.saved_storages))
-        f = _roofline_s(spec, u.fwd_flops * scale, u.param_bytes + act * scale, kernels, rate)
-        b = _roofline_s(spec, u.bwd_flops * scale, u.param_bytes + u.grad_bytes + 2 * act * scale, 2 * kernels, rate)
+        f = _roofline_s(spec, u.fwd_flops * scale, u.param_bytes * wscale + act * scale, kernels, rate)
+        b = _roofline_s(spec, u.bwd_flops * scale, (u.param_bytes + u.grad_bytes) * wscale + 2 * act * scale,
+                        2 * kernels, rate)
         return f * k, b * k
 
     unit_fwd: dict[str, float] = {}
@@ -193,14 +196,25 @@ def cost_table(profile: ModelProfile, *, optimizer: OptimizerPlan | None = None,
     out_params = max(0, profile.param_bytes - sum(u.param_bytes for u in profile.units))
     out_act = profile.outside_activation_bytes + profile.input_bytes
     out_kernels = max(1, sum(1 for s in profile.storages if not s.holders))
-    fwd += k * _roofline_s(spec, out_fwd_flops * scale, out_params + out_act * scale, out_kernels, rate)
-    bwd += k * _roofline_s(spec, out_bwd_flops * scale, 2 * out_params + 2 * out_act * scale, 2 * out_kernels, rate)
+    outside_fwd = k * _roofline_s(spec, out_fwd_flops * scale, out_params * wscale + out_act * scale, out_kernels, rate)
+    fwd += outside_fwd
+    bwd += k * _roofline_s(spec, out_bwd_flops * scale, 2 * out_params * wscale + 2 * out_act * scale, 2 * out_kernels,
+                           rate)
 
     host_bw = host_bandwidth(spec)
     offload = {u.fqn: k * (2 * u.saved_activation_bytes * scale / host_bw + 2 * spec.kernel_overhead_s)
                for u in profile.units}
-    ns_s, opt_s = _optimizer_seconds(profile, optimizer, spec)
-    base = TimeBreakdown(forward_ms=fwd * 1e3, backward_ms=bwd * 1e3, ns_ms=ns_s * 1e3, optimizer_ms=opt_s * 1e3)
+    ns_s, opt_s = _optimizer_seconds(profile, optimizer, spec, weights=weights)
+    # Offloaded state crosses the host link twice per step (to the device and back). Stepped in
+    # backward, the transfers overlap the rest of backward; after backward nothing hides them.
+    state_s = 0.0
+    if optimizer is not None and optimizer.offload:
+        traffic = 2 * _state_bytes(profile, optimizer, weights) / host_bw
+        state_s = max(0.0, traffic - bwd) if in_backward else traffic
+    # A chunked loss runs the head and loss forward once more, in backward (checkpointed chunks).
+    loss_s = outside_fwd if loss_chunks else 0.0
+    base = TimeBreakdown(forward_ms=fwd * 1e3, backward_ms=bwd * 1e3, ns_ms=ns_s * 1e3, optimizer_ms=opt_s * 1e3,
+                         state_offload_ms=state_s * 1e3, loss_ms=loss_s * 1e3)
     return CostTable(base=base, recompute_ms={f: t * 1e3 for f, t in unit_fwd.items()},
                      offload_ms={f: t * 1e3 for f, t in offload.items()})
 
@@ -208,8 +222,26 @@ def cost_table(profile: ModelProfile, *, optimizer: OptimizerPlan | None = None,
 _STATE_BYTES = {"fp32": 4, "bf16": 2, "int8": 1}
 
 
-def _optimizer_seconds(profile: ModelProfile, opt: OptimizerPlan | None, spec: DeviceSpec) -> tuple[float, float]:
-    """(Newton-Schulz seconds, elementwise optimizer seconds) of one optimizer step."""
+def _fp32_params(profile: ModelProfile) -> bool:
+    return any(p.dtype == "float32" for p in profile.params)
+
+
+def _state_bytes(profile: ModelProfile, opt: OptimizerPlan, weights: str | None) -> float:
+    """Bytes of optimizer state (and an fp32 master copy) that cross the host link, for pricing."""
+    elem = _STATE_BYTES[opt.state_dtype]
+    muon = set(opt.muon_params) if opt.name != "adamw" else set()
+    total = 0.0
+    for p in profile.params:
+        numel = math.prod(p.shape)
+        n_states = (2 if opt.name == "muon2" else 1) if p.fqn in muon else 2
+        total += numel * (n_states * elem + (4 if weights == "bf16-master" else 0))
+    return total
+
+
+def _optimizer_seconds(profile: ModelProfile, opt: OptimizerPlan | None, spec: DeviceSpec, *,
+                       weights: str | None = None) -> tuple[float, float]:
+    """(Newton-Schulz seconds, elementwise optimizer seconds) of one optimizer step. bf16 weights
+    are updated through an fp32 working copy (read and written once more, 8 bytes/element)."""
     if opt is None:
         opt = OptimizerPlan(name="adamw" if profile.optimizer not in ("muon2", "muon") else profile.optimizer)
     muon = set(opt.muon_params) if opt.name != "adamw" else set()
@@ -233,6 +265,8 @@ def _optimizer_seconds(profile: ModelProfile, opt: OptimizerPlan | None, spec: D
             n_states = 2 if opt.name == "muon2" else 1
         else:
             n_states = 2
+        if weights and pbytes == 4:
+            pbytes = 2.0 + 8.0 / 3  # bf16 param and grad, plus the fp32 working copy's traffic
         nbytes += numel * (2 * pbytes + pbytes + n_states * per_state)  # param r/w, grad r, states
         kernels += OPTIMIZER_KERNELS_PER_PARAM + (2 * n_states if elem != 4 else 0)
     if spec.kind == "cuda" and not muon and opt.state_dtype == "fp32":
@@ -254,7 +288,8 @@ def _ns_flops(m: int, n: int, steps: int) -> int:
 def predict_step_time(profile: ModelProfile, plan: Plan, device: str | DeviceSpec | None = None) -> TimeBreakdown:
     """Predicted time of one optimizer step (all micro-batches) of ``profile`` under ``plan``."""
     table = cost_table(profile, optimizer=plan.optimizer, micro_batch_size=plan.micro_batch_size,
-                       grad_accum_steps=plan.grad_accum_steps, device=device)
+                       grad_accum_steps=plan.grad_accum_steps, device=device, weights=plan.weights,
+                       in_backward=plan.optimizer_in_backward, loss_chunks=plan.loss_chunks)
     return apply_decisions(table, plan.decisions)
 
 

@@ -1,9 +1,9 @@
 """``memtune.predict_peak``: the peak memory of a training step under a plan.
 
 A thin front end over :mod:`memtune.timeline`, the one home of the step-memory rules: it
-picks the recorded step the plan replays (the micro-batch recording when the plan
-accumulates gradients), the plan's recorded optimizer configuration, and replays the
-timeline with the plan's unit decisions. Nothing is estimated from a formula: every term
+picks the recorded step the plan replays (at its micro-batch size, with its weights, its
+optimizer step in or after backward, its loss chunks), the plan's recorded optimizer
+configuration, and replays the timeline with the plan's unit decisions. Nothing is estimated from a formula: every term
 comes from a step recorded under fake tensors (docs/profiler.md).
 """
 
@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from .plan import MemoryBreakdown, Plan
 from .profile import ModelProfile
-from .timeline import OptimizerMemory, UnrecordedPlanError, optimizer_memory, recording_for, timeline_model
+from .timeline import (OptimizerMemory, UnrecordedPlanError, optimizer_memory, plan_optimizer_memory, plan_recording,
+                       timeline_model)
 
 __all__ = ["OptimizerMemory", "UnrecordedPlanError", "optimizer_memory", "predict_peak"]
 
@@ -21,9 +22,9 @@ def predict_peak(profile: ModelProfile, plan: Plan, *, reserve_bytes: int | None
 
     Raises :class:`UnrecordedPlanError` when the plan needs an optimizer configuration or a
     micro-batch size the profile did not record."""
-    recording = recording_for(profile, plan.micro_batch_size, plan.grad_accum_steps)
+    recording = plan_recording(profile, plan)
     tm = timeline_model(recording)
-    cc = tm.constants(optimizer_memory(recording, plan.optimizer))
+    cc = tm.constants(plan_optimizer_memory(recording, plan))
     x, r = tm.indicators(plan.decisions)
     reserve = reserve_bytes if reserve_bytes is not None else plan.budget_bytes - plan.usable_bytes
     return tm.breakdown(cc, x, r, reserve_bytes=reserve)

@@ -47,39 +47,88 @@ def unique_bytes(tensors, nbytes) -> int:
 
 
 def record_optimizer_step(view, fparams: dict[str, torch.Tensor], config: OptimizerPlan, *, granularity: int,
-                          target: str, foreach: bool, with_grad: set[str], profiled: bool = False
-                          ) -> OptimizerStepProfile:
+                          target: str, foreach: bool, with_grad: set[str], profiled: bool = False,
+                          weights: str | None = None, in_backward: bool = False,
+                          order: tuple[str, ...] | None = None) -> OptimizerStepProfile:
     """Build ``config`` on ``view`` (a module exposing ``fparams``, fake or meta parameters) and
     record a steady-state step. ``with_grad``: FQNs of the parameters that received a gradient
-    in the recorded training step (only those are stepped, as in training)."""
-    from .devices import round_allocation
+    in the recorded training step (only those are stepped, as in training).
 
-    opt = build_optimizer_for(view, config, foreach=foreach)
+    ``weights``, ``config.offload`` and ``in_backward`` select per-parameter stepping
+    (:mod:`memtune.stepping`); with ``in_backward`` each parameter is stepped alone, in
+    ``order`` (the order backward completes their gradients), and its temporaries recorded.
+    Offloaded state lives in host memory: on a CUDA target it is not counted against the
+    device (``host_state_bytes``); on a CPU target host memory *is* the device."""
+    from .devices import round_allocation
+    from .optimizers import build_optimizer_for
+    from .stepping import PlanOptimizer
+
+    inner = build_optimizer_for(view, config, foreach=foreach)
+    opt = inner
+    if inner is not None and (in_backward or config.offload or weights):
+        # Stepped one parameter at a time by the class the runtime uses; the recording calls
+        # step_param itself where backward's hooks would (no hooks on these tensors).
+        opt = PlanOptimizer(inner, view, offload=config.offload, weights=weights, pin_memory=False)
     if config.name in FAMILIES:
-        muon, adamw = optimizer_split(view, opt)
+        muon, adamw = optimizer_split(view, inner)
     else:
         muon, adamw = (), tuple(n for n, p in fparams.items() if p.requires_grad)
-    stepped = [p for n, p in fparams.items() if n in with_grad]
+    stepped = [(n, p) for n, p in fparams.items() if n in with_grad]
+    nbytes = lambda t: round_allocation(t.untyped_storage().nbytes(), granularity)  # noqa: E731
+    per_param: list[tuple[str, int]] = []
     try:
         for _ in range(WARMUP_STEPS):
-            for p in stepped:
+            for _, p in stepped:
                 p.grad = torch.zeros_like(p)
             if opt is not None:
                 opt.step()
+        hosts = _host_buffers(opt)
+        host_ids = {id(t.untyped_storage()) for t in hosts}
+        device_state = [t for t in optimizer_state_tensors(opt) if target == "cpu" or id(t.untyped_storage()) not in host_ids]
         rec = StepRecorder(granularity=granularity, target=target)
-        with rec:
-            rec.register_static(list(fparams.values()), [p.grad for p in stepped], optimizer_state_tensors(opt))
-            rec.mark("optim_start")
-            if opt is not None:
+        observe = (lambda t: rec.exclude(t)) if target != "cpu" else (lambda t: None)
+        from .stepping import observe_host_tensors
+
+        with rec, observe_host_tensors(observe):
+            rec.register_static(list(fparams.values()), [p.grad for _, p in stepped], device_state)
+            # Hold no reference to the state: a step that replaces a state tensor must free the old one.
+            del device_state, hosts
+            if opt is None:
+                rec.mark("optim_start")
+            elif in_backward:
+                names = dict(stepped)
+                for n in (order or tuple(names)):
+                    if n in names:
+                        rec.mark("step", n)
+                        opt.step_param(names[n])
+                        names[n].grad = None
+                rec.mark("optim_start")
+            else:
+                rec.mark("optim_start")
                 opt.step()
             rec.mark("optim_end")
-        interval = rec.intervals[0]
-        nbytes = lambda t: round_allocation(t.untyped_storage().nbytes(), granularity)  # noqa: E731
-        state = unique_bytes(optimizer_state_tensors(opt), nbytes)
+        if in_backward:
+            per_param = [(iv.unit, max(0, iv.peak_bytes - iv.live_bytes)) for iv in rec.intervals if iv.name == "step"]
+            transient = max((b for _, b in per_param), default=0)
+        else:
+            iv = next(iv for iv in rec.intervals if iv.name == "optim_start")
+            transient = max(0, iv.peak_bytes - iv.live_bytes)
+        hosts = _host_buffers(opt)
+        host_ids = {id(t.untyped_storage()) for t in hosts}
+        all_state = optimizer_state_tensors(opt)
+        host_bytes = unique_bytes(hosts, nbytes)
+        device_bytes = unique_bytes([t for t in all_state if id(t.untyped_storage()) not in host_ids], nbytes)
+        state = device_bytes + (host_bytes if target == "cpu" else 0)
     finally:
         for p in fparams.values():
             p.grad = None
     return OptimizerStepProfile(
         name=config.name, state_dtype=config.state_dtype, ns_steps=config.ns_steps, settings=config.settings,
-        muon_params=muon, adamw_params=adamw, state_bytes=state,
-        step_transient_bytes=max(0, interval.peak_bytes - interval.live_bytes), profiled=profiled)
+        muon_params=muon, adamw_params=adamw, state_bytes=state, step_transient_bytes=transient, profiled=profiled,
+        weights=weights, offload=config.offload, in_backward=in_backward, host_state_bytes=host_bytes,
+        param_step_bytes=tuple(per_param))
+
+
+def _host_buffers(opt) -> list[torch.Tensor]:
+    buffers = getattr(opt, "_host_buffers", None) or {}
+    return [t for d in buffers.values() for t in d.values()]

@@ -104,3 +104,16 @@ def optimizer_split(model: nn.Module, optimizer) -> tuple[tuple[str, ...], tuple
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     chosen = set(muon)
     return tuple(f for f in trainable if f in chosen), tuple(f for f in trainable if f not in chosen)
+
+
+def build_plan_stepper(model: nn.Module, opt, *, settings: Any = None, foreach: bool | None = None,
+                       in_backward: bool = False, weights: str | None = None, pin_memory: bool | None = None):
+    """:func:`build_optimizer_for`, wrapped in a :class:`memtune.stepping.PlanOptimizer` when the
+    plan steps one parameter at a time (in backward, with offloaded state, or on bf16 weights)."""
+    inner = build_optimizer_for(model, opt, settings=settings, foreach=foreach)
+    if inner is None or not (in_backward or opt.offload or weights):
+        return inner
+    from .stepping import PlanOptimizer
+
+    return PlanOptimizer(inner, model, in_backward=in_backward, offload=opt.offload, weights=weights,
+                         pin_memory=pin_memory)

@@ -24,7 +24,7 @@ from .errors import PlanFileError
 from .jsonfile import read_json_object
 from .units_fmt import fmt_bytes, fmt_ms
 
-PLAN_SCHEMA_VERSION = 2
+PLAN_SCHEMA_VERSION = 3
 
 
 class Decision(str, Enum):
@@ -59,6 +59,9 @@ class OptimizerPlan:
     settings: dict[str, Any] | None = None
     """The :class:`memtune.optim.OptimizerSettings` whose step the profile recorded, as plain
     data; ``None`` for PyTorch's own optimizers. :func:`memtune.apply_plan` builds exactly this."""
+    offload: bool = False
+    """Keep the state in (pinned) host memory and stream it to the device one parameter at a
+    time (:mod:`memtune.stepping`)."""
 
     def __post_init__(self) -> None:
         from .optimizers import NAMES
@@ -72,7 +75,7 @@ class OptimizerPlan:
 
     @property
     def key(self) -> tuple[str, str, int]:
-        """What identifies its memory behaviour: (name, state precision, NS steps)."""
+        """What identifies the recorded configuration: (name, state precision, NS steps)."""
         return (self.name, self.state_dtype, self.ns_steps)
 
 
@@ -90,6 +93,8 @@ class MemoryBreakdown:
     recompute_transient_bytes: int = 0
     optimizer_transient_bytes: int = 0
     """Optimizer-step temporaries, e.g. the Newton-Schulz workspace."""
+    host_bytes: int = 0
+    """Memory the plan keeps in host RAM instead (offloaded optimizer state), outside ``peak_bytes``."""
     other_transient_bytes: int = 0
     """Temporaries of the op running at the peak (logits, gradients in flight...)."""
     reserve_bytes: int = 0
@@ -106,10 +111,16 @@ class TimeBreakdown:
     ns_ms: float = 0.0
     optimizer_ms: float = 0.0
     offload_ms: float = 0.0
+    """Activation offload traffic (host link)."""
+    state_offload_ms: float = 0.0
+    """Optimizer-state traffic to and from host memory not hidden behind backward."""
+    loss_ms: float = 0.0
+    """Extra time of a chunked loss (each chunk's head recomputed in backward)."""
 
     @property
     def total_ms(self) -> float:
-        return self.forward_ms + self.backward_ms + self.recompute_ms + self.ns_ms + self.optimizer_ms + self.offload_ms
+        return (self.forward_ms + self.backward_ms + self.recompute_ms + self.ns_ms + self.optimizer_ms + self.offload_ms
+                + self.state_offload_ms + self.loss_ms)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -123,6 +134,16 @@ class Plan:
     """Samples per forward/backward; ``None`` keeps the profiled batch."""
     grad_accum_steps: int = 1
     """Micro-batches per optimizer step (``micro_batch_size * grad_accum_steps`` is the global batch)."""
+    weights: str | None = None
+    """``None``: parameters as profiled (fp32 master weights under bf16-mixed); ``"bf16-sr"``:
+    bf16 parameters updated with stochastic rounding; ``"bf16-master"``: bf16 parameters with an
+    fp32 master copy in the optimizer state (:mod:`memtune.stepping`)."""
+    optimizer_in_backward: bool = False
+    """Update each parameter as soon as its gradient is complete and free the gradient, so full
+    gradients never coexist (no gradient accumulation, no global gradient-norm clip)."""
+    loss_chunks: int | None = None
+    """Compute the output head and the loss in this many chunks, recomputing each chunk's
+    logits in backward (:mod:`memtune.loss_chunking`); ``None``: as the model does."""
     predicted_peak_bytes: int = 0
     memory: MemoryBreakdown = field(default_factory=lambda: MemoryBreakdown(peak_bytes=0))
     predicted_step_ms: float = 0.0
@@ -141,6 +162,12 @@ class Plan:
                 raise ValueError(f"decision for {fqn!r} must be a Decision, got {d!r}")
         if self.grad_accum_steps < 1:
             raise ValueError(f"grad_accum_steps must be >= 1, got {self.grad_accum_steps}")
+        if self.weights not in (None, "bf16-sr", "bf16-master"):
+            raise ValueError(f"weights must be None, 'bf16-sr' or 'bf16-master', got {self.weights!r}")
+        if self.optimizer_in_backward and self.grad_accum_steps > 1:
+            raise ValueError("an optimizer step in backward cannot accumulate gradients over micro-batches")
+        if self.loss_chunks is not None and self.loss_chunks < 2:
+            raise ValueError(f"loss_chunks must be None or >= 2, got {self.loss_chunks}")
 
     # ------------------------------------------------------------------ views
     def units_with(self, decision: Decision) -> tuple[str, ...]:
@@ -176,7 +203,8 @@ class Plan:
             kw = dict(d)
             kw["decisions"] = {k: Decision(v) for k, v in d["decisions"].items()}
             o = d["optimizer"]
-            kw["optimizer"] = OptimizerPlan(**{**o, "muon_params": tuple(o["muon_params"]), "adamw_params": tuple(o["adamw_params"])})
+            kw["optimizer"] = OptimizerPlan(**{**o, "muon_params": tuple(o["muon_params"]),
+                                               "adamw_params": tuple(o["adamw_params"])})
             kw["memory"] = MemoryBreakdown(**d["memory"])
             kw["time"] = TimeBreakdown(**d["time"])
             kw["notes"] = tuple(d.get("notes", ()))
@@ -204,14 +232,21 @@ class Plan:
             f"  units: {len(self.decisions) - n_rc - n_off} save, {n_rc} recompute, {n_off} offload",
             f"  optimizer: {o.name} ns_steps={o.ns_steps} state={o.state_dtype} "
             f"({len(o.muon_params)} Muon params, {len(o.adamw_params)} AdamW params)",
-            f"  batch: micro-batch {self.micro_batch_size} x {self.grad_accum_steps} accumulation steps",
+            f"  batch: micro-batch {self.micro_batch_size} x {self.grad_accum_steps} accumulation steps"
+            + (f"; loss in {self.loss_chunks} chunks" if self.loss_chunks else ""),
+            f"  weights: {self.weights or 'as profiled'}; optimizer step "
+            f"{'in backward (gradients freed as they complete)' if self.optimizer_in_backward else 'after backward'}; "
+            f"state {'offloaded to host memory' if o.offload else 'on the device'}",
             f"  memory at peak ({m.phase}): params {fmt_bytes(m.params_bytes)}, grads {fmt_bytes(m.grads_bytes)}, "
             f"optimizer state {fmt_bytes(m.optimizer_state_bytes)}, activations {fmt_bytes(m.saved_activation_bytes)}, "
             f"recompute {fmt_bytes(m.recompute_transient_bytes)}, optimizer step {fmt_bytes(m.optimizer_transient_bytes)}, "
-            f"other {fmt_bytes(m.other_transient_bytes)}; reserve {fmt_bytes(m.reserve_bytes)}",
+            f"other {fmt_bytes(m.other_transient_bytes)}; reserve {fmt_bytes(m.reserve_bytes)}"
+            + (f"; in host memory {fmt_bytes(m.host_bytes)}" if m.host_bytes else ""),
             f"  time: forward {fmt_ms(t.forward_ms)}, backward {fmt_ms(t.backward_ms)}, recompute {fmt_ms(t.recompute_ms)}, "
             f"NS {fmt_ms(t.ns_ms)}, optimizer {fmt_ms(t.optimizer_ms)}"
-            + (f", offload {fmt_ms(t.offload_ms)}" if t.offload_ms else ""),
+            + (f", offload {fmt_ms(t.offload_ms)}" if t.offload_ms else "")
+            + (f", state offload {fmt_ms(t.state_offload_ms)}" if t.state_offload_ms else "")
+            + (f", chunked loss {fmt_ms(t.loss_ms)}" if t.loss_ms else ""),
         ]
         lines += [f"  note: {n}" for n in self.notes]
         return "\n".join(lines)

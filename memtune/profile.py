@@ -28,7 +28,7 @@ from typing import Any
 from .errors import PlanFileError
 from .jsonfile import read_json_object
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -130,26 +130,48 @@ class OptimizerStepProfile:
     muon_params: tuple[str, ...]
     adamw_params: tuple[str, ...]
     state_bytes: int
-    """Distinct bytes of every state tensor."""
+    """Distinct bytes of every state tensor held on the device (all of it, unless offloaded)."""
     step_transient_bytes: int
-    """Peak bytes during the step minus the bytes live when it started."""
+    """Peak bytes during the step minus the bytes live when it started (device side)."""
     profiled: bool = False
     """The configuration the profiled training step ran (its step is in the timeline)."""
+    weights: str | None = None
+    """``None`` (parameters as profiled), ``bf16-sr`` or ``bf16-master`` (:mod:`memtune.stepping`)."""
+    offload: bool = False
+    """State kept in host memory and streamed to the device one parameter at a time."""
+    in_backward: bool = False
+    """Recorded one parameter at a time, as an optimizer step in backward runs it: then
+    ``param_step_bytes`` holds each parameter's step temporaries."""
+    host_state_bytes: int = 0
+    """State bytes held in host memory (with ``offload``)."""
+    param_step_bytes: tuple[tuple[str, int], ...] = ()
+    """(parameter FQN, temporaries of its update) for an in-backward recording."""
 
     @property
-    def key(self) -> tuple[str, str, int]:
-        return (self.name, self.state_dtype, self.ns_steps)
+    def key(self) -> tuple:
+        return (self.name, self.state_dtype, self.ns_steps, self.weights, self.offload, self.in_backward)
 
 
 @dataclass(frozen=True, kw_only=True)
 class StepRecording:
-    """A training step recorded at another micro-batch size, in gradient-accumulation mode:
-    every gradient of the earlier micro-batches is live from the start and backward adds into
-    it, then the optimizer steps. A plan that splits the batch into micro-batches of this size
-    is replayed on this recording (:meth:`ModelProfile.at_micro_batch`)."""
+    """The training step recorded again as a plan may change it (:meth:`ModelProfile.recording`):
 
-    micro_batch_size: int
+    * ``micro_batch_size``: at that micro-batch size, in gradient-accumulation mode: every
+      gradient of the earlier micro-batches is live from the start and backward adds into it;
+    * ``weights="bf16"``: with the parameters stored in bf16;
+    * ``in_backward``: with each parameter's gradient freed as soon as it is complete, and a
+      ``step`` event marking that moment (the plan's optimizer updates the parameter there);
+    * ``loss_chunks``: with the output head and loss computed in that many chunks."""
+
+    micro_batch_size: int | None = None
+    weights: str | None = None
+    in_backward: bool = False
+    loss_chunks: int | None = None
     sample: str
+    param_bytes: int
+    grad_bytes: int
+    optimizer_state_bytes: int
+    """State of the optimizer that was live during this recording (the plan's replaces it)."""
     outside_activation_bytes: int
     baseline_peak_bytes: int
     fwd_flops: int
@@ -204,10 +226,19 @@ class ModelProfile:
     kernels whose fake implementation differs from eager (what eager allocation was recorded)."""
     accumulating: bool = False
     """The step was recorded in gradient-accumulation mode (see :class:`StepRecording`)."""
+    in_backward: bool = False
+    """The step was recorded with gradients freed as they complete (see :class:`StepRecording`)."""
+    weights: str | None = None
+    """``None``: the model's own parameter dtypes; ``bf16``: recorded with bf16 parameters."""
+    loss_chunks: int | None = None
+    """Head and loss recorded in this many chunks (``None``: as the model computes them)."""
+    loss_chunking: str = ""
+    """How this model's loss can be chunked (``memtune.loss_chunking``); empty: it cannot."""
     optimizer_steps: tuple[OptimizerStepProfile, ...] = ()
     """Every optimizer configuration recorded for this model (:class:`memtune.PlanSpace`)."""
-    micro_batch_steps: tuple[StepRecording, ...] = ()
-    """The step recorded at each micro-batch size a plan may choose."""
+    step_variants: tuple[StepRecording, ...] = ()
+    """The step recorded as each plan variant changes it (micro-batch size, bf16 weights,
+    optimizer step in backward, chunked loss)."""
     allocation_granularity: int = 1
     """Every allocation is rounded up to this many bytes (512 for CUDA)."""
     profile_seconds: float = 0.0
@@ -234,10 +265,12 @@ class ModelProfile:
                 return u
         raise KeyError(f"no unit {fqn!r}; units are {list(self.unit_fqns)}")
 
-    def optimizer_step(self, name: str, state_dtype: str, ns_steps: int) -> OptimizerStepProfile | None:
+    def optimizer_step(self, name: str, state_dtype: str, ns_steps: int, *, weights: str | None = None,
+                       offload: bool = False, in_backward: bool = False) -> OptimizerStepProfile | None:
         """The recorded optimizer configuration with this key, or ``None``."""
+        key = (name, state_dtype, ns_steps, weights, offload, in_backward)
         for o in self.optimizer_steps:
-            if o.key == (name, state_dtype, ns_steps):
+            if o.key == key:
                 return o
         return None
 
@@ -245,26 +278,40 @@ class ModelProfile:
     def profiled_optimizer_step(self) -> OptimizerStepProfile | None:
         return next((o for o in self.optimizer_steps if o.profiled), None)
 
+    def variant_keys(self) -> tuple[tuple, ...]:
+        """(micro_batch_size, weights, in_backward, loss_chunks) of every recorded step, the
+        profiled one first as (None, None, False, None)."""
+        return ((None, None, False, None),) + tuple(
+            (r.micro_batch_size, r.weights, r.in_backward, r.loss_chunks) for r in self.step_variants)
+
     @property
     def micro_batch_sizes(self) -> tuple[int, ...]:
         """Micro-batch sizes with a recorded accumulation step, largest first."""
-        return tuple(sorted((r.micro_batch_size for r in self.micro_batch_steps), reverse=True))
+        return tuple(sorted({r.micro_batch_size for r in self.step_variants if r.micro_batch_size}, reverse=True))
+
+    def recording(self, micro_batch_size: int | None = None, *, weights: str | None = None, in_backward: bool = False,
+                  loss_chunks: int | None = None) -> "ModelProfile":
+        """This profile as a plan with these choices sees it: the step recorded that way,
+        as a profile of its own (the profiled step itself for the defaults). Raises
+        ``KeyError`` if it was not recorded."""
+        key = (micro_batch_size, weights, in_backward, loss_chunks)
+        if key == (None, None, False, None):
+            return self
+        cache = self.__dict__.setdefault("_variant_cache", {})
+        if key not in cache:
+            rec = next((r for r in self.step_variants
+                        if (r.micro_batch_size, r.weights, r.in_backward, r.loss_chunks) == key), None)
+            if rec is None:
+                raise KeyError(key)
+            fields = {f.name: getattr(rec, f.name) for f in dataclasses.fields(rec) if f.name != "micro_batch_size"}
+            cache[key] = dataclasses.replace(
+                self, **fields, batch_size=micro_batch_size or self.batch_size,
+                accumulating=micro_batch_size is not None, step_variants=())
+        return cache[key]
 
     def at_micro_batch(self, micro_batch_size: int | None) -> "ModelProfile":
-        """This profile as seen by a plan that runs micro-batches of ``micro_batch_size``: the
-        recorded accumulation step at that size (``None`` or the profiled batch without
-        accumulation: the profile itself). Raises ``KeyError`` if that size was not recorded."""
-        if micro_batch_size is None:
-            return self
-        cache = self.__dict__.setdefault("_micro_cache", {})
-        if micro_batch_size not in cache:
-            rec = next((r for r in self.micro_batch_steps if r.micro_batch_size == micro_batch_size), None)
-            if rec is None:
-                raise KeyError(micro_batch_size)
-            fields = {f.name: getattr(rec, f.name) for f in dataclasses.fields(rec) if f.name != "micro_batch_size"}
-            cache[micro_batch_size] = dataclasses.replace(self, **fields, batch_size=micro_batch_size,
-                                                          accumulating=True, micro_batch_steps=())
-        return cache[micro_batch_size]
+        """:meth:`recording` at a micro-batch size."""
+        return self.recording(micro_batch_size)
 
     @property
     def saved_activation_bytes(self) -> int:
@@ -309,10 +356,11 @@ class ModelProfile:
             kw["params"] = tuple(ParamInfo(**{**p, "shape": tuple(p["shape"])}) for p in d["params"])
             kw["optimizer_steps"] = tuple(
                 OptimizerStepProfile(**{**o, "muon_params": tuple(o["muon_params"]),
-                                        "adamw_params": tuple(o["adamw_params"])})
+                                        "adamw_params": tuple(o["adamw_params"]),
+                                        "param_step_bytes": tuple(tuple(x) for x in o.get("param_step_bytes", ()))})
                 for o in d.get("optimizer_steps", ()))
-            kw["micro_batch_steps"] = tuple(StepRecording(**{**r, **_recording_from_dict(r)})
-                                            for r in d.get("micro_batch_steps", ()))
+            kw["step_variants"] = tuple(StepRecording(**{**r, **_recording_from_dict(r)})
+                                        for r in d.get("step_variants", ()))
             return cls(**kw)
         except PlanFileError:
             raise

@@ -31,12 +31,14 @@ from torch.utils._pytree import tree_flatten, tree_map_only
 from .batching import LossFn, batch_size_of, describe, loss_from_output, split_batch, split_micro_batches
 from .devices import CUDA_ALLOCATION_GRANULARITY, CUDA_WORKSPACE_BYTES, DeviceSpec, resolve_device
 from .errors import SampleError, TraceError
+from . import loss_chunking
 from .fake_compat import EAGER_KERNELS, eager_hf_masking, raised_by_fake_kernel, training_configs
 from .optimizer_recording import optimizer_state_tensors, record_optimizer_step, unique_bytes
 from .optimizers import build_optimizer_for
 from .plan import STATE_DTYPES, OptimizerPlan
 from .profile import ModelProfile, OptimizerStepProfile, ParamInfo, StepRecording
 from .recorder import StepRecorder
+from .stepping import PlanOptimizer
 from .step_recording import assemble_recording, forward_loss, record_step
 from .units import UnitSpec, resolve_units
 
@@ -49,7 +51,7 @@ _DATA_DEPENDENT = ("DataDependentOutputException", "DynamicOutputShapeException"
 class PlanSpace:
     """What a profile records beyond the profiled step, so that every plan the planner may
     return is priced from a measurement. The defaults cover every plan :func:`memtune.plan`
-    can return with its default options."""
+    can return with its default options; narrower spaces profile faster."""
 
     optimizers: tuple[str, ...] | None = None
     """Optimizer families a plan may switch to (any of ``muon2``, ``muon``, ``adamw``);
@@ -62,9 +64,21 @@ class PlanSpace:
     micro_batch_sizes: tuple[int, ...] | None = None
     """Micro-batch sizes whose gradient-accumulation step is recorded; ``None``: the batch halved
     while it divides evenly, and 1 (8 → 4, 2, 1); ``()``: none."""
+    weights: tuple[str | None, ...] | None = None
+    """Parameter storage a plan may choose (``None`` as profiled, ``"bf16-sr"``, ``"bf16-master"``,
+    :mod:`memtune.stepping`); ``None``: all three when the trainable parameters are fp32."""
+    in_backward: tuple[bool, ...] = (False, True)
+    """Whether a plan may step the optimizer in backward."""
+    state_offload: tuple[bool, ...] | None = None
+    """Whether a plan may keep optimizer state in host memory; ``None``: both on a CUDA target,
+    only on-device on a CPU target (where host memory *is* the device)."""
+    loss_chunks: tuple[int | None, ...] | None = None
+    """Chunk counts of the head and loss a plan may choose; ``None``: as the model computes it,
+    and 8 chunks when the model allows (:func:`memtune.loss_chunking.support`)."""
 
     def __post_init__(self) -> None:
         from .optimizers import FAMILIES
+        from .stepping import WEIGHTS
 
         bad = [o for o in (self.optimizers or ()) if o not in FAMILIES]
         if bad:
@@ -75,6 +89,18 @@ class PlanSpace:
             raise ValueError(f"PlanSpace.ns_steps={self.ns_steps!r}: Newton-Schulz needs at least 1 step")
         if self.micro_batch_sizes is not None and any(m < 1 for m in self.micro_batch_sizes):
             raise ValueError(f"PlanSpace.micro_batch_sizes={self.micro_batch_sizes!r}: sizes must be >= 1")
+        if self.weights is not None and any(w not in WEIGHTS for w in self.weights):
+            raise ValueError(f"PlanSpace.weights={self.weights!r}: use a subset of {WEIGHTS}")
+        if self.loss_chunks is not None and any(c is not None and c < 2 for c in self.loss_chunks):
+            raise ValueError(f"PlanSpace.loss_chunks={self.loss_chunks!r}: use None or chunk counts >= 2")
+
+    @classmethod
+    def minimal(cls, **overrides) -> "PlanSpace":
+        """Only what a plan of unit decisions and state precisions needs: no micro-batches, no
+        bf16 weights, no in-backward step, no state offload, no chunked loss (fast profiles)."""
+        kw = dict(micro_batch_sizes=(), weights=(None,), in_backward=(False,), state_offload=(False,),
+                  loss_chunks=(None,))
+        return cls(**{**kw, **overrides})
 
     def micro_sizes(self, batch_size: int | None) -> tuple[int, ...]:
         if not batch_size or batch_size < 2:
@@ -91,6 +117,26 @@ class PlanSpace:
         if 1 not in sizes:
             sizes.append(1)
         return tuple(sizes)
+
+    def weight_options(self, params: dict[str, torch.Tensor]) -> tuple[str | None, ...]:
+        if self.weights is not None:
+            return tuple(dict.fromkeys((None, *self.weights)))
+        trainable = [p for p in params.values() if p.requires_grad and p.is_floating_point()]
+        fp32 = bool(trainable) and all(p.dtype == torch.float32 for p in trainable)
+        return (None, "bf16-sr", "bf16-master") if fp32 else (None,)
+
+    def offload_options(self, target_kind: str) -> tuple[bool, ...]:
+        if self.state_offload is not None:
+            return tuple(dict.fromkeys((False, *self.state_offload)))
+        return (False, True) if target_kind != "cpu" else (False,)
+
+    def chunk_options(self, chunkable: bool) -> tuple[int | None, ...]:
+        if self.loss_chunks is not None:
+            return tuple(dict.fromkeys((None, *self.loss_chunks))) if chunkable else (None,)
+        return (None, DEFAULT_LOSS_CHUNKS) if chunkable else (None,)
+
+
+DEFAULT_LOSS_CHUNKS = 8
 
 
 def profile(
@@ -118,8 +164,8 @@ def profile(
             name such as ``"A100-80GB"``, or a torch device.
         units: override the checkpointable units: FQNs, module types or a predicate.
         space: what else to record so plans can change it (:class:`PlanSpace`): optimizer
-            configurations and micro-batch sizes. Default: every plan the default planner
-            options can return.
+            configurations, micro-batch sizes, bf16 weights, in-backward stepping, state offload,
+            chunked loss. Default: every plan the default planner options can return.
     """
     t0 = time.perf_counter()
     if precision not in PRECISIONS:
@@ -130,6 +176,7 @@ def profile(
     explicit_units = units is not None
     unit_fqns = resolve_units(model, units)
     base_config, custom = _profiled_config(optimizer)
+    chunking = loss_chunking.support(model) if loss_fn is None else ""
 
     fake_mode = FakeTensorMode(allow_non_fake_inputs=False)
     named_params = dict(model.named_parameters())  # tied parameters appear once
@@ -138,12 +185,15 @@ def profile(
         fparams = {n: _fake_like(p).requires_grad_(p.requires_grad) for n, p in named_params.items()}
         fbuffers = {n: _fake_like(b) for n, b in named_buffers.items()}
         fsample = tree_map_only(torch.Tensor, _fake_like, sample)
+    weight_options = space.weight_options(named_params) if custom is None else (None,)
+    in_backward_options = space.in_backward if custom is None else (False,)
+    workspace = CUDA_WORKSPACE_BYTES if spec.kind == "cuda" else 0
+    foreach = spec.kind == "cuda"
 
     with training_configs(model):
         graph, tracer, tried = _capture_graph(model, unit_fqns, fake_mode, fparams, fbuffers, fsample, loss_fn,
                                               precision, sample)
         view = _FakeParamView(model, fparams)
-        foreach = spec.kind == "cuda"
         with fake_mode, eager_hf_masking():
             opt = custom(list(p for p in fparams.values() if p.requires_grad)) if custom else \
                 build_optimizer_for(view, base_config, foreach=foreach)
@@ -158,42 +208,77 @@ def profile(
                 rec.unit_io = {u: rec.unit_io[u] for u in unit_fqns}
             with_grad = set(rec.params_with_grad)
             unit_params = _unit_params(named_params, fparams, unit_fqns, granularity)
-            workspace = CUDA_WORKSPACE_BYTES if spec.kind == "cuda" else 0
             main = assemble_recording(rec, model, unit_fqns, workspace_bytes=workspace, unit_params=unit_params)
             assumptions = list(rec.assumptions)
-            state_bytes = unique_bytes(optimizer_state_tensors(opt), lambda t: _nbytes(t, granularity))
-            micro = []
+            nbytes = lambda t: _nbytes(t, granularity)  # noqa: E731
+            state_bytes = unique_bytes(optimizer_state_tensors(opt), nbytes)
             B = batch_size_of(sample)
-            for m in space.micro_sizes(B):
-                part = _slice_batch(fsample, B, m)
-                mrec = StepRecorder(granularity=granularity, target=spec.kind)
-                record_step(mrec, model, unit_fqns, fparams, fbuffers, part, loss_fn, precision, opt, static=(fsample,),
-                            accumulate_weight=m / B)
-                micro.append(StepRecording(micro_batch_size=m, sample=describe(part),
-                                           **assemble_recording(mrec, model, unit_fqns, workspace_bytes=workspace,
-                                                                unit_params=unit_params)))
-                assumptions += [a for a in mrec.assumptions if a not in assumptions]
+
+            # ---- the step as each plan variant changes it
+            variants: list[StepRecording] = []
+            step_order: tuple[str, ...] = ()
+            recorder_args = (model, unit_fqns, fbuffers, loss_fn, precision)
+            for w in dict.fromkeys("bf16" if w else None for w in weight_options):
+                params = fparams if w is None else _bf16_fakes(named_params)
+                if w is None:
+                    wopt = opt
+                else:  # the profiled optimizer on bf16 weights, updated as a bf16 plan would
+                    wopt = PlanOptimizer(build_optimizer_for(_FakeParamView(model, params), base_config,
+                                                             foreach=foreach), _FakeParamView(model, params),
+                                         weights="bf16-sr")
+                    _create_optimizer_state(wopt, params)
+                wparams = _unit_params(named_params, params, unit_fqns, granularity)
+                wstate = unique_bytes(optimizer_state_tensors(wopt), nbytes)
+                for chunks in space.chunk_options(bool(chunking)):
+                    shapes = [(None, ib) for ib in in_backward_options] + [(m, False) for m in space.micro_sizes(B)]
+                    for m, ib in shapes:
+                        if (m, w, ib, chunks) == (None, None, False, None):
+                            continue  # the profiled step itself
+                        vrec = StepRecorder(granularity=granularity, target=spec.kind)
+                        part = _slice_batch(fsample, B, m) if m else fsample
+                        loss_chunking.apply(model, chunks)
+                        try:
+                            # bf16 weights compute in bf16: the runtime runs their forward under bf16 autocast
+                            # (so fp32 inputs meet bf16 weights correctly), whatever the profiled precision.
+                            record_step(vrec, model, unit_fqns, params, fbuffers, part, loss_fn,
+                                        "bf16-mixed" if w else precision, wopt, static=(fsample,),
+                                        accumulate_weight=(m / B) if m else None, in_backward=ib)
+                        finally:
+                            loss_chunking.remove(model)
+                        if ib and not step_order:
+                            step_order = tuple(iv.unit for iv in vrec.intervals if iv.name == "step")
+                        fields = assemble_recording(vrec, model, unit_fqns, workspace_bytes=workspace,
+                                                    unit_params=wparams)
+                        variants.append(StepRecording(
+                            micro_batch_size=m, weights=w, in_backward=ib, loss_chunks=chunks, sample=describe(part),
+                            param_bytes=sum(_nbytes(t, granularity) for t in params.values()),
+                            grad_bytes=sum(_nbytes(t, granularity) for t in params.values() if t.requires_grad),
+                            optimizer_state_bytes=wstate, **fields))
+                        assumptions += [a for a in vrec.assumptions if a not in assumptions]
+                del wopt
             del opt
-            opt_steps = []
-            if custom is None:
-                # Optimizer steps need no autograd and no fake-tensor bookkeeping: plain meta tensors
-                # record the same allocations (checked in tests/test_profiler.py) at half the cost.
-                meta = {n: torch.empty_strided(tuple(p.shape), tuple(p.stride()), dtype=p.dtype, device="meta")
-                        .requires_grad_(p.requires_grad) for n, p in named_params.items()}
-                for cfg in _configs_to_record(base_config, space):
-                    opt_steps.append(record_optimizer_step(
-                        _FakeParamView(model, meta), meta, cfg, granularity=granularity, target=spec.kind,
-                        foreach=foreach, with_grad=with_grad, profiled=cfg.key == base_config.key))
-            else:
-                opt_steps.append(OptimizerStepProfile(
-                    name="custom", state_dtype="fp32", ns_steps=0, settings=None, muon_params=(),
-                    adamw_params=tuple(n for n, p in fparams.items() if p.requires_grad), state_bytes=state_bytes,
-                    step_transient_bytes=_profiled_step_transient(main["timeline"]), profiled=True))
             blockers = recompute_blockers(model, unit_fqns, fparams, fbuffers, fsample, loss_fn, precision)
+    opt_steps = []
+    if custom is None:
+        # Optimizer steps need no autograd and no fake-tensor bookkeeping: plain meta tensors
+        # record the same allocations (checked in tests/test_profiler.py) at half the cost.
+        for cfg, w, ib in _configs_to_record(base_config, space, weight_options, in_backward_options,
+                                             space.offload_options(spec.kind)):
+            meta = _meta_params(named_params, bf16=w is not None)
+            opt_steps.append(record_optimizer_step(
+                _FakeParamView(model, meta), meta, cfg, granularity=granularity, target=spec.kind,
+                foreach=foreach, with_grad=with_grad, weights=w, in_backward=ib, order=step_order,
+                profiled=(cfg.key == base_config.key and not cfg.offload and w is None and not ib)))
+    else:
+        opt_steps.append(OptimizerStepProfile(
+            name="custom", state_dtype="fp32", ns_steps=0, settings=None, muon_params=(),
+            adamw_params=tuple(n for n, p in fparams.items() if p.requires_grad), state_bytes=state_bytes,
+            step_transient_bytes=_profiled_step_transient(main["timeline"]), profiled=True))
     if blockers:
-        main["units"] = tuple(dataclasses.replace(u, recompute_blocker=blockers.get(u.fqn, "")) for u in main["units"])
-        micro = [dataclasses.replace(r, units=tuple(dataclasses.replace(u, recompute_blocker=blockers.get(u.fqn, ""))
-                                                    for u in r.units)) for r in micro]
+        def mark(units):
+            return tuple(dataclasses.replace(u, recompute_blocker=blockers.get(u.fqn, "")) for u in units)
+        main["units"] = mark(main["units"])
+        variants = [dataclasses.replace(r, units=mark(r.units)) for r in variants]
 
     params = tuple(
         ParamInfo(fqn=n, shape=tuple(p.shape), dtype=str(p.dtype).removeprefix("torch."),
@@ -208,10 +293,9 @@ def profile(
         buffer_bytes=sum(_nbytes(b, granularity) for b in fbuffers.values()),
         grad_bytes=sum(p.param_bytes for p, fp in zip(params, fparams.values()) if fp.requires_grad),
         optimizer_state_bytes=state_bytes,
-        input_bytes=unique_bytes([t for t in tree_flatten(fsample)[0] if isinstance(t, torch.Tensor)],
-                                 lambda t: _nbytes(t, granularity)),
+        input_bytes=unique_bytes([t for t in tree_flatten(fsample)[0] if isinstance(t, torch.Tensor)], nbytes),
         workspace_bytes=workspace, params=params, assumptions=tuple(assumptions), allocation_granularity=granularity,
-        optimizer_steps=tuple(opt_steps), micro_batch_steps=tuple(micro),
+        optimizer_steps=tuple(opt_steps), step_variants=tuple(variants), loss_chunking=chunking,
         profile_seconds=round(time.perf_counter() - t0, 3), torch_version=torch.__version__, graph=graph, **main,
     )
 
@@ -232,6 +316,19 @@ def _nbytes(t: torch.Tensor, granularity: int) -> int:
     from .devices import round_allocation
 
     return round_allocation(t.untyped_storage().nbytes(), granularity)
+
+
+def _bf16_fakes(named_params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Fake parameters as a bf16-weights plan stores them (call under the fake mode)."""
+    return {n: torch.empty_strided(tuple(p.shape), tuple(p.stride()),
+                                   dtype=torch.bfloat16 if p.is_floating_point() else p.dtype, device="cpu")
+            .requires_grad_(p.requires_grad) for n, p in named_params.items()}
+
+
+def _meta_params(named_params: dict[str, torch.Tensor], *, bf16: bool) -> dict[str, torch.Tensor]:
+    return {n: torch.empty_strided(tuple(p.shape), tuple(p.stride()),
+                                   dtype=torch.bfloat16 if bf16 and p.is_floating_point() else p.dtype, device="meta")
+            .requires_grad_(p.requires_grad) for n, p in named_params.items()}
 
 
 def _slice_batch(batch: Any, full: int, m: int) -> Any:
@@ -294,17 +391,20 @@ def _profiled_config(optimizer: OptimizerSpec) -> tuple[OptimizerPlan, Callable 
                      "or a callable")
 
 
-def _configs_to_record(base: OptimizerPlan, space: PlanSpace) -> list[OptimizerPlan]:
-    """Every (family, state precision, NS steps) the space allows, built like ``base``."""
+def _configs_to_record(base: OptimizerPlan, space: PlanSpace, weight_options, in_backward_options,
+                       offload_options) -> list[tuple[OptimizerPlan, str | None, bool]]:
+    """Every (optimizer configuration, weights, in-backward) the space allows, built like
+    ``base``. An fp32 master copy only makes sense in host memory, so ``bf16-master`` is
+    recorded with offloaded state only."""
     from .optim import OptimizerSettings
     from .optimizers import FAMILIES, ns_floor
 
     if base.name not in FAMILIES:
-        return [base]
+        return [(base, None, False)]
     families = space.optimizers if space.optimizers is not None else (base.name,)
     if base.name not in families:
         families = (base.name, *families)
-    out = {base.key: base}
+    configs = {base.key: base}
     for fam in families:
         ns_values = (0,) if fam == "adamw" else (
             space.ns_steps if space.ns_steps is not None else (ns_floor(fam),)) + ((base.ns_steps,) if fam == base.name else ())
@@ -315,8 +415,21 @@ def _configs_to_record(base: OptimizerPlan, space: PlanSpace) -> list[OptimizerP
                 else:
                     settings = {**base.settings, "name": fam}
                 cfg = OptimizerPlan(name=fam, state_dtype=dt, ns_steps=ns, settings=settings)
-                out.setdefault(cfg.key, cfg)
-    return list(out.values())
+                configs.setdefault(cfg.key, cfg)
+    out = []
+    for cfg in configs.values():
+        for offload in offload_options:
+            for w in weight_options:
+                if w == "bf16-master" and not offload:
+                    continue
+                for ib in in_backward_options:
+                    c = cfg if not offload else OptimizerPlan(**{**_fields(cfg), "offload": True})
+                    out.append((c, w, ib))
+    return out
+
+
+def _fields(obj) -> dict:
+    return {f: getattr(obj, f) for f in obj.__dataclass_fields__}
 
 
 # ----------------------------------------------------------------------------- graph

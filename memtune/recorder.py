@@ -64,6 +64,9 @@ class StorageRecord:
     freed: int | None = None
     holders: list[str] = field(default_factory=list)
     saved_outside: bool = False
+    excluded: bool = False
+    """Host memory, not counted (see :meth:`StepRecorder.exclude`)."""
+    trace_key: int | None = None
 
     @property
     def saved(self) -> bool:
@@ -244,6 +247,17 @@ class StepRecorder(TorchDispatchMode):
         self._bump_peak()
         return added
 
+    def exclude(self, t: torch.Tensor) -> None:
+        """Stop counting ``t``'s storage: it lives in host memory, not on the device being
+        modelled (offloaded optimizer state on a CUDA target)."""
+        st = t.untyped_storage()
+        entry = self._by_storage.get(st)
+        if entry is not None and not entry[0].excluded:
+            entry[0].excluded = True
+            self.live_bytes -= entry[0].nbytes
+            if self._trace is not None and entry[0].trace_key is not None:
+                self._trace.append(("f", entry[0].trace_key))
+
     def is_static(self, t: torch.Tensor) -> bool:
         return t.untyped_storage() in self._static
 
@@ -261,6 +275,8 @@ class StepRecorder(TorchDispatchMode):
             self._trace.append(("m", key, nbytes))
 
         def on_free(_ref, self=self, nbytes=nbytes, record=record, key=key):
+            if record is not None and record.excluded:
+                return
             self.live_bytes -= nbytes
             if self._trace is not None:
                 self._trace.append(("f", key))
@@ -269,6 +285,8 @@ class StepRecorder(TorchDispatchMode):
             else:
                 self.static_bytes -= nbytes
 
+        if record is not None:
+            record.trace_key = key
         # The weakref must outlive the storage for the callback to fire: keep it on the record map.
         ref = weakref.ref(st, on_free)
         if record is not None:

@@ -40,11 +40,14 @@ def forward_loss(model, fparams, fbuffers, fsample, loss_fn, precision) -> tuple
 
 
 def record_step(rec: StepRecorder, model, unit_fqns, fparams, fbuffers, fsample, loss_fn, precision, opt, *,
-                static: tuple = (), accumulate_weight: float | None = None) -> None:
+                static: tuple = (), accumulate_weight: float | None = None, in_backward: bool = False) -> None:
     """Run one training step under ``rec``. ``static`` are extra pre-existing tensors (the whole
     batch when ``fsample`` is a micro-batch view of it). With ``accumulate_weight``, every
     trainable parameter already holds a gradient and the loss is scaled by the weight before
-    backward (gradient accumulation, as the runtime does it)."""
+    backward (gradient accumulation, as the runtime does it). With ``in_backward``, each
+    gradient is freed as soon as it is complete, after a ``step`` event that marks where an
+    optimizer step in backward updates that parameter; the optimizer's state is live all step
+    and ``opt.step()`` does not run after backward."""
     from .optimizer_recording import optimizer_state_tensors
 
     modules = dict(model.named_modules())
@@ -89,6 +92,16 @@ def record_step(rec: StepRecorder, model, unit_fqns, fparams, fbuffers, fsample,
         for p in trainable:
             p.grad = torch.zeros_like(p)
     handles += rec.watch_grads(list(fparams.values()), live_from_start=accumulate_weight is not None)
+    if in_backward:
+        from .devices import round_allocation
+
+        def freed(name):
+            def hook(p):
+                rec.mark("step", name)
+                rec.grad_bytes -= round_allocation(p.grad.untyped_storage().nbytes(), rec.granularity)
+                p.grad = None
+            return hook
+        handles += [p.register_post_accumulate_grad_hook(freed(n)) for n, p in fparams.items() if p.requires_grad]
     for fqn in unit_fqns:
         handles.append(modules[fqn].register_forward_pre_hook(pre_hook(fqn), with_kwargs=True))
         handles.append(modules[fqn].register_forward_hook(post_hook(fqn), with_kwargs=True))
@@ -118,7 +131,7 @@ def record_step(rec: StepRecorder, model, unit_fqns, fparams, fbuffers, fsample,
             rec.params_with_grad = tuple(n for n, p in fparams.items() if p.grad is not None)  # type: ignore[attr-defined]
             rec.mark("bwd_done")
             rec.mark("optim_start")
-            if opt is not None:
+            if opt is not None and not in_backward:
                 opt.step()
             rec.mark("optim_end")
             if opt is not None:

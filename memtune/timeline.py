@@ -55,45 +55,79 @@ class UnrecordedPlanError(MemtuneError, KeyError):
 @dataclass(frozen=True, slots=True)
 class OptimizerMemory:
     state_bytes: int
+    """State held on the device for the whole step."""
     step_transient_bytes: int
+    """Temporaries of the optimizer step after backward (0 when it steps in backward)."""
+    param_step_bytes: dict[str, int] | None = None
+    """Per parameter, the temporaries of its update in backward (in-backward plans)."""
+    host_bytes: int = 0
+    """State kept in host memory instead."""
 
 
-def optimizer_memory(profile: ModelProfile, opt: OptimizerPlan) -> OptimizerMemory:
-    """State bytes and step temporaries of ``opt``, as recorded on ``profile``'s model. The
-    profiled configuration uses the step in the timeline itself."""
-    rec = profile.optimizer_step(*opt.key)
+def optimizer_memory(recording: ModelProfile, opt: OptimizerPlan, *, weights: str | None = None,
+                     in_backward: bool = False) -> OptimizerMemory:
+    """State and step temporaries of ``opt`` (stepped as ``weights``/``in_backward`` say), as
+    recorded on ``recording``'s model. The profiled configuration on the profiled step uses the
+    step in the timeline itself."""
+    rec = recording.optimizer_step(*opt.key, weights=weights, offload=opt.offload, in_backward=in_backward)
     if rec is None:
-        have = ", ".join("/".join(map(str, o.key)) for o in profile.optimizer_steps) or "none"
+        have = ", ".join(f"{o.name}/{o.state_dtype}/ns{o.ns_steps}" for o in recording.optimizer_steps
+                         if (o.weights, o.offload, o.in_backward) == (weights, opt.offload, in_backward))
+        extra = (f"weights={weights!r}, " if weights else "") + ("offloaded state, " if opt.offload else "") + \
+                ("stepped in backward, " if in_backward else "")
         raise UnrecordedPlanError(
-            f"the profile did not record optimizer {opt.name} with {opt.state_dtype} state and {opt.ns_steps} NS "
-            f"steps (recorded: {have}); re-profile with memtune.profile(..., space=memtune.PlanSpace("
-            f"optimizers=({opt.name!r},), ns_steps=({max(opt.ns_steps, 1)},))) so its memory is measured")
-    if rec.profiled:
-        ev = profile.timeline
+            f"the profile did not record optimizer {opt.name} with {opt.state_dtype} state and {opt.ns_steps} NS steps "
+            f"({extra or 'as profiled, '}recorded: {have or 'none'}); re-profile with memtune.profile(..., "
+            f"space=memtune.PlanSpace(optimizers=({opt.name!r},), ns_steps=({max(opt.ns_steps, 1)},))) so its memory "
+            "is measured")
+    profiled_step = not (recording.accumulating or recording.in_backward or recording.weights or recording.loss_chunks)
+    if rec.profiled and profiled_step:  # the profiled configuration on the profiled step
+        ev = recording.timeline
         i = next(i for i, e in enumerate(ev) if e.name == "optim_start")
-        return OptimizerMemory(profile.optimizer_state_bytes, ev[i].peak_bytes - ev[i].live_bytes)
-    return OptimizerMemory(rec.state_bytes, rec.step_transient_bytes)
+        return OptimizerMemory(recording.optimizer_state_bytes, ev[i].peak_bytes - ev[i].live_bytes)
+    if in_backward:
+        return OptimizerMemory(rec.state_bytes, 0, dict(rec.param_step_bytes), rec.host_state_bytes)
+    return OptimizerMemory(rec.state_bytes, rec.step_transient_bytes, None, rec.host_state_bytes)
 
 
-def recording_for(profile: ModelProfile, micro_batch_size: int | None, grad_accum_steps: int = 1) -> ModelProfile:
-    """The recorded step a plan with this batching replays."""
-    if micro_batch_size is None or (micro_batch_size == profile.batch_size and grad_accum_steps <= 1):
-        return profile
+def recording_for(profile: ModelProfile, micro_batch_size: int | None, grad_accum_steps: int = 1, *,
+                  weights: str | None = None, in_backward: bool = False, loss_chunks: int | None = None) -> ModelProfile:
+    """The recorded step a plan with these choices replays."""
+    if micro_batch_size is not None and micro_batch_size == profile.batch_size and grad_accum_steps <= 1:
+        micro_batch_size = None
+    key_weights = "bf16" if weights else None
     try:
-        return profile.at_micro_batch(micro_batch_size)
+        return profile.recording(micro_batch_size, weights=key_weights, in_backward=in_backward, loss_chunks=loss_chunks)
     except KeyError:
+        what = ", ".join(x for x in (f"micro-batches of {micro_batch_size}" if micro_batch_size else "",
+                                     "bf16 weights" if weights else "", "the optimizer step in backward" if in_backward
+                                     else "", f"the loss in {loss_chunks} chunks" if loss_chunks else "") if x)
+        space = ", ".join(x for x in (f"micro_batch_sizes=({micro_batch_size},)" if micro_batch_size else "",
+                                      f"weights=({weights!r},)" if weights else "",
+                                      "in_backward=(False, True)" if in_backward else "",
+                                      f"loss_chunks=({loss_chunks},)" if loss_chunks else "") if x)
         raise UnrecordedPlanError(
-            f"the profile did not record micro-batches of {micro_batch_size} (recorded: "
-            f"{list(profile.micro_batch_sizes) or 'none'}); re-profile with memtune.profile(..., "
-            f"space=memtune.PlanSpace(micro_batch_sizes=({micro_batch_size},)))") from None
+            f"the profile did not record the step with {what}; re-profile with memtune.profile(..., "
+            f"space=memtune.PlanSpace({space}))") from None
+
+
+def plan_recording(profile: ModelProfile, plan) -> ModelProfile:
+    """:func:`recording_for` a :class:`~memtune.plan.Plan` (or a planner's configuration)."""
+    return recording_for(profile, plan.micro_batch_size, plan.grad_accum_steps, weights=plan.weights,
+                         in_backward=plan.optimizer_in_backward, loss_chunks=plan.loss_chunks)
+
+
+def plan_optimizer_memory(recording: ModelProfile, plan) -> OptimizerMemory:
+    return optimizer_memory(recording, plan.optimizer, weights=plan.weights, in_backward=plan.optimizer_in_backward)
 
 
 class ConfigConstants:
     """What one optimizer configuration fixes on a timeline, before any unit decision."""
 
-    __slots__ = ("c", "fixed_peak", "opt_vals", "a", "state_bytes")
+    __slots__ = ("c", "fixed_peak", "opt_vals", "a", "state_bytes", "s_vals", "host_bytes")
 
-    def __init__(self, *, c: np.ndarray, fixed_peak: float, opt_vals: np.ndarray, a: np.ndarray, state_bytes: int):
+    def __init__(self, *, c: np.ndarray, fixed_peak: float, opt_vals: np.ndarray, a: np.ndarray, state_bytes: int,
+                 s_vals: np.ndarray, host_bytes: int = 0):
         self.c = c
         """Per interval: its peak with nothing dropped (optimizer intervals included, unused)."""
         self.fixed_peak = fixed_peak
@@ -103,6 +137,9 @@ class ConfigConstants:
         self.a = a
         """Per unit: the recompute-time peak at its backward start with nothing dropped."""
         self.state_bytes = state_bytes
+        self.s_vals = s_vals
+        """Per in-backward step event: live bytes there plus that parameter's update temporaries."""
+        self.host_bytes = host_bytes
 
 
 class TimelineModel:
@@ -178,6 +215,9 @@ class TimelineModel:
         self.grad = np.array([e.grad_bytes for e in ev], dtype=np.float64)
         self.is_opt = np.zeros(n, dtype=bool)
         self.is_opt[self.optim_start:self.optim_end] = True
+        # In-backward recordings: a "step" event where each parameter's gradient is complete.
+        self.step_idx = np.array([i for i, e in enumerate(ev) if e.name == "step"], dtype=np.int64)
+        self.step_params = [ev[i].unit for i in self.step_idx]
 
     # ------------------------------------------------------------------ per configuration
     def constants(self, opt: OptimizerMemory) -> ConfigConstants:
@@ -189,7 +229,13 @@ class TimelineModel:
         ok = self.bs >= 0
         i = self.bs[ok]
         a[ok] = self.live[i] + delta + self.ft[ok]
-        return ConfigConstants(c=c, fixed_peak=fixed, opt_vals=opt_vals, a=a, state_bytes=opt.state_bytes)
+        per_param = opt.param_step_bytes or {}
+        if len(self.step_idx) and opt.param_step_bytes is None:
+            raise ValueError("an in-backward recording needs the optimizer's per-parameter recording")
+        s_vals = self.live[self.step_idx] + delta + np.array([per_param.get(f, 0) for f in self.step_params],
+                                                            dtype=np.float64)
+        return ConfigConstants(c=c, fixed_peak=fixed, opt_vals=opt_vals, a=a, state_bytes=opt.state_bytes,
+                               s_vals=s_vals, host_bytes=opt.host_bytes)
 
     # ------------------------------------------------------------------ evaluation
     def drops(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -213,6 +259,8 @@ class TimelineModel:
         D, R = self.drops(x)
         vals = cc.c - D
         best = max(cc.fixed_peak, float(vals[~self.is_opt].max()))
+        if len(self.step_idx):
+            best = max(best, float((cc.s_vals - D[self.step_idx]).max()))
         rc = r > 0.5
         if rc.any():
             idx = np.nonzero(rc & (self.bs >= 0))[0]
@@ -225,6 +273,7 @@ class TimelineModel:
         D, R = self.drops(x)
         ev = self.profile.timeline
         by_bwd = {int(self.bs[k]): k for k in range(self.N) if self.bs[k] >= 0}
+        by_step = {int(i): j for j, i in enumerate(self.step_idx)}
         best = None
         for i in range(self.n):
             nonact = self.static + self.base_state + self.grad[i]
@@ -240,6 +289,12 @@ class TimelineModel:
                     rpeak = cc.a[k] - D[i] - R[k]
                     if rpeak > cand[0]:
                         cand = (rpeak, f"recompute:{self.fqns[k]}", start, self.ft[k], 0.0, 0.0, i)
+                j = by_step.get(i)
+                if j is not None:
+                    speak = cc.s_vals[j] - D[i]
+                    if speak > cand[0]:
+                        cand = (speak, f"optimizer-in-backward:{self.step_params[j]}", act_live, 0.0,
+                                cc.s_vals[j] - self.live[i] - (cc.state_bytes - self.base_state), 0.0, i)
             if best is None or cand[0] > best[0]:
                 best = cand
         peak, phase, act, rc, opt_tmp, other, i = best
@@ -247,7 +302,8 @@ class TimelineModel:
             peak_bytes=int(math.ceil(peak)), params_bytes=int(self.static), grads_bytes=int(self.grad[i]),
             optimizer_state_bytes=int(cc.state_bytes), saved_activation_bytes=int(act),
             recompute_transient_bytes=int(rc), optimizer_transient_bytes=int(opt_tmp), other_transient_bytes=int(other),
-            reserve_bytes=reserve_bytes, phase=phase)
+            reserve_bytes=reserve_bytes, phase=phase,
+            host_bytes=int(cc.host_bytes) if self.profile.target != "cpu" else 0)
 
     def indicators(self, decisions: dict[str, Decision]) -> tuple[np.ndarray, np.ndarray]:
         """(x, r) vectors of a decision dict (units it omits are SAVE)."""

@@ -114,13 +114,22 @@ class GPT(nn.Module):
         elif isinstance(m, nn.Embedding):
             nn.init.normal_(m.weight, mean=0.0, std=0.02)
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *,
+                loss_chunks: int | None = None) -> torch.Tensor:
+        """Logits, or the mean cross-entropy against ``targets``; with ``loss_chunks`` the head
+        and loss run in that many checkpointed chunks, so full logits never exist
+        (:mod:`memtune.loss_chunking`)."""
         T = idx.shape[1]
         pos = torch.arange(T, device=idx.device)
         x = self.transformer.wte(idx) + self.transformer.wpe(pos)
         for block in self.transformer.h:
             x = block(x)
-        logits = self.lm_head(self.transformer.ln_f(x))
+        x = self.transformer.ln_f(x)
+        if isinstance(loss_chunks, int) and loss_chunks > 1 and targets is not None and torch.is_grad_enabled():
+            from memtune.loss_chunking import chunked_cross_entropy
+
+            return chunked_cross_entropy(x, self.lm_head, targets, loss_chunks)
+        logits = self.lm_head(x)
         if targets is None:
             return logits
         return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))

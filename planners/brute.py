@@ -23,7 +23,19 @@ class BrutePlanner:
             raise ValueError(f"brute force takes at most {MAX_UNITS} units, got {len(profile.units)}; use 'exact'")
         best = None
         fqns = [u.fqn for u in profile.units]
+        tiers = sorted({cfg.lossiness if options.prefer_lossless else 0 for cfg in configs(profile, options)})
+        for tier in tiers:
+            best = self._best(profile, budget, options, fqns, tier)
+            if best is not None:
+                return best
+        from .infeasible import infeasible_error
+        raise infeasible_error(profile, budget, options)
+
+    def _best(self, profile, budget, options, fqns, tier):
+        best = None
         for cfg in configs(profile, options):
+            if (cfg.lossiness if options.prefer_lossless else 0) != tier:
+                continue
             table = costs_for(profile, cfg, options)
             for combo in itertools.product(*(unit_choices(profile, options, f) for f in fqns)):
                 plan = make_plan(profile, budget, cfg, dict(zip(fqns, combo)), planner=self.name, options=options,
@@ -31,7 +43,4 @@ class BrutePlanner:
                 if plan.predicted_peak_bytes <= budget.usable_bytes and (
                         best is None or plan.predicted_step_ms < best.predicted_step_ms):
                     best = plan
-        if best is None:
-            from .infeasible import infeasible_error
-            raise infeasible_error(profile, budget, options)
         return best

@@ -50,13 +50,17 @@ class ExactPlanner:
         cands = []
         for cfg in configs(profile, options):
             table = costs_for(profile, cfg, options)
-            cands.append((table.base.total_ms, cfg.key, cfg, table))
-        cands.sort(key=lambda t: (t[0], t[1]))
+            tier = cfg.lossiness if options.prefer_lossless else 0
+            cands.append((tier, table.base.total_ms, cfg.key, cfg, table))
+        cands.sort(key=lambda t: (t[0], t[1], t[2]))
         best: Plan | None = None
+        best_tier = None
         deadline = time.perf_counter() + options.time_limit_s
-        for base_ms, _, cfg, table in cands:
-            if best is not None and base_ms >= best.predicted_step_ms - 1e-12:
-                break
+        for tier, base_ms, _, cfg, table in cands:
+            if best is not None and (tier > best_tier or base_ms >= best.predicted_step_ms - 1e-12):
+                if tier > best_tier:
+                    break  # a less exact configuration is only tried when no more exact one fits
+                continue
             tm, cc = timeline_for(profile, cfg)
             if cc.fixed_peak > U:
                 continue
@@ -92,6 +96,7 @@ class ExactPlanner:
                     continue
             if best is None or plan.predicted_step_ms < best.predicted_step_ms - 1e-12:
                 best = dataclasses.replace(plan, notes=notes) if notes else plan
+                best_tier = tier
         if best is None:
             from .infeasible import infeasible_error
             raise infeasible_error(profile, budget, options)
@@ -165,6 +170,11 @@ def solve_config(tm: TimelineModel, cc: ConfigConstants, table, U: float, *, all
             add([(iD + i, -1.0), (iP, -1.0)], -np.inf, -cc.c[i] / S)
         else:
             add([(iD + i, -1.0)], -np.inf, Us - cc.c[i] / S)
+    for j, i in enumerate(tm.step_idx):  # an optimizer step in backward: that parameter's update
+        if minimize_peak:
+            add([(iD + int(i), -1.0), (iP, -1.0)], -np.inf, -cc.s_vals[j] / S)
+        else:
+            add([(iD + int(i), -1.0)], -np.inf, Us - cc.s_vals[j] / S)
     kmax = tm.unsaved.sum() / S
     restored: dict[int, list[int]] = {}
     for g in range(G):

@@ -39,11 +39,15 @@ class GreedyPlanner:
     def plan(self, profile: ModelProfile, budget: Budget, *, options: PlannerOptions) -> Plan:
         U = float(budget.usable_bytes)
         cands = sorted(((costs_for(profile, c, options), c) for c in configs(profile, options)),
-                       key=lambda t: (t[0].base.total_ms, t[1].key))
+                       key=lambda t: (t[1].lossiness if options.prefer_lossless else 0, t[0].base.total_ms, t[1].key))
         best = None
+        best_tier = None
         for table, cfg in cands:
-            if best is not None and table.base.total_ms >= best.predicted_step_ms - 1e-12:
-                break
+            tier = cfg.lossiness if options.prefer_lossless else 0
+            if best is not None and (tier > best_tier or table.base.total_ms >= best.predicted_step_ms - 1e-12):
+                if tier > best_tier:
+                    break  # a less exact configuration is only tried when no more exact one fits
+                continue
             tm, cc = timeline_for(profile, cfg)
             if cc.fixed_peak > U:
                 continue
@@ -55,6 +59,7 @@ class GreedyPlanner:
                 continue  # the vectorized model and predict_peak disagree (float rounding): skip
             if best is None or plan.predicted_step_ms < best.predicted_step_ms - 1e-12:
                 best = plan
+                best_tier = tier
         if best is None:
             # Local search can miss plans that need several units changed at once (docs/planners.md).
             # The most frugal plan (a min-peak MILP up to max_exact_units units) settles it.
@@ -65,8 +70,8 @@ class GreedyPlanner:
                 raise infeasible_error(profile, budget, options, frugal=frugal)
             note = ("the greedy search found no plan; this is the most memory-frugal plan "
                     "(minimum-peak MILP), which fits but is not time-optimized")
-            return make_plan(profile, budget, Config(frugal.optimizer, frugal.micro_batch_size,
-                                                     frugal.grad_accum_steps),
+            return make_plan(profile, budget, Config(frugal.optimizer, frugal.micro_batch_size, frugal.grad_accum_steps,
+                                                     frugal.weights, frugal.optimizer_in_backward, frugal.loss_chunks),
                              frugal.decisions, planner=self.name, options=options, notes=(note,))
         return best
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from memtune.budget import Budget
 from memtune.errors import InfeasibleBudgetError
-from memtune.timeline import optimizer_memory, recording_for
+from memtune.timeline import plan_optimizer_memory, plan_recording
 from memtune.plan import Plan
 from memtune.profile import ModelProfile
 from memtune.units_fmt import fmt_bytes
@@ -21,8 +21,10 @@ def most_frugal_plan(profile: ModelProfile, budget: Budget, options: PlannerOpti
 
     best = None
     for cfg in configs(profile, options):
-        table = costs_for(profile, cfg, options)
         tm, cc = timeline_for(profile, cfg)
+        if best is not None and cc.fixed_peak > best.predicted_peak_bytes:
+            continue  # its optimizer step alone peaks above the best plan found: it cannot be more frugal
+        table = costs_for(profile, cfg, options)
         if tm.N <= options.max_exact_units:
             sol = solve_config(tm, cc, table, 0.0, allow_offload=offload_allowed(profile, options),
                                time_limit_s=options.time_limit_s, minimize_peak=True)
@@ -44,8 +46,7 @@ def infeasible_error(profile: ModelProfile, budget: Budget, options: PlannerOpti
     frugal = frugal or most_frugal_plan(profile, budget, options)
     reserve = budget.budget_bytes - budget.usable_bytes
     min_budget = frugal.predicted_peak_bytes + reserve
-    opt_mem = optimizer_memory(recording_for(profile, frugal.micro_batch_size, frugal.grad_accum_steps),
-                               frugal.optimizer)
+    opt_mem = plan_optimizer_memory(plan_recording(profile, frugal), frugal)
     consumers = [("parameters and buffers", profile.param_bytes + profile.buffer_bytes),
                  ("gradients", profile.grad_bytes),
                  (f"optimizer state ({frugal.optimizer.name}, {frugal.optimizer.state_dtype})", opt_mem.state_bytes),
@@ -58,6 +59,22 @@ def infeasible_error(profile: ModelProfile, budget: Budget, options: PlannerOpti
         suggestions.append("allow_microbatching=True (smaller micro-batches with gradient accumulation)")
     if not options.allow_offload and profile.target == "cuda":
         suggestions.append("allow_offload=True (saved activations to pinned host memory)")
+    levers = {(o.weights, o.offload, o.in_backward) for o in profile.optimizer_steps}
+    if not any(w for w, _, _ in levers):
+        suggestions.append("bf16 weights (profile with space=memtune.PlanSpace(weights=(None, 'bf16-sr')))")
+    elif options.weights is not None and not any(options.weights):
+        suggestions.append("weights=(None, 'bf16-sr', 'bf16-master') (bf16 parameters)")
+    if not options.allow_optimizer_in_backward:
+        suggestions.append("allow_optimizer_in_backward=True (gradients freed as they complete)")
+    elif not any(ib for _, _, ib in levers):
+        suggestions.append("the optimizer step in backward (profile with space=memtune.PlanSpace(in_backward=(False, True)))")
+    if profile.target != "cpu":
+        if not options.allow_state_offload:
+            suggestions.append("allow_state_offload=True (optimizer state in host memory)")
+        elif not any(off for _, off, _ in levers):
+            suggestions.append("optimizer-state offload (profile with space=memtune.PlanSpace(state_offload=(False, True)))")
+    if profile.loss_chunking and not options.allow_loss_chunking:
+        suggestions.append("allow_loss_chunking=True (head and loss in chunks)")
     if options.state_dtypes is not None and "int8" not in options.state_dtypes:
         suggestions.append("state_dtypes including 'int8' (8-bit optimizer state)")
     names = options.optimizer_names or (profile.optimizer,)
@@ -66,8 +83,13 @@ def infeasible_error(profile: ModelProfile, budget: Budget, options: PlannerOpti
         suggestions.append("optimizer='muon' (one state buffer per hidden matrix instead of two"
                            + ("" if recorded else "; profile with space=memtune.PlanSpace(optimizers=('muon',))") + ")")
     what = ", ".join(f"{n} {fmt_bytes(b)}" for n, b in consumers[:4])
+    extras = ", ".join(x for x in (f"{frugal.weights} weights" if frugal.weights else "",
+                                   "optimizer step in backward" if frugal.optimizer_in_backward else "",
+                                   "state in host memory" if frugal.optimizer.offload else "",
+                                   f"loss in {frugal.loss_chunks} chunks" if frugal.loss_chunks else "") if x)
     msg = (f"no plan fits {budget}: the most memory-frugal allowed plan ({len(frugal.recompute_units)} of "
            f"{len(profile.units)} units recomputed, {frugal.optimizer.state_dtype} optimizer state, micro-batch "
-           f"{frugal.micro_batch_size or profile.batch_size}) peaks at {fmt_bytes(frugal.predicted_peak_bytes)} "
+           f"{frugal.micro_batch_size or profile.batch_size}{', ' + extras if extras else ''}) peaks at "
+           f"{fmt_bytes(frugal.predicted_peak_bytes)} "
            f"({frugal.memory.phase}). Biggest consumers: {what}. To fit, use " + "; or ".join(suggestions) + ".")
     return InfeasibleBudgetError(msg, min_feasible_bytes=min_budget, top_consumers=consumers, suggestions=suggestions)

@@ -13,8 +13,8 @@ from memtune.memory_model import predict_peak
 from memtune.optimizers import FAMILIES, NAMES, ns_floor
 from memtune.plan import STATE_DTYPES, Decision, OptimizerPlan, Plan
 from memtune.profile import ModelProfile
-from memtune.timeline import (ConfigConstants, TimelineModel, UnrecordedPlanError, optimizer_memory, recording_for,
-                              timeline_model)
+from memtune.timeline import (ConfigConstants, TimelineModel, UnrecordedPlanError, plan_optimizer_memory,
+                              plan_recording, timeline_model)
 
 
 
@@ -44,6 +44,22 @@ class PlannerOptions:
     """Allow splitting the global batch into micro-batches with gradient accumulation."""
     global_batch_size: int | None = None
     """Samples per optimizer step; ``None``: the profiled batch size."""
+    weights: tuple[str | None, ...] | None = None
+    """Parameter storage allowed: ``None`` (as profiled), ``"bf16-sr"``, ``"bf16-master"``
+    (:mod:`memtune.stepping`); ``None``: every one the profile recorded. bf16 weights change the
+    training numerics, so they are chosen only when nothing more exact fits."""
+    allow_optimizer_in_backward: bool = True
+    """Allow stepping the optimizer in backward (gradients freed as they complete). Turn it off
+    when training clips the global gradient norm, which needs every gradient at once."""
+    allow_state_offload: bool = True
+    """Allow optimizer state in host memory (CUDA targets; priced at host-link bandwidth)."""
+    allow_loss_chunking: bool = True
+    """Allow computing the head and loss in chunks, where the model allows."""
+    prefer_lossless: bool = True
+    """Choose among the plans that change the training numerics least (see
+    :func:`lossiness`) before looking at step time: only when no exact plan fits does the planner
+    reorder summations (micro-batching, chunked loss), then lower state precision, then bf16
+    weights. ``False``: the fastest plan that fits, whatever it changes."""
     micro_batch_sizes: tuple[int, ...] | None = None
     """Micro-batch sizes to consider (each must divide the global batch and be recorded);
     ``None``: every recorded size that divides it."""
@@ -92,10 +108,36 @@ class Config:
     optimizer: OptimizerPlan
     micro_batch_size: int | None
     grad_accum_steps: int
+    weights: str | None = None
+    optimizer_in_backward: bool = False
+    loss_chunks: int | None = None
 
     @property
     def key(self) -> tuple:
-        return (self.optimizer.name, self.optimizer.state_dtype, self.optimizer.ns_steps, self.micro_batch_size or 0)
+        return (self.optimizer.name, self.optimizer.state_dtype, self.optimizer.ns_steps, self.optimizer.offload,
+                self.weights or "", self.optimizer_in_backward, self.micro_batch_size or 0, self.loss_chunks or 0)
+
+    @property
+    def lossiness(self) -> int:
+        return lossiness(self)
+
+
+LOSSINESS = {"micro_batching": 1, "loss_chunks": 1, "bf16": 2, "int8": 3, "bf16-master": 2, "bf16-sr": 4}
+"""How far a choice moves training from the exact fp32 step (higher: further). Unit decisions,
+the optimizer step in backward and state offload change no number (0). Micro-batching and a
+chunked loss only reorder sums. bf16/int8 state and bf16 weights round values."""
+
+
+def lossiness(config) -> int:
+    """Sum of :data:`LOSSINESS` over what a configuration (or a Plan) changes."""
+    score = 0
+    if config.grad_accum_steps > 1:
+        score += LOSSINESS["micro_batching"]
+    if config.loss_chunks:
+        score += LOSSINESS["loss_chunks"]
+    score += LOSSINESS.get(config.optimizer.state_dtype, 0)
+    score += LOSSINESS.get(config.weights or "", 0)
+    return score
 
 
 def configs(profile: ModelProfile, options: PlannerOptions) -> list[Config]:
@@ -122,6 +164,10 @@ def configs(profile: ModelProfile, options: PlannerOptions) -> list[Config]:
             sizes = tuple(m for m in recorded if G % m == 0) + ((G,) if G == B else ())
     else:
         sizes = (G,)
+    variants = set(profile.variant_keys())
+    weights_allowed = options.weights if options.weights is not None else (None, "bf16-sr", "bf16-master")
+    in_backward_options = (False, True) if options.allow_optimizer_in_backward else (False,)
+    chunk_options = tuple(dict.fromkeys(k[3] for k in variants)) if options.allow_loss_chunking else (None,)
     out = []
     for opt in optimizers:
         for m in sorted(set(sizes), reverse=True):
@@ -130,12 +176,25 @@ def configs(profile: ModelProfile, options: PlannerOptions) -> list[Config]:
                 raise UnrecordedPlanError(
                     f"a global batch of {G} in micro-batches of {m} needs a recorded accumulation step at {m}; "
                     f"re-profile with memtune.profile(..., space=memtune.PlanSpace(micro_batch_sizes=({m},)))")
-            out.append(Config(opt, mb, G // m))
+            for w in weights_allowed:
+                for ib in in_backward_options:
+                    if ib and G // m > 1:
+                        continue  # accumulation needs the gradients that in-backward stepping frees
+                    for chunks in chunk_options:
+                        if (mb, "bf16" if w else None, ib, chunks) not in variants:
+                            continue
+                        if profile.optimizer_step(*opt.key, weights=w, offload=opt.offload, in_backward=ib) is None:
+                            continue
+                        out.append(Config(opt, mb, G // m, w, ib, chunks))
+    if not out:
+        raise UnrecordedPlanError("no configuration the options allow was recorded in the profile; widen the options "
+                                  "or re-profile with a memtune.PlanSpace that covers them")
     return out
 
 
 def _optimizer_choices(profile: ModelProfile, options: PlannerOptions, name: str) -> list[OptimizerPlan]:
-    recorded = [o for o in profile.optimizer_steps if o.name == name]
+    recorded = [o for o in profile.optimizer_steps if o.name == name and not o.offload and not o.weights
+                and not o.in_backward]
     if not recorded:
         have = sorted({o.name for o in profile.optimizer_steps}) or ["none"]
         raise UnrecordedPlanError(
@@ -172,14 +231,23 @@ def _optimizer_choices(profile: ModelProfile, options: PlannerOptions, name: str
                 ns_values = [above[0] if above else have[-1]]
         for k in ns_values:
             rec = profile.optimizer_step(name, dt, k)
-            out.append(OptimizerPlan(name=name, ns_steps=k, state_dtype=dt, muon_params=rec.muon_params,
-                                     adamw_params=rec.adamw_params, settings=rec.settings))
+            for offload in ((False, True) if offload_allowed_state(profile, options) else (False,)):
+                if offload and not any(o.key[:3] == (name, dt, k) and o.offload for o in profile.optimizer_steps):
+                    continue
+                out.append(OptimizerPlan(name=name, ns_steps=k, state_dtype=dt, muon_params=rec.muon_params,
+                                         adamw_params=rec.adamw_params, settings=rec.settings, offload=offload))
     return out
 
 
 def costs_for(profile: ModelProfile, config: Config, options: PlannerOptions) -> CostTable:
     return cost_table(profile, optimizer=config.optimizer, micro_batch_size=config.micro_batch_size,
-                      grad_accum_steps=config.grad_accum_steps, device=options.device)
+                      grad_accum_steps=config.grad_accum_steps, device=options.device, weights=config.weights,
+                      in_backward=config.optimizer_in_backward, loss_chunks=config.loss_chunks)
+
+
+def offload_allowed_state(profile: ModelProfile, options: PlannerOptions) -> bool:
+    """Optimizer state in host memory frees device memory only where the two differ."""
+    return options.allow_state_offload and profile.target != "cpu"
 
 
 def offload_allowed(profile: ModelProfile, options: PlannerOptions) -> bool:
@@ -202,8 +270,9 @@ def make_plan(profile: ModelProfile, budget: Budget, config: Config, decisions: 
     decisions = {u.fqn: decisions.get(u.fqn, Decision.SAVE) for u in profile.units}
     draft = Plan(budget_bytes=budget.budget_bytes, usable_bytes=budget.usable_bytes, decisions=decisions,
                  optimizer=config.optimizer, micro_batch_size=config.micro_batch_size,
-                 grad_accum_steps=config.grad_accum_steps, planner=planner, profile_hash=fingerprint(profile),
-                 target=profile.target_name, notes=tuple(notes))
+                 grad_accum_steps=config.grad_accum_steps, weights=config.weights,
+                 optimizer_in_backward=config.optimizer_in_backward, loss_chunks=config.loss_chunks, planner=planner,
+                 profile_hash=fingerprint(profile), target=profile.target_name, notes=tuple(notes))
     memory = predict_peak(profile, draft)
     time = apply_decisions(table or costs_for(profile, config, options), decisions)
     return Plan(**{**_fields(draft), "predicted_peak_bytes": memory.peak_bytes, "memory": memory,
@@ -222,9 +291,9 @@ def fingerprint(profile: ModelProfile) -> str:
 def timeline_for(profile: ModelProfile, config: Config) -> tuple[TimelineModel, ConfigConstants]:
     """The timeline a configuration replays (its micro-batch recording) and its constants
     (its recorded optimizer step)."""
-    recording = recording_for(profile, config.micro_batch_size, config.grad_accum_steps)
+    recording = plan_recording(profile, config)
     tm = timeline_model(recording)
-    return tm, tm.constants(optimizer_memory(recording, config.optimizer))
+    return tm, tm.constants(plan_optimizer_memory(recording, config))
 
 
 def _round_ms(x: float) -> float:

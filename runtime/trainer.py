@@ -274,7 +274,8 @@ class Trainer:
         return split_micro_batches(batch, plan.micro_batch_size if plan.grad_accum_steps > 1 else None)
 
     def _autocast(self):
-        if self.precision == "bf16-mixed":
+        # bf16 weights compute in bf16 (autocast casts fp32 inputs to meet them), as profiled.
+        if self.precision == "bf16-mixed" or (self.plan is not None and self.plan.weights):
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return nullcontext()
 

@@ -90,6 +90,7 @@ def planned_step(model, batch, plan, opt, *, loss_fn=None, autocast: bool = Fals
     (cut by memtune.batching.split_micro_batches), each loss scaled by its share before backward,
     then one optimizer step."""
     total = 0.0
+    autocast = autocast or plan.weights is not None  # bf16 weights compute under bf16 autocast, as the runtime does
     parts = split_micro_batches(batch, plan.micro_batch_size if plan.grad_accum_steps > 1 else None)
     for part, weight in parts:
         args, kwargs, target = split_batch(part, loss_fn)

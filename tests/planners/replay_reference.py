@@ -7,11 +7,11 @@ from __future__ import annotations
 
 from memtune.plan import Decision, Plan
 from memtune.profile import ModelProfile
-from memtune.timeline import optimizer_memory, recording_for
+from memtune.timeline import plan_optimizer_memory, plan_recording
 
 
 def reference_peak(profile: ModelProfile, plan: Plan) -> int:
-    p = recording_for(profile, plan.micro_batch_size, plan.grad_accum_steps)
+    p = plan_recording(profile, plan)
     ev = p.timeline
     n = len(ev)
     fwd_end = {e.unit: i for i, e in reversed(list(enumerate(ev))) if e.name == "fwd_end"}
@@ -41,7 +41,7 @@ def reference_peak(profile: ModelProfile, plan: Plan) -> int:
             unsaved = sum(u.input_storage_bytes) - sum(p.storages[i].nbytes for i in u.input_storages)
             for i in range(fwd_end[u.fqn], bwd_start[u.fqn]):
                 dropped[i] -= max(0, unsaved)
-    opt = optimizer_memory(p, plan.optimizer)
+    opt = plan_optimizer_memory(p, plan)
     delta = opt.state_bytes - p.optimizer_state_bytes
     best = 0
     for i, e in enumerate(ev):
@@ -49,6 +49,8 @@ def reference_peak(profile: ModelProfile, plan: Plan) -> int:
             best = max(best, e.live_bytes + delta + opt.step_transient_bytes)
             continue
         best = max(best, e.peak_bytes + delta - dropped[i])
+        if e.name == "step":  # an optimizer step in backward updates this parameter here
+            best = max(best, e.live_bytes + delta - dropped[i] + opt.param_step_bytes[e.unit])
         for u, j in bwd_start.items():
             if j == i and plan.decisions.get(u) is Decision.RECOMPUTE:
                 best = max(best, e.live_bytes + delta - dropped[i] - restored[u] + p.unit(u).fwd_transient_bytes)

@@ -1,7 +1,6 @@
 """Synthetic chain profiles for the planner tests: valid :class:`ModelProfile` objects whose
-timeline, storages, units, micro-batch recordings and optimizer recordings follow the
-profiler's semantics (docs/profiler.md), with random sizes so that planners meet shapes no
-zoo model has.
+timeline, storages, units, step variants and optimizer recordings follow the profiler's
+semantics (docs/profiler.md), with random sizes so that planners meet shapes no zoo model has.
 
 A chain of ``n_units`` units, each with one weight matrix and a bias. Per unit, randomly:
 
@@ -12,10 +11,13 @@ A chain of ``n_units`` units, each with one weight matrix and a bias. Per unit, 
 * sometimes a storage also saved by code outside the units (never dropped).
 
 Live bytes at every event are the sum of what is alive then, peaks add random transients,
-gradients appear as backward proceeds (or are live from the start in the accumulation-mode
-micro-batch recordings, whose activations shrink with the micro-batch, not exactly
-linearly), and the optimizer step adds a random temporary. Every optimizer configuration a
-plan may choose is "recorded" with its own state bytes and step temporary.
+gradients appear as backward proceeds, and the optimizer step adds a random temporary. Every
+variant a plan may choose is "recorded" with the same structure: micro-batches (gradients live
+from the start, activations shrunk, not exactly linearly), bf16 weights (half the parameter
+bytes and activations), the optimizer step in backward (a ``step`` event per parameter where
+its gradient is complete and then freed) and a chunked loss (smaller head activations). Every
+optimizer configuration is recorded with its own state, step temporary and per-parameter
+in-backward temporaries; CUDA-target profiles also record offloaded state.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ from memtune.plan import STATE_DTYPES
 from memtune.profile import (ModelProfile, OptimizerStepProfile, ParamInfo, StepRecording, StorageInfo, TimelineEvent,
                              UnitProfile)
 
+LOSS_CHUNKS = 4
+
 
 @dataclass
 class _Chain:
@@ -37,10 +41,12 @@ class _Chain:
     fe: list[int]
     loss: int
     bs: dict[int, int]
+    steps: dict[int, list[tuple[str, int]]]   # unit -> [(param fqn, event index)] when stepping in backward
+    head_steps: list[tuple[str, int]]
     bwd_end: int
     n_events: int
     storages: list[tuple] = field(default_factory=list)   # (bytes, created, freed, producer, holders, outside, blob)
-    blobs: list[tuple] = field(default_factory=list)      # (bytes, created, freed, is_activation)
+    blobs: list[tuple] = field(default_factory=list)      # (bytes, created, freed, kind) kind: act | head | batch
     saved: dict[int, list[int]] = field(default_factory=dict)
     inputs: dict[int, list[int]] = field(default_factory=dict)
     input_blobs: dict[int, list[int]] = field(default_factory=dict)  # indices into blobs
@@ -50,19 +56,27 @@ def _name(k: int) -> str:
     return f"blocks.{k}"
 
 
-def _structure(n_units: int, rng: random.Random, scale: int, batch_size: int) -> _Chain:
+def _structure(n_units: int, rng: random.Random, scale: int, batch_size: int, in_backward: bool) -> _Chain:
     fs = [1 + 2 * k for k in range(n_units)]
     fe = [2 + 2 * k for k in range(n_units)]
     loss = 1 + 2 * n_units
-    bs = {k: loss + 1 + (n_units - 1 - k) for k in range(n_units)}
-    bwd_end = loss + 1 + n_units
-    ch = _Chain(n_units, fs, fe, loss, bs, bwd_end, bwd_end + 5,
+    bs, steps, i = {}, {}, loss + 1
+    for k in reversed(range(n_units)):
+        bs[k] = i
+        i += 1
+        if in_backward:  # the unit's weight and bias are complete once its backward ran
+            steps[k] = [(f"{_name(k)}.fc.weight", i), (f"{_name(k)}.fc.bias", i + 1)]
+            i += 2
+    head_steps = [("head.weight", i), ("embed.weight", i + 1)] if in_backward else []
+    i += len(head_steps)
+    bwd_end = i
+    ch = _Chain(n_units, fs, fe, loss, bs, steps, head_steps, bwd_end, bwd_end + 5,
                 saved={k: [] for k in range(n_units)}, inputs={k: [] for k in range(n_units)},
                 input_blobs={k: [] for k in range(n_units)})
 
-    def storage(nbytes, created, freed, producer, holders, outside=False) -> int:
+    def storage(nbytes, created, freed, producer, holders, outside=False, kind="act") -> int:
         ch.storages.append((nbytes, created, freed, producer, tuple(holders), outside, len(ch.blobs)))
-        ch.blobs.append((nbytes, created, freed, True))
+        ch.blobs.append((nbytes, created, freed, kind))
         return len(ch.storages) - 1
 
     prev_out = (rng.randint(1, 8) * scale, 0, None)
@@ -74,7 +88,7 @@ def _structure(n_units: int, rng: random.Random, scale: int, batch_size: int) ->
             ch.inputs[k].append(sid)
             ch.input_blobs[k].append(len(ch.blobs) - 1)
         else:
-            ch.blobs.append((nb, created, fe[k], True))   # freed once the unit's forward is done
+            ch.blobs.append((nb, created, fe[k], "act"))   # freed once the unit's forward is done
             ch.input_blobs[k].append(len(ch.blobs) - 1)
         for _ in range(rng.randint(1, 3)):
             ch.saved[k].append(storage(rng.randint(1, 16) * scale, fs[k], bs[k], _name(k), [_name(k)]))
@@ -87,41 +101,43 @@ def _structure(n_units: int, rng: random.Random, scale: int, batch_size: int) ->
         prev_out = (rng.randint(1, 8) * scale, fs[k], _name(k))
     out_b, out_c, out_p = prev_out
     storage(out_b, out_c, loss, out_p, [], outside=True)
-    storage(rng.randint(1, 8) * scale, fe[-1], loss, None, [], outside=True)
-    ch.blobs.append((batch_size * 8, -1, ch.n_events, False))   # the batch lives all step
+    storage(rng.randint(4, 16) * scale, fe[-1], loss, None, [], outside=True, kind="head")   # the logits
+    ch.blobs.append((batch_size * 8, -1, ch.n_events, "batch"))   # the batch lives all step
     return ch
 
 
-def _recording(ch: _Chain, rng: random.Random, *, factor: float, accumulate: bool, param_bytes: int, opt_state: int,
-               unit_params: dict[int, int], head_params: int, unit_stats: list[dict]) -> dict:
+def _recording(ch: _Chain, rng: random.Random, *, factor: float, accumulate: bool, in_backward: bool, head_factor: float,
+               param_sizes: dict[str, int], opt_state: int, unit_params: dict[int, int], unit_stats: list[dict]) -> dict:
     """Units, storages and timeline with activation sizes times ``factor`` (rounded up, plus a
     little noise so that micro-batches are not exactly proportional)."""
     n = ch.n_events
     loss, end = ch.loss, ch.bwd_end + 4
     optim_start, optim_end = ch.bwd_end + 2, ch.bwd_end + 3
+    param_bytes = sum(param_sizes.values())
 
-    def size(b: int, is_act: bool = True) -> int:
-        if not is_act or factor == 1.0:
+    def size(b: int, kind: str = "act") -> int:
+        f = factor * (head_factor if kind == "head" else 1.0)
+        if kind == "batch" or f == 1.0:
             return b
-        return max(1, math.ceil(b * factor) + rng.randint(0, 3) * 16)
+        return max(1, math.ceil(b * f) + rng.randint(0, 3) * 16)
 
-    sizes = [size(b, act) for b, _, _, act in ch.blobs]
+    sizes = [size(b, kind) for b, _, _, kind in ch.blobs]
     storages = [StorageInfo(nbytes=sizes[s[6]], created=s[1], freed=s[2], producer=s[3], holders=s[4],
                             saved_outside=s[5]) for s in ch.storages]
+    step_at = {i: fqn for k in ch.steps for fqn, i in ch.steps[k]} | {i: fqn for fqn, i in ch.head_steps}
     done_by = [0] * (n + 1)
+    head = param_bytes - sum(unit_params.values())
     for k in range(ch.n_units):
         done_by[ch.bs[k] + 1] += unit_params[k]
-    unit_grads, acc = [0] * n, 0
-    for i in range(n):
-        acc += done_by[i]
-        unit_grads[i] = acc
 
     def grads_at(i: int) -> int:
         if i >= end:
             return 0
+        if in_backward:  # only the parameter whose step this is holds a gradient, for that moment
+            return param_sizes[step_at[i]] if i in step_at else 0
         if accumulate:
             return param_bytes
-        return 0 if i <= loss else head_params + unit_grads[i]
+        return 0 if i <= loss else head + sum(done_by[: i + 1])
 
     diff = [0] * (n + 2)
     for b, (_, c, f, _) in zip(sizes, ch.blobs):
@@ -134,11 +150,11 @@ def _recording(ch: _Chain, rng: random.Random, *, factor: float, accumulate: boo
     live[end] = param_bytes + opt_state + ch.blobs[-1][0]
     events = []
     for i in range(n):
-        nm, unit = _event(i, ch, optim_start, optim_end)
+        nm, unit = _event(i, ch, optim_start, optim_end, step_at)
         nxt = live[i + 1] if i + 1 < n else live[i]
         extra = rng.randint(0, 12) * 1024 if i not in (optim_end, end) else 0
         if i == optim_start:
-            extra = rng.randint(0, 2 * param_bytes)
+            extra = 0 if in_backward else rng.randint(0, 2 * param_bytes)
         events.append(TimelineEvent(name=nm, unit=unit, live_bytes=live[i], peak_bytes=max(live[i], nxt) + extra,
                                     grad_bytes=grads_at(i)))
     units = []
@@ -160,10 +176,9 @@ def _recording(ch: _Chain, rng: random.Random, *, factor: float, accumulate: boo
 
 def chain_profile(n_units: int, seed: int, *, batch_size: int = 4, scale: int = 1024,
                   target_name: str = "cpu", blocked: tuple[int, ...] = ()) -> ModelProfile:
-    """``target_name="H100"`` makes a CUDA-target profile (offload is only planned there).
-    ``blocked``: unit indices whose recomputation the "profiler" found unsafe."""
+    """``target_name="H100"`` makes a CUDA-target profile (activation and state offload are only
+    planned there). ``blocked``: unit indices whose recomputation the "profiler" found unsafe."""
     rng = random.Random(seed)
-    ch = _structure(n_units, rng, scale, batch_size)
     widths = [rng.choice([8, 16, 32]) for _ in range(n_units)]
     params = [ParamInfo(fqn="embed.weight", shape=(64, 8), dtype="float32", param_bytes=64 * 8 * 4, unit=None,
                         module_type="Embedding")]
@@ -174,66 +189,91 @@ def chain_profile(n_units: int, seed: int, *, batch_size: int = 4, scale: int = 
                                 unit=_name(k), module_type="Linear"))
     params.append(ParamInfo(fqn="head.weight", shape=(64, 8), dtype="float32", param_bytes=64 * 8 * 4, unit=None,
                             module_type="Linear"))
-    param_bytes = sum(p.param_bytes for p in params)
-    unit_params = {k: 4 * widths[k] * widths[k] + 4 * widths[k] for k in range(n_units)}
-    head_params = param_bytes - sum(unit_params.values())
-    opt_state = 2 * param_bytes
-    stats = [dict(output=rng.randint(1, 8) * scale, fwd_flops=rng.randint(1, 50) * 10**6,
-                  bwd_flops=rng.randint(2, 100) * 10**6, fwd_transient=rng.randint(0, 24) * scale,
-                  bwd_transient=rng.randint(0, 24) * scale) for _ in range(n_units)]
-    common = dict(param_bytes=param_bytes, opt_state=opt_state, unit_params=unit_params, head_params=head_params,
-                  unit_stats=stats)
-    main = _recording(ch, random.Random(seed * 7919 + 1), factor=1.0, accumulate=False, **common)
-    micro = []
+    param_sizes = {p.fqn: p.param_bytes for p in params}
+    stats_rng = random.Random(seed * 13 + 7)
+    stats = [dict(output=stats_rng.randint(1, 8) * scale, fwd_flops=stats_rng.randint(1, 50) * 10**6,
+                  bwd_flops=stats_rng.randint(2, 100) * 10**6, fwd_transient=stats_rng.randint(0, 24) * scale,
+                  bwd_transient=stats_rng.randint(0, 24) * scale) for _ in range(n_units)]
+
+    def record(*, m=None, bf16=False, in_backward=False, chunks=None):
+        ch = _structure(n_units, random.Random(seed), scale, batch_size, in_backward)
+        sizes = {f: (b // 2 if bf16 else b) for f, b in param_sizes.items()}
+        unit_params = {k: sizes[f"{_name(k)}.fc.weight"] + sizes[f"{_name(k)}.fc.bias"] for k in range(n_units)}
+        opt_state = 2 * sum(param_sizes.values())  # the profiled AdamW's fp32 state, whatever the weights
+        key = (m or 0) * 1000 + bf16 * 100 + in_backward * 10 + (chunks or 0)
+        rec = _recording(ch, random.Random(seed * 7919 + 1 + key), factor=(m / batch_size if m else 1.0) * (0.5 if bf16 else 1.0),
+                         accumulate=m is not None, in_backward=in_backward, head_factor=1 / LOSS_CHUNKS if chunks else 1.0,
+                         param_sizes=sizes, opt_state=opt_state, unit_params=unit_params, unit_stats=stats)
+        if blocked:
+            reason = "synthetic: recomputation saves different tensors"
+            rec["units"] = tuple(UnitProfile(**{**{f: getattr(u, f) for f in u.__slots__},
+                                                "recompute_blocker": reason if k in blocked else ""})
+                                 for k, u in enumerate(rec["units"]))
+        return rec, dict(param_bytes=sum(sizes.values()), grad_bytes=sum(sizes.values()), optimizer_state_bytes=opt_state)
+
+    main, _ = record()
+    variants = []
+    sizes_m = []
     m = batch_size
     while m % 2 == 0 and m > 1:
         m //= 2
-        rec = _recording(ch, random.Random(seed * 7919 + 1 + m), factor=m / batch_size, accumulate=True, **common)
-        micro.append(StepRecording(micro_batch_size=m, sample=f"({m}, 2) int64", **rec))
-    if blocked:
-        reason = "synthetic: recomputation saves different tensors"
-        fix = lambda units: tuple(UnitProfile(**{**{f: getattr(u, f) for f in u.__slots__},  # noqa: E731
-                                                 "recompute_blocker": reason if k in blocked else ""})
-                                  for k, u in enumerate(units))
-        main["units"] = fix(main["units"])
-        micro = [StepRecording(**{**{f: getattr(r, f) for f in r.__dataclass_fields__}, "units": fix(r.units)})
-                 for r in micro]
+        sizes_m.append(m)
+    for bf16 in (False, True):
+        for chunks in (None, LOSS_CHUNKS):
+            for m, ib in [(None, False), (None, True)] + [(s, False) for s in sizes_m]:
+                if (m, bf16, ib, chunks) == (None, False, False, None):
+                    continue
+                rec, totals = record(m=m, bf16=bf16, in_backward=ib, chunks=chunks)
+                variants.append(StepRecording(micro_batch_size=m, weights="bf16" if bf16 else None, in_backward=ib,
+                                              loss_chunks=chunks, sample=f"({m or batch_size}, 2) int64", **totals, **rec))
     ev = main["timeline"]
     i = next(i for i, e in enumerate(ev) if e.name == "optim_start")
-    optimizer_steps = _optimizer_steps(params, opt_state, ev[i].peak_bytes - ev[i].live_bytes,
-                                       random.Random(seed * 31 + 5))
+    optimizer_steps = _optimizer_steps(params, 2 * sum(param_sizes.values()), ev[i].peak_bytes - ev[i].live_bytes,
+                                       random.Random(seed * 31 + 5), cuda=target_name != "cpu")
     return ModelProfile(
         model=f"SyntheticChain(n={n_units}, seed={seed})", tracer="synthetic", tracers_tried=(),
         target="cpu" if target_name == "cpu" else "cuda", target_name=target_name, precision="fp32", optimizer="adamw",
-        batch_size=batch_size, sample=f"({batch_size}, 2) int64", param_bytes=param_bytes, buffer_bytes=0,
-        grad_bytes=param_bytes, optimizer_state_bytes=opt_state, input_bytes=batch_size * 8, params=tuple(params),
-        optimizer_steps=optimizer_steps, micro_batch_steps=tuple(micro), **main)
+        batch_size=batch_size, sample=f"({batch_size}, 2) int64", param_bytes=sum(param_sizes.values()), buffer_bytes=0,
+        grad_bytes=sum(param_sizes.values()), optimizer_state_bytes=2 * sum(param_sizes.values()),
+        input_bytes=batch_size * 8, params=tuple(params), optimizer_steps=optimizer_steps,
+        step_variants=tuple(variants), loss_chunking="forward", **main)
 
 
-def _optimizer_steps(params, opt_state: int, profiled_transient: int, rng: random.Random):
-    """Every (family, precision, floor NS steps) with plausible state bytes and a random temporary."""
+def _optimizer_steps(params, opt_state: int, profiled_transient: int, rng: random.Random, *, cuda: bool):
+    """Every (family, precision, floor NS steps, weights, offload, in-backward) with plausible state
+    bytes and random temporaries."""
     elem = {"fp32": 4, "bf16": 2, "int8": 1}
     matrices = tuple(p.fqn for p in params if p.fqn.startswith("blocks") and p.fqn.endswith("weight"))
     out = []
     for fam in FAMILIES:
         for dt in STATE_DTYPES:
-            profiled = fam == "adamw" and dt == "fp32"
             muon = matrices if fam != "adamw" else ()
             state = 0
             for p in params:
                 n_buffers = 1 if (fam == "muon" and p.fqn in muon) else 2
                 state += n_buffers * (math.prod(p.shape) * elem[dt] + (4 * math.ceil(math.prod(p.shape) / 256)
                                                                         if dt == "int8" else 0))
-            out.append(OptimizerStepProfile(
-                name=fam, state_dtype=dt, ns_steps=DEFAULT_NS_STEPS[fam], settings=None if profiled else {"name": fam},
-                muon_params=muon, adamw_params=tuple(p.fqn for p in params if p.fqn not in muon),
-                state_bytes=opt_state if profiled else state,
-                step_transient_bytes=profiled_transient if profiled else rng.randint(0, 4 * opt_state),
-                profiled=profiled))
+            for offload in ((False, True) if cuda else (False,)):
+                for weights in (None, "bf16-sr", "bf16-master"):
+                    if weights == "bf16-master" and not offload:
+                        continue
+                    master = sum(4 * math.prod(p.shape) for p in params) if weights == "bf16-master" else 0
+                    for ib in (False, True):
+                        profiled = fam == "adamw" and dt == "fp32" and not offload and weights is None and not ib
+                        host = state + master if offload else 0
+                        per_param = tuple((p.fqn, rng.randint(0, 3 * p.param_bytes)) for p in params) if ib else ()
+                        out.append(OptimizerStepProfile(
+                            name=fam, state_dtype=dt, ns_steps=DEFAULT_NS_STEPS[fam],
+                            settings=None if (fam == "adamw" and dt == "fp32") else {"name": fam},
+                            muon_params=muon, adamw_params=tuple(p.fqn for p in params if p.fqn not in muon),
+                            state_bytes=opt_state if profiled else (0 if offload else state + master),
+                            step_transient_bytes=profiled_transient if profiled else (0 if ib else rng.randint(0, 4 * opt_state)),
+                            profiled=profiled, weights=weights, offload=offload, in_backward=ib, host_state_bytes=host,
+                            param_step_bytes=per_param))
     return tuple(out)
 
 
-def _event(i, ch: _Chain, optim_start, optim_end):
+def _event(i, ch: _Chain, optim_start, optim_end, step_at):
     if i == 0:
         return "start", None
     if i in ch.fs:
@@ -245,6 +285,8 @@ def _event(i, ch: _Chain, optim_start, optim_end):
     for k, j in ch.bs.items():
         if j == i:
             return "bwd_start", _name(k)
+    if i in step_at:
+        return "step", step_at[i]
     if i == ch.bwd_end:
         return "bwd_end", _name(0)
     return {ch.bwd_end + 1: ("bwd_done", None), optim_start: ("optim_start", None),

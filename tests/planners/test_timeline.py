@@ -20,7 +20,8 @@ from synthetic import chain_profile
 @pytest.mark.parametrize("source", ["synthetic", "gpt", "hf_llama", "cnn"])
 def test_timeline_model_equals_an_independent_replay(source, profile_of):
     rng = random.Random(0)
-    profs = [chain_profile(rng.randint(2, 7), s) for s in range(8)] if source == "synthetic" else [profile_of(source)]
+    profs = ([chain_profile(rng.randint(2, 7), s, target_name="H100" if s % 2 else "cpu") for s in range(8)]
+             if source == "synthetic" else [profile_of(source)])
     options = PlannerOptions(allow_offload=True, allow_microbatching=True)
     checked = 0
     for prof in profs:
@@ -30,7 +31,9 @@ def test_timeline_model_equals_an_independent_replay(source, profile_of):
                 dec = {u: rng.choice(list(Decision)) for u in prof.unit_fqns}
                 x, r = tm.indicators(dec)
                 plan = Plan(budget_bytes=1 << 60, usable_bytes=1 << 60, decisions=dec, optimizer=cfg.optimizer,
-                            micro_batch_size=cfg.micro_batch_size, grad_accum_steps=cfg.grad_accum_steps)
+                            micro_batch_size=cfg.micro_batch_size, grad_accum_steps=cfg.grad_accum_steps,
+                            weights=cfg.weights, optimizer_in_backward=cfg.optimizer_in_backward,
+                            loss_chunks=cfg.loss_chunks)
                 want = reference_peak(prof, plan)
                 assert tm.peak(cc, x, r) == want
                 assert predict_peak(prof, plan).peak_bytes == want
