@@ -26,6 +26,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .errors import MemtuneError
 from .plan import Decision, Plan
+from .validation import check_plan_matches_model
 
 log = logging.getLogger("memtune.apply")
 
@@ -46,6 +47,7 @@ def apply_plan(model: nn.Module, plan: Plan, *, optimizer: torch.optim.Optimizer
         settings: a :class:`memtune.optim.OptimizerSettings` for learning rates etc.; its
             name, NS steps, state precision and parameter split are replaced by the plan's.
     """
+    check_plan_matches_model(model, plan)
     modules = dict(model.named_modules())
     missing = [u for u in plan.decisions if u not in modules]
     if missing:

@@ -27,8 +27,10 @@ from typing import Any
 
 from .errors import PlanFileError
 from .jsonfile import read_json_object
+from .validation import check_fields, check_object
 
 SCHEMA_VERSION = 1
+_PROFILE_REMEDY = "write one with memtune.profile(...).to_json(path) or `memtune profile ... --out profile.json`"
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -209,6 +211,7 @@ class ModelProfile:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ModelProfile":
+        check_object(d, what="profile", remedy=_PROFILE_REMEDY)
         try:
             if d.get("schema_version") != SCHEMA_VERSION:
                 raise PlanFileError(
@@ -227,7 +230,7 @@ class ModelProfile:
             kw["params"] = tuple(ParamInfo(**{**p, "shape": tuple(p["shape"])}) for p in d["params"])
             kw["storages"] = tuple(StorageInfo(**{**s, "holders": tuple(s["holders"])}) for s in d["storages"])
             kw["timeline"] = tuple(TimelineEvent(**e) for e in d["timeline"])
-            return cls(**kw)
+            return check_fields(cls(**kw), what="profile", remedy=_PROFILE_REMEDY)
         except PlanFileError:
             raise
         except (KeyError, TypeError, ValueError) as e:
