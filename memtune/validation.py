@@ -290,4 +290,29 @@ def check_single_process() -> None:
 
 
 __all__ = ["check_fields", "check_object", "check_plan_matches_model", "check_profile_consistency",
-           "check_profile_matches_model", "check_single_process", "check_state_dict_matches_model"]
+           "check_profile_matches_model", "check_run_rows", "check_single_process", "check_state_dict_matches_model"]
+
+
+def check_run_rows(rows: Any, *, source: str) -> list[dict]:
+    """The rows of a run's metrics JSONL (``memtune fit --metrics``), checked: each an object
+    with an integer ``step``, numbers where numbers belong, and at least one memory reading
+    in the file. Raises :class:`PlanFileError` naming the first bad line."""
+    fix = "give the --metrics file of a memtune fit run"
+    if not isinstance(rows, list) or not rows:
+        raise PlanFileError(f"{source} holds no metrics rows; {fix}")
+    memory_keys = ("peak_bytes", "predicted_peak_bytes", "budget_bytes")
+    for i, r in enumerate(rows):
+        if not isinstance(r, dict):
+            raise PlanFileError(f"{source}:{i + 1} is a JSON {type(r).__name__}, not an object; {fix}")
+        step = r.get("step")
+        if not isinstance(step, int) or isinstance(step, bool):
+            raise PlanFileError(f"{source}:{i + 1} has no integer 'step' (got {_short(step)}); {fix}")
+        for k in (*memory_keys, "loss", "plan_version"):
+            v = r.get(k)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
+                raise PlanFileError(f"{source}:{i + 1} '{k}' must be a number, got {_short(v)}; {fix}")
+            if k in memory_keys and v is not None and not (math.isfinite(v) and v >= 0):
+                raise PlanFileError(f"{source}:{i + 1} '{k}' must be a finite number >= 0, got {v}; {fix}")
+    if not any(r.get(k) is not None for r in rows for k in memory_keys):
+        raise PlanFileError(f"{source} has no memory readings ({', '.join(memory_keys)}) in any row; {fix}")
+    return rows
