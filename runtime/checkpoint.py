@@ -23,6 +23,7 @@ made from, the step count, the data position, every RNG state and the re-tuner's
 
 from __future__ import annotations
 
+import enum
 import errno
 import os
 import random
@@ -122,6 +123,26 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def plain(obj: Any) -> Any:
+    """``obj`` with every value turned into a type ``weights_only`` loading accepts: str
+    subclasses (``torch.__version__``), enums and numpy scalars become str/int/float."""
+    if isinstance(obj, (torch.Tensor, torch.dtype, torch.device, torch.Size)) or obj is None or \
+            type(obj) in (int, float, bool, str):
+        return obj  # what torch's weights_only unpickler accepts as it is
+    if isinstance(obj, dict):
+        return {plain(k): plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(plain(v) for v in obj) if type(obj) in (list, tuple) else [plain(v) for v in obj]
+    if isinstance(obj, enum.Enum):
+        return plain(obj.value)
+    for kind in (bool, int, float, str):
+        if isinstance(obj, kind):
+            return kind(obj)
+    if hasattr(obj, "item") and callable(obj.item):  # numpy scalars
+        return plain(obj.item())
+    raise TypeError(f"cannot store a {type(obj).__name__} in a checkpoint; store plain data or tensors")
+
+
 def save_atomic(payload: dict[str, Any], path: str | os.PathLike) -> Path:
     """Write ``payload`` (plain data and tensors) to ``path`` atomically and durably.
 
@@ -134,7 +155,7 @@ def save_atomic(payload: dict[str, Any], path: str | os.PathLike) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
         remove_stale_temps(path)
         with open(tmp, "wb") as f:
-            torch.save({"format": FORMAT, "torch_version": str(torch.__version__), **payload}, f)
+            torch.save(plain({"format": FORMAT, "torch_version": torch.__version__, **payload}), f)
             f.flush()
             os.fsync(f.fileno())  # the bytes are durable before the rename makes them visible
         os.replace(tmp, path)
