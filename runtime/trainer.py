@@ -179,6 +179,8 @@ class Trainer:
         current = self.plan
         same = dict(base, state_dtypes=(current.optimizer.state_dtype,), allow_microbatching=current.grad_accum_steps > 1,
                     **({"micro_batch_sizes": (current.micro_batch_size,)} if current.micro_batch_size else {}))
+        if current.optimizer.ns_steps:  # NS steps change the update too: keep them for exact maths
+            same.update(min_ns_steps=current.optimizer.ns_steps, max_ns_steps=current.optimizer.ns_steps)
         same_dtype = dict(base, state_dtypes=(current.optimizer.state_dtype,), allow_microbatching=self.allow_microbatching)
         return [same, same_dtype, full]
 
