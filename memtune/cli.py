@@ -73,7 +73,9 @@ def load_factory(spec: str) -> Callable[[], Any]:
         sys.modules[mod_name] = module
         sys.path.insert(0, str(path.resolve().parent))  # so the file can import its neighbours
         try:
-            module_spec.loader.exec_module(module)
+            module_spec.loader.exec_module(module)  # runs the file: it is code you chose to trust
+        except Exception as e:
+            raise UsageError(f"model file {where} failed to import ({type(e).__name__}: {e}); fix the file") from e
         finally:
             sys.path.pop(0)
     else:
@@ -82,6 +84,8 @@ def load_factory(spec: str) -> Callable[[], Any]:
         except ModuleNotFoundError as e:
             raise UsageError(f"cannot import module {where!r} for model {spec!r} ({e}); "
                              f"check the name, or give a file path like path/to/file.py:factory") from e
+        except Exception as e:
+            raise UsageError(f"module {where!r} failed to import ({type(e).__name__}: {e}); fix the module") from e
     factory = getattr(module, name, None)
     if not callable(factory):
         found = sorted(n for n, v in vars(module).items() if callable(v) and not n.startswith("_")
@@ -125,13 +129,20 @@ def _checked(w: Workload, spec: str) -> Workload:
     return w
 
 
-def load_workload(spec: str) -> Workload:
-    return normalize(load_factory(spec)(), spec)
+def load_workload(spec: str, factory: Callable[[], Any] | None = None) -> Workload:
+    factory = factory or load_factory(spec)
+    try:
+        built = factory()
+    except MemtuneError:
+        raise
+    except Exception as e:
+        raise UsageError(f"factory {spec} raised {type(e).__name__}: {e}; fix the factory") from e
+    return normalize(built, spec)
 
 
 # ----------------------------------------------------------------------------- shared bits
 def _budget(text: str) -> int | str:
-    return int(text) if text.isdigit() else text
+    return int(text) if text.isascii() and text.isdigit() else text  # "²".isdigit() is True too
 
 
 def _count(minimum: int):
@@ -399,7 +410,7 @@ def _cmd_sweep(args) -> int:
     factory = load_factory(args.model)
     objective = tuple(args.objective.split(",")) if "," in args.objective else args.objective
     def build():
-        w = normalize(factory(), args.model)
+        w = load_workload(args.model, factory)
         return {"model": w.model, "data": w.batches(), "loss_fn": w.loss_fn}
 
     study = memtune.sweep(build, budget=_budget(args.budget), n_trials=args.trials, storage=args.storage,
@@ -507,7 +518,8 @@ class _Parser(argparse.ArgumentParser):
     """argparse, with usage errors on one line (``memtune: error: ...``) like every other error."""
 
     def error(self, message: str):
-        self.exit(EXIT_USAGE, f"memtune: error: {message} (see `{self.prog} --help`)\n")
+        line = " ".join(f"{message} (see `{self.prog} --help`)".split())  # an argument may hold a newline
+        self.exit(EXIT_USAGE, f"memtune: error: {line}\n")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -41,6 +41,10 @@ class UsageError(MemtuneError, ValueError):
     returns the wrong thing, an unknown device, an option out of range."""
 
 
+class OptionError(UsageError, TypeError):
+    """An unknown keyword option (a ``TypeError`` too, as Python raises for unknown keywords)."""
+
+
 class ModelMismatchError(MemtuneError, ValueError):
     """A plan, profile or checkpoint applied to a model it was not made for; the message
     says what differs (unit or parameter names, shapes, profile hash, batch size)."""
