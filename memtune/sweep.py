@@ -83,14 +83,18 @@ def open_storage(url: str, *, heartbeat_interval: int | None = HEARTBEAT_S, grac
     (``<file>.lock``), so workers started together do not race on its tables; SQLite waits
     up to a minute for a lock instead of failing. Raises :class:`UsageError` for a URL it
     cannot open."""
-    from optuna.storages import RDBStorage, RetryFailedTrialCallback
+    from optuna.storages import RDBStorage
 
     kw: dict[str, Any] = {}
     if heartbeat_interval:
+        # Optuna 4.9 renamed RetryFailedTrialCallback/failed_trial_callback to the "heartbeat stale" names.
+        retry = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None) or optuna.storages.RetryFailedTrialCallback
         params = inspect.signature(RDBStorage.__init__).parameters
         cb = "heartbeat_stale_trial_callback" if "heartbeat_stale_trial_callback" in params else "failed_trial_callback"
-        kw = dict(heartbeat_interval=int(heartbeat_interval), grace_period=int(grace_period or 2 * heartbeat_interval),
-                  **{cb: RetryFailedTrialCallback(max_retry=max_retry)})
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            kw = dict(heartbeat_interval=int(heartbeat_interval), grace_period=int(grace_period or 2 * heartbeat_interval),
+                      **{cb: retry(max_retry=max_retry)})
     sqlite = url.startswith("sqlite:///") and url != "sqlite:///:memory:"
     engine_kwargs = {"connect_args": {"timeout": 60}} if sqlite else None
     lock = _file_lock(url[len("sqlite:///"):] + ".lock") if sqlite else contextlib.nullcontext()

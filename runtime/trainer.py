@@ -664,8 +664,12 @@ def fit(model: nn.Module, budget: int | str | Budget = "24GB", **kwargs) -> Trai
     allow_microbatching (True), allow_offload (False), retune (True), retune_config;
     telemetry: a :class:`~memtune.runtime.telemetry.Telemetry` or its sources;
         metrics_path: JSONL file for per-step metrics;
-    checkpoint_path, checkpoint_every: periodic crash-safe checkpoints;
-    max_oom_retries (4), enforce_budget (True), progress (True).
+    checkpoint_path, checkpoint_every: periodic crash-safe checkpoints (and one when
+        ``train`` ends);
+    max_oom_retries (4, per step), enforce_budget (True), progress (True);
+    on_nonfinite: ``"raise"`` (default: a NaN/inf loss or gradient stops the run before the
+        optimizer step) or ``"skip"`` (skip the batch, with an event); max_skipped_batches (10
+        in a row before even ``"skip"`` stops).
 
     On CUDA, import memtune before the first CUDA allocation so that its allocator default
     (expandable segments, see :mod:`memtune`) takes effect.
