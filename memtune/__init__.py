@@ -19,7 +19,7 @@ from .errors import BudgetError, InfeasibleBudgetError, MemtuneError, PlanFileEr
 from .memory_model import predict_peak  # noqa: E402
 from .plan import Decision, MemoryBreakdown, OptimizerPlan, Plan, TimeBreakdown  # noqa: E402
 from .profile import ModelProfile, ParamInfo, StorageInfo, TimelineEvent, UnitProfile  # noqa: E402
-from .profiler import profile  # binds the function over the submodule of the same name
+from .profiler import PlanSpace, profile  # binds the function over the submodule of the same name
 from .planning import pareto, plan  # likewise: memtune.plan is the function, memtune.plan.Plan lives in memtune/plan.py
 
 __version__ = "0.1.0"
@@ -51,6 +51,6 @@ def __getattr__(name: str):
 
 __all__ = [
     "Budget", "BudgetError", "Decision", "InfeasibleBudgetError", "MemoryBreakdown", "MemtuneError", "ModelProfile",
-    "OptimizerPlan", "ParamInfo", "Plan", "PlanFileError", "SampleError", "StorageInfo", "TimeBreakdown",
+    "OptimizerPlan", "ParamInfo", "Plan", "PlanFileError", "PlanSpace", "SampleError", "StorageInfo", "TimeBreakdown",
     "TimelineEvent", "TraceError", "UnitProfile", "pareto", "plan", "predict_peak", "profile", *_LAZY,
 ]

@@ -11,8 +11,10 @@
 
 Only the unit's *instance* ``forward`` is replaced (the class and the module tree are
 untouched), so parameter FQNs and ``state_dict`` keys do not change, and applying another
-plan later switches units between decisions. A Hugging Face ``config.use_cache`` is turned
-off: a KV cache keeps keys/values outside autograd and grows on every recomputation.
+plan later switches units between decisions. Hugging Face ``use_cache`` is turned off on
+every config in the model (an encoder-decoder's decoder keeps its own copy): a KV cache keeps
+keys/values outside autograd, and a cached cross-attention makes recomputation save fewer
+tensors than the first forward did.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
 from .errors import MemtuneError
+from .fake_compat import disable_kv_cache
 from .plan import Decision, Plan
 from .validation import check_plan_matches_model
 
@@ -44,8 +47,9 @@ def apply_plan(model: nn.Module, plan: Plan, *, optimizer: torch.optim.Optimizer
         plan: from :func:`memtune.plan`.
         optimizer: keep this optimizer (only unit decisions change), e.g. when the runtime
             re-plans mid-training.
-        settings: a :class:`memtune.optim.OptimizerSettings` for learning rates etc.; its
-            name, NS steps, state precision and parameter split are replaced by the plan's.
+        settings: a :class:`memtune.optim.OptimizerSettings` for learning rates and other
+            hyperparameters; everything that decides memory (optimizer, NS steps and dtype, state
+            precision, parameter split) is the plan's, as the profile recorded it.
     """
     check_plan_matches_model(model, plan)
     modules = dict(model.named_modules())
@@ -58,9 +62,7 @@ def apply_plan(model: nn.Module, plan: Plan, *, optimizer: torch.optim.Optimizer
     for fqn, decision in plan.decisions.items():
         if decision is not Decision.SAVE:
             _wrap(modules[fqn], decision)
-    config = getattr(model, "config", None)
-    if config is not None and getattr(config, "use_cache", False):
-        config.use_cache = False
+    disable_kv_cache(model)
     if optimizer is not None:
         return optimizer
     return build_plan_optimizer(model, plan, settings)
@@ -94,11 +96,11 @@ def _wrap(module: nn.Module, decision: Decision) -> None:
                 return forward(*args, **kwargs)
             return checkpoint(forward, *args, use_reentrant=False, **kwargs)
     elif decision is Decision.OFFLOAD:
-        pin = torch.cuda.is_available()
+        pack, unpack = _offload_hooks(pin_memory=torch.cuda.is_available())
 
         @functools.wraps(forward)
         def wrapped(*args, **kwargs):
-            with torch.autograd.graph.save_on_cpu(pin_memory=pin):
+            with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
                 return forward(*args, **kwargs)
     else:  # pragma: no cover - SAVE is never wrapped
         raise ValueError(decision)
@@ -107,38 +109,31 @@ def _wrap(module: nn.Module, decision: Decision) -> None:
     module.__dict__["forward"] = wrapped
 
 
-def build_plan_optimizer(model: nn.Module, plan: Plan, settings=None) -> torch.optim.Optimizer:
-    """The optimizer ``plan.optimizer`` names, with its NS steps, state precision and split.
+def _offload_hooks(*, pin_memory: bool):
+    """Saved-tensor hooks that keep activations in host memory between forward and backward.
 
-    AdamW with fp32 state is ``torch.optim.AdamW`` (foreach on CUDA, as the profiler measures
-    it), so the planned memory matches the profile; everything else comes from
-    :func:`memtune.optim.build_optimizer`."""
-    o = plan.optimizer
-    params = [p for p in model.parameters() if p.requires_grad]
-    if o.name == "adamw" and o.state_dtype == "fp32" and settings is None:
-        foreach = any(p.is_cuda for p in params)
-        return torch.optim.AdamW(params, lr=1e-3, foreach=foreach)
-    try:
-        from memtune.optim import OptimizerSettings, build_optimizer, split_parameters
-    except ImportError:
-        if o.name == "adamw" and o.state_dtype == "fp32":
-            return torch.optim.AdamW(params, lr=getattr(settings, "adamw_lr", 1e-3))
-        raise MemtuneError(f"plan asks for {o.name} with {o.state_dtype} state, which needs memtune.optim; "
-                           "install memtune completely or plan with optimizer='adamw', state_dtypes=('fp32',)")
-    import dataclasses
+    Unlike ``torch.autograd.graph.save_on_cpu``, parameters (and any other leaf that requires
+    grad) stay where they are: they live on the device anyway, and copying a weight out and back
+    for every op that saves it would cost a device-side copy of the weight in backward."""
 
-    base = settings or OptimizerSettings()
-    settings = dataclasses.replace(base, name=o.name, ns_steps=max(1, o.ns_steps or base.ns_steps),
-                                   state_dtype=o.state_dtype)
-    if o.name != "adamw" and (o.muon_params or o.adamw_params):
-        default = split_parameters(model, settings)
-        want_muon = set(o.muon_params)
-        overrides = dict(base.overrides)
-        for fqn in default.muon:
-            if fqn not in want_muon:
-                overrides[fqn] = "adamw"
-        for fqn in default.adamw:
-            if fqn in want_muon:
-                overrides[fqn] = o.name
-        settings = dataclasses.replace(settings, overrides=overrides)
-    return build_optimizer(model, settings)
+    def pack(t: torch.Tensor):
+        if (t.is_leaf and t.requires_grad) or t.device.type == "cpu":
+            return (None, t)
+        host = torch.empty(t.size(), dtype=t.dtype, layout=t.layout, pin_memory=pin_memory)
+        host.copy_(t, non_blocking=pin_memory)
+        return (t.device, host)
+
+    def unpack(packed):
+        device, t = packed
+        return t if device is None else t.to(device, non_blocking=pin_memory)
+
+    return pack, unpack
+
+
+def build_plan_optimizer(model: nn.Module, plan: Plan, settings=None) -> torch.optim.Optimizer | None:
+    """The optimizer ``plan.optimizer`` names, built exactly as the profile recorded it
+    (:func:`memtune.optimizers.build_optimizer_for`); ``settings`` contributes only learning
+    rates and other hyperparameters that change no allocation."""
+    from .optimizers import build_optimizer_for
+
+    return build_optimizer_for(model, plan.optimizer, settings=settings)

@@ -25,7 +25,7 @@ from .jsonfile import read_json_object
 from .units_fmt import fmt_bytes, fmt_ms
 from .validation import check_fields, check_object
 
-PLAN_SCHEMA_VERSION = 1
+PLAN_SCHEMA_VERSION = 2
 _PLAN_REMEDY = "re-create it with `memtune plan ... --out plan.json`"
 
 
@@ -47,7 +47,9 @@ STATE_DTYPES = ("fp32", "bf16", "int8")
 @dataclass(frozen=True, kw_only=True)
 class OptimizerPlan:
     name: str = "adamw"
-    """``muon2``, ``muon`` or ``adamw`` (with Muon variants, non-matrix parameters use AdamW)."""
+    """A family memtune re-configures (``muon2``, ``muon``, ``adamw``; with the Muon variants,
+    non-matrix parameters use AdamW) or an optimizer kept as profiled (``adam``, ``sgd``,
+    ``custom``, ``none``); see :mod:`memtune.optimizers`."""
     ns_steps: int = 0
     """Newton-Schulz iterations per step (0 for AdamW)."""
     state_dtype: str = "fp32"
@@ -55,20 +57,25 @@ class OptimizerPlan:
     muon_params: tuple[str, ...] = ()
     """Parameter FQNs updated by Muon²/Muon."""
     adamw_params: tuple[str, ...] = ()
-    """Parameter FQNs updated by AdamW."""
+    """Parameter FQNs updated by AdamW (or by the kept optimizer)."""
+    settings: dict[str, Any] | None = None
+    """The :class:`memtune.optim.OptimizerSettings` whose step the profile recorded, as plain
+    data; ``None`` for PyTorch's own optimizers. :func:`memtune.apply_plan` builds exactly this."""
 
     def __post_init__(self) -> None:
-        if self.name not in ("muon2", "muon", "adamw"):
-            raise ValueError(f"optimizer name must be muon2, muon or adamw, got {self.name!r}")
+        from .optimizers import NAMES
+
+        if self.name not in NAMES:
+            raise ValueError(f"optimizer name must be one of {NAMES}, got {self.name!r}")
         if self.state_dtype not in STATE_DTYPES:
             raise ValueError(f"state_dtype must be one of {STATE_DTYPES}, got {self.state_dtype!r}")
         if self.ns_steps < 0:
             raise ValueError(f"ns_steps must be >= 0, got {self.ns_steps}")
 
     @property
-    def key(self) -> str:
-        """Identifies the memory behaviour (name and state precision)."""
-        return f"{self.name}/{self.state_dtype}"
+    def key(self) -> tuple[str, str, int]:
+        """What identifies its memory behaviour: (name, state precision, NS steps)."""
+        return (self.name, self.state_dtype, self.ns_steps)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -29,7 +29,7 @@ from .errors import PlanFileError
 from .jsonfile import read_json_object
 from .validation import check_fields, check_object
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 _PROFILE_REMEDY = "write one with memtune.profile(...).to_json(path) or `memtune profile ... --out profile.json`"
 
 
@@ -78,6 +78,10 @@ class UnitProfile:
     also saved by someone (inputs nobody saves are freed in the baseline too)."""
     input_storage_bytes: tuple[int, ...] = ()
     """Bytes of every activation input storage, saved or not, in input order."""
+    recompute_blocker: str = ""
+    """Why the unit must not be recomputed (empty: it may be). The profiler runs a fake step with
+    every unit checkpointed and records here any unit whose recomputation saves different
+    tensors than its forward did (state carried between calls, e.g. a cache)."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -111,6 +115,50 @@ class TimelineEvent:
     """Peak live bytes from this event until the next one."""
     grad_bytes: int = 0
     """Parameter-gradient bytes live at the event (part of ``live_bytes``)."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class OptimizerStepProfile:
+    """One optimizer configuration a plan may choose, recorded on the model's fake parameters:
+    its state after a few steps and the temporaries of a steady-state ``optimizer.step()``."""
+
+    name: str
+    """See :mod:`memtune.optimizers`."""
+    state_dtype: str
+    ns_steps: int
+    settings: dict[str, Any] | None
+    """The :class:`memtune.optim.OptimizerSettings` it was built from, as plain data (``None``
+    for PyTorch's own optimizers)."""
+    muon_params: tuple[str, ...]
+    adamw_params: tuple[str, ...]
+    state_bytes: int
+    """Distinct bytes of every state tensor."""
+    step_transient_bytes: int
+    """Peak bytes during the step minus the bytes live when it started."""
+    profiled: bool = False
+    """The configuration the profiled training step ran (its step is in the timeline)."""
+
+    @property
+    def key(self) -> tuple[str, str, int]:
+        return (self.name, self.state_dtype, self.ns_steps)
+
+
+@dataclass(frozen=True, kw_only=True)
+class StepRecording:
+    """A training step recorded at another micro-batch size, in gradient-accumulation mode:
+    every gradient of the earlier micro-batches is live from the start and backward adds into
+    it, then the optimizer steps. A plan that splits the batch into micro-batches of this size
+    is replayed on this recording (:meth:`ModelProfile.at_micro_batch`)."""
+
+    micro_batch_size: int
+    sample: str
+    outside_activation_bytes: int
+    baseline_peak_bytes: int
+    fwd_flops: int
+    bwd_flops: int
+    units: tuple[UnitProfile, ...]
+    storages: tuple[StorageInfo, ...]
+    timeline: tuple[TimelineEvent, ...]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -154,7 +202,14 @@ class ModelProfile:
     storages: tuple[StorageInfo, ...]
     timeline: tuple[TimelineEvent, ...]
     assumptions: tuple[str, ...] = ()
-    """Data-dependent reads the fake run could not know and how they were resolved."""
+    """What the fake run could not know and how it was resolved: data-dependent reads, and
+    kernels whose fake implementation differs from eager (what eager allocation was recorded)."""
+    accumulating: bool = False
+    """The step was recorded in gradient-accumulation mode (see :class:`StepRecording`)."""
+    optimizer_steps: tuple[OptimizerStepProfile, ...] = ()
+    """Every optimizer configuration recorded for this model (:class:`memtune.PlanSpace`)."""
+    micro_batch_steps: tuple[StepRecording, ...] = ()
+    """The step recorded at each micro-batch size a plan may choose."""
     allocation_granularity: int = 1
     """Every allocation is rounded up to this many bytes (512 for CUDA)."""
     profile_seconds: float = 0.0
@@ -180,6 +235,38 @@ class ModelProfile:
             if u.fqn == fqn:
                 return u
         raise KeyError(f"no unit {fqn!r}; units are {list(self.unit_fqns)}")
+
+    def optimizer_step(self, name: str, state_dtype: str, ns_steps: int) -> OptimizerStepProfile | None:
+        """The recorded optimizer configuration with this key, or ``None``."""
+        for o in self.optimizer_steps:
+            if o.key == (name, state_dtype, ns_steps):
+                return o
+        return None
+
+    @property
+    def profiled_optimizer_step(self) -> OptimizerStepProfile | None:
+        return next((o for o in self.optimizer_steps if o.profiled), None)
+
+    @property
+    def micro_batch_sizes(self) -> tuple[int, ...]:
+        """Micro-batch sizes with a recorded accumulation step, largest first."""
+        return tuple(sorted((r.micro_batch_size for r in self.micro_batch_steps), reverse=True))
+
+    def at_micro_batch(self, micro_batch_size: int | None) -> "ModelProfile":
+        """This profile as seen by a plan that runs micro-batches of ``micro_batch_size``: the
+        recorded accumulation step at that size (``None`` or the profiled batch without
+        accumulation: the profile itself). Raises ``KeyError`` if that size was not recorded."""
+        if micro_batch_size is None:
+            return self
+        cache = self.__dict__.setdefault("_micro_cache", {})
+        if micro_batch_size not in cache:
+            rec = next((r for r in self.micro_batch_steps if r.micro_batch_size == micro_batch_size), None)
+            if rec is None:
+                raise KeyError(micro_batch_size)
+            fields = {f.name: getattr(rec, f.name) for f in dataclasses.fields(rec) if f.name != "micro_batch_size"}
+            cache[micro_batch_size] = dataclasses.replace(self, **fields, batch_size=micro_batch_size,
+                                                          accumulating=True, micro_batch_steps=())
+        return cache[micro_batch_size]
 
     @property
     def saved_activation_bytes(self) -> int:
@@ -221,15 +308,14 @@ class ModelProfile:
             kw = dict(d)
             kw["tracers_tried"] = tuple(tuple(t) for t in d["tracers_tried"])
             kw["assumptions"] = tuple(d.get("assumptions", ()))
-            kw["units"] = tuple(
-                UnitProfile(**{**u, "saved_storages": tuple(u["saved_storages"]),
-                               "input_storages": tuple(u["input_storages"]),
-                               "input_storage_bytes": tuple(u.get("input_storage_bytes", ()))})
-                for u in d["units"]
-            )
+            kw.update(_recording_from_dict(d))
             kw["params"] = tuple(ParamInfo(**{**p, "shape": tuple(p["shape"])}) for p in d["params"])
-            kw["storages"] = tuple(StorageInfo(**{**s, "holders": tuple(s["holders"])}) for s in d["storages"])
-            kw["timeline"] = tuple(TimelineEvent(**e) for e in d["timeline"])
+            kw["optimizer_steps"] = tuple(
+                OptimizerStepProfile(**{**o, "muon_params": tuple(o["muon_params"]),
+                                        "adamw_params": tuple(o["adamw_params"])})
+                for o in d.get("optimizer_steps", ()))
+            kw["micro_batch_steps"] = tuple(StepRecording(**{**r, **_recording_from_dict(r)})
+                                            for r in d.get("micro_batch_steps", ()))
             return check_fields(cls(**kw), what="profile", remedy=_PROFILE_REMEDY)
         except PlanFileError:
             raise
@@ -277,6 +363,18 @@ class ModelProfile:
         for a in self.assumptions:
             lines.append(f"assumed: {a}")
         return "\n".join(lines)
+
+
+def _recording_from_dict(d: dict[str, Any]) -> dict[str, Any]:
+    """The units, storages and timeline of a serialized step recording."""
+    return {
+        "units": tuple(UnitProfile(**{**u, "saved_storages": tuple(u["saved_storages"]),
+                                      "input_storages": tuple(u["input_storages"]),
+                                      "input_storage_bytes": tuple(u.get("input_storage_bytes", ()))})
+                       for u in d["units"]),
+        "storages": tuple(StorageInfo(**{**s, "holders": tuple(s["holders"])}) for s in d["storages"]),
+        "timeline": tuple(TimelineEvent(**e) for e in d["timeline"]),
+    }
 
 
 def _plain(v: Any) -> Any:

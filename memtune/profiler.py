@@ -18,8 +18,9 @@ optimizer implementation CUDA defaults to (``foreach``). See docs/profiler.md.
 
 from __future__ import annotations
 
+import dataclasses
 import time
-from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -30,13 +31,66 @@ from torch.utils._pytree import tree_flatten, tree_map_only
 from .batching import LossFn, batch_size_of, describe, loss_from_output, split_batch
 from .devices import CUDA_ALLOCATION_GRANULARITY, CUDA_WORKSPACE_BYTES, DeviceSpec, resolve_device
 from .errors import SampleError, TraceError
-from .profile import ModelProfile, ParamInfo, StorageInfo, TimelineEvent, UnitProfile
+from .fake_compat import EAGER_KERNELS, eager_hf_masking, raised_by_fake_kernel, training_configs
+from .optimizer_recording import optimizer_state_tensors, record_optimizer_step, unique_bytes
+from .optimizers import build_optimizer_for
+from .plan import STATE_DTYPES, OptimizerPlan
+from .profile import ModelProfile, OptimizerStepProfile, ParamInfo, StepRecording
 from .recorder import StepRecorder
+from .step_recording import assemble_recording, forward_loss, record_step
 from .units import UnitSpec, resolve_units
 
 PRECISIONS = ("fp32", "bf16-mixed")
 OptimizerSpec = str | Callable[[list[torch.Tensor]], torch.optim.Optimizer]
 _DATA_DEPENDENT = ("DataDependentOutputException", "DynamicOutputShapeException", "GuardOnDataDependentSymNode")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class PlanSpace:
+    """What a profile records beyond the profiled step, so that every plan the planner may
+    return is priced from a measurement. The defaults cover every plan :func:`memtune.plan`
+    can return with its default options."""
+
+    optimizers: tuple[str, ...] | None = None
+    """Optimizer families a plan may switch to (any of ``muon2``, ``muon``, ``adamw``);
+    ``None``: only the profiled optimizer's own family. Each costs a few fake optimizer steps."""
+    state_dtypes: tuple[str, ...] = STATE_DTYPES
+    """State precisions recorded for each family."""
+    ns_steps: tuple[int, ...] | None = None
+    """Newton-Schulz step counts recorded for the Muon families; ``None``: each family's default
+    floor (:data:`memtune.optimizers.DEFAULT_NS_STEPS`) and the profiled optimizer's own."""
+    micro_batch_sizes: tuple[int, ...] | None = None
+    """Micro-batch sizes whose gradient-accumulation step is recorded; ``None``: the batch halved
+    while it divides evenly, and 1 (8 → 4, 2, 1); ``()``: none."""
+
+    def __post_init__(self) -> None:
+        from .optimizers import FAMILIES
+
+        bad = [o for o in (self.optimizers or ()) if o not in FAMILIES]
+        if bad:
+            raise ValueError(f"PlanSpace.optimizers: {bad} cannot be re-configured by a plan; use any of {FAMILIES}")
+        if not self.state_dtypes or any(d not in STATE_DTYPES for d in self.state_dtypes):
+            raise ValueError(f"PlanSpace.state_dtypes={self.state_dtypes!r}: use a non-empty subset of {STATE_DTYPES}")
+        if self.ns_steps is not None and any(k < 1 for k in self.ns_steps):
+            raise ValueError(f"PlanSpace.ns_steps={self.ns_steps!r}: Newton-Schulz needs at least 1 step")
+        if self.micro_batch_sizes is not None and any(m < 1 for m in self.micro_batch_sizes):
+            raise ValueError(f"PlanSpace.micro_batch_sizes={self.micro_batch_sizes!r}: sizes must be >= 1")
+
+    def micro_sizes(self, batch_size: int | None) -> tuple[int, ...]:
+        if not batch_size or batch_size < 2:
+            return ()
+        if self.micro_batch_sizes is not None:
+            bad = [m for m in self.micro_batch_sizes if m > batch_size or batch_size % m]
+            if bad:
+                raise ValueError(f"PlanSpace.micro_batch_sizes: {bad} do not divide the batch of {batch_size}")
+            return tuple(sorted(set(self.micro_batch_sizes), reverse=True))
+        sizes, m = [], batch_size
+        while m % 2 == 0 and m > 1:
+            m //= 2
+            sizes.append(m)
+        if 1 not in sizes:
+            sizes.append(1)
+        return tuple(sizes)
 
 
 def profile(
@@ -48,6 +102,7 @@ def profile(
     precision: str = "fp32",
     target: str | torch.device | DeviceSpec = "cuda",
     units: UnitSpec = None,
+    space: PlanSpace | None = None,
 ) -> ModelProfile:
     """Profile one training step of ``model`` on ``sample`` for the ``target`` device.
 
@@ -62,13 +117,19 @@ def profile(
         target: ``"cuda"`` (an H100 unless a CUDA device is present), ``"cpu"``, a device-table
             name such as ``"A100-80GB"``, or a torch device.
         units: override the checkpointable units: FQNs, module types or a predicate.
+        space: what else to record so plans can change it (:class:`PlanSpace`): optimizer
+            configurations and micro-batch sizes. Default: every plan the default planner
+            options can return.
     """
     t0 = time.perf_counter()
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    space = space or PlanSpace()
     spec = _target_spec(target)
     granularity = CUDA_ALLOCATION_GRANULARITY if spec.kind == "cuda" else 1
+    explicit_units = units is not None
     unit_fqns = resolve_units(model, units)
+    base_config, custom = _profiled_config(optimizer)
 
     fake_mode = FakeTensorMode(allow_non_fake_inputs=False)
     named_params = dict(model.named_parameters())  # tied parameters appear once
@@ -78,21 +139,80 @@ def profile(
         fbuffers = {n: _fake_like(b) for n, b in named_buffers.items()}
         fsample = tree_map_only(torch.Tensor, _fake_like, sample)
 
-    graph, tracer, tried = _capture_graph(model, unit_fqns, fake_mode, fparams, fbuffers, fsample, loss_fn, precision)
+    with training_configs(model):
+        graph, tracer, tried = _capture_graph(model, unit_fqns, fake_mode, fparams, fbuffers, fsample, loss_fn,
+                                              precision, sample)
+        view = _FakeParamView(model, fparams)
+        foreach = spec.kind == "cuda"
+        with fake_mode, eager_hf_masking():
+            opt = custom(list(p for p in fparams.values() if p.requires_grad)) if custom else \
+                build_optimizer_for(view, base_config, foreach=foreach)
+            _create_optimizer_state(opt, fparams)
+            rec = StepRecorder(granularity=granularity, target=spec.kind)
+            try:
+                record_step(rec, model, unit_fqns, fparams, fbuffers, fsample, loss_fn, precision, opt)
+            except Exception as e:
+                raise _classify_failure(e, model, tried, tracer, sample, loss_fn) from e
+            if not explicit_units:
+                unit_fqns = [u for u in unit_fqns if any(iv.name == "fwd_start" and iv.unit == u for iv in rec.intervals)]
+                rec.unit_io = {u: rec.unit_io[u] for u in unit_fqns}
+            with_grad = set(rec.params_with_grad)
+            unit_params = _unit_params(named_params, fparams, unit_fqns, granularity)
+            workspace = CUDA_WORKSPACE_BYTES if spec.kind == "cuda" else 0
+            main = assemble_recording(rec, model, unit_fqns, workspace_bytes=workspace, unit_params=unit_params)
+            assumptions = list(rec.assumptions)
+            state_bytes = unique_bytes(optimizer_state_tensors(opt), lambda t: _nbytes(t, granularity))
+            micro = []
+            B = batch_size_of(sample)
+            for m in space.micro_sizes(B):
+                part = _slice_batch(fsample, B, m)
+                mrec = StepRecorder(granularity=granularity, target=spec.kind)
+                record_step(mrec, model, unit_fqns, fparams, fbuffers, part, loss_fn, precision, opt, static=(fsample,),
+                            accumulate_weight=m / B)
+                micro.append(StepRecording(micro_batch_size=m, sample=describe(part),
+                                           **assemble_recording(mrec, model, unit_fqns, workspace_bytes=workspace,
+                                                                unit_params=unit_params)))
+                assumptions += [a for a in mrec.assumptions if a not in assumptions]
+            del opt
+            opt_steps = []
+            if custom is None:
+                # Optimizer steps need no autograd and no fake-tensor bookkeeping: plain meta tensors
+                # record the same allocations (checked in tests/test_profiler.py) at half the cost.
+                meta = {n: torch.empty_strided(tuple(p.shape), tuple(p.stride()), dtype=p.dtype, device="meta")
+                        .requires_grad_(p.requires_grad) for n, p in named_params.items()}
+                for cfg in _configs_to_record(base_config, space):
+                    opt_steps.append(record_optimizer_step(
+                        _FakeParamView(model, meta), meta, cfg, granularity=granularity, target=spec.kind,
+                        foreach=foreach, with_grad=with_grad, profiled=cfg.key == base_config.key))
+            else:
+                opt_steps.append(OptimizerStepProfile(
+                    name="custom", state_dtype="fp32", ns_steps=0, settings=None, muon_params=(),
+                    adamw_params=tuple(n for n, p in fparams.items() if p.requires_grad), state_bytes=state_bytes,
+                    step_transient_bytes=_profiled_step_transient(main["timeline"]), profiled=True))
+            blockers = recompute_blockers(model, unit_fqns, fparams, fbuffers, fsample, loss_fn, precision)
+    if blockers:
+        main["units"] = tuple(dataclasses.replace(u, recompute_blocker=blockers.get(u.fqn, "")) for u in main["units"])
+        micro = [dataclasses.replace(r, units=tuple(dataclasses.replace(u, recompute_blocker=blockers.get(u.fqn, ""))
+                                                    for u in r.units)) for r in micro]
 
-    with fake_mode, _eager_hf_masking():
-        opt = _build_optimizer(optimizer, model, fparams, spec)
-        _create_optimizer_state(opt, fparams)
-        rec = StepRecorder(granularity=granularity, target=spec.kind)
-        try:
-            _record_step(rec, model, unit_fqns, fparams, fbuffers, fsample, loss_fn, precision, opt)
-        except Exception as e:
-            raise _classify_failure(e, model, tried, tracer) from e
-
-    return _assemble(
-        model=model, spec=spec, precision=precision, optimizer=optimizer, rec=rec, opt=opt, unit_fqns=unit_fqns,
-        named_params=named_params, fparams=fparams, fbuffers=fbuffers, fsample=fsample, sample=sample,
-        graph=graph, tracer=tracer, tried=tried, seconds=time.perf_counter() - t0,
+    params = tuple(
+        ParamInfo(fqn=n, shape=tuple(p.shape), dtype=str(p.dtype).removeprefix("torch."),
+                  param_bytes=_nbytes(fparams[n], granularity), unit=_unit_of(n, unit_fqns),
+                  module_type=_owner_types(model).get(id(p), "?"))
+        for n, p in named_params.items()
+    )
+    return ModelProfile(
+        model=type(model).__name__, tracer=tracer, tracers_tried=tuple(tried), target=spec.kind, target_name=spec.name,
+        precision=precision, optimizer=base_config.name, batch_size=B, sample=describe(sample),
+        param_bytes=sum(p.param_bytes for p in params),
+        buffer_bytes=sum(_nbytes(b, granularity) for b in fbuffers.values()),
+        grad_bytes=sum(p.param_bytes for p, fp in zip(params, fparams.values()) if fp.requires_grad),
+        optimizer_state_bytes=state_bytes,
+        input_bytes=unique_bytes([t for t in tree_flatten(fsample)[0] if isinstance(t, torch.Tensor)],
+                                 lambda t: _nbytes(t, granularity)),
+        workspace_bytes=workspace, params=params, assumptions=tuple(assumptions), allocation_granularity=granularity,
+        optimizer_steps=tuple(opt_steps), micro_batch_steps=tuple(micro),
+        profile_seconds=round(time.perf_counter() - t0, 3), torch_version=torch.__version__, graph=graph, **main,
     )
 
 
@@ -108,44 +228,96 @@ def _fake_like(t: torch.Tensor) -> torch.Tensor:
     return torch.empty_strided(tuple(t.shape), tuple(t.stride()), dtype=t.dtype, device="cpu")
 
 
-def _autocast(precision: str):
-    if precision == "bf16-mixed":
-        return torch.autocast("cpu", dtype=torch.bfloat16)
-    return nullcontext()
+def _nbytes(t: torch.Tensor, granularity: int) -> int:
+    from .devices import round_allocation
+
+    return round_allocation(t.untyped_storage().nbytes(), granularity)
 
 
-def _forward_loss(model, fparams, fbuffers, fsample, loss_fn, precision) -> tuple[Any, torch.Tensor]:
-    args, kwargs, target = split_batch(fsample, loss_fn)
-    with _autocast(precision):
-        out = torch.func.functional_call(model, {**fparams, **fbuffers}, args, kwargs, strict=False)
-        loss = loss_from_output(out, fsample, target, loss_fn)
-    return out, loss
+def _slice_batch(batch: Any, full: int, m: int) -> Any:
+    """The first micro-batch of size ``m``: the runtime slices every tensor whose leading
+    dimension is the batch, and keeps the others whole (views: no new memory)."""
+    return tree_map_only(torch.Tensor, lambda t: t[:m] if t.dim() > 0 and t.shape[0] == full else t, batch)
 
 
-@contextmanager
-def _eager_hf_masking():
-    """Hugging Face models build a full ``(B, 1, T, T)`` attention mask when they see a
-    fake tensor (their tracing-safe path), where eager training passes ``is_causal`` and no
-    mask. memtune measures eager training, so while the step is recorded the check ignores
-    fake tensors; whether the batch is padded then becomes a value read, which the recorder
-    resolves as "no padding" and lists in ``profile.assumptions``."""
-    import sys
+def _unit_of(fqn: str, unit_fqns) -> str | None:
+    for u in unit_fqns:
+        if fqn == u or fqn.startswith(u + "."):
+            return u
+    return None
 
-    masking = sys.modules.get("transformers.masking_utils")
-    original = getattr(masking, "is_tracing", None)
-    if original is None:
-        yield
-        return
-    from torch._subclasses.fake_tensor import FakeTensor
 
-    def is_tracing(tensor=None):
-        return original(None if isinstance(tensor, FakeTensor) else tensor)
+def _owner_types(model: nn.Module) -> dict[int, str]:
+    owner: dict[int, str] = {}
+    for mod in model.modules():
+        for p in mod.parameters(recurse=False):
+            owner.setdefault(id(p), type(mod).__name__)
+    return owner
 
-    masking.is_tracing = is_tracing
-    try:
-        yield
-    finally:
-        masking.is_tracing = original
+
+def _unit_params(named_params, fparams, unit_fqns, granularity) -> dict[str, tuple[int, int]]:
+    out: dict[str, tuple[int, int]] = {}
+    for n in named_params:
+        u = _unit_of(n, unit_fqns)
+        if u is None:
+            continue
+        b = _nbytes(fparams[n], granularity)
+        pb, gb = out.get(u, (0, 0))
+        out[u] = (pb + b, gb + (b if fparams[n].requires_grad else 0))
+    return out
+
+
+def _profiled_step_transient(timeline) -> int:
+    i = next(i for i, e in enumerate(timeline) if e.name == "optim_start")
+    return timeline[i].peak_bytes - timeline[i].live_bytes
+
+
+# ----------------------------------------------------------------------------- optimizer configurations
+def _profiled_config(optimizer: OptimizerSpec) -> tuple[OptimizerPlan, Callable | None]:
+    """(the profiled optimizer as a plan would name it, the user's builder for a custom one)."""
+    from .optim import OptimizerSettings
+
+    if isinstance(optimizer, OptimizerSettings):
+        ns = optimizer.ns_steps if optimizer.name != "adamw" else 0
+        return OptimizerPlan(name=optimizer.name, state_dtype=optimizer.state_dtype, ns_steps=ns,
+                             settings=optimizer.to_dict()), None
+    if callable(optimizer):
+        return OptimizerPlan(name="custom"), optimizer
+    if not isinstance(optimizer, str):
+        raise ValueError(f"optimizer={optimizer!r}: use a name, an OptimizerSettings or a callable")
+    name = optimizer.lower()
+    if name in ("adamw", "adam", "sgd", "none"):
+        return OptimizerPlan(name=name), None
+    if name in ("muon2", "muon"):
+        s = OptimizerSettings(name=name)
+        return OptimizerPlan(name=name, ns_steps=s.ns_steps, settings=s.to_dict()), None
+    raise ValueError(f"unknown optimizer {optimizer!r}: use adamw, adam, sgd, muon2, muon, none, an OptimizerSettings "
+                     "or a callable")
+
+
+def _configs_to_record(base: OptimizerPlan, space: PlanSpace) -> list[OptimizerPlan]:
+    """Every (family, state precision, NS steps) the space allows, built like ``base``."""
+    from .optim import OptimizerSettings
+    from .optimizers import FAMILIES, ns_floor
+
+    if base.name not in FAMILIES:
+        return [base]
+    families = space.optimizers if space.optimizers is not None else (base.name,)
+    if base.name not in families:
+        families = (base.name, *families)
+    out = {base.key: base}
+    for fam in families:
+        ns_values = (0,) if fam == "adamw" else (
+            space.ns_steps if space.ns_steps is not None else (ns_floor(fam),)) + ((base.ns_steps,) if fam == base.name else ())
+        for dt in space.state_dtypes + ((base.state_dtype,) if fam == base.name else ()):
+            for ns in ns_values:
+                if base.settings is None:
+                    settings = None if (fam == "adamw" and dt == "fp32") else OptimizerSettings(name=fam).to_dict()
+                else:
+                    settings = {**base.settings, "name": fam}
+                cfg = OptimizerPlan(name=fam, state_dtype=dt, ns_steps=ns, settings=settings)
+                out.setdefault(cfg.key, cfg)
+    return list(out.values())
 
 
 # ----------------------------------------------------------------------------- graph
@@ -160,7 +332,7 @@ class _UnitTracer(torch.fx.Tracer):
         return qualname in self.unit_fqns or super().is_leaf_module(m, qualname)
 
 
-def _capture_graph(model, unit_fqns, fake_mode, fparams, fbuffers, fsample, loss_fn, precision):
+def _capture_graph(model, unit_fqns, fake_mode, fparams, fbuffers, fsample, loss_fn, precision, sample):
     """``(graph, tracer, tried)``: symbolic_trace first, then make_fx over fake tensors."""
     tried: list[tuple[str, str]] = []
     try:
@@ -172,10 +344,10 @@ def _capture_graph(model, unit_fqns, fake_mode, fparams, fbuffers, fsample, loss
     from torch.fx.experimental.proxy_tensor import make_fx
 
     def fwd(params, buffers, batch):
-        return _forward_loss(model, params, buffers, batch, loss_fn, precision)[1]
+        return forward_loss(model, params, buffers, batch, loss_fn, precision)[1]
 
     try:
-        with fake_mode, StepRecorder(), _eager_hf_masking():  # the recorder resolves data-dependent reads
+        with fake_mode, StepRecorder(), eager_hf_masking():  # the recorder resolves data-dependent reads
             gm = make_fx(fwd, tracing_mode="real", pre_dispatch=False)(fparams, fbuffers, fsample)
         return gm.graph, "make_fx", tried
     except Exception as e:
@@ -183,11 +355,11 @@ def _capture_graph(model, unit_fqns, fake_mode, fparams, fbuffers, fsample, loss
         # Tell a bad sample from an untraceable model: does plain eager execution on fake
         # tensors get through the forward?
         try:
-            with fake_mode, StepRecorder(), _eager_hf_masking():
+            with fake_mode, StepRecorder(), eager_hf_masking():
                 fwd(fparams, fbuffers, fsample)
         except Exception as eager_error:
-            raise _classify_failure(eager_error, model, tried, "eager") from e
-        raise _classify_failure(e, model, tried, None) from e
+            raise _classify_failure(eager_error, model, tried, "eager", sample, loss_fn) from e
+        raise _classify_failure(e, model, tried, None, sample, loss_fn) from e
 
 
 def _one_line(e: BaseException) -> str:
@@ -195,24 +367,63 @@ def _one_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {text[0] if text else ''}"[:300]
 
 
-def _classify_failure(e: Exception, model: nn.Module, tried, tracer) -> Exception:
+REAL_CHECK_MAX_BYTES = 256 * 2**20
+"""A model whose real parameters fit in this many bytes is run once on the real sample when its
+fake run fails, to tell a bad sample from a fake-tensor limitation."""
+
+
+def _classify_failure(e: Exception, model: nn.Module, tried, tracer, sample=None, loss_fn=None) -> Exception:
     name = type(model).__name__
     if isinstance(e, (TraceError, SampleError)):
         return e
+    attempts = "; ".join(f"{t}: {why}" for t, why in tried) or "none"
     if type(e).__name__ in _DATA_DEPENDENT or "data-dependent" in str(e).lower() or _needs_real_data(e):
-        attempts = "; ".join(f"{t}: {why}" for t, why in tried) or "none"
         return TraceError(
             f"cannot trace {name}: it depends on tensor values that fake tensors do not have "
             f"({_one_line(e)}). Tracers tried: {attempts}. Fake tensors carry shapes, not values: keep "
             "forward() in torch ops (no .numpy(), .tolist() or data pointers), or move that work out of forward."
         )
     if tracer is None:
-        attempts = "; ".join(f"{t}: {why}" for t, why in tried)
         return TraceError(f"cannot trace {name}. Tracers tried: {attempts}")
+    kernel = raised_by_fake_kernel(e)
+    real = _runs_on_real_tensors(model, sample, loss_fn)
+    if real is True:
+        where = f"PyTorch's fake-tensor kernel {kernel}() rejected an input" if kernel else "the fake-tensor run failed"
+        return TraceError(
+            f"cannot profile {name} on fake tensors: {where} ({_one_line(e)}), although the model runs on the real "
+            f"sample: a limitation of fake tensors, not of your sample. memtune records the eager kernel for "
+            f"{', '.join(str(k) for k in EAGER_KERNELS)}; for another op, profile with the dtype its fake kernel "
+            f"accepts (e.g. precision='bf16-mixed') or report the op. Tracers tried: {attempts}")
+    hint = ""
+    if kernel is not None and real is None:
+        hint = (f" The error comes from the fake-tensor kernel {kernel}(): if the real model does run on this sample, "
+                "that kernel's fake implementation is at fault, not the sample.")
     return SampleError(
         f"{name} does not run on the sample ({_one_line(e)}). Pass the batch exactly as the training loop "
         "would: a dict for model(**batch), a tuple for model(*batch) (with loss_fn: (inputs..., target)), or a tensor."
-    )
+        + hint)
+
+
+def _runs_on_real_tensors(model: nn.Module, sample, loss_fn) -> bool | None:
+    """Whether one real forward of a small, materialized CPU model on the real sample works
+    (``None``: not tried, because the model is on meta or another device, or too big)."""
+    if sample is None:
+        return None
+    tensors = list(model.parameters()) + list(model.buffers())
+    if any(t.device.type != "cpu" for t in tensors):
+        return None
+    if sum(t.numel() * t.element_size() for t in tensors) > REAL_CHECK_MAX_BYTES:
+        return None
+    leaves, _ = tree_flatten(sample)
+    if any(isinstance(t, torch.Tensor) and t.device.type != "cpu" for t in leaves):
+        return None
+    args, kwargs, target = split_batch(sample, loss_fn)
+    try:
+        with torch.no_grad():
+            loss_from_output(model(*args, **kwargs), sample, target, loss_fn)
+    except Exception:
+        return False
+    return True
 
 
 def _needs_real_data(e: Exception) -> bool:
@@ -223,32 +434,6 @@ def _needs_real_data(e: Exception) -> bool:
 
 
 # ----------------------------------------------------------------------------- optimizer
-def _build_optimizer(optimizer: OptimizerSpec, model: nn.Module, fparams: dict[str, torch.Tensor], spec: DeviceSpec):
-    params = [p for p in fparams.values() if p.requires_grad]
-    if not isinstance(optimizer, str) and hasattr(optimizer, "state_dtype"):  # memtune.optim.OptimizerSettings
-        from .optim import build_optimizer
-
-        return build_optimizer(_FakeParamView(model, fparams), optimizer)
-    if callable(optimizer):
-        return optimizer(params)
-    name = optimizer.lower()
-    # CUDA's default implementation is foreach (multi-tensor), whose temporaries count.
-    foreach = spec.kind == "cuda"
-    if name == "adamw":
-        return torch.optim.AdamW(params, lr=1e-3, foreach=foreach)
-    if name == "adam":
-        return torch.optim.Adam(params, lr=1e-3, foreach=foreach)
-    if name == "sgd":
-        return torch.optim.SGD(params, lr=1e-3, momentum=0.9, foreach=foreach)
-    if name == "none":
-        return None
-    if name in ("muon2", "muon"):
-        from .optim import OptimizerSettings, build_optimizer
-
-        return build_optimizer(_FakeParamView(model, fparams), OptimizerSettings(name=name))
-    raise ValueError(f"unknown optimizer {optimizer!r}: use adamw, adam, sgd, muon2, muon, none, or a callable")
-
-
 class _FakeParamView(nn.Module):
     """Exposes ``model``'s structure with the fake parameters, for optimizers that split
     parameters by module type (the Muon²/AdamW hybrid)."""
@@ -282,215 +467,63 @@ def _create_optimizer_state(opt, fparams) -> None:
     opt.zero_grad(set_to_none=True)
 
 
-def optimizer_state_tensors(opt) -> list[torch.Tensor]:
-    """Every tensor in ``opt``'s state (none for ``None``)."""
-    if opt is None:
-        return []
-    leaves, _ = tree_flatten([dict(s) for s in opt.state.values()])
-    return [t for t in leaves if isinstance(t, torch.Tensor)]
+# ----------------------------------------------------------------------------- recompute safety
+def recompute_blockers(model, unit_fqns, fparams, fbuffers, fsample, loss_fn, precision) -> dict[str, str]:
+    """Units whose recomputation is not safe, with the reason.
 
-
-# ----------------------------------------------------------------------------- the measured step
-def _record_step(rec: StepRecorder, model, unit_fqns, fparams, fbuffers, fsample, loss_fn, precision, opt) -> None:
-    modules = dict(model.named_modules())
-    io: dict[str, dict[str, Any]] = {u: {"inputs": [], "outputs": [], "all_inputs": []} for u in unit_fqns}
-    handles = []
-
-    def pre_hook(fqn):
-        def hook(mod, args, kwargs):
-            rec.mark("fwd_start", fqn)
-            rec.unit_stack.append(fqn)
-            leaves, _ = tree_flatten((args, kwargs))
-            tensors = [t for t in leaves if isinstance(t, torch.Tensor) and not rec.is_static(t)]
-            io[fqn]["inputs"] = tensors
-            grad_inputs = [t for t in tensors if t.requires_grad]
-            if grad_inputs:
-                torch.autograd.graph.register_multi_grad_hook(grad_inputs, lambda grads: _bwd_end(fqn), mode="all")
-        return hook
-
-    def post_hook(fqn):
-        def hook(mod, args, kwargs, output):
-            rec.unit_stack.pop()
-            leaves, _ = tree_flatten(output)
-            outs = [t for t in leaves if isinstance(t, torch.Tensor)]
-            io[fqn]["outputs"] = outs
-            grad_outs = [t for t in outs if t.requires_grad]
-            if grad_outs:
-                torch.autograd.graph.register_multi_grad_hook(grad_outs, lambda grads: _bwd_start(fqn), mode="any")
-            rec.mark("fwd_end", fqn)
-        return hook
-
-    def _bwd_start(fqn):
-        rec.mark("bwd_start", fqn)
-        rec.bwd_unit = fqn
-
-    def _bwd_end(fqn):
-        if rec.bwd_unit == fqn:
-            rec.mark("bwd_end", fqn)
-            rec.bwd_unit = None
-
-    handles += rec.watch_grads(list(fparams.values()))
-    for fqn in unit_fqns:
-        handles.append(modules[fqn].register_forward_pre_hook(pre_hook(fqn), with_kwargs=True))
-        handles.append(modules[fqn].register_forward_hook(post_hook(fqn), with_kwargs=True))
-    try:
-        with rec:
-            rec.register_static(list(fparams.values()), list(fbuffers.values()), fsample, optimizer_state_tensors(opt))
-            rec.mark("start")
-            with torch.autograd.graph.saved_tensors_hooks(rec.pack, rec.unpack):
-                out, loss = _forward_loss(model, fparams, fbuffers, fsample, loss_fn, precision)
-            # Keep only references to the unit boundary *records*; drop the tensors so that
-            # their storages free when autograd is done with them.
-            for d in io.values():
-                d["input_records"] = _records(rec, d.pop("inputs"))
-                d["output_records"] = _records(rec, d.pop("outputs"))
-            del out
-            rec.mark("loss")
-            rec.phase = "backward"
-            loss.backward()
-            rec.bwd_unit = None
-            del loss
-            rec.phase = "optimizer"
-            rec.mark("bwd_done")
-            rec.mark("optim_start")
-            if opt is not None:
-                opt.step()
-            rec.mark("optim_end")
-            if opt is not None:
-                opt.zero_grad(set_to_none=True)
-            else:
-                for p in fparams.values():
-                    p.grad = None
-            rec.grad_bytes = 0
-            rec.mark("end")
-    finally:
-        for h in handles:
-            h.remove()
-    rec.unit_io = io  # type: ignore[attr-defined]
-
-
-def _records(rec: StepRecorder, tensors: list[torch.Tensor]) -> list:
-    seen, out = set(), []
-    for t in tensors:
-        r = rec.record_of(t)
-        if r is not None and id(r) not in seen:
-            seen.add(id(r))
-            out.append(r)
-    return out
-
-
-# ----------------------------------------------------------------------------- assembly
-def _assemble(*, model, spec, precision, optimizer, rec: StepRecorder, opt, unit_fqns, named_params, fparams, fbuffers,
-              fsample, sample, graph, tracer, tried, seconds) -> ModelProfile:
-    g = rec.granularity
-    from .devices import round_allocation
-
-    def nbytes(t: torch.Tensor) -> int:
-        return round_allocation(t.untyped_storage().nbytes(), g)
+    Runs a fake step with every unit under ``torch.utils.checkpoint`` (as a RECOMPUTE plan
+    would). ``checkpoint`` checks that recomputation saves the same tensors as the first
+    forward; a unit that fails that check carries state between calls. Such a unit is taken
+    out of the set and the step re-run, until the step goes through."""
+    from torch.nn.utils.stateless import _reparametrize_module
+    from torch.utils.checkpoint import CheckpointError, checkpoint
 
     modules = dict(model.named_modules())
-    owner = {}
-    for mname, mod in modules.items():
-        for pname, p in mod.named_parameters(recurse=False):
-            full = f"{mname}.{pname}" if mname else pname
-            owner.setdefault(id(p), (full, type(mod).__name__))
+    blockers: dict[str, str] = {}
+    state = {"backward": False, "last": None}
 
-    def unit_of(fqn: str) -> str | None:
-        for u in unit_fqns:
-            if fqn == u or fqn.startswith(u + "."):
-                return u
-        return None
+    def wrap(fqn):
+        module = modules[fqn]
+        forward = module.forward
 
-    params = tuple(
-        ParamInfo(fqn=n, shape=tuple(p.shape), dtype=str(p.dtype).removeprefix("torch."), param_bytes=nbytes(fparams[n]),
-                  unit=unit_of(n), module_type=owner.get(id(p), (n, "?"))[1])
-        for n, p in named_params.items()
-    )
-    # Saved storages, indexed in creation order.
-    saved = [r for r in rec.records if r.saved]
-    index = {id(r): i for i, r in enumerate(saved)}
-    n_events = len(rec.intervals)
-    storages = tuple(
-        StorageInfo(nbytes=r.nbytes, created=r.created, freed=r.freed if r.freed is not None else n_events,
-                    producer=r.producer, holders=tuple(r.holders), saved_outside=r.saved_outside)
-        for r in saved
-    )
-    # Persistent kernel workspaces (cuBLAS on CUDA) are live for the whole step.
-    workspace = CUDA_WORKSPACE_BYTES if spec.kind == "cuda" else 0
-    timeline = tuple(TimelineEvent(name=iv.name, unit=iv.unit, live_bytes=iv.live_bytes + workspace,
-                                   peak_bytes=iv.peak_bytes + workspace, grad_bytes=iv.grad_bytes)
-                     for iv in rec.intervals)
+        def run(*args, **kwargs):
+            if state["backward"]:
+                state["last"] = fqn
+            return forward(*args, **kwargs)
 
-    def interval_index(name: str, unit: str) -> int | None:
-        for i, iv in enumerate(rec.intervals):
-            if iv.name == name and iv.unit == unit:
-                return i
-        return None
+        def wrapped(*args, **kwargs):
+            return checkpoint(run, *args, use_reentrant=False, **kwargs)
+        return module, wrapped
 
-    units = []
-    for order, fqn in enumerate(unit_fqns):
-        io = rec.unit_io[fqn]
-        fs = interval_index("fwd_start", fqn)
-        if fs is None:
-            raise TraceError(f"unit {fqn!r} never ran in the forward pass; pick units the model calls (units=...)")
-        fwd_transient = rec.intervals[fs].peak_bytes - rec.intervals[fs].live_bytes
-        bs = interval_index("bwd_start", fqn)
-        if bs is None:
-            bwd_transient = 0
-        else:
-            be = interval_index("bwd_end", fqn)
-            stop = be if be is not None and be > bs else bs + 1
-            bwd_transient = max(iv.peak_bytes for iv in rec.intervals[bs:stop]) - rec.intervals[bs].live_bytes
-        unit_params = [p for p in params if p.unit == fqn]
-        pbytes = sum(p.param_bytes for p in unit_params)
-        gbytes = sum(p.param_bytes for p, (n, fp) in zip(params, fparams.items()) if p.unit == fqn and fp.requires_grad)
-        in_recs = io["input_records"]
-        units.append(UnitProfile(
-            fqn=fqn, module_type=type(modules[fqn]).__name__, order=order, param_bytes=pbytes, grad_bytes=gbytes,
-            saved_activation_bytes=sum(r.nbytes for r in saved if fqn in r.holders),
-            input_bytes=sum(r.nbytes for r in in_recs),
-            output_bytes=sum(r.nbytes for r in io["output_records"]),
-            fwd_flops=rec.flops.get(("forward", fqn), 0), bwd_flops=rec.flops.get(("backward", fqn), 0),
-            fwd_transient_bytes=fwd_transient, bwd_transient_bytes=max(bwd_transient, 0),
-            saved_storages=tuple(i for i, r in enumerate(saved) if fqn in r.holders),
-            input_storages=tuple(index[id(r)] for r in in_recs if id(r) in index),
-            input_storage_bytes=tuple(r.nbytes for r in in_recs),
-        ))
-    # Execution order may differ from registration order.
-    first_fwd = {iv.unit: i for i, iv in reversed(list(enumerate(rec.intervals))) if iv.name == "fwd_start"}
-    units.sort(key=lambda u: first_fwd[u.fqn])
-    units = [UnitProfile(**{**{f: getattr(u, f) for f in u.__slots__}, "order": i}) for i, u in enumerate(units)]
-
-    grad_bytes = sum(p.param_bytes for p, fp in zip(params, fparams.values()) if fp.requires_grad)
-    total_flops = lambda phase: sum(v for (ph, _), v in rec.flops.items() if ph == phase)  # noqa: E731
-    return ModelProfile(
-        model=type(model).__name__, tracer=tracer, tracers_tried=tuple(tried), target=spec.kind, target_name=spec.name,
-        precision=precision, optimizer=_optimizer_name(optimizer),
-        batch_size=batch_size_of(sample), sample=describe(sample),
-        param_bytes=sum(p.param_bytes for p in params), buffer_bytes=sum(nbytes(b) for b in fbuffers.values()),
-        grad_bytes=grad_bytes, optimizer_state_bytes=_unique_bytes(optimizer_state_tensors(opt), nbytes),
-        input_bytes=_unique_bytes([t for t in tree_flatten(fsample)[0] if isinstance(t, torch.Tensor)], nbytes),
-        outside_activation_bytes=sum(s.nbytes for s in storages if s.saved_outside and not s.holders),
-        workspace_bytes=workspace, baseline_peak_bytes=max(e.peak_bytes for e in timeline),
-        fwd_flops=total_flops("forward"), bwd_flops=total_flops("backward"),
-        units=tuple(units), params=params, storages=storages, timeline=timeline,
-        assumptions=tuple(rec.assumptions), allocation_granularity=g, profile_seconds=round(seconds, 3),
-        torch_version=torch.__version__, graph=graph,
-    )
-
-
-def _optimizer_name(optimizer: OptimizerSpec) -> str:
-    if isinstance(optimizer, str):
-        return optimizer
-    name = getattr(optimizer, "name", None)  # OptimizerSettings
-    return name if isinstance(name, str) else getattr(optimizer, "__name__", "custom")
-
-
-def _unique_bytes(tensors, nbytes) -> int:
-    seen, total = set(), 0
-    for t in tensors:
-        key = id(t.untyped_storage())
-        if key not in seen:
-            seen.add(key)
-            total += nbytes(t)
-    return total
+    for _ in range(len(unit_fqns)):
+        candidates = [u for u in unit_fqns if u not in blockers]
+        if not candidates:
+            break
+        patched = []
+        for u in candidates:
+            module, wrapped = wrap(u)
+            patched.append((module, module.__dict__.get("forward")))
+            module.__dict__["forward"] = wrapped
+        state.update(backward=False, last=None)
+        try:
+            # Recomputation runs in backward, so the fake parameters must stay swapped in until then.
+            with StepRecorder(), _reparametrize_module(model, {**fparams, **fbuffers}, tie_weights=True):
+                _, loss = forward_loss(model, fparams, fbuffers, fsample, loss_fn, precision)
+                state["backward"] = True
+                loss.backward()
+            return blockers
+        except CheckpointError as e:
+            culprit = state["last"]
+            if culprit is None:
+                return {u: f"recomputation failed ({_one_line(e)})" for u in candidates}
+            blockers[culprit] = (f"recomputing it saves different tensors than its forward did ({_one_line(e)[:160]}); "
+                                 "it carries state between calls")
+        finally:
+            for module, original in patched:
+                if original is None:
+                    module.__dict__.pop("forward", None)
+                else:
+                    module.__dict__["forward"] = original
+            for p in fparams.values():
+                p.grad = None
+    return blockers

@@ -49,6 +49,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from .cuda_allocator import CachingAllocatorSim
 from .devices import cuda_sdpa_backend, cuda_sdpa_logsumexp_bytes, round_allocation
+from .fake_compat import EAGER_KERNELS
 
 aten = torch.ops.aten
 
@@ -194,9 +195,16 @@ class StepRecorder(TorchDispatchMode):
                         sim.free(h)
         self.allocator = sim
 
-    def watch_grads(self, params: list[torch.Tensor]) -> list:
-        """Count each parameter's gradient once it is first accumulated (handles returned)."""
+    def watch_grads(self, params: list[torch.Tensor], *, live_from_start: bool = False) -> list:
+        """Count each parameter's gradient once it is first accumulated (handles returned).
+        ``live_from_start``: the gradients already exist (gradient accumulation) and count from
+        the start of the step."""
         done: set[int] = set()
+        if live_from_start:
+            for p in params:
+                if p.grad is not None:
+                    done.add(id(p))
+                    self.grad_bytes += round_allocation(p.grad.untyped_storage().nbytes(), self.granularity)
 
         for p in params:
             self._param_storages[p.untyped_storage()] = True
@@ -304,7 +312,15 @@ class StepRecorder(TorchDispatchMode):
             resolved = self._resolve_data_dependent(func, args)
             if resolved is not NotImplemented:
                 return resolved
-        out = func(*args, **kwargs)
+        out = None
+        eager = EAGER_KERNELS.get(func)
+        if eager is not None and _is_fake(args[0]):
+            hit = eager(func, args, kwargs)
+            if hit is not None:
+                out, note = hit
+                self._assume(note)
+        if out is None:
+            out = func(*args, **kwargs)
         self._count_flops(func, args, kwargs, out)
         if self.target == "cuda" and func in _SDPA_CPU:
             self._model_cuda_sdpa(args, kwargs, out)
@@ -354,7 +370,7 @@ class StepRecorder(TorchDispatchMode):
         memory. Each resolution is listed in ``profile.assumptions``."""
         if func is aten._local_scalar_dense.default:
             t = args[0]
-            if not _is_fake(t):
+            if not (_is_fake(t) or t.is_meta):
                 return NotImplemented
             value: Any = True if t.dtype == torch.bool else (1 if not t.is_floating_point() else 1.0)
             if self.phase != "optimizer":  # optimizers read their step counters: not a model assumption

@@ -40,7 +40,9 @@ import inspect
 import itertools
 import math
 import statistics
+import sys
 import time
+import types
 import warnings
 from typing import Any, Callable, Iterable, Sequence
 
@@ -158,6 +160,26 @@ def suggest(trial: optuna.Trial, *, batch_size: int | None) -> dict[str, Any]:
     return params
 
 
+def sweep_profile(model, sample, *, loss_fn=None, device: str = "cpu"):
+    """The profile every trial's feasibility check uses. It records every configuration the
+    search space can ask for (:class:`memtune.PlanSpace`), with the optimizer settings the
+    trials train with, so that each check is measured."""
+    import memtune
+    from memtune.batching import batch_size_of
+    from memtune.optim import OptimizerSettings
+
+    B = batch_size_of(sample)
+    space = memtune.PlanSpace(ns_steps=tuple(range(NS_STEPS[0], NS_STEPS[1] + 1)), state_dtypes=STATE_DTYPES,
+                              micro_batch_sizes=tuple(d for d in range(1, B) if B % d == 0) if B else ())
+    return memtune.profile(model, sample, loss_fn=loss_fn, target=device, space=space,
+                           optimizer=OptimizerSettings(name="muon2", ns_dtype=_ns_dtype(device)))
+
+
+def _ns_dtype(device: str) -> str:
+    """bf16 Newton-Schulz on GPUs; fp32 on CPUs without fast bf16 matmul (as memtune.fit chooses)."""
+    return "bf16" if device.startswith("cuda") else "fp32"
+
+
 def planner_options(params: dict[str, Any], batch_size: int | None, device: str | None) -> dict[str, Any]:
     """The :func:`memtune.plan` options a trial's parameters pin down."""
     opts: dict[str, Any] = dict(optimizer="muon2", min_ns_steps=params["ns_steps"], max_ns_steps=params["ns_steps"],
@@ -251,7 +273,7 @@ def sweep(build_fn: Callable[..., Any], *, budget: int | str, n_trials: int, stu
     # planner options, never the traced step.
     model, data, loss_fn = _unpack(_call_default(build_fn))
     sample = next(iter(data))
-    profile = memtune.profile(model, sample, loss_fn=loss_fn, optimizer="muon2", target=device)
+    profile = sweep_profile(model, sample, loss_fn=loss_fn, device=device)
     del model
     _check_some_trial_fits(profile, budget, device)
     if study is None:
@@ -273,7 +295,7 @@ def sweep(build_fn: Callable[..., Any], *, budget: int | str, n_trials: int, stu
         trial.set_user_attr("predicted_step_ms", plan.predicted_step_ms)
         model, data, loss_fn = _unpack(_call(build_fn, params))
         settings = OptimizerSettings(name="muon2", lr=params["lr"], ns_steps=params["ns_steps"],
-                                     state_dtype=params["state_dtype"], ns_dtype="bf16" if device.startswith("cuda") else "fp32")
+                                     state_dtype=params["state_dtype"], ns_dtype=_ns_dtype(device))
         opts = planner_options(params, profile.batch_size, device)
         allow_mb = opts.pop("allow_microbatching", False)
         opts.pop("optimizer")
@@ -386,3 +408,14 @@ def _record_savings(study: optuna.Study) -> None:
     ran = [t.user_attrs["wall_s"] for t in trials if t.state == optuna.trial.TrialState.COMPLETE and "wall_s" in t.user_attrs]
     study.set_user_attr("infeasible_pruned", infeasible)
     study.set_user_attr("device_seconds_saved", infeasible * (statistics.fmean(ran) if ran else 0.0))
+
+
+class _CallableModule(types.ModuleType):
+    """``import memtune.sweep`` binds this module over the package's ``memtune.sweep`` function;
+    calling the module calls the function, so ``memtune.sweep(...)`` works either way."""
+
+    def __call__(self, *args, **kwargs):
+        return sweep(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

@@ -25,7 +25,7 @@ class BrutePlanner:
         fqns = [u.fqn for u in profile.units]
         for cfg in configs(profile, options):
             table = costs_for(profile, cfg, options)
-            for combo in itertools.product(unit_choices(profile, options), repeat=len(fqns)):
+            for combo in itertools.product(*(unit_choices(profile, options, f) for f in fqns)):
                 plan = make_plan(profile, budget, cfg, dict(zip(fqns, combo)), planner=self.name, options=options,
                                  table=table)
                 if plan.predicted_peak_bytes <= budget.usable_bytes and (

@@ -33,8 +33,9 @@ from memtune.budget import Budget
 from memtune.plan import Decision, Plan
 from memtune.profile import ModelProfile
 
-from .options import PlannerOptions, configs, costs_for, make_plan, offload_allowed
-from .timeline import ConfigConstants, TimelineModel
+from memtune.timeline import ConfigConstants, TimelineModel
+
+from .options import PlannerOptions, configs, costs_for, make_plan, offload_allowed, timeline_for
 
 MAX_TIGHTEN = 4
 
@@ -45,7 +46,6 @@ class ExactPlanner:
     name = "exact"
 
     def plan(self, profile: ModelProfile, budget: Budget, *, options: PlannerOptions) -> Plan:
-        tm = TimelineModel(profile)
         U = float(budget.usable_bytes)
         cands = []
         for cfg in configs(profile, options):
@@ -57,7 +57,7 @@ class ExactPlanner:
         for base_ms, _, cfg, table in cands:
             if best is not None and base_ms >= best.predicted_step_ms - 1e-12:
                 break
-            cc = tm.constants(cfg)
+            tm, cc = timeline_for(profile, cfg)
             if cc.fixed_peak > U:
                 continue
             left = max(0.05, deadline - time.perf_counter())
@@ -157,15 +157,14 @@ def solve_config(tm: TimelineModel, cc: ConfigConstants, table, U: float, *, all
     for i in range(n):
         e = [(iD + i, 1.0)] + ([(iD + i - 1, -1.0)] if i else []) + starts.get(i, [])
         add(e, 0.0, 0.0)
-    s = cc.scale
     Us = U / S
     for i in range(n):
         if tm.is_opt[i]:
             continue
         if minimize_peak:
-            add([(iD + i, -s), (iP, -1.0)], -np.inf, -cc.c[i] / S)
+            add([(iD + i, -1.0), (iP, -1.0)], -np.inf, -cc.c[i] / S)
         else:
-            add([(iD + i, -s)], -np.inf, Us - cc.c[i] / S)
+            add([(iD + i, -1.0)], -np.inf, Us - cc.c[i] / S)
     kmax = tm.unsaved.sum() / S
     restored: dict[int, list[int]] = {}
     for g in range(G):
@@ -175,12 +174,12 @@ def solve_config(tm: TimelineModel, cc: ConfigConstants, table, U: float, *, all
         if tm.bs[u] < 0:
             continue
         a = cc.a[u] / S
-        terms = [(iD + int(tm.bs[u]), -s)] + [(iE + g, -s * tm.g_bytes[g] / S) for g in restored.get(u, [])]
+        terms = [(iD + int(tm.bs[u]), -1.0)] + [(iE + g, -tm.g_bytes[g] / S) for g in restored.get(u, [])]
         if minimize_peak:
-            M = max(0.0, a + s * kmax)
+            M = max(0.0, a + kmax)
             add(terms + [(iR + u, M), (iP, -1.0)], -np.inf, M - a)
         else:
-            M = a + s * kmax - Us
+            M = a + kmax - Us
             if M <= 0:
                 continue  # can never exceed the budget
             add(terms + [(iR + u, M)], -np.inf, Us + M - a)
@@ -207,6 +206,7 @@ def solve_config(tm: TimelineModel, cc: ConfigConstants, table, U: float, *, all
     integrality[iR:iR + N + no] = 1
     lb = np.zeros(nv)
     ub = np.ones(nv)
+    ub[iR:iR + N] = tm.recomputable  # units whose recomputation is unsafe are never RECOMPUTE
     lb[-1] = ub[-1] = 1.0
     lb[iD:iD + n] = -np.inf
     ub[iD:iD + n] = np.inf

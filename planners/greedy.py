@@ -10,8 +10,8 @@ Per outer configuration (cheapest first, skipping those that cannot beat the bes
    (any unit, any decision) that lowers the peak most, until the plan fits or nothing helps;
 4. relaxation: undo marks that are no longer needed, most expensive first.
 
-Each plan is evaluated with :class:`~planners.timeline.TimelineModel` (the vectorized
-restatement of ``predict_peak``) and the final plan is re-checked with ``predict_peak`` itself.
+Each plan is evaluated with :class:`~memtune.timeline.TimelineModel` (the same model
+``predict_peak`` uses) and the final plan is re-checked with ``predict_peak`` itself.
 When greedy can miss a plan that exact finds is documented in docs/planners.md.
 """
 
@@ -25,8 +25,9 @@ from memtune.budget import Budget
 from memtune.plan import Decision, Plan
 from memtune.profile import ModelProfile
 
-from .options import Config, PlannerOptions, configs, costs_for, make_plan, offload_allowed
-from .timeline import ConfigConstants, TimelineModel
+from memtune.timeline import ConfigConstants, TimelineModel
+
+from .options import Config, PlannerOptions, configs, costs_for, make_plan, offload_allowed, timeline_for
 
 DESCENT_EVAL_LIMIT = 200_000
 """Peak evaluations the descent phase may spend per configuration (N² for N units, capped)."""
@@ -36,7 +37,6 @@ class GreedyPlanner:
     name = "greedy"
 
     def plan(self, profile: ModelProfile, budget: Budget, *, options: PlannerOptions) -> Plan:
-        tm = TimelineModel(profile)
         U = float(budget.usable_bytes)
         cands = sorted(((costs_for(profile, c, options), c) for c in configs(profile, options)),
                        key=lambda t: (t[0].base.total_ms, t[1].key))
@@ -44,7 +44,7 @@ class GreedyPlanner:
         for table, cfg in cands:
             if best is not None and table.base.total_ms >= best.predicted_step_ms - 1e-12:
                 break
-            cc = tm.constants(cfg)
+            tm, cc = timeline_for(profile, cfg)
             if cc.fixed_peak > U:
                 continue
             state = fit(tm, cc, table, U, allow_offload=offload_allowed(profile, options))
@@ -93,12 +93,15 @@ def fit(tm: TimelineModel, cc: ConfigConstants, table, U: float, *, allow_offloa
     shared = np.asarray(tm.H.sum(axis=0)).ravel() > 0
     rc = np.array([table.recompute_ms[f] for f in tm.fqns])
     off = np.array([table.offload_ms[f] for f in tm.fqns])
-    use_off = allow_offload & (off < rc)
+    can_rc = tm.recomputable
+    use_off = allow_offload & ((off < rc) | ~can_rc)
     cost = np.where(use_off, off, rc)
     benefit = own + 1e-3 * shared  # units that only share storages still rank (last)
     order = sorted(range(N), key=lambda u: (-benefit[u] / max(cost[u], 1e-12), u))
     # 2. walk the ranking.
     for u in order:
+        if not (use_off[u] or can_rc[u]):
+            continue  # neither recomputable nor offloadable
         x[u] = 1.0
         r[u] = 0.0 if use_off[u] else 1.0
         new = peak()
@@ -117,7 +120,7 @@ def fit(tm: TimelineModel, cc: ConfigConstants, table, U: float, *, allow_offloa
         for u in range(N):
             old = (x[u], r[u])
             for ch in choices:
-                if ch == old:
+                if ch == old or (ch[1] and not can_rc[u]):
                     continue
                 x[u], r[u] = ch
                 val = peak()
@@ -145,6 +148,8 @@ def fit(tm: TimelineModel, cc: ConfigConstants, table, U: float, *, allow_offloa
             for u in np.nonzero(x)[0]:
                 old = (x[u], r[u])
                 alt = (1.0, 0.0) if r[u] else (1.0, 1.0)
+                if alt[1] and not can_rc[u]:
+                    continue
                 if (rc[u] if alt[1] else off[u]) < (rc[u] if old[1] else off[u]):
                     x[u], r[u] = alt
                     if peak() > U:

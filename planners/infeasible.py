@@ -5,13 +5,12 @@ from __future__ import annotations
 
 from memtune.budget import Budget
 from memtune.errors import InfeasibleBudgetError
-from memtune.memory_model import optimizer_memory
+from memtune.timeline import optimizer_memory, recording_for
 from memtune.plan import Plan
 from memtune.profile import ModelProfile
 from memtune.units_fmt import fmt_bytes
 
-from .options import PlannerOptions, configs, costs_for, make_plan, offload_allowed
-from .timeline import TimelineModel
+from .options import PlannerOptions, configs, costs_for, make_plan, offload_allowed, timeline_for
 
 
 def most_frugal_plan(profile: ModelProfile, budget: Budget, options: PlannerOptions) -> Plan:
@@ -20,11 +19,10 @@ def most_frugal_plan(profile: ModelProfile, budget: Budget, options: PlannerOpti
     from .exact import solve_config
     from .greedy import fit
 
-    tm = TimelineModel(profile)
     best = None
     for cfg in configs(profile, options):
         table = costs_for(profile, cfg, options)
-        cc = tm.constants(cfg)
+        tm, cc = timeline_for(profile, cfg)
         if tm.N <= options.max_exact_units:
             sol = solve_config(tm, cc, table, 0.0, allow_offload=offload_allowed(profile, options),
                                time_limit_s=options.time_limit_s, minimize_peak=True)
@@ -46,7 +44,8 @@ def infeasible_error(profile: ModelProfile, budget: Budget, options: PlannerOpti
     frugal = frugal or most_frugal_plan(profile, budget, options)
     reserve = budget.budget_bytes - budget.usable_bytes
     min_budget = frugal.predicted_peak_bytes + reserve
-    opt_mem = optimizer_memory(profile, frugal.optimizer)
+    opt_mem = optimizer_memory(recording_for(profile, frugal.micro_batch_size, frugal.grad_accum_steps),
+                               frugal.optimizer)
     consumers = [("parameters and buffers", profile.param_bytes + profile.buffer_bytes),
                  ("gradients", profile.grad_bytes),
                  (f"optimizer state ({frugal.optimizer.name}, {frugal.optimizer.state_dtype})", opt_mem.state_bytes),
@@ -59,10 +58,13 @@ def infeasible_error(profile: ModelProfile, budget: Budget, options: PlannerOpti
         suggestions.append("allow_microbatching=True (smaller micro-batches with gradient accumulation)")
     if not options.allow_offload and profile.target == "cuda":
         suggestions.append("allow_offload=True (saved activations to pinned host memory)")
-    if "int8" not in options.state_dtypes:
+    if options.state_dtypes is not None and "int8" not in options.state_dtypes:
         suggestions.append("state_dtypes including 'int8' (8-bit optimizer state)")
-    if options.optimizer == "adamw":
-        suggestions.append("optimizer='muon' (one state buffer per hidden matrix instead of two)")
+    names = options.optimizer_names or (profile.optimizer,)
+    if "muon" not in names and set(names) & {"adamw", "muon2"}:
+        recorded = any(o.name == "muon" for o in profile.optimizer_steps)
+        suggestions.append("optimizer='muon' (one state buffer per hidden matrix instead of two"
+                           + ("" if recorded else "; profile with space=memtune.PlanSpace(optimizers=('muon',))") + ")")
     what = ", ".join(f"{n} {fmt_bytes(b)}" for n, b in consumers[:4])
     msg = (f"no plan fits {budget}: the most memory-frugal allowed plan ({len(frugal.recompute_units)} of "
            f"{len(profile.units)} units recomputed, {frugal.optimizer.state_dtype} optimizer state, micro-batch "

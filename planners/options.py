@@ -1,40 +1,42 @@
 """What every planner shares: :class:`PlannerOptions`, the outer configuration space
-(optimizer state precision × Newton-Schulz steps × micro-batch) and turning a decision set
-into a verified :class:`~memtune.plan.Plan`."""
+(optimizer × state precision × Newton-Schulz steps × micro-batch, each as the profile recorded
+it) and turning a decision set into a verified :class:`~memtune.plan.Plan`."""
 
 from __future__ import annotations
 
-import weakref
 from dataclasses import dataclass
 
 from memtune.budget import Budget
 from memtune.cost_model import CostTable, apply_decisions, cost_table
 from memtune.devices import DeviceSpec
 from memtune.memory_model import predict_peak
+from memtune.optimizers import FAMILIES, NAMES, ns_floor
 from memtune.plan import STATE_DTYPES, Decision, OptimizerPlan, Plan
 from memtune.profile import ModelProfile
+from memtune.timeline import (ConfigConstants, TimelineModel, UnrecordedPlanError, optimizer_memory, recording_for,
+                              timeline_model)
 
-DEFAULT_MIN_NS_STEPS = {"muon2": 3, "muon": 5, "adamw": 0}
-HEAD_NAMES = ("lm_head", "head", "classifier", "score", "output", "wte")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class PlannerOptions:
     """Knobs of every planner. The budget is the one setting that matters; these bound what a
-    planner may change to meet it."""
+    planner may change to meet it. Every plan a planner returns is priced from the profile's
+    recordings (:class:`memtune.PlanSpace`), so options reach only what the profile recorded."""
 
-    optimizer: str = "muon2"
-    """``muon2``, ``muon`` or ``adamw``. Use the profiled optimizer (``"adamw"`` for a default
-    profile) to keep the profile's measured optimizer memory."""
+    optimizer: str | tuple[str, ...] | None = None
+    """``None``: keep the profile's optimizer. A name (``muon2``, ``muon``, ``adamw``) or a tuple of
+    names to choose from: the plan may switch to it, if the profile recorded it
+    (``memtune.profile(..., space=PlanSpace(optimizers=...))``)."""
     min_ns_steps: int | None = None
-    """Fewest Newton-Schulz iterations the planner may choose; ``None``: 3 for Muon², 5 for Muon.
-    Fewer NS steps are faster and cost no memory, so a time-minimizing plan sits on this floor:
-    raise it when update quality matters more than speed."""
+    """Fewest Newton-Schulz iterations the planner may choose; ``None``: the family's floor
+    (:data:`memtune.optimizers.DEFAULT_NS_STEPS`). Fewer NS steps are faster and cost no memory,
+    so a time-minimizing plan sits on this floor: raise it when update quality matters more."""
     max_ns_steps: int | None = None
     """Most NS iterations (``None``: the floor). Only matters if a future cost model rewards them."""
-    state_dtypes: tuple[str, ...] = STATE_DTYPES
-    """Optimizer-state precisions allowed, any of ``fp32``, ``bf16``, ``int8``. fp32 is fastest; the
-    others are chosen only when memory needs them."""
+    state_dtypes: tuple[str, ...] | None = None
+    """Optimizer-state precisions allowed (``fp32``, ``bf16``, ``int8``); ``None``: every precision the
+    profile recorded. fp32 is fastest; the others are chosen only when memory needs them."""
     allow_offload: bool = False
     """Allow OFFLOAD decisions (saved activations to pinned host memory; priced at PCIe bandwidth).
     Ignored for CPU targets, where host memory *is* the budget."""
@@ -43,7 +45,8 @@ class PlannerOptions:
     global_batch_size: int | None = None
     """Samples per optimizer step; ``None``: the profiled batch size."""
     micro_batch_sizes: tuple[int, ...] | None = None
-    """Micro-batch sizes to consider (each must divide the global batch); ``None``: every divisor."""
+    """Micro-batch sizes to consider (each must divide the global batch and be recorded);
+    ``None``: every recorded size that divides it."""
     device: str | DeviceSpec | None = None
     """Device whose rates the cost model uses (a table name, ``"cpu"``, a DeviceSpec, e.g. from
     :func:`memtune.cost_model.calibrate`); ``None``: ``profile.target_name``."""
@@ -56,21 +59,29 @@ class PlannerOptions:
     """:func:`memtune.planning.plan` uses the greedy planner past this many units."""
 
     def __post_init__(self) -> None:
-        if self.optimizer not in DEFAULT_MIN_NS_STEPS:
-            raise ValueError(f"optimizer={self.optimizer!r}: use one of {tuple(DEFAULT_MIN_NS_STEPS)}")
-        bad = [d for d in self.state_dtypes if d not in STATE_DTYPES]
-        if bad or not self.state_dtypes:
-            raise ValueError(f"state_dtypes={self.state_dtypes!r}: use a non-empty subset of {STATE_DTYPES}")
-        lo, hi = self.ns_range
-        if lo > hi:
-            raise ValueError(f"min_ns_steps={lo} exceeds max_ns_steps={hi}")
+        names = self.optimizer_names or ()
+        bad = [n for n in names if n not in NAMES]
+        if bad or (self.optimizer is not None and not names):
+            raise ValueError(f"optimizer={self.optimizer!r}: use None (the profiled one), one of {FAMILIES}, or a tuple")
+        if self.state_dtypes is not None:
+            bad = [d for d in self.state_dtypes if d not in STATE_DTYPES]
+            if bad or not self.state_dtypes:
+                raise ValueError(f"state_dtypes={self.state_dtypes!r}: use a non-empty subset of {STATE_DTYPES}")
+        if self.min_ns_steps is not None and self.max_ns_steps is not None and self.min_ns_steps > self.max_ns_steps:
+            raise ValueError(f"min_ns_steps={self.min_ns_steps} exceeds max_ns_steps={self.max_ns_steps}")
 
     @property
-    def ns_range(self) -> tuple[int, int]:
-        if self.optimizer == "adamw":
+    def optimizer_names(self) -> tuple[str, ...] | None:
+        if self.optimizer is None:
+            return None
+        return (self.optimizer,) if isinstance(self.optimizer, str) else tuple(self.optimizer)
+
+    def ns_range(self, name: str) -> tuple[int, int]:
+        """Allowed NS step counts of optimizer ``name`` (``(0, 0)`` without Newton-Schulz)."""
+        if name not in ("muon2", "muon"):
             return 0, 0
-        lo = self.min_ns_steps if self.min_ns_steps is not None else DEFAULT_MIN_NS_STEPS[self.optimizer]
-        hi = self.max_ns_steps if self.max_ns_steps is not None else lo
+        lo = self.min_ns_steps if self.min_ns_steps is not None else ns_floor(name)
+        hi = self.max_ns_steps if self.max_ns_steps is not None else max(lo, ns_floor(name))
         return max(1, lo), max(1, hi)
 
 
@@ -84,49 +95,85 @@ class Config:
 
     @property
     def key(self) -> tuple:
-        return (self.optimizer.state_dtype, self.optimizer.ns_steps, self.micro_batch_size or 0)
-
-
-def split_from_profile(profile: ModelProfile, name: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """(Muon FQNs, AdamW FQNs), following :func:`memtune.optim.split_parameters`'s rules on the
-    profile's parameter table: 1-D, embeddings and the output head go to AdamW."""
-    fqns = [p.fqn for p in profile.params]
-    if name == "adamw":
-        return (), tuple(fqns)
-    linears = [p for p in profile.params if p.module_type == "Linear"]
-    mod = lambda p: p.fqn.rsplit(".", 1)[0] if "." in p.fqn else ""  # noqa: E731
-    heads = {mod(p) for p in linears if mod(p).split(".")[-1] in HEAD_NAMES}
-    if not heads:
-        vocab = {p.shape[0] for p in profile.params if p.module_type == "Embedding" and p.shape}
-        if vocab:
-            heads = {mod(p) for p in linears if len(p.shape) == 2 and p.shape[0] in vocab}
-        elif linears:
-            heads = {mod(linears[-1])}
-    muon = tuple(p.fqn for p in profile.params
-                 if len(p.shape) >= 2 and p.module_type != "Embedding" and mod(p) not in heads)
-    return muon, tuple(f for f in fqns if f not in set(muon))
+        return (self.optimizer.name, self.optimizer.state_dtype, self.optimizer.ns_steps, self.micro_batch_size or 0)
 
 
 def configs(profile: ModelProfile, options: PlannerOptions) -> list[Config]:
-    """Every outer configuration the options allow, in a fixed order."""
-    muon, adamw = split_from_profile(profile, options.optimizer)
-    lo, hi = options.ns_range
+    """Every outer configuration the options allow and the profile recorded, in a fixed order.
+    Raises :class:`~memtune.timeline.UnrecordedPlanError` for an explicit request the profile
+    cannot price."""
+    optimizers = [o for name in (options.optimizer_names or (profile.optimizer,))
+                  for o in _optimizer_choices(profile, options, name)]
     B = profile.batch_size or 1
     G = options.global_batch_size or B
     if options.allow_microbatching and profile.batch_size:
-        sizes = options.micro_batch_sizes or tuple(d for d in range(1, G + 1) if G % d == 0)
-        bad = [m for m in sizes if m < 1 or G % m]
-        if bad:
-            raise ValueError(f"micro_batch_sizes {bad} do not divide the global batch {G}")
+        recorded = set(profile.micro_batch_sizes)
+        if options.micro_batch_sizes is not None:
+            sizes = tuple(options.micro_batch_sizes)
+            bad = [m for m in sizes if m < 1 or G % m]
+            if bad:
+                raise ValueError(f"micro_batch_sizes {bad} do not divide the global batch {G}")
+            missing = [m for m in sizes if m not in recorded and not (m == B == G)]
+            if missing:
+                raise UnrecordedPlanError(
+                    f"micro_batch_sizes {missing} were not recorded (recorded: {sorted(recorded, reverse=True)}); "
+                    f"re-profile with memtune.profile(..., space=memtune.PlanSpace(micro_batch_sizes={tuple(missing)}))")
+        else:
+            sizes = tuple(m for m in recorded if G % m == 0) + ((G,) if G == B else ())
     else:
         sizes = (G,)
     out = []
-    for dt in options.state_dtypes:
-        for ns in range(lo, hi + 1):
-            opt = OptimizerPlan(name=options.optimizer, ns_steps=ns, state_dtype=dt, muon_params=muon, adamw_params=adamw)
-            for m in sorted(set(sizes), reverse=True):
-                mb = None if (m == B and G == B) else m
-                out.append(Config(opt, mb, G // m))
+    for opt in optimizers:
+        for m in sorted(set(sizes), reverse=True):
+            mb = None if (m == B and G == B) else m
+            if mb is not None and mb not in profile.micro_batch_sizes:
+                raise UnrecordedPlanError(
+                    f"a global batch of {G} in micro-batches of {m} needs a recorded accumulation step at {m}; "
+                    f"re-profile with memtune.profile(..., space=memtune.PlanSpace(micro_batch_sizes=({m},)))")
+            out.append(Config(opt, mb, G // m))
+    return out
+
+
+def _optimizer_choices(profile: ModelProfile, options: PlannerOptions, name: str) -> list[OptimizerPlan]:
+    recorded = [o for o in profile.optimizer_steps if o.name == name]
+    if not recorded:
+        have = sorted({o.name for o in profile.optimizer_steps}) or ["none"]
+        raise UnrecordedPlanError(
+            f"the profile recorded no {name} optimizer (recorded: {', '.join(have)}): a plan may only choose an "
+            f"optimizer whose step was measured. Re-profile with memtune.profile(..., "
+            f"space=memtune.PlanSpace(optimizers=({name!r},))), or plan with optimizer=None to keep {profile.optimizer}")
+    dtypes = options.state_dtypes
+    if dtypes is None:
+        dtypes = tuple(d for d in STATE_DTYPES if any(o.state_dtype == d for o in recorded))
+    else:
+        missing = [d for d in dtypes if not any(o.state_dtype == d for o in recorded)]
+        if missing:
+            raise UnrecordedPlanError(
+                f"the profile did not record {name} with {'/'.join(missing)} state"
+                + (f" ({name} keeps its state as profiled)" if name not in FAMILIES else
+                   f"; re-profile with memtune.profile(..., space=memtune.PlanSpace(state_dtypes={tuple(dtypes)}))"))
+    lo, hi = options.ns_range(name)
+    explicit = options.min_ns_steps is not None or options.max_ns_steps is not None
+    out = []
+    for dt in dtypes:
+        have = sorted(o.ns_steps for o in recorded if o.state_dtype == dt)
+        want = [k for k in range(lo, hi + 1)]
+        ns_values = [k for k in want if k in have]
+        if len(ns_values) < len(want):
+            if explicit or name not in ("muon2", "muon"):
+                missing = [k for k in want if k not in have]
+                if name in ("muon2", "muon"):
+                    raise UnrecordedPlanError(
+                        f"the profile did not record {name} ({dt} state) with {missing} NS steps (recorded: {have}); "
+                        f"re-profile with memtune.profile(..., space=memtune.PlanSpace(ns_steps={tuple(want)}))")
+                ns_values = have
+            else:  # the default floor was not recorded: the closest recorded count above it, else below
+                above = [k for k in have if k >= lo]
+                ns_values = [above[0] if above else have[-1]]
+        for k in ns_values:
+            rec = profile.optimizer_step(name, dt, k)
+            out.append(OptimizerPlan(name=name, ns_steps=k, state_dtype=dt, muon_params=rec.muon_params,
+                                     adamw_params=rec.adamw_params, settings=rec.settings))
     return out
 
 
@@ -141,8 +188,12 @@ def offload_allowed(profile: ModelProfile, options: PlannerOptions) -> bool:
     return options.allow_offload and profile.target != "cpu"
 
 
-def unit_choices(profile: ModelProfile, options: PlannerOptions) -> tuple[Decision, ...]:
-    return (Decision.SAVE, Decision.RECOMPUTE) + ((Decision.OFFLOAD,) if offload_allowed(profile, options) else ())
+def unit_choices(profile: ModelProfile, options: PlannerOptions, unit: str | None = None) -> tuple[Decision, ...]:
+    """Decisions a unit may take: RECOMPUTE only where the profiler found recomputation safe
+    (``UnitProfile.recompute_blocker``), OFFLOAD only where it frees device memory."""
+    recompute = unit is None or not profile.unit(unit).recompute_blocker
+    return ((Decision.SAVE,) + ((Decision.RECOMPUTE,) if recompute else ())
+            + ((Decision.OFFLOAD,) if offload_allowed(profile, options) else ()))
 
 
 def make_plan(profile: ModelProfile, budget: Budget, config: Config, decisions: dict[str, Decision], *, planner: str,
@@ -159,18 +210,21 @@ def make_plan(profile: ModelProfile, budget: Budget, config: Config, decisions: 
                    "predicted_step_ms": _round_ms(time.total_ms), "time": time})
 
 
-_FINGERPRINTS: dict[int, tuple[weakref.ref, str]] = {}
-
-
 def fingerprint(profile: ModelProfile) -> str:
     """``profile.fingerprint``, computed once per profile object (it serializes the whole
-    profile: ~0.3 s at 1000 units, longer than the MILP)."""
-    hit = _FINGERPRINTS.get(id(profile))
-    if hit is not None and hit[0]() is profile:
-        return hit[1]
-    fp = profile.fingerprint
-    _FINGERPRINTS[id(profile)] = (weakref.ref(profile, lambda _, k=id(profile): _FINGERPRINTS.pop(k, None)), fp)
+    profile: ~0.3 s at 1000 units, longer than the MILP) and kept on the profile."""
+    fp = profile.__dict__.get("_fingerprint")
+    if fp is None:
+        fp = profile.__dict__["_fingerprint"] = profile.fingerprint
     return fp
+
+
+def timeline_for(profile: ModelProfile, config: Config) -> tuple[TimelineModel, ConfigConstants]:
+    """The timeline a configuration replays (its micro-batch recording) and its constants
+    (its recorded optimizer step)."""
+    recording = recording_for(profile, config.micro_batch_size, config.grad_accum_steps)
+    tm = timeline_model(recording)
+    return tm, tm.constants(optimizer_memory(recording, config.optimizer))
 
 
 def _round_ms(x: float) -> float:

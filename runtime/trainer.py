@@ -160,11 +160,28 @@ class Trainer:
         t0 = time.perf_counter()
         # Profile with the exact optimizer settings that will train (NS dtype, state precision...),
         # so the optimizer step's measured memory is the real one.
-        self.profile = _profile_for_training(self.model, sample, self.loss_fn, self.optimizer_settings, self.precision, target)
+        self.profile = _profile_for_training(self.model, sample, self.loss_fn, self.optimizer_settings, self.precision,
+                                             target, self._plan_space())
         log.info("profiled %s in %.1f s: baseline peak %s", self.profile.model, time.perf_counter() - t0,
                  fmt_bytes(self.profile.baseline_peak_bytes))
         plan = self._make_plan(self.retuner.planning_budget(self.budget.usable_bytes), lossless=False)
         self._install(plan, kind="initial", reason=f"budget {self.budget}")
+
+    def _plan_space(self):
+        """What the profile must record so that every plan this trainer may ask for is measured."""
+        from memtune.profiler import PlanSpace
+
+        o = self.planner_options
+        names = o.get("optimizer")
+        families = tuple(n for n in ((names,) if isinstance(names, str) else names or ()) if n != self.optimizer_name)
+        lo, hi = o.get("min_ns_steps"), o.get("max_ns_steps")
+        ns = tuple(range(lo if lo is not None else hi, (hi if hi is not None else lo) + 1)) if (lo or hi) else None
+        kw = {}
+        if o.get("state_dtypes"):
+            kw["state_dtypes"] = tuple(o["state_dtypes"])
+        micro = () if not self.allow_microbatching else o.get("micro_batch_sizes")
+        return PlanSpace(optimizers=(self.optimizer_name, *families) if families else None, ns_steps=ns,
+                         micro_batch_sizes=tuple(micro) if micro is not None else None, **kw)
 
     def _plan_options(self, *, lossless: bool) -> list[dict]:
         """Option sets to try, from exact-maths changes (unit decisions only) to lossy ones
@@ -316,7 +333,8 @@ class Trainer:
         remove_plan(self.model)  # profile the model itself, not its recompute wrappers
         try:
             self.profile = _profile_for_training(self.model, batch, self.loss_fn, self.optimizer_settings,
-                                                 self.precision, "cpu" if self.device.type == "cpu" else self.device)
+                                                 self.precision, "cpu" if self.device.type == "cpu" else self.device,
+                                                 self._plan_space())
             plan = self._make_plan(self.retuner.planning_budget(self.budget.usable_bytes), lossless=True)
         except InfeasibleBudgetError as e:
             raise InfeasibleBudgetError(f"{reason}: {e}", min_feasible_bytes=e.min_feasible_bytes,
@@ -678,10 +696,11 @@ def fit(model: nn.Module, budget: int | str | Budget = "24GB", **kwargs) -> Trai
 
 
 # ----------------------------------------------------------------------------- helpers
-def _profile_for_training(model, sample, loss_fn, optimizer, precision, target) -> ModelProfile:
+def _profile_for_training(model, sample, loss_fn, optimizer, precision, target, space) -> ModelProfile:
     import memtune
 
-    return memtune.profile(model, sample, loss_fn=loss_fn, optimizer=optimizer, precision=precision, target=target)
+    return memtune.profile(model, sample, loss_fn=loss_fn, optimizer=optimizer, precision=precision, target=target,
+                           space=space)
 
 
 

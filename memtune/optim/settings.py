@@ -119,3 +119,30 @@ class OptimizerSettings:
             check(1 <= a.k_min <= a.k_max, f"adaptive_ns needs 1 <= k_min <= k_max, got {a.k_min}, {a.k_max}")
         # A read-only copy, so a frozen settings object really is frozen.
         object.__setattr__(self, "overrides", MappingProxyType(dict(self.overrides)))
+
+    def to_dict(self) -> dict:
+        """Plain JSON-able data (what profiles and plans store); :meth:`from_dict` inverts it."""
+        out = {}
+        for name in self.__slots__:
+            value = getattr(self, name)
+            if isinstance(value, AdaptiveNS):
+                value = value.as_dict()
+            elif isinstance(value, Mapping):
+                value = dict(value)
+            elif isinstance(value, tuple):
+                value = list(value)
+            out[name] = value
+        return out
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> "OptimizerSettings":
+        known = set(cls.__slots__)
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise OptimizerConfigError(f"unknown optimizer setting(s) {unknown}; known: {sorted(known)}")
+        kw = dict(d)
+        if kw.get("adaptive_ns") is not None and not isinstance(kw["adaptive_ns"], AdaptiveNS):
+            kw["adaptive_ns"] = AdaptiveNS(**kw["adaptive_ns"])
+        if "betas" in kw:
+            kw["betas"] = tuple(kw["betas"])
+        return cls(**kw)

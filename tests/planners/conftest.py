@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from memtune.optimizers import FAMILIES
+
 HERE = Path(__file__).resolve().parent
 for p in (HERE, HERE.parent):
     if str(p) not in sys.path:
@@ -20,7 +22,9 @@ def zoo_profile(name: str):
     from models import cases, fresh
 
     case = cases()[name]
-    return memtune.profile(fresh(case), case.batch, loss_fn=case.loss_fn, target="cpu")
+    # Every family recorded, so the tests can plan any optimizer on these profiles.
+    return memtune.profile(fresh(case), case.batch, loss_fn=case.loss_fn, target="cpu",
+                           space=memtune.PlanSpace(optimizers=FAMILIES))
 
 
 @pytest.fixture(scope="session")

@@ -35,24 +35,50 @@ def test_reapplying_switches_units_and_remove_restores():
     assert applied_decisions(model) == {} and all("forward" not in m.__dict__ for m in model.modules())
 
 
-def test_offload_unit_moves_saved_tensors_through_save_on_cpu():
+def test_offload_keeps_parameters_in_place_and_changes_no_number():
+    from memtune.apply import _offload_hooks
+
     model = _gpt()
     idx = torch.randint(0, 256, (2, 16))
     ref = model(idx, idx)
+    ref.backward()
+    ref_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
     apply_plan(model, _plan({UNITS[1]: Decision.OFFLOAD}))
     packed = []
-    orig = torch.autograd.graph.save_on_cpu.__init__
+    pack, unpack = _offload_hooks(pin_memory=False)
 
-    def spy(self, *a, **k):
-        packed.append(1)
-        orig(self, *a, **k)
+    def spy(t):
+        packed.append(pack(t))
+        return packed[-1]
 
-    torch.autograd.graph.save_on_cpu.__init__ = spy
+    import memtune.apply as apply_mod
+    real = apply_mod._offload_hooks
+    apply_mod._offload_hooks = lambda *, pin_memory: (spy, unpack)
     try:
-        out = model(idx, idx)
+        apply_plan(model, _plan({UNITS[1]: Decision.OFFLOAD}))
     finally:
-        torch.autograd.graph.save_on_cpu.__init__ = orig
+        apply_mod._offload_hooks = real
+    out = model(idx, idx)
+    out.backward()
     assert packed and torch.equal(out, ref)
+    assert all(torch.equal(p.grad, ref_grads[n]) for n, p in model.named_parameters())
+    params = {id(p) for p in model.parameters()}
+    assert any(id(t) in params for _, t in packed)  # weights saved by linear layers...
+    assert all(device is None for device, t in packed if id(t) in params)  # ...are never copied out
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_offload_moves_device_activations_to_host_and_back():
+    from memtune.apply import _offload_hooks
+
+    pack, unpack = _offload_hooks(pin_memory=True)
+    x = torch.randn(64, 64, device="cuda")
+    device, host = pack(x)
+    assert device == x.device and host.device.type == "cpu" and host.is_pinned()
+    assert torch.equal(unpack((device, host)), x)
+    w = torch.nn.Parameter(torch.randn(4, 4, device="cuda"))
+    assert pack(w) == (None, w)
 
 
 def test_unknown_unit_is_an_error_that_names_the_fix():
@@ -70,7 +96,8 @@ def test_optimizer_follows_the_plan_or_is_kept():
     split = split_parameters(model, OptimizerSettings())
     muon = tuple(f for f in split.muon if not f.startswith("transformer.h.0"))  # move h.0 to AdamW
     opt = apply_plan(model, _plan({}, optimizer=OptimizerPlan(name="muon2", ns_steps=4, state_dtype="bf16",
-                                                               muon_params=muon, adamw_params=())))
+                                                               muon_params=muon, adamw_params=(),
+                                                               settings=OptimizerSettings().to_dict())))
     assert isinstance(opt, HybridOptimizer)
     params = dict(model.named_parameters())
     muon_ids = {id(p) for g in opt.parts["muon2"].param_groups for p in g["params"]} if "muon2" in opt.parts else set()
@@ -80,8 +107,15 @@ def test_optimizer_follows_the_plan_or_is_kept():
     assert muon_ids == {id(params[f]) for f in muon}
 
 
-def test_hf_kv_cache_is_turned_off():
+def test_hf_kv_cache_is_turned_off_on_every_config():
     model = zoo.hf_gpt2(n_embd=32, n_layer=2, n_head=2)
     model.config.use_cache = True
     apply_plan(model, _plan({}))
     assert model.config.use_cache is False
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    t5 = T5ForConditionalGeneration(T5Config(vocab_size=64, d_model=16, d_kv=4, d_ff=32, num_layers=1, num_heads=2,
+                                             decoder_start_token_id=0))
+    assert t5.decoder.config.use_cache and t5.decoder.config is not t5.config  # the decoder keeps its own copy
+    apply_plan(t5, _plan({}))
+    assert not t5.config.use_cache and not t5.decoder.config.use_cache

@@ -1,0 +1,204 @@
+"""Record one training step on fake tensors and turn it into per-unit profile data.
+
+:func:`record_step` runs forward, loss, backward and ``optimizer.step()`` under a
+:class:`~memtune.recorder.StepRecorder`, marking unit boundaries with module hooks (forward)
+and autograd multi-grad hooks (backward). :func:`assemble_recording` turns the recorder's
+intervals and storages into the ``units``, ``storages`` and ``timeline`` of a profile.
+
+The same function records the profiled step and, in gradient-accumulation mode, the step at
+each micro-batch size a plan may choose: the gradients of the earlier micro-batches exist
+before the step starts and backward adds into them, exactly as the runtime's accumulation
+loop does (``(loss * weight).backward()`` per micro-batch, then one optimizer step).
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from typing import Any
+
+import torch
+from torch.utils._pytree import tree_flatten
+
+from .batching import loss_from_output, split_batch
+from .errors import TraceError
+from .profile import StorageInfo, TimelineEvent, UnitProfile
+from .recorder import StepRecorder
+
+
+def autocast(precision: str):
+    if precision == "bf16-mixed":
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def forward_loss(model, fparams, fbuffers, fsample, loss_fn, precision) -> tuple[Any, torch.Tensor]:
+    args, kwargs, target = split_batch(fsample, loss_fn)
+    with autocast(precision):
+        out = torch.func.functional_call(model, {**fparams, **fbuffers}, args, kwargs, strict=False)
+        loss = loss_from_output(out, fsample, target, loss_fn)
+    return out, loss
+
+
+def record_step(rec: StepRecorder, model, unit_fqns, fparams, fbuffers, fsample, loss_fn, precision, opt, *,
+                static: tuple = (), accumulate_weight: float | None = None) -> None:
+    """Run one training step under ``rec``. ``static`` are extra pre-existing tensors (the whole
+    batch when ``fsample`` is a micro-batch view of it). With ``accumulate_weight``, every
+    trainable parameter already holds a gradient and the loss is scaled by the weight before
+    backward (gradient accumulation, as the runtime does it)."""
+    from .optimizer_recording import optimizer_state_tensors
+
+    modules = dict(model.named_modules())
+    io: dict[str, dict[str, Any]] = {u: {"inputs": [], "outputs": []} for u in unit_fqns}
+    handles = []
+
+    def pre_hook(fqn):
+        def hook(mod, args, kwargs):
+            rec.mark("fwd_start", fqn)
+            rec.unit_stack.append(fqn)
+            leaves, _ = tree_flatten((args, kwargs))
+            tensors = [t for t in leaves if isinstance(t, torch.Tensor) and not rec.is_static(t)]
+            io[fqn]["inputs"] = tensors
+            grad_inputs = [t for t in tensors if t.requires_grad]
+            if grad_inputs:
+                torch.autograd.graph.register_multi_grad_hook(grad_inputs, lambda grads: _bwd_end(fqn), mode="all")
+        return hook
+
+    def post_hook(fqn):
+        def hook(mod, args, kwargs, output):
+            rec.unit_stack.pop()
+            leaves, _ = tree_flatten(output)
+            outs = [t for t in leaves if isinstance(t, torch.Tensor)]
+            io[fqn]["outputs"] = outs
+            grad_outs = [t for t in outs if t.requires_grad]
+            if grad_outs:
+                torch.autograd.graph.register_multi_grad_hook(grad_outs, lambda grads: _bwd_start(fqn), mode="any")
+            rec.mark("fwd_end", fqn)
+        return hook
+
+    def _bwd_start(fqn):
+        rec.mark("bwd_start", fqn)
+        rec.bwd_unit = fqn
+
+    def _bwd_end(fqn):
+        if rec.bwd_unit == fqn:
+            rec.mark("bwd_end", fqn)
+            rec.bwd_unit = None
+
+    trainable = [p for p in fparams.values() if p.requires_grad]
+    if accumulate_weight is not None:
+        for p in trainable:
+            p.grad = torch.zeros_like(p)
+    handles += rec.watch_grads(list(fparams.values()), live_from_start=accumulate_weight is not None)
+    for fqn in unit_fqns:
+        handles.append(modules[fqn].register_forward_pre_hook(pre_hook(fqn), with_kwargs=True))
+        handles.append(modules[fqn].register_forward_hook(post_hook(fqn), with_kwargs=True))
+    try:
+        with rec:
+            grads = [p.grad for p in trainable if p.grad is not None]
+            rec.register_static(list(fparams.values()), list(fbuffers.values()), list(static), fsample,
+                                optimizer_state_tensors(opt), grads)
+            del grads
+            rec.mark("start")
+            with torch.autograd.graph.saved_tensors_hooks(rec.pack, rec.unpack):
+                out, loss = forward_loss(model, fparams, fbuffers, fsample, loss_fn, precision)
+                if accumulate_weight is not None:
+                    loss = loss * accumulate_weight
+            # Keep only references to the unit boundary *records*; drop the tensors so that
+            # their storages free when autograd is done with them.
+            for d in io.values():
+                d["input_records"] = _records(rec, d.pop("inputs"))
+                d["output_records"] = _records(rec, d.pop("outputs"))
+            del out
+            rec.mark("loss")
+            rec.phase = "backward"
+            loss.backward()
+            rec.bwd_unit = None
+            del loss
+            rec.phase = "optimizer"
+            rec.params_with_grad = tuple(n for n, p in fparams.items() if p.grad is not None)  # type: ignore[attr-defined]
+            rec.mark("bwd_done")
+            rec.mark("optim_start")
+            if opt is not None:
+                opt.step()
+            rec.mark("optim_end")
+            if opt is not None:
+                opt.zero_grad(set_to_none=True)
+            for p in fparams.values():
+                p.grad = None
+            rec.grad_bytes = 0
+            rec.mark("end")
+    finally:
+        for h in handles:
+            h.remove()
+    rec.unit_io = io  # type: ignore[attr-defined]
+
+
+def _records(rec: StepRecorder, tensors: list[torch.Tensor]) -> list:
+    seen, out = set(), []
+    for t in tensors:
+        r = rec.record_of(t)
+        if r is not None and id(r) not in seen:
+            seen.add(id(r))
+            out.append(r)
+    return out
+
+
+def assemble_recording(rec: StepRecorder, model, unit_fqns, *, workspace_bytes: int, unit_params: dict[str, tuple[int, int]]
+                       ) -> dict[str, Any]:
+    """The profile fields one recorded step determines: ``units`` (in execution order),
+    ``storages``, ``timeline``, ``outside_activation_bytes``, ``baseline_peak_bytes`` and the
+    FLOPs. ``unit_params`` maps a unit to its (parameter bytes, gradient bytes)."""
+    modules = dict(model.named_modules())
+    saved = [r for r in rec.records if r.saved]
+    index = {id(r): i for i, r in enumerate(saved)}
+    n_events = len(rec.intervals)
+    storages = tuple(
+        StorageInfo(nbytes=r.nbytes, created=r.created, freed=r.freed if r.freed is not None else n_events,
+                    producer=r.producer, holders=tuple(r.holders), saved_outside=r.saved_outside)
+        for r in saved
+    )
+    # Persistent kernel workspaces (cuBLAS on CUDA) are live for the whole step.
+    timeline = tuple(TimelineEvent(name=iv.name, unit=iv.unit, live_bytes=iv.live_bytes + workspace_bytes,
+                                   peak_bytes=iv.peak_bytes + workspace_bytes, grad_bytes=iv.grad_bytes)
+                     for iv in rec.intervals)
+    first = {}
+    for i, iv in enumerate(rec.intervals):
+        first.setdefault((iv.name, iv.unit), i)
+
+    units = []
+    for fqn in unit_fqns:
+        io = rec.unit_io[fqn]
+        fs = first.get(("fwd_start", fqn))
+        if fs is None:
+            raise TraceError(f"unit {fqn!r} never ran in the forward pass; pick units the model calls (units=...)")
+        fwd_transient = rec.intervals[fs].peak_bytes - rec.intervals[fs].live_bytes
+        bs = first.get(("bwd_start", fqn))
+        if bs is None:
+            bwd_transient = 0
+        else:
+            be = first.get(("bwd_end", fqn))
+            stop = be if be is not None and be > bs else bs + 1
+            bwd_transient = max(iv.peak_bytes for iv in rec.intervals[bs:stop]) - rec.intervals[bs].live_bytes
+        pbytes, gbytes = unit_params.get(fqn, (0, 0))
+        in_recs = io["input_records"]
+        units.append(UnitProfile(
+            fqn=fqn, module_type=type(modules[fqn]).__name__, order=0, param_bytes=pbytes, grad_bytes=gbytes,
+            saved_activation_bytes=sum(r.nbytes for r in saved if fqn in r.holders),
+            input_bytes=sum(r.nbytes for r in in_recs),
+            output_bytes=sum(r.nbytes for r in io["output_records"]),
+            fwd_flops=rec.flops.get(("forward", fqn), 0), bwd_flops=rec.flops.get(("backward", fqn), 0),
+            fwd_transient_bytes=fwd_transient, bwd_transient_bytes=max(bwd_transient, 0),
+            saved_storages=tuple(i for i, r in enumerate(saved) if fqn in r.holders),
+            input_storages=tuple(index[id(r)] for r in in_recs if id(r) in index),
+            input_storage_bytes=tuple(r.nbytes for r in in_recs),
+        ))
+    # Execution order may differ from registration order.
+    units.sort(key=lambda u: first[("fwd_start", u.fqn)])
+    units = [UnitProfile(**{**{f: getattr(u, f) for f in u.__slots__}, "order": i}) for i, u in enumerate(units)]
+    total_flops = lambda phase: sum(v for (ph, _), v in rec.flops.items() if ph == phase)  # noqa: E731
+    return dict(
+        units=tuple(units), storages=storages, timeline=timeline,
+        outside_activation_bytes=sum(s.nbytes for s in storages if s.saved_outside and not s.holders),
+        baseline_peak_bytes=max(e.peak_bytes for e in timeline),
+        fwd_flops=total_flops("forward"), bwd_flops=total_flops("backward"),
+    )
