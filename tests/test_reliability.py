@@ -209,18 +209,17 @@ def oom_sequence(ctx):
 def real_overrun_too_small(ctx):
     """An over-optimistic plan at a budget the most frugal plan only just fits: the real
     overrun, corrected by the measured peak, leaves no plan: "budget too small"."""
-    model, data = gpt(), batches(2)
-    prof = memtune.profile(model, data[0], optimizer="muon2", target="cpu")
-    frugal = memtune.plan(prof, 1 << 40, device="cpu", optimizer="muon2", allow_microbatching=False)
-    from memtune.planners.infeasible import most_frugal_plan
-    from memtune.planners import PlannerOptions
-
-    low = most_frugal_plan(prof, Budget.parse(1 << 40, device="cpu"),
-                           PlannerOptions(optimizer="muon2", device="cpu", allow_microbatching=False))
-    budget = low.predicted_peak_bytes + 1
-    t = fit(model=model, budget=budget, allow_microbatching=False)
+    data = batches(2)
+    probe = fit(allow_microbatching=False)
+    probe.step(data[0])
+    try:
+        probe._make_plan(1, lossless=False)
+    except memtune.InfeasibleBudgetError as e:
+        low = e.min_feasible_bytes
+    t = fit(budget=low + 1, allow_microbatching=False)
     t.step(data[0])
-    t._install(dataclasses.replace(frugal, usable_bytes=budget, budget_bytes=budget), kind="test", reason="optimistic")
+    fastest = t._make_plan(1 << 40, lossless=False)
+    t._install(dataclasses.replace(fastest, usable_bytes=low + 1, budget_bytes=low + 1), kind="test", reason="optimistic")
     t.step(data[1])
 
 
