@@ -89,12 +89,13 @@ def budget_too_small(e: InfeasibleBudgetError, *, budget, correction: float, ste
                                  suggestions=e.suggestions)
 
 
-def step_kept_failing(*, plan, budget, correction: float, step: int, retries: int,
+def step_kept_failing(*, plan, budget, correction: float, step: int, failures: int, max_retries: int,
                       checkpoint: str | None) -> StepFailedError:
     where = (f"the last checkpoint at {checkpoint} is intact" if checkpoint
              else "no checkpoint was configured (pass checkpoint_path=... to keep progress)")
     return StepFailedError(
-        f"step {step} ran out of memory {retries} times although its plans fit the budget (the last predicted "
+        f"step {step} ran out of memory {failures} times (max_oom_retries={max_retries}) although its plans fit the "
+        f"budget (the last predicted "
         f"{fmt_bytes(plan.predicted_peak_bytes)} of {fmt_bytes(budget.usable_bytes)} usable, memory model corrected "
         f"{correction:.2f}x): something outside the plan holds memory (another process, a leak) or the fault is "
         f"transient. The trainer keeps its state and {where}; retry, raise max_oom_retries, or give a larger budget")

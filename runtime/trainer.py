@@ -286,7 +286,8 @@ class Trainer:
                 retries += 1
                 if retries > self.max_oom_retries:
                     raise safety.step_kept_failing(plan=self.plan, budget=self.budget, correction=self.retuner.correction,
-                                                   step=self.step_count, retries=retries - 1,
+                                                   step=self.step_count, failures=retries,
+                                                   max_retries=self.max_oom_retries,
                                                    checkpoint=self._checkpoint_on_disk()) from e
                 self._tighten_after_oom(e, peak, retries)
                 ckpt.set_rng_state(rng)  # the retry draws the same dropout masks

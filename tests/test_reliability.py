@@ -291,7 +291,6 @@ def report_run(ctx, lines):
 
 
 def _cases() -> list[Case]:
-    F = None  # the factories file, set in the fixture
     c: list[Case] = []
     add = lambda *a, **k: c.append(Case(*a, **k))  # noqa: E731
 
@@ -531,6 +530,26 @@ CASES = _cases()
 
 @pytest.fixture(scope="module")
 def ctx(tmp_path_factory):
+    # Profiles are deterministic: the many trainers below profile the same tiny models again
+    # and again, so reuse each one (the error paths under test come after profiling).
+    from memtune.batching import describe
+    from memtune.runtime import trainer as trainer_module
+
+    real, cache = trainer_module._profile_for_training, {}
+
+    def cached(model, sample, *args):
+        key = (type(model).__name__, tuple((k, tuple(v.shape), v.dtype) for k, v in model.state_dict().items()),
+               describe(sample), repr(args))
+        if key not in cache:
+            cache[key] = real(model, sample, *args)
+        return cache[key]
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(trainer_module, "_profile_for_training", cached)
+        yield _context(tmp_path_factory)
+
+
+def _context(tmp_path_factory):
     d = tmp_path_factory.mktemp("adversarial")
     (d / "factories.py").write_text(FACTORIES)
     from examples.models import tiny_gpt
