@@ -30,6 +30,7 @@ from .errors import MemtuneError
 from . import loss_chunking
 from .fake_compat import disable_kv_cache
 from .plan import Decision, Plan
+from .validation import check_plan_matches_model
 
 log = logging.getLogger("memtune.apply")
 
@@ -51,6 +52,7 @@ def apply_plan(model: nn.Module, plan: Plan, *, optimizer: torch.optim.Optimizer
             hyperparameters; everything that decides memory (optimizer, NS steps and dtype, state
             precision, parameter split) is the plan's, as the profile recorded it.
     """
+    check_plan_matches_model(model, plan)
     modules = dict(model.named_modules())
     missing = [u for u in plan.decisions if u not in modules]
     if missing:

@@ -65,7 +65,10 @@ class Budget:
         def dev() -> DeviceSpec:
             nonlocal spec_dev
             if spec_dev is None:
-                spec_dev = resolve_device(device)
+                try:
+                    spec_dev = resolve_device(device)
+                except ValueError as e:  # an unknown device name: a BudgetError (still a ValueError)
+                    raise BudgetError(str(e)) from e
             return spec_dev
 
         nbytes = _parse_bytes(value, total=lambda: dev().memory_bytes)
@@ -106,6 +109,8 @@ def _parse_bytes(value: object, *, total) -> int:
     if isinstance(value, int):
         if value <= 0:
             raise BudgetError(f"budget must be positive, got {value}; accepted forms: {ACCEPTED_FORMS}")
+        if value >= 2**63:
+            raise BudgetError(f"budget {value} bytes is larger than any device's memory; accepted forms: {ACCEPTED_FORMS}")
         return value
     if not isinstance(value, str):
         raise BudgetError(f"cannot parse budget {value!r} of type {type(value).__name__}; accepted forms: {ACCEPTED_FORMS}")
@@ -118,7 +123,10 @@ def _parse_bytes(value: object, *, total) -> int:
     m = _PATTERN.match(value)
     if not m or m.group(2).upper() not in _UNITS:
         raise BudgetError(f"cannot parse budget {value!r}; accepted forms: {ACCEPTED_FORMS}")
-    nbytes = int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+    size = float(m.group(1)) * _UNITS[m.group(2).upper()]
+    if not size < 2**63:  # also catches inf from a number too long for a float
+        raise BudgetError(f"budget {value[:40]!r} is larger than any device's memory; accepted forms: {ACCEPTED_FORMS}")
+    nbytes = int(size)
     if nbytes <= 0:
         raise BudgetError(f"budget must be positive, got {value!r}; accepted forms: {ACCEPTED_FORMS}")
     return nbytes

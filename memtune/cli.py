@@ -26,21 +26,21 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
-from memtune.errors import BudgetError, InfeasibleBudgetError, MemtuneError, PlanFileError, SampleError, TraceError
+from memtune.errors import (BudgetError, InfeasibleBudgetError, MemtuneError, ModelMismatchError, OutputError,
+                            PlanFileError, SampleError, TraceError, TrainingError, UsageError)
 
-EXIT_OK, EXIT_USAGE, EXIT_INFEASIBLE, EXIT_BAD_FILE, EXIT_INTERRUPTED = 0, 2, 3, 4, 130
+EXIT_OK, EXIT_INTERNAL, EXIT_USAGE, EXIT_INFEASIBLE, EXIT_BAD_FILE, EXIT_TRAINING, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 5, 130
 EXIT_CODES = {
     EXIT_OK: "success",
-    EXIT_USAGE: "usage or bad input: unknown option, unknown model path, bad budget, model that fails on its sample",
+    EXIT_INTERNAL: "an unexpected error (a bug: please report it; MEMTUNE_TRACEBACK=1 shows the traceback)",
+    EXIT_USAGE: "usage or bad input: unknown option, unknown model path or device, bad budget, model that fails "
+                "on its sample, a plan/profile/checkpoint for another model, an output that cannot be written",
     EXIT_INFEASIBLE: "infeasible budget: no plan fits (the message gives the smallest budget that would)",
-    EXIT_BAD_FILE: "corrupt or unreadable plan, profile or metrics file",
+    EXIT_BAD_FILE: "corrupt, unsafe or unreadable plan, profile, checkpoint or metrics file",
+    EXIT_TRAINING: "training stopped: a NaN/inf loss or gradient, or a step that kept running out of memory "
+                   "although plans fit (the last checkpoint is intact)",
     EXIT_INTERRUPTED: "interrupted (Ctrl-C)",
 }
-
-
-class UsageError(MemtuneError, ValueError):
-    """Bad command-line input that is not a budget: a model path that does not resolve, a
-    factory that returns the wrong thing, a missing file."""
 
 
 # ----------------------------------------------------------------------------- models
@@ -73,7 +73,9 @@ def load_factory(spec: str) -> Callable[[], Any]:
         sys.modules[mod_name] = module
         sys.path.insert(0, str(path.resolve().parent))  # so the file can import its neighbours
         try:
-            module_spec.loader.exec_module(module)
+            module_spec.loader.exec_module(module)  # runs the file: it is code you chose to trust
+        except Exception as e:
+            raise UsageError(f"model file {where} failed to import ({type(e).__name__}: {e}); fix the file") from e
         finally:
             sys.path.pop(0)
     else:
@@ -82,6 +84,8 @@ def load_factory(spec: str) -> Callable[[], Any]:
         except ModuleNotFoundError as e:
             raise UsageError(f"cannot import module {where!r} for model {spec!r} ({e}); "
                              f"check the name, or give a file path like path/to/file.py:factory") from e
+        except Exception as e:
+            raise UsageError(f"module {where!r} failed to import ({type(e).__name__}: {e}); fix the module") from e
     factory = getattr(module, name, None)
     if not callable(factory):
         found = sorted(n for n, v in vars(module).items() if callable(v) and not n.startswith("_")
@@ -100,23 +104,81 @@ def normalize(result: Any, spec: str = "factory") -> Workload:
         if w.sample is None:
             if w.data is None:
                 raise UsageError(f"{spec} returned neither a sample nor data; return a sample batch")
-            it = iter(w.data)
-            w.sample = next(it)
+            try:
+                it = iter(w.data)
+                w.sample = next(it)
+            except (TypeError, StopIteration) as e:
+                raise UsageError(f"{spec} returned data that yields no batch ({type(e).__name__}); give an iterable "
+                                 f"of batches or a sample") from e
             w.data = itertools.chain([w.sample], it)
-        return w
+        return _checked(w, spec)
     if isinstance(result, tuple) and len(result) in (2, 3):
-        return Workload(*result)
+        return _checked(Workload(*result), spec)
     raise UsageError(f"{spec} returned {type(result).__name__}; return (model, sample), (model, sample, loss_fn) "
                      f"or a dict with keys model, sample, loss_fn, data")
 
 
-def load_workload(spec: str) -> Workload:
-    return normalize(load_factory(spec)(), spec)
+def _checked(w: Workload, spec: str) -> Workload:
+    import torch.nn as nn
+
+    if not isinstance(w.model, nn.Module):
+        raise UsageError(f"{spec} returned a {type(w.model).__name__} as its model, not a torch.nn.Module; return "
+                         f"(model, sample) with the module first")
+    if w.loss_fn is not None and not callable(w.loss_fn):
+        raise UsageError(f"{spec} returned a {type(w.loss_fn).__name__} as its loss_fn; give a callable or None")
+    return w
+
+
+def load_workload(spec: str, factory: Callable[[], Any] | None = None) -> Workload:
+    factory = factory or load_factory(spec)
+    try:
+        built = factory()
+    except MemtuneError:
+        raise
+    except Exception as e:
+        raise UsageError(f"factory {spec} raised {type(e).__name__}: {e}; fix the factory") from e
+    return normalize(built, spec)
 
 
 # ----------------------------------------------------------------------------- shared bits
 def _budget(text: str) -> int | str:
-    return int(text) if text.isdigit() else text
+    return int(text) if text.isascii() and text.isdigit() else text  # "²".isdigit() is True too
+
+
+def _count(minimum: int):
+    """An argparse type: a whole number >= ``minimum``."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{value} is below {minimum}; give a whole number >= {minimum}")
+        return value
+    parse.__name__ = f"whole number >= {minimum}"
+    return parse
+
+
+def _target(text: str | None) -> str:
+    """A device to model, checked: a device-table name, cpu or cuda."""
+    from memtune.devices import resolve_device
+
+    target = text or _default_target()
+    try:
+        resolve_device(target)
+    except ValueError as e:
+        raise UsageError(str(e)) from e
+    return target
+
+
+def _write(path: str, write: Callable[[Path], Any], what: str) -> None:
+    """Write an output file, turning OS errors into :class:`OutputError` (exit 2)."""
+    p = Path(path)
+    try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        write(p)
+    except OSError as e:
+        raise OutputError(f"cannot write the {what} to {path}: {e.strerror or e}; give a writable path") from e
 
 
 def _default_target() -> str:
@@ -195,7 +257,7 @@ def _profile(args, w: Workload):
     import memtune
 
     return memtune.profile(w.model, w.sample, loss_fn=w.loss_fn, optimizer=args.optimizer or "muon2",
-                           precision=args.precision, target=args.target or _default_target())
+                           precision=args.precision, target=_target(args.target))
 
 
 def _add_profile_args(p: argparse.ArgumentParser) -> None:
@@ -215,6 +277,7 @@ def _args_profile(p: argparse.ArgumentParser) -> None:
 
 
 def _cmd_profile(args) -> int:
+    _target(args.target)  # fail fast, before loading the model
     prof = _profile(args, load_workload(args.model))
     from memtune.units_fmt import fmt_bytes
 
@@ -222,8 +285,7 @@ def _cmd_profile(args) -> int:
     con.print(_profile_table(prof))
     con.print(f"baseline peak (one training step, no recompute): [b]{fmt_bytes(prof.baseline_peak_bytes)}[/b]")
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        prof.to_json(args.out)
+        _write(args.out, prof.to_json, "profile")
         con.print(f"profile written to {args.out}")
     return EXIT_OK
 
@@ -247,7 +309,7 @@ def _cmd_plan(args) -> int:
     elif args.model:
         from memtune.budget import Budget
 
-        Budget.parse(_budget(args.budget), device=args.target or _default_target())  # fail fast, before profiling
+        Budget.parse(_budget(args.budget), device=_target(args.target))  # fail fast, before profiling
         prof = _profile(args, load_workload(args.model))
     else:
         raise UsageError("give a model (path/to/file.py:factory) or --profile profile.json")
@@ -256,8 +318,7 @@ def _cmd_plan(args) -> int:
                         allow_microbatching=not args.no_microbatching, **({"device": device} if device else {}))
     con = _console()
     con.print(_plan_table(plan, prof))
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    plan.to_json(args.out)
+    _write(args.out, plan.to_json, "plan")
     con.print(f"plan written to {args.out}")
     return EXIT_OK
 
@@ -265,13 +326,21 @@ def _cmd_plan(args) -> int:
 def _args_fit(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="path/to/file.py:factory or package.module:factory")
     p.add_argument("--budget", required=True, help="memory budget: 24GB, 512MiB, 80%%, or bytes")
-    p.add_argument("--steps", type=int, required=True, help="optimizer steps to train")
+    p.add_argument("--steps", type=_count(0), required=True,
+                   help="optimizer steps the run should reach (a resumed run trains only the rest)")
     p.add_argument("--optimizer", default="muon2", choices=("muon2", "muon", "adamw"), help="default: muon2")
     p.add_argument("--lr", type=float, default=None, help="Muon-part learning rate (default: OptimizerSettings')")
     p.add_argument("--planner", default=None, choices=("exact", "greedy", "brute"), help="default: exact")
     p.add_argument("--device", default=None, help="default: cuda when present, else cpu")
     p.add_argument("--metrics", default=None, help="per-step metrics JSONL (for memtune report --run)")
-    p.add_argument("--checkpoint", default=None, help="checkpoint file, written every 50 steps and on Ctrl-C")
+    p.add_argument("--checkpoint", default=None,
+                   help="checkpoint file: resumed from when it exists, written every --checkpoint-every steps, on "
+                        "Ctrl-C and at the end")
+    p.add_argument("--checkpoint-every", type=_count(1), default=50, help="default: 50")
+    p.add_argument("--fresh", action="store_true",
+                   help="start over even though --checkpoint exists (its progress is replaced)")
+    p.add_argument("--skip-nonfinite", action="store_true",
+                   help="skip a batch whose loss or gradients are NaN/inf (default: stop with exit 5)")
     p.add_argument("--plan-out", default=None, help="write the final plan JSON here")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -280,27 +349,39 @@ def _cmd_fit(args) -> int:
     import memtune
     from memtune.units_fmt import fmt_bytes
 
+    from memtune.budget import Budget
+    from memtune.runtime.safety import training_device
+
+    device = str(training_device(args.device))  # fail fast, before loading the model
+    Budget.parse(_budget(args.budget), device=device)
+    if args.fresh and not args.checkpoint:
+        raise UsageError("--fresh starts a checkpointed run over; give --checkpoint PATH too")
     w = load_workload(args.model)
-    device = args.device or _default_target()
     settings = None
     if args.lr is not None:
         from memtune.optim import OptimizerSettings
 
         settings = OptimizerSettings(name=args.optimizer, lr=args.lr, ns_dtype="bf16" if device.startswith("cuda") else "fp32")
-    trainer = memtune.fit(w.model, _budget(args.budget), sample=w.sample, loss_fn=w.loss_fn, optimizer=args.optimizer,
-                          optimizer_settings=settings, planner=args.planner, device=device, metrics_path=args.metrics,
-                          checkpoint_path=args.checkpoint, checkpoint_every=50 if args.checkpoint else 0,
-                          progress=not args.no_progress)
+    kwargs = dict(sample=w.sample, loss_fn=w.loss_fn, optimizer=args.optimizer, optimizer_settings=settings,
+                  planner=args.planner, device=device, metrics_path=args.metrics, checkpoint_path=args.checkpoint,
+                  checkpoint_every=args.checkpoint_every if args.checkpoint else 0, progress=not args.no_progress,
+                  on_nonfinite="skip" if args.skip_nonfinite else "raise")
+    con = _console()
+    if args.checkpoint and Path(args.checkpoint).exists() and not args.fresh:
+        # Never silently start over on top of progress: resume, or fail saying why (exit 4 or 2).
+        trainer = memtune.Trainer.resume(args.checkpoint, w.model, _budget(args.budget), **kwargs)
+        con.print(f"resumed from {args.checkpoint} at step {trainer.step_count} (--fresh starts over)")
+    else:
+        trainer = memtune.fit(w.model, _budget(args.budget), **kwargs)
     trainer.train(w.batches(), steps=args.steps)
     hist = trainer.history
     peaks = [h["peak_bytes"] for h in hist if h.get("peak_bytes") is not None]
-    con = _console()
     if hist:
         con.print(f"trained {trainer.step_count} steps: loss {hist[0]['loss']:.4f} -> {hist[-1]['loss']:.4f}; "
                   f"peak {fmt_bytes(max(peaks)) if peaks else '?'} (predicted {fmt_bytes(trainer.plan.predicted_peak_bytes)}, "
                   f"budget {fmt_bytes(trainer.budget.usable_bytes)}); plan changes: {len(trainer.events) - 1}")
-    if args.plan_out:
-        trainer.plan.to_json(args.plan_out)
+    if args.plan_out and trainer.plan is not None:
+        _write(args.plan_out, trainer.plan.to_json, "plan")
         con.print(f"plan written to {args.plan_out}")
     if args.metrics:
         con.print(f"metrics in {args.metrics}")
@@ -312,10 +393,10 @@ def _cmd_fit(args) -> int:
 def _args_sweep(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="path/to/file.py:factory or package.module:factory (called once per trial)")
     p.add_argument("--budget", required=True, help="memory budget: 24GB, 512MiB, 80%%, or bytes")
-    p.add_argument("--trials", type=int, required=True, help="total trials the study should hold (resumes count)")
+    p.add_argument("--trials", type=_count(1), required=True, help="total trials the study should hold (resumes count)")
     p.add_argument("--storage", default=None, help="Optuna storage URL (default: sqlite:///memtune-sweep.db)")
     p.add_argument("--study-name", default="memtune-sweep", help="default: memtune-sweep")
-    p.add_argument("--steps-per-trial", type=int, default=30, help="default: 30")
+    p.add_argument("--steps-per-trial", type=_count(1), default=30, help="default: 30")
     p.add_argument("--objective", default="loss", choices=("loss", "loss,step_ms"),
                    help="loss (one objective) or loss,step_ms (a Pareto front); default: loss")
     p.add_argument("--device", default=None, help="default: cuda when present, else cpu")
@@ -325,15 +406,18 @@ def _cmd_sweep(args) -> int:
     import memtune
     from memtune.units_fmt import fmt_ms
 
+    from memtune.runtime.safety import training_device
+
+    device = str(training_device(args.device))  # fail fast, before loading the model
     factory = load_factory(args.model)
     objective = tuple(args.objective.split(",")) if "," in args.objective else args.objective
     def build():
-        w = normalize(factory(), args.model)
+        w = load_workload(args.model, factory)
         return {"model": w.model, "data": w.batches(), "loss_fn": w.loss_fn}
 
     study = memtune.sweep(build, budget=_budget(args.budget), n_trials=args.trials, storage=args.storage,
                           study_name=args.study_name, objective=objective, steps_per_trial=args.steps_per_trial,
-                          device=args.device)
+                          device=device)
     con = _console()
     attrs = study.user_attrs
     con.print(f"study {study.study_name}: {len(study.trials)} trials, {attrs.get('infeasible_pruned', 0)} pruned as "
@@ -375,11 +459,25 @@ def _cmd_report(args) -> int:
 
     if not (args.plan or args.profile or args.run):
         raise UsageError("give at least one of --plan, --profile, --run")
+    from memtune.validation import check_run_rows
+
     plan = Plan.from_json(args.plan) if args.plan else None
     prof = ModelProfile.from_json(args.profile) if args.profile else None
-    if args.run and not Path(args.run).is_file():
-        raise PlanFileError(f"cannot read metrics file {args.run}: no such file")
-    paths = write_report(args.out, plan=plan, profile=prof, run=args.run)
+    rows = None
+    if args.run:
+        from memtune.runtime.telemetry import read_jsonl
+
+        if not Path(args.run).is_file():
+            raise PlanFileError(f"cannot read metrics file {args.run}: no such file")
+        try:
+            rows = check_run_rows(read_jsonl(args.run), source=args.run)
+        except (UnicodeDecodeError, RecursionError) as e:
+            raise PlanFileError(f"metrics file {args.run} is not JSON lines text ({type(e).__name__}); give the "
+                                f"--metrics file of a memtune fit run") from e
+    try:
+        paths = write_report(args.out, plan=plan, profile=prof, run=rows)
+    except OSError as e:
+        raise OutputError(f"cannot write the report to {args.out}: {e.strerror or e}; give a writable directory") from e
     for p in paths:
         print(p)
     return EXIT_OK
@@ -418,10 +516,18 @@ def _exit_codes_text() -> str:
     return "exit codes:\n" + "\n".join(f"  {code:<4} {what}" for code, what in EXIT_CODES.items())
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with usage errors on one line (``memtune: error: ...``) like every other error."""
+
+    def error(self, message: str):
+        line = " ".join(f"{message} (see `{self.prog} --help`)".split())  # an argument may hold a newline
+        self.exit(EXIT_USAGE, f"memtune: error: {line}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     fmt = argparse.RawDescriptionHelpFormatter
     examples = "\n".join(f"  {c.example}" for c in _COMMANDS.values())
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="memtune", description="Fit PyTorch training into a memory budget at the best speed.",
         epilog=f"Example:\n{examples}\n\n{_exit_codes_text()}", formatter_class=fmt)
     from memtune import __version__
@@ -437,7 +543,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _fail(code: int, message: str) -> int:
-    print(f"memtune: error: {message}", file=sys.stderr)
+    line = " ".join(str(message).split())  # one line, whatever the message holds
+    print(f"memtune: error: {line}", file=sys.stderr)
     return code
 
 
@@ -451,12 +558,29 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(EXIT_INFEASIBLE, str(e))
     except PlanFileError as e:
         return _fail(EXIT_BAD_FILE, str(e))
-    except (BudgetError, UsageError, SampleError, TraceError) as e:
+    except TrainingError as e:
+        return _fail(EXIT_TRAINING, str(e))
+    except (BudgetError, UsageError, SampleError, TraceError, ModelMismatchError, OutputError) as e:
         return _fail(EXIT_USAGE, str(e))
     except MemtuneError as e:
         if type(e).__name__ == "TelemetryError":  # a corrupt metrics file
             return _fail(EXIT_BAD_FILE, str(e))
         return _fail(EXIT_USAGE, str(e))
+    except Exception as e:  # noqa: BLE001 - the last line of defence: one line, never a traceback
+        import os
+
+        if os.environ.get("MEMTUNE_TRACEBACK"):
+            raise
+        where = "the model's own code" if _raised_outside_memtune(e) else "memtune (a bug: please report it)"
+        return _fail(EXIT_INTERNAL, f"unexpected {type(e).__name__} in {where}: {e}; rerun with MEMTUNE_TRACEBACK=1 "
+                                    "to see the traceback")
+
+
+def _raised_outside_memtune(e: BaseException) -> bool:
+    import traceback
+
+    frames = traceback.extract_tb(e.__traceback__)
+    return bool(frames) and "memtune" not in frames[-1].filename and "/runtime/" not in frames[-1].filename
 
 
 if __name__ == "__main__":

@@ -34,3 +34,42 @@ class InfeasibleBudgetError(MemtuneError):
 
 class PlanFileError(MemtuneError, ValueError):
     """A plan or profile file that is not valid JSON of the expected schema."""
+
+
+class UsageError(MemtuneError, ValueError):
+    """Bad input that is not a budget: a model path that does not resolve, a factory that
+    returns the wrong thing, an unknown device, an option out of range."""
+
+
+class OptionError(UsageError, TypeError):
+    """An unknown keyword option (a ``TypeError`` too, as Python raises for unknown keywords)."""
+
+
+class ModelMismatchError(MemtuneError, ValueError):
+    """A plan, profile or checkpoint applied to a model it was not made for; the message
+    says what differs (unit or parameter names, shapes, profile hash, batch size)."""
+
+
+class CheckpointError(PlanFileError):
+    """A checkpoint file that is corrupt (checksum mismatch), truncated, not memtune's, of
+    another format version, or that would need code execution to load."""
+
+
+class OutputError(MemtuneError, OSError):
+    """A file memtune must write (a checkpoint, a plan, a profile, a report) cannot be
+    written: read-only or full file system, missing permissions. Nothing already on disk
+    was replaced."""
+
+
+class TrainingError(MemtuneError):
+    """Training stopped at a step for a reason a bigger budget would not fix; the trainer
+    keeps its state (``trainer.save(path)`` still works) and the last checkpoint is intact."""
+
+
+class NonFiniteError(TrainingError, FloatingPointError):
+    """A loss or gradient that is NaN or infinite, caught before the optimizer step."""
+
+
+class StepFailedError(TrainingError):
+    """A step kept running out of memory although plans that fit the budget exist
+    (memory held by something else, or a transient fault)."""

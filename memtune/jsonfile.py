@@ -21,10 +21,15 @@ def read_json_object(text_or_path: str | Path, *, what: str, remedy: str) -> dic
             text = Path(text_or_path).read_text()
         except OSError as e:
             raise PlanFileError(f"cannot read {what} file {text_or_path}: {e}") from e
+        except UnicodeDecodeError as e:  # a binary file (a checkpoint, an image) given as JSON
+            raise PlanFileError(f"{what} file {text_or_path} is binary, not JSON text ({e.reason} at byte "
+                                f"{e.start}); {remedy}") from e
     try:
         d = json.loads(text)
     except json.JSONDecodeError as e:
         raise PlanFileError(f"{what} file is not valid JSON ({e}); {remedy}") from e
+    except RecursionError as e:
+        raise PlanFileError(f"{what} file nests JSON too deeply to be a memtune {what}; {remedy}") from e
     if not isinstance(d, dict):
         raise PlanFileError(f"{what} JSON must be an object; {remedy}")
     return d

@@ -23,8 +23,10 @@ from typing import Any
 from .errors import PlanFileError
 from .jsonfile import read_json_object
 from .units_fmt import fmt_bytes, fmt_ms
+from .validation import check_fields, check_object
 
 PLAN_SCHEMA_VERSION = 3
+_PLAN_REMEDY = "re-create it with `memtune plan ... --out plan.json`"
 
 
 class Decision(str, Enum):
@@ -195,6 +197,7 @@ class Plan:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Plan":
+        check_object(d, what="plan", remedy=_PLAN_REMEDY)
         try:
             if d.get("schema_version") != PLAN_SCHEMA_VERSION:
                 raise PlanFileError(
@@ -208,7 +211,7 @@ class Plan:
             kw["memory"] = MemoryBreakdown(**d["memory"])
             kw["time"] = TimeBreakdown(**d["time"])
             kw["notes"] = tuple(d.get("notes", ()))
-            return cls(**kw)
+            return check_fields(cls(**kw), what="plan", remedy=_PLAN_REMEDY)
         except PlanFileError:
             raise
         except (KeyError, TypeError, ValueError, AttributeError) as e:

@@ -16,7 +16,7 @@ import dataclasses
 import logging
 
 from .budget import Budget
-from .errors import InfeasibleBudgetError
+from .errors import InfeasibleBudgetError, OptionError, UsageError
 from .plan import Plan
 from .profile import ModelProfile
 
@@ -29,7 +29,7 @@ def _options(options: dict):
     known = {f.name for f in dataclasses.fields(PlannerOptions)}
     unknown = sorted(set(options) - known)
     if unknown:
-        raise TypeError(f"unknown planner option(s) {unknown}; valid options are {sorted(known)}")
+        raise OptionError(f"unknown planner option(s) {unknown}; valid options are {sorted(known)}")
     return PlannerOptions(**options)
 
 
@@ -61,7 +61,7 @@ def plan(profile: ModelProfile, budget: int | str | Budget = "24GB", planner: st
             log.warning(msg)
             notes = (msg,)
     if planner not in PLANNERS:
-        raise ValueError(f"unknown planner {planner!r}; choose one of {sorted(PLANNERS)}")
+        raise UsageError(f"unknown planner {planner!r}; choose one of {sorted(PLANNERS)}")
     result = PLANNERS[planner].plan(profile, b, options=opts)
     timed_out = [n for n in result.notes if n.startswith("MILP stopped")]
     if timed_out:

@@ -27,8 +27,10 @@ from typing import Any
 
 from .errors import PlanFileError
 from .jsonfile import read_json_object
+from .validation import check_fields, check_object
 
 SCHEMA_VERSION = 3
+_PROFILE_REMEDY = "write one with memtune.profile(...).to_json(path) or `memtune profile ... --out profile.json`"
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -343,6 +345,7 @@ class ModelProfile:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ModelProfile":
+        check_object(d, what="profile", remedy=_PROFILE_REMEDY)
         try:
             if d.get("schema_version") != SCHEMA_VERSION:
                 raise PlanFileError(
@@ -361,7 +364,7 @@ class ModelProfile:
                 for o in d.get("optimizer_steps", ()))
             kw["step_variants"] = tuple(StepRecording(**{**r, **_recording_from_dict(r)})
                                         for r in d.get("step_variants", ()))
-            return cls(**kw)
+            return check_fields(cls(**kw), what="profile", remedy=_PROFILE_REMEDY)
         except PlanFileError:
             raise
         except (KeyError, TypeError, ValueError) as e:

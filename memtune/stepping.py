@@ -106,6 +106,8 @@ class PlanOptimizer(Optimizer):
         self.defaults = inner.defaults
         self._handles = []
         self._stepped: set[int] = set()
+        self.nonfinite: list[str] = []
+        """Parameters whose gradient was NaN/inf in the current step (in-backward: not updated)."""
         if in_backward:
             for p in params:
                 self._handles.append(p.register_post_accumulate_grad_hook(self._hook))
@@ -127,7 +129,11 @@ class PlanOptimizer(Optimizer):
 
     # ------------------------------------------------------------------ stepping
     def _hook(self, p: torch.Tensor) -> None:
-        self.step_param(p)
+        if not bool(torch.isfinite(p.grad).all()):
+            # Never apply a non-finite gradient; the trainer sees the list and stops the run.
+            self.nonfinite.append(self.names.get(id(p), "?"))
+        else:
+            self.step_param(p)
         self._stepped.add(id(p))
         p.grad = None
 
@@ -148,6 +154,7 @@ class PlanOptimizer(Optimizer):
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.inner.zero_grad(set_to_none=set_to_none)
         self._stepped.clear()
+        self.nonfinite.clear()
 
     def seed_master(self, p: torch.Tensor, value: torch.Tensor) -> None:
         """Start ``p``'s fp32 master copy (``bf16-master``) from ``value``, e.g. the fp32 weights

@@ -19,10 +19,23 @@ Optuna's pruners work (single objective only: Optuna does not prune multi-object
 Storage defaults to the SQLite file ``memtune-sweep.db`` with ``load_if_exists=True``:
 run the same call again after a kill and the study resumes; run it from several processes
 and they share the study. ``optuna-dashboard sqlite:///memtune-sweep.db`` shows it live.
+
+Workers that die are survived (:func:`open_study`): a storage URL opens an Optuna
+``RDBStorage`` with a heartbeat (``heartbeat_interval``, ``grace_period``), so a trial
+whose worker was killed is marked FAIL once its heartbeat goes stale and
+``RetryFailedTrialCallback`` queues it again with the same parameters for a live worker.
+Several workers may create the same fresh SQLite file at once: the creation runs under a
+file lock. The study stops at exactly ``n_trials`` finished trials, however many workers
+share it: ``MaxTrialsCallback`` stops each worker, and a trial that a race started beyond
+the total is failed at once, before training, with the user attribute ``surplus=True``.
+A budget that no configuration of the search space fits raises
+:class:`~memtune.errors.InfeasibleBudgetError` with the minimum feasible budget before
+any trial runs.
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import itertools
 import math
@@ -30,11 +43,12 @@ import statistics
 import sys
 import time
 import types
+import warnings
 from typing import Any, Callable, Iterable, Sequence
 
 import optuna
 
-from .errors import InfeasibleBudgetError, MemtuneError
+from .errors import InfeasibleBudgetError, MemtuneError, UsageError
 
 DEFAULT_STORAGE = "sqlite:///memtune-sweep.db"
 NS_STEPS = (3, 5)
@@ -42,6 +56,93 @@ STATE_DTYPES = ("fp32", "bf16", "int8")
 PLANNERS = ("exact", "greedy")
 LR_RANGE = (1e-3, 1e-1)
 OBJECTIVES = ("loss", "step_ms")
+HEARTBEAT_S = 60
+"""Default seconds between a running trial's heartbeats; a trial silent for ``2 x`` this is failed and retried."""
+FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+
+
+class _Surplus(Exception):
+    """A trial that a race between workers started beyond ``n_trials``: failed before it trains."""
+
+
+@contextlib.contextmanager
+def _file_lock(path: str):
+    """An exclusive lock on ``path`` (created if needed), held for the ``with`` block."""
+    import fcntl
+
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def open_storage(url: str, *, heartbeat_interval: int | None = HEARTBEAT_S, grace_period: int | None = None,
+                 max_retry: int | None = 3) -> optuna.storages.BaseStorage:
+    """An Optuna ``RDBStorage`` for ``url`` with a heartbeat and retries of killed workers'
+    trials (``RetryFailedTrialCallback``). A fresh SQLite file is created under a file lock
+    (``<file>.lock``), so workers started together do not race on its tables; SQLite waits
+    up to a minute for a lock instead of failing. Raises :class:`UsageError` for a URL it
+    cannot open."""
+    from optuna.storages import RDBStorage
+
+    kw: dict[str, Any] = {}
+    if heartbeat_interval:
+        # Optuna 4.9 renamed RetryFailedTrialCallback/failed_trial_callback to the "heartbeat stale" names.
+        retry = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None) or optuna.storages.RetryFailedTrialCallback
+        params = inspect.signature(RDBStorage.__init__).parameters
+        cb = "heartbeat_stale_trial_callback" if "heartbeat_stale_trial_callback" in params else "failed_trial_callback"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            kw = dict(heartbeat_interval=int(heartbeat_interval), grace_period=int(grace_period or 2 * heartbeat_interval),
+                      **{cb: retry(max_retry=max_retry)})
+    sqlite = url.startswith("sqlite:///") and url != "sqlite:///:memory:"
+    engine_kwargs = {"connect_args": {"timeout": 60}} if sqlite else None
+    lock = _file_lock(url[len("sqlite:///"):] + ".lock") if sqlite else contextlib.nullcontext()
+    try:
+        with lock, warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return RDBStorage(url, engine_kwargs=engine_kwargs, **kw)
+    except (ImportError, ValueError, OSError) as e:
+        raise UsageError(f"cannot open Optuna storage {url!r} ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                         f"give sqlite:///path/to/file.db or a database URL SQLAlchemy can open") from e
+    except Exception as e:  # SQLAlchemy's ArgumentError, OperationalError... without importing sqlalchemy here
+        if type(e).__module__.startswith("sqlalchemy"):
+            raise UsageError(f"cannot open Optuna storage {url!r} ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0][:200]}); give sqlite:///path/to/file.db or a database URL "
+                             f"SQLAlchemy can open") from e
+        raise
+
+
+def open_study(storage: str | optuna.storages.BaseStorage | None, *, study_name: str, directions: Sequence[str],
+               sampler=None, pruner=None, heartbeat_interval: int | None = HEARTBEAT_S,
+               grace_period: int | None = None) -> optuna.Study:
+    """Create or load the study (``load_if_exists``), safely when several workers start at once."""
+    if storage is None or isinstance(storage, str):
+        url = storage or DEFAULT_STORAGE
+        storage = open_storage(url, heartbeat_interval=heartbeat_interval, grace_period=grace_period)
+        sqlite = url.startswith("sqlite:///") and url != "sqlite:///:memory:"
+        lock = _file_lock(url[len("sqlite:///"):] + ".lock") if sqlite else contextlib.nullcontext()
+    else:
+        lock = contextlib.nullcontext()
+    with lock:
+        return optuna.create_study(storage=storage, sampler=sampler, pruner=pruner, study_name=study_name,
+                                   load_if_exists=True, directions=list(directions))
+
+
+def _surplus(study: optuna.Study, trial: optuna.Trial, n_trials: int) -> bool:
+    """Whether ``trial`` is beyond ``n_trials``: as many trials are finished, or ran or wait
+    with a smaller number, as the study should hold. Trial numbers order the workers' races,
+    so of two trials started for the last slot exactly one goes ahead."""
+    ahead = 0
+    for t in study.get_trials(deepcopy=False):
+        if t.number == trial.number:
+            continue
+        if t.state in FINISHED or (t.number < trial.number and t.state in (optuna.trial.TrialState.RUNNING,
+                                                                           optuna.trial.TrialState.WAITING)):
+            ahead += 1
+    return ahead >= n_trials
 
 
 def suggest(trial: optuna.Trial, *, batch_size: int | None) -> dict[str, Any]:
@@ -127,7 +228,8 @@ def sweep(build_fn: Callable[..., Any], *, budget: int | str, n_trials: int, stu
           pruner: optuna.pruners.BasePruner | None = None, objective: str | Sequence[str] = "loss",
           steps_per_trial: int = 30, report_every: int = 5, study_name: str = "memtune-sweep",
           directions: Sequence[str] | None = None, device: str | None = None,
-          callbacks: Sequence[Callable] | None = None) -> optuna.Study:
+          callbacks: Sequence[Callable] | None = None, heartbeat_interval: int | None = HEARTBEAT_S,
+          grace_period: int | None = None) -> optuna.Study:
     """Search NS steps, state precision, planner, learning rate and micro-batch within ``budget``.
 
     Args:
@@ -141,7 +243,8 @@ def sweep(build_fn: Callable[..., Any], *, budget: int | str, n_trials: int, stu
             a resumed study runs only the remainder.
         study: an existing :class:`optuna.Study` (then ``storage``, ``sampler``, ``pruner``,
             ``study_name`` and ``directions`` are not used).
-        storage: Optuna storage; ``None``: ``sqlite:///memtune-sweep.db``.
+        storage: Optuna storage; ``None``: ``sqlite:///memtune-sweep.db``. A URL gets a
+            heartbeat and retries of killed workers' trials (:func:`open_storage`).
         sampler, pruner: Optuna's; ``None``: Optuna's defaults.
         objective: ``"loss"`` (mean training loss over the last quarter of the steps) or
             ``("loss", "step_ms")`` (adds the median measured step time: a Pareto front).
@@ -150,6 +253,8 @@ def sweep(build_fn: Callable[..., Any], *, budget: int | str, n_trials: int, stu
         directions: ``None``: minimize every objective.
         device: ``None``: CUDA when present, else CPU.
         callbacks: passed to :meth:`optuna.Study.optimize`.
+        heartbeat_interval, grace_period: seconds (see :func:`open_storage`); ``None``
+            turns the heartbeat off. Default 60 and twice that.
     """
     import torch
 
@@ -159,13 +264,10 @@ def sweep(build_fn: Callable[..., Any], *, budget: int | str, n_trials: int, stu
     objectives = (objective,) if isinstance(objective, str) else tuple(objective)
     bad = [o for o in objectives if o not in OBJECTIVES]
     if bad or not objectives:
-        raise ValueError(f"objective={objective!r}: use 'loss' or ('loss', 'step_ms')")
+        raise UsageError(f"objective={objective!r}: use 'loss' or ('loss', 'step_ms')")
+    if not isinstance(n_trials, int) or isinstance(n_trials, bool) or n_trials < 0:
+        raise UsageError(f"n_trials={n_trials!r}: give a whole number >= 0")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if study is None:
-        study = optuna.create_study(storage=storage or DEFAULT_STORAGE, sampler=sampler, pruner=pruner,
-                                    study_name=study_name, load_if_exists=True,
-                                    directions=list(directions or ["minimize"] * len(objectives)))
-    multi = len(study.directions) > 1
 
     # One profile serves every trial's feasibility check: the trial parameters only change
     # planner options, never the traced step.
@@ -173,8 +275,17 @@ def sweep(build_fn: Callable[..., Any], *, budget: int | str, n_trials: int, stu
     sample = next(iter(data))
     profile = sweep_profile(model, sample, loss_fn=loss_fn, device=device)
     del model
+    _check_some_trial_fits(profile, budget, device)
+    if study is None:
+        study = open_study(storage, study_name=study_name, directions=directions or ["minimize"] * len(objectives),
+                           sampler=sampler, pruner=pruner, heartbeat_interval=heartbeat_interval,
+                           grace_period=grace_period)
+    multi = len(study.directions) > 1
 
     def run_trial(trial: optuna.Trial):
+        if _surplus(study, trial, n_trials):
+            trial.set_user_attr("surplus", True)
+            raise _Surplus(f"trial {trial.number} is beyond n_trials={n_trials}")
         params = suggest(trial, batch_size=profile.batch_size)
         if not is_feasible(profile, budget, params, device=device):
             trial.set_user_attr("infeasible", True)
@@ -216,15 +327,71 @@ def sweep(build_fn: Callable[..., Any], *, budget: int | str, n_trials: int, stu
         values = {"loss": loss, "step_ms": ms}
         return tuple(values[o] for o in objectives) if multi else values[objectives[0]]
 
-    finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
-    remaining = n_trials - len(study.get_trials(deepcopy=False, states=finished))
+    cbs = [optuna.study.MaxTrialsCallback(n_trials, states=FINISHED), *(callbacks or [])]
     try:
-        if remaining > 0:
-            cbs = [optuna.study.MaxTrialsCallback(n_trials, states=finished), *(callbacks or [])]
-            study.optimize(run_trial, n_trials=remaining, callbacks=cbs)
+        _work(study, run_trial, n_trials, cbs)
     finally:
         _record_savings(study)
+    _check_some_trial_ran(study, budget)
     return study
+
+
+def _heartbeat_enabled(study: optuna.Study) -> bool:
+    storage = getattr(study, "_storage", None)  # Optuna keeps it private; RDBStorage reports its interval
+    get = getattr(storage, "get_heartbeat_interval", None)
+    return bool(get and get() is not None)
+
+
+def _work(study: optuna.Study, run_trial: Callable, n_trials: int, callbacks: list) -> None:
+    """Run trials one at a time until the study holds ``n_trials`` finished ones. While other
+    workers hold the last slots this worker waits, with a heartbeat, in case one of them dies
+    and its trial comes back as WAITING; without a heartbeat it leaves them to it."""
+    heartbeat = _heartbeat_enabled(study)
+    poll = 1.0
+    while True:
+        if heartbeat:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                optuna.storages.fail_stale_trials(study)
+        trials = study.get_trials(deepcopy=False)
+        finished = sum(t.state in FINISHED for t in trials)
+        running = sum(t.state == optuna.trial.TrialState.RUNNING for t in trials)
+        waiting = sum(t.state == optuna.trial.TrialState.WAITING for t in trials)
+        if finished >= n_trials:
+            return
+        if not waiting and finished + running >= n_trials:
+            if not heartbeat:
+                return
+            time.sleep(poll)
+            continue
+        study.optimize(run_trial, n_trials=1, callbacks=callbacks, catch=(_Surplus,))
+
+
+def _check_some_trial_fits(profile, budget, device: str | None) -> None:
+    """Raise :class:`InfeasibleBudgetError` when no configuration of the search space fits:
+    the most permissive one (any NS steps, state precision, micro-batch) is planned first."""
+    import memtune
+
+    opts: dict[str, Any] = dict(optimizer="muon2", min_ns_steps=NS_STEPS[0], max_ns_steps=NS_STEPS[1],
+                                state_dtypes=STATE_DTYPES, allow_microbatching=bool(profile.batch_size))
+    if device == "cpu":
+        opts["device"] = "cpu"
+    try:
+        memtune.plan(profile, budget, "exact", **opts)
+    except InfeasibleBudgetError as e:
+        raise InfeasibleBudgetError(f"every trial of this sweep would be infeasible, so none was run: {e}",
+                                    min_feasible_bytes=e.min_feasible_bytes, top_consumers=e.top_consumers,
+                                    suggestions=e.suggestions) from e
+
+
+def _check_some_trial_ran(study: optuna.Study, budget) -> None:
+    trials = [t for t in study.get_trials(deepcopy=False) if t.state in FINISHED]
+    if trials and not any(t.state == optuna.trial.TrialState.COMPLETE for t in trials) and \
+            all(t.user_attrs.get("infeasible") or t.user_attrs.get("oom") for t in trials):
+        raise InfeasibleBudgetError(
+            f"all {len(trials)} trials of study {study.study_name!r} were infeasible under {budget} (pruned before "
+            f"or while training), although some configuration of the search space fits: run more trials, or give "
+            f"a larger budget")
 
 
 def _call_default(build_fn: Callable):

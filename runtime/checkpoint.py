@@ -1,34 +1,65 @@
-"""Crash-safe training checkpoints.
+"""Crash-safe training checkpoints that are data only, durable and checked.
 
 A checkpoint holds everything needed to continue a run as if it never stopped: model and
 optimizer state (quantized optimizer state included), the plan and the profile it was
 made from, the step count, the data position, every RNG state and the re-tuner's state.
-It is written to a temporary file and renamed into place, so a ``kill -9`` in the middle
-of a save leaves the previous checkpoint intact.
+
+* **Data only.** Every value is a tensor, a number, a string, a list or a dict: RNG
+  states are stored as tensors (:func:`rng_state`), plans and profiles as their JSON
+  dicts. :func:`load` uses ``torch.load(weights_only=True)``, whose unpickler refuses any
+  global (a function, a class) outside torch's tensor types, so a crafted file cannot run
+  code; a file that is not a torch zip archive (a legacy or foreign pickle) is never
+  unpickled at all.
+* **Checked.** A torch checkpoint is a zip archive with one record per tensor storage plus
+  the pickled structure, and torch's writer stores the CRC-32 of every record. :func:`load`
+  verifies all of them (:meth:`zipfile.ZipFile.testzip`) before unpickling anything, so a
+  flipped bit in a weight or a torn copy is reported, never trained on.
+* **Durable.** The bytes go to a temporary file in the same directory, which is fsynced,
+  renamed over the old checkpoint, and then the directory is fsynced so that the rename
+  itself survives a power cut. A ``kill -9`` at any point leaves the previous checkpoint
+  intact; a failed save deletes its temporary file, and the next save deletes those that
+  killed processes left behind.
 """
 
 from __future__ import annotations
 
+import enum
+import errno
 import os
 import random
+import re
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from memtune.errors import PlanFileError
+from memtune.errors import CheckpointError, OutputError
 
-FORMAT = "memtune-checkpoint/1"
+FORMAT = "memtune-checkpoint/2"
+"""Version 2: weights_only-loadable (version 1 pickled numpy RNG state and needed code execution)."""
+
+REQUIRED = {"model": dict, "optimizer": dict, "plan": dict, "profile": dict, "plan_version": int,
+            "plan_budget_bytes": int, "step": int, "batches_seen": int, "rng": dict, "retuner": dict,
+            "history": list, "events": list}
+"""Keys every checkpoint holds, with their types: checked before anything is restored."""
 
 
+# ----------------------------------------------------------------------------- RNG as data
 def rng_state() -> dict[str, Any]:
-    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    """Every RNG state as tensors and plain numbers (loadable with ``weights_only=True``)."""
+    version, words, gauss = random.getstate()
+    state: dict[str, Any] = {"torch": torch.get_rng_state(),
+                             "python": {"version": version, "words": torch.tensor(words, dtype=torch.int64),
+                                        "gauss": gauss}}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = list(torch.cuda.get_rng_state_all())
     try:
         import numpy as np
 
-        state["numpy"] = np.random.get_state()
+        kind, keys, pos, has_gauss, cached = np.random.get_state()
+        state["numpy"] = {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                          "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}
     except ImportError:  # pragma: no cover - numpy is a dependency
         pass
     return state
@@ -36,35 +67,172 @@ def rng_state() -> dict[str, Any]:
 
 def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
+    py = state["python"]
+    random.setstate((py["version"], tuple(int(w) for w in py["words"].tolist()), py["gauss"]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
     if "numpy" in state:
         import numpy as np
 
-        np.random.set_state(state["numpy"])
+        n = state["numpy"]
+        np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                             n["cached_gaussian"]))
+
+
+# ----------------------------------------------------------------------------- save
+def _tmp_name(path: Path, pid: int) -> Path:
+    return path.with_name(f".{path.name}.tmp-{pid}")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temps(path: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files that saves of ``path`` killed mid-write left behind (their
+    process is gone); returns what was deleted."""
+    path = Path(path)
+    pattern = re.compile(rf"^\.{re.escape(path.name)}\.tmp-(\d+)$")
+    removed = []
+    try:
+        candidates = list(path.parent.iterdir())
+    except OSError:
+        return removed
+    for p in candidates:
+        m = pattern.match(p.name)
+        if m and (int(m.group(1)) == os.getpid() or not _pid_alive(int(m.group(1)))):
+            try:
+                p.unlink()
+                removed.append(p)
+            except OSError:
+                pass
+    return removed
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def plain(obj: Any) -> Any:
+    """``obj`` with every value turned into a type ``weights_only`` loading accepts: str
+    subclasses (``torch.__version__``), enums and numpy scalars become str/int/float."""
+    if isinstance(obj, (torch.Tensor, torch.dtype, torch.device, torch.Size)) or obj is None or \
+            type(obj) in (int, float, bool, str):
+        return obj  # what torch's weights_only unpickler accepts as it is
+    if isinstance(obj, dict):
+        return {plain(k): plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(plain(v) for v in obj) if type(obj) in (list, tuple) else [plain(v) for v in obj]
+    if isinstance(obj, enum.Enum):
+        return plain(obj.value)
+    for kind in (bool, int, float, str):
+        if isinstance(obj, kind):
+            return kind(obj)
+    if hasattr(obj, "item") and callable(obj.item):  # numpy scalars
+        return plain(obj.item())
+    raise TypeError(f"cannot store a {type(obj).__name__} in a checkpoint; store plain data or tensors")
 
 
 def save_atomic(payload: dict[str, Any], path: str | os.PathLike) -> Path:
+    """Write ``payload`` (plain data and tensors) to ``path`` atomically and durably.
+
+    Raises :class:`OutputError` when the file cannot be written (full or read-only file
+    system, permissions); the previous checkpoint at ``path`` is then untouched and no
+    temporary file is left."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save({"format": FORMAT, **payload}, tmp)
-    with open(tmp, "rb") as f:  # make the bytes durable before the rename makes them visible
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    tmp = _tmp_name(path, os.getpid())
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(path)
+        with open(tmp, "wb") as f:
+            torch.save(plain({"format": FORMAT, "torch_version": torch.__version__, **payload}), f)
+            f.flush()
+            os.fsync(f.fileno())  # the bytes are durable before the rename makes them visible
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)  # and the rename itself is durable
+    except OSError as e:
+        try:
+            tmp.unlink()
+        except OSError:
+            pass
+        why = {errno.ENOSPC: "the disk is full", errno.EROFS: "the file system is read-only",
+               errno.EACCES: "permission denied", errno.EDQUOT: "the disk quota is exceeded"}.get(e.errno, str(e))
+        kept = "the previous checkpoint there is intact" if path.exists() else "no checkpoint was written"
+        raise OutputError(
+            f"cannot write checkpoint {path}: {why} ({type(e).__name__}: {e.strerror or e}); {kept}, and the "
+            f"training state is still in memory: free space or fix the permissions and call trainer.save(), "
+            f"or save to another path with trainer.save(path)") from e
     return path
 
 
+# ----------------------------------------------------------------------------- load
 def load(path: str | os.PathLike) -> dict[str, Any]:
+    """The checkpoint at ``path`` as a dict, after verifying every record's CRC-32 and
+    loading with ``weights_only=True``. Raises :class:`CheckpointError` (never a pickle
+    or zip traceback) for a missing, corrupt, foreign, unsafe or older-format file."""
     path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"no checkpoint at {path}; train with checkpoint_path=... to write one")
+    if not path.is_file():
+        raise CheckpointError(f"no checkpoint at {path}; train with checkpoint_path=... to write one")
+    fix = "resume from an older checkpoint, or start over (memtune fit --fresh)"
     try:
-        # Our own files: they hold RNG states (numpy arrays, Python tuples), so not weights_only.
-        payload = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:
-        raise PlanFileError(f"checkpoint {path} is unreadable ({type(e).__name__}: {e}); resume from an older one") from e
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise PlanFileError(f"{path} is not a memtune checkpoint (format {FORMAT})")
+        if not zipfile.is_zipfile(path):
+            raise CheckpointError(
+                f"{path} is not a memtune checkpoint: not a torch zip archive (legacy and foreign pickles are never "
+                f"unpickled, since unpickling can run code); {fix}")
+        with zipfile.ZipFile(path) as z:
+            bad = z.testzip()
+        if bad is not None:
+            raise CheckpointError(f"checkpoint {path} is corrupt: record {bad!r} fails its CRC-32 check "
+                                  f"(flipped bits or a torn copy); {fix}")
+    except CheckpointError:
+        raise
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, ValueError) as e:
+        raise CheckpointError(f"checkpoint {path} is unreadable ({type(e).__name__}: {e}); {fix}") from e
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # the unpickler's refusals come as UnpicklingError/RuntimeError with long advice
+        first = next((ln.strip() for ln in str(e).splitlines() if "GLOBAL" in ln or "Unsupported" in ln),
+                     str(e).splitlines()[0] if str(e) else type(e).__name__)
+        raise CheckpointError(
+            f"refused to load {path}: it is not plain data ({first[:200]}); a memtune checkpoint holds only "
+            f"tensors, numbers, strings, lists and dicts, so this file was crafted or written by something else; "
+            f"{fix}") from e
+    if not isinstance(payload, dict) or not isinstance(payload.get("format"), str):
+        raise CheckpointError(f"{path} is not a memtune checkpoint (no format tag); {fix}")
+    if payload["format"] != FORMAT:
+        older = payload["format"] == "memtune-checkpoint/1"
+        raise CheckpointError(
+            f"{path} has format {payload['format']!r}, not {FORMAT!r}"
+            + ("; version 1 files need code execution to load (numpy RNG state), so this memtune refuses them: "
+               "re-create the checkpoint, or load it yourself with torch.load(weights_only=False) only if you "
+               "trust it" if older else f"; it was written by another memtune version; {fix}"))
+    wrong = [f"{k} (want {t.__name__}, got {type(payload.get(k)).__name__})" for k, t in REQUIRED.items()
+             if not isinstance(payload.get(k), t) or isinstance(payload.get(k), bool)]
+    if wrong:
+        raise CheckpointError(f"checkpoint {path} is incomplete or malformed: {', '.join(wrong[:4])}; {fix}")
     return payload
+
+
+def non_finite_tensors(obj: Any, name: str = "") -> list[str]:
+    """Names of the floating-point tensors in ``obj`` (a nested state dict) holding NaN or inf."""
+    bad: list[str] = []
+    if isinstance(obj, torch.Tensor):
+        if obj.is_floating_point() and obj.numel() and not bool(torch.isfinite(obj).all()):
+            bad.append(name or "tensor")
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            bad += non_finite_tensors(v, f"{name}.{k}" if name else str(k))
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            bad += non_finite_tensors(v, f"{name}[{i}]")
+    return bad

@@ -11,7 +11,8 @@ The policy reads one telemetry sample per step and the step's measured peak:
   new budget is min(user budget, available − margin).
 * **Closed loop**: ``correction`` tracks measured/predicted peak (an exponential average,
   never below 1); plans are made for ``budget / correction`` so a model whose real peak
-  runs over the prediction is planned tighter.
+  runs over the prediction is planned tighter. An out-of-memory error raises it by what
+  the measured peak shows (:meth:`Retuner.observe_oom`); steps that fit decay it again.
 """
 
 from __future__ import annotations
@@ -32,7 +33,12 @@ class RetuneConfig:
     correction_smoothing: float = 0.5
     """Weight of the newest measured/predicted ratio in the running correction (0-1]."""
     max_correction: float = 1.5
-    """Upper bound on the correction factor."""
+    """Upper bound on the correction factor learned from steps that fit."""
+    oom_step: float = 0.10
+    """Share by which an out-of-memory error raises the correction when no measured peak says
+    by how much (an injected fault, a failure before anything was measured)."""
+    max_oom_correction: float = 4.0
+    """Upper bound on the correction right after out-of-memory errors."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +64,15 @@ class Retuner:
         ratio = measured_peak_bytes / predicted_peak_bytes
         a = self.config.correction_smoothing
         self.correction = min(max(1.0, (1 - a) * self.correction + a * ratio), self.config.max_correction)
+
+    def observe_oom(self, measured_peak_bytes: int | None, predicted_peak_bytes: int) -> None:
+        """Fold an out-of-memory error into the correction. The failure says the step needed
+        more than the plan predicted: by the measured peak at the failure when there is one
+        (``measured / predicted``, plus 2 %), else by ``oom_step``. The next step that fits
+        pulls the correction back toward its measured ratio (:meth:`observe_peak`)."""
+        c = self.config
+        evidence = measured_peak_bytes / predicted_peak_bytes * 1.02 if measured_peak_bytes and predicted_peak_bytes > 0 else 0.0
+        self.correction = min(max(self.correction * (1 + c.oom_step), evidence), c.max_oom_correction)
 
     def planning_budget(self, usable_bytes: int) -> int:
         """What to hand the planner so that the corrected peak fits ``usable_bytes``."""

@@ -20,9 +20,11 @@ from __future__ import annotations
 import dataclasses
 import gc
 import logging
+import math
 import signal
 import threading
 import time
+import warnings
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Iterable
@@ -33,18 +35,30 @@ from torch.utils._pytree import tree_flatten, tree_map_only
 
 from memtune.batching import LossFn, batch_size_of, loss_from_output, move_batch, split_batch, split_micro_batches
 from memtune.budget import Budget
-from memtune.errors import InfeasibleBudgetError, MemtuneError
+from memtune.errors import CheckpointError, InfeasibleBudgetError, MemtuneError, NonFiniteError, PlanFileError, UsageError
 from memtune.plan import Decision, Plan
+from memtune.planners.options import lossiness
 from memtune.profile import ModelProfile
 from memtune.profiler import optimizer_state_tensors
 from memtune.units_fmt import fmt_bytes
+from memtune.validation import (check_plan_matches_model, check_profile_matches_model, check_single_process,
+                                check_state_dict_matches_model)
 
 from . import checkpoint as ckpt
+from . import safety
 from .memguard import TensorMemoryGuard
 from .retune import RetuneConfig, RetuneDecision, Retuner
 from .telemetry import HostSource, Telemetry, TelemetrySource, default_sources
 
 log = logging.getLogger("memtune.runtime")
+
+
+class _NonFiniteStep(Exception):
+    """Raised inside a step when the loss or a gradient is NaN/inf, before the optimizer step."""
+
+    def __init__(self, loss: float, params: list[str]):
+        super().__init__(loss, params)
+        self.loss, self.params = loss, params
 
 
 @dataclasses.dataclass
@@ -69,8 +83,13 @@ class Trainer:
                  retune_config: RetuneConfig | None = None, telemetry: Telemetry | Iterable[TelemetrySource] | None = None,
                  metrics_path: str | Path | None = None, checkpoint_path: str | Path | None = None,
                  checkpoint_every: int = 0, max_oom_retries: int = 4, enforce_budget: bool = True,
-                 progress: bool = True, planner_options: dict | None = None):
-        self.device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+                 progress: bool = True, planner_options: dict | None = None, on_nonfinite: str = "raise",
+                 max_skipped_batches: int = 10, max_grad_norm: float | None = None):
+        check_single_process()
+        safety.check_trainable(model)
+        if on_nonfinite not in safety.NONFINITE_POLICIES:
+            raise UsageError(f"on_nonfinite={on_nonfinite!r}: use 'raise' (stop with an error) or 'skip' (skip the batch)")
+        self.device = safety.training_device(device)
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
         if precision is None:
@@ -93,6 +112,16 @@ class Trainer:
         self.progress = progress
         self.checkpoint_path = Path(checkpoint_path) if checkpoint_path else None
         self.checkpoint_every = checkpoint_every
+        self.on_nonfinite = on_nonfinite
+        self.max_skipped_batches = max_skipped_batches
+        if max_grad_norm is not None and max_grad_norm <= 0:
+            raise UsageError(f"max_grad_norm={max_grad_norm}: give a positive norm, or None to not clip")
+        self.max_grad_norm = max_grad_norm
+        if max_grad_norm is not None:
+            # A global norm needs every gradient at once: no optimizer step in backward.
+            self.planner_options["allow_optimizer_in_backward"] = False
+        self.skipped_batches = 0
+        self._saved_step: int | None = None
         if telemetry is None:
             sources = default_sources(self.device) if self.device.type == "cuda" else [HostSource()]
             telemetry = Telemetry(sources, jsonl_path=metrics_path)
@@ -137,12 +166,28 @@ class Trainer:
         target = "cpu" if self.device.type == "cpu" else self.device
         t0 = time.perf_counter()
         # Profile with the exact optimizer settings that will train (NS dtype, state precision...),
-        # so the optimizer step's measured memory is the real one.
+        # so the optimizer step's measured memory is the real one. In two stages: the levers that
+        # change no number (and state precision) first; bf16 weights and a chunked loss are only
+        # recorded when the plan would otherwise need lower state precision, or nothing fits.
+        space = self._plan_space()
+        first = dataclasses.replace(space, weights=(None,), loss_chunks=(None,))
+        staged = first != space
         self.profile = _profile_for_training(self.model, sample, self.loss_fn, self.optimizer_settings, self.precision,
-                                             target, self._plan_space())
+                                             target, first if staged else space)
+        budget = self.retuner.planning_budget(self.budget.usable_bytes)
+        try:
+            plan = self._make_plan(budget, lossless=False)
+            widen = staged and lossiness(plan) >= 2
+        except InfeasibleBudgetError:
+            if not staged:
+                raise
+            widen = True
+        if widen:
+            self.profile = _profile_for_training(self.model, sample, self.loss_fn, self.optimizer_settings,
+                                                 self.precision, target, space)
+            plan = self._make_plan(budget, lossless=False)
         log.info("profiled %s in %.1f s: baseline peak %s", self.profile.model, time.perf_counter() - t0,
                  fmt_bytes(self.profile.baseline_peak_bytes))
-        plan = self._make_plan(self.retuner.planning_budget(self.budget.usable_bytes), lossless=False)
         self._install(plan, kind="initial", reason=f"budget {self.budget}")
 
     def _plan_space(self):
@@ -158,6 +203,14 @@ class Trainer:
         if o.get("state_dtypes"):
             kw["state_dtypes"] = tuple(o["state_dtypes"])
         micro = () if not self.allow_microbatching else o.get("micro_batch_sizes")
+        if o.get("weights") is not None:
+            kw["weights"] = tuple(o["weights"])
+        if o.get("allow_optimizer_in_backward") is False:
+            kw["in_backward"] = (False,)
+        if o.get("allow_state_offload") is False:
+            kw["state_offload"] = (False,)
+        if o.get("allow_loss_chunking") is False:
+            kw["loss_chunks"] = (None,)
         return PlanSpace(optimizers=(self.optimizer_name, *families) if families else None, ns_steps=ns,
                          micro_batch_sizes=tuple(micro) if micro is not None else None, **kw)
 
@@ -169,11 +222,17 @@ class Trainer:
             base.setdefault("device", "cpu")
         base.setdefault("allow_offload", self.allow_offload)
         full = dict(base, allow_microbatching=self.allow_microbatching)
+        if self.plan is not None:
+            # Parameters stay as they were first stored: a re-plan never converts them mid-run.
+            full["weights"] = (self.plan.weights,)
+            base["weights"] = (self.plan.weights,)
         if not lossless or self.plan is None:
             return [full]
         current = self.plan
         same = dict(base, state_dtypes=(current.optimizer.state_dtype,), allow_microbatching=current.grad_accum_steps > 1,
                     **({"micro_batch_sizes": (current.micro_batch_size,)} if current.micro_batch_size else {}))
+        if current.optimizer.ns_steps:  # NS steps change the update too: keep them for exact maths
+            same.update(min_ns_steps=current.optimizer.ns_steps, max_ns_steps=current.optimizer.ns_steps)
         same_dtype = dict(base, state_dtypes=(current.optimizer.state_dtype,), allow_microbatching=self.allow_microbatching)
         return [same, same_dtype, full]
 
@@ -197,7 +256,8 @@ class Trainer:
         if self.optimizer is None:
             self.optimizer = apply_plan(self.model, plan, settings=self.optimizer_settings)
         else:
-            apply_plan(self.model, plan, optimizer=self.optimizer)
+            # The optimizer and its state are kept; it is re-wrapped if the plan steps it differently.
+            self.optimizer = apply_plan(self.model, plan, optimizer=self.optimizer)
             if old is not None and plan.optimizer.ns_steps != old.optimizer.ns_steps and hasattr(self.optimizer, "set_ns_steps"):
                 self.optimizer.set_ns_steps(plan.optimizer.ns_steps)
             if old is not None and plan.optimizer.state_dtype != old.optimizer.state_dtype:
@@ -238,35 +298,93 @@ class Trainer:
         batch = move_batch(batch, self.device)
         if self.plan is None:
             self._setup(batch)
+        self._check_batch_size(batch)
         rng = ckpt.rng_state()
-        retries = 0
+        retries = 0  # per step, as documented: each step gets max_oom_retries
         t0 = time.perf_counter()
         while True:
             try:
                 loss, peak = self._run(batch)
                 break
+            except _NonFiniteStep as bad:
+                return self._non_finite(bad)
             except torch.OutOfMemoryError as e:
-                if self._phase == "optimizer":
+                in_backward = self._phase == "backward" and not getattr(self.optimizer, "retry_safe", True)
+                if self._phase == "optimizer" or in_backward:
                     self._free_failed_step()
-                    raise MemtuneError(
-                        f"out of memory inside optimizer.step() at step {self.step_count}: parameters may be partly "
-                        "updated, so the step cannot be retried safely; resume from the last checkpoint with a "
-                        "smaller budget") from e
+                    where = "inside optimizer.step()" if not in_backward else \
+                        "in backward while the optimizer steps there (plan.optimizer_in_backward)"
+                    raise safety.StepFailedError(
+                        f"out of memory {where} at step {self.step_count}: parameters may be partly updated, so the "
+                        "step cannot be retried safely; resume from the last checkpoint with a smaller budget, or "
+                        "plan with allow_optimizer_in_backward=False so that an OOM in backward can be retried") from e
                 peak = getattr(self, "_guard_peak", None)
+                if peak is None and self.device.type == "cuda":
+                    peak = torch.cuda.max_memory_allocated(self.device)
                 self._free_failed_step()
                 retries += 1
                 if retries > self.max_oom_retries:
-                    raise InfeasibleBudgetError(
-                        f"step {self.step_count} ran out of memory {retries} times under budget {self.budget} even "
-                        f"after re-planning (last plan: {self.plan.summary().splitlines()[0]}); the last checkpoint "
-                        f"{'at ' + str(self.checkpoint_path) if self.checkpoint_path else ''} is intact. Give a larger "
-                        "budget or allow offload / micro-batching") from e
-                self._tighten_after_oom(e, peak)
+                    raise safety.step_kept_failing(plan=self.plan, budget=self.budget, correction=self.retuner.correction,
+                                                   step=self.step_count, failures=retries,
+                                                   max_retries=self.max_oom_retries,
+                                                   checkpoint=self._checkpoint_on_disk()) from e
+                self._tighten_after_oom(e, peak, retries)
                 ckpt.set_rng_state(rng)  # the retry draws the same dropout masks
         step_ms = (time.perf_counter() - t0) * 1000
         self.step_count += 1
+        self.skipped_batches = 0
         self._after_step(loss, step_ms, peak, retries)
         return loss
+
+    def _checkpoint_on_disk(self) -> str | None:
+        return str(self.checkpoint_path) if self.checkpoint_path and self.checkpoint_path.exists() else None
+
+    def _non_finite(self, bad: "_NonFiniteStep") -> float:
+        """A step whose loss or gradients are NaN/inf: nothing was applied. Stop (default) or
+        skip the batch, as ``on_nonfinite`` says."""
+        self._free_failed_step()
+        what = f"the loss is {bad.loss}" if not math.isfinite(bad.loss) else \
+            f"the gradients of {', '.join(bad.params)} hold NaN or inf"
+        if self.on_nonfinite == "skip" and self.skipped_batches < self.max_skipped_batches:
+            self.skipped_batches += 1
+            self.events.append({"step": self.step_count, "kind": "nonfinite-skip", "reason": what,
+                                "batches_seen": self.batches_seen})
+            log.warning("step %d: %s; batch skipped, no update applied (%d in a row)", self.step_count, what,
+                        self.skipped_batches)
+            return bad.loss
+        if self.on_nonfinite == "skip":
+            what += f", and {self.skipped_batches} batches in a row before it were skipped for the same reason"
+        where = self._checkpoint_on_disk()
+        raise NonFiniteError(
+            f"step {self.step_count}: {what}. Nothing was applied: the model and optimizer hold the values of step "
+            f"{self.step_count}" + (f", and the last checkpoint at {where} is intact" if where else "")
+            + ". Lower the learning rate, check the data, or pass on_nonfinite='skip' to skip such batches")
+
+    def _check_batch_size(self, batch: Any) -> None:
+        """A batch larger than the profiled one needs more memory than the plan knows about:
+        re-profile with it and re-plan, and say so (smaller batches fit the plan as it is)."""
+        n, profiled = batch_size_of(batch), self.profile.batch_size
+        if n is None or not profiled or n <= profiled:
+            return
+        reason = f"batch of {n} samples, larger than the {profiled} the profile was made with"
+        log.warning("step %d: %s: re-profiling and re-planning", self.step_count, reason)
+        from memtune.apply import remove_plan
+
+        remove_plan(self.model)  # profile the model itself, not its recompute wrappers
+        try:
+            self.profile = _profile_for_training(self.model, batch, self.loss_fn, self.optimizer_settings,
+                                                 self.precision, "cpu" if self.device.type == "cpu" else self.device,
+                                                 self._plan_space())
+            plan = self._make_plan(self.retuner.planning_budget(self.budget.usable_bytes), lossless=True)
+        except InfeasibleBudgetError as e:
+            raise InfeasibleBudgetError(f"{reason}: {e}", min_feasible_bytes=e.min_feasible_bytes,
+                                        top_consumers=e.top_consumers, suggestions=e.suggestions) from e
+        finally:
+            if self.plan is not None and self.profile is not None:
+                from memtune.apply import apply_plan
+
+                apply_plan(self.model, self.plan, optimizer=self.optimizer)
+        self._install(plan, kind="reprofile", reason=reason)
 
     def _micro_batches(self, batch: Any) -> list[tuple[Any, float]]:
         """The plan's micro-batches of ``batch``, each with its weight (as the profile recorded them)."""
@@ -292,6 +410,7 @@ class Trainer:
                 guard.track([list(self.model.parameters()), list(self.model.buffers()), optimizer_state_tensors(self.optimizer),
                              tree_flatten(batch)[0]])
             try:
+                in_backward = self.plan.optimizer_in_backward
                 for part, weight in self._micro_batches(batch):
                     self._phase = "forward"
                     args, kwargs, target = split_batch(part, self.loss_fn)
@@ -300,16 +419,33 @@ class Trainer:
                         out = self.model(*args, **kwargs)
                         loss = loss_from_output(out, part, target, self.loss_fn)
                     del out
+                    if in_backward and not math.isfinite(float(loss.detach())):
+                        # Backward updates parameters as it goes: catch a non-finite loss before it starts.
+                        raise _NonFiniteStep(float(loss.detach()), [])
                     self._phase = "backward"
                     self._maybe_inject("backward")
                     (loss if weight == 1.0 else loss * weight).backward()
                     total += float(loss.detach()) * weight
                     del loss
-                self._phase = "optimizer"
                 if guard is not None:
                     # A partial optimizer step cannot be retried, so here the CPU guard only measures;
                     # an overflow feeds the closed loop, which tightens the plan before the next step.
                     guard.limit_bytes = None
+                if in_backward:
+                    skipped = getattr(self.optimizer, "nonfinite", ())
+                    if skipped:
+                        raise NonFiniteError(
+                            f"step {self.step_count}: the gradients of {', '.join(skipped)} hold NaN or inf. With the "
+                            "optimizer step in backward the other parameters were already updated (these were not); "
+                            "resume from the last checkpoint, lower the learning rate, or plan with "
+                            "allow_optimizer_in_backward=False to have non-finite steps caught before any update")
+                else:
+                    bad = safety.non_finite_gradients(self.model) if math.isfinite(total) else []
+                    if bad or not math.isfinite(total):
+                        raise _NonFiniteStep(total, bad)  # before the step: nothing non-finite is ever applied
+                if self.max_grad_norm is not None:
+                    torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.max_grad_norm)
+                self._phase = "optimizer"
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
             finally:
@@ -331,24 +467,27 @@ class Trainer:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
-    def _tighten_after_oom(self, error: BaseException, measured_peak: int | None) -> None:
-        """Learn from the failure: the step needed more than the plan predicted."""
-        predicted = self.plan.predicted_peak_bytes
-        ratio = (measured_peak / predicted) if measured_peak and predicted else 1.0
-        # An allocator failure means the real need exceeded the limit: raise the correction at
-        # least 10 % per failure, more if the measured peak says so.
-        self.retuner.correction = min(max(self.retuner.correction * 1.10, ratio * 1.02), 4.0)
-        # Aim below the failed plan's own predicted peak: a plan predicted to use as much would fail again.
-        target = self.retuner.planning_budget(min(self.plan_budget_bytes, self.plan.predicted_peak_bytes))
-        # And below what the device has left now, if another process took memory.
+    def _tighten_after_oom(self, error: BaseException, measured_peak: int | None, retries: int) -> None:
+        """Learn from the failure (the step needed more than the plan predicted) and re-plan.
+
+        The correction grows by what the measured peak shows, or by a fixed step when nothing
+        was measured (:meth:`Retuner.observe_oom`), and steps that fit pull it back down. The
+        new plan is made for the *user's* budget (or what the device has left) divided by the
+        correction, never for the failed plan's own shrunken budget, so repeated failures do
+        not compound: the target only falls as far as the evidence says."""
+        self.retuner.observe_oom(measured_peak, self.plan.predicted_peak_bytes)
+        limit = self.budget.usable_bytes
+        # Below what the device has left now, if another process took memory.
         available = self._available_bytes(self.telemetry.sample(self.step_count, force=True, event="oom"))
         if available is not None:
-            target = min(target, self.retuner.planning_budget(int(available / (1 + self.retuner.config.margin))))
+            limit = min(limit, int(available / (1 + self.retuner.config.margin)))
+        target = self.retuner.planning_budget(limit)
         try:
             plan = self._make_plan(target, lossless=True)
-        except InfeasibleBudgetError:
+        except InfeasibleBudgetError as e:
             self._free_failed_step()
-            raise
+            raise safety.budget_too_small(e, budget=self.budget, correction=self.retuner.correction, step=self.step_count,
+                                          retries=retries, checkpoint=self._checkpoint_on_disk()) from error
         self._install(plan, kind="oom", reason=f"{type(error).__name__}: {str(error).splitlines()[0][:160]}; "
                                                f"re-planned for {fmt_bytes(target)} (correction {self.retuner.correction:.2f})")
 
@@ -400,10 +539,15 @@ class Trainer:
 
         Resumed trainers skip the batches already consumed (the loader must be deterministic
         and re-iterable). With ``checkpoint_path`` and ``checkpoint_every=N``, a checkpoint is
-        written every N steps. SIGINT/SIGTERM finish the current step, write a checkpoint (when
-        ``checkpoint_path`` is set) and return, with ``trainer.interrupted`` set."""
+        written every N steps and when training ends. SIGINT/SIGTERM finish the current step,
+        write a checkpoint (when ``checkpoint_path`` is set) and return, with
+        ``trainer.interrupted`` set. A checkpoint that cannot be written raises
+        :class:`~memtune.errors.OutputError`; the trainer keeps its state."""
         if (steps is None) == (epochs is None):
-            raise ValueError("give exactly one of steps=... or epochs=...")
+            raise UsageError("give exactly one of steps=... or epochs=...")
+        for name, value in (("steps", steps), ("epochs", epochs)):
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+                raise UsageError(f"{name}={value!r}: give a whole number >= 0")
         total = steps if steps is not None else None
         bar = None
         if self.progress:
@@ -416,8 +560,11 @@ class Trainer:
             for batch in self._stream(loader, epochs):
                 if steps is not None and self.step_count >= steps:
                     break
+                before = self.step_count
                 loss = self.step(batch)
                 self.batches_seen += 1
+                if self.step_count == before:  # a skipped non-finite batch: no update, nothing new to save
+                    continue
                 if self.checkpoint_path and self.checkpoint_every and self.step_count % self.checkpoint_every == 0:
                     self.save(self.checkpoint_path)  # after the data position moved on
                 if bar is not None:
@@ -433,6 +580,8 @@ class Trainer:
                     log.warning("%s received: stopped after step %d%s", self._stop_signal, self.step_count,
                                 f", checkpoint at {self.checkpoint_path}" if self.checkpoint_path else "")
                     break
+            if self.checkpoint_path and self.plan is not None and self._saved_step != self.step_count:
+                self.save(self.checkpoint_path)  # the end of training is progress too
         finally:
             restore()
             if bar is not None:
@@ -452,8 +601,14 @@ class Trainer:
                 yield batch
             if n == 0:
                 if epoch == 0:
-                    raise ValueError("the loader yielded no batches")
-                return  # a one-shot iterator is exhausted
+                    raise UsageError("the loader yielded no batches; give an iterable of batches")
+                msg = (f"the loader yielded no batches in epoch {epoch + 1} of {epochs}: it is a one-shot iterator "
+                       f"(a generator), so training stopped after {epoch} epoch(s); pass a re-iterable loader (a list, "
+                       f"a DataLoader) to train several epochs")
+                warnings.warn(msg, RuntimeWarning, stacklevel=3)
+                log.warning("%s", msg)
+                self.events.append({"step": self.step_count, "kind": "loader-exhausted", "reason": msg})
+                return
             epoch += 1
 
     def _install_signal_handlers(self):
@@ -473,38 +628,88 @@ class Trainer:
 
     # ------------------------------------------------------------------ persistence
     def save(self, path: str | Path | None = None) -> Path:
-        """Write a checkpoint atomically (model, optimizer, plan, profile, step, data position, RNG)."""
+        """Write a checkpoint atomically (model, optimizer, plan, profile, step, data position, RNG).
+
+        Refuses (:class:`~memtune.errors.NonFiniteError`) to write NaN/inf weights or optimizer
+        state, and raises :class:`~memtune.errors.OutputError` when the file cannot be written;
+        either way the previous checkpoint stays as it was."""
         path = Path(path or self.checkpoint_path or "memtune-checkpoint.pt")
         if self.plan is None:
             raise MemtuneError("nothing to save yet: the trainer has not run a step")
-        return ckpt.save_atomic({
-            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+        model_state, optim_state = self.model.state_dict(), self.optimizer.state_dict()
+        bad = ckpt.non_finite_tensors(model_state, "model") + ckpt.non_finite_tensors(optim_state, "optimizer")
+        if bad:
+            raise NonFiniteError(f"refusing to write checkpoint {path}: {len(bad)} tensors hold NaN or inf (e.g. "
+                                 f"{', '.join(bad[:3])}); the previous checkpoint there is kept")
+        out = ckpt.save_atomic({
+            "model": model_state, "optimizer": optim_state,
             "plan": self.plan.to_dict(), "profile": self.profile.to_dict(), "plan_version": self.plan_version,
-            "plan_budget_bytes": self.plan_budget_bytes, "step": self.step_count, "batches_seen": self.batches_seen,
+            "plan_budget_bytes": self.plan_budget_bytes, "budget_usable_bytes": self.budget.usable_bytes,
+            "step": self.step_count, "batches_seen": self.batches_seen,
             "rng": ckpt.rng_state(), "retuner": self.retuner.state_dict(), "history": self.history, "events": self.events,
         }, path)
+        if self.checkpoint_path is not None and Path(path) == self.checkpoint_path:
+            self._saved_step = self.step_count
+        return out
 
     @classmethod
     def resume(cls, path: str | Path, model: nn.Module, budget: int | str | Budget, **fit_kwargs) -> "Trainer":
         """A trainer that continues the run saved at ``path``. ``model`` is a freshly built
-        instance of the same architecture; ``fit_kwargs`` are those given to :func:`fit`."""
+        instance of the same architecture; ``fit_kwargs`` are those given to :func:`fit`.
+
+        Everything is checked before the model is touched: the file's checksums and format
+        (:func:`memtune.runtime.checkpoint.load`), the plan and profile it holds, and that its
+        parameter names, shapes and dtypes are the model's. A budget other than the saved
+        run's is re-planned before the first step, as a fresh ``fit`` would."""
         state = ckpt.load(path)
+        try:
+            profile = ModelProfile.from_dict(state["profile"])
+            plan = Plan.from_dict(state["plan"])
+        except PlanFileError as e:
+            raise CheckpointError(f"checkpoint {path}: {e}") from e
+        if plan.profile_hash and plan.profile_hash != profile.fingerprint:
+            raise CheckpointError(f"checkpoint {path} is inconsistent: its plan was made for profile "
+                                  f"{plan.profile_hash}, but it holds profile {profile.fingerprint}; resume from "
+                                  "another checkpoint or start over")
+        check_state_dict_matches_model(model, state["model"], source=f"checkpoint {path}")
+        check_profile_matches_model(model, profile)
+        check_plan_matches_model(model, plan, profile)
         fit_kwargs.setdefault("checkpoint_path", path)
         trainer = cls(model, budget, **fit_kwargs)
-        trainer.profile = ModelProfile.from_dict(state["profile"])
-        plan = Plan.from_dict(state["plan"])
+        trainer.profile = profile
         trainer.model.load_state_dict(state["model"])
         trainer._install(plan, kind="resume", reason=f"resumed from {path} at step {state['step']}")
-        trainer.optimizer.load_state_dict(state["optimizer"])
+        try:
+            trainer.optimizer.load_state_dict(state["optimizer"])
+        except (ValueError, KeyError, TypeError, RuntimeError, IndexError) as e:
+            raise CheckpointError(f"checkpoint {path}: its optimizer state does not fit the optimizer the plan builds "
+                                  f"({type(e).__name__}: {str(e)[:200]}); resume with the optimizer settings of the "
+                                  f"saved run") from e
         trainer.plan_version = state["plan_version"]
         trainer.plan_budget_bytes = state["plan_budget_bytes"]
         trainer.step_count = state["step"]
         trainer.batches_seen = state["batches_seen"]
+        trainer._saved_step = state["step"]
         trainer.history = list(state["history"])
         trainer.events = list(state["events"]) + trainer.events[-1:]
         trainer.retuner.load_state_dict(state["retuner"])
+        # A new process starts without the old one's OOM evidence: keep only what steps that fit measured.
+        trainer.retuner.correction = min(trainer.retuner.correction, trainer.retuner.config.max_correction)
         ckpt.set_rng_state(state["rng"])
+        saved_usable = state.get("budget_usable_bytes", trainer.budget.usable_bytes)
+        if saved_usable != trainer.budget.usable_bytes:
+            trainer._replan_for_new_budget(saved_usable)
         return trainer
+
+    def _replan_for_new_budget(self, saved_usable: int) -> None:
+        """Resumed with another budget: plan for it before the first step (exact-maths options
+        first, as OOM recovery does), instead of reinstalling a plan made for the old one."""
+        plan = self._make_plan(self.retuner.planning_budget(self.budget.usable_bytes), lossless=True)
+        reason = f"resumed with budget {self.budget} instead of the saved run's {fmt_bytes(saved_usable)} usable"
+        if _same_plan(plan, self.plan):
+            self.plan_budget_bytes = plan.usable_bytes
+            return
+        self._install(plan, kind="resume-replan", reason=reason)
 
 
 def fit(model: nn.Module, budget: int | str | Budget = "24GB", **kwargs) -> Trainer:
@@ -524,8 +729,12 @@ def fit(model: nn.Module, budget: int | str | Budget = "24GB", **kwargs) -> Trai
     allow_microbatching (True), allow_offload (False), retune (True), retune_config;
     telemetry: a :class:`~memtune.runtime.telemetry.Telemetry` or its sources;
         metrics_path: JSONL file for per-step metrics;
-    checkpoint_path, checkpoint_every: periodic crash-safe checkpoints;
-    max_oom_retries (4), enforce_budget (True), progress (True).
+    checkpoint_path, checkpoint_every: periodic crash-safe checkpoints (and one when
+        ``train`` ends);
+    max_oom_retries (4, per step), enforce_budget (True), progress (True);
+    on_nonfinite: ``"raise"`` (default: a NaN/inf loss or gradient stops the run before the
+        optimizer step) or ``"skip"`` (skip the batch, with an event); max_skipped_batches (10
+        in a row before even ``"skip"`` stops).
 
     On CUDA, import memtune before the first CUDA allocation so that its allocator default
     (expandable segments, see :mod:`memtune`) takes effect.
@@ -542,9 +751,13 @@ def _profile_for_training(model, sample, loss_fn, optimizer, precision, target, 
 
 
 
+_PLAN_CHOICES = ("decisions", "optimizer", "micro_batch_size", "grad_accum_steps", "weights", "optimizer_in_backward",
+                 "loss_chunks")
+"""The fields of a Plan that are choices (the rest are predictions and bookkeeping)."""
+
+
 def _same_plan(a: Plan, b: Plan) -> bool:
-    return (a.decisions == b.decisions and a.optimizer == b.optimizer and a.micro_batch_size == b.micro_batch_size
-            and a.grad_accum_steps == b.grad_accum_steps)
+    return all(getattr(a, f) == getattr(b, f) for f in _PLAN_CHOICES)
 
 
 def _plan_changes(old: Plan, new: Plan) -> dict[str, Any]:
@@ -561,4 +774,9 @@ def _plan_changes(old: Plan, new: Plan) -> dict[str, Any]:
         changes["state_dtype"] = [old.optimizer.state_dtype, new.optimizer.state_dtype]
     if (new.micro_batch_size, new.grad_accum_steps) != (old.micro_batch_size, old.grad_accum_steps):
         changes["micro_batch"] = [[old.micro_batch_size, old.grad_accum_steps], [new.micro_batch_size, new.grad_accum_steps]]
+    for name in ("weights", "optimizer_in_backward", "loss_chunks"):
+        if getattr(new, name) != getattr(old, name):
+            changes[name] = [getattr(old, name), getattr(new, name)]
+    if new.optimizer.offload != old.optimizer.offload:
+        changes["state_offload"] = [old.optimizer.offload, new.optimizer.offload]
     return changes

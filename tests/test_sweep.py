@@ -68,3 +68,59 @@ def test_sweep_interrupted_resumes_and_counts_infeasible(tmp_path):
             assert plan.predicted_peak_bytes <= BUDGET
     if expected and any(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials):
         assert study.user_attrs["device_seconds_saved"] > 0
+
+
+# ----------------------------------------------------------------------------- workers that die
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+WORKER = Path(__file__).resolve().parent / "sweep_worker.py"
+
+
+def _worker(*args):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    return subprocess.Popen([sys.executable, str(WORKER), *map(str, args)], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def test_workers_started_together_on_a_fresh_sqlite_file_all_open_it(tmp_path):
+    """Three workers create the same fresh SQLite study at once: none crashes on the table
+    creation race ("table studies already exists", "UNIQUE constraint failed")."""
+    storage = f"sqlite:///{tmp_path / 'fresh.db'}"
+    procs = [_worker(storage, 1, "--open-only") for _ in range(3)]
+    outs = [p.communicate(timeout=120)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0] * 3, outs
+    assert len(optuna.get_all_study_summaries(storage)) == 1
+
+
+def test_a_sigkilled_worker_s_trial_is_retried_and_the_study_gets_exactly_n_trials(tmp_path):
+    """Two workers start together on one fresh SQLite file; one is SIGKILLed inside a trial.
+    The heartbeat fails its trial, RetryFailedTrialCallback queues it again, and the survivor
+    finishes the study with exactly N finished trials (none left RUNNING, none extra)."""
+    n = 4
+    storage = f"sqlite:///{tmp_path / 'sweep.db'}"
+    victim, survivor = _worker(storage, n), _worker(storage, n)
+    deadline = time.time() + 120
+    for line in victim.stdout:
+        if line.startswith("trial "):
+            victim.send_signal(signal.SIGKILL)
+            break
+        assert time.time() < deadline, "the victim never started a trial"
+    victim.wait(timeout=30)
+    out, _ = survivor.communicate(timeout=240)
+    assert victim.returncode == -signal.SIGKILL
+    assert survivor.returncode == 0, out
+    study = optuna.load_study(study_name="w", storage=storage)
+    states = [t.state for t in study.trials]
+    finished = [t for t in study.trials if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)]
+    assert len(finished) == n, states
+    assert optuna.trial.TrialState.RUNNING not in states and optuna.trial.TrialState.WAITING not in states
+    # The victim died inside a trial: the heartbeat failed it and it was retried with the same parameters.
+    failed = [t for t in study.trials if t.state == optuna.trial.TrialState.FAIL and not t.user_attrs.get("surplus")]
+    retried = [t for t in finished if t.system_attrs.get("failed_trial") is not None]
+    assert len(failed) == 1 and len(retried) == 1, states
+    assert retried[0].params == failed[0].params

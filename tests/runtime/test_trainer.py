@@ -18,6 +18,7 @@ from torch.distributed._tools.mem_tracker import MemTracker
 import memtune
 from memtune import zoo
 from memtune.data import TextCorpus
+from memtune.errors import StepFailedError
 from memtune.runtime import RetuneConfig
 from memtune.runtime.telemetry import SyntheticDevice
 
@@ -80,19 +81,21 @@ def test_injected_oom_is_recovered_with_an_identical_loss_trajectory():
     assert [h["oom_retries"] for h in faulty.history][3] == 1
     oom = [e for e in faulty.events if e["kind"] == "oom"]
     assert len(oom) == 1 and oom[0]["step"] == 3 and "injected" in oom[0]["reason"]
-    assert faulty.plan.predicted_peak_bytes < clean.plan.predicted_peak_bytes
+    assert oom[0]["budget_bytes"] < clean.plan.usable_bytes  # re-planned for less, by the 10 % of an unmeasured OOM
     for a, b in zip(clean.model.parameters(), faulty.model.parameters()):
         assert torch.equal(a, b)
 
 
-def test_oom_that_never_stops_fails_with_infeasible_budget(tmp_path):
+def test_oom_that_never_stops_fails_as_a_step_that_kept_failing(tmp_path):
+    """Plans that fit exist, so this is not "budget too small": a StepFailedError that names
+    the intact checkpoint."""
     data = batches(3)
     trainer = memtune.fit(gpt(), int(baseline_peak(gpt(), data[0]) * 0.9), progress=False, device="cpu",
                           max_oom_retries=2, checkpoint_path=tmp_path / "ck.pt", checkpoint_every=1)
     trainer.train(data[:1], steps=1)
     saved = (tmp_path / "ck.pt").read_bytes()
     trainer.inject_oom(step=1, times=10)
-    with pytest.raises(memtune.InfeasibleBudgetError, match="last checkpoint"):
+    with pytest.raises(StepFailedError, match=r"ran out of memory 3 times \(max_oom_retries=2\) although its plans fit.*last checkpoint at"):
         trainer.step(data[1])
     assert (tmp_path / "ck.pt").read_bytes() == saved
 

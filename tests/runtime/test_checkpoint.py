@@ -1,0 +1,201 @@
+"""Checkpoints are data, durable and checked: a crafted checkpoint is refused without running
+its code, a flipped bit is detected, ``kill -9`` during writes (looped with random delays)
+never leaves an unloadable checkpoint and resume reaches bit-identical weights, a full or
+read-only disk gives a clear error and keeps the last good checkpoint."""
+
+from __future__ import annotations
+
+import errno
+import os
+import pickle
+import random
+import select
+import signal
+import time
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+
+import memtune
+from memtune import zoo
+from memtune.data import TextCorpus
+from memtune.errors import CheckpointError, ModelMismatchError, OutputError
+from memtune.runtime import checkpoint as ckpt
+
+CORPUS = TextCorpus.load()
+
+
+def build(n_embd=32):
+    torch.manual_seed(0)
+    return zoo.GPT(zoo.GPTConfig(n_layer=2, n_embd=n_embd, n_head=2, block_size=32))
+
+
+class Batches:
+    """A deterministic, re-iterable loader."""
+
+    def __init__(self, n):
+        self.n = n
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(1)
+        for _ in range(self.n):
+            yield CORPUS.batch("train", 4, 32, generator=g)
+
+
+def trained(tmp_path, steps=2, **kw):
+    trainer = memtune.fit(build(), "1GB", progress=False, device="cpu", checkpoint_path=tmp_path / "ck.pt",
+                          checkpoint_every=1, **kw)
+    trainer.train(Batches(steps), steps=steps)
+    return trainer
+
+
+class OpensAFile:
+    """A pickle that, when unpickled with code execution, creates a file."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+@pytest.mark.parametrize("container", ["torch-zip", "raw-pickle"])
+def test_a_crafted_malicious_checkpoint_is_refused_without_running_it(tmp_path, container):
+    sentinel = tmp_path / "pwned"
+    evil = tmp_path / "evil.pt"
+    payload = {"format": ckpt.FORMAT, "model": OpensAFile(sentinel)}
+    if container == "torch-zip":
+        torch.save(payload, evil)
+    else:
+        evil.write_bytes(pickle.dumps(payload))
+    with pytest.raises(CheckpointError, match="refused|never unpickled"):
+        memtune.Trainer.resume(evil, build(), "1GB", progress=False, device="cpu")
+    assert not sentinel.exists()
+
+
+def test_a_bit_flipped_checkpoint_is_detected(tmp_path):
+    trained(tmp_path)
+    path = tmp_path / "ck.pt"
+    with zipfile.ZipFile(path) as z:
+        info = max(z.infolist(), key=lambda i: i.file_size)  # the biggest tensor storage
+    raw = bytearray(path.read_bytes())
+    name_len, extra_len = int.from_bytes(raw[info.header_offset + 26:info.header_offset + 28], "little"), \
+        int.from_bytes(raw[info.header_offset + 28:info.header_offset + 30], "little")
+    start = info.header_offset + 30 + name_len + extra_len + info.file_size // 2
+    raw[start:start + 4] = bytes(b ^ 0xFF for b in raw[start:start + 4])  # 4 bytes inside a weight
+    path.write_bytes(bytes(raw))
+    with pytest.raises(CheckpointError, match="CRC-32"):
+        memtune.Trainer.resume(path, build(), "1GB", progress=False, device="cpu")
+
+
+def test_checkpoint_of_another_architecture_is_refused_before_touching_the_model(tmp_path):
+    trained(tmp_path)
+    other = build(n_embd=64)
+    before = {k: v.clone() for k, v in other.state_dict().items()}
+    with pytest.raises(ModelMismatchError, match=r"shape|is \("):
+        memtune.Trainer.resume(tmp_path / "ck.pt", other, "1GB", progress=False, device="cpu")
+    assert all(torch.equal(before[k], v) for k, v in other.state_dict().items())
+
+
+def test_train_writes_a_final_checkpoint(tmp_path):
+    trainer = memtune.fit(build(), "1GB", progress=False, device="cpu", checkpoint_path=tmp_path / "ck.pt",
+                          checkpoint_every=5)
+    trainer.train(Batches(7), steps=7)
+    assert ckpt.load(tmp_path / "ck.pt")["step"] == 7
+
+
+@pytest.mark.parametrize("err", [errno.ENOSPC, errno.EROFS])
+def test_full_or_read_only_disk_keeps_state_and_the_last_checkpoint(tmp_path, monkeypatch, err):
+    trainer = trained(tmp_path, steps=1)
+    good = (tmp_path / "ck.pt").read_bytes()
+    real_save = torch.save
+
+    def failing_save(obj, f, *a, **k):
+        f.write(b"partial bytes")  # a write that gets part-way, then the disk says no
+        raise OSError(err, os.strerror(err))
+
+    monkeypatch.setattr(ckpt.torch, "save", failing_save)
+    with pytest.raises(OutputError, match="previous checkpoint there is intact") as e:
+        trainer.train(Batches(3), steps=2)
+    assert {errno.ENOSPC: "disk is full", errno.EROFS: "read-only"}[err] in str(e.value)
+    assert (tmp_path / "ck.pt").read_bytes() == good
+    assert [p.name for p in tmp_path.iterdir()] == ["ck.pt"]  # no temp file left behind
+    monkeypatch.setattr(ckpt.torch, "save", real_save)
+    assert trainer.step_count == 2  # the training state survived: save it elsewhere
+    assert ckpt.load(trainer.save(tmp_path / "elsewhere.pt"))["step"] == 2
+
+
+# ----------------------------------------------------------------------------- kill -9 loop
+STEPS = 60
+
+
+def _child(path: Path, steps: int, *, out: Path | None = None, notify: int | None = None) -> None:
+    """Forked child: resume from ``path`` (or start), train to ``steps`` with a checkpoint
+    every step, write final weights to ``out``. Never returns."""
+    code = 1
+    try:
+        torch.set_num_threads(1)
+        if notify is not None:
+            real = ckpt.save_atomic
+
+            def announced(payload, p):
+                os.write(notify, b"s")  # "a write starts now", for kills aimed inside writes
+                return real(payload, p)
+            ckpt.save_atomic = announced
+        kw = dict(checkpoint_path=path, checkpoint_every=1, progress=False, device="cpu")
+        trainer = (memtune.Trainer.resume(path, build(), "1GB", **kw) if path.exists()
+                   else memtune.fit(build(), "1GB", **kw))
+        trainer.train(Batches(steps), steps=steps)
+        if out is not None:
+            torch.save(trainer.model.state_dict(), out)
+        code = 0
+    finally:
+        os._exit(code)
+
+
+def _run_child(*args, **kw) -> int:
+    pid = os.fork()
+    if pid == 0:
+        _child(*args, **kw)
+    return os.waitpid(pid, 0)[1]
+
+
+def test_kill_9_during_checkpoint_writes_20_times_then_resume_is_bit_identical(tmp_path):
+    """22 SIGKILLs, alternately after a random delay and aimed inside a checkpoint write.
+    After each: the checkpoint on disk loads (checksums verified, weights_only). Then one
+    resume trains to the end: weights equal an uninterrupted run's, and no temp file remains."""
+    assert _run_child(tmp_path / "ref.pt", STEPS, out=tmp_path / "ref_weights.pt") == 0
+    path = tmp_path / "run" / "ck.pt"
+    path.parent.mkdir()
+    rng = random.Random(14)
+    kills = mid_write = 0
+    for i in range(22):
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            os.close(r)
+            _child(path, STEPS, notify=w)
+        os.close(w)
+        if i % 2 == 0:  # a random moment of the run
+            time.sleep(rng.uniform(0.05, 0.6))
+        else:  # a random moment shortly after a write started
+            ready, _, _ = select.select([r], [], [], 30)
+            assert ready, "the child never started a checkpoint write"
+            time.sleep(rng.uniform(0, 0.004))
+        os.kill(pid, signal.SIGKILL)
+        status = os.waitpid(pid, 0)[1]
+        os.close(r)
+        assert os.WIFSIGNALED(status), f"iteration {i}: the child finished before it was killed"
+        kills += 1
+        mid_write += (path.parent / f".{path.name}.tmp-{pid}").exists()  # this child died inside a write
+        if path.exists():
+            state = ckpt.load(path)  # CRC-32 of every record, weights_only=True
+            assert 0 <= state["step"] < STEPS
+    assert kills >= 20 and mid_write >= 1, (kills, mid_write)
+    assert _run_child(path, STEPS, out=tmp_path / "run_weights.pt") == 0
+    a, b = torch.load(tmp_path / "ref_weights.pt"), torch.load(tmp_path / "run_weights.pt")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert sorted(p.name for p in path.parent.iterdir()) == ["ck.pt"]
+    print(f"kill -9 loop: {kills} kills, {mid_write} left a torn temp file (killed mid-write), final weights equal")

@@ -1,0 +1,608 @@
+"""The adversarial table of docs/reliability.md: bad inputs and faults across the API, the
+CLI, plan/profile/checkpoint files and the runtime, each with the exit code or exception it
+must give and words its message must say. None may give a raw traceback (an exception that
+is not a MemtuneError, or CLI exit 1), and none may pass silently.
+
+    MEMTUNE_WRITE_DOCS=1 python -m pytest tests/test_reliability.py   # rewrites docs/reliability.md
+
+Without MEMTUNE_WRITE_DOCS the test checks that docs/reliability.md lists every case.
+CLI cases call ``memtune.cli.main`` in-process (tests/test_cli.py runs the same paths as
+subprocesses); the long faults (kill -9 loops, killed sweep workers) have their own tests
+and are referenced at the end of the document.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import errno
+import io
+import json
+import os
+import pickle
+import re
+import warnings
+import zipfile
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+import torch
+import torch.nn as nn
+
+import memtune
+from memtune import Budget, zoo
+from memtune.cli import main
+from memtune.data import TextCorpus
+from memtune.errors import MemtuneError
+from memtune.runtime import checkpoint as ckpt
+
+ROOT = Path(__file__).resolve().parents[1]
+DOC = ROOT / "docs" / "reliability.md"
+MODEL = "examples/models.py:tiny_gpt"
+CORPUS = TextCorpus.load()
+
+FACTORIES = '''
+import torch, torch.nn as nn
+from memtune import zoo
+TINY = dict(n_layer=2, n_embd=32, n_head=2, block_size=32)
+def wrong_dtype():
+    x = torch.rand(4, 32)
+    return zoo.GPT(zoo.GPTConfig(**TINY)), (x, x)
+def meta():
+    with torch.device("meta"):
+        m = zoo.GPT(zoo.GPTConfig(**TINY))
+    x = torch.randint(0, 256, (4, 32))
+    return m, (x, x)
+def nonmodule():
+    return "a string", torch.zeros(2)
+def raises():
+    raise RuntimeError("dataset not found")
+def nan_data():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 32))
+    data = [torch.randn(8, 32) for _ in range(3)] + [torch.full((8, 32), float("inf"))] + [torch.randn(8, 32)] * 4
+    return {"model": model, "sample": data[0], "data": data, "loss_fn": lambda out: out.square().mean()}
+def wide_gpt():
+    torch.manual_seed(0)
+    x = torch.randint(0, 256, (4, 32))
+    return zoo.GPT(zoo.GPTConfig(n_layer=2, n_embd=64, n_head=2, block_size=32)), (x, x)
+'''
+
+
+@dataclasses.dataclass
+class Case:
+    area: str
+    what: str
+    run: Callable[["Ctx"], Any]
+    expect: str
+    """``exit N``, ``ok`` or an exception class name."""
+    says: tuple[str, ...] = ()
+    """Words (regexes) the message must contain."""
+
+
+@dataclasses.dataclass
+class Ctx:
+    dir: Path
+    profile: Any
+    plan: Any
+
+    def path(self, name: str) -> Path:
+        return self.dir / name
+
+    def write(self, name: str, data: str | bytes) -> str:
+        p = self.dir / name
+        p.write_bytes(data) if isinstance(data, bytes) else p.write_text(data)
+        return str(p)
+
+
+def cli(*argv: str) -> tuple[int, str]:
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        try:
+            code = main([str(a) for a in argv])
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else 2
+    return code, err.getvalue()
+
+
+def gpt(n_embd=32):
+    torch.manual_seed(0)
+    return zoo.GPT(zoo.GPTConfig(n_layer=2, n_embd=n_embd, n_head=2, block_size=32))
+
+
+def batches(n, batch_size=4):
+    g = torch.Generator().manual_seed(0)
+    return [CORPUS.batch("train", batch_size, 32, generator=g) for _ in range(n)]
+
+
+def fit(**kw):
+    kw.setdefault("progress", False)
+    kw.setdefault("device", "cpu")
+    return memtune.fit(kw.pop("model", None) or gpt(), kw.pop("budget", "1GB"), **kw)
+
+
+def mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 32))
+
+
+def inf_data(n=6, at=3):
+    data = [torch.randn(8, 32, generator=torch.Generator().manual_seed(i)) for i in range(n)]
+    data[at] = torch.full((8, 32), float("inf"))
+    return data
+
+
+def plan_doc(ctx, **change) -> str:
+    d = ctx.plan.to_dict()
+    for k, v in change.items():
+        target = d
+        *parents, leaf = k.split("__")
+        for p in parents:
+            target = target[p]
+        target[leaf] = v
+    return json.dumps(d)
+
+
+def profile_doc(ctx, mutate) -> str:
+    d = ctx.profile.to_dict()
+    mutate(d)
+    return json.dumps(d)
+
+
+class OpensAFile:
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def checkpoint(ctx, name="ck.pt", steps=1) -> Path:
+    p = ctx.path(name)
+    if not p.exists():
+        t = fit(checkpoint_path=p)
+        t.train(batches(steps), steps=steps)
+    return p
+
+
+def flipped(ctx) -> Path:
+    src = checkpoint(ctx)
+    raw = bytearray(src.read_bytes())
+    with zipfile.ZipFile(src) as z:
+        info = max(z.infolist(), key=lambda i: i.file_size)
+    off = info.header_offset + 30 + int.from_bytes(raw[info.header_offset + 26:info.header_offset + 28], "little") \
+        + int.from_bytes(raw[info.header_offset + 28:info.header_offset + 30], "little") + info.file_size // 2
+    raw[off:off + 4] = bytes(b ^ 0xFF for b in raw[off:off + 4])
+    out = ctx.path("flipped.pt")
+    out.write_bytes(bytes(raw))
+    return out
+
+
+def malicious(ctx, raw=False) -> tuple[Path, Path]:
+    sentinel = ctx.path("pwned" + ("-raw" if raw else ""))
+    evil = ctx.path("evil-raw.pt" if raw else "evil.pt")
+    payload = {"format": ckpt.FORMAT, "model": OpensAFile(sentinel)}
+    evil.write_bytes(pickle.dumps(payload)) if raw else torch.save(payload, evil)
+    return evil, sentinel
+
+
+def resume(path, model=None, budget="1GB", **kw):
+    return memtune.Trainer.resume(path, model or gpt(), budget, progress=False, device="cpu", **kw)
+
+
+def not_run(sentinel):
+    assert not Path(sentinel).exists(), "the crafted checkpoint ran code"
+
+
+def oom_sequence(ctx):
+    def run(faults):
+        t = fit(budget="50MB", max_oom_retries=4)
+        for s, n in faults:
+            t.inject_oom(step=s, times=n)
+        t.train(batches(5), steps=5)
+        return [h["loss"] for h in t.history]
+    assert run([(0, 2), (3, 3)]) == run([])
+    return "ok: 5 OOMs recovered (2 at step 0, 3 at step 3, cap 4); losses equal the fault-free run's"
+
+
+def real_overrun_too_small(ctx):
+    """An over-optimistic plan at a budget the most frugal plan only just fits: the real
+    overrun, corrected by the measured peak, leaves no plan: "budget too small"."""
+    data = batches(2)
+    probe = fit(allow_microbatching=False)
+    probe.step(data[0])
+    try:
+        probe._make_plan(1, lossless=False)
+    except memtune.InfeasibleBudgetError as e:
+        low = e.min_feasible_bytes
+    t = fit(budget=low + 1, allow_microbatching=False)
+    t.step(data[0])
+    fastest = t._make_plan(1 << 40, lossless=False)
+    t._install(dataclasses.replace(fastest, usable_bytes=low + 1, budget_bytes=low + 1), kind="test", reason="optimistic")
+    t.step(data[1])
+
+
+def disk_error(ctx, err):
+    t = fit(checkpoint_path=ctx.path(f"disk{err}.pt"), checkpoint_every=1)
+    t.train(batches(1), steps=1)
+    real = ckpt.torch.save
+
+    def failing(obj, f, *a, **k):
+        f.write(b"partial")
+        raise OSError(err, os.strerror(err))
+    ckpt.torch.save = failing
+    try:
+        t.train(batches(2), steps=2)
+    finally:
+        ckpt.torch.save = real
+
+
+def write_old_checkpoint(ctx):
+    p = ctx.path("v1.pt")
+    torch.save({"format": "memtune-checkpoint/1", "model": {}}, p)
+    return p
+
+
+def sweep_build():
+    torch.manual_seed(0)
+    x = torch.randint(0, 256, (4, 32))
+    return gpt(), [(x, x)] * 3
+
+
+def world_size_2(ctx):
+    os.environ["WORLD_SIZE"] = "2"
+    try:
+        fit()
+    finally:
+        del os.environ["WORLD_SIZE"]
+
+
+def two_epochs_of_a_generator(ctx):
+    t = fit()
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        t.train((b for b in batches(2)), epochs=2)
+    msgs = [str(x.message) for x in w if issubclass(x.category, RuntimeWarning)]
+    assert msgs, "no warning"
+    return f"ok + RuntimeWarning: {msgs[0]}"
+
+
+def resume_smaller(ctx):
+    p = checkpoint(ctx, "big.pt", steps=2)
+    small = int(ctx.profile.baseline_peak_bytes * 0.7)
+    t = resume(p, budget=small)
+    ev = [e for e in t.events if e["kind"] == "resume-replan"]
+    assert ev and t.plan.predicted_peak_bytes <= small
+    return f"ok + event resume-replan: {ev[0]['reason']}"
+
+
+def cli_resume_never_overwrites(ctx):
+    ck = ctx.path("cli-ck.pt")
+    assert cli("fit", MODEL, "--budget", "1GB", "--steps", "2", "--checkpoint", ck, "--no-progress")[0] == 0
+    code, err = cli("fit", MODEL, "--budget", "1GB", "--steps", "3", "--checkpoint", ck, "--no-progress")
+    assert code == 0 and ckpt.load(ck)["step"] == 3, err
+    return "ok: the second run resumed at step 2 and trained to step 3 (--fresh starts over)"
+
+
+def report_run(ctx, lines):
+    run = ctx.write("run.jsonl", "\n".join(lines) + "\n")
+    return cli("report", "--run", run, "--out", ctx.path("report"))
+
+
+def _cases() -> list[Case]:
+    c: list[Case] = []
+    add = lambda *a, **k: c.append(Case(*a, **k))  # noqa: E731
+
+    # ----------------------------------------------------------------------- API
+    for value, says in [("24XB", "accepted forms"), ("-5GB", "accepted forms"), ("", "accepted forms"),
+                        (True, "bool"), (None, "accepted forms"), ("150%", r"\(0, 100\]"), (3.5, "accepted forms"),
+                        ("9" * 400 + "GB", "larger than any device"), (2**70, "larger than any device")]:
+        add("API", f"Budget.parse({repr(value)[:24]})", lambda ctx, v=value: Budget.parse(v, device="H100"),
+            "BudgetError", (says,))
+    add("API", "Budget.parse('500MB') on an H100 (below the CUDA reserve)",
+        lambda ctx: Budget.parse("500MB", device="H100"), "BudgetError", ("reserved for the CUDA context",))
+    add("API", "Budget.parse('80%', device='TPUv9')", lambda ctx: Budget.parse("80%", device="TPUv9"), "BudgetError",
+        ("unknown device",))
+    add("API", "memtune.plan(profile, '100KB'): infeasible", lambda ctx: memtune.plan(ctx.profile, "100KB", device="cpu"),
+        "InfeasibleBudgetError", ("at least",))
+    add("API", "memtune.plan(..., planner='bogus')", lambda ctx: memtune.plan(ctx.profile, "5MB", "bogus"),
+        "UsageError", ("choose one of",))
+    add("API", "memtune.plan(..., bogus_option=1)", lambda ctx: memtune.plan(ctx.profile, "5MB", bogus_option=1),
+        "OptionError", ("valid options",))
+    add("API", "fit(model, device='bogus')", lambda ctx: fit(device="bogus"), "UsageError", ("cpu", "cuda"))
+    add("API", "fit(model, device='cuda') without a GPU", lambda ctx: fit(device="cuda"), "UsageError", ("no CUDA device",))
+    add("API", "fit(model, device='mps')", lambda ctx: fit(device="mps"), "UsageError", ("not supported",))
+    add("API", "fit('a string')", lambda ctx: memtune.fit("a string", "1GB"), "UsageError", ("not a torch.nn.Module",))
+    add("API", "fit(model on the meta device)", lambda ctx: fit(model=gpt().to("meta")), "UsageError", ("meta device",))
+    add("API", "fit(..., on_nonfinite='ignore')", lambda ctx: fit(on_nonfinite="ignore"), "UsageError", ("'skip'",))
+    add("API", "fit under torchrun (WORLD_SIZE=2)", world_size_2, "UsageError", ("unsynchronised",))
+    add("API", "trainer.train(loader, steps=-3)", lambda ctx: fit().train(batches(1), steps=-3), "UsageError", (">= 0",))
+    add("API", "trainer.train(loader) with neither steps nor epochs", lambda ctx: fit().train(batches(1)), "UsageError",
+        ("exactly one",))
+    add("API", "trainer.train([]) (empty loader)", lambda ctx: fit().train([], steps=1), "UsageError", ("no batches",))
+    add("API", "trainer.save() before any step", lambda ctx: fit().save(ctx.path("x.pt")), "MemtuneError",
+        ("nothing to save",))
+    add("API", "apply_plan(model B, plan for model A) (same unit names, other widths)",
+        lambda ctx: memtune.apply_plan(gpt(64), ctx.plan), "ModelMismatchError", ("another model",))
+    add("API", "apply_plan(model, plan naming a unit it lacks)",
+        lambda ctx: memtune.apply_plan(gpt(), dataclasses.replace(ctx.plan, decisions={"blocks.9": memtune.Decision.SAVE})),
+        "ModelMismatchError", ("blocks.9",))
+    add("API", "memtune.sweep(..., n_trials=-1)", lambda ctx: memtune.sweep(sweep_build, budget="1GB", n_trials=-1),
+        "UsageError", (">= 0",))
+    add("API", "memtune.sweep(..., objective='bogus')",
+        lambda ctx: memtune.sweep(sweep_build, budget="1GB", n_trials=1, objective="bogus"), "UsageError", ("'loss'",))
+    add("API", "memtune.sweep(..., storage='bogus://x')",
+        lambda ctx: memtune.sweep(sweep_build, budget="1GB", n_trials=1, storage="bogus://x", device="cpu"),
+        "UsageError", ("cannot open Optuna storage",))
+    add("API", "memtune.sweep at a budget no configuration fits",
+        lambda ctx: memtune.sweep(sweep_build, budget="100KB", n_trials=2, storage=f"sqlite:///{ctx.path('s.db')}",
+                                  device="cpu"), "InfeasibleBudgetError", ("every trial", "at least"))
+
+    # ----------------------------------------------------------------------- plan / profile / metrics files
+    def plan_file(name, text):
+        return lambda ctx: memtune.Plan.from_json(ctx.write(name, text(ctx) if callable(text) else text))
+
+    add("file", "plan: truncated JSON", plan_file("p1.json", '{"decisions": {"a": '), "PlanFileError", ("not valid JSON",))
+    add("file", "plan: a binary file", plan_file("p2.json", b"\x89PNG\r\n\x1a\n\x00\xff\xfe"), "PlanFileError", ("binary",))
+    add("file", "plan: peak is a string", plan_file("p3.json", lambda ctx: plan_doc(ctx, predicted_peak_bytes="1GB")),
+        "PlanFileError", ("predicted_peak_bytes must be an integer",))
+    add("file", "plan: micro_batch_size -1", plan_file("p4.json", lambda ctx: plan_doc(ctx, micro_batch_size=-1)),
+        "PlanFileError", ("micro_batch_size must be >= 1",))
+    add("file", "plan: NaN step time", plan_file("p5.json", lambda ctx: plan_doc(ctx, predicted_step_ms=float("nan"))),
+        "PlanFileError", ("finite",))
+    add("file", "plan: negative memory", plan_file("p6.json", lambda ctx: plan_doc(ctx, memory__params_bytes=-5)),
+        "PlanFileError", (">= 0",))
+    add("file", "plan: schema_version 99", plan_file("p7.json", lambda ctx: plan_doc(ctx, schema_version=99)),
+        "PlanFileError", ("re-plan",))
+    add("file", "plan: decision 'maybe'", plan_file("p8.json", lambda ctx: plan_doc(ctx, decisions={"x": "maybe"})),
+        "PlanFileError", ("maybe",))
+    add("file", "plan: a JSON list", plan_file("p9.json", "[1, 2]"), "PlanFileError", ("must be an object",))
+    add("file", "plan: unknown key", plan_file("p10.json", lambda ctx: plan_doc(ctx, surprise=1)), "PlanFileError",
+        ("surprise",))
+    add("file", "plan: bool for ns_steps", plan_file("p11.json", lambda ctx: plan_doc(ctx, optimizer__ns_steps=True)),
+        "PlanFileError", ("ns_steps",))
+    add("file", "plan: missing file", lambda ctx: memtune.Plan.from_json(ctx.path("nope.json")), "PlanFileError",
+        ("cannot read",))
+
+    def profile_file(name, mutate):
+        return lambda ctx: memtune.ModelProfile.from_json(ctx.write(name, profile_doc(ctx, mutate)))
+
+    add("file", "profile: NaN baseline peak", profile_file("q1.json", lambda d: d.update(baseline_peak_bytes=float("nan"))),
+        "PlanFileError", ("baseline_peak_bytes",))
+    add("file", "profile: negative parameter bytes", profile_file("q2.json", lambda d: d.update(param_bytes=-1)),
+        "PlanFileError", (">= 0",))
+    add("file", "profile: storage index out of range",
+        profile_file("q3.json", lambda d: d["units"][0].update(saved_storages=[10**6])), "PlanFileError", ("point past",))
+    add("file", "profile: shape holds a string",
+        profile_file("q4.json", lambda d: d["params"][0].update(shape=["4", 32])), "PlanFileError", ("shape",))
+    add("file", "profile: JSON nested 100000 deep",
+        lambda ctx: memtune.ModelProfile.from_json(ctx.write("q5.json", "[" * 100000 + "]" * 100000)), "PlanFileError",
+        ("too deeply",))
+    add("file", "profile: units is an object",
+        profile_file("q6.json", lambda d: d.update(units={"a": 1})), "PlanFileError", ("profile",))
+    add("file", "profile: timeline event without live_bytes",
+        profile_file("q7.json", lambda d: d["timeline"][0].pop("live_bytes")), "PlanFileError", ("live_bytes",))
+
+    # ----------------------------------------------------------------------- checkpoints
+    def evil_case(ctx, raw):
+        evil, sentinel = malicious(ctx, raw)
+        try:
+            resume(evil)
+        finally:
+            not_run(sentinel)
+
+    add("checkpoint", "crafted pickle in a torch zip (would open a file when unpickled)", lambda ctx: evil_case(ctx, False),
+        "CheckpointError", ("refused", "Unsupported global"))
+    add("checkpoint", "crafted raw pickle (legacy format)", lambda ctx: evil_case(ctx, True), "CheckpointError",
+        ("never unpickled",))
+    add("checkpoint", "4 bytes flipped inside a stored weight", lambda ctx: resume(flipped(ctx)), "CheckpointError",
+        ("CRC-32",))
+    add("checkpoint", "truncated to half its size",
+        lambda ctx: resume(ctx.write("half.pt", checkpoint(ctx).read_bytes()[: checkpoint(ctx).stat().st_size // 2])),
+        "CheckpointError", ("not a torch zip|corrupt|unreadable",))
+    add("checkpoint", "empty file", lambda ctx: resume(ctx.write("empty.pt", b"")), "CheckpointError", ("not a torch zip",))
+    add("checkpoint", "format 1 (pickled numpy RNG, needs code execution)", lambda ctx: resume(write_old_checkpoint(ctx)),
+        "CheckpointError", ("version 1",))
+    add("checkpoint", "a torch file of another program (no format tag)",
+        lambda ctx: (torch.save({"weights": torch.zeros(2)}, ctx.path("other.pt")), resume(ctx.path("other.pt"))),
+        "CheckpointError", ("not a memtune checkpoint",))
+    add("checkpoint", "right format, keys missing",
+        lambda ctx: (torch.save({"format": ckpt.FORMAT, "model": {}}, ctx.path("partial.pt")), resume(ctx.path("partial.pt"))),
+        "CheckpointError", ("incomplete",))
+    add("checkpoint", "resumed into a model of another width", lambda ctx: resume(checkpoint(ctx), gpt(64)),
+        "ModelMismatchError", ("another model", "shape|is \\("))
+    add("checkpoint", "resumed into another architecture (an MLP)", lambda ctx: resume(checkpoint(ctx), mlp()),
+        "ModelMismatchError", ("missing",))
+    add("checkpoint", "no file at the path", lambda ctx: resume(ctx.path("absent.pt")), "CheckpointError",
+        ("no checkpoint",))
+    add("checkpoint", "disk full while saving (ENOSPC)", lambda ctx: disk_error(ctx, errno.ENOSPC), "OutputError",
+        ("disk is full", "previous checkpoint there is intact"))
+    add("checkpoint", "read-only file system while saving (EROFS)", lambda ctx: disk_error(ctx, errno.EROFS), "OutputError",
+        ("read-only", "still in memory"))
+    add("checkpoint", "checkpoint directory under a regular file",
+        lambda ctx: fit(checkpoint_path="/etc/hostname/ck.pt").train(batches(1), steps=1), "OutputError",
+        ("cannot write checkpoint",))
+
+    # ----------------------------------------------------------------------- runtime faults
+    add("runtime", "loss turns inf at step 3", lambda ctx: fit(model=mlp(), loss_fn=lambda o: o.square().mean())
+        .train(inf_data(), steps=6), "NonFiniteError", ("step 3: the loss is", "Nothing was applied"))
+    add("runtime", "loss turns inf at step 3, on_nonfinite='skip'",
+        lambda ctx: (lambda t: (t.train(inf_data(), steps=5), f"ok + event: {t.events[-1]['kind']} at step "
+                                                              f"{t.events[-1]['step']}: {t.events[-1]['reason']}")[1])(
+            fit(model=mlp(), loss_fn=lambda o: o.square().mean(), on_nonfinite="skip")), "ok", ("nonfinite-skip",))
+    add("runtime", "a checkpoint with NaN weights is never written",
+        lambda ctx: (lambda t: (t.train(batches(1), steps=1), t.model.transformer.wte.weight.data.fill_(float("nan")),
+                                t.save(ctx.path("nan.pt"))))(fit()), "NonFiniteError", ("refusing to write",))
+    add("runtime", "OOM sequence of issue 14 (2 at step 0, 3 at step 3, cap 4)", oom_sequence, "ok", ("losses equal",))
+    add("runtime", "a step that keeps running out of memory (10 OOMs, cap 2)",
+        lambda ctx: (lambda t: (t.inject_oom(step=0, times=10), t.train(batches(1), steps=1)))(fit(max_oom_retries=2)),
+        "StepFailedError", ("although its plans fit", "no checkpoint was configured"))
+    add("runtime", "a real overrun at a budget the most frugal plan only just fits", real_overrun_too_small,
+        "InfeasibleBudgetError", ("budget is too small", "at least"))
+    add("runtime", "batch of 16 after profiling a sample of 1, budget fits only 1",
+        lambda ctx: fit(budget=int(memtune.profile(gpt(), batches(1, 1)[0], optimizer="muon2", target="cpu")
+                                   .baseline_peak_bytes * 1.05), sample=batches(1, 1)[0], allow_microbatching=False)
+        .train(batches(1, 16), steps=1), "InfeasibleBudgetError", ("batch of 16 samples, larger than the 1",))
+    add("runtime", "a one-shot generator asked for 2 epochs", two_epochs_of_a_generator, "ok", ("one-shot iterator",))
+    add("runtime", "resume at 70 % of the unplanned peak (the run used 1GB)", resume_smaller, "ok", ("resume-replan",))
+
+    # ----------------------------------------------------------------------- CLI
+    def run_cli(*argv):
+        return lambda ctx: cli(*[a(ctx) if callable(a) else a for a in argv])
+
+    fac = lambda name: lambda ctx: f"{ctx.path('factories.py')}:{name}"  # noqa: E731
+    add("CLI", "fit --steps -3", run_cli("fit", MODEL, "--budget", "5MB", "--steps", "-3"), "exit 2", ("below 0",))
+    add("CLI", "fit --device cuda (no GPU)", run_cli("fit", MODEL, "--budget", "5MB", "--steps", "1", "--device", "cuda"),
+        "exit 2", ("no CUDA device",))
+    add("CLI", "fit --device bogus", run_cli("fit", MODEL, "--budget", "5MB", "--steps", "1", "--device", "bogus"),
+        "exit 2", ("unknown device",))
+    add("CLI", "profile --target bogus", run_cli("profile", MODEL, "--target", "bogus"), "exit 2", ("unknown device",))
+    add("CLI", "plan: a sample of the wrong dtype", run_cli("plan", fac("wrong_dtype"), "--budget", "5MB", "--out",
+                                                            lambda ctx: ctx.path("o.json")), "exit 2", ("does not run",))
+    add("CLI", "fit: a model on the meta device", run_cli("fit", fac("meta"), "--budget", "5MB", "--steps", "1",
+                                                          "--no-progress"), "exit 2", ("meta device",))
+    add("CLI", "plan: a factory returning a non-module", run_cli("plan", fac("nonmodule"), "--budget", "5MB"), "exit 2",
+        ("not a torch.nn.Module",))
+    add("CLI", "plan: a factory that raises", run_cli("plan", fac("raises"), "--budget", "5MB"), "exit 2",
+        ("raised RuntimeError",))
+    add("CLI", "plan: a model file with a syntax error",
+        run_cli("plan", lambda ctx: ctx.write("broken.py", "def f(:\n") + ":f", "--budget", "5MB"), "exit 2",
+        ("failed to import",))
+    add("CLI", "plan: model spec without a colon", run_cli("plan", "nocolon", "--budget", "5MB"), "exit 2",
+        ("must look like",))
+    add("CLI", "profile --out into /proc (unwritable)", run_cli("profile", MODEL, "--out", "/proc/memtune/p.json"),
+        "exit 2", ("cannot write the profile",))
+    add("CLI", "plan --budget 24XB", run_cli("plan", MODEL, "--budget", "24XB"), "exit 2", ("accepted forms",))
+    add("CLI", "plan --budget ² (a unicode digit)", run_cli("plan", MODEL, "--budget", "²"), "exit 2", ("accepted forms",))
+    add("CLI", "plan --profile P --budget 100KB (infeasible)",
+        run_cli("plan", "--profile", lambda ctx: ctx.path("profile.json"), "--budget", "100KB", "--out",
+                lambda ctx: ctx.path("o.json")), "exit 3", ("at least",))
+    add("CLI", "plan --profile <NaN profile>",
+        run_cli("plan", "--profile", lambda ctx: ctx.write("nanprof.json", profile_doc(
+            ctx, lambda d: d.update(baseline_peak_bytes=float("nan")))), "--budget", "5MB"), "exit 4", ("finite|integer",))
+    add("CLI", "report --plan <binary file>", run_cli("report", "--plan", lambda ctx: ctx.write("bin.json", b"\x00\xff\x10"),
+                                                      "--out", lambda ctx: ctx.path("r")), "exit 4", ("binary",))
+    add("CLI", "report --plan <peak is a string>",
+        run_cli("report", "--plan", lambda ctx: ctx.write("strpeak.json", plan_doc(ctx, predicted_peak_bytes="big")),
+                "--out", lambda ctx: ctx.path("r")), "exit 4", ("predicted_peak_bytes",))
+    add("CLI", "report --run <hand-made JSONL without memory readings>",
+        lambda ctx: report_run(ctx, ['{"step": 0, "loss": 1.0}', '{"step": 1, "loss": 0.9}']), "exit 4",
+        ("no memory readings",))
+    add("CLI", "report --run <rows without step>", lambda ctx: report_run(ctx, ['{"loss": 1.0, "peak_bytes": 5}']),
+        "exit 4", ("integer 'step'",))
+    add("CLI", "report --run <missing file>", run_cli("report", "--run", "/nonexistent.jsonl", "--out", "/tmp/r"), "exit 4",
+        ("no such file",))
+    add("CLI", "report with nothing to report", run_cli("report", "--out", "/tmp/r"), "exit 2", ("at least one",))
+    add("CLI", "sweep --storage bogus://x",
+        run_cli("sweep", MODEL, "--budget", "5MB", "--trials", "1", "--storage", "bogus://x"), "exit 2",
+        ("cannot open Optuna storage",))
+    add("CLI", "sweep --trials 0", run_cli("sweep", MODEL, "--budget", "5MB", "--trials", "0"), "exit 2", ("below 1",))
+    add("CLI", "sweep at a budget every trial misses",
+        run_cli("sweep", MODEL, "--budget", "100KB", "--trials", "2", "--storage",
+                lambda ctx: f"sqlite:///{ctx.path('cli-sweep.db')}"), "exit 3", ("every trial", "at least"))
+    add("CLI", "fit --checkpoint <crafted pickle>",
+        run_cli("fit", MODEL, "--budget", "1GB", "--steps", "1", "--checkpoint", lambda ctx: malicious(ctx, True)[0]),
+        "exit 4", ("never unpickled",))
+    add("CLI", "fit --checkpoint <bit-flipped>",
+        run_cli("fit", MODEL, "--budget", "1GB", "--steps", "1", "--checkpoint", flipped), "exit 4", ("CRC-32",))
+    add("CLI", "fit --checkpoint <checkpoint of a wider model>",
+        run_cli("fit", fac("wide_gpt"), "--budget", "1GB", "--steps", "1", "--checkpoint", checkpoint), "exit 2",
+        ("another model",))
+    add("CLI", "fit --fresh without --checkpoint", run_cli("fit", MODEL, "--budget", "1GB", "--steps", "1", "--fresh"),
+        "exit 2", ("--checkpoint",))
+    add("CLI", "fit --checkpoint under a regular file",
+        run_cli("fit", MODEL, "--budget", "1GB", "--steps", "1", "--no-progress", "--checkpoint", "/etc/hostname/ck.pt"),
+        "exit 2", ("cannot write checkpoint",))
+    add("CLI", "fit: data whose loss turns inf", run_cli("fit", fac("nan_data"), "--budget", "1GB", "--steps", "6",
+                                                         "--no-progress"), "exit 5", ("the loss is",))
+    add("CLI", "fit --checkpoint PATH run twice (resume, never overwrite)", cli_resume_never_overwrites, "ok",
+        ("resumed at step 2",))
+    add("CLI", "unknown option", run_cli("plan", MODEL, "--budget", "5MB", "--bogus"), "exit 2",
+        ("unrecognized arguments",))
+    add("CLI", "no command", run_cli(), "exit 2", ("required",))
+    add("CLI", "an argument holding a newline", run_cli("profile", "a\nb"), "exit 2", ("must look like",))
+    return c
+
+
+CASES = _cases()
+
+
+@pytest.fixture(scope="module")
+def ctx(tmp_path_factory):
+    # Profiles are deterministic: the many trainers below profile the same tiny models again
+    # and again, so reuse each one (the error paths under test come after profiling).
+    from memtune.batching import describe
+    from memtune.runtime import trainer as trainer_module
+
+    real, cache = trainer_module._profile_for_training, {}
+
+    def cached(model, sample, *args):
+        key = (type(model).__name__, tuple((k, tuple(v.shape), v.dtype) for k, v in model.state_dict().items()),
+               describe(sample), repr(args))
+        if key not in cache:
+            cache[key] = real(model, sample, *args)
+        return cache[key]
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(trainer_module, "_profile_for_training", cached)
+        yield _context(tmp_path_factory)
+
+
+def _context(tmp_path_factory):
+    d = tmp_path_factory.mktemp("adversarial")
+    (d / "factories.py").write_text(FACTORIES)
+    from examples.models import tiny_gpt
+
+    model, sample = tiny_gpt()
+    prof = memtune.profile(model, sample, optimizer="muon2", target="cpu")
+    prof.to_json(d / "profile.json")
+    return Ctx(d, prof, memtune.plan(prof, "5MB", device="cpu"))
+
+
+def outcome(case: Case, ctx: Ctx) -> tuple[str, str]:
+    """``(kind, message)``: ``exit N``/``ok``/an exception class; ``RAW ...`` for a raw traceback."""
+    try:
+        result = case.run(ctx)
+    except MemtuneError as e:
+        return type(e).__name__, str(e)
+    except Exception as e:  # noqa: BLE001 - exactly what the table must never show
+        return f"RAW {type(e).__name__}", str(e)
+    if isinstance(result, tuple) and len(result) == 2 and isinstance(result[0], int):
+        code, err = result
+        lines = [ln for ln in err.splitlines() if ln.strip()]
+        if code and (len(lines) != 1 or not lines[0].startswith("memtune: error:")):
+            return f"RAW exit {code} ({len(lines)} stderr lines)", err[-300:]
+        return f"exit {code}", lines[0].removeprefix("memtune: error: ") if lines else ""
+    return "ok", result if isinstance(result, str) else ""
+
+
+def _clean(text: str, ctx: Ctx) -> str:
+    text = text.replace(str(ctx.dir), "<tmp>").replace("|", "\\|")
+    text = re.sub(r"/tmp/pytest-of-\w+/pytest-\d+/\w+", "<tmp>", text)
+    return text if len(text) <= 240 else text[:237] + "..."
+
+
+def test_adversarial_table(ctx):
+    rows, failures = [], []
+    for i, case in enumerate(CASES, 1):
+        kind, message = outcome(case, ctx)
+        ok = kind == case.expect and all(re.search(w, message) for w in case.says)
+        if not ok:
+            failures.append(f"#{i} {case.area}: {case.what}: expected {case.expect} saying {case.says}, got {kind}: "
+                            f"{message[:400]}")
+        rows.append((i, case, kind, _clean(message, ctx)))
+    assert not failures, "\n".join(failures)
+    assert len(rows) >= 60
+    counts = {a: sum(1 for _, c, _, _ in rows if c.area == a) for a in dict.fromkeys(c.area for c in CASES)}
+    table = ["| # | area | input or fault | outcome | message (first 240 characters) |", "|--:|---|---|---|---|"]
+    table += [f"| {i} | {c.area} | {c.what.replace('|', '/')} | {kind} | {msg} |" for i, c, kind, msg in rows]
+    summary = (f"{len(rows)} cases ({', '.join(f'{a} {n}' for a, n in counts.items())}); "
+               f"raw tracebacks: 0; silently wrong: 0.")
+    if os.environ.get("MEMTUNE_WRITE_DOCS"):
+        text = DOC.read_text()
+        start, end = text.index("<!-- table:start -->"), text.index("<!-- table:end -->")
+        DOC.write_text(text[:start] + "<!-- table:start -->\n" + summary + "\n\n" + "\n".join(table) + "\n" + text[end:])
+    doc = DOC.read_text()
+    missing = [c.what for c in CASES if f"| {c.what.replace('|', '/')} |" not in doc]
+    assert not missing, f"docs/reliability.md is out of date (MEMTUNE_WRITE_DOCS=1 rewrites it): {missing[:5]}"
