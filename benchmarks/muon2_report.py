@@ -82,16 +82,19 @@ def report(rec: dict) -> str:
             hits = [t for t in (time_to_target(r, target) for r in runs) if t is not None]
             steps = f"{statistics.mean(h[0] for h in hits):.0f}" if hits else "—"
             secs = f"{statistics.mean(h[1] for h in hits):.0f}" if hits else "—"
+            lr_note = f" ({rec['lr_borrowed_from'][label]}'s)" if label in rec.get("lr_borrowed_from", {}) else ""
             lines.append(
-                f"| {label} | {rec['chosen_lrs'][label][size]} | {m:.4f} ± {se:.4f} | "
+                f"| {label} | {rec['chosen_lrs'][label][size]}{lr_note} | {m:.4f} ± {se:.4f} | "
                 f"{dm:+.4f} ± {dse:.4f} | {', '.join(f'{x:+.3f}' for x in d)} | {m / ref_loss:.4f} | {steps} | "
                 f"{secs} | {len(hits)}/{len(runs)} | "
                 f"{statistics.median(r['opt_step_ms_median'] for r in runs):.1f} | "
                 f"{statistics.median(r['fwd_bwd_ms_median'] for r in runs):.0f} |")
         lines += ["", f"Claim (Muon² K=3 matches Muon K=5), {size} model: "
-                  + verdict(paired(held, CLAIMED, size), ref_loss) + ".",
-                  f"Same test for Muon² K=3 with the old defaults: "
-                  + verdict(paired(held, "Muon² K=3, old defaults", size), ref_loss) + ".", ""]
+                  + verdict(paired(held, CLAIMED, size), ref_loss) + "."]
+        for other in ("Muon² K=3, old defaults", "Muon K=3, tuned NS (control)", "Muon² K=2, tuned", "Muon K=3"):
+            if other in held and size in held[other]:
+                lines.append(f"Same test for {other}: " + verdict(paired(held, other, size), ref_loss) + ".")
+        lines.append("")
     t = rec["tune"]
     lines += ["### Tuning (tuning text, small model, lr 0.02, val loss per seed)", "",
               "| Muon² K=3 variant | per seed | mean |", "|---|---|---|"]
