@@ -1,7 +1,7 @@
 """Does Muon² with 3 Newton-Schulz steps match Muon with 5? An evaluation that can say.
 
 Byte-level GPTs (benchmarks/muon2_train.py: "small" 4×128 and "large" 4×192, context 128,
-batch 8, 300 steps, 1 torch thread each, two runs at a time) on two texts
+batch 8, 200 steps (300 for tuning), 1 torch thread each, two runs at a time) on two texts
 (benchmarks/muon2_corpora.py): every choice is made on the tuning text (pydoc topics); the
 final table is trained and scored on the held-out text (CPython standard-library docstrings),
 which nothing was tuned on. Stages, in one run:
@@ -9,19 +9,20 @@ which nothing was tuned on. Stages, in one run:
     tune      tuning text, small model, seeds 0-1, lr 0.02: Muon² K=3 with each NS variant
               (schedule × input normalization), then one preconditioner knob at a time (β2,
               Nesterov) on the best variant; a knob is kept only if it wins on both seeds
-    lr        tuning text, both sizes, seed 0: lr ∈ {0.01, 0.02, 0.04} for Muon K=5, Muon K=3
-              and the tuned Muon² K=3 (a grid edge that wins is extended once); the other rows
-              borrow one of these (named in the report)
-    heldout   held-out text, both sizes, seeds 0-4, each row at its best lr for that size: val
-              loss (mean ± s.e.), paired per-seed differences from Muon K=5, and time to Muon
-              K=5's final loss (steps and seconds of training)
+    lr        tuning text, both sizes, seed 0: lr ∈ {0.01, 0.02, 0.04} for Muon K=5 and the
+              tuned Muon² K=3 (a grid edge that wins is extended once); Muon K=3 and the control
+              (Muon K=3 with the tuned NS) borrow Muon K=5's
+    heldout   held-out text, seeds 0-4, each row at its best lr for that size: Muon K=5 and the
+              tuned Muon² K=3 on both sizes, Muon K=3 and the control on the small one. Val loss
+              (mean ± s.e.), paired per-seed differences from Muon K=5, and time to Muon K=5's
+              final loss (steps and seconds of training)
     steptime  the optimizer step alone, all rows interleaved in one process, on the large
-              model's hidden matrices and on a 4×512 stack (medians of 15 steps)
+              model's hidden matrices and on a 2×512 stack (medians of 11 steps)
 
 Writes benchmarks/results/muon2.json / muon2.md; every training run is cached in
 benchmarks/results/muon2_runs.jsonl (keyed by its full spec), so an interrupted run resumes.
 
-    python benchmarks/muon2.py            # everything: ~40 min on 2 idle cores, ~100 min shared
+    python benchmarks/muon2.py            # everything: ~25 min on 2 idle cores, ~70 min shared
     python benchmarks/muon2.py --quick    # 2-3 min smoke run into results/muon2_quick.* (not a result)
     python benchmarks/muon2_gpu.py        # step time on 1B-Llama matrices, CUDA
 
@@ -134,7 +135,8 @@ class Runner:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--steps", type=int, default=200, help="steps of the lr and held-out runs")
+    ap.add_argument("--tune-steps", type=int, default=300, help="steps of the tuning runs")
     ap.add_argument("--workers", type=int, default=2, help="training processes at a time (1 thread each)")
     ap.add_argument("--quick", action="store_true", help="tiny models, 30 steps, 1-2 seeds: a smoke run")
     ap.add_argument("--fresh", action="store_true", help="ignore the run cache")
@@ -146,7 +148,7 @@ def main(argv=None) -> None:
     sizes = dict(SIZES)
     seeds_tune, seeds_heldout, grid = SEEDS_TUNE, SEEDS_HELDOUT, LR_GRID
     if args.quick:
-        args.steps = 30
+        args.steps = args.tune_steps = 30
         sizes = {"small": ModelSize(name="small", n_layer=1, n_embd=32, batch_size=4),
                  "large": ModelSize(name="large", n_layer=2, n_embd=48, batch_size=4)}
         seeds_tune, seeds_heldout, grid = (0,), (0, 1), (0.02,)
@@ -154,9 +156,10 @@ def main(argv=None) -> None:
     t_start = time.perf_counter()
 
     def spec(stage, corpus, size, label, settings, seed):
+        steps = args.tune_steps if stage == "tune" else args.steps
         return {"stage": stage, "corpus": corpus, "size": vars(sizes[size]),
-                "label": label, "settings": settings, "seed": seed, "steps": args.steps,
-                "eval_every": max(1, args.steps // 12)}
+                "label": label, "settings": settings, "seed": seed, "steps": steps,
+                "eval_every": max(1, steps // 12)}
 
     def lr_sweep(label, settings) -> dict[str, Future]:
         return {sz: [(lr, runner.submit(spec("lr", "tune", sz, label, {**settings, "lr": lr}, 0))) for lr in grid]
@@ -183,7 +186,7 @@ def main(argv=None) -> None:
     ns_futs = {v: [runner.submit(spec("tune", "tune", "small", f"Muon² K=3 NS {v}", {**base, **kw}, s))
                    for s in seeds_tune] for v, kw in NS_VARIANTS.items()}
     fixed_rows = {"Muon K=5": dict(name="muon", ns_steps=5), "Muon K=3": dict(name="muon", ns_steps=3)}
-    sweeps = {label: lr_sweep(label, s) for label, s in fixed_rows.items()}
+    sweeps = {"Muon K=5": lr_sweep("Muon K=5", fixed_rows["Muon K=5"])}
     ns_loss = {v: [f.result()["val_loss"] for f in fs] for v, fs in ns_futs.items()}
     ns_best = min(ns_loss, key=lambda v: statistics.mean(ns_loss[v]))
     tuned = {**base, **NS_VARIANTS[ns_best]}
@@ -205,14 +208,12 @@ def main(argv=None) -> None:
     ns_only = {k: v for k, v in tuned.items() if k in ("ns_schedule", "ns_normalize")}
     if ns_only != {"ns_schedule": "keller", "ns_normalize": "frobenius"}:
         rows["Muon K=3, tuned NS (control)"] = dict(name="muon", ns_steps=3, **ns_only)
-    rows["Muon² K=3, old defaults"] = OLD_MUON2
-    rows["Muon² K=2, tuned"] = {**tuned, "ns_steps": 2}
-    # Rows without a sweep of their own (to fit the time budget), and whose lr they borrow: the
-    # control is Muon K=3 with another NS; K=2 is the tuned Muon² with one step fewer; the old
-    # Muon² takes the tuned one's (the earlier benchmark found 0.02 best for it on the tuning text).
-    borrow = {"Muon K=3, tuned NS (control)": "Muon K=3", "Muon² K=3, old defaults": "Muon² K=3, tuned",
-              "Muon² K=2, tuned": "Muon² K=3, tuned"}
-    small_only = {"Muon² K=3, old defaults", "Muon² K=2, tuned"}
+    # Rows without a sweep of their own (to fit the time budget on a shared CPU) borrow Muon K=5's
+    # lr: Muon K=3 and the control are Muon K=5 with fewer or other NS steps (the earlier benchmark
+    # gave Muon K=3 Muon K=5's lr too).
+    borrow = {"Muon K=3": "Muon K=5", "Muon K=3, tuned NS (control)": "Muon K=5"}
+    # The two rows of the claim run on both sizes; the others, which explain it, on the small one.
+    small_only = {"Muon K=3", "Muon K=3, tuned NS (control)"}
 
     # -- lr, then held-out runs for each row as soon as its lr is known -----------------------------
     lrs: dict[str, dict[str, float]] = {}
@@ -220,8 +221,6 @@ def main(argv=None) -> None:
     for label, settings in rows.items():
         lr_from = borrow.get(label, label)
         lrs[label] = lrs[lr_from] if lr_from in lrs else best_lr(lr_from, rows[lr_from], sweeps[lr_from])
-        # The old Muon² and K=2 only on the small model: they answer what the tuning bought and
-        # whether the planner's floor could go below 3; 10 more large runs would not fit the budget.
         row_sizes = ["small"] if label in small_only else list(sizes)
         heldout[label] = {sz: [runner.submit(spec("heldout", "heldout", sz, label, {**settings, "lr": lrs[label][sz]}, s))
                                for s in seeds_heldout] for sz in row_sizes}

@@ -32,7 +32,7 @@ def muon2_from_settings(params, s: OptimizerSettings) -> Muon2:
                  ns_normalize=s.ns_normalize, ns_dtype=NS_DTYPES[s.ns_dtype])
 
 
-def step_times(rows: dict[str, dict], *, quick: bool = False, reps: int = 15) -> dict:
+def step_times(rows: dict[str, dict], *, quick: bool = False, reps: int = 11) -> dict:
     torch.set_num_threads(1)
     torch.set_flush_denormal(True)
     tuned = rows["Muon² K=3, tuned"]
