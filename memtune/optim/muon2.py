@@ -8,7 +8,8 @@ do the work of Muon's 5. Per 2-D parameter W with gradient g:
     V ← β2·V + (1 − β2)·g²                       second moment (Adafactor row/col factors for Muon²-F)
     U ← lerp(g, M, μ) if nesterov else M         torch.optim.Muon's Nesterov blend
     P ← U / (√V̂ + ε)                              V̂ = V, or V/(1−β2^t) with bias_correction
-    O ← NS_K(P)                                  quintic Newton-Schulz in bf16 (newton_schulz.py)
+    O ← NS_K(P)                                  quintic Newton-Schulz in bf16 (newton_schulz.py), input
+                                                 scaled by the Gram bound ‖A²‖_F^{1/4} for Muon²
     W ← W·(1 − ηλ) − η·scale(W)·O
 
 With ``precondition=False`` this is exactly ``torch.optim.Muon`` (same NS ops in bf16, same
@@ -116,7 +117,10 @@ class Muon2(StateDtypeMixin, Optimizer):
     """Muon² (see module docstring). ``precondition=False`` gives torch.optim.Muon.
 
     Extra keyword options: ``eps_mode`` ("outside" | "inside"), ``bias_correction`` (bool),
-    ``int8_domain`` ("sqrt" | "linear"), ``ns_coefficients``, ``ns_eps`` (NS normalization ε),
+    ``int8_domain`` ("sqrt" | "linear"), ``ns_coefficients`` (a triple, a per-iteration sequence
+    of triples, or a name in ``NS_SCHEDULES``), ``ns_normalize`` ("frobenius" | "gram"); both
+    ``None`` by default: Muon²'s tuned NS with preconditioning, torch.optim.Muon's without,
+    ``ns_eps`` (NS normalization ε),
     ``ns_dtype`` (NS compute dtype, bf16), ``matrix_view`` ("flatten" | "batch"), ``batch_ns``
     (stack same-shape matrices into one batched NS call).
 

@@ -76,14 +76,15 @@ class OptimizerSettings:
     ns_steps: int = 3
     """Newton-Schulz iterations K (the start value when ``adaptive_ns`` is set)."""
     ns_schedule: str | None = None
-    """Newton-Schulz coefficients, a name in ``memtune.optim.newton_schulz.NS_SCHEDULES``
-    ("keller": Keller Jordan's fixed quintic; "minimax": per-iteration coefficients fitted to
-    the spectra Muon² sees, docs/muon2.md). ``None``: Muon²'s tuned default for "muon2",
-    torch.optim.Muon's quintic for "muon"."""
+    """Newton-Schulz coefficients, a name in ``memtune.optim.newton_schulz.NS_SCHEDULES``:
+    "keller" (Keller Jordan's fixed quintic) or "minimax_gram" / "minimax_frobenius"
+    (per-iteration coefficients fitted to the spectra Muon² sees, one schedule per K; they
+    orthogonalize better but trained worse, docs/muon2.md). ``None``: "keller" for both
+    optimizers."""
     ns_normalize: str | None = None
     """How NS scales its input: "frobenius" (Muon's ‖G‖_F) or "gram" (the tighter ‖A²‖_F^{1/4}
-    bound, free from the first iteration's A·A). ``None``: the same per-optimizer default as
-    ``ns_schedule``."""
+    bound, free from the first iteration's A·A). ``None``: "gram" for "muon2" (it won the
+    tuning stage of benchmarks/muon2.py), "frobenius" for "muon" (torch.optim.Muon's)."""
     ns_dtype: str = "bf16"
     """Newton-Schulz compute dtype, "bf16" (Muon's choice; fast on GPUs) or "fp32" (use on CPUs
     without bf16 matmul units: measured 20-30x faster than bf16 on the CI CPU)."""
