@@ -232,6 +232,7 @@ def main(argv=None) -> None:
     steptime = None if args.skip_steptime else step_times(rows, quick=args.quick)
     record = {
         "environment": _record.environment(), "train_wall_s": train_wall_s,
+        "runs_train_s_sum": sum(r["train_s"] for r in runner.done.values()), "n_runs": len(runner.done),
         "corpora": {c: muon2_corpora.load(c)[1] for c in ("tune", "heldout")},
         "sizes": {k: vars(v) for k, v in sizes.items()}, "steps": args.steps, "adamw_lr": ADAMW_LR,
         "seeds_tune": seeds_tune, "seeds_heldout": seeds_heldout, "lr_grid": grid,

@@ -62,7 +62,11 @@ def report(rec: dict) -> str:
         f"{rec['sizes']['small']['block_size']}, lr constant then linear decay over the last 40%; "
         f"seeds {list(rec['seeds_heldout'])} (same init and data order for every row). "
         f"{env['device']}, 1 torch thread per run, 2 runs at a time, torch {env['torch']}, commit "
-        f"{env['git_commit'][:10]}; training stages {rec['train_wall_s'] / 60:.0f} min.", ""]
+        f"{env['git_commit'][:10]}. {rec['n_runs']} training runs, {rec['runs_train_s_sum'] / 3600:.1f} h of training "
+        f"in all (two at a time; this invocation trained for {rec['train_wall_s'] / 60:.0f} min, the rest came from "
+        "the run cache). Wall-clock columns were measured while other jobs shared the two cores: runs of one "
+        "row were slowed unequally, so read seconds-to-target and step ms here with care, and use the "
+        "interleaved step-time table for speed.", ""]
     for size, cfg in rec["sizes"].items():
         ref_runs = held[REFERENCE][size]
         target = statistics.mean(r["curve"][-1][1] for r in ref_runs)
