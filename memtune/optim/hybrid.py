@@ -213,6 +213,7 @@ def build_optimizer(model: nn.Module, settings: OptimizerSettings | None = None)
             adjust_lr=settings.adjust_lr, state_dtype=settings.state_dtype, factorized=settings.factorized,
             precondition=settings.name == "muon2", adaptive_ns=settings.adaptive_ns, eps_mode=settings.eps_mode,
             bias_correction=settings.bias_correction, int8_domain=settings.int8_domain,
+            ns_coefficients=settings.ns_schedule, ns_normalize=settings.ns_normalize,
             ns_dtype=NS_DTYPES[settings.ns_dtype])
     if split.adamw:
         wd = settings.weight_decay if settings.adamw_weight_decay is None else settings.adamw_weight_decay

@@ -8,7 +8,8 @@ do the work of Muon's 5. Per 2-D parameter W with gradient g:
     V ← β2·V + (1 − β2)·g²                       second moment (Adafactor row/col factors for Muon²-F)
     U ← lerp(g, M, μ) if nesterov else M         torch.optim.Muon's Nesterov blend
     P ← U / (√V̂ + ε)                              V̂ = V, or V/(1−β2^t) with bias_correction
-    O ← NS_K(P)                                  quintic Newton-Schulz in bf16 (newton_schulz.py)
+    O ← NS_K(P)                                  quintic Newton-Schulz in bf16 (newton_schulz.py), input
+                                                 scaled by the Gram bound ‖A²‖_F^{1/4} for Muon²
     W ← W·(1 − ηλ) − η·scale(W)·O
 
 With ``precondition=False`` this is exactly ``torch.optim.Muon`` (same NS ops in bf16, same
@@ -26,17 +27,36 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from torch.optim import Optimizer
 
-from memtune.optim.newton_schulz import DEFAULT_COEFFS, newton_schulz, newton_schulz_traced
+from memtune.optim.newton_schulz import (NS_NORMALIZATIONS, Coeffs, newton_schulz,
+                                         newton_schulz_traced, ns_schedule)
 from memtune.optim.quant import StateDtypeMixin, read_state, write_state
 from memtune.optim.settings import (ADJUST_LR, EPS_MODES, INT8_DOMAINS, STATE_DTYPES, AdaptiveNS,
                                     OptimizerConfigError)
 
 MOMENTUM, SECOND_MOMENT, ROW, COL = "momentum_buffer", "exp_avg_sq", "exp_avg_sq_row", "exp_avg_sq_col"
+
+# Newton-Schulz defaults. Muon (no preconditioning) keeps torch.optim.Muon's quintic, so that
+# precondition=False is torch.optim.Muon. Muon²'s won the tuning stage of benchmarks/muon2.py
+# (tuning text, small model, 2 seeds): the Gram scaling beat Frobenius on both seeds with either
+# schedule, and Keller's quintic beat the minimax schedules under it (docs/muon2.md).
+MUON_NS = {"schedule": "keller", "normalize": "frobenius"}
+MUON2_NS = {"schedule": "keller", "normalize": "gram"}
+
+
+def _plain_schedule(coeffs) -> str | tuple:
+    """A schedule name stays a name; coefficients become a tuple of floats (or of triples), so
+    param groups stay plain data for state_dict."""
+    if isinstance(coeffs, str):
+        return coeffs
+    seq = list(coeffs)
+    if seq and isinstance(seq[0], (tuple, list)):
+        return tuple(tuple(float(x) for x in c) for c in seq)
+    return tuple(float(x) for x in seq)
 
 
 # ----------------------------------------------------------------------------- pure maths
@@ -56,15 +76,24 @@ def factored_second_moment(row: torch.Tensor, col: torch.Tensor) -> torch.Tensor
     return row[..., :, None] * col[..., None, :] / row.mean(dim=-1, keepdim=True)[..., None].clamp_min(1e-30)
 
 
+def denominator(second_moment: torch.Tensor, *, eps: float, eps_mode: str = "outside",
+                bias_correction2: float = 1.0) -> torch.Tensor:
+    """``√(V/bc2) + ε`` ("outside") or ``√(V/bc2 + ε)`` ("inside"), as a new tensor."""
+    if eps_mode == "outside":
+        d = second_moment.sqrt()
+        if bias_correction2 != 1.0:
+            d.div_(math.sqrt(bias_correction2))
+        return d.add_(eps)
+    if eps_mode == "inside":
+        v = second_moment / bias_correction2 if bias_correction2 != 1.0 else second_moment
+        return (v + eps).sqrt_()
+    raise OptimizerConfigError(f"eps_mode={eps_mode!r}: use one of {EPS_MODES}")
+
+
 def precondition(update: torch.Tensor, second_moment: torch.Tensor, *, eps: float, eps_mode: str = "outside",
                  bias_correction2: float = 1.0) -> torch.Tensor:
     """``update / (√(V/bc2) + ε)`` ("outside") or ``update / √(V/bc2 + ε)`` ("inside")."""
-    v = second_moment / bias_correction2 if bias_correction2 != 1.0 else second_moment
-    if eps_mode == "outside":
-        return update / (v.sqrt() + eps)
-    if eps_mode == "inside":
-        return update / (v + eps).sqrt()
-    raise OptimizerConfigError(f"eps_mode={eps_mode!r}: use one of {EPS_MODES}")
+    return update / denominator(second_moment, eps=eps, eps_mode=eps_mode, bias_correction2=bias_correction2)
 
 
 def next_ns_steps(k: int, errors: torch.Tensor, rule: dict) -> int:
@@ -88,9 +117,14 @@ class Muon2(StateDtypeMixin, Optimizer):
     """Muon² (see module docstring). ``precondition=False`` gives torch.optim.Muon.
 
     Extra keyword options: ``eps_mode`` ("outside" | "inside"), ``bias_correction`` (bool),
-    ``int8_domain`` ("sqrt" | "linear"), ``ns_coefficients``, ``ns_eps`` (NS normalization ε),
+    ``int8_domain`` ("sqrt" | "linear"), ``ns_coefficients`` (a triple, a per-iteration sequence
+    of triples, or a name in ``NS_SCHEDULES``), ``ns_normalize`` ("frobenius" | "gram"); both
+    ``None`` by default: Muon²'s tuned NS with preconditioning, torch.optim.Muon's without,
+    ``ns_eps`` (NS normalization ε),
     ``ns_dtype`` (NS compute dtype, bf16), ``matrix_view`` ("flatten" | "batch"), ``batch_ns``
-    (stack same-shape matrices into one batched NS call).
+    (stack same-shape matrices into one batched NS call; ``None``: on accelerators, not on the
+    CPU, where one matmul per matrix measured faster: Muon² K=3 step 65 vs 76 ms on the 4×192
+    benchmark model's matrices).
 
     Telemetry: ``ns_telemetry`` maps each parameter's name (from named params, else
     ``"group{i}.param{j}"``) to ``{"ns_steps", "orthogonality_error", "next_ns_steps"}``; it
@@ -102,15 +136,23 @@ class Muon2(StateDtypeMixin, Optimizer):
                  state_dtype: str = "fp32", factorized: bool = False, precondition: bool = True,
                  adaptive_ns: AdaptiveNS | dict | None = None, *, eps_mode: str = "outside",
                  bias_correction: bool = False, int8_domain: str = "sqrt",
-                 ns_coefficients: tuple[float, float, float] = DEFAULT_COEFFS, ns_eps: float = 1e-7,
-                 ns_dtype: torch.dtype = torch.bfloat16, matrix_view: str = "flatten", batch_ns: bool = True):
+                 ns_coefficients: Coeffs | Sequence[Coeffs] | str | None = None, ns_normalize: str | None = None,
+                 ns_eps: float = 1e-7, ns_dtype: torch.dtype = torch.bfloat16, matrix_view: str = "flatten",
+                 batch_ns: bool | None = None):
         if isinstance(adaptive_ns, AdaptiveNS):
             adaptive_ns = adaptive_ns.as_dict()  # plain dict: state_dict stays loadable with weights_only
+        # None: Muon²'s tuned NS with preconditioning, torch.optim.Muon's quintic without it.
+        default_ns = MUON2_NS if precondition else MUON_NS
+        if ns_coefficients is None:
+            ns_coefficients = default_ns["schedule"]
+        if ns_normalize is None:
+            ns_normalize = default_ns["normalize"]
         defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, beta2=beta2, eps=eps, ns_steps=ns_steps,
                         weight_decay=weight_decay, adjust_lr=adjust_lr, state_dtype=state_dtype,
                         factorized=factorized, precondition=precondition, adaptive_ns=adaptive_ns,
                         eps_mode=eps_mode, bias_correction=bias_correction, int8_domain=int8_domain,
-                        ns_coefficients=tuple(ns_coefficients), ns_eps=ns_eps, ns_dtype=ns_dtype,
+                        ns_coefficients=_plain_schedule(ns_coefficients), ns_normalize=ns_normalize,
+                        ns_eps=ns_eps, ns_dtype=ns_dtype,
                         matrix_view=matrix_view, batch_ns=batch_ns)
         super().__init__(params, defaults)
         for group in self.param_groups:
@@ -120,9 +162,14 @@ class Muon2(StateDtypeMixin, Optimizer):
     @staticmethod
     def _check_group(group: dict) -> None:
         for key, allowed in (("state_dtype", STATE_DTYPES), ("adjust_lr", ADJUST_LR), ("eps_mode", EPS_MODES),
-                             ("int8_domain", INT8_DOMAINS), ("matrix_view", ("flatten", "batch"))):
+                             ("int8_domain", INT8_DOMAINS), ("matrix_view", ("flatten", "batch")),
+                             ("ns_normalize", NS_NORMALIZATIONS)):
             if group[key] not in allowed:
                 raise OptimizerConfigError(f"Muon2 {key}={group[key]!r}: use one of {allowed}")
+        try:
+            ns_schedule(group["ns_coefficients"], 1)
+        except ValueError as e:
+            raise OptimizerConfigError(f"Muon2 ns_coefficients: {e}") from None
         if group["ns_steps"] < 1 and not group["adaptive_ns"]:
             raise OptimizerConfigError(f"Muon2 ns_steps={group['ns_steps']}: need at least 1")
         for p in group["params"]:
@@ -199,7 +246,8 @@ class Muon2(StateDtypeMixin, Optimizer):
     def _step_group(self, gi: int, group: dict) -> None:
         mu, beta2, view = group["momentum"], group["beta2"], group["matrix_view"]
         dtype, domain, rule = group["state_dtype"], group["int8_domain"], group["adaptive_ns"]
-        buckets: dict[tuple, list] = defaultdict(list)
+        precond, factorized = group["precondition"], group["factorized"]
+        items = []
         for pi, p in enumerate(group["params"]):
             if p.grad is None:
                 continue
@@ -207,48 +255,79 @@ class Muon2(StateDtypeMixin, Optimizer):
                 raise OptimizerConfigError("Muon2 does not support sparse gradients")
             state = self.state[p] if self.state.get(p) else self._init_state(p, group)
             state["step"] += 1
-            g = _as_matrix(p.grad, view).float()
+            items.append((pi, p, state, state["ns_steps"] if rule else group["ns_steps"]))
+        if not items:
+            return
 
-            m = read_state(state, MOMENTUM, g.shape, signed=True, domain=domain)
-            m.lerp_(g, 1 - mu)
-            update = g.lerp(m, mu) if group["nesterov"] else m.clone()
-            write_state(state, MOMENTUM, m, dtype, signed=True, domain=domain)
+        # Bucket the NS inputs before computing them, so each update is written straight into its
+        # slot of one stacked batch (no torch.stack copy). Tall matrices are stored transposed:
+        # NS works on the short-fat orientation anyway, so (768, 192) and (192, 768) share a batch.
+        buckets: dict[tuple, list] = defaultdict(list)
+        batch_ns = group["batch_ns"] if group["batch_ns"] is not None else items[0][1].device.type != "cpu"
+        for it in items:
+            shape = _as_matrix(it[1], view).shape
+            if batch_ns:
+                tall = shape[-2] > shape[-1]
+                short_fat = (*shape[:-2], shape[-1], shape[-2]) if tall else tuple(shape)
+                buckets[(short_fat, it[3])].append((it, tall))
+            else:
+                buckets[(it[0],)].append((it, False))
 
-            if group["precondition"]:
-                g2 = g * g
-                if group["factorized"]:
-                    state[ROW].mul_(beta2).add_(g2.mean(dim=-1), alpha=1 - beta2)
-                    state[COL].mul_(beta2).add_(g2.mean(dim=-2), alpha=1 - beta2)
-                    v = factored_second_moment(state[ROW], state[COL])
-                else:
-                    v = read_state(state, SECOND_MOMENT, g.shape, signed=False, domain=domain)
-                    v.mul_(beta2).add_(g2, alpha=1 - beta2)
-                    write_state(state, SECOND_MOMENT, v, dtype, signed=False, domain=domain)
-                bc2 = 1 - beta2 ** state["step"] if group["bias_correction"] else 1.0
-                update = precondition(update, v, eps=group["eps"], eps_mode=group["eps_mode"], bias_correction2=bc2)
-
-            k = state["ns_steps"] if rule else group["ns_steps"]
-            key = (tuple(update.shape), k) if group["batch_ns"] else (pi,)
-            buckets[key].append((pi, p, update, state, k))
-
-        for items in buckets.values():
-            k = items[0][4]
-            stacked = items[0][2] if len(items) == 1 else torch.stack([it[2] for it in items])
-            ns_kw = dict(coeffs=group["ns_coefficients"], eps=group["ns_eps"], dtype=group["ns_dtype"])
+        ns_kw = dict(coeffs=group["ns_coefficients"], eps=group["ns_eps"], dtype=group["ns_dtype"],
+                     normalize=group["ns_normalize"])
+        for key, members in buckets.items():
+            k = members[0][0][3]
+            if batch_ns:
+                stacked = torch.empty((len(members), *key[0]), dtype=torch.float32, device=members[0][0][1].device)
+                slots = [stacked[j].mT if tall else stacked[j] for j, (_, tall) in enumerate(members)]
+            else:
+                slots = [None]
+            for j, (it, _) in enumerate(members):
+                slots[j] = self._preconditioned_update(it[1], it[2], group, out=slots[j])
+            if not batch_ns:
+                stacked = slots[0]
             if rule:
                 ortho, errors = newton_schulz_traced(stacked, k, **ns_kw)
             else:
                 ortho, errors = newton_schulz(stacked, k, **ns_kw), None
-            if len(items) == 1:
+            if not batch_ns:
                 ortho = ortho[None]
                 errors = errors[:, None] if errors is not None else None
-            for j, (pi, p, _, state, k) in enumerate(items):
-                o = ortho[j]
+            for j, ((pi, p, state, k), tall) in enumerate(members):
+                o = ortho[j].mT if tall else ortho[j]
                 rows, cols = o.shape[-2], o.shape[-1]
                 p.mul_(1 - group["lr"] * group["weight_decay"])
-                p.add_(o.view_as(p), alpha=-group["lr"] * shape_scale(rows, cols, group["adjust_lr"]))
+                p.add_(o if o.shape == p.shape else o.reshape(p.shape),
+                       alpha=-group["lr"] * shape_scale(rows, cols, group["adjust_lr"]))
                 if errors is not None:
                     errs = errors[:, j].reshape(k + 1, -1).amax(dim=1).tolist()
                     state["ns_steps"] = next_ns_steps(k, errs, rule)
                     self.ns_telemetry[self._name(gi, pi, group)] = {
                         "ns_steps": k, "orthogonality_error": errs[k], "next_ns_steps": state["ns_steps"]}
+
+    def _preconditioned_update(self, p: torch.Tensor, state: dict, group: dict,
+                               out: torch.Tensor | None) -> torch.Tensor:
+        """Update the momentum (and second moment) of ``p`` and return the NS input, written into
+        ``out`` when given. In-place ops throughout: one pass per line below."""
+        mu, beta2, domain, dtype = group["momentum"], group["beta2"], group["int8_domain"], group["state_dtype"]
+        g = _as_matrix(p.grad, group["matrix_view"]).float()
+        m = read_state(state, MOMENTUM, g.shape, signed=True, domain=domain)
+        m.lerp_(g, 1 - mu)
+        if group["nesterov"]:
+            update = torch.lerp(g, m, mu, out=out) if out is not None else g.lerp(m, mu)
+        else:
+            update = out.copy_(m) if out is not None else m.clone()
+        write_state(state, MOMENTUM, m, dtype, signed=True, domain=domain)
+        if not group["precondition"]:
+            return update
+        if group["factorized"]:
+            g2 = g * g
+            state[ROW].mul_(beta2).add_(g2.mean(dim=-1), alpha=1 - beta2)
+            state[COL].mul_(beta2).add_(g2.mean(dim=-2), alpha=1 - beta2)
+            v = factored_second_moment(state[ROW], state[COL])
+        else:
+            v = read_state(state, SECOND_MOMENT, g.shape, signed=False, domain=domain)
+            v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+            write_state(state, SECOND_MOMENT, v, dtype, signed=False, domain=domain)
+        bc2 = 1 - beta2 ** state["step"] if group["bias_correction"] else 1.0
+        return update.div_(denominator(v, eps=group["eps"], eps_mode=group["eps_mode"], bias_correction2=bc2))

@@ -35,28 +35,38 @@ BLOCK_SIZE = 256
 _BYTES_PER_ELEMENT = {"fp32": 4, "bf16": 2, "int8": 1}
 
 
+def _blocks(flat: torch.Tensor, block_size: int) -> torch.Tensor:
+    """``flat`` as (blocks, block_size); a copy with zero padding only if the size needs it."""
+    pad = (-flat.numel()) % block_size
+    return (F.pad(flat, (0, pad)) if pad else flat).view(-1, block_size)
+
+
 def quantize_blockwise(x: torch.Tensor, *, signed: bool, domain: str = "sqrt",
                        block_size: int = BLOCK_SIZE) -> tuple[torch.Tensor, torch.Tensor]:
     """``x`` → (codes, absmax): int8 codes (uint8 if not ``signed``) of ``x.numel()`` elements
-    and one fp32 absmax per block of ``block_size``."""
-    flat = x.reshape(-1).float()
-    if domain == "sqrt":
-        flat = flat.sign() * flat.abs().sqrt() if signed else flat.clamp_min(0).sqrt()
-    elif domain != "linear":
+    and one fp32 absmax per block of ``block_size``.
+
+    Written for few passes over memory (this runs on every buffer every step): one temporary
+    holds |x| (or √|x|), is scaled, rounded and signed in place, then cast once."""
+    if domain not in ("linear", "sqrt"):
         raise OptimizerConfigError(f"int8 domain {domain!r}: use 'linear' or 'sqrt'")
-    elif not signed:
-        flat = flat.clamp_min(0)
+    flat = x.reshape(-1)
     n = flat.numel()
-    blocks = F.pad(flat, (0, (-n) % block_size)).view(-1, block_size)
-    absmax = blocks.abs().amax(dim=1)
+    blocks = _blocks(flat if flat.dtype == torch.float32 else flat.float(), block_size)
+    mag = blocks.abs() if signed else blocks.clamp_min(0)
+    if domain == "sqrt":
+        mag.sqrt_()
+    absmax = mag.amax(dim=1)
     levels = 127.0 if signed else 255.0
-    codes = torch.round(blocks * (levels / absmax.clamp_min(torch.finfo(torch.float32).tiny))[:, None])
-    if not signed:
+    mag.mul_((levels / absmax.clamp_min(torch.finfo(torch.float32).tiny))[:, None]).round_()
+    if signed:
+        mag.copysign_(blocks)
+    else:
         # A positive second moment never rounds to 0: Adam-style U/√V would turn a decaying
         # momentum entry over a zeroed V into a huge step (measured: int8 runs diverged).
         # Code 1 acts as a floor of one quantum, relative to the block's max.
-        codes = torch.where(blocks > 0, codes.clamp_min(1), codes)
-    codes = codes.to(torch.int8 if signed else torch.uint8).view(-1)[:n]
+        mag = torch.maximum(mag, blocks.gt(0).float(), out=mag)
+    codes = mag.to(torch.int8 if signed else torch.uint8).view(-1)[:n]
     return codes, absmax
 
 
@@ -65,10 +75,10 @@ def dequantize_blockwise(codes: torch.Tensor, absmax: torch.Tensor, shape: Seque
     """Inverse of :func:`quantize_blockwise`, as fp32 of ``shape``."""
     n = codes.numel()
     levels = 127.0 if signed else 255.0
-    blocks = F.pad(codes.float(), (0, (-n) % block_size)).view(-1, block_size)
-    flat = (blocks * (absmax / levels)[:, None]).view(-1)[:n]
+    # int8 × fp32 promotes inside the multiply: the cast costs no pass of its own.
+    flat = (_blocks(codes, block_size) * (absmax / levels)[:, None]).view(-1)[:n]
     if domain == "sqrt":
-        flat = flat * flat.abs()  # sign(y)·y² undoes sign(x)·√|x|
+        flat = flat.mul_(flat.abs()) if signed else flat.square_()  # sign(y)·y² undoes sign(x)·√|x|
     return flat.view(*shape)
 
 

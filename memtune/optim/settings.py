@@ -75,6 +75,16 @@ class OptimizerSettings:
     """Divide V by (1 − β2^t) in Muon². NS normalizes away a global scale, so this only moves ε."""
     ns_steps: int = 3
     """Newton-Schulz iterations K (the start value when ``adaptive_ns`` is set)."""
+    ns_schedule: str | None = None
+    """Newton-Schulz coefficients, a name in ``memtune.optim.newton_schulz.NS_SCHEDULES``:
+    "keller" (Keller Jordan's fixed quintic) or "minimax_gram" / "minimax_frobenius"
+    (per-iteration coefficients fitted to the spectra Muon² sees, one schedule per K; they
+    orthogonalize better but trained worse, docs/muon2.md). ``None``: "keller" for both
+    optimizers."""
+    ns_normalize: str | None = None
+    """How NS scales its input: "frobenius" (Muon's ‖G‖_F) or "gram" (the tighter ‖A²‖_F^{1/4}
+    bound, free from the first iteration's A·A). ``None``: "gram" for "muon2" (it won the
+    tuning stage of benchmarks/muon2.py), "frobenius" for "muon" (torch.optim.Muon's)."""
     ns_dtype: str = "bf16"
     """Newton-Schulz compute dtype, "bf16" (Muon's choice; fast on GPUs) or "fp32" (use on CPUs
     without bf16 matmul units: measured 20-30x faster than bf16 on the CI CPU)."""
@@ -109,6 +119,12 @@ class OptimizerSettings:
         check(self.eps_mode in EPS_MODES, f"eps_mode={self.eps_mode!r}: use one of {EPS_MODES}")
         check(self.int8_domain in INT8_DOMAINS, f"int8_domain={self.int8_domain!r}: use one of {INT8_DOMAINS}")
         check(self.ns_dtype in NS_DTYPES, f"ns_dtype={self.ns_dtype!r}: use one of {tuple(NS_DTYPES)}")
+        from memtune.optim.newton_schulz import NS_NORMALIZATIONS, NS_SCHEDULES
+
+        check(self.ns_schedule is None or self.ns_schedule in NS_SCHEDULES,
+              f"ns_schedule={self.ns_schedule!r}: use one of {sorted(NS_SCHEDULES)} or None")
+        check(self.ns_normalize is None or self.ns_normalize in NS_NORMALIZATIONS,
+              f"ns_normalize={self.ns_normalize!r}: use one of {NS_NORMALIZATIONS} or None")
         check(self.ns_steps >= 1, f"ns_steps={self.ns_steps}: need at least 1 Newton-Schulz iteration")
         check(0 <= self.momentum < 1 and 0 <= self.beta2 < 1, "momentum and beta2 must lie in [0, 1)")
         check(self.lr >= 0 and self.adamw_lr >= 0, "learning rates must be >= 0")

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from memtune.optim import AdaptiveNS, Muon2, OptimizerConfigError, newton_schulz
-from memtune.optim.muon2 import factored_second_moment, next_ns_steps, shape_scale
+from memtune.optim.muon2 import MUON2_NS, factored_second_moment, next_ns_steps, shape_scale
 
 SHAPES = [(64, 32), (32, 64), (64, 32), (48, 48)]
 
@@ -53,7 +53,7 @@ def reference_muon2(params, grads_per_step, *, lr, mu, beta2, eps, k, wd, bias_c
             U = (1 - mu) * g + mu * M[i]
             v = V[i] / (1 - beta2**t) if bias_correction else V[i]
             P = U / (v.sqrt() + eps) if eps_mode == "outside" else U / (v + eps).sqrt()
-            O = newton_schulz(P, k, dtype=torch.float32)
+            O = newton_schulz(P, k, MUON2_NS["schedule"], dtype=torch.float32, normalize=MUON2_NS["normalize"])
             scale = max(1.0, p.shape[0] / p.shape[1]) ** 0.5
             params[i] = p * (1 - lr * wd) - lr * scale * O
     return params
@@ -178,3 +178,22 @@ def test_adaptive_ns_rule_and_telemetry():
         p.grad = q.clone()
         opt.step()
     assert opt.ns_telemetry["w"]["ns_steps"] == 2
+
+
+def test_ns_defaults_per_optimizer_and_errors():
+    from memtune.optim import OptimizerSettings, build_optimizer
+    from memtune.zoo import GPT, GPTConfig
+
+    model = GPT(GPTConfig(n_layer=1, n_embd=32, n_head=2, block_size=16))
+    muon = build_optimizer(model, OptimizerSettings(name="muon")).parts["muon"].param_groups[0]
+    assert (muon["ns_coefficients"], muon["ns_normalize"]) == ("keller", "frobenius")   # torch.optim.Muon's
+    muon2 = build_optimizer(model, OptimizerSettings()).parts["muon2"].param_groups[0]
+    assert (muon2["ns_coefficients"], muon2["ns_normalize"]) == (MUON2_NS["schedule"], MUON2_NS["normalize"])
+    chosen = build_optimizer(model, OptimizerSettings(ns_schedule="minimax_gram", ns_normalize="frobenius"))
+    assert chosen.parts["muon2"].param_groups[0]["ns_coefficients"] == "minimax_gram"
+    with pytest.raises(OptimizerConfigError, match="keller"):
+        OptimizerSettings(ns_schedule="polar")
+    with pytest.raises(OptimizerConfigError, match="gram"):
+        OptimizerSettings(ns_normalize="spectral")
+    with pytest.raises(OptimizerConfigError, match="ns_coefficients"):
+        Muon2(make_params(), ns_coefficients=(1.0, 2.0))
