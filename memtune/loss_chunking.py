@@ -33,7 +33,9 @@ _ORIGINAL = "_memtune_loss_original_forward"
 
 def _chunk_loss_sum(h: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                     ignore_index: int) -> torch.Tensor:
-    logits = F.linear(h, weight, bias).float()
+    logits = F.linear(h, weight, bias)
+    if logits.dtype in (torch.bfloat16, torch.float16):
+        logits = logits.float()  # the loss in fp32, as Hugging Face's causal-LM loss does
     return F.cross_entropy(logits, targets, reduction="sum", ignore_index=ignore_index)
 
 
