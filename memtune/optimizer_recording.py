@@ -13,6 +13,8 @@ model replays it; nothing about an optimizer is estimated from a formula.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from .optimizers import FAMILIES, build_optimizer_for, optimizer_split
@@ -44,6 +46,26 @@ def unique_bytes(tensors, nbytes) -> int:
             seen.add(key)
             total += nbytes(t)
     return total
+
+
+def record_optimizer_steps(view, fparams: dict[str, torch.Tensor], config: OptimizerPlan, *, granularity: int,
+                           target: str, foreach: bool, with_grad: set[str], profiled: bool = False,
+                           weights: str | None = None, modes: tuple[bool, ...] = (False,),
+                           order: tuple[str, ...] | None = None) -> list[OptimizerStepProfile]:
+    """:func:`record_optimizer_step` for each in-backward mode in ``modes``. A configuration that
+    is stepped one parameter at a time anyway (offloaded state, bf16 weights) is recorded once:
+    its whole step is the sequence of its per-parameter steps, so one per-parameter recording
+    gives both (the step's temporaries are the largest parameter's)."""
+    per_param = config.offload or weights is not None
+    if per_param and set(modes) == {False, True}:
+        ib = record_optimizer_step(view, fparams, config, granularity=granularity, target=target, foreach=foreach,
+                                   with_grad=with_grad, profiled=False, weights=weights, in_backward=True, order=order)
+        whole = dataclasses.replace(ib, in_backward=False, param_step_bytes=(), profiled=profiled,
+                                    step_transient_bytes=max((b for _, b in ib.param_step_bytes), default=0))
+        return [whole, ib]
+    return [record_optimizer_step(view, fparams, config, granularity=granularity, target=target, foreach=foreach,
+                                  with_grad=with_grad, profiled=profiled and not ib, weights=weights, in_backward=ib,
+                                  order=order) for ib in modes]
 
 
 def record_optimizer_step(view, fparams: dict[str, torch.Tensor], config: OptimizerPlan, *, granularity: int,

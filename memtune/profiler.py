@@ -33,7 +33,7 @@ from .devices import CUDA_ALLOCATION_GRANULARITY, CUDA_WORKSPACE_BYTES, DeviceSp
 from .errors import SampleError, TraceError
 from . import loss_chunking
 from .fake_compat import EAGER_KERNELS, eager_hf_masking, raised_by_fake_kernel, training_configs
-from .optimizer_recording import optimizer_state_tensors, record_optimizer_step, unique_bytes
+from .optimizer_recording import optimizer_state_tensors, record_optimizer_steps, unique_bytes
 from .optimizers import build_optimizer_for
 from .plan import STATE_DTYPES, OptimizerPlan
 from .profile import ModelProfile, OptimizerStepProfile, ParamInfo, StepRecording
@@ -122,8 +122,8 @@ class PlanSpace:
         if self.weights is not None:
             return tuple(dict.fromkeys((None, *self.weights)))
         trainable = [p for p in params.values() if p.requires_grad and p.is_floating_point()]
-        fp32 = bool(trainable) and all(p.dtype == torch.float32 for p in trainable)
-        return (None, "bf16-sr", "bf16-master") if fp32 else (None,)
+        low = bool(trainable) and all(p.dtype in (torch.float32, torch.bfloat16) for p in trainable)
+        return (None, "bf16-sr", "bf16-master") if low else (None,)
 
     def offload_options(self, target_kind: str) -> tuple[bool, ...]:
         if self.state_offload is not None:
@@ -262,13 +262,12 @@ def profile(
     if custom is None:
         # Optimizer steps need no autograd and no fake-tensor bookkeeping: plain meta tensors
         # record the same allocations (checked in tests/test_profiler.py) at half the cost.
-        for cfg, w, ib in _configs_to_record(base_config, space, weight_options, in_backward_options,
-                                             space.offload_options(spec.kind)):
+        for cfg, w in _configs_to_record(base_config, space, weight_options, space.offload_options(spec.kind)):
             meta = _meta_params(named_params, bf16=w is not None)
-            opt_steps.append(record_optimizer_step(
+            opt_steps += record_optimizer_steps(
                 _FakeParamView(model, meta), meta, cfg, granularity=granularity, target=spec.kind,
-                foreach=foreach, with_grad=with_grad, weights=w, in_backward=ib, order=step_order,
-                profiled=(cfg.key == base_config.key and not cfg.offload and w is None and not ib)))
+                foreach=foreach, with_grad=with_grad, weights=w, modes=tuple(in_backward_options), order=step_order,
+                profiled=(cfg.key == base_config.key and not cfg.offload and w is None))
     else:
         opt_steps.append(OptimizerStepProfile(
             name="custom", state_dtype="fp32", ns_steps=0, settings=None, muon_params=(),
@@ -391,16 +390,16 @@ def _profiled_config(optimizer: OptimizerSpec) -> tuple[OptimizerPlan, Callable 
                      "or a callable")
 
 
-def _configs_to_record(base: OptimizerPlan, space: PlanSpace, weight_options, in_backward_options,
-                       offload_options) -> list[tuple[OptimizerPlan, str | None, bool]]:
-    """Every (optimizer configuration, weights, in-backward) the space allows, built like
-    ``base``. An fp32 master copy only makes sense in host memory, so ``bf16-master`` is
-    recorded with offloaded state only."""
+def _configs_to_record(base: OptimizerPlan, space: PlanSpace, weight_options,
+                       offload_options) -> list[tuple[OptimizerPlan, str | None]]:
+    """Every (optimizer configuration, weights) the space allows, built like ``base``. An fp32
+    master copy only makes sense in host memory, so ``bf16-master`` is recorded with offloaded
+    state only."""
     from .optim import OptimizerSettings
     from .optimizers import FAMILIES, ns_floor
 
     if base.name not in FAMILIES:
-        return [(base, None, False)]
+        return [(base, None)]
     families = space.optimizers if space.optimizers is not None else (base.name,)
     if base.name not in families:
         families = (base.name, *families)
@@ -422,9 +421,7 @@ def _configs_to_record(base: OptimizerPlan, space: PlanSpace, weight_options, in
             for w in weight_options:
                 if w == "bf16-master" and not offload:
                     continue
-                for ib in in_backward_options:
-                    c = cfg if not offload else OptimizerPlan(**{**_fields(cfg), "offload": True})
-                    out.append((c, w, ib))
+                out.append((cfg if not offload else OptimizerPlan(**{**_fields(cfg), "offload": True}), w))
     return out
 
 

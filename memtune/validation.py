@@ -30,6 +30,8 @@ import types
 import typing
 from typing import Any
 
+import torch
+
 from .errors import ModelMismatchError, PlanFileError, UsageError
 
 _HINTS: dict[type, dict[str, Any]] = {}
@@ -210,7 +212,8 @@ def check_plan_matches_model(model, plan, profile=None) -> None:
     unknown = sorted(listed - set(params))  # parameters it does not list go to AdamW, as apply_plan does
     if unknown:
         diffs.append(f"parameters {unknown[:3]} the plan's optimizer updates are not in the model")
-    raw = sum(p.numel() * p.element_size() for p in params.values())
+    # Sized as the plan stores them: a bf16-weights plan keeps floating parameters in bf16.
+    raw = sum(p.numel() * (2 if plan.weights and p.is_floating_point() else p.element_size()) for p in params.values())
     planned = plan.memory.params_bytes
     # The plan's static bytes include buffers, allocation rounding and kernel workspaces, so
     # they are at least the parameters' own bytes; less means a plan for a smaller model.
@@ -240,7 +243,8 @@ def check_profile_matches_model(model, profile) -> None:
         want, have = recorded[name], params[name]
         if tuple(want.shape) != tuple(have.shape):
             diffs.append(f"{name} has shape {tuple(have.shape)} in the model, {tuple(want.shape)} in the profile")
-        elif want.dtype != str(have.dtype).removeprefix("torch."):
+        elif want.dtype != str(have.dtype).removeprefix("torch.") and not (
+                want.dtype == "float32" and have.dtype == torch.bfloat16):  # stored in bf16 by a bf16-weights plan
             diffs.append(f"{name} is {str(have.dtype).removeprefix('torch.')} in the model, {want.dtype} in the profile")
         if len(diffs) >= 4:
             break

@@ -10,7 +10,7 @@ from memtune.budget import Budget
 from memtune.plan import Plan
 from memtune.profile import ModelProfile
 
-from .options import PlannerOptions, configs, costs_for, make_plan, unit_choices
+from .options import PlannerOptions, choose_tier, configs, costs_for, make_plan, unit_choices
 
 MAX_UNITS = 10
 
@@ -24,12 +24,15 @@ class BrutePlanner:
         best = None
         fqns = [u.fqn for u in profile.units]
         tiers = sorted({cfg.lossiness if options.prefer_lossless else 0 for cfg in configs(profile, options)})
+        per_tier = {}
         for tier in tiers:
             best = self._best(profile, budget, options, fqns, tier)
             if best is not None:
-                return best
-        from .infeasible import infeasible_error
-        raise infeasible_error(profile, budget, options)
+                per_tier[tier] = best
+        if not per_tier:
+            from .infeasible import infeasible_error
+            raise infeasible_error(profile, budget, options)
+        return choose_tier(per_tier, options)
 
     def _best(self, profile, budget, options, fqns, tier):
         best = None

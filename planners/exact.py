@@ -35,7 +35,8 @@ from memtune.profile import ModelProfile
 
 from memtune.timeline import ConfigConstants, TimelineModel
 
-from .options import PlannerOptions, configs, costs_for, make_plan, offload_allowed, timeline_for
+from .options import (PlannerOptions, choose_tier, configs, costs_for, make_plan, offload_allowed, prunable,
+                      timeline_for)
 
 MAX_TIGHTEN = 4
 
@@ -53,13 +54,13 @@ class ExactPlanner:
             tier = cfg.lossiness if options.prefer_lossless else 0
             cands.append((tier, table.base.total_ms, cfg.key, cfg, table))
         cands.sort(key=lambda t: (t[0], t[1], t[2]))
-        best: Plan | None = None
-        best_tier = None
+        per_tier: dict[int, Plan] = {}
         deadline = time.perf_counter() + options.time_limit_s
         for tier, base_ms, _, cfg, table in cands:
-            if best is not None and (tier > best_tier or base_ms >= best.predicted_step_ms - 1e-12):
-                if tier > best_tier:
-                    break  # a less exact configuration is only tried when no more exact one fits
+            best = per_tier.get(tier)
+            if best is not None and base_ms >= best.predicted_step_ms - 1e-12:
+                continue  # cannot beat this tier's best: its time without any recompute is already slower
+            if prunable(per_tier, tier, base_ms, options):
                 continue
             tm, cc = timeline_for(profile, cfg)
             if cc.fixed_peak > U:
@@ -95,12 +96,11 @@ class ExactPlanner:
                 if plan.predicted_peak_bytes > budget.usable_bytes:
                     continue
             if best is None or plan.predicted_step_ms < best.predicted_step_ms - 1e-12:
-                best = dataclasses.replace(plan, notes=notes) if notes else plan
-                best_tier = tier
-        if best is None:
+                per_tier[tier] = dataclasses.replace(plan, notes=notes) if notes else plan
+        if not per_tier:
             from .infeasible import infeasible_error
             raise infeasible_error(profile, budget, options)
-        return best
+        return choose_tier(per_tier, options)
 
 
 def _byte_scale(tm: TimelineModel, cc: ConfigConstants, U: float) -> float:

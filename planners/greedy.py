@@ -27,7 +27,8 @@ from memtune.profile import ModelProfile
 
 from memtune.timeline import ConfigConstants, TimelineModel
 
-from .options import Config, PlannerOptions, configs, costs_for, make_plan, offload_allowed, timeline_for
+from .options import (Config, PlannerOptions, choose_tier, configs, costs_for, make_plan, offload_allowed, prunable,
+                      timeline_for)
 
 DESCENT_EVAL_LIMIT = 200_000
 """Peak evaluations the descent phase may spend per configuration (N² for N units, capped)."""
@@ -40,13 +41,13 @@ class GreedyPlanner:
         U = float(budget.usable_bytes)
         cands = sorted(((costs_for(profile, c, options), c) for c in configs(profile, options)),
                        key=lambda t: (t[1].lossiness if options.prefer_lossless else 0, t[0].base.total_ms, t[1].key))
-        best = None
-        best_tier = None
+        per_tier: dict[int, Plan] = {}
         for table, cfg in cands:
             tier = cfg.lossiness if options.prefer_lossless else 0
-            if best is not None and (tier > best_tier or table.base.total_ms >= best.predicted_step_ms - 1e-12):
-                if tier > best_tier:
-                    break  # a less exact configuration is only tried when no more exact one fits
+            best = per_tier.get(tier)
+            if best is not None and table.base.total_ms >= best.predicted_step_ms - 1e-12:
+                continue
+            if prunable(per_tier, tier, table.base.total_ms, options):
                 continue
             tm, cc = timeline_for(profile, cfg)
             if cc.fixed_peak > U:
@@ -58,22 +59,21 @@ class GreedyPlanner:
             if plan.predicted_peak_bytes > budget.usable_bytes:
                 continue  # the vectorized model and predict_peak disagree (float rounding): skip
             if best is None or plan.predicted_step_ms < best.predicted_step_ms - 1e-12:
-                best = plan
-                best_tier = tier
-        if best is None:
-            # Local search can miss plans that need several units changed at once (docs/planners.md).
-            # The most frugal plan (a min-peak MILP up to max_exact_units units) settles it.
-            from .infeasible import infeasible_error, most_frugal_plan
+                per_tier[tier] = plan
+        if per_tier:
+            return choose_tier(per_tier, options)
+        # Local search can miss plans that need several units changed at once (docs/planners.md).
+        # The most frugal plan (a min-peak MILP up to max_exact_units units) settles it.
+        from .infeasible import infeasible_error, most_frugal_plan
 
-            frugal = most_frugal_plan(profile, budget, options)
-            if frugal.predicted_peak_bytes > budget.usable_bytes:
-                raise infeasible_error(profile, budget, options, frugal=frugal)
-            note = ("the greedy search found no plan; this is the most memory-frugal plan "
-                    "(minimum-peak MILP), which fits but is not time-optimized")
-            return make_plan(profile, budget, Config(frugal.optimizer, frugal.micro_batch_size, frugal.grad_accum_steps,
-                                                     frugal.weights, frugal.optimizer_in_backward, frugal.loss_chunks),
-                             frugal.decisions, planner=self.name, options=options, notes=(note,))
-        return best
+        frugal = most_frugal_plan(profile, budget, options)
+        if frugal.predicted_peak_bytes > budget.usable_bytes:
+            raise infeasible_error(profile, budget, options, frugal=frugal)
+        note = ("the greedy search found no plan; this is the most memory-frugal plan "
+                "(minimum-peak MILP), which fits but is not time-optimized")
+        return make_plan(profile, budget, Config(frugal.optimizer, frugal.micro_batch_size, frugal.grad_accum_steps,
+                                                 frugal.weights, frugal.optimizer_in_backward, frugal.loss_chunks),
+                         frugal.decisions, planner=self.name, options=options, notes=(note,))
 
 
 def fit(tm: TimelineModel, cc: ConfigConstants, table, U: float, *, allow_offload: bool,

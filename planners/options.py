@@ -56,10 +56,15 @@ class PlannerOptions:
     allow_loss_chunking: bool = True
     """Allow computing the head and loss in chunks, where the model allows."""
     prefer_lossless: bool = True
-    """Choose among the plans that change the training numerics least (see
-    :func:`lossiness`) before looking at step time: only when no exact plan fits does the planner
-    reorder summations (micro-batching, chunked loss), then lower state precision, then bf16
-    weights. ``False``: the fastest plan that fits, whatever it changes."""
+    """Prefer the plans that change the training numerics least (see :func:`lossiness`): exact
+    plans first, then ones that reorder sums (micro-batching, chunked loss), then lower state
+    precision, then bf16 weights, unless the more exact plan is more than
+    ``max_lossless_slowdown`` times slower than the fastest plan that fits. ``False``: the
+    fastest plan that fits, whatever it changes."""
+    max_lossless_slowdown: float = 2.0
+    """How much slower (predicted step time, ×) a more exact plan may be and still be preferred
+    (>= 1; ``inf``: always the most exact; 1: always the fastest). At 2, a 7B model in 80 GB takes
+    int8 AdamW state rather than exact fp32 state streamed from host memory at 7× the step time."""
     micro_batch_sizes: tuple[int, ...] | None = None
     """Micro-batch sizes to consider (each must divide the global batch and be recorded);
     ``None``: every recorded size that divides it."""
@@ -75,6 +80,8 @@ class PlannerOptions:
     """:func:`memtune.planning.plan` uses the greedy planner past this many units."""
 
     def __post_init__(self) -> None:
+        if not self.max_lossless_slowdown >= 1.0:
+            raise ValueError(f"max_lossless_slowdown={self.max_lossless_slowdown}: use a factor >= 1 (inf: always exact)")
         names = self.optimizer_names or ()
         bad = [n for n in names if n not in NAMES]
         if bad or (self.optimizer is not None and not names):
@@ -126,6 +133,21 @@ LOSSINESS = {"micro_batching": 1, "loss_chunks": 1, "bf16": 2, "int8": 3, "bf16-
 """How far a choice moves training from the exact fp32 step (higher: further). Unit decisions,
 the optimizer step in backward and state offload change no number (0). Micro-batching and a
 chunked loss only reorder sums. bf16/int8 state and bf16 weights round values."""
+
+
+def choose_tier(per_tier: dict[int, Plan], options: PlannerOptions) -> Plan:
+    """From the fastest plan of each lossiness tier, the most exact one that is at most
+    ``max_lossless_slowdown`` times slower than the fastest of them all."""
+    fastest = min(p.predicted_step_ms for p in per_tier.values())
+    limit = fastest * max(1.0, options.max_lossless_slowdown) + 1e-12
+    return next(per_tier[t] for t in sorted(per_tier) if per_tier[t].predicted_step_ms <= limit)
+
+
+def prunable(per_tier: dict[int, Plan], tier: int, base_ms: float, options: PlannerOptions) -> bool:
+    """Whether a configuration of ``tier`` can be skipped: a more exact tier already has a plan
+    fast enough that this one (at least ``base_ms``) could never be chosen over it."""
+    exact = [p.predicted_step_ms for t, p in per_tier.items() if t < tier]
+    return bool(exact) and min(exact) <= base_ms * max(1.0, options.max_lossless_slowdown)
 
 
 def lossiness(config) -> int:
