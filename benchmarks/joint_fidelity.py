@@ -100,10 +100,12 @@ def _step(model, batch, loss_fn, opt, plan):
     parts = [(batch, 1.0)] if not m else [
         ({k: v[i:i + m] for k, v in batch.items()} if isinstance(batch, dict) else tuple(t[i:i + m] for t in batch), m / n)
         for i in range(0, n, m)]
+    bf16 = getattr(plan, "weights", None) is not None  # bf16 weights compute under bf16 autocast, as the runtime does
     for part, w in parts:
         args, kwargs, target = split_batch(part, loss_fn)
-        out = model(*args, **kwargs)
-        loss = loss_from_output(out, part, target, loss_fn)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            out = model(*args, **kwargs)
+            loss = loss_from_output(out, part, target, loss_fn)
         del out
         (loss if w == 1.0 else loss * w).backward()
         float(loss.detach())
