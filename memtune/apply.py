@@ -157,11 +157,14 @@ def _store_weights(model: nn.Module, weights: str | None) -> dict:
     """Store the floating parameters in bf16 when the plan says so (in place: the Parameter
     objects, their FQNs and any optimizer referencing them are kept). For ``bf16-master`` the
     fp32 values become the master copies, one parameter at a time."""
+    from .stepping import bf16_weight_names
+
     masters = {}
     if not weights:
         return masters
-    for p in model.parameters():
-        if p.is_floating_point() and p.dtype != torch.bfloat16:
+    names = bf16_weight_names(model)
+    for n, p in model.named_parameters():
+        if n in names and p.dtype != torch.bfloat16:
             if weights == "bf16-master" and p.requires_grad:
                 masters[p] = p.detach().float().cpu() if torch.cuda.is_available() else p.detach().clone()
             p.data = p.data.to(torch.bfloat16)

@@ -82,10 +82,12 @@ def record_optimizer_step(view, fparams: dict[str, torch.Tensor], config: Optimi
     Offloaded state lives in host memory: on a CUDA target it is not counted against the
     device (``host_state_bytes``); on a CPU target host memory *is* the device."""
     from .devices import round_allocation
-    from .optimizers import build_optimizer_for
+    from .optimizers import as_on_target
     from .stepping import PlanOptimizer
 
     inner = build_optimizer_for(view, config, foreach=foreach)
+    if inner is not None:
+        as_on_target(inner, target)
     opt = inner
     if inner is not None and (in_backward or config.offload or weights):
         # Stepped one parameter at a time by the class the runtime uses; the recording calls

@@ -34,11 +34,11 @@ from .errors import SampleError, TraceError
 from . import loss_chunking
 from .fake_compat import EAGER_KERNELS, eager_hf_masking, raised_by_fake_kernel, training_configs
 from .optimizer_recording import optimizer_state_tensors, record_optimizer_steps, unique_bytes
-from .optimizers import build_optimizer_for
+from .optimizers import as_on_target, build_optimizer_for
 from .plan import STATE_DTYPES, OptimizerPlan
 from .profile import ModelProfile, OptimizerStepProfile, ParamInfo, StepRecording
 from .recorder import StepRecorder
-from .stepping import PlanOptimizer
+from .stepping import PlanOptimizer, bf16_weight_names
 from .step_recording import assemble_recording, forward_loss, record_step
 from .units import UnitSpec, resolve_units
 
@@ -180,6 +180,7 @@ def profile(
 
     fake_mode = FakeTensorMode(allow_non_fake_inputs=False)
     named_params = dict(model.named_parameters())  # tied parameters appear once
+    bf16_names = bf16_weight_names(model)
     named_buffers = dict(model.named_buffers())
     with fake_mode:
         fparams = {n: _fake_like(p).requires_grad_(p.requires_grad) for n, p in named_params.items()}
@@ -196,7 +197,7 @@ def profile(
         view = _FakeParamView(model, fparams)
         with fake_mode, eager_hf_masking():
             opt = custom(list(p for p in fparams.values() if p.requires_grad)) if custom else \
-                build_optimizer_for(view, base_config, foreach=foreach)
+                as_on_target(build_optimizer_for(view, base_config, foreach=foreach), spec.kind)
             _create_optimizer_state(opt, fparams)
             rec = StepRecorder(granularity=granularity, target=spec.kind)
             try:
@@ -219,13 +220,13 @@ def profile(
             step_order: tuple[str, ...] = ()
             recorder_args = (model, unit_fqns, fbuffers, loss_fn, precision)
             for w in dict.fromkeys("bf16" if w else None for w in weight_options):
-                params = fparams if w is None else _bf16_fakes(named_params)
+                params = fparams if w is None else _bf16_fakes(named_params, bf16_names)
                 if w is None:
                     wopt = opt
                 else:  # the profiled optimizer on bf16 weights, updated as a bf16 plan would
-                    wopt = PlanOptimizer(build_optimizer_for(_FakeParamView(model, params), base_config,
-                                                             foreach=foreach), _FakeParamView(model, params),
-                                         weights="bf16-sr")
+                    inner = as_on_target(build_optimizer_for(_FakeParamView(model, params), base_config,
+                                                             foreach=foreach), spec.kind)
+                    wopt = PlanOptimizer(inner, _FakeParamView(model, params), weights="bf16-sr")
                     _create_optimizer_state(wopt, params)
                 wparams = _unit_params(named_params, params, unit_fqns, granularity)
                 wstate = unique_bytes(optimizer_state_tensors(wopt), nbytes)
@@ -263,7 +264,7 @@ def profile(
         # Optimizer steps need no autograd and no fake-tensor bookkeeping: plain meta tensors
         # record the same allocations (checked in tests/test_profiler.py) at half the cost.
         for cfg, w in _configs_to_record(base_config, space, weight_options, space.offload_options(spec.kind)):
-            meta = _meta_params(named_params, bf16=w is not None)
+            meta = _meta_params(named_params, bf16_names if w is not None else set())
             opt_steps += record_optimizer_steps(
                 _FakeParamView(model, meta), meta, cfg, granularity=granularity, target=spec.kind,
                 foreach=foreach, with_grad=with_grad, weights=w, modes=tuple(in_backward_options), order=step_order,
@@ -317,16 +318,16 @@ def _nbytes(t: torch.Tensor, granularity: int) -> int:
     return round_allocation(t.untyped_storage().nbytes(), granularity)
 
 
-def _bf16_fakes(named_params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def _bf16_fakes(named_params: dict[str, torch.Tensor], bf16_names: set[str]) -> dict[str, torch.Tensor]:
     """Fake parameters as a bf16-weights plan stores them (call under the fake mode)."""
     return {n: torch.empty_strided(tuple(p.shape), tuple(p.stride()),
-                                   dtype=torch.bfloat16 if p.is_floating_point() else p.dtype, device="cpu")
+                                   dtype=torch.bfloat16 if n in bf16_names else p.dtype, device="cpu")
             .requires_grad_(p.requires_grad) for n, p in named_params.items()}
 
 
-def _meta_params(named_params: dict[str, torch.Tensor], *, bf16: bool) -> dict[str, torch.Tensor]:
+def _meta_params(named_params: dict[str, torch.Tensor], bf16_names: set[str]) -> dict[str, torch.Tensor]:
     return {n: torch.empty_strided(tuple(p.shape), tuple(p.stride()),
-                                   dtype=torch.bfloat16 if bf16 and p.is_floating_point() else p.dtype, device="meta")
+                                   dtype=torch.bfloat16 if n in bf16_names else p.dtype, device="meta")
             .requires_grad_(p.requires_grad) for n, p in named_params.items()}
 
 
@@ -587,7 +588,7 @@ def recompute_blockers(model, unit_fqns, fparams, fbuffers, fsample, loss_fn, pr
     forward; a unit that fails that check carries state between calls. Such a unit is taken
     out of the set and the step re-run, until the step goes through."""
     from torch.nn.utils.stateless import _reparametrize_module
-    from torch.utils.checkpoint import CheckpointError, checkpoint
+    from torch.utils.checkpoint import CheckpointError, checkpoint, set_checkpoint_early_stop
 
     modules = dict(model.named_modules())
     blockers: dict[str, str] = {}
@@ -618,7 +619,10 @@ def recompute_blockers(model, unit_fqns, fparams, fbuffers, fsample, loss_fn, pr
         state.update(backward=False, last=None)
         try:
             # Recomputation runs in backward, so the fake parameters must stay swapped in until then.
-            with StepRecorder(), _reparametrize_module(model, {**fparams, **fbuffers}, tie_weights=True):
+            # Early stop would end the recomputation as soon as the first forward's saved tensors are
+            # matched, so a unit that saves more on its second call would pass: recompute all of it.
+            with StepRecorder(), set_checkpoint_early_stop(False), \
+                    _reparametrize_module(model, {**fparams, **fbuffers}, tie_weights=True):
                 _, loss = forward_loss(model, fparams, fbuffers, fsample, loss_fn, precision)
                 state["backward"] = True
                 loss.backward()

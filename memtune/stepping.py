@@ -67,6 +67,16 @@ def _to_host(t: torch.Tensor, host: torch.Tensor | None, pin: bool) -> torch.Ten
     return host
 
 
+def bf16_weight_names(model: nn.Module) -> set[str]:
+    """The parameters a bf16-weights plan stores in bf16: every floating parameter except those
+    of batch norm, whose affine parameters stay fp32 next to its fp32 running statistics (as
+    autocast keeps them; the CPU and cuDNN kernels take bf16 activations with fp32 parameters,
+    but refuse bf16 parameters with fp32 statistics)."""
+    keep = {id(p) for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+            for p in m.parameters(recurse=False)}
+    return {n for n, p in model.named_parameters() if p.is_floating_point() and id(p) not in keep}
+
+
 def stochastic_round_to_bf16(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """``x`` (fp32) rounded to bf16 stochastically: up with probability equal to the distance
     to the lower neighbour, so the rounding is unbiased (E[round(x)] = x) and updates smaller
@@ -95,10 +105,7 @@ class PlanOptimizer(Optimizer):
         self.pin = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.names = {id(p): n for n, p in model.named_parameters()}
         self._where: dict[int, tuple[Optimizer, dict]] = {}
-        for part in getattr(inner, "parts", {"": inner}).values():
-            for group in part.param_groups:
-                for p in group["params"]:
-                    self._where[id(p)] = (part, group)
+        self._index()
         params = [p for g in inner.param_groups for p in g["params"]]
         super().__init__(params, {})
         self.param_groups = inner.param_groups
@@ -114,6 +121,15 @@ class PlanOptimizer(Optimizer):
         if offload:  # the state moves to host memory now, if the inner optimizer already has some
             for p in params:
                 self._offload_state(p)
+
+    def _index(self) -> None:
+        """Map each parameter to its part and group. ``Optimizer.load_state_dict`` replaces the
+        group dicts, so this runs again after a load."""
+        self._where = {}
+        for part in getattr(self.inner, "parts", {"": self.inner}).values():
+            for group in part.param_groups:
+                for p in group["params"]:
+                    self._where[id(p)] = (part, group)
 
     # ------------------------------------------------------------------ behaviour flags
     @property
@@ -174,7 +190,7 @@ class PlanOptimizer(Optimizer):
         if self.weights is not None and p.dtype == torch.bfloat16:
             self._step_bf16(part, group, p)
         else:
-            with _only(group, p, self.names.get(id(p))):
+            with _only(part, group, p, self.names.get(id(p))):
                 part.step()
         if self.offload:
             self._offload_state(p)
@@ -192,7 +208,7 @@ class PlanOptimizer(Optimizer):
         if st:
             state[work] = st
         try:
-            with _only(group, work, self.names.get(id(p))):
+            with _only(part, group, work, self.names.get(id(p))):
                 part.step()
         finally:
             st = state.pop(work, {})
@@ -237,6 +253,8 @@ class PlanOptimizer(Optimizer):
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.inner.load_state_dict(state_dict)
+        self.param_groups = self.inner.param_groups
+        self._index()
         if self.weights:
             self._restore_saved_dtypes(state_dict)
         if self.offload:
@@ -278,18 +296,21 @@ class PlanOptimizer(Optimizer):
 
 
 @contextmanager
-def _only(group: dict, p: torch.Tensor, name: str | None):
-    """Mask ``group`` to the one parameter ``p`` while the inner optimizer steps."""
-    params, names = group["params"], group.get("param_names")
-    group["params"] = [p]
-    if names is not None:
-        group["param_names"] = [name if name is not None else names[0]]
+def _only(part: Optimizer, group: dict, p: torch.Tensor, name: str | None):
+    """Mask ``part`` to the one parameter ``p`` while it steps: ``p``'s group holds only ``p``,
+    and every other group of ``part`` is empty (``part.step()`` steps all its groups)."""
+    saved = [(g, g["params"], g.get("param_names")) for g in part.param_groups]
+    for g in part.param_groups:
+        g["params"] = [p] if g is group else []
+        if g.get("param_names") is not None:
+            g["param_names"] = ([name if name is not None else group["param_names"][0]] if g is group else [])
     try:
         yield
     finally:
-        group["params"] = params
-        if names is not None:
-            group["param_names"] = names
+        for g, params, names in saved:
+            g["params"] = params
+            if names is not None:
+                g["param_names"] = names
 
 
 def rewrap(optimizer: Optimizer, model: nn.Module, *, in_backward: bool, offload: bool,

@@ -162,6 +162,12 @@ class TimelineModel:
         self.optim_start = next(i for i, e in enumerate(ev) if e.name == "optim_start")
         self.optim_end = next(i for i, e in enumerate(ev) if e.name == "optim_end")
         self.bs = np.array([bs.get(f, -1) for f in self.fqns], dtype=np.int64)
+        # Where each unit's backward ends: the next backward boundary after its bwd_start (its
+        # bwd_end, another unit's bwd_start, or the end of backward). "step" events inside it
+        # (in-backward plans) do not end it.
+        bounds = [i for i, e in enumerate(ev) if e.name in ("bwd_start", "bwd_end", "bwd_done", "optim_start")]
+        self.be = np.array([next((i for i in bounds if i > b), len(ev)) if b >= 0 else -1 for b in self.bs],
+                           dtype=np.int64)
         self.fe = np.array([fe.get(f, -1) for f in self.fqns], dtype=np.int64)
         self.ft = np.array([u.fwd_transient_bytes for u in p.units], dtype=np.float64)
         self.recomputable = np.array([not u.recompute_blocker for u in p.units], dtype=bool)
@@ -199,7 +205,8 @@ class TimelineModel:
         self.g_blockers = [k[1] for k in keys]
         self.H = _incidence(self.g_holders, G, N)
         self.Bk = _incidence(self.g_blockers, G, N)
-        # Inputs a checkpoint keeps although nobody saved them (negative drops).
+        # Inputs a checkpoint keeps although nobody saved them (negative drops): from the end of
+        # the unit's forward until its backward is done (the recomputation reads them).
         unsaved = np.zeros(N)
         for k, u in enumerate(p.units):
             if u.fqn in fe and u.fqn in bs:
@@ -248,7 +255,7 @@ class TimelineModel:
             ok = (self.fe >= 0) & (self.bs >= 0)
             w = self.unsaved[ok] * x[ok]
             diff -= np.bincount(self.fe[ok], w, n + 1)
-            diff += np.bincount(self.bs[ok], w, n + 1)
+            diff += np.bincount(self.be[ok], w, n + 1)
         D = np.cumsum(diff)[:n]
         rmask = self.g_restorer >= 0
         R = np.bincount(self.g_restorer[rmask], be[rmask], N) if N else np.zeros(0)

@@ -158,7 +158,7 @@ def solve_config(tm: TimelineModel, cc: ConfigConstants, table, U: float, *, all
         k = tm.unsaved[u] / S
         if k > 0:
             starts.setdefault(int(tm.fe[u]), []).extend(xterms(u, k))
-            starts.setdefault(int(tm.bs[u]), []).extend(xterms(u, -k))
+            starts.setdefault(int(tm.be[u]), []).extend(xterms(u, -k))
     for i in range(n):
         e = [(iD + i, 1.0)] + ([(iD + i - 1, -1.0)] if i else []) + starts.get(i, [])
         add(e, 0.0, 0.0)

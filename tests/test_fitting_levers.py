@@ -59,15 +59,21 @@ def _train(model, opt, batch, steps=3):
 
 @pytest.mark.parametrize("mode", [dict(in_backward=True), dict(offload=True), dict(in_backward=True, offload=True)],
                          ids=["in_backward", "offload", "both"])
-@pytest.mark.parametrize("optimizer", ["adamw", "muon2"])
+@pytest.mark.parametrize("optimizer", ["adamw", "adamw_groups", "muon2"])
 def test_in_backward_and_offload_change_no_number(mode, optimizer):
     """fp32: stepping in backward, or from host memory, gives parameters torch.equal to the
-    ordinary step (same optimizer, same per-matrix Newton-Schulz)."""
+    ordinary step (same optimizer, same per-matrix Newton-Schulz). ``adamw_groups``: two
+    parameter groups (decay / no decay), each parameter stepped once per step."""
     from memtune.optim import OptimizerSettings, build_optimizer
 
     def make_opt(m):
         if optimizer == "adamw":
             return torch.optim.AdamW(m.parameters(), lr=1e-2)
+        if optimizer == "adamw_groups":
+            decay = [p for p in m.parameters() if p.dim() >= 2]
+            return torch.optim.AdamW([{"params": decay, "weight_decay": 0.1},
+                                      {"params": [p for p in m.parameters() if p.dim() < 2], "weight_decay": 0.0}],
+                                     lr=1e-2)
         return build_optimizer(m, OptimizerSettings(ns_dtype="fp32", batch_ns=False)
                                if "batch_ns" in OptimizerSettings.__slots__ else OptimizerSettings(ns_dtype="fp32"))
 

@@ -177,6 +177,9 @@ class HybridOptimizer(Optimizer):
                 "build it with the same OptimizerSettings (and overrides) it was saved with")
         for name, opt in self.parts.items():
             opt.load_state_dict(state_dict[name])
+        # Each part's load replaced its group dicts: point the concatenation (the same list
+        # object, which LR schedulers and wrappers hold) at the new ones.
+        self.param_groups[:] = [g for opt in self.parts.values() for g in opt.param_groups]
 
     # Runtime re-tuner hooks, forwarded to the parts that support them.
     def set_state_dtype(self, state_dtype: str) -> None:

@@ -105,8 +105,13 @@ def test_hybrid_is_one_optimizer_for_schedulers_and_checkpoints():
     model2 = GPT(GPTConfig(n_layer=1, n_embd=32, n_head=2, block_size=16))
     model2.load_state_dict(saved_model)
     opt2 = build_optimizer(model2, OptimizerSettings(lr=0.02, adamw_lr=1e-3, ns_dtype="fp32", state_dtype="int8"))
+    sched2 = torch.optim.lr_scheduler.LambdaLR(opt2, lambda step: 0.5)  # created before the load, as on resume
     opt2.load_state_dict(saved_opt)
+    # The load replaced each part's group dicts: the hybrid's groups (what schedulers write) are the parts' own.
+    assert [id(g) for g in opt2.param_groups] == [id(g) for o in opt2.parts.values() for g in o.param_groups]
     assert all(torch.equal(a, b) for a, b in zip(expected, three_more(model2, opt2)))
+    sched2.step()
+    assert opt2.parts["muon2"].param_groups[0]["lr"] == pytest.approx(0.5 * 0.02)  # the scheduler reaches the parts
 
 
 def test_low_precision_state_tracks_fp32_over_100_steps():

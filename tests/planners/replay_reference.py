@@ -36,10 +36,13 @@ def reference_peak(profile: ModelProfile, plan: Plan) -> int:
                 if bwd_start.get(h) == hi:
                     restored[h] += s.nbytes
                     break
-    for u in p.units:  # a checkpoint keeps its inputs, saved or not
+    for u in p.units:  # a checkpoint keeps its inputs, saved or not, until its backward is done
         if u.fqn in dropped_units and u.fqn in fwd_end and u.fqn in bwd_start:
             unsaved = sum(u.input_storage_bytes) - sum(p.storages[i].nbytes for i in u.input_storages)
-            for i in range(fwd_end[u.fqn], bwd_start[u.fqn]):
+            end = bwd_start[u.fqn] + 1
+            while end < n and ev[end].name not in ("bwd_start", "bwd_end", "bwd_done", "optim_start"):
+                end += 1  # "step" events (in-backward updates) happen inside the unit's backward
+            for i in range(fwd_end[u.fqn], end):
                 dropped[i] -= max(0, unsaved)
     opt = plan_optimizer_memory(p, plan)
     delta = opt.state_bytes - p.optimizer_state_bytes
