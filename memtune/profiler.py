@@ -243,7 +243,8 @@ def profile(
                             # (so fp32 inputs meet bf16 weights correctly), whatever the profiled precision.
                             record_step(vrec, model, unit_fqns, params, fbuffers, part, loss_fn,
                                         "bf16-mixed" if w else precision, wopt, static=(fsample,),
-                                        accumulate_weight=(m / B) if m else None, in_backward=ib)
+                                        accumulate_weight=(m / B) if m else None, in_backward=ib,
+                                        step_optimizer=False)  # priced by the optimizer recordings
                         finally:
                             loss_chunking.remove(model)
                         if ib and not step_order:

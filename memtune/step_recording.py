@@ -40,14 +40,17 @@ def forward_loss(model, fparams, fbuffers, fsample, loss_fn, precision) -> tuple
 
 
 def record_step(rec: StepRecorder, model, unit_fqns, fparams, fbuffers, fsample, loss_fn, precision, opt, *,
-                static: tuple = (), accumulate_weight: float | None = None, in_backward: bool = False) -> None:
+                static: tuple = (), accumulate_weight: float | None = None, in_backward: bool = False,
+                step_optimizer: bool = True) -> None:
     """Run one training step under ``rec``. ``static`` are extra pre-existing tensors (the whole
     batch when ``fsample`` is a micro-batch view of it). With ``accumulate_weight``, every
     trainable parameter already holds a gradient and the loss is scaled by the weight before
     backward (gradient accumulation, as the runtime does it). With ``in_backward``, each
     gradient is freed as soon as it is complete, after a ``step`` event that marks where an
     optimizer step in backward updates that parameter; the optimizer's state is live all step
-    and ``opt.step()`` does not run after backward."""
+    and ``opt.step()`` does not run after backward. Without ``step_optimizer`` the step between
+    ``optim_start`` and ``optim_end`` is not run: the recording is replayed with another
+    recording of the optimizer step, and only needs what is live around it."""
     from .optimizer_recording import optimizer_state_tensors
 
     modules = dict(model.named_modules())
@@ -131,7 +134,7 @@ def record_step(rec: StepRecorder, model, unit_fqns, fparams, fbuffers, fsample,
             rec.params_with_grad = tuple(n for n, p in fparams.items() if p.grad is not None)  # type: ignore[attr-defined]
             rec.mark("bwd_done")
             rec.mark("optim_start")
-            if opt is not None and not in_backward:
+            if opt is not None and not in_backward and step_optimizer:
                 opt.step()
             rec.mark("optim_end")
             if opt is not None:

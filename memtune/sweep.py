@@ -7,6 +7,8 @@
 The planner already picks the fastest recompute set for a budget; what it cannot judge is
 what changes the *maths*: Newton-Schulz steps (3-5), optimizer-state precision, the
 micro-batch, the learning rate, and which planner to trust. Those form the search space.
+A trial changes nothing else that changes the maths: its plans keep fp32 weights and the
+whole loss (lossless levers such as recompute and the optimizer step in backward stay open).
 
 Every trial is planned on the model's profile before it trains. A configuration no plan
 fits (:class:`~memtune.errors.InfeasibleBudgetError`) is pruned without running: such
@@ -170,7 +172,8 @@ def sweep_profile(model, sample, *, loss_fn=None, device: str = "cpu"):
 
     B = batch_size_of(sample)
     space = memtune.PlanSpace(ns_steps=tuple(range(NS_STEPS[0], NS_STEPS[1] + 1)), state_dtypes=STATE_DTYPES,
-                              micro_batch_sizes=tuple(d for d in range(1, B) if B % d == 0) if B else ())
+                              micro_batch_sizes=tuple(d for d in range(1, B) if B % d == 0) if B else (),
+                              weights=(None,), loss_chunks=(None,))
     return memtune.profile(model, sample, loss_fn=loss_fn, target=device, space=space,
                            optimizer=OptimizerSettings(name="muon2", ns_dtype=_ns_dtype(device)))
 
@@ -182,8 +185,9 @@ def _ns_dtype(device: str) -> str:
 
 def planner_options(params: dict[str, Any], batch_size: int | None, device: str | None) -> dict[str, Any]:
     """The :func:`memtune.plan` options a trial's parameters pin down."""
+    # A trial changes what its parameters say and nothing lossy besides: fp32 weights, the whole loss.
     opts: dict[str, Any] = dict(optimizer="muon2", min_ns_steps=params["ns_steps"], max_ns_steps=params["ns_steps"],
-                                state_dtypes=(params["state_dtype"],))
+                                state_dtypes=(params["state_dtype"],), weights=(None,), allow_loss_chunking=False)
     mb = params.get("micro_batch_size")
     if mb is not None and batch_size:
         opts["allow_microbatching"] = mb < batch_size

@@ -61,10 +61,10 @@ def test_bf16_mixed_matches_memtracker_under_autocast(name):
     c = CASES[name]
     torch.manual_seed(0)
     model = c.make()
-    prof = memtune.profile(model, c.batch, loss_fn=c.loss_fn, target="cpu", precision="bf16-mixed")
+    prof = memtune.profile(model, c.batch, loss_fn=c.loss_fn, target="cpu", precision="bf16-mixed", space=memtune.PlanSpace.minimal())
     measured = measure_step(model, c.batch, loss_fn=c.loss_fn, opt=torch.optim.AdamW(model.parameters()), autocast=True)
     assert abs(prof.baseline_peak_bytes - measured) / measured <= 0.05
-    fp32 = memtune.profile(model, c.batch, loss_fn=c.loss_fn, target="cpu")
+    fp32 = memtune.profile(model, c.batch, loss_fn=c.loss_fn, target="cpu", space=memtune.PlanSpace.minimal())
     assert prof.saved_activation_bytes < fp32.saved_activation_bytes
 
 
@@ -135,7 +135,7 @@ def test_a_kept_profile_does_not_keep_the_model_alive():
 
     model = zoo.GPT()
     ref = weakref.ref(model)
-    prof = memtune.profile(model, CASES["gpt"].batch, target="cpu")
+    prof = memtune.profile(model, CASES["gpt"].batch, target="cpu", space=memtune.PlanSpace.minimal())
     del model
     gc.collect()
     assert ref() is None and prof.graph is not None
@@ -177,8 +177,8 @@ def test_summary_is_a_table(profiles):
 
 def test_cuda_target_models_the_device():
     c = CASES["gpt"]
-    cpu = memtune.profile(c.make(), c.batch, target="cpu")
-    cuda = memtune.profile(c.make(), c.batch, target="H100", precision="bf16-mixed")
+    cpu = memtune.profile(c.make(), c.batch, target="cpu", space=memtune.PlanSpace.minimal())
+    cuda = memtune.profile(c.make(), c.batch, target="H100", precision="bf16-mixed", space=memtune.PlanSpace.minimal())
     assert cuda.allocation_granularity == 512 and cuda.target == "cuda"
     assert all(s.nbytes % 512 == 0 for s in cuda.storages)
     assert all(e.peak_bytes % 512 == 0 for e in cuda.timeline)
@@ -197,16 +197,16 @@ def test_cuda_sdpa_kernel_choice_changes_what_is_saved():
     # query positions: a 20-token sequence saves more than on the CPU kernel.
     batch = tuple(torch.randint(0, 256, (2, 20)) for _ in range(2))
     cfg = zoo.GPTConfig(n_layer=2, n_embd=64, n_head=2, block_size=32)
-    cpu = memtune.profile(zoo.GPT(cfg), batch, target="cpu")
-    cuda = memtune.profile(zoo.GPT(cfg), batch, target="H100")
+    cpu = memtune.profile(zoo.GPT(cfg), batch, target="cpu", space=memtune.PlanSpace.minimal())
+    cuda = memtune.profile(zoo.GPT(cfg), batch, target="H100", space=memtune.PlanSpace.minimal())
     assert cuda.units[0].saved_activation_bytes > cpu.units[0].saved_activation_bytes
 
 
 def test_unit_override_by_fqn_and_type():
     c = CASES["gpt"]
-    p = memtune.profile(c.make(), c.batch, target="cpu", units=["transformer.h.1", "transformer.h.3"])
+    p = memtune.profile(c.make(), c.batch, target="cpu", units=["transformer.h.1", "transformer.h.3"], space=memtune.PlanSpace.minimal())
     assert p.unit_fqns == ("transformer.h.1", "transformer.h.3")
-    p = memtune.profile(c.make(), c.batch, target="cpu", units=[zoo.MLPBlockInner])
+    p = memtune.profile(c.make(), c.batch, target="cpu", units=[zoo.MLPBlockInner], space=memtune.PlanSpace.minimal())
     assert p.unit_fqns == tuple(f"transformer.h.{i}.mlp" for i in range(4))
     with pytest.raises(memtune.MemtuneError, match="not a submodule"):
         memtune.profile(c.make(), c.batch, target="cpu", units=["transformer.h.9"])
@@ -256,7 +256,7 @@ def test_hf_moe_profiles_as_it_trains(make, precision):
     batch = {"input_ids": x[:4, :64], "labels": y[:4, :64]}
     torch.manual_seed(0)
     model = make()
-    prof = memtune.profile(model, batch, target="cpu", precision=precision)
+    prof = memtune.profile(model, batch, target="cpu", precision=precision, space=memtune.PlanSpace.minimal())
     measured = measure_step(model, batch, opt=torch.optim.AdamW(model.parameters(), lr=1e-3),
                             autocast=precision == "bf16-mixed")
     assert abs(prof.baseline_peak_bytes - measured) / measured <= 0.03, (prof.baseline_peak_bytes, measured)
@@ -324,7 +324,7 @@ def test_unsafe_recompute_is_found_and_never_planned():
                 x = b(x)
             return x.square().mean()
 
-    prof = memtune.profile(Net(), torch.randn(64, 16), target="cpu", units=["blocks.0", "blocks.1", "blocks.2"])
+    prof = memtune.profile(Net(), torch.randn(64, 16), target="cpu", units=["blocks.0", "blocks.1", "blocks.2"], space=memtune.PlanSpace.minimal())
     blocked = {u.fqn: u.recompute_blocker for u in prof.units if u.recompute_blocker}
     assert list(blocked) == ["blocks.1"] and "different tensors" in blocked["blocks.1"]
     for planner in ("exact", "greedy"):

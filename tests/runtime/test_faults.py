@@ -138,7 +138,8 @@ def test_a_batch_larger_than_the_profiled_one_is_reprofiled_and_said_so():
 
 def test_a_batch_too_large_for_the_budget_names_the_mismatch():
     one = batches(1, batch_size=1)[0]
-    fits_one = int(memtune.profile(gpt(), one, optimizer="muon2", target="cpu").baseline_peak_bytes * 1.05)
+    fits_one = int(memtune.profile(gpt(), one, optimizer="muon2", target="cpu",
+                                      space=memtune.PlanSpace.minimal()).baseline_peak_bytes * 1.05)
     trainer = memtune.fit(gpt(), fits_one, sample=one, progress=False, device="cpu", allow_microbatching=False)
     with pytest.raises(InfeasibleBudgetError, match="batch of 16 samples, larger than the 1 the profile was made with"):
         trainer.train(batches(2, batch_size=16), steps=2)

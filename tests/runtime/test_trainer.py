@@ -38,7 +38,8 @@ def batches(n, batch_size=16, block=128, seed=0):
 
 def baseline_peak(model, batch) -> int:
     """The unplanned peak (Muon² optimizer, as fit uses) of this model on this batch."""
-    return memtune.profile(model, batch, optimizer="muon2", target="cpu").baseline_peak_bytes
+    return memtune.profile(model, batch, optimizer="muon2", target="cpu",
+                           space=memtune.PlanSpace.minimal()).baseline_peak_bytes
 
 
 def test_fit_at_half_the_unplanned_peak_stays_in_budget_and_learns():
@@ -72,10 +73,10 @@ def _run(model, data, budget, inject=None, **kw):
 
 
 def test_injected_oom_is_recovered_with_an_identical_loss_trajectory():
-    data = batches(8)
-    budget = int(baseline_peak(gpt(), data[0]) * 0.9)
-    clean = _run(gpt(), data, budget, allow_microbatching=False)
-    faulty = _run(gpt(), data, budget, inject=dict(step=3, phase="backward"), allow_microbatching=False)
+    data = batches(8, batch_size=8, block=64)
+    budget = int(baseline_peak(gpt(2, 64), data[0]) * 0.9)
+    clean = _run(gpt(2, 64), data, budget, allow_microbatching=False)
+    faulty = _run(gpt(2, 64), data, budget, inject=dict(step=3, phase="backward"), allow_microbatching=False)
     assert faulty.step_count == clean.step_count == len(data)
     assert [h["loss"] for h in faulty.history] == [h["loss"] for h in clean.history]
     assert [h["oom_retries"] for h in faulty.history][3] == 1
@@ -89,8 +90,8 @@ def test_injected_oom_is_recovered_with_an_identical_loss_trajectory():
 def test_oom_that_never_stops_fails_as_a_step_that_kept_failing(tmp_path):
     """Plans that fit exist, so this is not "budget too small": a StepFailedError that names
     the intact checkpoint."""
-    data = batches(3)
-    trainer = memtune.fit(gpt(), int(baseline_peak(gpt(), data[0]) * 0.9), progress=False, device="cpu",
+    data = batches(3, batch_size=8, block=64)
+    trainer = memtune.fit(gpt(2, 64), int(baseline_peak(gpt(2, 64), data[0]) * 0.9), progress=False, device="cpu",
                           max_oom_retries=2, checkpoint_path=tmp_path / "ck.pt", checkpoint_every=1)
     trainer.train(data[:1], steps=1)
     saved = (tmp_path / "ck.pt").read_bytes()
@@ -103,8 +104,8 @@ def test_oom_that_never_stops_fails_as_a_step_that_kept_failing(tmp_path):
 def test_real_budget_overrun_on_cpu_raises_oom_and_replans():
     """A budget below what the plan really needs: the CPU guard raises torch.OutOfMemoryError,
     as CUDA would, and the runtime re-plans with the measured peak."""
-    data = batches(4)
-    model = gpt()
+    data = batches(4, batch_size=8, block=64)
+    model = gpt(2, 64)
     budget = baseline_peak(model, data[0]) // 2
     trainer = memtune.fit(model, budget, progress=False, device="cpu")
     trainer.step(data[0])
@@ -121,8 +122,8 @@ def test_real_budget_overrun_on_cpu_raises_oom_and_replans():
 
 
 def test_replayed_telemetry_tightens_at_step_k_and_relaxes_after_release():
-    data = batches(16)
-    model = gpt()
+    data = batches(16, batch_size=8, block=64)
+    model = gpt(2, 64)
     usable = baseline_peak(model, data[0])  # the whole unplanned peak fits at first
     ctx = 512 * 2**20
     total = ctx + 2 * usable
