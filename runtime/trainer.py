@@ -424,7 +424,7 @@ class Trainer:
                         raise _NonFiniteStep(float(loss.detach()), [])
                     self._phase = "backward"
                     self._maybe_inject("backward")
-                    (loss if weight == 1.0 else loss * weight).backward()
+                    self._backward(loss if weight == 1.0 else loss * weight)
                     total += float(loss.detach()) * weight
                     del loss
                 if guard is not None:
@@ -440,14 +440,12 @@ class Trainer:
                             "resume from the last checkpoint, lower the learning rate, or plan with "
                             "allow_optimizer_in_backward=False to have non-finite steps caught before any update")
                 else:
-                    bad = safety.non_finite_gradients(self.model) if math.isfinite(total) else []
+                    check = self._checks_gradients and math.isfinite(total)
+                    bad = safety.non_finite_gradients(self.model) if check else []
                     if bad or not math.isfinite(total):
                         raise _NonFiniteStep(total, bad)  # before the step: nothing non-finite is ever applied
-                if self.max_grad_norm is not None:
-                    torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.max_grad_norm)
                 self._phase = "optimizer"
-                self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=True)
+                self._optimizer_step()
             finally:
                 if guard is not None:
                     self._guard_peak = guard.peak_bytes
@@ -459,6 +457,23 @@ class Trainer:
         else:
             peak = None
         return total, peak
+
+    _checks_gradients = True
+    """Whether a step checks every gradient for NaN/inf before stepping (a loop with an AMP
+    ``GradScaler`` leaves that to the scaler, which skips such steps itself)."""
+
+    def _backward(self, loss: torch.Tensor) -> None:
+        """Backward of one micro-batch's (weighted) loss; :class:`~memtune.runtime.session.Session`
+        scales it for an AMP ``GradScaler``."""
+        loss.backward()
+
+    def _optimizer_step(self) -> None:
+        """Clip (``max_grad_norm``), step and zero the gradients: the only part of a step that
+        changes parameters, so an OOM here is not retried."""
+        if self.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.max_grad_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
 
     def _free_failed_step(self) -> None:
         self._phase = "idle"
