@@ -93,3 +93,35 @@ def test_compiled_session_fits_its_budget_and_recovers_from_oom_with_one_recompi
             assert abs(h["peak_bytes"] - h["predicted_peak_bytes"]) / h["peak_bytes"] < 0.05, h
     losses = [h["loss"] for h in history]
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.8, losses
+
+
+def test_relaxing_stops_at_max_compiled_plans_but_seen_plans_and_tightening_still_apply():
+    """Another process takes memory at step 1 (tighten: allowed), gives half of it back at step 4
+    (relax to a plan never compiled: refused at max_compiled_plans=2), then the rest at step 7
+    (relax to the first plan, whose graph is cached: allowed)."""
+    from memtune.runtime import RetuneConfig
+    from memtune.runtime.telemetry import SyntheticDevice
+
+    model = gpt()
+    data = [CORPUS.batch("train", 8, 64, generator=torch.Generator().manual_seed(i)) for i in range(11)]
+    usable = memtune.profile(model, data[0], optimizer="adamw", target="cpu",
+                             space=memtune.PlanSpace.minimal()).baseline_peak_bytes
+    ctx = 512 * 2**20
+    total = ctx + 2 * usable
+    device = SyntheticDevice(total_bytes=total, our_reserved_bytes=usable // 4, context_bytes=ctx)
+    device = device.grab(int(usable * 0.2), at_step=1, release_step=4).grab(total - ctx - int(usable * 0.95), at_step=1,
+                                                                            release_step=7)
+    compiled = torch.compile(model, backend="aot_eager")
+    with memtune.session(compiled, usable, optimizer="adamw", device="cpu", telemetry=[device.replay(12)],
+                         retune_config=RetuneConfig(relax_after_steps=1), allow_microbatching=False,
+                         max_compiled_plans=2, planner_options=dict(allow_loss_chunking=False, state_dtypes=("fp32",),
+                                                                    weights=(None,), allow_optimizer_in_backward=False)) as s:
+        for b in data:
+            s.step(b)
+    kinds = [(e["kind"], e["step"]) for e in s.events]
+    assert kinds[0] == ("initial", 0) and kinds[1][0] == "tighten"
+    capped = [e for e in s.events if e["kind"] == "relax-compile-cap"]
+    assert capped and 4 <= capped[0]["step"] < 7 and "max_compiled_plans=2" in capped[0]["reason"]
+    relaxed = [e for e in s.events if e["kind"] == "relax"]
+    assert relaxed and relaxed[0]["step"] >= 7 and relaxed[0]["compiled_plans"] == 2
+    assert s.history[-1]["compiled_graphs"] == 2
