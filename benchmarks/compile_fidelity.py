@@ -201,7 +201,7 @@ def main() -> None:
                 "no activation_memory_budget setting reached memtune's measured peak"))
     table = "\n".join(lines)
     print(table)
-    write("compile_fidelity", {"rows": rows, "activation_memory_budget": amb, "comparisons": comparisons},
+    write("compile_fidelity_quick" if args.quick else "compile_fidelity", {"rows": rows, "activation_memory_budget": amb, "comparisons": comparisons},
           "# torch.compile: predicted vs measured peak, and activation_memory_budget\n\n" + table + "\n")
 
 
