@@ -23,7 +23,7 @@ import memtune
 from memtune import zoo
 from memtune.data import TextCorpus
 from memtune.integrations.hf import MemtuneCallback
-from memtune.runtime.session import _optimizer_builder
+from memtune.runtime.session import optimizer_builder
 from memtune.units_fmt import fmt_bytes
 
 
@@ -49,7 +49,7 @@ def main() -> None:
 
     sample = {"input_ids": torch.stack(rows[:8]), "labels": torch.stack(rows[:8])}
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
-    unplanned = memtune.profile(model, sample, optimizer=_optimizer_builder(opt, model), target="cpu",
+    unplanned = memtune.profile(model, sample, optimizer=optimizer_builder(opt, model), target="cpu",
                                 space=memtune.PlanSpace.minimal()).baseline_peak_bytes
     budget = int(unplanned * args.fraction)
     callback = MemtuneCallback(budget=budget)

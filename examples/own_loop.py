@@ -21,7 +21,7 @@ import torch
 import memtune
 from memtune import zoo
 from memtune.data import TextCorpus
-from memtune.runtime.session import _optimizer_builder
+from memtune.runtime.session import optimizer_builder
 from memtune.units_fmt import fmt_bytes
 
 
@@ -41,7 +41,7 @@ def main() -> None:
     first = next(batches)
     runnable = torch.compile(model) if args.compile else model
 
-    unplanned = memtune.profile(model, first, optimizer=_optimizer_builder(opt, model), target="cpu",
+    unplanned = memtune.profile(model, first, optimizer=optimizer_builder(opt, model), target="cpu",
                                 space=memtune.PlanSpace.minimal()).baseline_peak_bytes
     budget = int(unplanned * args.fraction)
     print(f"unplanned peak {fmt_bytes(unplanned)}; budget {fmt_bytes(budget)}")

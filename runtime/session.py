@@ -85,7 +85,7 @@ class Session(Trainer):
     # ------------------------------------------------------------------ the user's optimizer
     def _default_settings(self, name: str, settings: Any):
         if self.user_optimizer is not None:
-            return _optimizer_builder(self.user_optimizer, self.model)
+            return optimizer_builder(self.user_optimizer, self.model)
         return super()._default_settings(name, settings)
 
     def _plan_space(self):
@@ -174,8 +174,9 @@ def _check_optimizer_params(model: nn.Module, optimizer: torch.optim.Optimizer) 
                          "build the optimizer on model.parameters() (after moving the model to its device)")
 
 
-def _optimizer_builder(optimizer: torch.optim.Optimizer, model: nn.Module):
-    """A callable that builds ``optimizer``'s class with its param groups' hyperparameters on
+def optimizer_builder(optimizer: torch.optim.Optimizer, model: nn.Module):
+    """``memtune.profile(model, batch, optimizer=optimizer_builder(opt, model))`` profiles with
+    your optimizer, as a session does. A callable that builds ``optimizer``'s class with its param groups' hyperparameters on
     the profiler's fake parameters, so the profile records that optimizer's own state and step
     (for :func:`memtune.profile`'s ``optimizer=callable``). Fake parameters arrive in the order
     of ``model.named_parameters()`` restricted to those that require grad."""

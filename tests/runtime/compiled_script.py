@@ -27,9 +27,9 @@ def main(backend: str, fraction: float) -> None:
     data = [corpus.batch("train", 8, 128, generator=g) for _ in range(10)]
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     compiled = torch.compile(model, backend=backend)
-    from memtune.runtime.session import _optimizer_builder
+    from memtune.runtime.session import optimizer_builder
 
-    unplanned = memtune.profile(compiled, data[0], optimizer=_optimizer_builder(opt, model), target="cpu",
+    unplanned = memtune.profile(compiled, data[0], optimizer=optimizer_builder(opt, model), target="cpu",
                                 space=memtune.PlanSpace.minimal()).baseline_peak_bytes
     budget = int(unplanned * fraction)
     with memtune.session(compiled, budget, optimizer=opt, device="cpu", allow_microbatching=False,

@@ -17,7 +17,7 @@ from memtune.apply import applied_decisions  # noqa: E402
 from memtune.data import TextCorpus  # noqa: E402
 from memtune.errors import InfeasibleBudgetError  # noqa: E402
 from memtune.integrations.hf import MemtuneCallback  # noqa: E402
-from memtune.runtime.session import _optimizer_builder  # noqa: E402
+from memtune.runtime.session import optimizer_builder  # noqa: E402
 
 CORPUS = TextCorpus.load()
 STEPS = 6
@@ -40,7 +40,7 @@ def unplanned_peak() -> int:
     model, ds = llama(), dataset()
     batch = {k: torch.stack([d[k] for d in ds[:4]]) for k in ("input_ids", "labels")}
     opt = torch.optim.AdamW(model.parameters())
-    return memtune.profile(model, batch, optimizer=_optimizer_builder(opt, model), target="cpu",
+    return memtune.profile(model, batch, optimizer=optimizer_builder(opt, model), target="cpu",
                            space=memtune.PlanSpace.minimal()).baseline_peak_bytes
 
 

@@ -12,7 +12,7 @@ peft = pytest.importorskip("peft")
 import memtune  # noqa: E402
 from memtune import zoo  # noqa: E402
 from memtune.data import TextCorpus  # noqa: E402
-from memtune.runtime.session import _optimizer_builder  # noqa: E402
+from memtune.runtime.session import optimizer_builder  # noqa: E402
 from memtune.optimizer_recording import optimizer_state_tensors  # noqa: E402
 from memtune.runtime.memguard import TensorMemoryGuard  # noqa: E402
 from reference import train_step  # noqa: E402
@@ -39,7 +39,7 @@ def test_frozen_parameters_get_no_gradient_or_state_in_profile_and_plan():
     assert trainable and all("lora_" in n for n in trainable)
     lora_bytes = sum(p.numel() * p.element_size() for p in trainable.values())
     opt = torch.optim.AdamW(trainable.values())
-    prof = memtune.profile(model, batch, optimizer=_optimizer_builder(opt, model), target="cpu",
+    prof = memtune.profile(model, batch, optimizer=optimizer_builder(opt, model), target="cpu",
                            space=memtune.PlanSpace.minimal())
     assert prof.grad_bytes == lora_bytes
     assert prof.optimizer_state_bytes == 2 * lora_bytes + 4 * len(trainable)  # exp_avg, exp_avg_sq, step
@@ -60,7 +60,7 @@ def test_lora_llama_trains_in_a_session_within_budget_and_keeps_frozen_weights()
     model = lora_llama()
     data = batches(10)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-2)
-    unplanned = memtune.profile(model, data[0], optimizer=_optimizer_builder(opt, model), target="cpu",
+    unplanned = memtune.profile(model, data[0], optimizer=optimizer_builder(opt, model), target="cpu",
                                 space=memtune.PlanSpace.minimal()).baseline_peak_bytes
     budget = int(unplanned * 0.7)
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}

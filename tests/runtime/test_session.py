@@ -35,9 +35,9 @@ def batches(n, batch_size=8, block=128, seed=0):
 
 def unplanned_peak(model, batch, opt, loss_fn=None) -> int:
     """The unplanned peak of one step with ``opt``'s class and hyperparameters."""
-    from memtune.runtime.session import _optimizer_builder
+    from memtune.runtime.session import optimizer_builder
 
-    return memtune.profile(model, batch, optimizer=_optimizer_builder(opt, model), target="cpu",
+    return memtune.profile(model, batch, optimizer=optimizer_builder(opt, model), target="cpu",
                            loss_fn=loss_fn, space=memtune.PlanSpace.minimal()).baseline_peak_bytes
 
 
