@@ -34,6 +34,8 @@ _LAZY = {
     "PLANNERS": ("memtune.planners", "PLANNERS"),
     "fit": ("memtune.runtime.trainer", "fit"),
     "Trainer": ("memtune.runtime.trainer", "Trainer"),
+    "session": ("memtune.runtime.session", "session"),
+    "Session": ("memtune.runtime.session", "Session"),
     "sweep": ("memtune.sweep", "sweep"),
 }
 

@@ -52,6 +52,9 @@ def apply_plan(model: nn.Module, plan: Plan, *, optimizer: torch.optim.Optimizer
             hyperparameters; everything that decides memory (optimizer, NS steps and dtype, state
             precision, parameter split) is the plan's, as the profile recorded it.
     """
+    from .compiled import unwrap
+
+    model = unwrap(model)  # under torch.compile, plan the module Dynamo traces; the next call recompiles it
     check_plan_matches_model(model, plan)
     modules = dict(model.named_modules())
     missing = [u for u in plan.decisions if u not in modules]
@@ -81,6 +84,9 @@ def apply_plan(model: nn.Module, plan: Plan, *, optimizer: torch.optim.Optimizer
 def remove_plan(model: nn.Module) -> None:
     """Undo :func:`apply_plan`'s forward changes: every unit runs its own forward again and the
     loss is no longer chunked. Parameters a plan stored in bf16 stay in bf16."""
+    from .compiled import unwrap
+
+    model = unwrap(model)
     loss_chunking.remove(model)
     for m in model.modules():
         if _ORIGINAL in m.__dict__:

@@ -168,6 +168,9 @@ def profile(
             chunked loss. Default: every plan the default planner options can return.
     """
     t0 = time.perf_counter()
+    from .compiled import unwrap
+
+    model = unwrap(model)  # a torch.compile wrapper: profile the module it compiles (its FQNs, its forwards)
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     space = space or PlanSpace()

@@ -2,6 +2,7 @@
 
 from .retune import RetuneConfig, Retuner
 from .telemetry import Telemetry, TelemetrySample
+from .session import Session, session
 from .trainer import Trainer, fit
 
-__all__ = ["RetuneConfig", "Retuner", "Telemetry", "TelemetrySample", "Trainer", "fit"]
+__all__ = ["RetuneConfig", "Retuner", "Session", "Telemetry", "TelemetrySample", "Trainer", "fit", "session"]

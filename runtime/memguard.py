@@ -70,3 +70,56 @@ class TensorMemoryGuard(TorchDispatchMode):
                 f"over the {fmt_bytes(self.limit_bytes)} budget"
             )
         return out
+
+
+class HostPeakMeter:
+    """The step's peak host memory from the process's resident-set high-water mark, for code a
+    dispatch mode cannot see into: under an active ``TorchDispatchMode`` Dynamo does not run
+    compiled graphs (the step would silently run eager), and inductor's kernels allocate their
+    buffers below the dispatcher. Linux only (``/proc/self/clear_refs`` resets ``VmHWM``).
+
+    ``peak_bytes`` = (high-water mark during the step − resident size before it) + the bytes of
+    the tensors tracked before the step, so it is comparable with :class:`TensorMemoryGuard`.
+    It is exact when large allocations are mmapped and returned on free: start the process with
+    ``MALLOC_MMAP_THRESHOLD_=4096`` (glibc; 65536 is enough when activations are MBs). Otherwise freed memory may stay resident and the
+    meter reads high, never low: the runtime then plans more conservatively."""
+
+    def __init__(self) -> None:
+        self.peak_bytes: int | None = None
+        self._base: int | None = None
+        self._static = 0
+
+    @staticmethod
+    def available() -> bool:
+        import os
+
+        return os.path.exists("/proc/self/clear_refs") and os.access("/proc/self/clear_refs", os.W_OK)
+
+    @staticmethod
+    def _status(key: str) -> int:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key):
+                    return int(line.split()[1]) * 1024
+        raise OSError(f"/proc/self/status has no {key}")
+
+    def track(self, objs: Iterable[Any]) -> None:
+        leaves, _ = tree_flatten(list(objs))
+        seen = {}
+        for t in leaves:
+            if isinstance(t, torch.Tensor) and t.device.type == "cpu":
+                st = t.untyped_storage()
+                seen[st.data_ptr()] = st.nbytes()
+        self._static = sum(seen.values())
+
+    def __enter__(self) -> "HostPeakMeter":
+        import gc
+
+        gc.collect()
+        self._base = self._status("VmRSS")
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset the high-water mark to the current resident size
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.peak_bytes = max(0, self._status("VmHWM") - self._base) + self._static

@@ -46,7 +46,7 @@ from memtune.validation import (check_plan_matches_model, check_profile_matches_
 
 from . import checkpoint as ckpt
 from . import safety
-from .memguard import TensorMemoryGuard
+from .memguard import HostPeakMeter, TensorMemoryGuard
 from .retune import RetuneConfig, RetuneDecision, Retuner
 from .telemetry import HostSource, Telemetry, TelemetrySource, default_sources
 
@@ -84,7 +84,7 @@ class Trainer:
                  metrics_path: str | Path | None = None, checkpoint_path: str | Path | None = None,
                  checkpoint_every: int = 0, max_oom_retries: int = 4, enforce_budget: bool = True,
                  progress: bool = True, planner_options: dict | None = None, on_nonfinite: str = "raise",
-                 max_skipped_batches: int = 10, max_grad_norm: float | None = None):
+                 max_skipped_batches: int = 10, max_grad_norm: float | None = None, max_compiled_plans: int = 4):
         check_single_process()
         safety.check_trainable(model)
         if on_nonfinite not in safety.NONFINITE_POLICIES:
@@ -122,6 +122,13 @@ class Trainer:
             self.planner_options["allow_optimizer_in_backward"] = False
         self.skipped_batches = 0
         self._saved_step: int | None = None
+        from memtune.compiled import RecompileCounter, is_compiled
+
+        self.compiled = is_compiled(model)
+        """Whether ``model`` is a ``torch.compile`` wrapper: plans go to the module it compiles."""
+        self.max_compiled_plans = max_compiled_plans
+        self._compiled_plans: list[Plan] = []
+        self._recompiles = RecompileCounter() if self.compiled else None
         if telemetry is None:
             sources = default_sources(self.device) if self.device.type == "cuda" else [HostSource()]
             telemetry = Telemetry(sources, jsonl_path=metrics_path)
@@ -268,6 +275,8 @@ class Trainer:
         self.plan = plan
         self.plan_budget_bytes = plan.usable_bytes
         self.plan_version += 1
+        if self.compiled and not any(_same_plan(plan, p) for p in self._compiled_plans):
+            self._compiled_plans.append(plan)  # Dynamo compiles it on the next step; seen plans reuse their graphs
         event = {"step": self.step_count, "kind": kind, "reason": reason, "plan_version": self.plan_version,
                  "budget_bytes": plan.usable_bytes, "predicted_peak_bytes": plan.predicted_peak_bytes,
                  "predicted_step_ms": plan.predicted_step_ms, "recompute": list(plan.recompute_units),
@@ -275,6 +284,8 @@ class Trainer:
                  "micro_batch_size": plan.micro_batch_size, "grad_accum_steps": plan.grad_accum_steps}
         if old is not None:
             event["changes"] = _plan_changes(old, plan)
+        if self.compiled:
+            event["compiled_plans"] = len(self._compiled_plans)
         self.events.append(event)
         log.info("plan v%d (%s) at step %d: %s; %s", self.plan_version, kind, self.step_count, reason,
                  event.get("changes", plan.summary().splitlines()[0]))
@@ -398,16 +409,21 @@ class Trainer:
         return nullcontext()
 
     def _run(self, batch: Any) -> tuple[float, int | None]:
-        guard = None
-        if self.device.type == "cpu" and self.enforce_budget:
+        guard = meter = None
+        if self.device.type == "cpu" and self.compiled:
+            # A dispatch-mode guard would make Dynamo run the compiled model eagerly: measure the
+            # compiled step from the outside instead (enforced between steps by the retuner).
+            meter = HostPeakMeter() if HostPeakMeter.available() else None
+            graphs_before = self._recompiles.graphs
+        elif self.device.type == "cpu" and self.enforce_budget:
             guard = TensorMemoryGuard(self.budget.usable_bytes)
             self._guard_peak = None
         elif self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         total = 0.0
-        with guard if guard is not None else nullcontext():
-            if guard is not None:
-                guard.track([list(self.model.parameters()), list(self.model.buffers()), optimizer_state_tensors(self.optimizer),
+        with guard if guard is not None else meter if meter is not None else nullcontext():
+            if guard is not None or meter is not None:
+                (guard or meter).track([list(self.model.parameters()), list(self.model.buffers()), optimizer_state_tensors(self.optimizer),
                              tree_flatten(batch)[0]])
             try:
                 in_backward = self.plan.optimizer_in_backward
@@ -424,7 +440,7 @@ class Trainer:
                         raise _NonFiniteStep(float(loss.detach()), [])
                     self._phase = "backward"
                     self._maybe_inject("backward")
-                    (loss if weight == 1.0 else loss * weight).backward()
+                    self._backward(loss if weight == 1.0 else loss * weight)
                     total += float(loss.detach()) * weight
                     del loss
                 if guard is not None:
@@ -440,25 +456,43 @@ class Trainer:
                             "resume from the last checkpoint, lower the learning rate, or plan with "
                             "allow_optimizer_in_backward=False to have non-finite steps caught before any update")
                 else:
-                    bad = safety.non_finite_gradients(self.model) if math.isfinite(total) else []
+                    check = self._checks_gradients and math.isfinite(total)
+                    bad = safety.non_finite_gradients(self.model) if check else []
                     if bad or not math.isfinite(total):
                         raise _NonFiniteStep(total, bad)  # before the step: nothing non-finite is ever applied
-                if self.max_grad_norm is not None:
-                    torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.max_grad_norm)
                 self._phase = "optimizer"
-                self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=True)
+                self._optimizer_step()
             finally:
                 if guard is not None:
                     self._guard_peak = guard.peak_bytes
         self._phase = "idle"
         if guard is not None:
             peak = guard.peak_bytes
+        elif meter is not None:
+            # A step that compiled also holds the compiler's memory: not a measurement of the step.
+            peak = meter.peak_bytes if self._recompiles.graphs == graphs_before else None
         elif self.device.type == "cuda":
             peak = torch.cuda.max_memory_allocated(self.device)
         else:
             peak = None
         return total, peak
+
+    _checks_gradients = True
+    """Whether a step checks every gradient for NaN/inf before stepping (a loop with an AMP
+    ``GradScaler`` leaves that to the scaler, which skips such steps itself)."""
+
+    def _backward(self, loss: torch.Tensor) -> None:
+        """Backward of one micro-batch's (weighted) loss; :class:`~memtune.runtime.session.Session`
+        scales it for an AMP ``GradScaler``."""
+        loss.backward()
+
+    def _optimizer_step(self) -> None:
+        """Clip (``max_grad_norm``), step and zero the gradients: the only part of a step that
+        changes parameters, so an OOM here is not retried."""
+        if self.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.max_grad_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
 
     def _free_failed_step(self) -> None:
         self._phase = "idle"
@@ -504,6 +538,8 @@ class Trainer:
                   "oom_retries": retries, "correction": round(self.retuner.correction, 4)}
         if ns:
             record["ns"] = ns
+        if self._recompiles is not None:
+            record["compiled_graphs"] = self._recompiles.graphs
         sample = self.telemetry.sample(self.step_count, **{k: v for k, v in record.items() if k != "step"})
         record["telemetry"] = {k: v for k, v in sample.to_dict().items() if v is not None and k not in ("step",)}
         self.history.append(record)
@@ -530,6 +566,14 @@ class Trainer:
             return
         if _same_plan(plan, self.plan):
             self.plan_budget_bytes = plan.usable_bytes
+            return
+        if (self.compiled and decision.kind == "relax" and len(self._compiled_plans) >= self.max_compiled_plans
+                and not any(_same_plan(plan, p) for p in self._compiled_plans)):
+            # Each new plan recompiles the model; relaxing only buys speed, so stop compiling new
+            # plans past the cap (tightening and OOM recovery still re-plan: they keep the run alive).
+            self.events.append({"step": self.step_count, "kind": "relax-compile-cap", "budget_bytes": target,
+                                "reason": f"{decision.reason}; not relaxed: {len(self._compiled_plans)} plans compiled "
+                                          f"already (max_compiled_plans={self.max_compiled_plans})"})
             return
         self._install(plan, kind=decision.kind, reason=decision.reason)
 
@@ -636,7 +680,10 @@ class Trainer:
         path = Path(path or self.checkpoint_path or "memtune-checkpoint.pt")
         if self.plan is None:
             raise MemtuneError("nothing to save yet: the trainer has not run a step")
-        model_state, optim_state = self.model.state_dict(), self.optimizer.state_dict()
+        from memtune.compiled import unwrap
+
+        # The module's own keys: a compiled wrapper would prefix them with "_orig_mod.".
+        model_state, optim_state = unwrap(self.model).state_dict(), self.optimizer.state_dict()
         bad = ckpt.non_finite_tensors(model_state, "model") + ckpt.non_finite_tensors(optim_state, "optimizer")
         if bad:
             raise NonFiniteError(f"refusing to write checkpoint {path}: {len(bad)} tensors hold NaN or inf (e.g. "
@@ -671,13 +718,17 @@ class Trainer:
             raise CheckpointError(f"checkpoint {path} is inconsistent: its plan was made for profile "
                                   f"{plan.profile_hash}, but it holds profile {profile.fingerprint}; resume from "
                                   "another checkpoint or start over")
-        check_state_dict_matches_model(model, state["model"], source=f"checkpoint {path}")
-        check_profile_matches_model(model, profile)
-        check_plan_matches_model(model, plan, profile)
+        from memtune.compiled import unwrap
+
+        check_state_dict_matches_model(unwrap(model), state["model"], source=f"checkpoint {path}")
+        check_profile_matches_model(unwrap(model), profile)
+        check_plan_matches_model(unwrap(model), plan, profile)
         fit_kwargs.setdefault("checkpoint_path", path)
         trainer = cls(model, budget, **fit_kwargs)
         trainer.profile = profile
-        trainer.model.load_state_dict(state["model"])
+        from memtune.compiled import unwrap
+
+        unwrap(trainer.model).load_state_dict(state["model"])
         trainer._install(plan, kind="resume", reason=f"resumed from {path} at step {state['step']}")
         try:
             trainer.optimizer.load_state_dict(state["optimizer"])
@@ -734,7 +785,14 @@ def fit(model: nn.Module, budget: int | str | Budget = "24GB", **kwargs) -> Trai
     max_oom_retries (4, per step), enforce_budget (True), progress (True);
     on_nonfinite: ``"raise"`` (default: a NaN/inf loss or gradient stops the run before the
         optimizer step) or ``"skip"`` (skip the batch, with an event); max_skipped_batches (10
-        in a row before even ``"skip"`` stops).
+        in a row before even ``"skip"`` stops); max_grad_norm: clip the global gradient norm;
+    max_compiled_plans (4): with a ``torch.compile``-d model, how many distinct plans the
+        runtime may compile before it stops relaxing to new ones (each new plan is one recompile;
+        a plan seen before reuses its graphs).
+
+    ``model`` may be ``torch.compile(model)``: plans are applied to the module it compiles.
+    On a CPU a compiled step is measured from the process's peak resident memory
+    (:class:`~memtune.runtime.memguard.HostPeakMeter`) rather than guarded op by op.
 
     On CUDA, import memtune before the first CUDA allocation so that its allocator default
     (expandable segments, see :mod:`memtune`) takes effect.
