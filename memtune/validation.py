@@ -215,6 +215,9 @@ def check_plan_matches_model(model, plan, profile=None) -> None:
     # Sized as the plan stores them: a bf16-weights plan keeps floating parameters in bf16.
     raw = sum(p.numel() * (2 if plan.weights and p.is_floating_point() else p.element_size()) for p in params.values())
     planned = plan.memory.params_bytes
+    parallel = getattr(plan, "parallel", None)
+    if parallel is not None and parallel.strategy == "fsdp":
+        planned *= parallel.world_size  # a sharded plan counts one rank's shards
     # The plan's static bytes include buffers, allocation rounding and kernel workspaces, so
     # they are at least the parameters' own bytes; less means a plan for a smaller model.
     if planned and raw > planned:

@@ -1,0 +1,93 @@
+"""memtune.fit under torchrun: two CPU ranks (gloo) against single-process references.
+
+One torchrun launch (``tests/distributed_worker.py``) runs every check; the tests here read its
+per-rank JSON. References:
+
+* exactness: single-process ``memtune.fit`` on the same global batches (fp32 AdamW): the
+  ranks' mean loss equals it within 1e-5 relative, under FSDP2 and under DDP;
+* budget: PyTorch's ``FSDPMemTracker`` on a steady-state step at a per-rank budget below the
+  smallest peak one process can plan (same levers): measured <= budget, within 5% of predicted;
+* agreement: every rank holds the same plan (hash), and an infeasible budget fails on every
+  rank with the same error instead of hanging.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import memtune
+
+HERE = Path(__file__).parent
+sys.path.insert(0, str(HERE))
+import distributed_worker as worker  # noqa: E402
+
+WORLD = 2
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory) -> list[dict]:
+    out = tmp_path_factory.mktemp("dist")
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR",
+                                                             "MASTER_PORT")}
+    env["OMP_NUM_THREADS"] = "1"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD}",
+           str(HERE / "distributed_worker.py"), str(out)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(WORLD)]
+
+
+def _single_process_losses() -> list[float]:
+    trainer = memtune.fit(worker.make_model(), budget="1GB", optimizer="adamw", progress=False)
+    trainer.train(worker.global_batches(WORLD), steps=worker.STEPS)
+    assert trainer.plan.parallel is None
+    return [h["loss"] for h in trainer.history]
+
+
+@pytest.mark.parametrize("strategy", ["fsdp", "ddp"])
+def test_losses_equal_single_process_on_the_global_batch(ranks, strategy):
+    reference = _single_process_losses()
+    for r in ranks:
+        got = r[f"exact_{strategy}"]
+        assert got["strategy"] == strategy
+        assert len(got["losses"]) == worker.STEPS
+        for a, b in zip(got["losses"], reference):
+            assert abs(a - b) <= 1e-5 * abs(b), (strategy, got["losses"], reference)
+    # The losses move: training happened, with gradients synchronized (else each rank's own
+    # batch would give a different trajectory).
+    assert reference[-1] < reference[0]
+
+
+def test_every_rank_holds_the_same_plan(ranks):
+    for key in ("exact_fsdp", "exact_ddp", "budget"):
+        assert len({r[key]["plan_hash"] for r in ranks}) == 1, key
+
+
+def test_per_rank_budget_below_single_process_fits_and_matches_prediction(ranks):
+    for r in ranks:
+        b = r["budget"]
+        assert b["budget_bytes"] < b["single_process_min_peak_bytes"]  # one process cannot plan this
+        assert b["strategy"] == "fsdp"
+        assert b["measured_peak_bytes"] <= b["usable_bytes"]
+        assert abs(b["measured_peak_bytes"] / b["predicted_peak_bytes"] - 1) <= 0.05, b
+
+
+def test_infeasible_budget_fails_on_every_rank_with_the_same_error(ranks):
+    errors = [r["infeasible"]["error"] for r in ranks]
+    assert errors[0] is not None and errors[0].startswith("InfeasibleBudgetError")
+    assert "per rank" in errors[0] and "add ranks" in errors[0]
+    assert len(set(errors)) == 1
+
+
+def test_one_process_is_unchanged():
+    from memtune.distributed import detect
+
+    assert "WORLD_SIZE" not in os.environ or os.environ["WORLD_SIZE"] == "1"
+    assert detect(torch.device("cpu")) is None
