@@ -25,7 +25,6 @@ from __future__ import annotations
 import dataclasses
 import enum
 import math
-import os
 import types
 import typing
 from typing import Any
@@ -287,17 +286,8 @@ def check_state_dict_matches_model(model, state: dict, *, source: str) -> None:
                                  f"{'; '.join(diffs[:4])}. Resume with the architecture and config that wrote it")
 
 
-def check_single_process() -> None:
-    """Refuse a launch memtune's trainer does not support: several ranks (``torchrun``,
-    ``WORLD_SIZE`` > 1) would each train their own copy of the model, unsynchronised."""
-    world = os.environ.get("WORLD_SIZE", "1")
-    if world.isdigit() and int(world) > 1:
-        raise UsageError(f"WORLD_SIZE={world}: memtune.fit trains in one process, and under torchrun every rank "
-                         "would train its own unsynchronised copy; run it as one process (python train.py)")
-
-
 __all__ = ["check_fields", "check_object", "check_plan_matches_model", "check_profile_consistency",
-           "check_profile_matches_model", "check_run_rows", "check_single_process", "check_state_dict_matches_model"]
+           "check_profile_matches_model", "check_run_rows", "check_state_dict_matches_model"]
 
 
 def check_run_rows(rows: Any, *, source: str) -> list[dict]:

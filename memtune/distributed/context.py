@@ -21,7 +21,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from memtune.errors import MemtuneError
+from memtune.errors import MemtuneError, UsageError
 
 
 class DistributedError(MemtuneError):
@@ -65,7 +65,7 @@ def detect(device: torch.device | None = None) -> DistributedContext | None:
             return None
         missing = [k for k in ("RANK", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
         if missing:
-            raise DistributedError(f"WORLD_SIZE={_env_world_size()} but {', '.join(missing)} is not set; launch with "
+            raise UsageError(f"WORLD_SIZE={_env_world_size()} but {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not set; launch with "
                                    "torchrun --nproc_per_node N, or call torch.distributed.init_process_group first")
         cuda = device is not None and device.type == "cuda" or (device is None and torch.cuda.is_available())
         dist.init_process_group("nccl" if cuda else "gloo")
