@@ -91,3 +91,24 @@ def test_one_process_is_unchanged():
 
     assert "WORLD_SIZE" not in os.environ or os.environ["WORLD_SIZE"] == "1"
     assert detect(torch.device("cpu")) is None
+
+
+def test_cli_plans_one_rank_of_a_cluster_from_one_machine(ranks, tmp_path, capsys):
+    """``memtune plan --world-size 2`` on this CPU finds a per-rank plan at the budget the ranks
+    trained in, where one process has none."""
+    from memtune import cli
+    from memtune.plan import Plan
+
+    batch = worker.local(worker.global_batches(WORLD)[0], 0)
+    exact_levers = memtune.PlanSpace(micro_batch_sizes=(), weights=(None,), in_backward=(False,), state_offload=(False,),
+                                     loss_chunks=(None,))  # the levers both runs share
+    memtune.profile(worker.make_model(), batch, optimizer="adamw", target="cpu",
+                    space=exact_levers).to_json(tmp_path / "profile.json")
+    budget = str(ranks[0]["budget"]["budget_bytes"])
+    args = ["plan", "--profile", str(tmp_path / "profile.json"), "--budget", budget, "--optimizer", "adamw"]
+    assert cli.main(args + ["--world-size", "2", "--link", "loopback", "--out", str(tmp_path / "plan.json")]) == 0
+    plan = Plan.from_json(tmp_path / "plan.json")
+    assert plan.parallel is not None and plan.parallel.world_size == 2 and plan.parallel.strategy == "fsdp"
+    assert plan.predicted_peak_bytes <= plan.usable_bytes
+    assert "fsdp" in capsys.readouterr().out
+    assert cli.main(args + ["--no-microbatching", "--out", str(tmp_path / "single.json")]) == 3  # infeasible alone

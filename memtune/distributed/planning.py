@@ -65,6 +65,9 @@ LINKS: dict[str, Link] = {
 
 STRATEGIES = ("fsdp", "ddp")
 
+DDP_BUCKET_BYTES = 25 * 2**20
+"""``DistributedDataParallel``'s default ``bucket_cap_mb``."""
+
 
 def candidates(profile: ModelProfile, *, strategies: tuple[str, ...] = STRATEGIES) -> list[tuple[str, dict[str, bool]]]:
     """(strategy, reshard_after_forward per unit) for each layout the planner considers, in tie-break order."""
@@ -102,7 +105,8 @@ def comm_seconds(profile: ModelProfile, world_size: int, strategy: str, reshard:
     bw = link.bandwidth_gbps * 1e9
     if strategy == "ddp":
         seconds = 2 * frac * total / bw + 2 * hop
-        first = 0.0  # the all-reduce starts when the first bucket is ready, in backward
+        # Buckets all-reduce while backward runs; the last one (DDP's 25 MiB cap) starts when it ends.
+        first = 2 * frac * min(total, DDP_BUCKET_BYTES) / bw + 2 * hop
     else:
         gathers = total + sum(b for u, b in full_by_unit.items() if u is not None and reshard.get(u, True))
         n_collectives = 2 * len(full_by_unit) + sum(1 for u in full_by_unit if u is not None and reshard.get(u, True))
