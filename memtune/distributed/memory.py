@@ -125,7 +125,9 @@ def _fsdp(p: ModelProfile, N: int, reshard: dict[str, bool]) -> ModelProfile:
             bwd_unit = None
         if name == "bwd_start" and u in full:
             bwd_unit = u
-            last_gathered = full[u]
+            # A unit kept unsharded since its forward is not gathered again; by then the last
+            # forward all-gather's output has been released.
+            last_gathered = full[u] if reshard.get(u, True) else 0
         if name in ("bwd_done", "optim_start", "optim_end", "end"):
             in_step = False
         optim = name == "optim_start"
