@@ -302,9 +302,10 @@ class Trainer:
         if self.optimizer is None and plan.parallel is not None:
             from memtune.distributed import parallelize
 
-            apply_plan(self.model, plan, settings=self.optimizer_settings)  # recompute wrappers first, as torchtitan
             self._forward = parallelize(self.model, plan, self.device)
-            self.optimizer = apply_plan(self.model, plan, settings=self.optimizer_settings)  # on the shards
+            # After sharding: the optimizer steps the shards, and the recompute wrappers go on the
+            # units' own forward, inside FSDP2's hooks.
+            self.optimizer = apply_plan(self.model, plan, settings=self.optimizer_settings)
         elif self.optimizer is None:
             self.optimizer = apply_plan(self.model, plan, settings=self.optimizer_settings)
         else:
@@ -365,6 +366,12 @@ class Trainer:
             except _NonFiniteStep as bad:
                 return self._non_finite(bad)
             except torch.OutOfMemoryError as e:
+                if self.dist is not None:
+                    # The other ranks are inside this step's collectives: a re-plan here alone would
+                    # leave them waiting. torchrun stops them when this rank exits.
+                    raise safety.StepFailedError(
+                        f"out of memory on rank {self.dist.rank} at step {self.step_count}; recovering from an OOM "
+                        "across ranks is not implemented yet: restart the job with a smaller per-device budget") from e
                 in_backward = self._phase == "backward" and not getattr(self.optimizer, "retry_safe", True)
                 if self._phase == "optimizer" or in_backward:
                     self._free_failed_step()
@@ -425,6 +432,9 @@ class Trainer:
         if n is None or not profiled or n <= profiled:
             return
         reason = f"batch of {n} samples, larger than the {profiled} the profile was made with"
+        if self.dist is not None:
+            raise UsageError(f"rank {self.dist.rank}: {reason}; every rank must feed local batches of at most the "
+                             "profiled size (pass sample= with the largest local batch to fit)")
         log.warning("step %d: %s: re-profiling and re-planning", self.step_count, reason)
         from memtune.apply import remove_plan
 
