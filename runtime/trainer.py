@@ -167,9 +167,6 @@ class Trainer:
 
         if self.link not in LINKS:
             raise UsageError(f"link={self.link!r}: choose one of {sorted(LINKS)}")
-        if self.checkpoint_path is not None:
-            raise UsageError("checkpoint_path under torchrun: distributed checkpoints are not implemented yet; "
-                             "run without checkpoint_path, or train in one process")
         # The levers that change how one rank steps are not combined with FSDP2/DDP yet.
         self.allow_microbatching = False
         self.allow_offload = False
@@ -706,6 +703,13 @@ class Trainer:
         path = Path(path or self.checkpoint_path or "memtune-checkpoint.pt")
         if self.plan is None:
             raise MemtuneError("nothing to save yet: the trainer has not run a step")
+        if self.dist is not None:  # a directory written by every rank (torch.distributed.checkpoint)
+            from memtune.distributed import checkpoint as dist_ckpt
+
+            out = dist_ckpt.save(self, path)
+            if self.checkpoint_path is not None and path == self.checkpoint_path:
+                self._saved_step = self.step_count
+            return out
         model_state, optim_state = self.model.state_dict(), self.optimizer.state_dict()
         bad = ckpt.non_finite_tensors(model_state, "model") + ckpt.non_finite_tensors(optim_state, "optimizer")
         if bad:
@@ -730,7 +734,12 @@ class Trainer:
         Everything is checked before the model is touched: the file's checksums and format
         (:func:`memtune.runtime.checkpoint.load`), the plan and profile it holds, and that its
         parameter names, shapes and dtypes are the model's. A budget other than the saved
-        run's is re-planned before the first step, as a fresh ``fit`` would."""
+        run's is re-planned before the first step, as a fresh ``fit`` would. Under torchrun,
+        ``path`` is the directory :mod:`memtune.distributed.checkpoint` wrote."""
+        from memtune.distributed import checkpoint as dist_ckpt
+
+        if dist_ckpt.is_distributed_checkpoint(path):
+            return dist_ckpt.resume(cls, path, model, budget, **fit_kwargs)
         state = ckpt.load(path)
         try:
             profile = ModelProfile.from_dict(state["profile"])

@@ -8,7 +8,10 @@ per-rank JSON. References:
 * budget: PyTorch's ``FSDPMemTracker`` on a steady-state step at a per-rank budget below the
   smallest peak one process can plan (same levers): measured <= budget, within 5% of predicted;
 * agreement: every rank holds the same plan (hash), and an infeasible budget fails on every
-  rank with the same error instead of hanging.
+  rank with the same error instead of hanging;
+* faults: a second launch (``tests/distributed_resume_worker.py``) kills rank 1 with SIGKILL
+  after step 3; torchrun restarts both ranks, which resume from the DCP checkpoint of step 2;
+  the final weights are bit-identical to an uninterrupted run's, and the losses equal.
 """
 
 from __future__ import annotations
@@ -31,16 +34,20 @@ import distributed_worker as worker  # noqa: E402
 WORLD = 2
 
 
-@pytest.fixture(scope="module")
-def ranks(tmp_path_factory) -> list[dict]:
-    out = tmp_path_factory.mktemp("dist")
+def _torchrun(script: str, out: Path, *extra: str) -> None:
     env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR",
                                                              "MASTER_PORT")}
     env["OMP_NUM_THREADS"] = "1"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD}",
-           str(HERE / "distributed_worker.py"), str(out)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD}", *extra,
+           str(HERE / script), str(out)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory) -> list[dict]:
+    out = tmp_path_factory.mktemp("dist")
+    _torchrun("distributed_worker.py", out)
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(WORLD)]
 
 
@@ -112,3 +119,15 @@ def test_cli_plans_one_rank_of_a_cluster_from_one_machine(ranks, tmp_path, capsy
     assert plan.predicted_peak_bytes <= plan.usable_bytes
     assert "fsdp" in capsys.readouterr().out
     assert cli.main(args + ["--no-microbatching", "--out", str(tmp_path / "single.json")]) == 3  # infeasible alone
+
+
+def test_kill_9_of_a_rank_and_a_torchrun_restart_resume_bit_identically(tmp_path):
+    _torchrun("distributed_resume_worker.py", tmp_path, "--max-restarts=1")
+    clean, resumed = (torch.load(tmp_path / f"{n}.pt") for n in ("clean", "resumed"))
+    assert resumed["attempt"] == 1 and "resume" in resumed["events"]  # it was killed, restarted and resumed
+    assert clean["attempt"] == 0 and "resume" not in clean["events"]
+    assert resumed["steps"] == clean["steps"] == list(range(1, 7))  # no step lost or repeated
+    assert resumed["losses"] == clean["losses"]
+    assert clean["weights"].keys() == resumed["weights"].keys()
+    for k, w in clean["weights"].items():
+        assert torch.equal(w, resumed["weights"][k]), k

@@ -49,6 +49,17 @@ def _env_world_size() -> int:
     return int(w) if w.isdigit() else 1
 
 
+def _attempt_store(attempt: int) -> dist.Store:
+    """The rendezvous store of a restarted torchrun attempt, under a prefix of its own: torchrun's
+    agent keeps one store across restarts, and the previous attempt's keys (its ranks' addresses)
+    would otherwise make the new group connect to processes that are gone."""
+    rank = int(os.environ["RANK"])
+    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), _env_world_size(),
+                          is_master=not agent_store and rank == 0)
+    return dist.PrefixStore(f"memtune/attempt{attempt}/", store)
+
+
 def detect(device: torch.device | None = None) -> DistributedContext | None:
     """The data-parallel context of this process, or ``None`` when it runs alone.
 
@@ -68,7 +79,13 @@ def detect(device: torch.device | None = None) -> DistributedContext | None:
             raise UsageError(f"WORLD_SIZE={_env_world_size()} but {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not set; launch with "
                                    "torchrun --nproc_per_node N, or call torch.distributed.init_process_group first")
         cuda = device is not None and device.type == "cuda" or (device is None and torch.cuda.is_available())
-        dist.init_process_group("nccl" if cuda else "gloo")
+        backend = "nccl" if cuda else "gloo"
+        attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+        if attempt:
+            dist.init_process_group(backend, store=_attempt_store(attempt), rank=int(os.environ["RANK"]),
+                                    world_size=_env_world_size())
+        else:
+            dist.init_process_group(backend)
         here = True
     world = dist.get_world_size()
     if world <= 1:
