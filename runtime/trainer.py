@@ -365,10 +365,11 @@ class Trainer:
             except torch.OutOfMemoryError as e:
                 if self.dist is not None:
                     # The other ranks are inside this step's collectives: a re-plan here alone would
-                    # leave them waiting. torchrun stops them when this rank exits.
-                    raise safety.StepFailedError(
-                        f"out of memory on rank {self.dist.rank} at step {self.step_count}; recovering from an OOM "
-                        "across ranks is not implemented yet: restart the job with a smaller per-device budget") from e
+                    # leave them waiting. The evidence goes next to the checkpoint, this rank exits,
+                    # torchrun stops the others and restarts the job, and resume re-plans on all ranks.
+                    from memtune.distributed import checkpoint as dist_ckpt
+
+                    raise dist_ckpt.record_oom(self, e) from e
                 in_backward = self._phase == "backward" and not getattr(self.optimizer, "retry_safe", True)
                 if self._phase == "optimizer" or in_backward:
                     self._free_failed_step()

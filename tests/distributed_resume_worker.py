@@ -1,12 +1,17 @@
-"""A torchrun job that is killed (-9) mid-run and restarted by torchrun, against a clean run.
+"""A torchrun job whose ranks fail twice and are restarted by torchrun, against a clean run.
 
-    torchrun --standalone --nproc_per_node 2 --max-restarts 1 tests/distributed_resume_worker.py OUT_DIR
+    torchrun --standalone --nproc_per_node 2 --max-restarts 2 tests/distributed_resume_worker.py OUT_DIR
 
-First attempt: a clean run of STEPS steps (FSDP2, a DCP checkpoint every 2 steps), its final
-full weights written to ``OUT_DIR/clean.pt``; then the same run again, in which rank 1 kills
-itself with SIGKILL after step 3. torchrun restarts both ranks; the second attempt resumes
-that run from its last checkpoint (step 2) and finishes it, writing ``OUT_DIR/resumed.pt``.
-``tests/test_distributed.py`` asserts the two are bit-identical and the losses equal.
+* attempt 0: a clean run of STEPS steps (FSDP2, a DCP checkpoint every 2 steps), its final full
+  weights written to ``OUT_DIR/clean.pt``; then the same run again (``resumed``), in which rank 1
+  kills itself with SIGKILL after step 3;
+* attempt 1: ``resumed`` resumes from its step-2 checkpoint and finishes; then a third run
+  (``oom``, a checkpoint every step) in which rank 1 alone runs out of memory (injected) in the
+  forward of step 4;
+* attempt 2: ``oom`` resumes from its step-3 checkpoint, every rank re-plans below the plan that
+  failed, and the run finishes.
+
+``tests/test_distributed.py`` asserts that the weights are bit-identical to the clean run's.
 """
 
 from __future__ import annotations
@@ -38,13 +43,16 @@ def batches(rank: int, world: int):
             for k in range(STEPS)]
 
 
-def run(out: Path, name: str, *, kill: bool) -> None:
+def run(out: Path, name: str, *, kill: bool = False, oom: bool = False) -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     path = out / f"{name}.ckpt"
+    options = dict(OPTIONS, checkpoint_every=1 if name == "oom" else 2)
     if is_distributed_checkpoint(path):
-        trainer = memtune.Trainer.resume(path, make_model(), "1GB", **OPTIONS)
+        trainer = memtune.Trainer.resume(path, make_model(), "1GB", **options)
     else:
-        trainer = memtune.fit(make_model(), budget="1GB", checkpoint_path=path, **OPTIONS)
+        trainer = memtune.fit(make_model(), budget="1GB", checkpoint_path=path, **options)
+        if oom and rank == 1:
+            trainer.inject_oom(KILL_AFTER, "forward")
     data = batches(rank, world)
 
     def loader():
@@ -58,6 +66,7 @@ def run(out: Path, name: str, *, kill: bool) -> None:
     if rank == 0:
         torch.save({"weights": weights, "losses": [h["loss"] for h in trainer.history],
                     "steps": [h["step"] for h in trainer.history], "events": [e["kind"] for e in trainer.events],
+                    "recompute": list(trainer.plan.recompute_units),
                     "attempt": int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))}, out / f"{name}.pt")
     dist.barrier()
 
@@ -74,8 +83,10 @@ def main(out: Path) -> None:
     memtune.distributed.detect()  # memtune initializes the group, under its own prefix after a restart
     if not (out / "clean.pt").exists():
         run(out, "clean", kill=False)
-    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
-    run(out, "resumed", kill=not restarted)
+    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    if not (out / "resumed.pt").exists():
+        run(out, "resumed", kill=attempt == 0)
+    run(out, "oom", oom=True)
     dist.destroy_process_group()
 
 

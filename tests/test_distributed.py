@@ -121,13 +121,30 @@ def test_cli_plans_one_rank_of_a_cluster_from_one_machine(ranks, tmp_path, capsy
     assert cli.main(args + ["--no-microbatching", "--out", str(tmp_path / "single.json")]) == 3  # infeasible alone
 
 
-def test_kill_9_of_a_rank_and_a_torchrun_restart_resume_bit_identically(tmp_path):
-    _torchrun("distributed_resume_worker.py", tmp_path, "--max-restarts=1")
-    clean, resumed = (torch.load(tmp_path / f"{n}.pt") for n in ("clean", "resumed"))
+@pytest.fixture(scope="module")
+def restarted(tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("restart")
+    _torchrun("distributed_resume_worker.py", out, "--max-restarts=2")
+    return {n: torch.load(out / f"{n}.pt") for n in ("clean", "resumed", "oom")}
+
+
+def _same_run(clean: dict, other: dict) -> None:
+    assert other["steps"] == clean["steps"] == list(range(1, 7))  # no step lost or repeated
+    assert other["losses"] == clean["losses"]
+    assert clean["weights"].keys() == other["weights"].keys()
+    for k, w in clean["weights"].items():
+        assert torch.equal(w, other["weights"][k]), k
+
+
+def test_kill_9_of_a_rank_and_a_torchrun_restart_resume_bit_identically(restarted):
+    clean, resumed = restarted["clean"], restarted["resumed"]
     assert resumed["attempt"] == 1 and "resume" in resumed["events"]  # it was killed, restarted and resumed
     assert clean["attempt"] == 0 and "resume" not in clean["events"]
-    assert resumed["steps"] == clean["steps"] == list(range(1, 7))  # no step lost or repeated
-    assert resumed["losses"] == clean["losses"]
-    assert clean["weights"].keys() == resumed["weights"].keys()
-    for k, w in clean["weights"].items():
-        assert torch.equal(w, resumed["weights"][k]), k
+    _same_run(clean, resumed)
+
+
+def test_an_oom_on_one_rank_replans_every_rank_and_keeps_the_losses(restarted):
+    clean, oom = restarted["clean"], restarted["oom"]
+    assert oom["attempt"] == 2 and "oom-replan" in oom["events"]
+    assert len(oom["recompute"]) > len(clean["recompute"])  # a tighter plan (the ranks agreed on it by hash)
+    _same_run(clean, oom)  # recompute changes no number

@@ -11,17 +11,28 @@ A checkpoint is a directory:
 It is written to ``<path>.tmp`` and renamed into place by rank 0 after every rank finished
 (a barrier), so a ``kill -9`` at any moment leaves the previous checkpoint whole. Resuming
 (:func:`resume`) rebuilds the plan's layout on a fresh model, then loads the state in place.
+
+**Out of memory across ranks.** A rank that runs out of memory mid-step cannot re-plan alone:
+the others wait in the step's collectives. It writes what failed (step, plan, peak) to
+``<path>.oom-rank<r>.json`` (:func:`record_oom`) and exits with
+:class:`~memtune.errors.StepFailedError`; torchrun stops the other ranks and, with
+``--max-restarts``, restarts the job. :func:`resume` reads every rank's record (the same files on
+every rank), plans every rank below the smallest failed peak with exact-maths options first,
+checks that all ranks hold the same new plan, and retries from the checkpoint: with
+``checkpoint_every=1``, the very batch that failed.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
 from pathlib import Path
 from typing import Any
 
 import torch.distributed as dist
 
-from memtune.errors import CheckpointError, PlanFileError
+from memtune.errors import CheckpointError, PlanFileError, StepFailedError
 from memtune.plan import Plan
 from memtune.profile import ModelProfile
 
@@ -108,6 +119,52 @@ def resume(cls, path: str | Path, model, budget, **fit_kwargs):
     trainer.retuner.load_state_dict(state["retuner"])
     trainer.history = list(state["history"])
     trainer.events = list(state["events"]) + trainer.events[-1:]
+    _replan_after_oom(trainer, path)
     if mine.exists():
         ckpt.set_rng_state(state["rng"])
     return trainer
+
+
+def _oom_records(path: Path) -> list[Path]:
+    return sorted(path.parent.glob(path.name + ".oom-rank*.json"))
+
+
+def record_oom(trainer, error: BaseException) -> StepFailedError:
+    """Write this rank's out-of-memory evidence next to the checkpoint; the error to raise."""
+    import torch
+
+    rank = trainer.dist.rank
+    peak = torch.cuda.max_memory_allocated(trainer.device) if trainer.device.type == "cuda" else None
+    where = trainer.checkpoint_path
+    if where is None:
+        return StepFailedError(
+            f"out of memory on rank {rank} at step {trainer.step_count} ({error}); across ranks the job recovers by "
+            "restarting from a checkpoint: pass checkpoint_path= and checkpoint_every=1 and launch with torchrun "
+            "--max-restarts N, or restart with a smaller per-device budget")
+    record = {"rank": rank, "step": trainer.step_count, "plan_version": trainer.plan_version,
+              "predicted_peak_bytes": trainer.plan.predicted_peak_bytes, "usable_bytes": trainer.plan.usable_bytes,
+              "measured_peak_bytes": peak, "error": str(error)[:500]}
+    target = where.with_name(f"{where.name}.oom-rank{rank}.json")
+    tmp = target.with_name(target.name + f".{os.getpid()}")
+    tmp.write_text(json.dumps(record))
+    os.replace(tmp, target)
+    return StepFailedError(
+        f"out of memory on rank {rank} at step {trainer.step_count} ({error}); recorded in {target}: a torchrun "
+        "restart (--max-restarts) resumes from the last checkpoint with a tighter plan on every rank")
+
+
+def _replan_after_oom(trainer, path: Path) -> None:
+    records = [json.loads(p.read_text()) for p in _oom_records(path)]
+    dist.barrier()  # every rank has read the records before rank 0 removes them
+    if trainer.dist.is_main:
+        for p in _oom_records(path):
+            p.unlink()
+    if not records:
+        return
+    failed_peak = min(r["predicted_peak_bytes"] for r in records)
+    budget = min(trainer.budget.usable_bytes, failed_peak - 1)
+    ranks = sorted({r["rank"] for r in records})
+    plan = trainer._make_plan(budget, lossless=True)  # collective: all ranks plan and agree
+    trainer._install(plan, kind="oom-replan",
+                     reason=f"rank(s) {ranks} ran out of memory at step {min(r['step'] for r in records)} with a plan "
+                            f"predicted at {failed_peak} bytes; re-planned every rank below it")
