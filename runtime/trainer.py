@@ -126,6 +126,8 @@ class Trainer:
             self.planner_options["allow_optimizer_in_backward"] = False
         self.skipped_batches = 0
         self._saved_step: int | None = None
+        if self.dist is not None and metrics_path is not None and not self.dist.is_main:
+            metrics_path = f"{metrics_path}.rank{self.dist.rank}"  # rank 0's file carries every rank's figures
         if telemetry is None:
             sources = default_sources(self.device) if self.device.type == "cuda" else [HostSource()]
             telemetry = Telemetry(sources, jsonl_path=metrics_path)
@@ -572,6 +574,8 @@ class Trainer:
                   "oom_retries": retries, "correction": round(self.retuner.correction, 4)}
         if ns:
             record["ns"] = ns
+        if self.dist is not None:
+            record["ranks"] = _per_rank(peak, step_ms, self.device)
         sample = self.telemetry.sample(self.step_count, **{k: v for k, v in record.items() if k != "step"})
         record["telemetry"] = {k: v for k, v in sample.to_dict().items() if v is not None and k not in ("step",)}
         self.history.append(record)
@@ -823,6 +827,18 @@ def fit(model: nn.Module, budget: int | str | Budget = "24GB", **kwargs) -> Trai
 
 
 # ----------------------------------------------------------------------------- helpers
+def _per_rank(peak: int | None, step_ms: float, device: torch.device) -> dict[str, list]:
+    """Every rank's peak and step time (one small all-gather), so rank 0's metrics show them all."""
+    import torch.distributed as dist
+
+    mine = torch.tensor([-1.0 if peak is None else float(peak), step_ms], dtype=torch.float64,
+                        device=device if dist.get_backend() == "nccl" else "cpu")
+    every = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(every, mine)
+    return {"peak_bytes": [None if t[0] < 0 else int(t[0]) for t in every],
+            "step_ms": [round(float(t[1]), 3) for t in every]}
+
+
 def _mean_over_ranks(value: float, device: torch.device) -> float:
     import torch.distributed as dist
 

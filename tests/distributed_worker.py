@@ -59,6 +59,7 @@ def main(out_dir: Path) -> None:
                               planner_options={"strategies": (strategy,)})
         trainer.train(batches, steps=STEPS)
         result[f"exact_{strategy}"] = {"losses": [h["loss"] for h in trainer.history],
+                                       "ranks": [h["ranks"] for h in trainer.history],
                                        "strategy": trainer.plan.parallel.strategy,
                                        "plan_hash": memtune.distributed.digest(trainer.plan.to_dict()),
                                        "seconds": time.perf_counter() - t0}

@@ -72,6 +72,13 @@ def test_losses_equal_single_process_on_the_global_batch(ranks, strategy):
     assert reference[-1] < reference[0]
 
 
+def test_every_step_reports_every_ranks_figures(ranks):
+    for r in ranks:
+        for row in r["exact_fsdp"]["ranks"]:
+            assert len(row["step_ms"]) == WORLD and all(ms > 0 for ms in row["step_ms"])
+    assert ranks[0]["exact_fsdp"]["ranks"] == ranks[1]["exact_fsdp"]["ranks"]  # gathered, not each rank's own
+
+
 def test_every_rank_holds_the_same_plan(ranks):
     for key in ("exact_fsdp", "exact_ddp", "budget"):
         assert len({r[key]["plan_hash"] for r in ranks}) == 1, key
