@@ -283,6 +283,8 @@ class Trainer:
         opts = {k: v for k, v in opts.items() if k not in ("allow_microbatching", "allow_offload")}
         if self.plan is not None and self.plan.parallel is not None:
             opts["strategies"] = (self.plan.parallel.strategy,)  # a running job keeps its layout
+        agree(self.profile.fingerprint, what="profile of the step",
+              fix="give every rank the same model and local batch shape (and the same precision and optimizer)")
         plan, error = None, None
         try:
             plan = plan_distributed(self.profile, budget, world_size=self.dist.world_size, link=self.link,
