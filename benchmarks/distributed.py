@@ -85,7 +85,6 @@ def worker(args, out: Path) -> None:
         rows.append({"layout": strategy + ("" if reshard is None else f" reshard={reshard}"), "recompute": pattern,
                      "predicted_bytes": predicted, "measured_bytes": measured,
                      "error": predicted / measured - 1, "single_process_baseline_bytes": prof.baseline_peak_bytes})
-        del forward, model, opt
     if rank == 0:
         (out / "rows.json").write_text(json.dumps(rows))
     dist.destroy_process_group()

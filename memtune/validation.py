@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from .errors import ModelMismatchError, PlanFileError, UsageError
+from .errors import ModelMismatchError, PlanFileError
 
 _HINTS: dict[type, dict[str, Any]] = {}
 

@@ -9,7 +9,8 @@ asserts on the files, against single-process references it computes itself. Chec
   global batch, with the layout forced to FSDP2 or DDP;
 * ``budget``: a per-rank budget below what one process can plan; the plan, and the peak of a
   steady-state step measured by PyTorch's ``FSDPMemTracker``;
-* ``infeasible``: a budget no layout fits: the error each rank raised.
+* ``infeasible``: a budget no layout fits: the error each rank raised;
+* ``muon2``: Muon² on FSDP2 shards (owner-rank Newton-Schulz) against Muon² on DDP replicas.
 """
 
 from __future__ import annotations
@@ -45,6 +46,45 @@ def global_batches(world_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 def local(batch, rank: int):
     return tuple(t[rank * LOCAL_BATCH:(rank + 1) * LOCAL_BATCH] for t in batch)
+
+
+def sharded_muon2_against_replicated(rank: int) -> dict:
+    """Muon² on FSDP2 shards (ShardedMuon2: owner-rank Newton-Schulz) against Muon² on DDP
+    replicas, same data, fp32 NS; matrices with row counts that do not divide by the ranks."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.fsdp import fully_shard
+    from torch.nn.parallel import DistributedDataParallel
+
+    from memtune.distributed.muon import ShardedMuon2
+    from memtune.optim import Muon2
+
+    def mlp():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Linear(24, 37, bias=False), torch.nn.Tanh(),
+                                   torch.nn.Linear(37, 53, bias=False), torch.nn.Tanh(), torch.nn.Linear(53, 8, bias=False))
+
+    g = torch.Generator().manual_seed(rank)
+    data = [(torch.randn(16, 24, generator=g), torch.randn(16, 8, generator=g)) for _ in range(STEPS)]
+    kw = dict(lr=0.02, ns_steps=5, ns_dtype=torch.float32)
+    replica = mlp()
+    ddp, ddp_opt = DistributedDataParallel(replica), Muon2(replica.parameters(), **kw)
+    sharded = mlp()
+    for m in sharded:
+        if isinstance(m, torch.nn.Linear):
+            fully_shard(m)
+    fully_shard(sharded)
+    sharded_opt = ShardedMuon2(sharded.parameters(), **kw)
+    for x, y in data:
+        for model, opt in ((ddp, ddp_opt), (sharded, sharded_opt)):
+            torch.nn.functional.mse_loss(model(x), y).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    full = get_model_state_dict(sharded, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if rank != 0:
+        return {}  # the full weights are gathered on rank 0
+    init = mlp().state_dict()
+    return {k: {"rel_diff": float((full[k] - v).norm() / v.norm()), "moved": float((v - init[k]).norm())}
+            for k, v in replica.state_dict().items()}
 
 
 def main(out_dir: Path) -> None:
@@ -106,6 +146,8 @@ def main(out_dir: Path) -> None:
         result["infeasible"] = {"error": None}
     except memtune.MemtuneError as e:
         result["infeasible"] = {"error": f"{type(e).__name__}: {e}"}
+
+    result["muon2"] = sharded_muon2_against_replicated(rank)
 
     (out_dir / f"rank{rank}.json").write_text(json.dumps(result, indent=1))
     dist.destroy_process_group()

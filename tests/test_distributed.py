@@ -79,6 +79,14 @@ def test_every_step_reports_every_ranks_figures(ranks):
     assert ranks[0]["exact_fsdp"]["ranks"] == ranks[1]["exact_fsdp"]["ranks"]  # gathered, not each rank's own
 
 
+def test_sharded_muon2_matches_replicated_muon2(ranks):
+    """Owner-rank Newton-Schulz on gathered shards gives replicated Muon²'s weights: tolerance
+    1e-5 relative (only the order of the cross-rank gradient sums may differ; fp32 NS)."""
+    for name, w in ranks[0]["muon2"].items():
+        assert w["moved"] > 1e-3, name  # the optimizer did update it
+        assert w["rel_diff"] <= 1e-5, (name, w)
+
+
 def test_every_rank_holds_the_same_plan(ranks):
     for key in ("exact_fsdp", "exact_ddp", "budget"):
         assert len({r[key]["plan_hash"] for r in ranks}) == 1, key
