@@ -307,6 +307,10 @@ class Trainer:
             # After sharding: the optimizer steps the shards, and the recompute wrappers go on the
             # units' own forward, inside FSDP2's hooks.
             self.optimizer = apply_plan(self.model, plan, settings=self.optimizer_settings)
+            if plan.parallel.strategy == "fsdp":
+                from memtune.distributed.muon import shard_optimizer
+
+                self.optimizer = shard_optimizer(self.optimizer)  # Newton-Schulz on whole matrices
         elif self.optimizer is None:
             self.optimizer = apply_plan(self.model, plan, settings=self.optimizer_settings)
         else:

@@ -6,7 +6,8 @@ Each rank writes ``OUT_DIR/rank<r>.json``; ``tests/test_distributed.py`` launche
 asserts on the files, against single-process references it computes itself. Checks:
 
 * ``exact_<strategy>``: fp32 AdamW losses of ``memtune.fit`` on this rank's half of each
-  global batch, with the layout forced to FSDP2 or DDP;
+  global batch, with the layout forced to FSDP2 or DDP; ``muon2_<strategy>``: the same with
+  Muon² (sharded, owner-rank Newton-Schulz, under FSDP2);
 * ``budget``: a per-rank budget below what one process can plan; the plan, and the peak of a
   steady-state step measured by PyTorch's ``FSDPMemTracker``;
 * ``infeasible``: a budget no layout fits: the error each rank raised;
@@ -93,16 +94,19 @@ def main(out_dir: Path) -> None:
     batches = [local(b, rank) for b in global_batches(world)]
     result: dict = {"rank": rank, "world_size": world}
 
-    for strategy in ("fsdp", "ddp"):
+    for optimizer, strategy in (("adamw", "fsdp"), ("adamw", "ddp"), ("muon2", "fsdp"), ("muon2", "ddp")):
         t0 = time.perf_counter()
-        trainer = memtune.fit(make_model(), budget="1GB", optimizer="adamw", progress=False,
+        trainer = memtune.fit(make_model(), budget="1GB", optimizer=optimizer, progress=False,
                               planner_options={"strategies": (strategy,)})
         trainer.train(batches, steps=STEPS)
-        result[f"exact_{strategy}"] = {"losses": [h["loss"] for h in trainer.history],
-                                       "ranks": [h["ranks"] for h in trainer.history],
-                                       "strategy": trainer.plan.parallel.strategy,
-                                       "plan_hash": memtune.distributed.digest(trainer.plan.to_dict()),
-                                       "seconds": time.perf_counter() - t0}
+        key = f"exact_{strategy}" if optimizer == "adamw" else f"{optimizer}_{strategy}"
+        result[key] = {"optimizer": type(trainer.optimizer).__name__,
+                       "parts": sorted(type(p).__name__ for p in getattr(trainer.optimizer, "parts", {}).values()),
+                       "losses": [h["loss"] for h in trainer.history],
+                       "ranks": [h["ranks"] for h in trainer.history],
+                       "strategy": trainer.plan.parallel.strategy,
+                       "plan_hash": memtune.distributed.digest(trainer.plan.to_dict()),
+                       "seconds": time.perf_counter() - t0}
 
     # A per-rank budget below the smallest peak one process can plan (same levers: recompute,
     # fp32 AdamW) at this rank's local batch.

@@ -87,8 +87,18 @@ def test_sharded_muon2_matches_replicated_muon2(ranks):
         assert w["rel_diff"] <= 1e-5, (name, w)
 
 
+def test_fit_with_muon2_on_fsdp2_shards_matches_muon2_on_ddp(ranks):
+    """fit(optimizer="muon2") under FSDP2 runs ShardedMuon2 and gives DDP's losses within 1e-5."""
+    for r in ranks:
+        sharded, replicated = r["muon2_fsdp"], r["muon2_ddp"]
+        assert "ShardedMuon2" in sharded["parts"] and "ShardedMuon2" not in replicated["parts"]
+        for a, b in zip(sharded["losses"], replicated["losses"]):
+            assert abs(a - b) <= 1e-5 * abs(b), (sharded["losses"], replicated["losses"])
+        assert sharded["losses"][-1] < sharded["losses"][0]
+
+
 def test_every_rank_holds_the_same_plan(ranks):
-    for key in ("exact_fsdp", "exact_ddp", "budget"):
+    for key in ("exact_fsdp", "exact_ddp", "muon2_fsdp", "muon2_ddp", "budget"):
         assert len({r[key]["plan_hash"] for r in ranks}) == 1, key
 
 

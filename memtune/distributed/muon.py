@@ -11,7 +11,8 @@ scatters after, so the ranks run their NS at the same time.
 
 The update equals replicated Muon² on the same gradients up to the order in which the
 gradients were summed across ranks (``tests/test_distributed.py``: within 1e-5 relative).
-Not yet wired into the planner (which keeps Muon² on DDP) nor into distributed checkpoints.
+:func:`shard_optimizer` swaps the Muon² parts of a freshly built optimizer for this class when
+the plan shards with FSDP2. Its state is not in distributed checkpoints yet.
 """
 
 from __future__ import annotations
@@ -121,3 +122,30 @@ class ShardedMuon2(Muon2):
             self.state[key] = self.state.pop(p)
             return self.state[key]
         return state
+
+
+def shard_optimizer(optimizer):
+    """``optimizer`` (fresh, no state yet) with every :class:`Muon2` (alone or a part of a
+    :class:`memtune.optim.HybridOptimizer`) replaced by a :class:`ShardedMuon2` over the same
+    parameter groups and settings."""
+    from memtune.optim.hybrid import HybridOptimizer
+
+    def convert(opt):
+        if isinstance(opt, Muon2) and not isinstance(opt, ShardedMuon2):
+            if opt.state:
+                raise ValueError("shard_optimizer needs a fresh optimizer (this one already holds state)")
+            return ShardedMuon2([dict(g) for g in opt.param_groups])
+        return opt
+
+    parts = getattr(optimizer, "parts", None)
+    if parts is None:
+        return convert(optimizer)
+    converted = {name: convert(part) for name, part in parts.items()}
+    if all(converted[n] is parts[n] for n in parts):
+        return optimizer
+    return HybridOptimizer(converted)
+
+
+def has_sharded_muon(optimizer) -> bool:
+    parts = getattr(optimizer, "parts", None) or {"": optimizer}
+    return any(isinstance(p, ShardedMuon2) for p in parts.values())

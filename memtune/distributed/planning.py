@@ -17,8 +17,9 @@ The candidate layouts:
 * ``fsdp``, nothing resharded (one all-gather per unit per step);
 * ``ddp``: replicated parameters and state, one gradient all-reduce.
 
-Muon²/Muon need whole matrices for Newton-Schulz, so with them only ``ddp`` is a candidate
-(a note says so); sharded Muon² is not implemented yet.
+Muon²/Muon need whole matrices for Newton-Schulz: under ``fsdp`` they run as
+:class:`memtune.distributed.muon.ShardedMuon2` (owner-rank NS). Their memory is the recorded
+optimizer step scaled to the shards, and the gathers are not priced yet (a note says so).
 """
 
 from __future__ import annotations
@@ -136,10 +137,9 @@ def plan_distributed(profile: ModelProfile, budget: int | str | Budget, *, world
     notes: tuple[str, ...] = ()
     if strategies is None:
         strategies = STRATEGIES
-        if any(n in ("muon2", "muon") for n in names):
-            strategies = ("ddp",)
-            notes = ("Muon²/Muon orthogonalize whole matrices: parameters are replicated (DDP); sharded "
-                     "Muon² is not implemented yet",)
+    if "fsdp" in strategies and any(n in ("muon2", "muon") for n in names):
+        notes = ("under FSDP2, Muon²/Muon orthogonalize each matrix whole on an owner rank "
+                 "(memtune.distributed.muon); the gathers are not priced yet",)
     bad = [s for s in strategies if s not in STRATEGIES]
     if bad:
         raise UsageError(f"unknown strategies {bad}; choose from {STRATEGIES}")
