@@ -135,7 +135,7 @@ class Trainer:
             telemetry = Telemetry(list(telemetry), jsonl_path=metrics_path)
         self.telemetry = telemetry
         self.link = link
-        self._forward = model  # what _run calls: the model, or its DDP wrapper
+        self._forward = self.model  # what _run calls: the model, or its DDP wrapper
         if self.dist is not None:
             self._setup_distributed()
 
