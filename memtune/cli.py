@@ -238,6 +238,11 @@ def _plan_table(plan, prof=None):
     t.add_row("optimizer", f"{o.name}, {o.ns_steps} NS steps, {o.state_dtype} state")
     t.add_row("batch", "the profiled batch, whole" if plan.micro_batch_size is None else
               f"micro-batch {plan.micro_batch_size} x {plan.grad_accum_steps} accumulation")
+    if plan.parallel is not None:
+        par = plan.parallel
+        layout = par.strategy + (f", {sum(par.reshard_after_forward.values())}/{len(par.reshard_after_forward)} units "
+                                 "resharded after forward" if par.strategy == "fsdp" else "")
+        t.add_row("parallel", f"{layout} over {par.world_size} ranks; memory per rank")
     t.add_section()
     for label, v in (("params", m.params_bytes), ("grads", m.grads_bytes), ("optimizer state", m.optimizer_state_bytes),
                      ("saved activations", m.saved_activation_bytes), ("recompute transient", m.recompute_transient_bytes),
@@ -248,6 +253,8 @@ def _plan_table(plan, prof=None):
     for label, v in (("forward", tm.forward_ms), ("backward", tm.backward_ms), ("recompute", tm.recompute_ms),
                      ("Newton-Schulz", tm.ns_ms), ("optimizer", tm.optimizer_ms), ("offload", tm.offload_ms)):
         t.add_row(f"time: {label}", fmt_ms(v))
+    if plan.parallel is not None:
+        t.add_row(f"time: collectives not hidden ({plan.parallel.link})", fmt_ms(plan.parallel.comm_ms))
     for n in plan.notes:
         t.add_row("note", n)
     return t
@@ -297,6 +304,11 @@ def _args_plan(p: argparse.ArgumentParser) -> None:
     p.add_argument("--planner", default=None, choices=("exact", "greedy", "brute"), help="default: exact")
     _add_profile_args(p)
     p.add_argument("--no-microbatching", action="store_true", help="keep the profiled batch whole")
+    p.add_argument("--world-size", type=int, default=1,
+                   help="plan one rank of N data-parallel ranks (FSDP2 or DDP); the sample is one rank's local batch "
+                        "and the budget is per device (default: 1, one process)")
+    p.add_argument("--link", default="nvlink", help="interconnect the collectives are priced on, with --world-size: "
+                                                    "nvlink, pcie, infiniband or loopback (default: nvlink)")
     p.add_argument("--out", default="plan.json", help="where to write the plan JSON (default: plan.json)")
 
 
@@ -314,8 +326,16 @@ def _cmd_plan(args) -> int:
     else:
         raise UsageError("give a model (path/to/file.py:factory) or --profile profile.json")
     device = "cpu" if prof.target == "cpu" else None
-    plan = memtune.plan(prof, _budget(args.budget), args.planner, optimizer=args.optimizer,
-                        allow_microbatching=not args.no_microbatching, **({"device": device} if device else {}))
+    if args.world_size < 1:
+        raise UsageError(f"--world-size {args.world_size}: give the number of ranks, 1 or more")
+    if args.world_size > 1:
+        from memtune.distributed import plan_distributed
+
+        plan = plan_distributed(prof, _budget(args.budget), world_size=args.world_size, link=args.link,
+                                planner=args.planner, optimizer=args.optimizer, **({"device": device} if device else {}))
+    else:
+        plan = memtune.plan(prof, _budget(args.budget), args.planner, optimizer=args.optimizer,
+                            allow_microbatching=not args.no_microbatching, **({"device": device} if device else {}))
     con = _console()
     con.print(_plan_table(plan, prof))
     _write(args.out, plan.to_json, "plan")
@@ -497,7 +517,8 @@ _COMMANDS: dict[str, Command] = {
                        _args_profile, _cmd_profile),
     "plan": Command("choose what to recompute, the optimizer setup and micro-batching for a budget",
                     "memtune plan examples/models.py:tiny_gpt --budget 5MB --planner exact --out plan.json\n"
-                    "  memtune plan --profile profile.json --budget 24GB",
+                    "  memtune plan --profile profile.json --budget 24GB\n"
+                    "  memtune plan --profile profile.json --budget 24GB --world-size 8 --link nvlink",
                     _args_plan, _cmd_plan),
     "fit": Command("train within a budget (profiles, plans and re-plans as it goes)",
                    "memtune fit examples/models.py:gpt_with_data --budget 5MB --steps 50 --metrics run/metrics.jsonl",

@@ -126,6 +126,35 @@ class TimeBreakdown:
 
 
 @dataclass(frozen=True, kw_only=True)
+class ParallelPlan:
+    """How a plan runs across data-parallel ranks (:mod:`memtune.distributed`); every other
+    field of the :class:`Plan` is per rank (the budget is per device)."""
+
+    world_size: int
+    """Ranks the plan was made for (each feeds its own local batch)."""
+    strategy: str = "fsdp"
+    """``fsdp``: FSDP2 ``fully_shard`` on every unit and the root; ``ddp``: replicated
+    parameters, gradients all-reduced (``DistributedDataParallel``)."""
+    reshard_after_forward: dict[str, bool] = field(default_factory=dict)
+    """FSDP2's ``reshard_after_forward`` per unit FQN (True frees the gathered parameters
+    after the unit's forward and gathers them again for backward)."""
+    mixed_precision: str | None = None
+    """``bf16``: FSDP2 ``MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)``."""
+    link: str = "loopback"
+    """The :data:`memtune.distributed.LINKS` entry collectives were priced on."""
+    comm_ms: float = 0.0
+    """Predicted collective time per step that compute does not hide."""
+
+    def __post_init__(self) -> None:
+        if self.world_size < 1:
+            raise ValueError(f"world_size must be >= 1, got {self.world_size}")
+        if self.strategy not in ("fsdp", "ddp"):
+            raise ValueError(f"strategy must be 'fsdp' or 'ddp', got {self.strategy!r}")
+        if self.mixed_precision not in (None, "bf16"):
+            raise ValueError(f"mixed_precision must be None or 'bf16', got {self.mixed_precision!r}")
+
+
+@dataclass(frozen=True, kw_only=True)
 class Plan:
     budget_bytes: int
     usable_bytes: int
@@ -156,6 +185,8 @@ class Plan:
     """Device-table name planned for."""
     notes: tuple[str, ...] = ()
     """What the planner wants the user to know (fallbacks, assumptions)."""
+    parallel: ParallelPlan | None = None
+    """Data parallelism across ranks; ``None``: one process."""
     schema_version: int = PLAN_SCHEMA_VERSION
 
     def __post_init__(self) -> None:
@@ -211,6 +242,8 @@ class Plan:
             kw["memory"] = MemoryBreakdown(**d["memory"])
             kw["time"] = TimeBreakdown(**d["time"])
             kw["notes"] = tuple(d.get("notes", ()))
+            if d.get("parallel") is not None:
+                kw["parallel"] = ParallelPlan(**d["parallel"])
             return check_fields(cls(**kw), what="plan", remedy=_PLAN_REMEDY)
         except PlanFileError:
             raise
@@ -251,5 +284,11 @@ class Plan:
             + (f", state offload {fmt_ms(t.state_offload_ms)}" if t.state_offload_ms else "")
             + (f", chunked loss {fmt_ms(t.loss_ms)}" if t.loss_ms else ""),
         ]
+        if self.parallel is not None:
+            par = self.parallel
+            lines.append(f"  parallel: {par.strategy} over {par.world_size} ranks ({par.link}), collectives "
+                         f"{fmt_ms(par.comm_ms)} not hidden; memory and budget per rank"
+                         + (f"; resharded after forward: {sum(par.reshard_after_forward.values())}/"
+                            f"{len(par.reshard_after_forward)} units" if par.strategy == "fsdp" else ""))
         lines += [f"  note: {n}" for n in self.notes]
         return "\n".join(lines)

@@ -25,14 +25,13 @@ from __future__ import annotations
 import dataclasses
 import enum
 import math
-import os
 import types
 import typing
 from typing import Any
 
 import torch
 
-from .errors import ModelMismatchError, PlanFileError, UsageError
+from .errors import ModelMismatchError, PlanFileError
 
 _HINTS: dict[type, dict[str, Any]] = {}
 
@@ -215,6 +214,9 @@ def check_plan_matches_model(model, plan, profile=None) -> None:
     # Sized as the plan stores them: a bf16-weights plan keeps floating parameters in bf16.
     raw = sum(p.numel() * (2 if plan.weights and p.is_floating_point() else p.element_size()) for p in params.values())
     planned = plan.memory.params_bytes
+    parallel = getattr(plan, "parallel", None)
+    if parallel is not None and parallel.strategy == "fsdp":
+        planned *= parallel.world_size  # a sharded plan counts one rank's shards
     # The plan's static bytes include buffers, allocation rounding and kernel workspaces, so
     # they are at least the parameters' own bytes; less means a plan for a smaller model.
     if planned and raw > planned:
@@ -284,17 +286,8 @@ def check_state_dict_matches_model(model, state: dict, *, source: str) -> None:
                                  f"{'; '.join(diffs[:4])}. Resume with the architecture and config that wrote it")
 
 
-def check_single_process() -> None:
-    """Refuse a launch memtune's trainer does not support: several ranks (``torchrun``,
-    ``WORLD_SIZE`` > 1) would each train their own copy of the model, unsynchronised."""
-    world = os.environ.get("WORLD_SIZE", "1")
-    if world.isdigit() and int(world) > 1:
-        raise UsageError(f"WORLD_SIZE={world}: memtune.fit trains in one process, and under torchrun every rank "
-                         "would train its own unsynchronised copy; run it as one process (python train.py)")
-
-
 __all__ = ["check_fields", "check_object", "check_plan_matches_model", "check_profile_consistency",
-           "check_profile_matches_model", "check_run_rows", "check_single_process", "check_state_dict_matches_model"]
+           "check_profile_matches_model", "check_run_rows", "check_state_dict_matches_model"]
 
 
 def check_run_rows(rows: Any, *, source: str) -> list[dict]:

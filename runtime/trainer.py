@@ -41,8 +41,7 @@ from memtune.planners.options import lossiness
 from memtune.profile import ModelProfile
 from memtune.profiler import optimizer_state_tensors
 from memtune.units_fmt import fmt_bytes
-from memtune.validation import (check_plan_matches_model, check_profile_matches_model, check_single_process,
-                                check_state_dict_matches_model)
+from memtune.validation import check_plan_matches_model, check_profile_matches_model, check_state_dict_matches_model
 
 from . import checkpoint as ckpt
 from . import safety
@@ -84,14 +83,20 @@ class Trainer:
                  metrics_path: str | Path | None = None, checkpoint_path: str | Path | None = None,
                  checkpoint_every: int = 0, max_oom_retries: int = 4, enforce_budget: bool = True,
                  progress: bool = True, planner_options: dict | None = None, on_nonfinite: str = "raise",
-                 max_skipped_batches: int = 10, max_grad_norm: float | None = None, max_compiled_plans: int = 4):
-        check_single_process()
+                 max_skipped_batches: int = 10, max_grad_norm: float | None = None, max_compiled_plans: int = 4,
+                 link: str = "loopback"):
         safety.check_trainable(model)
         if on_nonfinite not in safety.NONFINITE_POLICIES:
             raise UsageError(f"on_nonfinite={on_nonfinite!r}: use 'raise' (stop with an error) or 'skip' (skip the batch)")
+        from memtune.distributed import detect
+
         self.device = safety.training_device(device)
+        self.dist = detect(self.device)
+        """The data-parallel job this trainer is a rank of (``None``: one process); see :mod:`memtune.distributed`."""
         if self.device.type == "cuda" and self.device.index is None:
-            self.device = torch.device("cuda", torch.cuda.current_device())
+            self.device = torch.device("cuda", self.dist.local_rank if self.dist else torch.cuda.current_device())
+            if self.dist:
+                torch.cuda.set_device(self.device)
         if precision is None:
             precision = "bf16-mixed" if self.device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
         self.precision = precision
@@ -129,12 +134,18 @@ class Trainer:
         self.max_compiled_plans = max_compiled_plans
         self._compiled_plans: list[Plan] = []
         self._recompiles = RecompileCounter() if self.compiled else None
+        if self.dist is not None and metrics_path is not None and not self.dist.is_main:
+            metrics_path = f"{metrics_path}.rank{self.dist.rank}"  # rank 0's file carries every rank's figures
         if telemetry is None:
             sources = default_sources(self.device) if self.device.type == "cuda" else [HostSource()]
             telemetry = Telemetry(sources, jsonl_path=metrics_path)
         elif not isinstance(telemetry, Telemetry):
             telemetry = Telemetry(list(telemetry), jsonl_path=metrics_path)
         self.telemetry = telemetry
+        self.link = link
+        self._forward = self.model  # what _run calls: the model, or its DDP wrapper
+        if self.dist is not None:
+            self._setup_distributed()
 
         self.profile: ModelProfile | None = None
         self.plan: Plan | None = None
@@ -160,6 +171,20 @@ class Trainer:
             torch.cuda.set_per_process_memory_fraction(min(1.0, cap / total), self.device)
 
     # ------------------------------------------------------------------ setup
+    def _setup_distributed(self) -> None:
+        """Restrict this rank to what is implemented across ranks (docs/distributed.md)."""
+        from memtune.distributed import LINKS
+
+        if self.link not in LINKS:
+            raise UsageError(f"link={self.link!r}: choose one of {sorted(LINKS)}")
+        # The levers that change how one rank steps are not combined with FSDP2/DDP yet.
+        self.allow_microbatching = False
+        self.allow_offload = False
+        self.planner_options.update(weights=(None,), allow_optimizer_in_backward=False, allow_state_offload=False,
+                                    allow_loss_chunking=False)
+        # Ranks re-planning on their own telemetry could diverge; plans change only together.
+        self.retune_enabled = False
+
     def _default_settings(self, name: str, settings: Any):
         from memtune.optim import OptimizerSettings
 
@@ -250,21 +275,59 @@ class Trainer:
         last: InfeasibleBudgetError | None = None
         for opts in self._plan_options(lossless=lossless):
             try:
+                if self.dist is not None:
+                    return self._plan_distributed(budget, opts)
                 return make_plan(self.profile, budget, self.planner, reserve=self.budget.reserve_bytes, **opts)
             except InfeasibleBudgetError as e:
                 last = e
         assert last is not None
         raise last
 
+    def _plan_distributed(self, budget: int, opts: dict) -> Plan:
+        """One rank's plan; every rank plans (from identical profiles) and they must agree, so a
+        rank that cannot fit, or a divergent plan, fails on all ranks with the same error."""
+        from memtune.distributed import agree, all_ranks_ok, plan_distributed
+
+        opts = {k: v for k, v in opts.items() if k not in ("allow_microbatching", "allow_offload")}
+        if self.plan is not None and self.plan.parallel is not None:
+            opts["strategies"] = (self.plan.parallel.strategy,)  # a running job keeps its layout
+        agree(self.profile.fingerprint, what="profile of the step",
+              fix="give every rank the same model and local batch shape (and the same precision and optimizer)")
+        plan, error = None, None
+        try:
+            plan = plan_distributed(self.profile, budget, world_size=self.dist.world_size, link=self.link,
+                                    planner=self.planner, reserve=self.budget.reserve_bytes, **opts)
+        except MemtuneError as e:
+            error = e
+        all_ranks_ok(error)
+        agree(plan.to_dict(), what="plan",
+              fix="give every rank the same model, budget and local batch shape, so that the profiles are the same")
+        return plan
+
     def _install(self, plan: Plan, *, kind: str, reason: str) -> None:
         from memtune.apply import apply_plan
 
         old = self.plan
-        if self.optimizer is None:
+        if self.optimizer is None and plan.parallel is not None:
+            from memtune.distributed import parallelize
+
+            self._forward = parallelize(self.model, plan, self.device)
+            # After sharding: the optimizer steps the shards, and the recompute wrappers go on the
+            # units' own forward, inside FSDP2's hooks.
+            self.optimizer = apply_plan(self.model, plan, settings=self.optimizer_settings)
+            if plan.parallel.strategy == "fsdp":
+                from memtune.distributed.muon import shard_optimizer
+
+                self.optimizer = shard_optimizer(self.optimizer)  # Newton-Schulz on whole matrices
+        elif self.optimizer is None:
             self.optimizer = apply_plan(self.model, plan, settings=self.optimizer_settings)
         else:
             # The optimizer and its state are kept; it is re-wrapped if the plan steps it differently.
             self.optimizer = apply_plan(self.model, plan, optimizer=self.optimizer)
+            if plan.parallel is not None:
+                from memtune.distributed import set_reshard_after_forward
+
+                set_reshard_after_forward(self.model, plan)
             if old is not None and plan.optimizer.ns_steps != old.optimizer.ns_steps and hasattr(self.optimizer, "set_ns_steps"):
                 self.optimizer.set_ns_steps(plan.optimizer.ns_steps)
             if old is not None and plan.optimizer.state_dtype != old.optimizer.state_dtype:
@@ -320,6 +383,13 @@ class Trainer:
             except _NonFiniteStep as bad:
                 return self._non_finite(bad)
             except torch.OutOfMemoryError as e:
+                if self.dist is not None:
+                    # The other ranks are inside this step's collectives: a re-plan here alone would
+                    # leave them waiting. The evidence goes next to the checkpoint, this rank exits,
+                    # torchrun stops the others and restarts the job, and resume re-plans on all ranks.
+                    from memtune.distributed import checkpoint as dist_ckpt
+
+                    raise dist_ckpt.record_oom(self, e) from e
                 in_backward = self._phase == "backward" and not getattr(self.optimizer, "retry_safe", True)
                 if self._phase == "optimizer" or in_backward:
                     self._free_failed_step()
@@ -341,6 +411,8 @@ class Trainer:
                                                    checkpoint=self._checkpoint_on_disk()) from e
                 self._tighten_after_oom(e, peak, retries)
                 ckpt.set_rng_state(rng)  # the retry draws the same dropout masks
+        if self.dist is not None:
+            loss = _mean_over_ranks(loss, self.device)  # the global batch's loss (ranks feed equal local batches)
         step_ms = (time.perf_counter() - t0) * 1000
         self.step_count += 1
         self.skipped_batches = 0
@@ -378,6 +450,9 @@ class Trainer:
         if n is None or not profiled or n <= profiled:
             return
         reason = f"batch of {n} samples, larger than the {profiled} the profile was made with"
+        if self.dist is not None:
+            raise UsageError(f"rank {self.dist.rank}: {reason}; every rank must feed local batches of at most the "
+                             "profiled size (pass sample= with the largest local batch to fit)")
         log.warning("step %d: %s: re-profiling and re-planning", self.step_count, reason)
         from memtune.apply import remove_plan
 
@@ -415,7 +490,9 @@ class Trainer:
             # compiled step from the outside instead (enforced between steps by the retuner).
             meter = HostPeakMeter() if HostPeakMeter.available() else None
             graphs_before = self._recompiles.graphs
-        elif self.device.type == "cpu" and self.enforce_budget:
+        elif self.device.type == "cpu" and self.enforce_budget and self.dist is None:
+            # (Not across ranks: FSDP2 frees and re-allocates unsharded parameters by resizing
+            # storages, which a dispatch mode cannot see; CUDA's allocator does see it.)
             guard = TensorMemoryGuard(self.budget.usable_bytes)
             self._guard_peak = None
         elif self.device.type == "cuda":
@@ -432,7 +509,7 @@ class Trainer:
                     args, kwargs, target = split_batch(part, self.loss_fn)
                     with self._autocast():
                         self._maybe_inject("forward")
-                        out = self.model(*args, **kwargs)
+                        out = self._forward(*args, **kwargs)
                         loss = loss_from_output(out, part, target, self.loss_fn)
                     del out
                     if in_backward and not math.isfinite(float(loss.detach())):
@@ -540,6 +617,8 @@ class Trainer:
             record["ns"] = ns
         if self._recompiles is not None:
             record["compiled_graphs"] = self._recompiles.graphs
+        if self.dist is not None:
+            record["ranks"] = _per_rank(peak, step_ms, self.device)
         sample = self.telemetry.sample(self.step_count, **{k: v for k, v in record.items() if k != "step"})
         record["telemetry"] = {k: v for k, v in sample.to_dict().items() if v is not None and k not in ("step",)}
         self.history.append(record)
@@ -680,6 +759,13 @@ class Trainer:
         path = Path(path or self.checkpoint_path or "memtune-checkpoint.pt")
         if self.plan is None:
             raise MemtuneError("nothing to save yet: the trainer has not run a step")
+        if self.dist is not None:  # a directory written by every rank (torch.distributed.checkpoint)
+            from memtune.distributed import checkpoint as dist_ckpt
+
+            out = dist_ckpt.save(self, path)
+            if self.checkpoint_path is not None and path == self.checkpoint_path:
+                self._saved_step = self.step_count
+            return out
         from memtune.compiled import unwrap
 
         # The module's own keys: a compiled wrapper would prefix them with "_orig_mod.".
@@ -707,7 +793,12 @@ class Trainer:
         Everything is checked before the model is touched: the file's checksums and format
         (:func:`memtune.runtime.checkpoint.load`), the plan and profile it holds, and that its
         parameter names, shapes and dtypes are the model's. A budget other than the saved
-        run's is re-planned before the first step, as a fresh ``fit`` would."""
+        run's is re-planned before the first step, as a fresh ``fit`` would. Under torchrun,
+        ``path`` is the directory :mod:`memtune.distributed.checkpoint` wrote."""
+        from memtune.distributed import checkpoint as dist_ckpt
+
+        if dist_ckpt.is_distributed_checkpoint(path):
+            return dist_ckpt.resume(cls, path, model, budget, **fit_kwargs)
         state = ckpt.load(path)
         try:
             profile = ModelProfile.from_dict(state["profile"])
@@ -801,6 +892,26 @@ def fit(model: nn.Module, budget: int | str | Budget = "24GB", **kwargs) -> Trai
 
 
 # ----------------------------------------------------------------------------- helpers
+def _per_rank(peak: int | None, step_ms: float, device: torch.device) -> dict[str, list]:
+    """Every rank's peak and step time (one small all-gather), so rank 0's metrics show them all."""
+    import torch.distributed as dist
+
+    mine = torch.tensor([-1.0 if peak is None else float(peak), step_ms], dtype=torch.float64,
+                        device=device if dist.get_backend() == "nccl" else "cpu")
+    every = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(every, mine)
+    return {"peak_bytes": [None if t[0] < 0 else int(t[0]) for t in every],
+            "step_ms": [round(float(t[1]), 3) for t in every]}
+
+
+def _mean_over_ranks(value: float, device: torch.device) -> float:
+    import torch.distributed as dist
+
+    t = torch.tensor([value], dtype=torch.float64, device=device if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(t)
+    return float(t.item()) / dist.get_world_size()
+
+
 def _profile_for_training(model, sample, loss_fn, optimizer, precision, target, space) -> ModelProfile:
     import memtune
 

@@ -316,7 +316,7 @@ def _cases() -> list[Case]:
     add("API", "fit('a string')", lambda ctx: memtune.fit("a string", "1GB"), "UsageError", ("not a torch.nn.Module",))
     add("API", "fit(model on the meta device)", lambda ctx: fit(model=gpt().to("meta")), "UsageError", ("meta device",))
     add("API", "fit(..., on_nonfinite='ignore')", lambda ctx: fit(on_nonfinite="ignore"), "UsageError", ("'skip'",))
-    add("API", "fit under torchrun (WORLD_SIZE=2)", world_size_2, "UsageError", ("unsynchronised",))
+    add("API", "fit with WORLD_SIZE=2 but no torchrun rendezvous", world_size_2, "UsageError", ("torchrun",))
     add("API", "trainer.train(loader, steps=-3)", lambda ctx: fit().train(batches(1), steps=-3), "UsageError", (">= 0",))
     add("API", "trainer.train(loader) with neither steps nor epochs", lambda ctx: fit().train(batches(1)), "UsageError",
         ("exactly one",))

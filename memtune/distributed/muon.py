@@ -1,0 +1,151 @@
+"""Muon² on FSDP2-sharded parameters: each matrix orthogonalized whole, on one owner rank.
+
+Newton-Schulz needs the whole matrix, while FSDP2 leaves each rank a dim-0 shard. As in
+Moonlight's distributed Muon and Dion, the elementwise part of the step (momentum, Muon²'s
+second moment and preconditioning) runs on the local shards; each matrix has an **owner rank**;
+the shards of its NS input are gathered there, the owner orthogonalizes it, and the result is
+scattered back to the shards, which every rank applies to its own shard. Owners are assigned by
+longest-processing-time first on the NS FLOPs of each matrix (``m·n·min(m, n)``), so every rank
+orthogonalizes about the same amount; all gathers are issued before any NS runs and all
+scatters after, so the ranks run their NS at the same time.
+
+The update equals replicated Muon² on the same gradients up to the order in which the
+gradients were summed across ranks (``tests/test_distributed.py``: within 1e-5 relative).
+:func:`shard_optimizer` swaps the Muon² parts of a freshly built optimizer for this class when
+the plan shards with FSDP2. Its state is not in distributed checkpoints yet.
+"""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import torch
+import torch.distributed as dist
+
+from memtune.optim.muon2 import Muon2, _as_matrix, shape_scale
+from memtune.optim.newton_schulz import newton_schulz
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def assign_owners(shapes: list[tuple[int, int]], world_size: int) -> list[int]:
+    """Owner rank per matrix: longest NS work first, each to the least-loaded rank (ties: lowest
+    index, then lowest rank), so every rank computes the same assignment."""
+    load = [0] * world_size
+    owners = [0] * len(shapes)
+    order = sorted(range(len(shapes)), key=lambda i: (-shapes[i][0] * shapes[i][1] * min(shapes[i]), i))
+    for i in order:
+        r = min(range(world_size), key=lambda k: (load[k], k))
+        owners[i] = r
+        load[r] += shapes[i][0] * shapes[i][1] * min(shapes[i])
+    return owners
+
+
+class ShardedMuon2(Muon2):
+    """:class:`memtune.optim.Muon2` for parameters that FSDP2 shards on dim 0 (DTensors).
+    Same arguments; ``adaptive_ns`` is not supported here."""
+
+    def __init__(self, params, *args, process_group=None, **kwargs):
+        super().__init__(params, *args, **kwargs)
+        if any(g["adaptive_ns"] for g in self.param_groups):
+            raise ValueError("ShardedMuon2 does not support adaptive_ns; give a fixed ns_steps")
+        self.process_group = process_group
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            self._step_sharded(group)
+        return loss
+
+    def _step_sharded(self, group: dict) -> None:
+        pg = self.process_group
+        world, rank = dist.get_world_size(pg), dist.get_rank(pg)
+        view = group["matrix_view"]
+        items = []
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            local_p = _local(p)
+            full_shape = _as_matrix(p, view).shape  # DTensors report their global shape
+            proxy = SimpleNamespace(grad=_local(p.grad))
+            state = self.state[p] if self.state.get(p) else self._init_state(local_p, group, key=p)
+            state["step"] += 1
+            update = self._preconditioned_update(proxy, state, group, out=None)  # (local rows, cols)
+            items.append((p, local_p, full_shape, update))
+        if not items:
+            return
+        owners = assign_owners([tuple(f[-2:]) for _, _, f, _ in items], world)
+        # 1. gather each matrix's NS input on its owner (all gathers first)
+        gathered: dict[int, list[torch.Tensor]] = {}
+        for k, (p, _, full, update) in enumerate(items):
+            chunk = math.ceil(full[0] / world)
+            padded = update.new_zeros((chunk, *update.shape[1:]))
+            padded[:update.shape[0]] = update
+            parts = [torch.empty_like(padded) for _ in range(world)] if owners[k] == rank else None
+            dist.gather(padded, parts, dst=dist.get_global_rank(pg, owners[k]) if pg else owners[k], group=pg)
+            if parts is not None:
+                gathered[k] = parts
+        # 2. orthogonalize the owned matrices
+        ns_kw = dict(coeffs=group["ns_coefficients"], eps=group["ns_eps"], dtype=group["ns_dtype"],
+                     normalize=group["ns_normalize"])
+        ortho: dict[int, torch.Tensor] = {}
+        for k, parts in gathered.items():
+            full = items[k][2]
+            ortho[k] = newton_schulz(torch.cat(parts)[:full[0]], group["ns_steps"], **ns_kw)
+        # 3. scatter the results back to the shards, and apply them
+        for k, (p, local_p, full, update) in enumerate(items):
+            chunk = math.ceil(full[0] / world)
+            out = update.new_empty((chunk, *update.shape[1:]))
+            parts = None
+            if k in ortho:
+                o = ortho[k].float()
+                padded = o.new_zeros((chunk * world, *o.shape[1:]))
+                padded[:o.shape[0]] = o
+                parts = list(padded.split(chunk))
+            dist.scatter(out, parts, src=dist.get_global_rank(pg, owners[k]) if pg else owners[k], group=pg)
+            o_local = out[:update.shape[0]]
+            local_p.mul_(1 - group["lr"] * group["weight_decay"])
+            local_p.add_(o_local.reshape(local_p.shape), alpha=-group["lr"] * shape_scale(full[-2], full[-1],
+                                                                                          group["adjust_lr"]))
+
+    def _init_state(self, p: torch.Tensor, group: dict, key: torch.Tensor | None = None) -> dict:
+        """State of the local shard ``p``, kept under the parameter ``key``."""
+        state = super()._init_state(p, group)
+        if key is not None and key is not p:
+            self.state[key] = self.state.pop(p)
+            return self.state[key]
+        return state
+
+
+def shard_optimizer(optimizer):
+    """``optimizer`` (fresh, no state yet) with every :class:`Muon2` (alone or a part of a
+    :class:`memtune.optim.HybridOptimizer`) replaced by a :class:`ShardedMuon2` over the same
+    parameter groups and settings."""
+    from memtune.optim.hybrid import HybridOptimizer
+
+    def convert(opt):
+        if isinstance(opt, Muon2) and not isinstance(opt, ShardedMuon2):
+            if opt.state:
+                raise ValueError("shard_optimizer needs a fresh optimizer (this one already holds state)")
+            return ShardedMuon2([dict(g) for g in opt.param_groups])
+        return opt
+
+    parts = getattr(optimizer, "parts", None)
+    if parts is None:
+        return convert(optimizer)
+    converted = {name: convert(part) for name, part in parts.items()}
+    if all(converted[n] is parts[n] for n in parts):
+        return optimizer
+    return HybridOptimizer(converted)
+
+
+def has_sharded_muon(optimizer) -> bool:
+    parts = getattr(optimizer, "parts", None) or {"": optimizer}
+    return any(isinstance(p, ShardedMuon2) for p in parts.values())

@@ -1,0 +1,182 @@
+"""Plans for one rank of a data-parallel job: FSDP2 or DDP, resharding per unit, collectives priced.
+
+    >>> plan = plan_distributed(profile, "24GB", world_size=8, link="nvlink")   # budget per device
+
+``profile`` is recorded at the *local* batch (what one rank feeds). For each candidate layout
+(:func:`candidates`) the profile is rewritten as one rank sees it
+(:func:`memtune.distributed.memory.per_rank_profile`) and planned by an ordinary planner
+(recompute per unit, optimizer configuration); the collectives that layout runs are priced
+on a :class:`Link`, and the candidate with the lowest predicted step time that fits wins.
+Ties break on the candidate order, so every rank, given the same profile, makes the same plan.
+
+The candidate layouts:
+
+* ``fsdp``, every unit resharded after forward (least memory, a second all-gather in backward);
+* ``fsdp``, all but the last unit resharded (torchtitan's default: the last unit's backward
+  starts right after its forward, so gathering it again buys nothing);
+* ``fsdp``, nothing resharded (one all-gather per unit per step);
+* ``ddp``: replicated parameters and state, one gradient all-reduce.
+
+Muon²/Muon need whole matrices for Newton-Schulz: under ``fsdp`` they run as
+:class:`memtune.distributed.muon.ShardedMuon2` (owner-rank NS). Their memory is the recorded
+optimizer step scaled to the shards, and the gathers are not priced yet (a note says so).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass
+
+from memtune.budget import Budget
+from memtune.errors import InfeasibleBudgetError, UsageError
+from memtune.plan import ParallelPlan, Plan
+from memtune.profile import ModelProfile
+
+from .memory import per_rank_profile, shard_bytes
+
+log = logging.getLogger("memtune.distributed")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Link:
+    """One interconnect, as the ring collectives see it."""
+
+    bandwidth_gbps: float
+    """Bus bandwidth per rank in GB/s (1e9 bytes/s) that a ring all-gather achieves."""
+    latency_us: float
+    """Per ring hop."""
+    overlaps: bool
+    """Collectives run on their own stream and hide behind compute (GPUs); ``False``: they
+    serialize with compute (gloo on CPU)."""
+
+
+LINKS: dict[str, Link] = {
+    # NVLink 4 (H100 SXM): 450 GB/s per direction; NCCL reaches ~80% of it in ring collectives.
+    "nvlink": Link(bandwidth_gbps=360.0, latency_us=10.0, overlaps=True),
+    # PCIe 5 x16 between GPUs without NVLink: ~64 GB/s per direction, ~40 GB/s achieved through the host.
+    "pcie": Link(bandwidth_gbps=40.0, latency_us=20.0, overlaps=True),
+    # InfiniBand NDR, 400 Gb/s per GPU (rail-optimized nodes): ~45 GB/s achieved.
+    "infiniband": Link(bandwidth_gbps=45.0, latency_us=30.0, overlaps=True),
+    # gloo over loopback TCP between processes on one CPU host (the tests): memory copies, no overlap.
+    "loopback": Link(bandwidth_gbps=2.0, latency_us=200.0, overlaps=False),
+}
+"""Interconnects collectives can be priced on (``plan_distributed(link=...)``)."""
+
+
+STRATEGIES = ("fsdp", "ddp")
+
+DDP_BUCKET_BYTES = 25 * 2**20
+"""``DistributedDataParallel``'s default ``bucket_cap_mb``."""
+
+
+def candidates(profile: ModelProfile, *, strategies: tuple[str, ...] = STRATEGIES) -> list[tuple[str, dict[str, bool]]]:
+    """(strategy, reshard_after_forward per unit) for each layout the planner considers, in tie-break order."""
+    units = [u.fqn for u in sorted(profile.units, key=lambda u: u.order)]
+    out: list[tuple[str, dict[str, bool]]] = []
+    if "fsdp" in strategies:
+        out.append(("fsdp", {u: True for u in units}))
+        if len(units) > 1:
+            out.append(("fsdp", {u: u != units[-1] for u in units}))
+        out.append(("fsdp", {u: False for u in units}))
+    if "ddp" in strategies:
+        out.append(("ddp", {}))
+    return out
+
+
+def comm_seconds(profile: ModelProfile, world_size: int, strategy: str, reshard: dict[str, bool], link: Link,
+                 *, compute_s: float) -> float:
+    """Collective time per step that compute does not hide.
+
+    Ring collectives move ``(N-1)/N`` of the full tensor per rank: FSDP2 all-gathers every
+    unit in forward, again in backward for the units resharded after forward, and
+    reduce-scatters every gradient; DDP all-reduces the gradients (twice the bytes of one
+    reduce-scatter). With an overlapping link the first all-gather is exposed and the rest hides
+    behind compute as far as compute lasts."""
+    N = world_size
+    if N <= 1:
+        return 0.0
+    frac = (N - 1) / N
+    unit_of = {q.fqn: q.unit for q in profile.params}
+    full_by_unit: dict[str | None, int] = {}
+    for q in profile.params:
+        full_by_unit[unit_of[q.fqn]] = full_by_unit.get(unit_of[q.fqn], 0) + shard_bytes(tuple(q.shape), q.dtype, N) * N
+    total = sum(full_by_unit.values())
+    hop = link.latency_us * 1e-6 * (N - 1)
+    bw = link.bandwidth_gbps * 1e9
+    if strategy == "ddp":
+        seconds = 2 * frac * total / bw + 2 * hop
+        # Buckets all-reduce while backward runs; the last one (DDP's 25 MiB cap) starts when it ends.
+        first = 2 * frac * min(total, DDP_BUCKET_BYTES) / bw + 2 * hop
+    else:
+        gathers = total + sum(b for u, b in full_by_unit.items() if u is not None and reshard.get(u, True))
+        n_collectives = 2 * len(full_by_unit) + sum(1 for u in full_by_unit if u is not None and reshard.get(u, True))
+        seconds = frac * (gathers + total) / bw + n_collectives * hop
+        first = frac * max(full_by_unit.values(), default=0) / bw + hop
+    if not link.overlaps:
+        return seconds
+    return max(first, seconds - compute_s)
+
+
+def plan_distributed(profile: ModelProfile, budget: int | str | Budget, *, world_size: int, link: str = "loopback",
+                     strategies: tuple[str, ...] | None = None, planner: str | None = None,
+                     reserve: int | str | None = None, **options) -> Plan:
+    """The fastest layout-and-plan for one of ``world_size`` ranks whose peak fits ``budget``
+    (per device). ``options`` are :class:`memtune.planners.PlannerOptions` fields; the levers
+    that change how a step runs on one rank (micro-batching, bf16 weights, the optimizer step in
+    backward, offload, chunked loss) are off, as they are not combined with FSDP2/DDP yet."""
+    from memtune.planning import plan as make_plan
+
+    if world_size < 2:
+        raise UsageError(f"world_size={world_size}: a distributed plan needs at least 2 ranks; use memtune.plan")
+    if link not in LINKS:
+        raise UsageError(f"unknown link {link!r}; choose one of {sorted(LINKS)}")
+    lk = LINKS[link]
+    name = options.get("optimizer") or profile.optimizer
+    names = (name,) if isinstance(name, str) else tuple(name)
+    notes: tuple[str, ...] = ()
+    if strategies is None:
+        strategies = STRATEGIES
+    if "fsdp" in strategies and any(n in ("muon2", "muon") for n in names):
+        notes = ("under FSDP2, Muon²/Muon orthogonalize each matrix whole on an owner rank "
+                 "(memtune.distributed.muon); the gathers are not priced yet",)
+    bad = [s for s in strategies if s not in STRATEGIES]
+    if bad:
+        raise UsageError(f"unknown strategies {bad}; choose from {STRATEGIES}")
+    opts = dict(options)
+    opts.update(allow_microbatching=False, weights=(None,), allow_optimizer_in_backward=False,
+                allow_state_offload=False, allow_loss_chunking=False, allow_offload=False)
+    mixed = "bf16" if profile.precision == "bf16-mixed" else None
+    best: tuple[float, int, Plan] | None = None
+    errors: list[InfeasibleBudgetError] = []
+    for k, (strategy, reshard) in enumerate(candidates(profile, strategies=strategies)):
+        rank_profile = per_rank_profile(profile, world_size, strategy, reshard)
+        try:
+            p = make_plan(rank_profile, budget, planner, reserve=reserve, **opts)
+        except InfeasibleBudgetError as e:
+            errors.append(e)
+            continue
+        compute_s = (p.time.forward_ms + p.time.backward_ms + p.time.recompute_ms) / 1e3
+        comm_ms = comm_seconds(profile, world_size, strategy, reshard, lk, compute_s=compute_s) * 1e3
+        par = ParallelPlan(world_size=world_size, strategy=strategy, reshard_after_forward=reshard,
+                           mixed_precision=mixed, link=link, comm_ms=comm_ms)
+        p = dataclasses.replace(p, parallel=par, predicted_step_ms=p.predicted_step_ms + comm_ms,
+                                profile_hash=profile.fingerprint, notes=notes + p.notes)
+        if best is None or p.predicted_step_ms < best[0] - 1e-9:
+            best = (p.predicted_step_ms, k, p)
+    if best is None:
+        lowest = min(errors, key=lambda e: e.min_feasible_bytes or 1 << 62)
+        need = lowest.min_feasible_bytes
+        consumers = ", ".join(f"{name} {b / 2**20:.2f} MiB" for name, b in lowest.top_consumers[:4])
+        raise InfeasibleBudgetError(
+            f"no layout fits {world_size} ranks in {Budget.parse(budget, device=profile.target_name, reserve=reserve)} "
+            f"per rank (FSDP2 and DDP tried, with every lever allowed across ranks): the most frugal needs "
+            f"{need / 2**20:.2f} MiB per rank ({need} bytes)" + (f"; biggest consumers per rank: {consumers}" if consumers
+                                                                 else "")
+            + "; add ranks, raise the budget, or shrink the local batch", min_feasible_bytes=need,
+            top_consumers=lowest.top_consumers,
+            suggestions=["add ranks", "raise the per-rank budget", "shrink the local batch"])
+    plan = best[2]
+    log.info("distributed plan: %s over %d ranks, peak %d per rank, %.1f ms (%.1f ms collectives)",
+             plan.parallel.strategy, world_size, plan.predicted_peak_bytes, plan.predicted_step_ms, plan.parallel.comm_ms)
+    return plan

@@ -1,0 +1,161 @@
+"""One torchrun job that runs every distributed check and writes what it saw as JSON.
+
+    torchrun --nproc_per_node 2 tests/distributed_worker.py OUT_DIR
+
+Each rank writes ``OUT_DIR/rank<r>.json``; ``tests/test_distributed.py`` launches it once and
+asserts on the files, against single-process references it computes itself. Checks:
+
+* ``exact_<strategy>``: fp32 AdamW losses of ``memtune.fit`` on this rank's half of each
+  global batch, with the layout forced to FSDP2 or DDP; ``muon2_<strategy>``: the same with
+  Muon² (sharded, owner-rank Newton-Schulz, under FSDP2);
+* ``budget``: a per-rank budget below what one process can plan; the plan, and the peak of a
+  steady-state step measured by PyTorch's ``FSDPMemTracker``;
+* ``infeasible``: a budget no layout fits: the error each rank raised;
+* ``muon2``: Muon² on FSDP2 shards (owner-rank Newton-Schulz) against Muon² on DDP replicas.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+import memtune
+from memtune import zoo
+from memtune.data import TextCorpus
+
+STEPS = 4
+LOCAL_BATCH = 4
+SEQ = 32
+CONFIG = dict(n_layer=4, n_embd=128, n_head=2, block_size=SEQ)
+
+
+def make_model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return zoo.GPT(zoo.GPTConfig(**CONFIG))
+
+
+def global_batches(world_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    corpus = TextCorpus.load()
+    return [corpus.batch("train", LOCAL_BATCH * world_size, SEQ, generator=torch.Generator().manual_seed(100 + k))
+            for k in range(STEPS)]
+
+
+def local(batch, rank: int):
+    return tuple(t[rank * LOCAL_BATCH:(rank + 1) * LOCAL_BATCH] for t in batch)
+
+
+def sharded_muon2_against_replicated(rank: int) -> dict:
+    """Muon² on FSDP2 shards (ShardedMuon2: owner-rank Newton-Schulz) against Muon² on DDP
+    replicas, same data, fp32 NS; matrices with row counts that do not divide by the ranks."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.fsdp import fully_shard
+    from torch.nn.parallel import DistributedDataParallel
+
+    from memtune.distributed.muon import ShardedMuon2
+    from memtune.optim import Muon2
+
+    def mlp():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Linear(24, 37, bias=False), torch.nn.Tanh(),
+                                   torch.nn.Linear(37, 53, bias=False), torch.nn.Tanh(), torch.nn.Linear(53, 8, bias=False))
+
+    g = torch.Generator().manual_seed(rank)
+    data = [(torch.randn(16, 24, generator=g), torch.randn(16, 8, generator=g)) for _ in range(STEPS)]
+    kw = dict(lr=0.02, ns_steps=5, ns_dtype=torch.float32)
+    replica = mlp()
+    ddp, ddp_opt = DistributedDataParallel(replica), Muon2(replica.parameters(), **kw)
+    sharded = mlp()
+    for m in sharded:
+        if isinstance(m, torch.nn.Linear):
+            fully_shard(m)
+    fully_shard(sharded)
+    sharded_opt = ShardedMuon2(sharded.parameters(), **kw)
+    for x, y in data:
+        for model, opt in ((ddp, ddp_opt), (sharded, sharded_opt)):
+            torch.nn.functional.mse_loss(model(x), y).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    full = get_model_state_dict(sharded, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if rank != 0:
+        return {}  # the full weights are gathered on rank 0
+    init = mlp().state_dict()
+    return {k: {"rel_diff": float((full[k] - v).norm() / v.norm()), "moved": float((v - init[k]).norm())}
+            for k, v in replica.state_dict().items()}
+
+
+def main(out_dir: Path) -> None:
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    batches = [local(b, rank) for b in global_batches(world)]
+    result: dict = {"rank": rank, "world_size": world}
+
+    for optimizer, strategy in (("adamw", "fsdp"), ("adamw", "ddp"), ("muon2", "fsdp"), ("muon2", "ddp")):
+        t0 = time.perf_counter()
+        trainer = memtune.fit(make_model(), budget="1GB", optimizer=optimizer, progress=False,
+                              planner_options={"strategies": (strategy,)})
+        trainer.train(batches, steps=STEPS)
+        key = f"exact_{strategy}" if optimizer == "adamw" else f"{optimizer}_{strategy}"
+        result[key] = {"optimizer": type(trainer.optimizer).__name__,
+                       "parts": sorted(type(p).__name__ for p in getattr(trainer.optimizer, "parts", {}).values()),
+                       "losses": [h["loss"] for h in trainer.history],
+                       "ranks": [h["ranks"] for h in trainer.history],
+                       "strategy": trainer.plan.parallel.strategy,
+                       "plan_hash": memtune.distributed.digest(trainer.plan.to_dict()),
+                       "seconds": time.perf_counter() - t0}
+
+    # A per-rank budget below the smallest peak one process can plan (same levers: recompute,
+    # fp32 AdamW) at this rank's local batch.
+    from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
+
+    prof = memtune.profile(make_model(), batches[0], optimizer="adamw", target="cpu",
+                           space=memtune.PlanSpace(micro_batch_sizes=(), weights=(None,), in_backward=(False,),
+                                                   state_offload=(False,), loss_chunks=(None,)))
+    single_min = memtune.plan(prof, 1 << 40, optimizer="adamw", allow_microbatching=False, weights=(None,),
+                              allow_optimizer_in_backward=False, allow_state_offload=False,
+                              allow_loss_chunking=False)
+    from memtune.planning import pareto
+
+    frontier = pareto(prof, optimizer="adamw", allow_microbatching=False, weights=(None,),
+                      allow_optimizer_in_backward=False, allow_state_offload=False, allow_loss_chunking=False)
+    single_min_peak = frontier[-1].predicted_peak_bytes
+    budget = int(single_min_peak * 0.85)
+    trainer = memtune.fit(make_model(), budget=budget, optimizer="adamw", progress=False)
+    trainer.train(batches[:2], steps=2)
+    tracker = FSDPMemTracker(trainer.model, optm=trainer.optimizer) if trainer.plan.parallel.strategy == "fsdp" \
+        else None
+    if tracker is None:
+        from torch.distributed._tools.mem_tracker import MemTracker
+
+        tracker = MemTracker()
+        tracker.track_external(trainer.model, trainer.optimizer)
+    with tracker:
+        trainer.step(batches[2])
+    measured = int(tracker.get_tracker_snapshot("peak")[torch.device("cpu")]["Total"])
+    result["budget"] = {"budget_bytes": budget, "usable_bytes": trainer.plan.usable_bytes,
+                        "single_process_min_peak_bytes": single_min_peak,
+                        "single_process_unplanned_peak_bytes": single_min.predicted_peak_bytes,
+                        "baseline_peak_bytes": prof.baseline_peak_bytes,
+                        "predicted_peak_bytes": trainer.plan.predicted_peak_bytes, "measured_peak_bytes": measured,
+                        "strategy": trainer.plan.parallel.strategy,
+                        "recompute": list(trainer.plan.recompute_units),
+                        "plan_hash": memtune.distributed.digest(trainer.plan.to_dict())}
+
+    try:
+        memtune.fit(make_model(), budget=single_min_peak // 8, optimizer="adamw", progress=False).train(batches, steps=1)
+        result["infeasible"] = {"error": None}
+    except memtune.MemtuneError as e:
+        result["infeasible"] = {"error": f"{type(e).__name__}: {e}"}
+
+    result["muon2"] = sharded_muon2_against_replicated(rank)
+
+    (out_dir / f"rank{rank}.json").write_text(json.dumps(result, indent=1))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))

@@ -1,0 +1,175 @@
+"""memtune.fit under torchrun: two CPU ranks (gloo) against single-process references.
+
+One torchrun launch (``tests/distributed_worker.py``) runs every check; the tests here read its
+per-rank JSON. References:
+
+* exactness: single-process ``memtune.fit`` on the same global batches (fp32 AdamW): the
+  ranks' mean loss equals it within 1e-5 relative, under FSDP2 and under DDP;
+* budget: PyTorch's ``FSDPMemTracker`` on a steady-state step at a per-rank budget below the
+  smallest peak one process can plan (same levers): measured <= budget, within 5% of predicted;
+* agreement: every rank holds the same plan (hash), and an infeasible budget fails on every
+  rank with the same error instead of hanging;
+* faults: a second launch (``tests/distributed_resume_worker.py``) kills rank 1 with SIGKILL
+  after step 3; torchrun restarts both ranks, which resume from the DCP checkpoint of step 2;
+  the final weights are bit-identical to an uninterrupted run's, and the losses equal.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import memtune
+
+HERE = Path(__file__).parent
+sys.path.insert(0, str(HERE))
+import distributed_worker as worker  # noqa: E402
+
+WORLD = 2
+
+
+def _torchrun(script: str, out: Path, *extra: str) -> None:
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR",
+                                                             "MASTER_PORT")}
+    env["OMP_NUM_THREADS"] = "1"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD}", *extra,
+           str(HERE / script), str(out)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory) -> list[dict]:
+    out = tmp_path_factory.mktemp("dist")
+    _torchrun("distributed_worker.py", out)
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(WORLD)]
+
+
+def _single_process_losses() -> list[float]:
+    trainer = memtune.fit(worker.make_model(), budget="1GB", optimizer="adamw", progress=False)
+    trainer.train(worker.global_batches(WORLD), steps=worker.STEPS)
+    assert trainer.plan.parallel is None
+    return [h["loss"] for h in trainer.history]
+
+
+@pytest.mark.parametrize("strategy", ["fsdp", "ddp"])
+def test_losses_equal_single_process_on_the_global_batch(ranks, strategy):
+    reference = _single_process_losses()
+    for r in ranks:
+        got = r[f"exact_{strategy}"]
+        assert got["strategy"] == strategy
+        assert len(got["losses"]) == worker.STEPS
+        for a, b in zip(got["losses"], reference):
+            assert abs(a - b) <= 1e-5 * abs(b), (strategy, got["losses"], reference)
+    # The losses move: training happened, with gradients synchronized (else each rank's own
+    # batch would give a different trajectory).
+    assert reference[-1] < reference[0]
+
+
+def test_every_step_reports_every_ranks_figures(ranks):
+    for r in ranks:
+        for row in r["exact_fsdp"]["ranks"]:
+            assert len(row["step_ms"]) == WORLD and all(ms > 0 for ms in row["step_ms"])
+    assert ranks[0]["exact_fsdp"]["ranks"] == ranks[1]["exact_fsdp"]["ranks"]  # gathered, not each rank's own
+
+
+def test_sharded_muon2_matches_replicated_muon2(ranks):
+    """Owner-rank Newton-Schulz on gathered shards gives replicated Muon²'s weights: tolerance
+    1e-5 relative (only the order of the cross-rank gradient sums may differ; fp32 NS)."""
+    for name, w in ranks[0]["muon2"].items():
+        assert w["moved"] > 1e-3, name  # the optimizer did update it
+        assert w["rel_diff"] <= 1e-5, (name, w)
+
+
+def test_fit_with_muon2_on_fsdp2_shards_matches_muon2_on_ddp(ranks):
+    """fit(optimizer="muon2") under FSDP2 runs ShardedMuon2 and gives DDP's losses within 1e-5."""
+    for r in ranks:
+        sharded, replicated = r["muon2_fsdp"], r["muon2_ddp"]
+        assert "ShardedMuon2" in sharded["parts"] and "ShardedMuon2" not in replicated["parts"]
+        for a, b in zip(sharded["losses"], replicated["losses"]):
+            assert abs(a - b) <= 1e-5 * abs(b), (sharded["losses"], replicated["losses"])
+        assert sharded["losses"][-1] < sharded["losses"][0]
+
+
+def test_every_rank_holds_the_same_plan(ranks):
+    for key in ("exact_fsdp", "exact_ddp", "muon2_fsdp", "muon2_ddp", "budget"):
+        assert len({r[key]["plan_hash"] for r in ranks}) == 1, key
+
+
+def test_per_rank_budget_below_single_process_fits_and_matches_prediction(ranks):
+    for r in ranks:
+        b = r["budget"]
+        assert b["budget_bytes"] < b["single_process_min_peak_bytes"]  # one process cannot plan this
+        assert b["strategy"] == "fsdp"
+        assert b["measured_peak_bytes"] <= b["usable_bytes"]
+        assert abs(b["measured_peak_bytes"] / b["predicted_peak_bytes"] - 1) <= 0.05, b
+
+
+def test_infeasible_budget_fails_on_every_rank_with_the_same_error(ranks):
+    errors = [r["infeasible"]["error"] for r in ranks]
+    assert errors[0] is not None and errors[0].startswith("InfeasibleBudgetError")
+    assert "per rank" in errors[0] and "add ranks" in errors[0]
+    assert len(set(errors)) == 1
+
+
+def test_one_process_is_unchanged():
+    from memtune.distributed import detect
+
+    assert "WORLD_SIZE" not in os.environ or os.environ["WORLD_SIZE"] == "1"
+    assert detect(torch.device("cpu")) is None
+
+
+def test_cli_plans_one_rank_of_a_cluster_from_one_machine(ranks, tmp_path, capsys):
+    """``memtune plan --world-size 2`` on this CPU finds a per-rank plan at the budget the ranks
+    trained in, where one process has none."""
+    from memtune import cli
+    from memtune.plan import Plan
+
+    batch = worker.local(worker.global_batches(WORLD)[0], 0)
+    exact_levers = memtune.PlanSpace(micro_batch_sizes=(), weights=(None,), in_backward=(False,), state_offload=(False,),
+                                     loss_chunks=(None,))  # the levers both runs share
+    memtune.profile(worker.make_model(), batch, optimizer="adamw", target="cpu",
+                    space=exact_levers).to_json(tmp_path / "profile.json")
+    budget = str(ranks[0]["budget"]["budget_bytes"])
+    args = ["plan", "--profile", str(tmp_path / "profile.json"), "--budget", budget, "--optimizer", "adamw"]
+    assert cli.main(args + ["--world-size", "2", "--link", "loopback", "--out", str(tmp_path / "plan.json")]) == 0
+    plan = Plan.from_json(tmp_path / "plan.json")
+    assert plan.parallel is not None and plan.parallel.world_size == 2 and plan.parallel.strategy == "fsdp"
+    assert plan.predicted_peak_bytes <= plan.usable_bytes
+    assert "fsdp" in capsys.readouterr().out
+    assert cli.main(args + ["--no-microbatching", "--out", str(tmp_path / "single.json")]) == 3  # infeasible alone
+
+
+@pytest.fixture(scope="module")
+def restarted(tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("restart")
+    _torchrun("distributed_resume_worker.py", out, "--max-restarts=2")
+    return {n: torch.load(out / f"{n}.pt") for n in ("clean", "resumed", "oom")}
+
+
+def _same_run(clean: dict, other: dict) -> None:
+    assert other["steps"] == clean["steps"] == list(range(1, 7))  # no step lost or repeated
+    assert other["losses"] == clean["losses"]
+    assert clean["weights"].keys() == other["weights"].keys()
+    for k, w in clean["weights"].items():
+        assert torch.equal(w, other["weights"][k]), k
+
+
+def test_kill_9_of_a_rank_and_a_torchrun_restart_resume_bit_identically(restarted):
+    clean, resumed = restarted["clean"], restarted["resumed"]
+    assert resumed["attempt"] == 1 and "resume" in resumed["events"]  # it was killed, restarted and resumed
+    assert clean["attempt"] == 0 and "resume" not in clean["events"]
+    _same_run(clean, resumed)
+
+
+def test_an_oom_on_one_rank_replans_every_rank_and_keeps_the_losses(restarted):
+    clean, oom = restarted["clean"], restarted["oom"]
+    assert oom["attempt"] == 2 and "oom-replan" in oom["events"]
+    assert len(oom["recompute"]) > len(clean["recompute"])  # a tighter plan (the ranks agreed on it by hash)
+    _same_run(clean, oom)  # recompute changes no number
