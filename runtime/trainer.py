@@ -40,6 +40,7 @@ from memtune.plan import Decision, Plan
 from memtune.planners.options import lossiness
 from memtune.profile import ModelProfile
 from memtune.profiler import optimizer_state_tensors
+from memtune.timeline import UnrecordedPlanError
 from memtune.units_fmt import fmt_bytes
 from memtune.validation import check_plan_matches_model, check_profile_matches_model, check_state_dict_matches_model
 
@@ -210,7 +211,8 @@ class Trainer:
         try:
             plan = self._make_plan(budget, lossless=False)
             widen = staged and lossiness(plan) >= 2
-        except InfeasibleBudgetError:
+        except (InfeasibleBudgetError, UnrecordedPlanError):
+            # (Unrecorded: the options ask for what only the second stage records, e.g. weights=("bf16-sr",).)
             if not staged:
                 raise
             widen = True

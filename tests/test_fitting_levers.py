@@ -12,6 +12,7 @@ sees every CPU tensor) measures the same total.
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -236,3 +237,14 @@ def test_a_nonfinite_gradient_is_never_applied_in_backward():
     model.lm_head.weight.register_hook(lambda g: g * float("nan"))
     model(*CASES["gpt"].batch).backward()
     assert "lm_head.weight" in opt.nonfinite and torch.equal(model.lm_head.weight, before)
+
+
+def test_fit_honours_options_that_only_the_second_profiling_stage_records():
+    """fit profiles without bf16 weights first; options that require them widen the profile
+    instead of failing with 'no configuration the options allow was recorded'."""
+    model = zoo.GPT(zoo.GPTConfig(n_layer=2, n_embd=32, n_head=2, block_size=32))
+    data = [(X[i:i + 2, :32], Y[i:i + 2, :32]) for i in range(0, 4, 2)]
+    trainer = memtune.fit(model, 1 << 34, device="cpu", progress=False, planner_options=dict(weights=("bf16-sr",)))
+    trainer.train(data, steps=2)
+    assert trainer.plan.weights == "bf16-sr" and all(math.isfinite(h["loss"]) for h in trainer.history)
+    assert all(p.dtype == torch.bfloat16 for n, p in trainer.model.named_parameters() if p.dim() >= 2)
