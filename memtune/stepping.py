@@ -104,7 +104,6 @@ class PlanOptimizer(Optimizer):
         self.weights = weights
         self.pin = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.names = {id(p): n for n, p in model.named_parameters()}
-        self._where: dict[int, tuple[Optimizer, dict]] = {}
         self._index()
         params = [p for g in inner.param_groups for p in g["params"]]
         super().__init__(params, {})
@@ -125,7 +124,7 @@ class PlanOptimizer(Optimizer):
     def _index(self) -> None:
         """Map each parameter to its part and group. ``Optimizer.load_state_dict`` replaces the
         group dicts, so this runs again after a load."""
-        self._where = {}
+        self._where: dict[int, tuple[Optimizer, dict]] = {}
         for part in getattr(self.inner, "parts", {"": self.inner}).values():
             for group in part.param_groups:
                 for p in group["params"]:

@@ -165,9 +165,9 @@ class TimelineModel:
         # Where each unit's backward ends: the next backward boundary after its bwd_start (its
         # bwd_end, another unit's bwd_start, or the end of backward). "step" events inside it
         # (in-backward plans) do not end it.
-        bounds = [i for i, e in enumerate(ev) if e.name in ("bwd_start", "bwd_end", "bwd_done", "optim_start")]
-        self.be = np.array([next((i for i in bounds if i > b), len(ev)) if b >= 0 else -1 for b in self.bs],
-                           dtype=np.int64)
+        bounds = np.array([i for i, e in enumerate(ev) if e.name in ("bwd_start", "bwd_end", "bwd_done", "optim_start")]
+                          + [n], dtype=np.int64)
+        self.be = np.where(self.bs >= 0, bounds[np.searchsorted(bounds, self.bs, side="right")], -1)
         self.fe = np.array([fe.get(f, -1) for f in self.fqns], dtype=np.int64)
         self.ft = np.array([u.fwd_transient_bytes for u in p.units], dtype=np.float64)
         self.recomputable = np.array([not u.recompute_blocker for u in p.units], dtype=bool)

@@ -94,8 +94,8 @@ class Session(Trainer):
             return space
         import dataclasses
 
-        return dataclasses.replace(space, optimizers=None, state_dtypes=("fp32",), weights=(None,), in_backward=(False,),
-                                   state_offload=(False,))
+        # (USER_OPTIMIZER_LOCKS, in planner_options, already fix weights, in-backward and offload.)
+        return dataclasses.replace(space, optimizers=None, state_dtypes=("fp32",))
 
     def _plan_options(self, *, lossless: bool) -> list[dict]:
         options = super()._plan_options(lossless=lossless)

@@ -813,14 +813,13 @@ class Trainer:
                                   "another checkpoint or start over")
         from memtune.compiled import unwrap
 
-        check_state_dict_matches_model(unwrap(model), state["model"], source=f"checkpoint {path}")
-        check_profile_matches_model(unwrap(model), profile)
-        check_plan_matches_model(unwrap(model), plan, profile)
+        module = unwrap(model)  # a torch.compile wrapper's checkpoint holds the module's own keys
+        check_state_dict_matches_model(module, state["model"], source=f"checkpoint {path}")
+        check_profile_matches_model(module, profile)
+        check_plan_matches_model(module, plan, profile)
         fit_kwargs.setdefault("checkpoint_path", path)
         trainer = cls(model, budget, **fit_kwargs)
         trainer.profile = profile
-        from memtune.compiled import unwrap
-
         unwrap(trainer.model).load_state_dict(state["model"])
         trainer._install(plan, kind="resume", reason=f"resumed from {path} at step {state['step']}")
         try:
@@ -899,17 +898,24 @@ def _per_rank(peak: int | None, step_ms: float, device: torch.device) -> dict[st
     import torch.distributed as dist
 
     mine = torch.tensor([-1.0 if peak is None else float(peak), step_ms], dtype=torch.float64,
-                        device=device if dist.get_backend() == "nccl" else "cpu")
+                        device=_collective_device(device))
     every = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
     dist.all_gather(every, mine)
     return {"peak_bytes": [None if t[0] < 0 else int(t[0]) for t in every],
             "step_ms": [round(float(t[1]), 3) for t in every]}
 
 
+def _collective_device(device: torch.device) -> torch.device | str:
+    """Where a small collective's tensor lives: the GPU for NCCL, the host for gloo."""
+    import torch.distributed as dist
+
+    return device if dist.get_backend() == "nccl" else "cpu"
+
+
 def _mean_over_ranks(value: float, device: torch.device) -> float:
     import torch.distributed as dist
 
-    t = torch.tensor([value], dtype=torch.float64, device=device if dist.get_backend() == "nccl" else "cpu")
+    t = torch.tensor([value], dtype=torch.float64, device=_collective_device(device))
     dist.all_reduce(t)
     return float(t.item()) / dist.get_world_size()
 

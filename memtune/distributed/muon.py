@@ -54,17 +54,8 @@ class ShardedMuon2(Muon2):
             raise ValueError("ShardedMuon2 does not support adaptive_ns; give a fixed ns_steps")
         self.process_group = process_group
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            self._step_sharded(group)
-        return loss
-
-    def _step_sharded(self, group: dict) -> None:
+    def _step_group(self, gi: int, group: dict) -> None:
+        """One group's update on the local shards (called by :meth:`Muon2.step`)."""
         pg = self.process_group
         world, rank = dist.get_world_size(pg), dist.get_rank(pg)
         view = group["matrix_view"]
