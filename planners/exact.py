@@ -18,6 +18,9 @@ The MILP restates :func:`memtune.memory_model.predict_peak` exactly (docs/planne
 raise ``e_g`` to the AND of its bounds. Constraints have O(T + G + N) non-zeros. Every plan
 is re-checked with ``predict_peak``; if rounding ever made it exceed the budget, the bound is
 tightened by the excess and the MILP re-solved.
+
+HiGHS runs in a child process (:mod:`memtune.planners.highs`): if it aborts or hangs twice on a
+configuration, greedy plans that configuration and the plan says so in its notes.
 """
 
 from __future__ import annotations
@@ -27,7 +30,6 @@ import time
 
 import numpy as np
 import scipy.sparse as sp
-from scipy.optimize import Bounds, LinearConstraint, milp
 
 from memtune.budget import Budget
 from memtune.plan import Decision, Plan
@@ -35,6 +37,7 @@ from memtune.profile import ModelProfile
 
 from memtune.timeline import ConfigConstants, TimelineModel
 
+from . import highs
 from .options import (PlannerOptions, choose_tier, configs, costs_for, make_plan, offload_allowed, prunable,
                       timeline_for)
 
@@ -223,8 +226,18 @@ def solve_config(tm: TimelineModel, cc: ConfigConstants, table, U: float, *, all
     if minimize_peak:
         lb[iP] = cc.fixed_peak / S
         ub[iP] = np.inf
-    res = milp(cost, constraints=LinearConstraint(A, lo, hi), integrality=integrality, bounds=Bounds(lb, ub),
-               options={"time_limit": time_limit_s, "mip_rel_gap": mip_rel_gap, "disp": False})
+    try:
+        res = highs.solve(cost, A, np.asarray(lo, dtype=float), np.asarray(hi, dtype=float), integrality, lb, ub,
+                          time_limit_s=time_limit_s, mip_rel_gap=mip_rel_gap)
+    except highs.SolverFailed as e:
+        from .greedy import fit
+
+        decisions = fit(tm, cc, table, U, allow_offload=allow_offload, minimize_peak=minimize_peak)
+        if decisions is None:
+            return None
+        objective = float(sum(table.recompute_ms[f] if d is Decision.RECOMPUTE else
+                              table.offload_ms[f] if d is Decision.OFFLOAD else 0.0 for f, d in decisions.items()))
+        return decisions, objective, (f"HiGHS failed on this configuration ({e}); greedy planned it",)
     if res.x is None:
         return None
     notes: tuple[str, ...] = ()
