@@ -30,15 +30,14 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import time
 import warnings
-from typing import Any
-
 import torch
 
 from memtune.budget import Budget
 from memtune.errors import InfeasibleBudgetError, UsageError
 from memtune.units_fmt import fmt_bytes
+
+from ._loop import CallbackSettings, StepMeter, first_batch
 
 log = logging.getLogger("memtune.integrations.hf")
 
@@ -48,38 +47,15 @@ except ImportError:  # pragma: no cover - transformers is a test dependency
     _Base = object
 
 
-class MemtuneCallback(_Base):
-    """Train a Hugging Face model inside ``budget``; see the module docstring.
+class MemtuneCallback(CallbackSettings, _Base):
+    """Train a Hugging Face model inside ``budget``; see the module docstring. Arguments and results:
+    :class:`~memtune.integrations._loop.CallbackSettings`."""
 
-    Args:
-        budget: bytes, ``"24GB"``, ``"80%"`` (:meth:`memtune.Budget.parse`).
-        planner_options: extra :class:`memtune.planners.PlannerOptions` fields (those that would
-            change the Trainer's optimizer are refused).
-        retune, retune_config, telemetry, metrics_path: as for :func:`memtune.fit`.
-
-    After training: ``callback.session.history`` (one record per optimizer step: loss, peak,
-    prediction, plan version), ``callback.session.events`` (plan changes), ``callback.plan``.
-    """
-
-    def __init__(self, budget: int | str | Budget = "24GB", *, planner_options: dict | None = None, retune: bool = True,
-                 retune_config=None, telemetry=None, metrics_path=None):
-        self.budget = budget
-        self.planner_options = dict(planner_options or {})
-        self.retune = retune
-        self.retune_config = retune_config
-        self.telemetry = telemetry
-        self.metrics_path = metrics_path
-        self.session = None
+    def __init__(self, budget: int | str | Budget = "24GB", **kwargs):
+        super().__init__(budget, **kwargs)
         self.hf_recomputes_every_layer = False
         self.all_layers_recomputed_peak_bytes: int | None = None
-        self._losses: list[float] = []
         self._hook = None
-        self._meter = None
-        self._t0 = 0.0
-
-    @property
-    def plan(self):
-        return None if self.session is None else self.session.plan
 
     # ------------------------------------------------------------------ train begin
     def on_train_begin(self, args, state, control, model=None, optimizer=None, train_dataloader=None, **kwargs):
@@ -93,19 +69,19 @@ class MemtuneCallback(_Base):
                              "on_train_begin; use it with transformers.Trainer(callbacks=[MemtuneCallback(...)])")
         inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps the torch one
         device = next(model.parameters()).device
-        sample = _first_batch(train_dataloader, device)
+        sample = first_batch(train_dataloader, device, who="Trainer")
         precision = "bf16-mixed" if (getattr(args, "bf16", False) or getattr(args, "fp16", False)) else "fp32"
         layers = _hf_checkpointing_layers(model)
         self.hf_recomputes_every_layer = bool(layers)
         self.session = Session(model, self.budget, optimizer=inner, device=device, precision=precision,
                                allow_microbatching=False, retune=self.retune and not layers,
-                               retune_config=self.retune_config, telemetry=self.telemetry, metrics_path=self.metrics_path,
-                               planner_options=self.planner_options)
+                               planner_options=self.planner_options, **self.session_kwargs())
         with _hf_checkpointing_off(layers):  # profile the model's own step; HF's flag is restored after
             self.session.setup(sample)
         if layers:
             self._defer_to_hf_checkpointing()
         self._hook = model.register_forward_hook(self._record_loss)
+        self._meter = StepMeter(self.session)
         log.info("memtune: %s", self.session.plan.summary().splitlines()[0])
 
     def _defer_to_hf_checkpointing(self) -> None:
@@ -141,39 +117,14 @@ class MemtuneCallback(_Base):
         loss = getattr(output, "loss", None)
         if loss is None and isinstance(output, dict):
             loss = output.get("loss")
-        if isinstance(loss, torch.Tensor) and loss.numel() == 1:
-            self._losses.append(float(loss.detach()))
+        if self._meter is not None:
+            self._meter.add_loss(loss)
 
     def on_step_begin(self, args, state, control, **kwargs):
-        from memtune.optimizer_recording import optimizer_state_tensors
-        from memtune.runtime.memguard import HostPeakMeter, TensorMemoryGuard
-
-        s = self.session
-        self._losses = []
-        if s.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(s.device)
-        else:
-            # Measures only: an error raised here could not be retried inside the Trainer's loop.
-            meter = HostPeakMeter() if s.compiled and HostPeakMeter.available() else \
-                None if s.compiled else TensorMemoryGuard()
-            if meter is not None:
-                meter.track([list(s.model.parameters()), list(s.model.buffers()), optimizer_state_tensors(s.optimizer)])
-                meter.__enter__()
-            self._meter = meter
-        self._t0 = time.perf_counter()
+        self._meter.begin()
 
     def on_step_end(self, args, state, control, **kwargs):
-        s = self.session
-        step_ms = (time.perf_counter() - self._t0) * 1000
-        peak = None
-        if self._meter is not None:
-            self._meter.__exit__(None, None, None)
-            peak, self._meter = self._meter.peak_bytes, None
-        elif s.device.type == "cuda":
-            peak = torch.cuda.max_memory_allocated(s.device)
-        loss = sum(self._losses) / len(self._losses) if self._losses else float("nan")
-        s.step_count += 1
-        s._after_step(loss, step_ms, peak, 0)  # history, telemetry and, between steps, re-planning
+        self._meter.end()
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs is not None and self.session is not None and self.session.history:
@@ -184,29 +135,12 @@ class MemtuneCallback(_Base):
 
     def on_train_end(self, args, state, control, **kwargs):
         if self._meter is not None:
-            self._meter.__exit__(None, None, None)
-            self._meter = None
+            self._meter.abandon()
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
         if self.session is not None:
             self.session.close()
-
-
-def _first_batch(loader, device: torch.device) -> Any:
-    """The first training batch, drawn without moving the run's RNG (a shuffled sampler draws
-    its order from the global generator), on the model's device."""
-    from memtune.batching import move_batch
-    from memtune.runtime import checkpoint as ckpt
-
-    state = ckpt.rng_state()
-    try:
-        batch = next(iter(loader))
-    except StopIteration:
-        raise UsageError("the Trainer's train dataloader is empty; memtune profiles on its first batch") from None
-    finally:
-        ckpt.set_rng_state(state)
-    return move_batch(dict(batch) if hasattr(batch, "keys") else batch, device)
 
 
 def _hf_checkpointing_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
