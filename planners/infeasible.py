@@ -54,34 +54,40 @@ def infeasible_error(profile: ModelProfile, budget: Budget, options: PlannerOpti
                  ("activations outside units (embeddings, head, loss)", profile.outside_activation_bytes)]
     consumers += [(f"activations saved by {u.fqn}", u.saved_activation_bytes) for u in profile.units]
     consumers = sorted(consumers, key=lambda t: -t[1])[:6]
-    suggestions = [f"a budget of at least {fmt_bytes(min_budget)} ({min_budget} bytes)"]
+    levers: list[tuple[str, str]] = []  # (the option it changes, the suggestion)
     if not options.allow_microbatching and (profile.batch_size or 1) > 1:
-        suggestions.append("allow_microbatching=True (smaller micro-batches with gradient accumulation)")
+        levers.append(("allow_microbatching", "allow_microbatching=True (smaller micro-batches with gradient accumulation)"))
     if not options.allow_offload and profile.target == "cuda":
-        suggestions.append("allow_offload=True (saved activations to pinned host memory)")
-    levers = {(o.weights, o.offload, o.in_backward) for o in profile.optimizer_steps}
-    if not any(w for w, _, _ in levers):
-        suggestions.append("bf16 weights (profile with space=memtune.PlanSpace(weights=(None, 'bf16-sr')))")
+        levers.append(("allow_offload", "allow_offload=True (saved activations to pinned host memory)"))
+    recorded = {(o.weights, o.offload, o.in_backward) for o in profile.optimizer_steps}
+    if not any(w for w, _, _ in recorded):
+        levers.append(("weights", "bf16 weights (profile with space=memtune.PlanSpace(weights=(None, 'bf16-sr')))"))
     elif options.weights is not None and not any(options.weights):
-        suggestions.append("weights=(None, 'bf16-sr', 'bf16-master') (bf16 parameters)")
+        levers.append(("weights", "weights=(None, 'bf16-sr', 'bf16-master') (bf16 parameters)"))
     if not options.allow_optimizer_in_backward:
-        suggestions.append("allow_optimizer_in_backward=True (gradients freed as they complete)")
-    elif not any(ib for _, _, ib in levers):
-        suggestions.append("the optimizer step in backward (profile with space=memtune.PlanSpace(in_backward=(False, True)))")
+        levers.append(("allow_optimizer_in_backward", "allow_optimizer_in_backward=True (gradients freed as they complete)"))
+    elif not any(ib for _, _, ib in recorded):
+        levers.append(("allow_optimizer_in_backward", "the optimizer step in backward (profile with "
+                       "space=memtune.PlanSpace(in_backward=(False, True)))"))
     if profile.target != "cpu":
         if not options.allow_state_offload:
-            suggestions.append("allow_state_offload=True (optimizer state in host memory)")
-        elif not any(off for _, off, _ in levers):
-            suggestions.append("optimizer-state offload (profile with space=memtune.PlanSpace(state_offload=(False, True)))")
+            levers.append(("allow_state_offload", "allow_state_offload=True (optimizer state in host memory)"))
+        elif not any(off for _, off, _ in recorded):
+            levers.append(("allow_state_offload", "optimizer-state offload (profile with "
+                           "space=memtune.PlanSpace(state_offload=(False, True)))"))
     if profile.loss_chunking and not options.allow_loss_chunking:
-        suggestions.append("allow_loss_chunking=True (head and loss in chunks)")
+        levers.append(("allow_loss_chunking", "allow_loss_chunking=True (head and loss in chunks)"))
     if options.state_dtypes is not None and "int8" not in options.state_dtypes:
-        suggestions.append("state_dtypes including 'int8' (8-bit optimizer state)")
+        levers.append(("state_dtypes", "state_dtypes including 'int8' (8-bit optimizer state)"))
     names = options.optimizer_names or (profile.optimizer,)
     if "muon" not in names and set(names) & {"adamw", "muon2"}:
-        recorded = any(o.name == "muon" for o in profile.optimizer_steps)
-        suggestions.append("optimizer='muon' (one state buffer per hidden matrix instead of two"
-                           + ("" if recorded else "; profile with space=memtune.PlanSpace(optimizers=('muon',))") + ")")
+        has_muon = any(o.name == "muon" for o in profile.optimizer_steps)
+        levers.append(("optimizer", "optimizer='muon' (one state buffer per hidden matrix instead of two"
+                       + ("" if has_muon else "; profile with space=memtune.PlanSpace(optimizers=('muon',))") + ")"))
+    suggestions = [f"a budget of at least {fmt_bytes(min_budget)} ({min_budget} bytes)"]
+    suggestions += [text for lever, text in levers if lever not in options.locked]
+    if options.locked and options.locked_hint:
+        suggestions.append(options.locked_hint)
     what = ", ".join(f"{n} {fmt_bytes(b)}" for n, b in consumers[:4])
     extras = ", ".join(x for x in (f"{frugal.weights} weights" if frugal.weights else "",
                                    "optimizer step in backward" if frugal.optimizer_in_backward else "",

@@ -78,6 +78,11 @@ class PlannerOptions:
     (HiGHS's relative MIP gap, taken over the whole predicted step time)."""
     max_exact_units: int = 2000
     """:func:`memtune.planning.plan` uses the greedy planner past this many units."""
+    locked: tuple[str, ...] = ()
+    """Names of the options above that the caller's setup fixes (a session with your optimizer,
+    a framework callback). An infeasible budget's error then does not suggest changing them."""
+    locked_hint: str = ""
+    """What to do instead, when ``locked`` is set (said in that error)."""
 
     def __post_init__(self) -> None:
         if not self.max_lossless_slowdown >= 1.0:

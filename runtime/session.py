@@ -46,6 +46,18 @@ USER_OPTIMIZER_LOCKS = dict(allow_optimizer_in_backward=False, allow_state_offlo
 """Planner options a user-owned optimizer imposes: the plan must not step it in backward, move
 its state, or store the weights it updates in bf16."""
 
+USER_OPTIMIZER_HINT = ("pass optimizer='muon2' (or 'adamw') instead of your optimizer object, so that memtune may "
+                       "also choose 8-bit state, bf16 weights, the optimizer step in backward and state offload")
+"""What an infeasible budget's error suggests instead of the levers a user-owned optimizer locks."""
+
+
+def lock(options: dict, names, hint: str) -> dict:
+    """``options`` with ``names`` added to the planner's ``locked`` options and ``hint`` to its
+    ``locked_hint``: an infeasible budget's error then suggests ``hint``, not those options."""
+    hints = [h for h in (options.get("locked_hint", ""), hint) if h]
+    return {**options, "locked": tuple(dict.fromkeys((*options.get("locked", ()), *names))),
+            "locked_hint": "; or ".join(hints)}
+
 
 class Session(Trainer):
     """A :class:`~memtune.runtime.trainer.Trainer` for a loop you own; see the module docstring.
@@ -66,7 +78,8 @@ class Session(Trainer):
                 raise UsageError(f"planner_options {clash} would change the optimizer you passed "
                                  f"({type(optimizer).__name__}), which the session keeps; drop them, or pass "
                                  "optimizer='muon2'/'adamw' to let memtune build and tune the optimizer")
-            kwargs["planner_options"] = {**options, **USER_OPTIMIZER_LOCKS}
+            kwargs["planner_options"] = lock({**options, **USER_OPTIMIZER_LOCKS},
+                                             ("optimizer", "state_dtypes", *USER_OPTIMIZER_LOCKS), USER_OPTIMIZER_HINT)
             name = "custom"
         elif isinstance(optimizer, str):
             name = optimizer

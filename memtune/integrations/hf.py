@@ -59,7 +59,7 @@ class MemtuneCallback(CallbackSettings, _Base):
 
     # ------------------------------------------------------------------ train begin
     def on_train_begin(self, args, state, control, model=None, optimizer=None, train_dataloader=None, **kwargs):
-        from memtune.runtime.session import Session
+        from memtune.runtime.session import Session, lock
 
         if getattr(args, "world_size", 1) > 1:
             raise UsageError(f"MemtuneCallback plans for one process, but this Trainer runs {args.world_size}; "
@@ -75,7 +75,10 @@ class MemtuneCallback(CallbackSettings, _Base):
         self.hf_recomputes_every_layer = bool(layers)
         self.session = Session(model, self.budget, optimizer=inner, device=device, precision=precision,
                                allow_microbatching=False, retune=self.retune and not layers,
-                               planner_options=self.planner_options, **self.session_kwargs())
+                               planner_options=lock(self.planner_options, ("allow_microbatching",),
+                                                    "a smaller per_device_train_batch_size (with "
+                                                    "gradient_accumulation_steps to keep the global batch)"),
+                               **self.session_kwargs())
         with _hf_checkpointing_off(layers):  # profile the model's own step; HF's flag is restored after
             self.session.setup(sample)
         if layers:

@@ -93,7 +93,7 @@ class MemtuneCallback(CallbackSettings, _Base):
     :class:`~memtune.integrations._loop.CallbackSettings`."""
 
     def on_train_start(self, trainer, pl_module) -> None:
-        from memtune.runtime.session import Session
+        from memtune.runtime.session import Session, lock
 
         if getattr(trainer, "world_size", 1) > 1:
             raise UsageError(f"MemtuneCallback plans for one process, but this Trainer runs {trainer.world_size}; "
@@ -112,10 +112,12 @@ class MemtuneCallback(CallbackSettings, _Base):
         if "true" in prec and prec not in ("32-true", "32"):
             raise UsageError(f"precision={prec!r} stores the weights in low precision, which memtune does not profile "
                              "for a module it did not build; use '32-true' or 'bf16-mixed'")
-        locks = {"allow_loss_chunking": False}  # the loss is computed inside training_step
+        options = lock({**self.planner_options, "allow_loss_chunking": False},  # the loss is inside training_step
+                       ("allow_microbatching", "allow_loss_chunking"),
+                       "a smaller batch_size in your DataLoader (with accumulate_grad_batches to keep the global batch)")
         self.session = Session(TrainingStep(pl_module), self.budget, optimizer=trainer.optimizers[0], device=device,
                                precision=precision, allow_microbatching=False, retune=self.retune,
-                               planner_options={**self.planner_options, **locks}, **self.session_kwargs())
+                               planner_options=options, **self.session_kwargs())
         with _no_logging(pl_module):
             self.session.setup({"batch": sample})
         self._meter = StepMeter(self.session)

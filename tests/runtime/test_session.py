@@ -187,3 +187,24 @@ def test_clear_errors_for_a_foreign_optimizer_and_options_that_would_change_it()
         memtune.session(model, "1GB", optimizer=opt, device="cpu", planner_options={"state_dtypes": ("int8",)})
     with pytest.raises(UsageError, match="not an AMP GradScaler"):
         memtune.session(model, "1GB", optimizer=opt, device="cpu", grad_scaler=object())
+
+
+def test_an_infeasible_budget_suggests_only_what_your_optimizer_allows():
+    """With your optimizer, the error names the levers the session may still use and how to
+    unlock the rest; with memtune's, it suggests those levers themselves."""
+    from memtune.errors import InfeasibleBudgetError
+
+    model = gpt(n_layer=2, n_embd=32, block=32)
+    batch = batches(1, block=32)[0]
+    opt = torch.optim.AdamW(model.parameters())
+    with pytest.raises(InfeasibleBudgetError) as own:
+        memtune.session(model, 100_000, optimizer=opt, device="cpu", sample=batch)
+    with pytest.raises(InfeasibleBudgetError) as built:
+        memtune.fit(gpt(n_layer=2, n_embd=32, block=32), 100_000, optimizer="adamw", device="cpu",
+                    progress=False).step(batch)
+    locked = ("state_dtypes including 'int8'", "allow_optimizer_in_backward=True", "optimizer='muon' (",
+              "bf16 weights (profile", "weights=(None")
+    assert "a budget of at least" in str(own.value) and "optimizer='muon2'" in str(own.value)
+    assert not [s for s in locked if s in str(own.value)], str(own.value)
+    assert "micro-batch 1" in str(own.value)  # micro-batching, still the session's, was used to the end
+    assert [s for s in locked if s in str(built.value)], str(built.value)
