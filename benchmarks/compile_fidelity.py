@@ -3,8 +3,10 @@
 For a GPT and a Hugging Face Llama on real text, at 50% and 80% of the unplanned peak: plan
 (AdamW, as a user's own optimizer allows: recompute, micro-batching, chunked loss), then
 measure one steady-state step eager and compiled, at the same plan, on the CPU. Then compare
-with torch.compile's own knob, ``torch._functorch.config.activation_memory_budget``, on the
-unplanned compiled model: the fastest setting whose measured peak is at most memtune's.
+with torch.compile's own knob, ``torch._functorch.config.activation_memory_budget``, at equal
+measured peak: for each setting, the unplanned compiled model's measured peak becomes
+memtune's budget, and memtune's plan is compiled and timed next to it (same optimizer, same
+batch, same process layout), so the two step times are measured side by side.
 
 How the peak is measured: inductor's kernels allocate below the dispatcher, where MemTracker
 cannot see, so every run is measured the same way, from the process's resident high-water
@@ -98,24 +100,26 @@ def _measure(model, inner, batch, plan, opt, *, guard: bool) -> dict:
     return out
 
 
-def worker_plan(name: str, frac: float) -> dict:
-    """Plan at ``frac`` of the unplanned peak; measure it eager, then compiled."""
+def worker_plan(name: str, frac: float, *, eager_too: bool = True) -> dict:
+    """Plan at ``frac`` of the unplanned peak (``frac > 1``: at that many bytes); measure it
+    eager, then compiled."""
     import torch
 
     import memtune
 
     model, batch = build(name)
     prof = memtune.profile(model, batch, optimizer="adamw", target="cpu")
-    plan = memtune.plan(prof, int(prof.baseline_peak_bytes * frac), **PLAN_OPTIONS)
+    budget = int(frac) if frac > 1 else int(prof.baseline_peak_bytes * frac)
+    plan = memtune.plan(prof, budget, **PLAN_OPTIONS)
     opt = memtune.apply_plan(model, plan)
-    eager = _measure(model, model, batch, plan, opt, guard=True)
+    eager = _measure(model, model, batch, plan, opt, guard=True) if eager_too else None
     compiled_model = torch.compile(model)
     t0 = time.perf_counter()
     _step(compiled_model, batch, plan, opt)
     compile_s = time.perf_counter() - t0
     compiled = _measure(compiled_model, model, batch, plan, opt, guard=False)
     return {"model": name, "fraction": frac, "unplanned_peak_bytes": prof.baseline_peak_bytes,
-            "budget_bytes": int(prof.baseline_peak_bytes * frac), "predicted_peak_bytes": plan.predicted_peak_bytes,
+            "budget_bytes": budget, "predicted_peak_bytes": plan.predicted_peak_bytes,
             "plan": {"recompute": list(plan.recompute_units), "micro_batch_size": plan.micro_batch_size,
                      "grad_accum_steps": plan.grad_accum_steps, "loss_chunks": plan.loss_chunks},
             "eager": eager, "compiled": compiled, "first_compiled_step_s": round(compile_s, 1)}
@@ -143,6 +147,12 @@ def _spawn(*args: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def _plan_text(p: dict) -> str:
+    return f"recompute {len(p['recompute'])}" + (f", micro {p['micro_batch_size']}x{p['grad_accum_steps']}"
+                                                 if p["grad_accum_steps"] > 1 else "") + \
+        (f", loss chunks {p['loss_chunks']}" if p["loss_chunks"] else "")
+
+
 def _err(pred: int, measured: int) -> float:
     return round(100 * (pred - measured) / measured, 2)
 
@@ -154,7 +164,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.worker:
         kind, name, value = args.worker
-        result = worker_plan(name, float(value)) if kind == "plan" else worker_amb(name, float(value))
+        result = worker_plan(name, float(value)) if kind == "plan" else \
+            worker_plan(name, float(value), eager_too=False) if kind == "match" else worker_amb(name, float(value))
         print(json.dumps(result))
         return
 
@@ -169,36 +180,29 @@ def main() -> None:
     for r in rows:
         p, e, c = r["predicted_peak_bytes"], r["eager"]["peak_bytes"], r["compiled"]["peak_bytes"]
         r["eager_error_pct"], r["compiled_error_pct"] = _err(p, e), _err(p, c)
-        plan = f"recompute {len(r['plan']['recompute'])}" + (f", micro {r['plan']['micro_batch_size']}x{r['plan']['grad_accum_steps']}"
-                                                              if r["plan"]["grad_accum_steps"] > 1 else "") + \
-            (f", loss chunks {r['plan']['loss_chunks']}" if r["plan"]["loss_chunks"] else "")
+        plan = _plan_text(r["plan"])
         lines.append(f"| {r['model']} | {int(r['fraction'] * 100)}% | {plan} | {fmt_bytes(p)} | {fmt_bytes(e)} "
                      f"({r['eager_error_pct']:+.2f}%) | {fmt_bytes(c)} ({r['compiled_error_pct']:+.2f}%) | "
                      f"{r['eager']['step_ms']} | {r['compiled']['step_ms']} |")
     comparisons = []
     if amb:
-        lines += ["", "activation_memory_budget on the unplanned compiled model, against memtune's plan at 50%:", "",
-                  "| model | setting | measured peak | compiled ms |", "|---|---|---|---|"]
-        for m in models:
-            mine = next(r for r in rows if r["model"] == m and r["fraction"] == 0.5)
-            lines.append(f"| {m} | memtune plan (50%) | {fmt_bytes(mine['compiled']['peak_bytes'])} | "
-                         f"{mine['compiled']['step_ms']} |")
-            theirs = [a for a in amb if a["model"] == m]
-            for a in theirs:
-                lines.append(f"| {m} | activation_memory_budget={a['activation_memory_budget']} | "
-                             f"{fmt_bytes(a['compiled']['peak_bytes'])} | {a['compiled']['step_ms']} |")
-            fits = [a for a in theirs if a["compiled"]["peak_bytes"] <= mine["compiled"]["peak_bytes"]]
-            best = min(fits, key=lambda a: a["compiled"]["step_ms"]) if fits else None
-            comparisons.append({"model": m, "memtune_peak_bytes": mine["compiled"]["peak_bytes"],
-                                "memtune_step_ms": mine["compiled"]["step_ms"],
-                                "best_amb": best["activation_memory_budget"] if best else None,
-                                "best_amb_step_ms": best["compiled"]["step_ms"] if best else None})
-        lines.append("")
-        for c in comparisons:
-            lines.append(f"- {c['model']}: " + (
-                f"fastest activation_memory_budget within memtune's measured peak is {c['best_amb']} at "
-                f"{c['best_amb_step_ms']} ms vs memtune's {c['memtune_step_ms']} ms" if c["best_amb"] is not None else
-                "no activation_memory_budget setting reached memtune's measured peak"))
+        lines += ["", "At equal measured peak: each activation_memory_budget setting's measured peak (unplanned "
+                  "compiled model) is memtune's budget; memtune's plan is compiled and timed in the same run.", "",
+                  "| model | activation_memory_budget | its peak | its ms | memtune plan | memtune peak | memtune ms | "
+                  "memtune / knob time |", "|---|---|---|---|---|---|---|---|"]
+        for a in amb:
+            peak = a["compiled"]["peak_bytes"]
+            mine = _spawn("match", a["model"], str(peak))
+            c = mine["compiled"]
+            ratio = round(c["step_ms"] / a["compiled"]["step_ms"], 3)
+            comparisons.append({"model": a["model"], "activation_memory_budget": a["activation_memory_budget"],
+                                "knob_peak_bytes": peak, "knob_step_ms": a["compiled"]["step_ms"],
+                                "memtune_plan": mine["plan"], "memtune_predicted_peak_bytes": mine["predicted_peak_bytes"],
+                                "memtune_peak_bytes": c["peak_bytes"], "memtune_step_ms": c["step_ms"],
+                                "time_ratio": ratio})
+            lines.append(f"| {a['model']} | {a['activation_memory_budget']} | {fmt_bytes(peak)} | "
+                         f"{a['compiled']['step_ms']} | {_plan_text(mine['plan'])} | {fmt_bytes(c['peak_bytes'])} | "
+                         f"{c['step_ms']} | {ratio} |")
     table = "\n".join(lines)
     print(table)
     write("compile_fidelity_quick" if args.quick else "compile_fidelity", {"rows": rows, "activation_memory_budget": amb, "comparisons": comparisons},
