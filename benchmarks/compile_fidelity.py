@@ -100,12 +100,17 @@ def _measure(model, inner, batch, plan, opt, *, guard: bool) -> dict:
     return out
 
 
-def worker_plan(name: str, frac: float, *, eager_too: bool = True) -> dict:
+def worker_plan(name: str, frac: float, *, eager_too: bool = True, fast: bool = False) -> dict:
     """Plan at ``frac`` of the unplanned peak (``frac > 1``: at that many bytes); measure it
-    eager, then compiled."""
+    eager, then compiled (``fast``: after :func:`memtune.compiled.let_checkpoints_compile`)."""
     import torch
 
     import memtune
+
+    if fast:
+        from memtune.compiled import let_checkpoints_compile
+
+        let_checkpoints_compile()
 
     model, batch = build(name)
     prof = memtune.profile(model, batch, optimizer="adamw", target="cpu")
@@ -164,8 +169,10 @@ def main() -> None:
     args = ap.parse_args()
     if args.worker:
         kind, name, value = args.worker
-        result = worker_plan(name, float(value)) if kind == "plan" else \
-            worker_plan(name, float(value), eager_too=False) if kind == "match" else worker_amb(name, float(value))
+        if kind == "amb":
+            result = worker_amb(name, float(value))
+        else:
+            result = worker_plan(name, float(value), eager_too=kind == "plan", fast=kind.endswith("fast"))
         print(json.dumps(result))
         return
 
@@ -174,35 +181,44 @@ def main() -> None:
 
     models = ("gpt",) if args.quick else ("gpt", "llama")
     rows = [_spawn("plan", m, str(f)) for m in models for f in (0.5, 0.8)]
+    for r in rows:  # the same plan compiled with let_checkpoints_compile (no graph break around recomputed blocks)
+        r["compiled_fast"] = _spawn("planfast", r["model"], str(r["fraction"]))["compiled"]
     amb = [] if args.quick else [_spawn("amb", m, str(b)) for m in models for b in (1.0, *AMB_VALUES)]
-    lines = ["| model | budget | plan | predicted | eager measured (err) | compiled measured (err) | eager ms | compiled ms |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | budget | plan | predicted | eager measured (err) | compiled measured (err) | "
+             "compiled + let_checkpoints_compile (err) | eager ms | compiled ms | + let_checkpoints_compile ms |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         p, e, c = r["predicted_peak_bytes"], r["eager"]["peak_bytes"], r["compiled"]["peak_bytes"]
-        r["eager_error_pct"], r["compiled_error_pct"] = _err(p, e), _err(p, c)
+        f = r["compiled_fast"]["peak_bytes"]
+        r["eager_error_pct"], r["compiled_error_pct"], r["compiled_fast_error_pct"] = _err(p, e), _err(p, c), _err(p, f)
         plan = _plan_text(r["plan"])
         lines.append(f"| {r['model']} | {int(r['fraction'] * 100)}% | {plan} | {fmt_bytes(p)} | {fmt_bytes(e)} "
                      f"({r['eager_error_pct']:+.2f}%) | {fmt_bytes(c)} ({r['compiled_error_pct']:+.2f}%) | "
-                     f"{r['eager']['step_ms']} | {r['compiled']['step_ms']} |")
+                     f"{fmt_bytes(f)} ({r['compiled_fast_error_pct']:+.2f}%) | "
+                     f"{r['eager']['step_ms']} | {r['compiled']['step_ms']} | {r['compiled_fast']['step_ms']} |")
     comparisons = []
     if amb:
         lines += ["", "At equal measured peak: each activation_memory_budget setting's measured peak (unplanned "
-                  "compiled model) is memtune's budget; memtune's plan is compiled and timed in the same run.", "",
+                  "compiled model) is memtune's budget; memtune's plan is compiled and timed in the same run, as it "
+                  "is and after let_checkpoints_compile.", "",
                   "| model | activation_memory_budget | its peak | its ms | memtune plan | memtune peak | memtune ms | "
-                  "memtune / knob time |", "|---|---|---|---|---|---|---|---|"]
+                  "+ let_checkpoints_compile peak | ms | time vs knob (as is / + let) |", "|---|---|---|---|---|---|---|---|---|---|"]
         for a in amb:
             peak = a["compiled"]["peak_bytes"]
             mine = _spawn("match", a["model"], str(peak))
-            c = mine["compiled"]
+            fast = _spawn("matchfast", a["model"], str(peak))
+            c, cf = mine["compiled"], fast["compiled"]
             ratio = round(c["step_ms"] / a["compiled"]["step_ms"], 3)
+            ratio_fast = round(cf["step_ms"] / a["compiled"]["step_ms"], 3)
             comparisons.append({"model": a["model"], "activation_memory_budget": a["activation_memory_budget"],
                                 "knob_peak_bytes": peak, "knob_step_ms": a["compiled"]["step_ms"],
                                 "memtune_plan": mine["plan"], "memtune_predicted_peak_bytes": mine["predicted_peak_bytes"],
                                 "memtune_peak_bytes": c["peak_bytes"], "memtune_step_ms": c["step_ms"],
-                                "time_ratio": ratio})
+                                "time_ratio": ratio, "fast_peak_bytes": cf["peak_bytes"], "fast_step_ms": cf["step_ms"],
+                                "fast_time_ratio": ratio_fast})
             lines.append(f"| {a['model']} | {a['activation_memory_budget']} | {fmt_bytes(peak)} | "
                          f"{a['compiled']['step_ms']} | {_plan_text(mine['plan'])} | {fmt_bytes(c['peak_bytes'])} | "
-                         f"{c['step_ms']} | {ratio} |")
+                         f"{c['step_ms']} | {fmt_bytes(cf['peak_bytes'])} | {cf['step_ms']} | {ratio} / {ratio_fast} |")
     table = "\n".join(lines)
     print(table)
     write("compile_fidelity_quick" if args.quick else "compile_fidelity", {"rows": rows, "activation_memory_budget": amb, "comparisons": comparisons},

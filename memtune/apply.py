@@ -108,10 +108,6 @@ def _wrap(module: nn.Module, decision: Decision) -> None:
     forward = original if original is not None else module.forward  # bound class method
 
     if decision is Decision.RECOMPUTE:
-        from .compiled import let_checkpoints_compile
-
-        let_checkpoints_compile()  # else Dynamo graph-breaks around HF layers (see there)
-
         @functools.wraps(forward)
         def wrapped(*args, **kwargs):
             if not torch.is_grad_enabled():  # eval / no_grad: nothing to save, nothing to recompute

@@ -24,36 +24,36 @@ def is_compiled(model: nn.Module) -> bool:
 
 
 def let_checkpoints_compile() -> None:
-    """Let Dynamo compile a recomputed block whose forward has scoped Python side effects, instead
-    of breaking the graph around it.
+    """Opt in: let Dynamo compile a recomputed block whose forward has scoped Python side
+    effects, instead of breaking the graph around it. This is faster, but the peak is less
+    faithful to the plan.
 
     Hugging Face models set and reset a module-level variable in each hub-kernel layer's forward
     (``kernels``' ``CompileableContextVar``, e.g. in Llama's RMSNorm). Inside
-    ``torch.utils.checkpoint`` Dynamo refuses that side effect ("Mutating a variable from outside
-    the scope of this HOP"), breaks the graph, and runs every recomputed layer eagerly. Measured
-    on an HF Llama under inductor, two recomputed layers of four cost 366 ms a step this way,
-    against 241 ms with the flag set (``benchmarks/compile_fidelity.py``). The flag makes Dynamo
-    keep such a side effect in forward without replaying it during recomputation. That is exact
-    for scoped set/reset pairs. A block that counts its own calls in a Python attribute would
-    count the recomputation in eager but not when compiled.
+    ``torch.utils.checkpoint``, Dynamo refuses that side effect ("Mutating a variable from outside
+    the scope of this HOP") and breaks the graph. Every recomputed layer then runs eagerly between
+    compiled pieces. This function sets ``torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint``,
+    which keeps such a side effect in forward without replaying it during recomputation. That is
+    exact for set/reset pairs. A block that counts its own calls would count the recomputation in
+    eager but not when compiled.
 
-    Set by :func:`memtune.apply_plan` when a plan recomputes anything. It changes nothing for
-    eager runs. ``torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = False``
-    after ``apply_plan`` restores torch's default."""
-    global _checkpoint_flag_set
-    if _checkpoint_flag_set:
-        return
-    _checkpoint_flag_set = True
+    Measured on an HF Llama (4 layers, 3 recomputed) under inductor on a CPU
+    (``benchmarks/compile_fidelity.py``, docs/integrations.md):
+
+    - without the flag (the default): 104.5 MiB against 102.1 MiB predicted, 426–467 ms a step;
+    - with the flag: 246–249 ms a step, but 116.2 MiB. The inductor-compiled recomputation keeps
+      about 12% more than eager checkpointing, which memtune's profile does not model.
+
+    memtune therefore leaves the flag at torch's default. Call this before the first compiled
+    step if speed matters more than the first steps' peak. The runtime's closed loop
+    (``RetuneConfig``) then tightens the plan once a step has measured the higher peak."""
     import torch._dynamo.config as dynamo_config
 
-    if hasattr(dynamo_config, "skip_fwd_side_effects_in_bwd_under_checkpoint") and \
-            not dynamo_config.skip_fwd_side_effects_in_bwd_under_checkpoint:
+    if hasattr(dynamo_config, "skip_fwd_side_effects_in_bwd_under_checkpoint"):
         dynamo_config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
-        log.info("memtune: torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True, so that "
-                 "recomputed blocks compile (memtune.compiled.let_checkpoints_compile)")
+        log.info("memtune: torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True")
 
 
-_checkpoint_flag_set = False
 
 
 def unwrap(model: nn.Module) -> nn.Module:
