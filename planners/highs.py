@@ -23,6 +23,7 @@ It is also used on Windows, where the select-based timeout does not work on pipe
 from __future__ import annotations
 
 import atexit
+import logging
 import os
 import pickle
 import struct
@@ -34,6 +35,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+log = logging.getLogger("memtune.planners.highs")
 _LEN = struct.Struct("<Q")
 GRACE_S = 30.0  # beyond twice its time limit, a solve is hung: kill it
 
@@ -146,8 +148,11 @@ _child: _Child | None = None
 _stats = {"solves": 0, "restarts": 0, "failed": 0}
 
 
+_cannot_spawn: str | None = None  # why a child could not be started here (then: in process)
+
+
 def _isolated() -> bool:
-    return os.environ.get("MEMTUNE_MILP", "").lower() != "inprocess" and os.name != "nt"
+    return os.environ.get("MEMTUNE_MILP", "").lower() != "inprocess" and os.name != "nt" and _cannot_spawn is None
 
 
 def _get_child() -> _Child:
@@ -173,7 +178,15 @@ def solve(c, A, lo, hi, integrality, lb, ub, *, time_limit_s: float, mip_rel_gap
             if attempt:
                 problem = {**problem, "options": {**options, "presolve": False}}
             try:
-                return _get_child().solve(problem, wall_limit(time_limit_s))
+                child = _get_child()
+            except OSError as e:  # no usable interpreter to start (embedded Python, exhausted pids)
+                global _cannot_spawn
+                _cannot_spawn = f"{type(e).__name__}: {e}"
+                log.warning("memtune: cannot start the HiGHS process (%s); solving in this process from now on",
+                            _cannot_spawn)
+                return MilpResult(*_solve_here(problem))
+            try:
+                return child.solve(problem, wall_limit(time_limit_s))
             except _Died as e:
                 deaths.append(str(e))
         _stats["failed"] += 1

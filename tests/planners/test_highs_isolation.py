@@ -118,3 +118,17 @@ def test_a_forked_process_starts_its_own_solver(case):
     os.waitpid(pid, 0)
     assert out[0] == "1" and int(out[1]) != parent_child
     assert _plan(prof, budget).fits and highs._child.proc.pid == parent_child
+
+
+def test_when_no_solver_process_can_start_it_solves_in_process(monkeypatch, case):
+    prof, budget, reference = case
+
+    def cannot(self):
+        raise OSError("[Errno 11] Resource temporarily unavailable")
+
+    monkeypatch.setattr(highs, "_child", None)
+    monkeypatch.setattr(highs, "_cannot_spawn", None)
+    monkeypatch.setattr(highs._Child, "__init__", cannot)
+    got = _plan(prof, budget)
+    assert got.fits and got.predicted_step_ms == pytest.approx(reference.predicted_step_ms)
+    assert "Resource temporarily unavailable" in highs._cannot_spawn and not highs._isolated()
