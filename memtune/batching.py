@@ -46,17 +46,24 @@ def loss_from_output(output: Any, batch: Any, target: Any, loss_fn: LossFn | Non
         if target is None:
             return loss_fn(output)
         return loss_fn(output, target)
-    loss = getattr(output, "loss", None)
-    if loss is None and isinstance(output, dict):
-        loss = output.get("loss")
-    if loss is None and isinstance(output, torch.Tensor) and output.dim() == 0:
-        loss = output
+    loss = find_loss(output)
     if loss is None:
         what = f"a tensor of shape {tuple(output.shape)}" if isinstance(output, torch.Tensor) else type(output).__name__
         raise SampleError(
             f"cannot find a loss: the model returned {what}; pass loss_fn=..., or make the model return a "
             "scalar loss or an output with .loss"
         )
+    return loss
+
+
+def find_loss(output: Any) -> torch.Tensor | None:
+    """The loss a model (or a training step) returned: its ``.loss``, a dict's ``"loss"``, or the
+    output itself when it is a scalar tensor; ``None`` when there is none."""
+    loss = getattr(output, "loss", None)
+    if loss is None and isinstance(output, dict):
+        loss = output.get("loss")
+    if loss is None and isinstance(output, torch.Tensor) and output.dim() == 0:
+        loss = output
     return loss
 
 

@@ -54,8 +54,6 @@ def let_checkpoints_compile() -> None:
         log.info("memtune: torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True")
 
 
-
-
 def unwrap(model: nn.Module) -> nn.Module:
     """The module a (possibly nested) ``torch.compile`` wrapper runs; ``model`` itself otherwise."""
     while is_compiled(model):

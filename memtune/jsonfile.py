@@ -1,7 +1,9 @@
-"""Reading memtune's JSON files (profiles, plans) with errors that say how to recover."""
+"""Reading memtune's JSON files (profiles, plans) with errors that say how to recover, and
+hashing JSON-able values."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -33,3 +35,9 @@ def read_json_object(text_or_path: str | Path, *, what: str, remedy: str) -> dic
     if not isinstance(d, dict):
         raise PlanFileError(f"{what} JSON must be an object; {remedy}")
     return d
+
+
+def digest(value: Any) -> str:
+    """A stable hash of a JSON-able value: profile fingerprints, and the plans ranks agree on."""
+    blob = json.dumps(value, sort_keys=True, separators=(",", ":"), default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]

@@ -19,14 +19,13 @@ plan drops or recomputes; see docs/profiler.md for the exact semantics.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .errors import PlanFileError
-from .jsonfile import read_json_object
+from .jsonfile import digest, read_json_object
 from .validation import check_fields, check_object
 
 SCHEMA_VERSION = 3
@@ -325,8 +324,7 @@ class ModelProfile:
         """Stable hash of the serialized profile (timing fields excluded)."""
         d = self.to_dict()
         d.pop("profile_seconds", None)
-        blob = json.dumps(d, sort_keys=True, separators=(",", ":")).encode()
-        return hashlib.sha256(blob).hexdigest()[:16]
+        return digest(d)
 
     # ------------------------------------------------------------------ JSON
     def to_dict(self) -> dict[str, Any]:

@@ -223,7 +223,7 @@ def profile(
             step_order: tuple[str, ...] = ()
             recorder_args = (model, unit_fqns, fbuffers, loss_fn, precision)
             for w in dict.fromkeys("bf16" if w else None for w in weight_options):
-                params = fparams if w is None else _bf16_fakes(named_params, bf16_names)
+                params = fparams if w is None else _params_like(named_params, bf16_names, "cpu")
                 if w is None:
                     wopt = opt
                 else:  # the profiled optimizer on bf16 weights, updated as a bf16 plan would
@@ -268,7 +268,7 @@ def profile(
         # Optimizer steps need no autograd and no fake-tensor bookkeeping: plain meta tensors
         # record the same allocations (checked in tests/test_profiler.py) at half the cost.
         for cfg, w in _configs_to_record(base_config, space, weight_options, space.offload_options(spec.kind)):
-            meta = _meta_params(named_params, bf16_names if w is not None else set())
+            meta = _params_like(named_params, bf16_names if w is not None else set(), "meta")
             opt_steps += record_optimizer_steps(
                 _FakeParamView(model, meta), meta, cfg, granularity=granularity, target=spec.kind,
                 foreach=foreach, with_grad=with_grad, weights=w, modes=tuple(in_backward_options), order=step_order,
@@ -322,16 +322,12 @@ def _nbytes(t: torch.Tensor, granularity: int) -> int:
     return round_allocation(t.untyped_storage().nbytes(), granularity)
 
 
-def _bf16_fakes(named_params: dict[str, torch.Tensor], bf16_names: set[str]) -> dict[str, torch.Tensor]:
-    """Fake parameters as a bf16-weights plan stores them (call under the fake mode)."""
+def _params_like(named_params: dict[str, torch.Tensor], bf16_names: set[str], device: str) -> dict[str, torch.Tensor]:
+    """Empty parameters shaped like ``named_params``, those in ``bf16_names`` in bf16 (as a
+    bf16-weights plan stores them). ``device="cpu"`` under the fake mode makes fake tensors;
+    ``"meta"`` makes meta tensors."""
     return {n: torch.empty_strided(tuple(p.shape), tuple(p.stride()),
-                                   dtype=torch.bfloat16 if n in bf16_names else p.dtype, device="cpu")
-            .requires_grad_(p.requires_grad) for n, p in named_params.items()}
-
-
-def _meta_params(named_params: dict[str, torch.Tensor], bf16_names: set[str]) -> dict[str, torch.Tensor]:
-    return {n: torch.empty_strided(tuple(p.shape), tuple(p.stride()),
-                                   dtype=torch.bfloat16 if n in bf16_names else p.dtype, device="meta")
+                                   dtype=torch.bfloat16 if n in bf16_names else p.dtype, device=device)
             .requires_grad_(p.requires_grad) for n, p in named_params.items()}
 
 

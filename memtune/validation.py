@@ -211,12 +211,14 @@ def check_plan_matches_model(model, plan, profile=None) -> None:
     unknown = sorted(listed - set(params))  # parameters it does not list go to AdamW, as apply_plan does
     if unknown:
         diffs.append(f"parameters {unknown[:3]} the plan's optimizer updates are not in the model")
-    # Sized as the plan stores them: a bf16-weights plan keeps floating parameters in bf16.
-    raw = sum(p.numel() * (2 if plan.weights and p.is_floating_point() else p.element_size()) for p in params.values())
+    # Sized as the plan stores them: a bf16-weights plan keeps the floating parameters it may in bf16.
+    from .stepping import bf16_weight_names
+
+    bf16 = bf16_weight_names(model) if plan.weights else set()
+    raw = sum(p.numel() * (2 if n in bf16 else p.element_size()) for n, p in params.items())
     planned = plan.memory.params_bytes
-    parallel = getattr(plan, "parallel", None)
-    if parallel is not None and parallel.strategy == "fsdp":
-        planned *= parallel.world_size  # a sharded plan counts one rank's shards
+    if plan.parallel is not None and plan.parallel.strategy == "fsdp":
+        planned *= plan.parallel.world_size  # a sharded plan counts one rank's shards
     # The plan's static bytes include buffers, allocation rounding and kernel workspaces, so
     # they are at least the parameters' own bytes; less means a plan for a smaller model.
     if planned and raw > planned:

@@ -73,7 +73,7 @@ class ExactPlanner:
                                mip_rel_gap=options.mip_rel_gap)
             if sol is None:
                 continue
-            decisions, objective_ms, notes = sol
+            decisions, notes = sol
             plan = make_plan(profile, budget, cfg, decisions, planner=self.name, options=options, table=table)
             tighten = 0
             while plan.predicted_peak_bytes > budget.usable_bytes and tighten < MAX_TIGHTEN:
@@ -84,7 +84,7 @@ class ExactPlanner:
                                    mip_rel_gap=options.mip_rel_gap)
                 if sol is None:
                     break
-                decisions, objective_ms, notes = sol
+                decisions, notes = sol
                 notes = notes + (f"MILP bound tightened {tighten}x so predict_peak agrees",)
                 plan = make_plan(profile, budget, cfg, decisions, planner=self.name, options=options, table=table)
             if plan.predicted_peak_bytes > budget.usable_bytes:  # still disagrees: greedy for this configuration
@@ -113,7 +113,7 @@ def _byte_scale(tm: TimelineModel, cc: ConfigConstants, U: float) -> float:
 
 def solve_config(tm: TimelineModel, cc: ConfigConstants, table, U: float, *, allow_offload: bool,
                  time_limit_s: float, minimize_peak: bool = False, mip_rel_gap: float = 1e-5
-                 ) -> tuple[dict[str, Decision], float, tuple[str, ...]] | None:
+                 ) -> tuple[dict[str, Decision], tuple[str, ...]] | None:
     """Optimal unit decisions for one configuration, or ``None`` if none fits ``U``.
 
     With ``minimize_peak`` the objective is the peak itself (``U`` is ignored): the most
@@ -121,7 +121,7 @@ def solve_config(tm: TimelineModel, cc: ConfigConstants, table, U: float, *, all
     N, G, n = tm.N, tm.G, tm.n
     x0 = np.zeros(N)
     if not minimize_peak and tm.peak(cc, x0, x0) <= U:
-        return {f: Decision.SAVE for f in tm.fqns}, 0.0, ()
+        return {f: Decision.SAVE for f in tm.fqns}, ()
     S = _byte_scale(tm, cc, U)
     no = N if allow_offload else 0
     iR, iO, iE, iD = 0, N, N + no, N + no + G
@@ -235,9 +235,7 @@ def solve_config(tm: TimelineModel, cc: ConfigConstants, table, U: float, *, all
         decisions = fit(tm, cc, table, U, allow_offload=allow_offload, minimize_peak=minimize_peak)
         if decisions is None:
             return None
-        objective = float(sum(table.recompute_ms[f] if d is Decision.RECOMPUTE else
-                              table.offload_ms[f] if d is Decision.OFFLOAD else 0.0 for f, d in decisions.items()))
-        return decisions, objective, (f"HiGHS failed on this configuration ({e}); greedy planned it",)
+        return decisions, (f"HiGHS failed on this configuration ({e}); greedy planned it",)
     if res.x is None:
         return None
     notes: tuple[str, ...] = ()
@@ -247,5 +245,4 @@ def solve_config(tm: TimelineModel, cc: ConfigConstants, table, U: float, *, all
     oo = np.round(res.x[iO:iO + N]) if allow_offload else np.zeros(N)
     decisions = {f: Decision.RECOMPUTE if rr[k] else Decision.OFFLOAD if oo[k] else Decision.SAVE
                  for k, f in enumerate(tm.fqns)}
-    objective = float(sum(table.recompute_ms[f] * rr[k] + table.offload_ms[f] * oo[k] for k, f in enumerate(tm.fqns)))
-    return decisions, objective, notes
+    return decisions, notes

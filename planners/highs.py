@@ -166,6 +166,7 @@ def _get_child() -> _Child:
 
 def solve(c, A, lo, hi, integrality, lb, ub, *, time_limit_s: float, mip_rel_gap: float) -> MilpResult:
     """``scipy.optimize.milp`` with HiGHS, isolated in the solver process (see the module notes)."""
+    global _cannot_spawn
     options = {"time_limit": float(time_limit_s), "mip_rel_gap": float(mip_rel_gap), "disp": False}
     problem = {"c": c, "A": A, "lo": lo, "hi": hi, "integrality": integrality, "lb": lb, "ub": ub,
                "options": options}
@@ -180,7 +181,6 @@ def solve(c, A, lo, hi, integrality, lb, ub, *, time_limit_s: float, mip_rel_gap
             try:
                 child = _get_child()
             except OSError as e:  # no usable interpreter to start (embedded Python, exhausted pids)
-                global _cannot_spawn
                 _cannot_spawn = f"{type(e).__name__}: {e}"
                 log.warning("memtune: cannot start the HiGHS process (%s); solving in this process from now on",
                             _cannot_spawn)

@@ -35,6 +35,7 @@ from torch.utils._pytree import tree_flatten, tree_map_only
 
 from memtune.batching import LossFn, batch_size_of, loss_from_output, move_batch, split_batch, split_micro_batches
 from memtune.budget import Budget
+from memtune.compiled import RecompileCounter, is_compiled, unwrap
 from memtune.errors import CheckpointError, InfeasibleBudgetError, MemtuneError, NonFiniteError, PlanFileError, UsageError
 from memtune.plan import Decision, Plan
 from memtune.planners.options import lossiness
@@ -128,8 +129,6 @@ class Trainer:
             self.planner_options["allow_optimizer_in_backward"] = False
         self.skipped_batches = 0
         self._saved_step: int | None = None
-        from memtune.compiled import RecompileCounter, is_compiled
-
         self.compiled = is_compiled(model)
         """Whether ``model`` is a ``torch.compile`` wrapper: plans go to the module it compiles."""
         self.max_compiled_plans = max_compiled_plans
@@ -290,9 +289,8 @@ class Trainer:
         rank that cannot fit, or a divergent plan, fails on all ranks with the same error."""
         from memtune.distributed import agree, all_ranks_ok, plan_distributed
 
-        opts = {k: v for k, v in opts.items() if k not in ("allow_microbatching", "allow_offload")}
         if self.plan is not None and self.plan.parallel is not None:
-            opts["strategies"] = (self.plan.parallel.strategy,)  # a running job keeps its layout
+            opts = {**opts, "strategies": (self.plan.parallel.strategy,)}  # a running job keeps its layout
         agree(self.profile.fingerprint, what="profile of the step",
               fix="give every rank the same model and local batch shape (and the same precision and optimizer)")
         plan, error = None, None
@@ -502,8 +500,7 @@ class Trainer:
         total = 0.0
         with guard if guard is not None else meter if meter is not None else nullcontext():
             if guard is not None or meter is not None:
-                (guard or meter).track([list(self.model.parameters()), list(self.model.buffers()), optimizer_state_tensors(self.optimizer),
-                             tree_flatten(batch)[0]])
+                (guard or meter).track(self._static_tensors(batch))
             try:
                 in_backward = self.plan.optimizer_in_backward
                 for part, weight in self._micro_batches(batch):
@@ -555,6 +552,12 @@ class Trainer:
         else:
             peak = None
         return total, peak
+
+    def _static_tensors(self, batch: Any = None) -> list:
+        """What is alive before a step begins (parameters, buffers, optimizer state and the
+        batch): what a step meter tracks before it measures the step."""
+        return [list(self.model.parameters()), list(self.model.buffers()), optimizer_state_tensors(self.optimizer)] + \
+            ([tree_flatten(batch)[0]] if batch is not None else [])
 
     _checks_gradients = True
     """Whether a step checks every gradient for NaN/inf before stepping (a loop with an AMP
@@ -768,8 +771,6 @@ class Trainer:
             if self.checkpoint_path is not None and path == self.checkpoint_path:
                 self._saved_step = self.step_count
             return out
-        from memtune.compiled import unwrap
-
         # The module's own keys: a compiled wrapper would prefix them with "_orig_mod.".
         model_state, optim_state = unwrap(self.model).state_dict(), self.optimizer.state_dict()
         bad = ckpt.non_finite_tensors(model_state, "model") + ckpt.non_finite_tensors(optim_state, "optimizer")
@@ -811,8 +812,6 @@ class Trainer:
             raise CheckpointError(f"checkpoint {path} is inconsistent: its plan was made for profile "
                                   f"{plan.profile_hash}, but it holds profile {profile.fingerprint}; resume from "
                                   "another checkpoint or start over")
-        from memtune.compiled import unwrap
-
         module = unwrap(model)  # a torch.compile wrapper's checkpoint holds the module's own keys
         check_state_dict_matches_model(module, state["model"], source=f"checkpoint {path}")
         check_profile_matches_model(module, profile)

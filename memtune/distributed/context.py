@@ -12,8 +12,6 @@ goes on alone to hang in a collective.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -22,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from memtune.errors import MemtuneError, UsageError
+from memtune.jsonfile import digest
 
 
 class DistributedError(MemtuneError):
@@ -93,12 +92,6 @@ def detect(device: torch.device | None = None) -> DistributedContext | None:
     return DistributedContext(world_size=world, rank=dist.get_rank(),
                               local_rank=int(os.environ.get("LOCAL_RANK", dist.get_rank())),
                               backend=str(dist.get_backend()), initialized_here=here)
-
-
-def digest(value: Any) -> str:
-    """A stable hash of a JSON-able value (plans hash their ``to_dict()``)."""
-    blob = json.dumps(value, sort_keys=True, separators=(",", ":"), default=str).encode()
-    return hashlib.sha256(blob).hexdigest()[:16]
 
 
 def agree(value: Any, *, what: str, fix: str) -> str:

@@ -50,8 +50,13 @@ def shard_bytes(shape: tuple[int, ...], dtype: str, world_size: int) -> int:
     return rows * math.prod(shape[1:]) * itemsize
 
 
-def _padded_full_bytes(shape: tuple[int, ...], dtype: str, world_size: int) -> int:
-    return shard_bytes(shape, dtype, world_size) * world_size
+def unsharded_bytes_by_unit(profile: ModelProfile, world_size: int) -> dict[str | None, int]:
+    """Bytes each unit's parameters take once all-gathered (dim 0 padded to a multiple of N);
+    the key ``None`` holds the root's (parameters outside every unit)."""
+    out: dict[str | None, int] = {}
+    for q in profile.params:
+        out[q.unit] = out.get(q.unit, 0) + shard_bytes(tuple(q.shape), q.dtype, world_size) * world_size
+    return out
 
 
 def per_rank_profile(profile: ModelProfile, world_size: int, strategy: str,
@@ -82,18 +87,11 @@ def _ddp(p: ModelProfile) -> ModelProfile:
 
 
 def _fsdp(p: ModelProfile, N: int, reshard: dict[str, bool]) -> ModelProfile:
-    unit_of = {q.fqn: q.unit for q in p.params}
     unit_fqns = [u.fqn for u in sorted(p.units, key=lambda u: u.order)]
-    full = {u: 0 for u in unit_fqns}  # unsharded (padded) bytes per unit
-    shard_total = 0
-    root_full = 0
-    for q in p.params:
-        s = shard_bytes(tuple(q.shape), q.dtype, N)
-        shard_total += s
-        if unit_of.get(q.fqn) in full:
-            full[unit_of[q.fqn]] += s * N
-        else:
-            root_full += s * N
+    by_unit = unsharded_bytes_by_unit(p, N)
+    full = {u: by_unit.get(u, 0) for u in unit_fqns}  # unsharded (padded) bytes per unit
+    root_full = sum(b for u, b in by_unit.items() if u not in full)
+    shard_total = sum(by_unit.values()) // N
     ratio = shard_total / max(1, sum(full.values()) + root_full)
     param_cut = p.param_bytes - shard_total
     state_sharded = int(round(p.optimizer_state_bytes * ratio))

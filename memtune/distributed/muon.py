@@ -31,6 +31,11 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if hasattr(t, "to_local") else t
 
 
+def _global_rank(pg, rank: int) -> int:
+    """``rank`` of ``pg`` as the global rank that ``dist.gather``/``dist.scatter`` take."""
+    return dist.get_global_rank(pg, rank) if pg else rank
+
+
 def assign_owners(shapes: list[tuple[int, int]], world_size: int) -> list[int]:
     """Owner rank per matrix: longest NS work first, each to the least-loaded rank (ties: lowest
     index, then lowest rank), so every rank computes the same assignment."""
@@ -80,7 +85,7 @@ class ShardedMuon2(Muon2):
             padded = update.new_zeros((chunk, *update.shape[1:]))
             padded[:update.shape[0]] = update
             parts = [torch.empty_like(padded) for _ in range(world)] if owners[k] == rank else None
-            dist.gather(padded, parts, dst=dist.get_global_rank(pg, owners[k]) if pg else owners[k], group=pg)
+            dist.gather(padded, parts, dst=_global_rank(pg, owners[k]), group=pg)
             if parts is not None:
                 gathered[k] = parts
         # 2. orthogonalize the owned matrices
@@ -100,7 +105,7 @@ class ShardedMuon2(Muon2):
                 padded = o.new_zeros((chunk * world, *o.shape[1:]))
                 padded[:o.shape[0]] = o
                 parts = list(padded.split(chunk))
-            dist.scatter(out, parts, src=dist.get_global_rank(pg, owners[k]) if pg else owners[k], group=pg)
+            dist.scatter(out, parts, src=_global_rank(pg, owners[k]), group=pg)
             o_local = out[:update.shape[0]]
             local_p.mul_(1 - group["lr"] * group["weight_decay"])
             local_p.add_(o_local.reshape(local_p.shape), alpha=-group["lr"] * shape_scale(full[-2], full[-1],

@@ -33,7 +33,7 @@ from memtune.errors import InfeasibleBudgetError, UsageError
 from memtune.plan import ParallelPlan, Plan
 from memtune.profile import ModelProfile
 
-from .memory import per_rank_profile, shard_bytes
+from .memory import per_rank_profile, unsharded_bytes_by_unit
 
 log = logging.getLogger("memtune.distributed")
 
@@ -97,10 +97,7 @@ def comm_seconds(profile: ModelProfile, world_size: int, strategy: str, reshard:
     if N <= 1:
         return 0.0
     frac = (N - 1) / N
-    unit_of = {q.fqn: q.unit for q in profile.params}
-    full_by_unit: dict[str | None, int] = {}
-    for q in profile.params:
-        full_by_unit[unit_of[q.fqn]] = full_by_unit.get(unit_of[q.fqn], 0) + shard_bytes(tuple(q.shape), q.dtype, N) * N
+    full_by_unit = unsharded_bytes_by_unit(profile, N)
     total = sum(full_by_unit.values())
     hop = link.latency_us * 1e-6 * (N - 1)
     bw = link.bandwidth_gbps * 1e9

@@ -77,7 +77,6 @@ class StepMeter:
         self.losses: list[float] = []
 
     def begin(self) -> None:
-        from memtune.optimizer_recording import optimizer_state_tensors
         from memtune.runtime.memguard import HostPeakMeter, TensorMemoryGuard
 
         s = self.session
@@ -88,7 +87,7 @@ class StepMeter:
             meter = HostPeakMeter() if s.compiled and HostPeakMeter.available() else \
                 None if s.compiled else TensorMemoryGuard()
             if meter is not None:
-                meter.track([list(s.model.parameters()), list(s.model.buffers()), optimizer_state_tensors(s.optimizer)])
+                meter.track(s._static_tensors())
                 meter.__enter__()
             self._meter = meter
         self._t0 = time.perf_counter()

@@ -31,8 +31,10 @@ from __future__ import annotations
 import dataclasses
 import logging
 import warnings
+
 import torch
 
+from memtune.batching import find_loss
 from memtune.budget import Budget
 from memtune.errors import InfeasibleBudgetError, UsageError
 from memtune.units_fmt import fmt_bytes
@@ -117,11 +119,8 @@ class MemtuneCallback(CallbackSettings, _Base):
 
     # ------------------------------------------------------------------ each optimizer step
     def _record_loss(self, module, args, output) -> None:
-        loss = getattr(output, "loss", None)
-        if loss is None and isinstance(output, dict):
-            loss = output.get("loss")
         if self._meter is not None:
-            self._meter.add_loss(loss)
+            self._meter.add_loss(find_loss(output))
 
     def on_step_begin(self, args, state, control, **kwargs):
         self._meter.begin()

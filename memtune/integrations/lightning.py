@@ -40,6 +40,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from memtune.batching import find_loss
 from memtune.errors import UsageError
 
 from ._loop import CallbackSettings, StepMeter, first_batch
@@ -67,9 +68,9 @@ class TrainingStep(nn.Module):
 
     def forward(self, batch: Any) -> torch.Tensor:
         out = self.module.training_step(batch, 0)
-        loss = out.get("loss") if isinstance(out, dict) else out
-        if not isinstance(loss, torch.Tensor):
-            raise UsageError(f"training_step returned {type(out).__name__}; memtune needs the loss (a tensor, or a "
+        loss = find_loss(out)
+        if loss is None:
+            raise UsageError(f"training_step returned {type(out).__name__}; memtune needs the loss (a scalar tensor, or a "
                              "dict with 'loss') to profile the step")
         return loss
 
@@ -130,8 +131,7 @@ class MemtuneCallback(CallbackSettings, _Base):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self._meter is None:
             return
-        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
-        self._meter.add_loss(loss)
+        self._meter.add_loss(find_loss(outputs))
         h = self._meter.end()
         pl_module.log_dict({"memtune/peak_bytes": float(h["peak_bytes"] or 0),
                             "memtune/predicted_peak_bytes": float(h["predicted_peak_bytes"]),
