@@ -36,6 +36,7 @@ from memtune.apply import apply_plan  # noqa: E402
 from memtune.data import TextCorpus  # noqa: E402
 from memtune.optim import OptimizerSettings, build_optimizer  # noqa: E402
 from memtune.plan import OptimizerPlan, Plan  # noqa: E402
+from memtune.variant import StepVariant  # noqa: E402
 from memtune.zoo import GPT, GPTConfig  # noqa: E402
 
 VARIANTS = ("fp32 master", "bf16-sr", "bf16-master", "bf16 nearest")
@@ -49,7 +50,10 @@ def build(variant: str, seed: int):
         model.to(torch.bfloat16)
         return model, build_optimizer(model, SETTINGS)
     weights = {"fp32 master": None, "bf16-sr": "bf16-sr", "bf16-master": "bf16-master"}[variant]
-    plan = Plan(budget_bytes=1 << 40, usable_bytes=1 << 40, decisions={}, weights=weights,
+    # An fp32 master copy only pays in host memory, so bf16-master comes with state offload (on
+    # a CPU that is a copy within the same memory; it changes no number).
+    plan = Plan(budget_bytes=1 << 40, usable_bytes=1 << 40, decisions={},
+                variant=StepVariant(weights=weights, state_offload=weights == "bf16-master"),
                 optimizer=OptimizerPlan(name="muon2", ns_steps=SETTINGS.ns_steps, settings=SETTINGS.to_dict()))
     return model, apply_plan(model, plan, settings=SETTINGS)
 

@@ -34,8 +34,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-PLAN_OPTIONS = dict(state_dtypes=("fp32",), weights=(None,), allow_optimizer_in_backward=False,
-                    allow_state_offload=False, allow_microbatching=True)
+PLAN_OPTIONS = dict(state_dtypes=("fp32",), allow_microbatching=True,
+                    levers={"weights": (None,), "optimizer_in_backward": (False,), "state_offload": (False,)})
 """What a plan may change under a plain AdamW, as memtune.session allows it."""
 AMB_VALUES = (0.5, 0.2, 0.05)
 

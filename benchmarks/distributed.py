@@ -47,8 +47,7 @@ def worker(args, out: Path) -> None:
     x, y = TextCorpus.load().batch("train", 4, 32, generator=torch.Generator().manual_seed(rank))
     torch.manual_seed(0)
     prof = memtune.profile(GPT(cfg), (x, y), optimizer="adamw", target="cpu",
-                           space=memtune.PlanSpace(micro_batch_sizes=(), weights=(None,), in_backward=(False,),
-                                                   state_offload=(False,), loss_chunks=(None,)))
+                           space=memtune.PlanSpace.minimal())
     units = [u.fqn for u in prof.units]
     base = memtune.plan(prof, 1 << 40, optimizer="adamw", device="cpu", allow_microbatching=False)
     patterns = {"none": set(), "every other": set(units[::2]), "all": set(units)}

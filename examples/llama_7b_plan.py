@@ -49,7 +49,7 @@ def main() -> None:
     tiny = memtune.profile(small, batch, optimizer="muon2", target="cpu")
     budget = int(tiny.baseline_peak_bytes * 0.35)
     trainer = memtune.fit(small, budget, sample=batch, device="cpu", progress=False,
-                          planner_options=dict(weights=("bf16-sr",)))
+                          planner_options=dict(levers={"weights": ("bf16-sr",)}))
     trainer.train(({"input_ids": x, "labels": y} for x, y in data), steps=20)
     p = trainer.plan
     print(f"\ntiny Llama in {fmt_bytes(budget)} (35% of its unplanned {fmt_bytes(tiny.baseline_peak_bytes)}): "

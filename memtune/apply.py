@@ -5,9 +5,15 @@
     >>> memtune.remove_plan(model)
 
 * RECOMPUTE units run ``torch.utils.checkpoint.checkpoint(forward, ..., use_reentrant=False)``;
-* OFFLOAD units run their forward under ``torch.autograd.graph.save_on_cpu`` (pinned when CUDA
-  is available);
-* SAVE units run unchanged.
+* OFFLOAD units run their forward under saved-tensor hooks that keep activations in host
+  memory (pinned when CUDA is available);
+* SAVE units run unchanged;
+* each lever of the plan's step variant (:mod:`memtune.levers`) is applied by its own
+  :meth:`~memtune.levers.Lever.apply`, which returns an :class:`~memtune.levers.Applied`
+  that can be removed and says whether a failed step may be retried. A re-plan re-applies only
+  the levers whose choice changed. Levers that change how the optimizer steps ask, through
+  :class:`ApplyContext`, for :class:`memtune.stepping.PlanOptimizer` options; the optimizer is
+  built (or re-wrapped, keeping its state) once every lever has spoken.
 
 Only the unit's *instance* ``forward`` is replaced (the class and the module tree are
 untouched), so parameter FQNs and ``state_dict`` keys do not change, and applying another
@@ -21,14 +27,17 @@ from __future__ import annotations
 
 import functools
 import logging
+import weakref
+from dataclasses import dataclass, field
+from typing import Any, Callable
 
 import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
 from .errors import MemtuneError
-from . import loss_chunking
 from .fake_compat import disable_kv_cache
+from .levers.base import Applied
 from .plan import Decision, Plan
 from .validation import check_plan_matches_model
 
@@ -37,17 +46,30 @@ log = logging.getLogger("memtune.apply")
 _ORIGINAL = "_memtune_original_forward"
 """Attribute holding what ``module.__dict__['forward']`` was before memtune (``None``: the class's)."""
 _DECISION = "_memtune_decision"
+_LEVERS = "_memtune_levers"
+"""Attribute holding lever name -> (choice, Applied) of the levers applied to a model."""
+_STEPPER = "_memtune_stepper"
+"""Attribute holding a weak reference to the PlanOptimizer that hooks the model's parameters."""
+
+
+@dataclass(eq=False)
+class ApplyContext:
+    """What a lever's :meth:`~memtune.levers.Lever.apply` may use and ask for."""
+
+    plan: Plan
+    after_optimizer: list[Callable[[torch.optim.Optimizer], None]] = field(default_factory=list)
+    """Called with the optimizer once it is built or re-wrapped."""
 
 
 def apply_plan(model: nn.Module, plan: Plan, *, optimizer: torch.optim.Optimizer | None = None,
                settings=None) -> torch.optim.Optimizer:
-    """Apply ``plan``'s unit decisions to ``model`` and return the optimizer to train it with.
+    """Apply ``plan``'s unit decisions and levers to ``model`` and return the optimizer to train it with.
 
     Args:
         model: the model that was profiled (same unit FQNs).
         plan: from :func:`memtune.plan`.
-        optimizer: keep this optimizer (only unit decisions change), e.g. when the runtime
-            re-plans mid-training.
+        optimizer: keep this optimizer and its state (it is re-wrapped if the plan steps it
+            differently), e.g. when the runtime re-plans mid-training.
         settings: a :class:`memtune.optim.OptimizerSettings` for learning rates and other
             hyperparameters; everything that decides memory (optimizer, NS steps and dtype, state
             precision, parameter split) is the plan's, as the profile recorded it.
@@ -62,32 +84,84 @@ def apply_plan(model: nn.Module, plan: Plan, *, optimizer: torch.optim.Optimizer
         raise MemtuneError(
             f"plan names units {missing[:3]} that {type(model).__name__} does not have; plan for this model "
             f"(memtune.plan(memtune.profile(model, batch), ...)) or pass the model that was profiled")
-    remove_plan(model)
+    _unwrap_units(model)
     for fqn, decision in plan.decisions.items():
         if decision is not Decision.SAVE:
             _wrap(modules[fqn], decision)
     disable_kv_cache(model)
-    loss_chunking.apply(model, plan.loss_chunks)
-    masters = _store_weights(model, plan.weights)
+    ctx = ApplyContext(plan=plan)
+    _apply_levers(model, plan, ctx)
+    stepping = plan_stepping(plan)
     if optimizer is not None:
         from .stepping import rewrap
 
-        return rewrap(optimizer, model, in_backward=plan.optimizer_in_backward, offload=plan.optimizer.offload,
-                      weights=plan.weights)
-    opt = build_plan_optimizer(model, plan, settings)
-    if masters:
-        for p, value in masters.items():
-            opt.seed_master(p, value)
+        opt = rewrap(optimizer, model, **stepping)
+    else:
+        opt = build_plan_optimizer(model, plan, settings)
+    for callback in ctx.after_optimizer:
+        callback(opt)
+    _remember_stepper(model, opt)
     return opt
 
 
 def remove_plan(model: nn.Module) -> None:
-    """Undo :func:`apply_plan`'s forward changes: every unit runs its own forward again and the
-    loss is no longer chunked. Parameters a plan stored in bf16 stay in bf16."""
+    """Undo :func:`apply_plan`: every unit runs its own forward again, every lever is removed
+    (bf16 weights are stored in their own dtype again, from the fp32 master copy where there is
+    one), and an optimizer stepping in backward is unhooked."""
     from .compiled import unwrap
 
     model = unwrap(model)
-    loss_chunking.remove(model)
+    _unwrap_units(model)
+    for applied in reversed(list(model.__dict__.pop(_LEVERS, {}).values())):
+        applied[1].remove()
+    stepper = model.__dict__.pop(_STEPPER, None)
+    stepper = stepper() if stepper is not None else None
+    if stepper is not None:
+        stepper.remove_hooks()
+
+
+def applied_levers(model: nn.Module) -> dict[str, Applied]:
+    """Lever name -> what :meth:`~memtune.levers.Lever.apply` returned, for the levers applied
+    to ``model`` (those at their default are not listed)."""
+    from .compiled import unwrap
+
+    return {name: applied for name, (_, applied) in unwrap(model).__dict__.get(_LEVERS, {}).items()}
+
+
+def _apply_levers(model: nn.Module, plan: Plan, ctx: ApplyContext) -> None:
+    """Apply the levers whose choice differs from what is applied; keep the others."""
+    from .levers import LEVERS
+
+    current: dict[str, tuple[Any, Applied]] = model.__dict__.setdefault(_LEVERS, {})
+    for name in reversed(list(current)):
+        if plan.variant[name] != current[name][0]:
+            current.pop(name)[1].remove()
+    for name, value in plan.variant.choices:
+        if name not in current:
+            current[name] = (value, LEVERS[name].apply(model, value, ctx))
+
+
+def plan_stepping(plan: Plan) -> dict[str, Any]:
+    """The :class:`memtune.stepping.PlanOptimizer` options ``plan``'s levers ask for
+    (:meth:`memtune.levers.Lever.stepping`); empty: the optimizer steps as built."""
+    from .levers import LEVERS
+
+    out: dict[str, Any] = {}
+    for name, value in plan.variant.choices:
+        out.update(LEVERS[name].stepping(value))
+    return out
+
+
+def _remember_stepper(model: nn.Module, opt) -> None:
+    from .stepping import PlanOptimizer
+
+    if isinstance(opt, PlanOptimizer):
+        model.__dict__[_STEPPER] = weakref.ref(opt)
+    else:
+        model.__dict__.pop(_STEPPER, None)
+
+
+def _unwrap_units(model: nn.Module) -> None:
     for m in model.modules():
         if _ORIGINAL in m.__dict__:
             original = m.__dict__.pop(_ORIGINAL)
@@ -151,27 +225,8 @@ def _offload_hooks(*, pin_memory: bool):
 def build_plan_optimizer(model: nn.Module, plan: Plan, settings=None) -> torch.optim.Optimizer | None:
     """The optimizer ``plan.optimizer`` names, built exactly as the profile recorded it
     (:func:`memtune.optimizers.build_plan_stepper`): stepped one parameter at a time when the
-    plan steps in backward, offloads its state or stores bf16 weights. ``settings`` contributes
-    only learning rates and other hyperparameters that change no allocation."""
+    plan's levers ask for it (:func:`plan_stepping`). ``settings`` contributes only learning
+    rates and other hyperparameters that change no allocation."""
     from .optimizers import build_plan_stepper
 
-    return build_plan_stepper(model, plan.optimizer, settings=settings, in_backward=plan.optimizer_in_backward,
-                              weights=plan.weights)
-
-
-def _store_weights(model: nn.Module, weights: str | None) -> dict:
-    """Store the floating parameters in bf16 when the plan says so (in place: the Parameter
-    objects, their FQNs and any optimizer referencing them are kept). For ``bf16-master`` the
-    fp32 values become the master copies, one parameter at a time."""
-    from .stepping import bf16_weight_names
-
-    masters = {}
-    if not weights:
-        return masters
-    names = bf16_weight_names(model)
-    for n, p in model.named_parameters():
-        if n in names and p.dtype != torch.bfloat16:
-            if weights == "bf16-master" and p.requires_grad:
-                masters[p] = p.detach().float().cpu() if torch.cuda.is_available() else p.detach().clone()
-            p.data = p.data.to(torch.bfloat16)
-    return masters
+    return build_plan_stepper(model, plan.optimizer, settings=settings, **plan_stepping(plan))

@@ -141,6 +141,43 @@ def load_workload(spec: str, factory: Callable[[], Any] | None = None) -> Worklo
 
 
 # ----------------------------------------------------------------------------- shared bits
+def _families() -> tuple[str, ...]:
+    from memtune.optimizers import FAMILIES
+
+    return FAMILIES
+
+
+def _planners() -> list[str]:
+    from memtune.planners import PLANNERS
+
+    return sorted(PLANNERS)
+
+
+def _levers() -> dict:
+    from memtune.levers import LEVERS
+
+    return LEVERS
+
+
+def _lever_arg(text: str) -> tuple[str, tuple]:
+    """``NAME=CHOICE,CHOICE``: a lever and its choices (``none``, ``true``/``false``, a number, or
+    a word such as ``bf16-sr``)."""
+    name, sep, values = text.partition("=")
+    levers = _levers()
+    if not sep or name not in levers:
+        raise argparse.ArgumentTypeError(f"{text!r}: give NAME=CHOICE[,CHOICE...] with NAME one of {list(levers)}")
+    choices = []
+    for raw in (v.strip() for v in values.split(",")):
+        low = raw.lower()
+        value: Any = None if low == "none" else (low == "true") if low in ("true", "false") else \
+            int(raw) if raw.lstrip("-").isdigit() else raw
+        try:
+            choices.append(levers[name].decode(value))
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    return name, tuple(choices)
+
+
 def _budget(text: str) -> int | str:
     return int(text) if text.isascii() and text.isdigit() else text  # "²".isdigit() is True too
 
@@ -236,8 +273,12 @@ def _plan_table(plan, prof=None):
         t.add_row(unit, f"[{style}]{d.value}[/{style}]{extra}")
     t.add_section()
     t.add_row("optimizer", f"{o.name}, {o.ns_steps} NS steps, {o.state_dtype} state")
-    t.add_row("batch", "the profiled batch, whole" if plan.micro_batch_size is None else
-              f"micro-batch {plan.micro_batch_size} x {plan.grad_accum_steps} accumulation")
+    from memtune.levers import LEVERS
+
+    for name, value in plan.variant.items():
+        t.add_row(f"lever: {name}", LEVERS[name].describe(value))
+    if plan.grad_accum_steps > 1:
+        t.add_row("accumulation", f"{plan.grad_accum_steps} steps")
     if plan.parallel is not None:
         par = plan.parallel
         layout = par.strategy + (f", {sum(par.reshard_after_forward.values())}/{len(par.reshard_after_forward)} units "
@@ -251,7 +292,8 @@ def _plan_table(plan, prof=None):
     t.add_row(f"[b]memory: peak[/b] ({m.phase})", f"[b]{fmt_bytes(plan.predicted_peak_bytes)}[/b]")
     t.add_section()
     for label, v in (("forward", tm.forward_ms), ("backward", tm.backward_ms), ("recompute", tm.recompute_ms),
-                     ("Newton-Schulz", tm.ns_ms), ("optimizer", tm.optimizer_ms), ("offload", tm.offload_ms)):
+                     ("Newton-Schulz", tm.ns_ms), ("optimizer", tm.optimizer_ms), ("offload", tm.offload_ms),
+                     *tm.lever_ms.items()):
         t.add_row(f"time: {label}", fmt_ms(v))
     if plan.parallel is not None:
         t.add_row(f"time: collectives not hidden ({plan.parallel.link})", fmt_ms(plan.parallel.comm_ms))
@@ -271,7 +313,7 @@ def _add_profile_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target", default=None, help="device to model: cpu, cuda, H100, A100-80GB... "
                                                   "(default: cuda when a GPU is present, else cpu)")
     p.add_argument("--precision", default="fp32", choices=("fp32", "bf16-mixed"), help="default: fp32")
-    p.add_argument("--optimizer", default=None, choices=("muon2", "muon", "adamw"),
+    p.add_argument("--optimizer", default=None, choices=_families(),
                    help="optimizer to profile with (default: muon2); with --profile, one the profile recorded "
                         "to switch to (default: the profile's own)")
 
@@ -301,9 +343,13 @@ def _args_plan(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", nargs="?", help="path/to/file.py:factory or package.module:factory (or give --profile)")
     p.add_argument("--profile", dest="profile_path", default=None, help="plan from a saved profile JSON instead")
     p.add_argument("--budget", required=True, help="memory budget: 24GB, 512MiB, 80%%, or bytes")
-    p.add_argument("--planner", default=None, choices=("exact", "greedy", "brute"), help="default: exact")
+    p.add_argument("--planner", default=None, choices=_planners(), help="default: exact")
     _add_profile_args(p)
     p.add_argument("--no-microbatching", action="store_true", help="keep the profiled batch whole")
+    p.add_argument("--lever", action="append", default=[], metavar="NAME=CHOICE[,CHOICE...]", type=_lever_arg,
+                   help="the choices one lever may take (repeatable; 'none' is a lever's unset choice). Levers: "
+                        + "; ".join(f"{name} ({lever.numerics or 'changes no number'})"
+                                    for name, lever in _levers().items()))
     p.add_argument("--world-size", type=int, default=1,
                    help="plan one rank of N data-parallel ranks (FSDP2 or DDP); the sample is one rank's local batch "
                         "and the budget is per device (default: 1, one process)")
@@ -335,7 +381,8 @@ def _cmd_plan(args) -> int:
                                 planner=args.planner, optimizer=args.optimizer, **({"device": device} if device else {}))
     else:
         plan = memtune.plan(prof, _budget(args.budget), args.planner, optimizer=args.optimizer,
-                            allow_microbatching=not args.no_microbatching, **({"device": device} if device else {}))
+                            allow_microbatching=not args.no_microbatching, levers=dict(args.lever),
+                            **({"device": device} if device else {}))
     con = _console()
     con.print(_plan_table(plan, prof))
     _write(args.out, plan.to_json, "plan")
@@ -348,9 +395,9 @@ def _args_fit(p: argparse.ArgumentParser) -> None:
     p.add_argument("--budget", required=True, help="memory budget: 24GB, 512MiB, 80%%, or bytes")
     p.add_argument("--steps", type=_count(0), required=True,
                    help="optimizer steps the run should reach (a resumed run trains only the rest)")
-    p.add_argument("--optimizer", default="muon2", choices=("muon2", "muon", "adamw"), help="default: muon2")
+    p.add_argument("--optimizer", default="muon2", choices=_families(), help="default: muon2")
     p.add_argument("--lr", type=float, default=None, help="Muon-part learning rate (default: OptimizerSettings')")
-    p.add_argument("--planner", default=None, choices=("exact", "greedy", "brute"), help="default: exact")
+    p.add_argument("--planner", default=None, choices=_planners(), help="default: exact")
     p.add_argument("--device", default=None, help="default: cuda when present, else cpu")
     p.add_argument("--metrics", default=None, help="per-step metrics JSONL (for memtune report --run)")
     p.add_argument("--checkpoint", default=None,

@@ -34,14 +34,17 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 
 import torch
 
 from .devices import DEVICES, DeviceSpec, local_cpu, resolve_device
+from .optim.newton_schulz import ns_flops
+from .optimizers import STATE_PRECISIONS, orthogonalizes
 from .plan import Decision, OptimizerPlan, Plan, TimeBreakdown
 from .profile import ModelProfile
+from .variant import StepVariant
 
 HOST_BANDWIDTH: dict[str, float] = {
     "H100": 55e9, "H200": 55e9,            # PCIe Gen5 x16, measured host<->device copies ~50-55 GB/s
@@ -148,7 +151,7 @@ def _overhead(dev: torch.device) -> float:
 # ----------------------------------------------------------------------------- costs
 @dataclass(frozen=True)
 class CostTable:
-    """Step time of one configuration (optimizer, micro-batching) with every unit SAVEd in
+    """Step time of one configuration (optimizer, step variant) with every unit SAVEd in
     ``base``, plus what each unit would add as RECOMPUTE or OFFLOAD (ms per optimizer step).
     :func:`predict_step_time` is ``base`` plus the per-unit terms of the plan's decisions."""
 
@@ -157,23 +160,66 @@ class CostTable:
     offload_ms: dict[str, float]
 
 
+@dataclass(eq=False)
+class CostContext:
+    """What a lever's :meth:`~memtune.levers.Lever.cost` may change: the roofline's scale factors
+    (read before the base times are computed) and named terms (evaluated after, with the base
+    times available as ``forward_s``, ``backward_s`` and ``outside_forward_s``)."""
+
+    profile: ModelProfile
+    spec: DeviceSpec
+    optimizer: OptimizerPlan | None
+    variant: StepVariant
+    grad_accum_steps: int = 1
+    activation_scale: float = 1.0
+    """Activation FLOPs and bytes of one forward/backward relative to the profile's."""
+    repeats: int = 1
+    """Forward/backward passes per optimizer step (every kernel launches this many times)."""
+    param_byte_scale: float = 1.0
+    """Parameter bytes forward and backward move, relative to the profile's."""
+    fp32_working_copy: bool = False
+    """4-byte parameters are stored in bf16 and updated through an fp32 working copy."""
+    master_bytes_per_element: float = 0.0
+    """Bytes per parameter element kept with the optimizer state (an fp32 master copy)."""
+    optimizer_overlaps_backward: bool = False
+    """The optimizer steps during backward (its traffic can hide behind the rest of backward)."""
+    forward_s: float = 0.0
+    backward_s: float = 0.0
+    outside_forward_s: float = 0.0
+    """Forward time of the code outside every unit (embeddings, head, loss)."""
+    terms: dict = field(default_factory=dict)
+
+    def add_term(self, name: str, seconds) -> None:
+        """Add ``seconds(ctx)`` (evaluated once the base times exist) to the step as ``lever_ms[name]``."""
+        self.terms[name] = seconds
+
+    @property
+    def host_bandwidth(self) -> float:
+        return host_bandwidth(self.spec)
+
+    def state_link_bytes(self) -> float:
+        """Bytes of optimizer state (and master copy) that cross the host link once."""
+        return _state_bytes(self.profile, self.optimizer, self.master_bytes_per_element)
+
+
 def _roofline_s(spec: DeviceSpec, flops: float, nbytes: float, kernels: float, rate: float) -> float:
     compute = flops / (rate * spec.matmul_efficiency) if flops else 0.0
     memory = nbytes / (spec.mem_bandwidth * spec.bandwidth_efficiency) if nbytes else 0.0
     return max(compute, memory) + kernels * spec.kernel_overhead_s
 
 
-def cost_table(profile: ModelProfile, *, optimizer: OptimizerPlan | None = None, micro_batch_size: int | None = None,
-               grad_accum_steps: int = 1, device: str | DeviceSpec | None = None, weights: str | None = None,
-               in_backward: bool = False, loss_chunks: int | None = None) -> CostTable:
+def cost_table(profile: ModelProfile, *, optimizer: OptimizerPlan | None = None, variant: StepVariant | None = None,
+               grad_accum_steps: int = 1, device: str | DeviceSpec | None = None) -> CostTable:
     """Per-configuration costs; see the module docstring for the model."""
+    from .levers import LEVERS
+
     spec = device_for(profile, device)
-    wscale = 0.5 if weights and _fp32_params(profile) else 1.0  # bf16 weights move half the parameter bytes
+    ctx = CostContext(profile=profile, spec=spec, optimizer=optimizer, variant=variant or StepVariant(),
+                      grad_accum_steps=grad_accum_steps)
+    for name, value in ctx.variant.choices:
+        LEVERS[name].cost(value, ctx)
     rate = spec.bf16_flops if profile.precision == "bf16-mixed" else spec.fp32_flops
-    B = profile.batch_size or 1
-    m = micro_batch_size if micro_batch_size is not None else B
-    k = grad_accum_steps if micro_batch_size is not None else 1
-    scale = m / B  # activation FLOPs and bytes per micro-step relative to the profile
+    wscale, scale, k = ctx.param_byte_scale, ctx.activation_scale, ctx.repeats
 
     def fwd_bwd(u) -> tuple[float, float]:
         act = u.input_bytes + u.output_bytes + u.saved_activation_bytes
@@ -200,52 +246,39 @@ def cost_table(profile: ModelProfile, *, optimizer: OptimizerPlan | None = None,
     fwd += outside_fwd
     bwd += k * _roofline_s(spec, out_bwd_flops * scale, 2 * out_params * wscale + 2 * out_act * scale, 2 * out_kernels,
                            rate)
+    ctx.forward_s, ctx.backward_s, ctx.outside_forward_s = fwd, bwd, outside_fwd
 
     host_bw = host_bandwidth(spec)
     offload = {u.fqn: k * (2 * u.saved_activation_bytes * scale / host_bw + 2 * spec.kernel_overhead_s)
                for u in profile.units}
-    ns_s, opt_s = _optimizer_seconds(profile, optimizer, spec, weights=weights)
-    # Offloaded state crosses the host link twice per step (to the device and back). Stepped in
-    # backward, the transfers overlap the rest of backward; after backward nothing hides them.
-    state_s = 0.0
-    if optimizer is not None and optimizer.offload:
-        traffic = 2 * _state_bytes(profile, optimizer, weights) / host_bw
-        state_s = max(0.0, traffic - bwd) if in_backward else traffic
-    # A chunked loss runs the head and loss forward once more, in backward (checkpointed chunks).
-    loss_s = outside_fwd if loss_chunks else 0.0
+    ns_s, opt_s = _optimizer_seconds(profile, optimizer, spec, fp32_working_copy=ctx.fp32_working_copy)
+    lever_ms = {name: seconds(ctx) * 1e3 for name, seconds in ctx.terms.items()}
     base = TimeBreakdown(forward_ms=fwd * 1e3, backward_ms=bwd * 1e3, ns_ms=ns_s * 1e3, optimizer_ms=opt_s * 1e3,
-                         state_offload_ms=state_s * 1e3, loss_ms=loss_s * 1e3)
+                         lever_ms=lever_ms)
     return CostTable(base=base, recompute_ms={f: t * 1e3 for f, t in unit_fwd.items()},
                      offload_ms={f: t * 1e3 for f, t in offload.items()})
 
 
-_STATE_BYTES = {"fp32": 4, "bf16": 2, "int8": 1}
-
-
-def _fp32_params(profile: ModelProfile) -> bool:
-    return any(p.dtype == "float32" for p in profile.params)
-
-
-def _state_bytes(profile: ModelProfile, opt: OptimizerPlan, weights: str | None) -> float:
-    """Bytes of optimizer state (and an fp32 master copy) that cross the host link, for pricing."""
-    elem = _STATE_BYTES[opt.state_dtype]
-    muon = set(opt.muon_params) if opt.name != "adamw" else set()
+def _state_bytes(profile: ModelProfile, opt: OptimizerPlan, master_bytes_per_element: float) -> float:
+    """Bytes of optimizer state (and a master copy) that cross the host link, for pricing."""
+    elem = STATE_PRECISIONS[opt.state_dtype].bytes_per_element
+    muon = set(opt.muon_params) if orthogonalizes(opt.name) else set()
     total = 0.0
     for p in profile.params:
         numel = math.prod(p.shape)
         n_states = (2 if opt.name == "muon2" else 1) if p.fqn in muon else 2
-        total += numel * (n_states * elem + (4 if weights == "bf16-master" else 0))
+        total += numel * (n_states * elem + master_bytes_per_element)
     return total
 
 
 def _optimizer_seconds(profile: ModelProfile, opt: OptimizerPlan | None, spec: DeviceSpec, *,
-                       weights: str | None = None) -> tuple[float, float]:
+                       fp32_working_copy: bool = False) -> tuple[float, float]:
     """(Newton-Schulz seconds, elementwise optimizer seconds) of one optimizer step. bf16 weights
     are updated through an fp32 working copy (read and written once more, 8 bytes/element)."""
     if opt is None:
-        opt = OptimizerPlan(name="adamw" if profile.optimizer not in ("muon2", "muon") else profile.optimizer)
-    muon = set(opt.muon_params) if opt.name != "adamw" else set()
-    elem = _STATE_BYTES[opt.state_dtype]
+        opt = OptimizerPlan(name=profile.optimizer if orthogonalizes(profile.optimizer) else "adamw")
+    muon = set(opt.muon_params) if orthogonalizes(opt.name) else set()
+    elem = STATE_PRECISIONS[opt.state_dtype].bytes_per_element
     # Per state tensor and element: fp32 reads and writes it once (8 bytes); low precision reads
     # and writes its own bytes and round-trips through an fp32 temporary (dequantize, update,
     # requantize: 4 more fp32 accesses). int8 also reads/writes one fp32 scale per 256 elements.
@@ -260,12 +293,12 @@ def _optimizer_seconds(profile: ModelProfile, opt: OptimizerPlan | None, spec: D
         if p.fqn in muon and len(p.shape) >= 2:
             rows, cols = (p.shape[0], math.prod(p.shape[1:])) if len(p.shape) != 3 else p.shape[1:]
             batch = p.shape[0] if len(p.shape) == 3 else 1
-            ns_flops_total += batch * _ns_flops(rows, cols, opt.ns_steps)
+            ns_flops_total += batch * ns_flops(rows, cols, opt.ns_steps)
             ns_kernels += batch * 3 * opt.ns_steps
             n_states = 2 if opt.name == "muon2" else 1
         else:
             n_states = 2
-        if weights and pbytes == 4:
+        if fp32_working_copy and pbytes == 4:
             pbytes = 2.0 + 8.0 / 3  # bf16 param and grad, plus the fp32 working copy's traffic
         nbytes += numel * (2 * pbytes + pbytes + n_states * per_state)  # param r/w, grad r, states
         kernels += OPTIMIZER_KERNELS_PER_PARAM + (2 * n_states if elem != 4 else 0)
@@ -276,20 +309,10 @@ def _optimizer_seconds(profile: ModelProfile, opt: OptimizerPlan | None, spec: D
     return ns_s, opt_s
 
 
-def _ns_flops(m: int, n: int, steps: int) -> int:
-    try:
-        from memtune.optim import ns_flops
-    except ImportError:  # optim not importable: the same formula
-        m, n = min(m, n), max(m, n)
-        return steps * (4 * m * m * n + 2 * m**3)
-    return ns_flops(m, n, steps)
-
-
 def predict_step_time(profile: ModelProfile, plan: Plan, device: str | DeviceSpec | None = None) -> TimeBreakdown:
     """Predicted time of one optimizer step (all micro-batches) of ``profile`` under ``plan``."""
-    table = cost_table(profile, optimizer=plan.optimizer, micro_batch_size=plan.micro_batch_size,
-                       grad_accum_steps=plan.grad_accum_steps, device=device, weights=plan.weights,
-                       in_backward=plan.optimizer_in_backward, loss_chunks=plan.loss_chunks)
+    table = cost_table(profile, optimizer=plan.optimizer, variant=plan.variant, grad_accum_steps=plan.grad_accum_steps,
+                       device=device)
     return apply_decisions(table, plan.decisions)
 
 

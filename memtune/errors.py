@@ -45,6 +45,18 @@ class OptionError(UsageError, TypeError):
     """An unknown keyword option (a ``TypeError`` too, as Python raises for unknown keywords)."""
 
 
+class UnrecordedPlanError(MemtuneError, KeyError):
+    """A plan needs something the profile did not record (an optimizer configuration or a step
+    variant); the message says how to record it."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0])
+
+
+class OptimizerConfigError(MemtuneError, ValueError):
+    """Optimizer settings, or an override, that memtune cannot honour; the message says the fix."""
+
+
 class ModelMismatchError(MemtuneError, ValueError):
     """A plan, profile or checkpoint applied to a model it was not made for; the message
     says what differs (unit or parameter names, shapes, profile hash, batch size)."""
@@ -73,3 +85,13 @@ class NonFiniteError(TrainingError, FloatingPointError):
 class StepFailedError(TrainingError):
     """A step kept running out of memory although plans that fit the budget exist
     (memory held by something else, or a transient fault)."""
+
+
+class DistributedError(MemtuneError):
+    """Ranks disagree (plans, budgets, feasibility) or the process group cannot be set up; raised
+    on every rank with the same message."""
+
+
+class TelemetryError(MemtuneError):
+    """A telemetry source cannot be read or a reading is not understood; the message says
+    which source and what to pass instead."""

@@ -19,8 +19,10 @@ import torch
 
 from .optimizers import FAMILIES, build_optimizer_for, optimizer_split
 from .plan import OptimizerPlan
-from .profile import OptimizerStepProfile
+from .profile import OptimizerStepProfile, StepEvent
 from .recorder import StepRecorder
+from .step_recording import RecordingSetup
+from .variant import StepVariant
 
 WARMUP_STEPS = 1
 """Steps before the measured one. The first creates the state and ends by writing it in its
@@ -48,56 +50,74 @@ def unique_bytes(tensors, nbytes) -> int:
     return total
 
 
-def record_optimizer_steps(view, fparams: dict[str, torch.Tensor], config: OptimizerPlan, *, granularity: int,
-                           target: str, foreach: bool, with_grad: set[str], profiled: bool = False,
-                           weights: str | None = None, modes: tuple[bool, ...] = (False,),
-                           order: tuple[str, ...] | None = None) -> list[OptimizerStepProfile]:
-    """:func:`record_optimizer_step` for each in-backward mode in ``modes``. A configuration that
-    is stepped one parameter at a time anyway (offloaded state, bf16 weights) is recorded once:
-    its whole step is the sequence of its per-parameter steps, so one per-parameter recording
-    gives both (the step's temporaries are the largest parameter's)."""
-    per_param = config.offload or weights is not None
-    if per_param and set(modes) == {False, True}:
-        ib = record_optimizer_step(view, fparams, config, granularity=granularity, target=target, foreach=foreach,
-                                   with_grad=with_grad, profiled=False, weights=weights, in_backward=True, order=order)
-        whole = dataclasses.replace(ib, in_backward=False, param_step_bytes=(), profiled=profiled,
-                                    step_transient_bytes=max((b for _, b in ib.param_step_bytes), default=0))
-        return [whole, ib]
-    return [record_optimizer_step(view, fparams, config, granularity=granularity, target=target, foreach=foreach,
-                                  with_grad=with_grad, profiled=profiled and not ib, weights=weights, in_backward=ib,
-                                  order=order) for ib in modes]
+def record_configuration(config: OptimizerPlan, setups: list[tuple[StepVariant, RecordingSetup]], *,
+                         granularity: int, target: str, foreach: bool, with_grad: set[str],
+                         profiled: bool = False) -> list[OptimizerStepProfile]:
+    """:func:`record_optimizer_step` of ``config`` for each (optimizer variant, setup), in order.
+
+    A setup stepped one parameter at a time anyway (offloaded state, bf16 weights) whose
+    in-backward twin is also asked for is not recorded on its own: its whole step is the
+    sequence of its per-parameter steps, so the twin's recording gives both (the step's
+    temporaries are the largest parameter's)."""
+    def per_parameter_key(setup: RecordingSetup):
+        rest = {k: v for k, v in setup.stepping.items() if k != "in_backward"}
+        return tuple(sorted(rest.items(), key=lambda kv: kv[0])) if rest else None
+
+    twins = {per_parameter_key(s): (v, s) for v, s in setups if s.stepping.get("in_backward") and per_parameter_key(s)}
+    done: dict[StepVariant, OptimizerStepProfile] = {}
+
+    def record(variant: StepVariant, setup: RecordingSetup) -> OptimizerStepProfile:
+        if variant not in done:
+            done[variant] = record_optimizer_step(setup, config, variant=variant, granularity=granularity,
+                                                  target=target, foreach=foreach, with_grad=with_grad,
+                                                  profiled=profiled and variant.is_default)
+        return done[variant]
+
+    out = []
+    for variant, setup in setups:
+        twin = twins.get(per_parameter_key(setup)) if not setup.stepping.get("in_backward") else None
+        if twin is None:
+            out.append(record(variant, setup))
+            continue
+        per_param = record(*twin)
+        out.append(dataclasses.replace(per_param, variant=variant, param_step_bytes=(), profiled=False,
+                                       step_transient_bytes=max((b for _, b in per_param.param_step_bytes), default=0)))
+    return out
 
 
-def record_optimizer_step(view, fparams: dict[str, torch.Tensor], config: OptimizerPlan, *, granularity: int,
-                          target: str, foreach: bool, with_grad: set[str], profiled: bool = False,
-                          weights: str | None = None, in_backward: bool = False,
-                          order: tuple[str, ...] | None = None) -> OptimizerStepProfile:
-    """Build ``config`` on ``view`` (a module exposing ``fparams``, fake or meta parameters) and
-    record a steady-state step. ``with_grad``: FQNs of the parameters that received a gradient
-    in the recorded training step (only those are stepped, as in training).
+def record_optimizer_step(setup: RecordingSetup, config: OptimizerPlan, *, variant: StepVariant, granularity: int,
+                          target: str, foreach: bool, with_grad: set[str],
+                          profiled: bool = False) -> OptimizerStepProfile:
+    """Build ``config`` on ``setup.params`` (meta parameters) and record a steady-state step.
+    ``with_grad``: FQNs of the parameters that received a gradient in the recorded training
+    step (only those are stepped, as in training).
 
-    ``weights``, ``config.offload`` and ``in_backward`` select per-parameter stepping
-    (:mod:`memtune.stepping`); with ``in_backward`` each parameter is stepped alone, in
-    ``order`` (the order backward completes their gradients), and its temporaries recorded.
-    Offloaded state lives in host memory: on a CUDA target it is not counted against the
-    device (``host_state_bytes``); on a CPU target host memory *is* the device."""
+    ``setup.stepping`` selects per-parameter stepping (:class:`memtune.stepping.PlanOptimizer`);
+    with ``in_backward`` each parameter is stepped alone, in ``setup.order`` (the order backward
+    completes their gradients), and its temporaries recorded. Offloaded state lives in host
+    memory: on a CUDA target it is not counted against the device (``host_state_bytes``); on a
+    CPU target host memory *is* the device."""
     from .devices import round_allocation
     from .optimizers import as_on_target
-    from .stepping import PlanOptimizer
+    from .stepping import PlanOptimizer, observe_host_tensors
 
+    fparams = setup.params
+    view = ParamView(setup.model, fparams)
+    stepping = dict(setup.stepping)
+    in_backward = bool(stepping.pop("in_backward", False))
     inner = build_optimizer_for(view, config, foreach=foreach)
     if inner is not None:
         as_on_target(inner, target)
     opt = inner
-    if inner is not None and (in_backward or config.offload or weights):
+    if inner is not None and (in_backward or stepping):
         # Stepped one parameter at a time by the class the runtime uses; the recording calls
         # step_param itself where backward's hooks would (no hooks on these tensors).
-        opt = PlanOptimizer(inner, view, offload=config.offload, weights=weights, pin_memory=False)
+        opt = PlanOptimizer(inner, view, pin_memory=False, **stepping)
     if config.name in FAMILIES:
         muon, adamw = optimizer_split(view, inner)
     else:
         muon, adamw = (), tuple(n for n, p in fparams.items() if p.requires_grad)
-    stepped = [(n, p) for n, p in fparams.items() if n in with_grad]
+    stepped = [(n, p) for n, p in fparams.items() if n in with_grad and p.requires_grad]
     nbytes = lambda t: round_allocation(t.untyped_storage().nbytes(), granularity)  # noqa: E731
     per_param: list[tuple[str, int]] = []
     try:
@@ -111,31 +131,31 @@ def record_optimizer_step(view, fparams: dict[str, torch.Tensor], config: Optimi
         device_state = [t for t in optimizer_state_tensors(opt) if target == "cpu" or id(t.untyped_storage()) not in host_ids]
         rec = StepRecorder(granularity=granularity, target=target)
         observe = (lambda t: rec.exclude(t)) if target != "cpu" else (lambda t: None)
-        from .stepping import observe_host_tensors
 
         with rec, observe_host_tensors(observe):
             rec.register_static(list(fparams.values()), [p.grad for _, p in stepped], device_state)
             # Hold no reference to the state: a step that replaces a state tensor must free the old one.
             del device_state, hosts
             if opt is None:
-                rec.mark("optim_start")
+                rec.mark(StepEvent.OPTIM_START)
             elif in_backward:
                 names = dict(stepped)
-                for n in (order or tuple(names)):
+                for n in (setup.order or tuple(names)):
                     if n in names:
-                        rec.mark("step", n)
+                        rec.mark(StepEvent.PARAM_STEP, n)
                         opt.step_param(names[n])
                         names[n].grad = None
-                rec.mark("optim_start")
+                rec.mark(StepEvent.OPTIM_START)
             else:
-                rec.mark("optim_start")
+                rec.mark(StepEvent.OPTIM_START)
                 opt.step()
-            rec.mark("optim_end")
+            rec.mark(StepEvent.OPTIM_END)
         if in_backward:
-            per_param = [(iv.unit, max(0, iv.peak_bytes - iv.live_bytes)) for iv in rec.intervals if iv.name == "step"]
+            per_param = [(iv.unit, max(0, iv.peak_bytes - iv.live_bytes)) for iv in rec.intervals
+                         if iv.name == StepEvent.PARAM_STEP]
             transient = max((b for _, b in per_param), default=0)
         else:
-            iv = next(iv for iv in rec.intervals if iv.name == "optim_start")
+            iv = next(iv for iv in rec.intervals if iv.name == StepEvent.OPTIM_START)
             transient = max(0, iv.peak_bytes - iv.live_bytes)
         hosts = _host_buffers(opt)
         host_ids = {id(t.untyped_storage()) for t in hosts}
@@ -149,8 +169,29 @@ def record_optimizer_step(view, fparams: dict[str, torch.Tensor], config: Optimi
     return OptimizerStepProfile(
         name=config.name, state_dtype=config.state_dtype, ns_steps=config.ns_steps, settings=config.settings,
         muon_params=muon, adamw_params=adamw, state_bytes=state, step_transient_bytes=transient, profiled=profiled,
-        weights=weights, offload=config.offload, in_backward=in_backward, host_state_bytes=host_bytes,
-        param_step_bytes=tuple(per_param))
+        variant=variant.for_optimizer(), host_state_bytes=host_bytes, param_step_bytes=tuple(per_param))
+
+
+class ParamView(torch.nn.Module):
+    """Exposes ``model``'s structure with other parameters (fake or meta), for optimizers that
+    split parameters by module type (the Muon²/AdamW hybrid) and for :class:`PlanOptimizer`."""
+
+    def __init__(self, model: torch.nn.Module, params: dict[str, torch.Tensor]):
+        super().__init__()
+        object.__setattr__(self, "_model", model)
+        object.__setattr__(self, "_fparams", params)
+
+    def named_parameters(self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True):
+        yield from self._fparams.items()
+
+    def parameters(self, recurse: bool = True):
+        yield from self._fparams.values()
+
+    def named_modules(self, *args, **kwargs):
+        return self._model.named_modules(*args, **kwargs)
+
+    def modules(self):
+        return self._model.modules()
 
 
 def _host_buffers(opt) -> list[torch.Tensor]:

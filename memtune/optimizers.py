@@ -17,6 +17,7 @@ so the step that was measured is the step that runs.
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -24,16 +25,67 @@ import torch.nn as nn
 
 from .errors import MemtuneError
 
-FAMILIES = ("muon2", "muon", "adamw")
-"""Optimizers whose state precision (and NS steps) a plan may choose."""
-KEPT = ("adam", "sgd", "custom", "none")
-"""Optimizers a plan keeps exactly as profiled."""
-NAMES = FAMILIES + KEPT
+@dataclass(frozen=True, slots=True)
+class OptimizerKind:
+    """What memtune knows about an optimizer a profile or plan can name."""
 
-DEFAULT_NS_STEPS = {"muon2": 3, "muon": 5, "adamw": 0}
-"""The quality floor of Newton-Schulz iterations per family: the planner's default
-``min_ns_steps`` and what a profile records by default. Fewer NS steps cost no memory and save
-time, so a time-minimizing plan sits on this floor (docs/muon2.md says where it comes from)."""
+    name: str
+    reconfigurable: bool
+    """A plan may change its state precision (and, when it orthogonalizes, its NS steps):
+    memtune builds it (:mod:`memtune.optim`). Otherwise the plan keeps it as profiled."""
+    orthogonalizes: bool = False
+    """It runs Newton-Schulz on hidden matrices (the Muon family), so NS steps are a choice."""
+    ns_floor: int = 0
+    """The quality floor of Newton-Schulz iterations: the planner's default ``min_ns_steps`` and
+    what a profile records by default. Fewer NS steps cost no memory and save time, so a
+    time-minimizing plan sits on this floor (docs/muon2.md says where the values come from)."""
+
+
+OPTIMIZERS: dict[str, OptimizerKind] = {k.name: k for k in (
+    OptimizerKind("muon2", reconfigurable=True, orthogonalizes=True, ns_floor=3),
+    OptimizerKind("muon", reconfigurable=True, orthogonalizes=True, ns_floor=5),
+    OptimizerKind("adamw", reconfigurable=True),
+    OptimizerKind("adam", reconfigurable=False),
+    OptimizerKind("sgd", reconfigurable=False),
+    OptimizerKind("custom", reconfigurable=False),
+    OptimizerKind("none", reconfigurable=False),
+)}
+"""Every optimizer name a profile or a plan may carry; the one place they are spelled."""
+
+FAMILIES = tuple(n for n, k in OPTIMIZERS.items() if k.reconfigurable)
+"""Optimizers whose state precision (and NS steps) a plan may choose."""
+KEPT = tuple(n for n, k in OPTIMIZERS.items() if not k.reconfigurable)
+"""Optimizers a plan keeps exactly as profiled."""
+NAMES = tuple(OPTIMIZERS)
+
+DEFAULT_NS_STEPS = {n: k.ns_floor for n, k in OPTIMIZERS.items() if k.reconfigurable}
+"""Each family's Newton-Schulz floor (:attr:`OptimizerKind.ns_floor`)."""
+
+
+@dataclass(frozen=True, slots=True)
+class StatePrecision:
+    """One optimizer-state precision a plan may choose."""
+
+    name: str
+    bytes_per_element: int
+    lossiness: int
+    """How far it moves training from fp32 state (0: not at all), on the scale of
+    :meth:`memtune.levers.Lever.lossiness`."""
+
+
+STATE_PRECISIONS: dict[str, StatePrecision] = {p.name: p for p in (
+    StatePrecision("fp32", bytes_per_element=4, lossiness=0),
+    StatePrecision("bf16", bytes_per_element=2, lossiness=2),
+    StatePrecision("int8", bytes_per_element=1, lossiness=3),  # blockwise absmax (memtune.optim.quant)
+)}
+STATE_DTYPES = tuple(STATE_PRECISIONS)
+
+
+def orthogonalizes(name: str) -> bool:
+    """Whether optimizer ``name`` runs Newton-Schulz (so a plan chooses its NS steps)."""
+    kind = OPTIMIZERS.get(name)
+    return kind is not None and kind.orthogonalizes
+
 
 HYPERPARAMETERS = ("lr", "adamw_lr", "momentum", "beta2", "eps", "betas", "adamw_eps", "weight_decay",
                    "adamw_weight_decay")
@@ -44,7 +96,8 @@ TORCH_LR = 1e-3
 
 
 def ns_floor(name: str) -> int:
-    return DEFAULT_NS_STEPS.get(name, 0)
+    kind = OPTIMIZERS.get(name)
+    return kind.ns_floor if kind is not None else 0
 
 
 def build_optimizer_for(model: nn.Module, opt, *, settings: Any = None, foreach: bool | None = None
@@ -99,7 +152,7 @@ def optimizer_split(model: nn.Module, optimizer) -> tuple[tuple[str, ...], tuple
     parts = getattr(optimizer, "parts", None)
     if parts:
         for part_name, part in parts.items():
-            if part_name in ("muon2", "muon"):
+            if orthogonalizes(part_name):
                 muon += [names[id(p)] for g in part.param_groups for p in g["params"] if id(p) in names]
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     chosen = set(muon)
@@ -120,13 +173,13 @@ def as_on_target(opt, target: str):
 
 
 def build_plan_stepper(model: nn.Module, opt, *, settings: Any = None, foreach: bool | None = None,
-                       in_backward: bool = False, weights: str | None = None, pin_memory: bool | None = None):
+                       pin_memory: bool | None = None, **stepping):
     """:func:`build_optimizer_for`, wrapped in a :class:`memtune.stepping.PlanOptimizer` when the
-    plan steps one parameter at a time (in backward, with offloaded state, or on bf16 weights)."""
+    plan's levers step it one parameter at a time (``stepping``: its ``in_backward``,
+    ``offload`` and ``weights`` options)."""
     inner = build_optimizer_for(model, opt, settings=settings, foreach=foreach)
-    if inner is None or not (in_backward or opt.offload or weights):
+    if inner is None or not stepping:
         return inner
     from .stepping import PlanOptimizer
 
-    return PlanOptimizer(inner, model, in_backward=in_backward, offload=opt.offload, weights=weights,
-                         pin_memory=pin_memory)
+    return PlanOptimizer(inner, model, pin_memory=pin_memory, **stepping)

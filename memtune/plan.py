@@ -5,10 +5,16 @@ Plain frozen data keyed by module FQN, JSON round-trip, no live objects:
 * per unit a :class:`Decision` (``save``, ``recompute``, ``offload``);
 * the optimizer (:class:`OptimizerPlan`): Muon²/Muon/AdamW, Newton-Schulz steps, state
   precision, and which parameters go to Muon² and which to AdamW;
-* micro-batch size and gradient-accumulation steps (the global batch is preserved);
+* the step variant (:class:`~memtune.variant.StepVariant`): one choice per lever
+  (:mod:`memtune.levers`: micro-batching, bf16 weights, the optimizer step in backward,
+  optimizer-state offload, a chunked loss...), and the gradient-accumulation steps the
+  micro-batch implies (the global batch is preserved);
 * the predicted peak with its breakdown (:class:`MemoryBreakdown`) and the predicted step
   time with its breakdown (:class:`TimeBreakdown`);
 * the planner's name and the fingerprint of the profile it planned for.
+
+A lever's choice also reads as an attribute of the plan (``plan.micro_batch_size`` is
+``plan.variant.micro_batch_size``).
 """
 
 from __future__ import annotations
@@ -21,11 +27,15 @@ from pathlib import Path
 from typing import Any
 
 from .errors import PlanFileError
+from .optimizers import NAMES as OPTIMIZER_NAMES
+from .optimizers import STATE_DTYPES
 from .jsonfile import read_json_object
 from .units_fmt import fmt_bytes, fmt_ms
 from .validation import check_fields, check_object
+from .variant import StepVariant
 
-PLAN_SCHEMA_VERSION = 3
+PLAN_SCHEMA_VERSION = 4
+"""4: the levers' choices in one ``variant``; version 3 files still read (:mod:`memtune.legacy`)."""
 _PLAN_REMEDY = "re-create it with `memtune plan ... --out plan.json`"
 
 
@@ -41,7 +51,6 @@ class Decision(str, Enum):
     """Move them to host memory after the forward and bring them back for backward."""
 
 
-STATE_DTYPES = ("fp32", "bf16", "int8")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -61,15 +70,10 @@ class OptimizerPlan:
     settings: dict[str, Any] | None = None
     """The :class:`memtune.optim.OptimizerSettings` whose step the profile recorded, as plain
     data; ``None`` for PyTorch's own optimizers. :func:`memtune.apply_plan` builds exactly this."""
-    offload: bool = False
-    """Keep the state in (pinned) host memory and stream it to the device one parameter at a
-    time (:mod:`memtune.stepping`)."""
 
     def __post_init__(self) -> None:
-        from .optimizers import NAMES
-
-        if self.name not in NAMES:
-            raise ValueError(f"optimizer name must be one of {NAMES}, got {self.name!r}")
+        if self.name not in OPTIMIZER_NAMES:
+            raise ValueError(f"optimizer name must be one of {OPTIMIZER_NAMES}, got {self.name!r}")
         if self.state_dtype not in STATE_DTYPES:
             raise ValueError(f"state_dtype must be one of {STATE_DTYPES}, got {self.state_dtype!r}")
         if self.ns_steps < 0:
@@ -114,15 +118,17 @@ class TimeBreakdown:
     optimizer_ms: float = 0.0
     offload_ms: float = 0.0
     """Activation offload traffic (host link)."""
-    state_offload_ms: float = 0.0
-    """Optimizer-state traffic to and from host memory not hidden behind backward."""
-    loss_ms: float = 0.0
-    """Extra time of a chunked loss (each chunk's head recomputed in backward)."""
+    lever_ms: dict[str, float] = field(default_factory=dict)
+    """Time a lever adds, by lever name (e.g. ``state_offload``: state traffic to and from host
+    memory not hidden behind backward; ``loss_chunks``: each chunk's head recomputed in backward)."""
 
     @property
     def total_ms(self) -> float:
-        return (self.forward_ms + self.backward_ms + self.recompute_ms + self.ns_ms + self.optimizer_ms + self.offload_ms
-                + self.state_offload_ms + self.loss_ms)
+        total = (self.forward_ms + self.backward_ms + self.recompute_ms + self.ns_ms + self.optimizer_ms
+                 + self.offload_ms)
+        for ms in self.lever_ms.values():
+            total += ms
+        return total
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -161,20 +167,11 @@ class Plan:
     decisions: dict[str, Decision]
     """Unit FQN -> decision, in execution order."""
     optimizer: OptimizerPlan = field(default_factory=OptimizerPlan)
-    micro_batch_size: int | None = None
-    """Samples per forward/backward; ``None`` keeps the profiled batch."""
+    variant: StepVariant = field(default_factory=StepVariant)
+    """How the step runs: one choice per lever (:mod:`memtune.levers`)."""
     grad_accum_steps: int = 1
-    """Micro-batches per optimizer step (``micro_batch_size * grad_accum_steps`` is the global batch)."""
-    weights: str | None = None
-    """``None``: parameters as profiled (fp32 master weights under bf16-mixed); ``"bf16-sr"``:
-    bf16 parameters updated with stochastic rounding; ``"bf16-master"``: bf16 parameters with an
-    fp32 master copy in the optimizer state (:mod:`memtune.stepping`)."""
-    optimizer_in_backward: bool = False
-    """Update each parameter as soon as its gradient is complete and free the gradient, so full
-    gradients never coexist (no gradient accumulation, no global gradient-norm clip)."""
-    loss_chunks: int | None = None
-    """Compute the output head and the loss in this many chunks, recomputing each chunk's
-    logits in backward (:mod:`memtune.loss_chunking`); ``None``: as the model does."""
+    """Forward/backward passes per optimizer step (micro-batches; ``micro_batch_size *
+    grad_accum_steps`` is the global batch)."""
     predicted_peak_bytes: int = 0
     memory: MemoryBreakdown = field(default_factory=lambda: MemoryBreakdown(peak_bytes=0))
     predicted_step_ms: float = 0.0
@@ -190,17 +187,26 @@ class Plan:
     schema_version: int = PLAN_SCHEMA_VERSION
 
     def __post_init__(self) -> None:
+        from .levers import check_variant
+
         for fqn, d in self.decisions.items():
             if not isinstance(d, Decision):
                 raise ValueError(f"decision for {fqn!r} must be a Decision, got {d!r}")
         if self.grad_accum_steps < 1:
             raise ValueError(f"grad_accum_steps must be >= 1, got {self.grad_accum_steps}")
-        if self.weights not in (None, "bf16-sr", "bf16-master"):
-            raise ValueError(f"weights must be None, 'bf16-sr' or 'bf16-master', got {self.weights!r}")
-        if self.optimizer_in_backward and self.grad_accum_steps > 1:
-            raise ValueError("an optimizer step in backward cannot accumulate gradients over micro-batches")
-        if self.loss_chunks is not None and self.loss_chunks < 2:
-            raise ValueError(f"loss_chunks must be None or >= 2, got {self.loss_chunks}")
+        if not isinstance(self.variant, StepVariant):
+            raise ValueError(f"variant must be a StepVariant, got {self.variant!r}")
+        check_variant(self.variant)
+
+    def __getattr__(self, name: str) -> Any:
+        """A lever's choice, by the lever's name (``plan.loss_chunks``)."""
+        if name.startswith("__") or name == "variant":
+            raise AttributeError(name)
+        from .levers import LEVERS
+
+        if name in LEVERS:
+            return self.variant[name]
+        raise AttributeError(f"'Plan' object has no attribute {name!r}")
 
     # ------------------------------------------------------------------ views
     def units_with(self, decision: Decision) -> tuple[str, ...]:
@@ -216,8 +222,10 @@ class Plan:
 
     # ------------------------------------------------------------------ JSON
     def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        d = {k: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for k, v in d.items()}
         d["decisions"] = {k: v.value for k, v in self.decisions.items()}
+        d["variant"] = self.variant.to_dict()
         return d
 
     def to_json(self, path: str | Path | None = None, *, indent: int | None = 2) -> str:
@@ -230,6 +238,10 @@ class Plan:
     def from_dict(cls, d: dict[str, Any]) -> "Plan":
         check_object(d, what="plan", remedy=_PLAN_REMEDY)
         try:
+            if d.get("schema_version") == 3:
+                from .legacy import plan_v3_to_v4
+
+                d = plan_v3_to_v4(d)
             if d.get("schema_version") != PLAN_SCHEMA_VERSION:
                 raise PlanFileError(
                     f"plan schema_version {d.get('schema_version')!r} is not {PLAN_SCHEMA_VERSION}; re-plan with this memtune"
@@ -239,8 +251,9 @@ class Plan:
             o = d["optimizer"]
             kw["optimizer"] = OptimizerPlan(**{**o, "muon_params": tuple(o["muon_params"]),
                                                "adamw_params": tuple(o["adamw_params"])})
+            kw["variant"] = StepVariant.from_dict(d.get("variant"))
             kw["memory"] = MemoryBreakdown(**d["memory"])
-            kw["time"] = TimeBreakdown(**d["time"])
+            kw["time"] = TimeBreakdown(**{**d["time"], "lever_ms": dict(d["time"].get("lever_ms") or {})})
             kw["notes"] = tuple(d.get("notes", ()))
             if d.get("parallel") is not None:
                 kw["parallel"] = ParallelPlan(**d["parallel"])
@@ -259,6 +272,8 @@ class Plan:
                                               remedy="re-create it with `memtune plan ... --out plan.json`"))
 
     def summary(self) -> str:
+        from .levers import LEVERS
+
         n_rc = len(self.recompute_units)
         n_off = len(self.units_with(Decision.OFFLOAD))
         m, t, o = self.memory, self.time, self.optimizer
@@ -268,11 +283,8 @@ class Plan:
             f"  units: {len(self.decisions) - n_rc - n_off} save, {n_rc} recompute, {n_off} offload",
             f"  optimizer: {o.name} ns_steps={o.ns_steps} state={o.state_dtype} "
             f"({len(o.muon_params)} Muon params, {len(o.adamw_params)} AdamW params)",
-            f"  batch: micro-batch {self.micro_batch_size} x {self.grad_accum_steps} accumulation steps"
-            + (f"; loss in {self.loss_chunks} chunks" if self.loss_chunks else ""),
-            f"  weights: {self.weights or 'as profiled'}; optimizer step "
-            f"{'in backward (gradients freed as they complete)' if self.optimizer_in_backward else 'after backward'}; "
-            f"state {'offloaded to host memory' if o.offload else 'on the device'}",
+            "  step: " + "; ".join(LEVERS[name].describe(value) for name, value in self.variant.items())
+            + (f"; {self.grad_accum_steps} accumulation steps" if self.grad_accum_steps > 1 else ""),
             f"  memory at peak ({m.phase}): params {fmt_bytes(m.params_bytes)}, grads {fmt_bytes(m.grads_bytes)}, "
             f"optimizer state {fmt_bytes(m.optimizer_state_bytes)}, activations {fmt_bytes(m.saved_activation_bytes)}, "
             f"recompute {fmt_bytes(m.recompute_transient_bytes)}, optimizer step {fmt_bytes(m.optimizer_transient_bytes)}, "
@@ -281,8 +293,7 @@ class Plan:
             f"  time: forward {fmt_ms(t.forward_ms)}, backward {fmt_ms(t.backward_ms)}, recompute {fmt_ms(t.recompute_ms)}, "
             f"NS {fmt_ms(t.ns_ms)}, optimizer {fmt_ms(t.optimizer_ms)}"
             + (f", offload {fmt_ms(t.offload_ms)}" if t.offload_ms else "")
-            + (f", state offload {fmt_ms(t.state_offload_ms)}" if t.state_offload_ms else "")
-            + (f", chunked loss {fmt_ms(t.loss_ms)}" if t.loss_ms else ""),
+            + "".join(f", {name} {fmt_ms(ms)}" for name, ms in t.lever_ms.items() if ms),
         ]
         if self.parallel is not None:
             par = self.parallel

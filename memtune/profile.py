@@ -21,14 +21,18 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
 from .errors import PlanFileError
 from .jsonfile import digest, read_json_object
 from .validation import check_fields, check_object
+from .variant import StepVariant
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
+"""4: step and optimizer recordings keyed by a :class:`~memtune.variant.StepVariant`. Version 3
+files still read (:mod:`memtune.legacy`)."""
 _PROFILE_REMEDY = "write one with memtune.profile(...).to_json(path) or `memtune profile ... --out profile.json`"
 
 
@@ -100,13 +104,47 @@ class StorageInfo:
     """Code outside every unit (embedding, head, loss) also saved it."""
 
 
+class StepEvent(str, Enum):
+    """The boundaries a recorded step is cut at (the vocabulary of ``mem_tracker._ModState``).
+    The value is what profile files store."""
+
+    START = "start"
+    """Before the forward."""
+    FWD_START = "fwd_start"
+    """A unit's forward begins (``unit`` names it)."""
+    FWD_END = "fwd_end"
+    LOSS = "loss"
+    """The loss exists; backward begins."""
+    BWD_START = "bwd_start"
+    """A unit's backward begins (the first gradient of one of its outputs arrives)."""
+    BWD_END = "bwd_end"
+    """A unit's backward ends (every gradient of its inputs is complete)."""
+    PARAM_STEP = "step"
+    """A parameter's gradient is complete and an optimizer step in backward updates it
+    (``unit`` names the parameter); only in recordings of that variant."""
+    BWD_DONE = "bwd_done"
+    OPTIM_START = "optim_start"
+    OPTIM_END = "optim_end"
+    END = "end"
+    """After ``zero_grad``."""
+
+    def __str__(self) -> str:
+        return self.value
+
+    @property
+    def during_forward(self) -> bool:
+        return self in (StepEvent.START, StepEvent.FWD_START, StepEvent.FWD_END)
+
+    @property
+    def during_backward(self) -> bool:
+        return self in (StepEvent.BWD_START, StepEvent.BWD_END, StepEvent.PARAM_STEP, StepEvent.BWD_DONE)
+
+
 @dataclass(frozen=True, kw_only=True, slots=True)
 class TimelineEvent:
     """A boundary of the measured step; interval *i* runs from event *i* to event *i+1*."""
 
-    name: str
-    """``start``, ``fwd_start``/``fwd_end``, ``loss``, ``bwd_start``/``bwd_end``,
-    ``bwd_done``, ``optim_start``, ``optim_end``."""
+    name: StepEvent
     unit: str | None
     live_bytes: int
     """Live tensor bytes at the event."""
@@ -114,6 +152,10 @@ class TimelineEvent:
     """Peak live bytes from this event until the next one."""
     grad_bytes: int = 0
     """Parameter-gradient bytes live at the event (part of ``live_bytes``)."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, StepEvent):
+            object.__setattr__(self, "name", StepEvent(self.name))
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -136,39 +178,30 @@ class OptimizerStepProfile:
     """Peak bytes during the step minus the bytes live when it started (device side)."""
     profiled: bool = False
     """The configuration the profiled training step ran (its step is in the timeline)."""
-    weights: str | None = None
-    """``None`` (parameters as profiled), ``bf16-sr`` or ``bf16-master`` (:mod:`memtune.stepping`)."""
-    offload: bool = False
-    """State kept in host memory and streamed to the device one parameter at a time."""
-    in_backward: bool = False
-    """Recorded one parameter at a time, as an optimizer step in backward runs it: then
-    ``param_step_bytes`` holds each parameter's step temporaries."""
+    variant: StepVariant = field(default_factory=StepVariant)
+    """The choices of the levers that change the optimizer step (:meth:`StepVariant.for_optimizer`)
+    it was recorded with."""
     host_state_bytes: int = 0
-    """State bytes held in host memory (with ``offload``)."""
+    """State bytes held in host memory (offloaded state)."""
     param_step_bytes: tuple[tuple[str, int], ...] = ()
-    """(parameter FQN, temporaries of its update) for an in-backward recording."""
+    """(parameter FQN, temporaries of its update), for a recording that steps one parameter at a
+    time where backward completes its gradient; empty otherwise."""
 
     @property
     def key(self) -> tuple:
-        return (self.name, self.state_dtype, self.ns_steps, self.weights, self.offload, self.in_backward)
+        return (self.name, self.state_dtype, self.ns_steps, self.variant)
 
 
 @dataclass(frozen=True, kw_only=True)
 class StepRecording:
-    """The training step recorded again as a plan may change it (:meth:`ModelProfile.recording`):
+    """The training step recorded again as a plan variant runs it (:meth:`ModelProfile.recording`):
+    ``variant`` holds the choice of every lever that changes the step (each lever's module in
+    :mod:`memtune.levers` says what it changes); the other fields are those of a profile."""
 
-    * ``micro_batch_size``: at that micro-batch size, in gradient-accumulation mode: every
-      gradient of the earlier micro-batches is live from the start and backward adds into it;
-    * ``weights="bf16"``: with the parameters stored in bf16;
-    * ``in_backward``: with each parameter's gradient freed as soon as it is complete, and a
-      ``step`` event marking that moment (the plan's optimizer updates the parameter there);
-    * ``loss_chunks``: with the output head and loss computed in that many chunks."""
-
-    micro_batch_size: int | None = None
-    weights: str | None = None
-    in_backward: bool = False
-    loss_chunks: int | None = None
+    variant: StepVariant
     sample: str
+    batch_size: int | None = None
+    """Leading dimension of the batch this recording ran on."""
     param_bytes: int
     grad_bytes: int
     optimizer_state_bytes: int
@@ -225,21 +258,13 @@ class ModelProfile:
     assumptions: tuple[str, ...] = ()
     """What the fake run could not know and how it was resolved: data-dependent reads, and
     kernels whose fake implementation differs from eager (what eager allocation was recorded)."""
-    accumulating: bool = False
-    """The step was recorded in gradient-accumulation mode (see :class:`StepRecording`)."""
-    in_backward: bool = False
-    """The step was recorded with gradients freed as they complete (see :class:`StepRecording`)."""
-    weights: str | None = None
-    """``None``: the model's own parameter dtypes; ``bf16``: recorded with bf16 parameters."""
-    loss_chunks: int | None = None
-    """Head and loss recorded in this many chunks (``None``: as the model computes them)."""
-    loss_chunking: str = ""
-    """How this model's loss can be chunked (``memtune.loss_chunking``); empty: it cannot."""
+    variant: StepVariant = field(default_factory=StepVariant)
+    """The step variant this profile's step is: the profiled step, or, for a view from
+    :meth:`recording`, the variant recorded."""
     optimizer_steps: tuple[OptimizerStepProfile, ...] = ()
     """Every optimizer configuration recorded for this model (:class:`memtune.PlanSpace`)."""
     step_variants: tuple[StepRecording, ...] = ()
-    """The step recorded as each plan variant changes it (micro-batch size, bf16 weights,
-    optimizer step in backward, chunked loss)."""
+    """The step recorded as each other step variant runs it (:mod:`memtune.levers`)."""
     allocation_granularity: int = 1
     """Every allocation is rounded up to this many bytes (512 for CUDA)."""
     profile_seconds: float = 0.0
@@ -266,53 +291,46 @@ class ModelProfile:
                 return u
         raise KeyError(f"no unit {fqn!r}; units are {list(self.unit_fqns)}")
 
-    def optimizer_step(self, name: str, state_dtype: str, ns_steps: int, *, weights: str | None = None,
-                       offload: bool = False, in_backward: bool = False) -> OptimizerStepProfile | None:
-        """The recorded optimizer configuration with this key, or ``None``."""
-        key = (name, state_dtype, ns_steps, weights, offload, in_backward)
+    def optimizer_step(self, name: str, state_dtype: str, ns_steps: int,
+                       variant: StepVariant | None = None) -> OptimizerStepProfile | None:
+        """The optimizer configuration recorded with this key (and the optimizer-side choices of
+        ``variant``), or ``None``."""
+        key = (name, state_dtype, ns_steps, (variant or StepVariant()).for_optimizer())
         for o in self.optimizer_steps:
             if o.key == key:
                 return o
         return None
 
     @property
-    def profiled_optimizer_step(self) -> OptimizerStepProfile | None:
-        return next((o for o in self.optimizer_steps if o.profiled), None)
+    def recorded_variants(self) -> tuple[StepVariant, ...]:
+        """The step variants with a recording of the training step, the profiled one first."""
+        return (StepVariant(),) + tuple(r.variant for r in self.step_variants)
 
-    def variant_keys(self) -> tuple[tuple, ...]:
-        """(micro_batch_size, weights, in_backward, loss_chunks) of every recorded step, the
-        profiled one first as (None, None, False, None)."""
-        return ((None, None, False, None),) + tuple(
-            (r.micro_batch_size, r.weights, r.in_backward, r.loss_chunks) for r in self.step_variants)
+    def recorded_choices(self, lever: str) -> tuple:
+        """The choices of ``lever`` that this profile recorded (in a step recording or an
+        optimizer recording), its default first."""
+        from memtune.levers import LEVERS
 
-    @property
-    def micro_batch_sizes(self) -> tuple[int, ...]:
-        """Micro-batch sizes with a recorded accumulation step, largest first."""
-        return tuple(sorted({r.micro_batch_size for r in self.step_variants if r.micro_batch_size}, reverse=True))
+        seen = [LEVERS[lever].default] + [v[lever] for v in self.recorded_variants]
+        seen += [o.variant[lever] for o in self.optimizer_steps]
+        return tuple(dict.fromkeys(seen))
 
-    def recording(self, micro_batch_size: int | None = None, *, weights: str | None = None, in_backward: bool = False,
-                  loss_chunks: int | None = None) -> "ModelProfile":
-        """This profile as a plan with these choices sees it: the step recorded that way,
-        as a profile of its own (the profiled step itself for the defaults). Raises
+    def recording(self, variant: StepVariant | None = None) -> "ModelProfile":
+        """This profile as a plan with ``variant`` sees it: the step recorded that way, as a
+        profile of its own (the profiled step itself for ``StepVariant()``). Raises
         ``KeyError`` if it was not recorded."""
-        key = (micro_batch_size, weights, in_backward, loss_chunks)
-        if key == (None, None, False, None):
+        key = (variant or StepVariant()).for_step()
+        if key.is_default:
             return self
         cache = self.__dict__.setdefault("_variant_cache", {})
         if key not in cache:
-            rec = next((r for r in self.step_variants
-                        if (r.micro_batch_size, r.weights, r.in_backward, r.loss_chunks) == key), None)
+            rec = next((r for r in self.step_variants if r.variant == key), None)
             if rec is None:
                 raise KeyError(key)
-            fields = {f.name: getattr(rec, f.name) for f in dataclasses.fields(rec) if f.name != "micro_batch_size"}
-            cache[key] = dataclasses.replace(
-                self, **fields, batch_size=micro_batch_size or self.batch_size,
-                accumulating=micro_batch_size is not None, step_variants=())
+            fields = {f.name: getattr(rec, f.name) for f in dataclasses.fields(rec)}
+            fields["batch_size"] = rec.batch_size if rec.batch_size is not None else self.batch_size
+            cache[key] = dataclasses.replace(self, **fields, step_variants=())
         return cache[key]
-
-    def at_micro_batch(self, micro_batch_size: int | None) -> "ModelProfile":
-        """:meth:`recording` at a micro-batch size."""
-        return self.recording(micro_batch_size)
 
     @property
     def saved_activation_bytes(self) -> int:
@@ -345,6 +363,10 @@ class ModelProfile:
     def from_dict(cls, d: dict[str, Any]) -> "ModelProfile":
         check_object(d, what="profile", remedy=_PROFILE_REMEDY)
         try:
+            if d.get("schema_version") == 3:
+                from .legacy import profile_v3_to_v4
+
+                d = profile_v3_to_v4(d)
             if d.get("schema_version") != SCHEMA_VERSION:
                 raise PlanFileError(
                     f"profile schema_version {d.get('schema_version')!r} is not {SCHEMA_VERSION}; "
@@ -353,14 +375,17 @@ class ModelProfile:
             kw = dict(d)
             kw["tracers_tried"] = tuple(tuple(t) for t in d["tracers_tried"])
             kw["assumptions"] = tuple(d.get("assumptions", ()))
+            kw["variant"] = StepVariant.from_dict(d.get("variant"))
             kw.update(_recording_from_dict(d))
             kw["params"] = tuple(ParamInfo(**{**p, "shape": tuple(p["shape"])}) for p in d["params"])
             kw["optimizer_steps"] = tuple(
                 OptimizerStepProfile(**{**o, "muon_params": tuple(o["muon_params"]),
                                         "adamw_params": tuple(o["adamw_params"]),
+                                        "variant": StepVariant.from_dict(o.get("variant")),
                                         "param_step_bytes": tuple(tuple(x) for x in o.get("param_step_bytes", ()))})
                 for o in d.get("optimizer_steps", ()))
-            kw["step_variants"] = tuple(StepRecording(**{**r, **_recording_from_dict(r)})
+            kw["step_variants"] = tuple(StepRecording(**{**r, **_recording_from_dict(r),
+                                                         "variant": StepVariant.from_dict(r["variant"])})
                                         for r in d.get("step_variants", ()))
             return check_fields(cls(**kw), what="profile", remedy=_PROFILE_REMEDY)
         except PlanFileError:
@@ -424,6 +449,10 @@ def _recording_from_dict(d: dict[str, Any]) -> dict[str, Any]:
 
 
 def _plain(v: Any) -> Any:
+    if isinstance(v, StepVariant):
+        return v.to_dict()
+    if isinstance(v, Enum):
+        return v.value
     if dataclasses.is_dataclass(v) and not isinstance(v, type):
         return {f.name: _plain(getattr(v, f.name)) for f in dataclasses.fields(v)}
     if isinstance(v, (list, tuple)):

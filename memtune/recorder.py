@@ -50,6 +50,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from .cuda_allocator import CachingAllocatorSim
 from .devices import cuda_sdpa_backend, cuda_sdpa_logsumexp_bytes, round_allocation
 from .fake_compat import EAGER_KERNELS
+from .profile import StepEvent
 
 aten = torch.ops.aten
 
@@ -75,7 +76,7 @@ class StorageRecord:
 
 @dataclass
 class Interval:
-    name: str
+    name: StepEvent
     unit: str | None
     live_bytes: int
     peak_bytes: int
@@ -132,7 +133,7 @@ class StepRecorder(TorchDispatchMode):
             return self.bwd_unit
         return self.unit_stack[-1] if self.unit_stack else None
 
-    def mark(self, name: str, unit: str | None = None) -> None:
+    def mark(self, name: StepEvent, unit: str | None = None) -> None:
         """Close the current interval and open one starting at this event."""
         self.intervals.append(Interval(name, unit, self.live_bytes, self.live_bytes, self.grad_bytes))
         if self._trace is not None:
@@ -159,7 +160,7 @@ class StepRecorder(TorchDispatchMode):
                     static[ev[1]] = sim.malloc(ev[2])
             elif ev[1] in static:
                 sim.free(static.pop(ev[1]))
-        optim_mark = next((i for i, iv in enumerate(self.intervals) if iv.name == "optim_start"), None)
+        optim_mark = next((i for i, iv in enumerate(self.intervals) if iv.name == StepEvent.OPTIM_START), None)
 
         def allocate_late() -> None:
             for key, n in late.items():

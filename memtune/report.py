@@ -181,8 +181,8 @@ def write_report(out_dir: str | Path, *, plan: Plan | str | Path | None = None, 
                f"of {fmt_bytes(plan.usable_bytes)} usable (budget {fmt_bytes(plan.budget_bytes)})",
                f"- predicted step time **{fmt_ms(plan.predicted_step_ms)}**",
                f"- recompute {len(plan.recompute_units)} of {len(plan.decisions)} units; optimizer {o.name}, "
-               f"{o.ns_steps} NS steps, {o.state_dtype} state; micro-batch {plan.micro_batch_size or 'whole'} x "
-               f"{plan.grad_accum_steps}", ""]
+               f"{o.ns_steps} NS steps, {o.state_dtype} state; {plan.variant.describe()}"
+               + (f" ({plan.grad_accum_steps} accumulation steps)" if plan.grad_accum_steps > 1 else ""), ""]
     if profile is not None:
         md += ["## Profile", "",
                f"- {profile.model}, {len(profile.units)} units, target {profile.target_name}, {profile.precision}",

@@ -5,24 +5,81 @@
 and autograd multi-grad hooks (backward). :func:`assemble_recording` turns the recorder's
 intervals and storages into the ``units``, ``storages`` and ``timeline`` of a profile.
 
-The same function records the profiled step and, in gradient-accumulation mode, the step at
-each micro-batch size a plan may choose: the gradients of the earlier micro-batches exist
-before the step starts and backward adds into them, exactly as the runtime's accumulation
-loop does (``(loss * weight).backward()`` per micro-batch, then one optimizer step).
+What the step runs with is a :class:`RecordingSetup`. The profiler fills one for the profiled
+step; to record a step variant, each lever's recording context (:meth:`memtune.levers.Lever.recording`)
+changes the setup as its choice changes the step (the batch, the parameters' dtypes, hooks on
+the gradients, the model's loss...), so this module knows no lever. The optimizer recordings
+(:mod:`memtune.optimizer_recording`) use the same setup, of kind ``OPTIMIZER``.
 """
 
 from __future__ import annotations
 
 from contextlib import nullcontext
-from typing import Any
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Callable
 
 import torch
 from torch.utils._pytree import tree_flatten
 
 from .batching import loss_from_output, split_batch
 from .errors import TraceError
-from .profile import StorageInfo, TimelineEvent, UnitProfile
+from .profile import StepEvent, StorageInfo, TimelineEvent, UnitProfile
 from .recorder import StepRecorder
+
+
+class RecordingKind(Enum):
+    STEP = "step"
+    """A training step (forward, loss, backward; the optimizer step around it)."""
+    OPTIMIZER = "optimizer"
+    """An optimizer step alone, on meta parameters (:mod:`memtune.optimizer_recording`)."""
+
+
+@dataclass(eq=False)
+class RecordingSetup:
+    """What one recording runs with; levers' recording contexts change it (see the module docstring)."""
+
+    kind: RecordingKind
+    model: torch.nn.Module
+    params: dict[str, torch.Tensor]
+    """The parameters the recording runs on (fake for a step, meta for an optimizer step), by FQN."""
+    make_param: Callable[[torch.Tensor, torch.dtype], torch.Tensor]
+    """An empty parameter like the given one, in the given dtype, of the recording's kind."""
+    sample: Any = None
+    """The batch the step runs on (a step recording)."""
+    batch_size: int | None = None
+    """Leading dimension of the profiled batch."""
+    precision: str = "fp32"
+    accumulate_weight: float | None = None
+    """Gradient accumulation: every gradient exists from the start and the loss is scaled by this."""
+    static: list = field(default_factory=list)
+    """Extra tensors alive before the step (the whole batch when the step runs on part of it)."""
+    stepping: dict[str, Any] = field(default_factory=dict)
+    """:class:`memtune.stepping.PlanOptimizer` options the choices ask for (per-parameter stepping)."""
+    param_hooks: list[Callable[[StepRecorder, dict], list]] = field(default_factory=list)
+    """Called with the recorder and the parameters once it counts gradients; return hook handles."""
+    order: tuple[str, ...] | None = None
+    """The order backward completes the gradients in (optimizer recordings stepped per parameter)."""
+    facts: dict[str, Any] = field(default_factory=dict)
+    """What earlier recordings of the same profile learnt, for later ones (shared between setups)."""
+    recorder: StepRecorder | None = None
+    """The recorder, once the recording has run."""
+    grad_order: list[str] = field(default_factory=list)
+    """The parameters in the order backward completed their gradients, once the step has run."""
+
+    def retype_params(self, dtypes: dict[str, torch.dtype]) -> None:
+        """Store the parameters named in ``dtypes`` in those dtypes (new empty parameters; the
+        step recordings of one profile share them, an optimizer recording gets its own)."""
+        if not any(self.params[n].dtype != dt for n, dt in dtypes.items() if n in self.params):
+            return
+        key = ("params", tuple(sorted((n, str(dt)) for n, dt in dtypes.items())))
+        if self.kind is RecordingKind.STEP and key in self.facts:
+            self.params = self.facts[key]
+            return
+        self.params = {n: self.make_param(p, dtypes.get(n, p.dtype)).requires_grad_(p.requires_grad)
+                       for n, p in self.params.items()}
+        if self.kind is RecordingKind.STEP:
+            self.facts[key] = self.params
 
 
 def autocast(precision: str):
@@ -39,27 +96,24 @@ def forward_loss(model, fparams, fbuffers, fsample, loss_fn, precision) -> tuple
     return out, loss
 
 
-def record_step(rec: StepRecorder, model, unit_fqns, fparams, fbuffers, fsample, loss_fn, precision, opt, *,
-                static: tuple = (), accumulate_weight: float | None = None, in_backward: bool = False,
+def record_step(rec: StepRecorder, setup: RecordingSetup, unit_fqns, fbuffers, loss_fn, opt, *,
                 step_optimizer: bool = True) -> None:
-    """Run one training step under ``rec``. ``static`` are extra pre-existing tensors (the whole
-    batch when ``fsample`` is a micro-batch view of it). With ``accumulate_weight``, every
-    trainable parameter already holds a gradient and the loss is scaled by the weight before
-    backward (gradient accumulation, as the runtime does it). With ``in_backward``, each
-    gradient is freed as soon as it is complete, after a ``step`` event that marks where an
-    optimizer step in backward updates that parameter; the optimizer's state is live all step
-    and ``opt.step()`` does not run after backward. Without ``step_optimizer`` the step between
-    ``optim_start`` and ``optim_end`` is not run: the recording is replayed with another
-    recording of the optimizer step, and only needs what is live around it."""
+    """Run one training step as ``setup`` says, under ``rec``. ``opt``'s state is live for the
+    whole step. Without ``step_optimizer`` the step between ``optim_start`` and ``optim_end`` is
+    not run: the recording is replayed with another recording of the optimizer step, and only
+    needs what is live around it."""
     from .optimizer_recording import optimizer_state_tensors
 
+    model, fparams, fsample = setup.model, setup.params, setup.sample
+    accumulate_weight = setup.accumulate_weight
+    setup.recorder = rec
     modules = dict(model.named_modules())
     io: dict[str, dict[str, Any]] = {u: {"inputs": [], "outputs": []} for u in unit_fqns}
     handles = []
 
     def pre_hook(fqn):
         def hook(mod, args, kwargs):
-            rec.mark("fwd_start", fqn)
+            rec.mark(StepEvent.FWD_START, fqn)
             rec.unit_stack.append(fqn)
             leaves, _ = tree_flatten((args, kwargs))
             tensors = [t for t in leaves if isinstance(t, torch.Tensor) and not rec.is_static(t)]
@@ -78,16 +132,16 @@ def record_step(rec: StepRecorder, model, unit_fqns, fparams, fbuffers, fsample,
             grad_outs = [t for t in outs if t.requires_grad]
             if grad_outs:
                 torch.autograd.graph.register_multi_grad_hook(grad_outs, lambda grads: _bwd_start(fqn), mode="any")
-            rec.mark("fwd_end", fqn)
+            rec.mark(StepEvent.FWD_END, fqn)
         return hook
 
     def _bwd_start(fqn):
-        rec.mark("bwd_start", fqn)
+        rec.mark(StepEvent.BWD_START, fqn)
         rec.bwd_unit = fqn
 
     def _bwd_end(fqn):
         if rec.bwd_unit == fqn:
-            rec.mark("bwd_end", fqn)
+            rec.mark(StepEvent.BWD_END, fqn)
             rec.bwd_unit = None
 
     trainable = [p for p in fparams.values() if p.requires_grad]
@@ -95,28 +149,23 @@ def record_step(rec: StepRecorder, model, unit_fqns, fparams, fbuffers, fsample,
         for p in trainable:
             p.grad = torch.zeros_like(p)
     handles += rec.watch_grads(list(fparams.values()), live_from_start=accumulate_weight is not None)
-    if in_backward:
-        from .devices import round_allocation
-
-        def freed(name):
-            def hook(p):
-                rec.mark("step", name)
-                rec.grad_bytes -= round_allocation(p.grad.untyped_storage().nbytes(), rec.granularity)
-                p.grad = None
-            return hook
-        handles += [p.register_post_accumulate_grad_hook(freed(n)) for n, p in fparams.items() if p.requires_grad]
+    setup.grad_order = []
+    handles += [p.register_post_accumulate_grad_hook(lambda p, n=n: setup.grad_order.append(n))
+                for n, p in fparams.items() if p.requires_grad]
+    for add_hooks in setup.param_hooks:
+        handles += add_hooks(rec, fparams)
     for fqn in unit_fqns:
         handles.append(modules[fqn].register_forward_pre_hook(pre_hook(fqn), with_kwargs=True))
         handles.append(modules[fqn].register_forward_hook(post_hook(fqn), with_kwargs=True))
     try:
         with rec:
             grads = [p.grad for p in trainable if p.grad is not None]
-            rec.register_static(list(fparams.values()), list(fbuffers.values()), list(static), fsample,
+            rec.register_static(list(fparams.values()), list(fbuffers.values()), list(setup.static), fsample,
                                 optimizer_state_tensors(opt), grads)
             del grads
-            rec.mark("start")
+            rec.mark(StepEvent.START)
             with torch.autograd.graph.saved_tensors_hooks(rec.pack, rec.unpack):
-                out, loss = forward_loss(model, fparams, fbuffers, fsample, loss_fn, precision)
+                out, loss = forward_loss(model, fparams, fbuffers, fsample, loss_fn, setup.precision)
                 # The runtime keeps the unscaled loss (to log it) while the scaled one backpropagates.
                 scaled = loss * accumulate_weight if accumulate_weight is not None else loss
             # Keep only references to the unit boundary *records*; drop the tensors so that
@@ -125,24 +174,24 @@ def record_step(rec: StepRecorder, model, unit_fqns, fparams, fbuffers, fsample,
                 d["input_records"] = _records(rec, d.pop("inputs"))
                 d["output_records"] = _records(rec, d.pop("outputs"))
             del out
-            rec.mark("loss")
+            rec.mark(StepEvent.LOSS)
             rec.phase = "backward"
             scaled.backward()
             rec.bwd_unit = None
             del loss, scaled
             rec.phase = "optimizer"
             rec.params_with_grad = tuple(n for n, p in fparams.items() if p.grad is not None)  # type: ignore[attr-defined]
-            rec.mark("bwd_done")
-            rec.mark("optim_start")
-            if opt is not None and not in_backward and step_optimizer:
+            rec.mark(StepEvent.BWD_DONE)
+            rec.mark(StepEvent.OPTIM_START)
+            if opt is not None and step_optimizer:
                 opt.step()
-            rec.mark("optim_end")
+            rec.mark(StepEvent.OPTIM_END)
             if opt is not None:
                 opt.zero_grad(set_to_none=True)
             for p in fparams.values():
                 p.grad = None
             rec.grad_bytes = 0
-            rec.mark("end")
+            rec.mark(StepEvent.END)
     finally:
         for h in handles:
             h.remove()
@@ -184,15 +233,15 @@ def assemble_recording(rec: StepRecorder, model, unit_fqns, *, workspace_bytes: 
     units = []
     for fqn in unit_fqns:
         io = rec.unit_io[fqn]
-        fs = first.get(("fwd_start", fqn))
+        fs = first.get((StepEvent.FWD_START, fqn))
         if fs is None:
             raise TraceError(f"unit {fqn!r} never ran in the forward pass; pick units the model calls (units=...)")
         fwd_transient = rec.intervals[fs].peak_bytes - rec.intervals[fs].live_bytes
-        bs = first.get(("bwd_start", fqn))
+        bs = first.get((StepEvent.BWD_START, fqn))
         if bs is None:
             bwd_transient = 0
         else:
-            be = first.get(("bwd_end", fqn))
+            be = first.get((StepEvent.BWD_END, fqn))
             stop = be if be is not None and be > bs else bs + 1
             bwd_transient = max(iv.peak_bytes for iv in rec.intervals[bs:stop]) - rec.intervals[bs].live_bytes
         pbytes, gbytes = unit_params.get(fqn, (0, 0))
@@ -209,7 +258,7 @@ def assemble_recording(rec: StepRecorder, model, unit_fqns, *, workspace_bytes: 
             input_storage_bytes=tuple(r.nbytes for r in in_recs),
         ))
     # Execution order may differ from registration order.
-    units.sort(key=lambda u: first[("fwd_start", u.fqn)])
+    units.sort(key=lambda u: first[(StepEvent.FWD_START, u.fqn)])
     units = [UnitProfile(**{**{f: getattr(u, f) for f in u.__slots__}, "order": i}) for i, u in enumerate(units)]
     total_flops = lambda phase: sum(v for (ph, _), v in rec.flops.items() if ph == phase)  # noqa: E731
     return dict(

@@ -5,10 +5,10 @@ Three plan dimensions change *when* and *where* a parameter is updated, not *how
 * **optimizer step in backward** (``Plan.optimizer_in_backward``): each parameter is updated
   in its ``register_post_accumulate_grad_hook`` as soon as its gradient is complete, and the
   gradient is freed at once, so full gradients never coexist;
-* **optimizer-state offload** (``OptimizerPlan.offload``): the state lives in (pinned) host
+* **optimizer-state offload** (the ``state_offload`` lever): the state lives in (pinned) host
   memory; a parameter's state is copied to the device just before its update and back just
   after, so the device holds one parameter's state at a time;
-* **bf16 weights** (``Plan.weights``): the parameters are stored in bf16. The update is
+* **bf16 weights** (the ``weights`` lever): the parameters are stored in bf16. The update is
   computed in fp32 on a one-parameter working copy and written back either with stochastic
   rounding (``"bf16-sr"``: unbiased, no extra memory) or from an fp32 master copy kept with
   the optimizer state (``"bf16-master"``; with offload, in host memory).
@@ -28,15 +28,27 @@ parameters are already updated (:attr:`PlanOptimizer.retry_safe`).
 from __future__ import annotations
 
 from contextlib import contextmanager
+from enum import Enum
 from typing import Callable, Iterator
 
 import torch
 import torch.nn as nn
 from torch.optim import Optimizer
 
-WEIGHTS = (None, "bf16-sr", "bf16-master")
-"""Parameter storage a plan may choose: as profiled, bf16 with stochastic-rounding updates, or
-bf16 with an fp32 master copy in the optimizer state."""
+class WeightMode(str, Enum):
+    """How a plan stores bf16 weights (``None`` where a plan stores them as profiled)."""
+
+    BF16_SR = "bf16-sr"
+    """bf16 parameters; each update is computed in fp32 and rounded stochastically (no extra memory)."""
+    BF16_MASTER = "bf16-master"
+    """bf16 parameters with an fp32 master copy in the optimizer state (host memory with offload)."""
+
+    def __str__(self) -> str:
+        return self.value
+
+
+WEIGHTS = (None, *WeightMode)
+"""Parameter storage a plan may choose: as profiled, or one of :class:`WeightMode`."""
 
 MASTER = "master_weight"
 """Key of the fp32 master copy in a parameter's optimizer state (``bf16-master``)."""
@@ -97,7 +109,8 @@ class PlanOptimizer(Optimizer):
     def __init__(self, inner: Optimizer, model: nn.Module, *, in_backward: bool = False, offload: bool = False,
                  weights: str | None = None, pin_memory: bool | None = None):
         if weights not in WEIGHTS:
-            raise ValueError(f"weights={weights!r}: use one of {WEIGHTS}")
+            raise ValueError(f"weights={weights!r}: use one of {[str(w) for w in WEIGHTS]}")
+        weights = WeightMode(weights) if weights is not None else None
         self.inner = inner
         self.in_backward = in_backward
         self.offload = offload
@@ -212,7 +225,7 @@ class PlanOptimizer(Optimizer):
         finally:
             st = state.pop(work, {})
             state[p] = st
-        if self.weights == "bf16-master":
+        if self.weights is WeightMode.BF16_MASTER:
             st[MASTER] = work.detach()
             p.copy_(work.detach())
         else:
@@ -312,8 +325,8 @@ def _only(part: Optimizer, group: dict, p: torch.Tensor, name: str | None):
                 g["param_names"] = names
 
 
-def rewrap(optimizer: Optimizer, model: nn.Module, *, in_backward: bool, offload: bool,
-           weights: str | None) -> Optimizer:
+def rewrap(optimizer: Optimizer, model: nn.Module, *, in_backward: bool = False, offload: bool = False,
+           weights: str | None = None) -> Optimizer:
     """``optimizer`` stepped as a new plan says (a runtime re-plan keeps the optimizer and its
     state): unwrap it, bring offloaded state back if the plan keeps it on the device, and wrap
     it again if the plan steps one parameter at a time."""

@@ -5,10 +5,12 @@
     >>> study.best_trials                                                    # the Pareto front
 
 The planner already picks the fastest recompute set for a budget; what it cannot judge is
-what changes the *maths*: Newton-Schulz steps (3-5), optimizer-state precision, the
-micro-batch, the learning rate, and which planner to trust. Those form the search space.
-A trial changes nothing else that changes the maths: its plans keep fp32 weights and the
-whole loss (lossless levers such as recompute and the optimizer step in backward stay open).
+what changes the *maths*: Newton-Schulz steps (3-5), optimizer-state precision, the learning
+rate, which planner to trust, and every lever marked searchable (:mod:`memtune.levers`; today
+the micro-batch, over the sizes the profile records). Those form the search space. A trial
+changes nothing else that changes the maths: the other lossy levers stay at their default
+(fp32 weights, the whole loss), and lossless ones (recompute, the optimizer step in backward)
+stay open to the planner.
 
 Every trial is planned on the model's profile before it trains. A configuration no plan
 fits (:class:`~memtune.errors.InfeasibleBudgetError`) is pruned without running: such
@@ -51,11 +53,10 @@ from typing import Any, Callable, Iterable, Sequence
 import optuna
 
 from .errors import InfeasibleBudgetError, MemtuneError, UsageError
+from .optimizers import STATE_DTYPES
 
 DEFAULT_STORAGE = "sqlite:///memtune-sweep.db"
 NS_STEPS = (3, 5)
-STATE_DTYPES = ("fp32", "bf16", "int8")
-PLANNERS = ("exact", "greedy")
 LR_RANGE = (1e-3, 1e-1)
 OBJECTIVES = ("loss", "step_ms")
 HEARTBEAT_S = 60
@@ -147,35 +148,51 @@ def _surplus(study: optuna.Study, trial: optuna.Trial, n_trials: int) -> bool:
     return ahead >= n_trials
 
 
-def suggest(trial: optuna.Trial, *, batch_size: int | None) -> dict[str, Any]:
-    """The search space. Micro-batches are the divisors of the profiled batch (whole batch
-    = no gradient accumulation)."""
+def searched_levers() -> dict:
+    """The levers a sweep searches (:attr:`memtune.levers.Lever.searchable`)."""
+    from .levers import LEVERS
+
+    return {name: lever for name, lever in LEVERS.items() if lever.searchable}
+
+
+def suggest(trial: optuna.Trial, profile) -> dict[str, Any]:
+    """The search space: NS steps, state precision, planner, learning rate, and each searched
+    lever over the choices the profile recorded (in the lever's JSON encoding: a micro-batch of
+    ``None`` is the whole batch)."""
+    from .planners import PLANNERS
+
     params = {
         "ns_steps": trial.suggest_int("ns_steps", *NS_STEPS),
         "state_dtype": trial.suggest_categorical("state_dtype", STATE_DTYPES),
-        "planner": trial.suggest_categorical("planner", PLANNERS),
+        "planner": trial.suggest_categorical("planner", tuple(PLANNERS)),
         "lr": trial.suggest_float("lr", *LR_RANGE, log=True),
     }
-    if batch_size:
-        params["micro_batch_size"] = trial.suggest_categorical(
-            "micro_batch_size", tuple(d for d in range(1, batch_size + 1) if batch_size % d == 0))
+    for name, lever in searched_levers().items():
+        choices = tuple(lever.encode(v) for v in profile.recorded_choices(name))
+        if len(choices) > 1:
+            params[name] = trial.suggest_categorical(name, choices)
     return params
 
 
 def sweep_profile(model, sample, *, loss_fn=None, device: str = "cpu"):
     """The profile every trial's feasibility check uses. It records every configuration the
     search space can ask for (:class:`memtune.PlanSpace`), with the optimizer settings the
-    trials train with, so that each check is measured."""
+    trials train with, so that each check is measured. Levers that change the maths and are
+    not searched are not recorded: a trial keeps them at their default."""
     import memtune
-    from memtune.batching import batch_size_of
     from memtune.optim import OptimizerSettings
 
-    B = batch_size_of(sample)
     space = memtune.PlanSpace(ns_steps=tuple(range(NS_STEPS[0], NS_STEPS[1] + 1)), state_dtypes=STATE_DTYPES,
-                              micro_batch_sizes=tuple(d for d in range(1, B) if B % d == 0) if B else (),
-                              weights=(None,), loss_chunks=(None,))
+                              levers=_pinned_levers())
     return memtune.profile(model, sample, loss_fn=loss_fn, target=device, space=space,
                            optimizer=OptimizerSettings(name="muon2", ns_dtype=_ns_dtype(device)))
+
+
+def _pinned_levers() -> dict[str, tuple]:
+    """Each lever that changes the maths but is not searched, at its default."""
+    from .levers import LEVERS
+
+    return {name: (lever.default,) for name, lever in LEVERS.items() if not (lever.lossless or lever.searchable)}
 
 
 def _ns_dtype(device: str) -> str:
@@ -183,16 +200,15 @@ def _ns_dtype(device: str) -> str:
     return "bf16" if device.startswith("cuda") else "fp32"
 
 
-def planner_options(params: dict[str, Any], batch_size: int | None, device: str | None) -> dict[str, Any]:
-    """The :func:`memtune.plan` options a trial's parameters pin down."""
-    # A trial changes what its parameters say and nothing lossy besides: fp32 weights, the whole loss.
+def planner_options(params: dict[str, Any], device: str | None = None) -> dict[str, Any]:
+    """The :func:`memtune.plan` options a trial's parameters pin down: what they say, and
+    nothing lossy besides (lossless levers such as the optimizer step in backward stay open)."""
+    levers = _pinned_levers()
+    for name, lever in searched_levers().items():
+        if name in params:
+            levers[name] = (lever.decode(params[name]),)
     opts: dict[str, Any] = dict(optimizer="muon2", min_ns_steps=params["ns_steps"], max_ns_steps=params["ns_steps"],
-                                state_dtypes=(params["state_dtype"],), weights=(None,), allow_loss_chunking=False)
-    mb = params.get("micro_batch_size")
-    if mb is not None and batch_size:
-        opts["allow_microbatching"] = mb < batch_size
-        if mb < batch_size:
-            opts["micro_batch_sizes"] = (mb,)
+                                state_dtypes=(params["state_dtype"],), levers=levers)
     if device == "cpu":
         opts["device"] = "cpu"
     return opts
@@ -204,7 +220,7 @@ def is_feasible(profile, budget, params: dict[str, Any], *, device: str | None =
     import memtune
 
     try:
-        memtune.plan(profile, budget, params["planner"], **planner_options(params, profile.batch_size, device))
+        memtune.plan(profile, budget, params["planner"], **planner_options(params, device))
     except InfeasibleBudgetError:
         return False
     return True
@@ -238,7 +254,8 @@ def sweep(build_fn: Callable[..., Any], *, budget: int | str, n_trials: int, stu
 
     Args:
         build_fn: called once per trial, with no arguments or with the trial's parameters
-            (a dict: ``ns_steps``, ``state_dtype``, ``planner``, ``lr``, ``micro_batch_size``);
+            (a dict: ``ns_steps``, ``state_dtype``, ``planner``, ``lr``, and one entry per searched
+            lever, e.g. ``micro_batch_size``: ``None`` for the whole batch);
             returns ``(model, data)``, ``(model, data, loss_fn)`` or a dict with keys
             ``model``, ``data`` (or ``sample``), ``loss_fn``. ``data`` is an iterable of
             batches; its first batch is the profiling sample. Build a fresh model each call.
@@ -290,25 +307,24 @@ def sweep(build_fn: Callable[..., Any], *, budget: int | str, n_trials: int, stu
         if _surplus(study, trial, n_trials):
             trial.set_user_attr("surplus", True)
             raise _Surplus(f"trial {trial.number} is beyond n_trials={n_trials}")
-        params = suggest(trial, batch_size=profile.batch_size)
+        params = suggest(trial, profile)
         if not is_feasible(profile, budget, params, device=device):
             trial.set_user_attr("infeasible", True)
             raise optuna.TrialPruned(f"no plan fits {budget} with {params}")
-        plan = memtune.plan(profile, budget, params["planner"], **planner_options(params, profile.batch_size, device))
+        plan = memtune.plan(profile, budget, params["planner"], **planner_options(params, device))
         trial.set_user_attr("plan", plan.to_json(indent=None))
         trial.set_user_attr("predicted_step_ms", plan.predicted_step_ms)
         model, data, loss_fn = _unpack(_call(build_fn, params))
         settings = OptimizerSettings(name="muon2", lr=params["lr"], ns_steps=params["ns_steps"],
                                      state_dtype=params["state_dtype"], ns_dtype=_ns_dtype(device))
-        opts = planner_options(params, profile.batch_size, device)
-        allow_mb = opts.pop("allow_microbatching", False)
+        opts = planner_options(params, device)
         opts.pop("optimizer")
         t0 = time.perf_counter()
         losses, step_ms = [], []
         try:
             trainer = memtune.fit(model, budget, sample=sample, loss_fn=loss_fn, optimizer="muon2",
                                   optimizer_settings=settings, planner=params["planner"], device=device,
-                                  allow_microbatching=allow_mb, planner_options=opts, progress=False)
+                                  planner_options=opts, progress=False)
             for step, batch in enumerate(itertools.islice(data, steps_per_trial)):
                 losses.append(trainer.step(batch))
                 step_ms.append(trainer.history[-1]["step_ms"])
@@ -377,7 +393,7 @@ def _check_some_trial_fits(profile, budget, device: str | None) -> None:
     import memtune
 
     opts: dict[str, Any] = dict(optimizer="muon2", min_ns_steps=NS_STEPS[0], max_ns_steps=NS_STEPS[1],
-                                state_dtypes=STATE_DTYPES, allow_microbatching=bool(profile.batch_size))
+                                state_dtypes=STATE_DTYPES, allow_microbatching=True, levers=_pinned_levers())
     if device == "cpu":
         opts["device"] = "cpu"
     try:
@@ -400,7 +416,8 @@ def _check_some_trial_ran(study: optuna.Study, budget) -> None:
 
 def _call_default(build_fn: Callable):
     """build_fn with default parameters (for the profiling sample)."""
-    defaults = {"ns_steps": NS_STEPS[0], "state_dtype": "fp32", "planner": "exact", "lr": 0.02, "micro_batch_size": None}
+    defaults = {"ns_steps": NS_STEPS[0], "state_dtype": "fp32", "planner": "exact", "lr": 0.02,
+                **{name: lever.encode(lever.default) for name, lever in searched_levers().items()}}
     return _call(build_fn, defaults)
 
 

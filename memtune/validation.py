@@ -211,11 +211,14 @@ def check_plan_matches_model(model, plan, profile=None) -> None:
     unknown = sorted(listed - set(params))  # parameters it does not list go to AdamW, as apply_plan does
     if unknown:
         diffs.append(f"parameters {unknown[:3]} the plan's optimizer updates are not in the model")
-    # Sized as the plan stores them: a bf16-weights plan keeps the floating parameters it may in bf16.
-    from .stepping import bf16_weight_names
+    # Sized as the plan stores them (a lever may store parameters in another dtype, e.g. bf16 weights).
+    from .levers import LEVERS
 
-    bf16 = bf16_weight_names(model) if plan.weights else set()
-    raw = sum(p.numel() * (2 if n in bf16 else p.element_size()) for n, p in params.items())
+    dtypes: dict[str, torch.dtype] = {}
+    for name, value in plan.variant.choices:
+        dtypes.update(LEVERS[name].param_dtypes(value, model))
+    raw = sum(p.numel() * (torch.empty((), dtype=dtypes[n]).element_size() if n in dtypes else p.element_size())
+              for n, p in params.items())
     planned = plan.memory.params_bytes
     if plan.parallel is not None and plan.parallel.strategy == "fsdp":
         planned *= plan.parallel.world_size  # a sharded plan counts one rank's shards

@@ -1,23 +1,27 @@
 """The exact planner: a MILP (``scipy.optimize.milp``, HiGHS) over unit decisions, solved per
-outer configuration (state precision × NS steps × micro-batch) in order of the
-configuration's no-recompute step time, stopping as soon as no remaining configuration can
-beat the best plan found.
+outer configuration (optimizer × state precision × NS steps × step variant) in order of the
+configuration's no-recompute step time, stopping as soon as no remaining configuration can beat
+the best plan found.
 
-The MILP restates :func:`memtune.memory_model.predict_peak` exactly (docs/planners.md):
+The MILP is built from the timeline's own rows (:class:`memtune.timeline.TimelineModel`, whose
+docstring names them), so it cannot disagree with :func:`memtune.predict_peak`. In the notation
+of ``torch/distributed/_tools/sac_ilp.py``:
 
-    minimize   Σ_u rc_ms(u)·r_u + off_ms(u)·o_u
-    s.t.       r_u + o_u ≤ 1                      (x_u := r_u + o_u: unit not SAVE)
-               e_g ≤ x_h        for every holder h of group g
-               e_g ≤ 1 − x_v    for every non-SAVE-able unit v taking g as an input
-               D_i = D_{i−1} + Σ_{lo_g=i} b_g e_g − Σ_{hi_g=i} b_g e_g
-                             − Σ_{fe(u)=i} k_u x_u + Σ_{bs(u)=i} k_u x_u      (difference array)
-               c_i − s·D_i ≤ U                     for every interval outside the optimizer step
-               a_u − s·(D_bs(u) + Σ_{g restored by u} b_g e_g) ≤ U + M_u (1 − r_u)
+    # r_u: unit u is RECOMPUTE;  o_u: unit u is OFFLOAD (when allowed);  x_u := r_u + o_u
+    # e_g: group g's storages are dropped;  D_i: bytes dropped in interval i
+    minimize   Σ_u rc_ms(u)·r_u + off_ms(u)·o_u          (+ the configuration's base time, fixed)
+    # [Constraint] one decision per unit:            r_u + o_u ≤ 1
+    # [Constraint] eligibility:                      e_g ≤ x_h (holders),  e_g ≤ 1 − x_v (checkpoint inputs)
+    # [Constraint] drops:                            D_i − D_{i−1} = Δ_i · [e; x]
+    # [Constraint] peak below the budget:            const_j − P_j · [e; D] ≤ U          (ungated rows)
+    #                                                const_j − P_j · [e; D] ≤ U + M_j (1 − r_u)   (row of unit u)
 
-``e_g`` only ever lowers a peak, so upper bounds suffice: an optimal solution can always
-raise ``e_g`` to the AND of its bounds. Constraints have O(T + G + N) non-zeros. Every plan
-is re-checked with ``predict_peak``; if rounding ever made it exceed the budget, the bound is
-tightened by the excess and the MILP re-solved.
+``e_g`` only ever lowers a row, so upper bounds suffice: an optimal solution can always raise
+``e_g`` to the AND of its bounds, which is what the timeline evaluates. The optimizer-step rows are
+constants: a configuration whose optimizer step alone exceeds the budget is skipped. Every
+decoded plan is evaluated on the same rows; a plan that exceeds the budget there can only come
+from the solver's feasibility tolerance, and then greedy plans that configuration (said in the
+plan's notes).
 
 HiGHS runs in a child process (:mod:`memtune.planners.highs`): if it aborts or hangs twice on a
 configuration, greedy plans that configuration and the plan says so in its notes.
@@ -25,8 +29,8 @@ configuration, greedy plans that configuration and the plan says so in its notes
 
 from __future__ import annotations
 
-import dataclasses
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import scipy.sparse as sp
@@ -34,14 +38,12 @@ import scipy.sparse as sp
 from memtune.budget import Budget
 from memtune.plan import Decision, Plan
 from memtune.profile import ModelProfile
-
-from memtune.timeline import ConfigConstants, TimelineModel
+from memtune.timeline import ROW_INTERVAL, ROW_PARAM_STEP, ConfigConstants, TimelineModel
 
 from . import highs
+from .greedy import greedy_decisions
 from .options import (PlannerOptions, choose_tier, configs, costs_for, make_plan, offload_allowed, prunable,
                       timeline_for)
-
-MAX_TIGHTEN = 4
 
 
 class ExactPlanner:
@@ -74,43 +76,17 @@ class ExactPlanner:
             if sol is None:
                 continue
             decisions, notes = sol
-            plan = make_plan(profile, budget, cfg, decisions, planner=self.name, options=options, table=table)
-            tighten = 0
-            while plan.predicted_peak_bytes > budget.usable_bytes and tighten < MAX_TIGHTEN:
-                tighten += 1  # float rounding in the solver: tighten by the excess and re-solve
-                excess = plan.predicted_peak_bytes - budget.usable_bytes
-                sol = solve_config(tm, cc, table, U - excess * 2**tighten,
-                                   allow_offload=offload_allowed(profile, options), time_limit_s=left,
-                                   mip_rel_gap=options.mip_rel_gap)
-                if sol is None:
-                    break
-                decisions, notes = sol
-                notes = notes + (f"MILP bound tightened {tighten}x so predict_peak agrees",)
-                plan = make_plan(profile, budget, cfg, decisions, planner=self.name, options=options, table=table)
-            if plan.predicted_peak_bytes > budget.usable_bytes:  # still disagrees: greedy for this configuration
-                from .greedy import fit
-
-                decisions = fit(tm, cc, table, U, allow_offload=offload_allowed(profile, options))
-                if decisions is None:
-                    continue
-                notes = notes + ("the MILP plan failed verification with predict_peak; greedy planned this "
-                                 "configuration",)
-                plan = make_plan(profile, budget, cfg, decisions, planner=self.name, options=options, table=table)
-                if plan.predicted_peak_bytes > budget.usable_bytes:
-                    continue
+            plan = make_plan(profile, budget, cfg, decisions, planner=self.name, options=options, table=table,
+                             notes=notes)
             if best is None or plan.predicted_step_ms < best.predicted_step_ms - 1e-12:
-                per_tier[tier] = dataclasses.replace(plan, notes=notes) if notes else plan
+                per_tier[tier] = plan
         if not per_tier:
             from .infeasible import infeasible_error
             raise infeasible_error(profile, budget, options)
         return choose_tier(per_tier, options)
 
 
-def _byte_scale(tm: TimelineModel, cc: ConfigConstants, U: float) -> float:
-    biggest = max(U, float(np.abs(cc.c).max(initial=1.0)), 1.0)
-    return float(2 ** max(0, int(np.ceil(np.log2(biggest))) - 20))
-
-
+# ----------------------------------------------------------------------------- one configuration
 def solve_config(tm: TimelineModel, cc: ConfigConstants, table, U: float, *, allow_offload: bool,
                  time_limit_s: float, minimize_peak: bool = False, mip_rel_gap: float = 1e-5
                  ) -> tuple[dict[str, Decision], tuple[str, ...]] | None:
@@ -118,131 +94,198 @@ def solve_config(tm: TimelineModel, cc: ConfigConstants, table, U: float, *, all
 
     With ``minimize_peak`` the objective is the peak itself (``U`` is ignored): the most
     memory-frugal decisions of this configuration."""
-    N, G, n = tm.N, tm.G, tm.n
-    x0 = np.zeros(N)
+    x0 = np.zeros(tm.N)
     if not minimize_peak and tm.peak(cc, x0, x0) <= U:
         return {f: Decision.SAVE for f in tm.fqns}, ()
-    S = _byte_scale(tm, cc, U)
-    no = N if allow_offload else 0
-    iR, iO, iE, iD = 0, N, N + no, N + no + G
-    iP = iD + n
-    nv = iP + (1 if minimize_peak else 0)
-    rows, cols, vals, lo, hi = [], [], [], [], []
-    r = 0
-
-    def add(entries, lb, ub):
-        nonlocal r
-        for c, v in entries:
-            rows.append(r)
-            cols.append(c)
-            vals.append(v)
-        lo.append(lb)
-        hi.append(ub)
-        r += 1
-
-    def xterms(u, coef):  # x_u = r_u + o_u
-        return [(iR + u, coef)] + ([(iO + u, coef)] if allow_offload else [])
-
-    if allow_offload:
-        for u in range(N):
-            add([(iR + u, 1.0), (iO + u, 1.0)], -np.inf, 1.0)
-    for g in range(G):
-        for h in tm.g_holders[g]:
-            add([(iE + g, 1.0)] + xterms(h, -1.0), -np.inf, 0.0)
-        for v in tm.g_blockers[g]:
-            add([(iE + g, 1.0)] + xterms(v, 1.0), -np.inf, 1.0)
-    # Difference array: D_i - D_{i-1} - (group starts - group ends) + (unsaved kept inputs) = 0
-    starts: dict[int, list] = {}
-    for g in range(G):
-        b = tm.g_bytes[g] / S
-        starts.setdefault(int(tm.g_lo[g]), []).append((iE + g, -b))
-        starts.setdefault(int(tm.g_hi[g]), []).append((iE + g, b))
-    for u in range(N):
-        k = tm.unsaved[u] / S
-        if k > 0:
-            starts.setdefault(int(tm.fe[u]), []).extend(xterms(u, k))
-            starts.setdefault(int(tm.be[u]), []).extend(xterms(u, -k))
-    for i in range(n):
-        e = [(iD + i, 1.0)] + ([(iD + i - 1, -1.0)] if i else []) + starts.get(i, [])
-        add(e, 0.0, 0.0)
-    Us = U / S
-    for i in range(n):
-        if tm.is_opt[i]:
-            continue
-        if minimize_peak:
-            add([(iD + i, -1.0), (iP, -1.0)], -np.inf, -cc.c[i] / S)
-        else:
-            add([(iD + i, -1.0)], -np.inf, Us - cc.c[i] / S)
-    for j, i in enumerate(tm.step_idx):  # an optimizer step in backward: that parameter's update
-        if minimize_peak:
-            add([(iD + int(i), -1.0), (iP, -1.0)], -np.inf, -cc.s_vals[j] / S)
-        else:
-            add([(iD + int(i), -1.0)], -np.inf, Us - cc.s_vals[j] / S)
-    kmax = tm.unsaved.sum() / S
-    restored: dict[int, list[int]] = {}
-    for g in range(G):
-        if tm.g_restorer[g] >= 0:
-            restored.setdefault(int(tm.g_restorer[g]), []).append(g)
-    for u in range(N):
-        if tm.bs[u] < 0:
-            continue
-        a = cc.a[u] / S
-        terms = [(iD + int(tm.bs[u]), -1.0)] + [(iE + g, -tm.g_bytes[g] / S) for g in restored.get(u, [])]
-        if minimize_peak:
-            M = max(0.0, a + kmax)
-            add(terms + [(iR + u, M), (iP, -1.0)], -np.inf, M - a)
-        else:
-            M = a + kmax - Us
-            if M <= 0:
-                continue  # can never exceed the budget
-            add(terms + [(iR + u, M)], -np.inf, Us + M - a)
-    A = sp.csr_matrix((vals, (rows, cols)), shape=(r, nv))
-    cost = np.zeros(nv)
-    if minimize_peak:
-        cost[iP] = 1.0
-        # A whisper of time so that, among the most frugal plans, the faster one wins.
-        tot = sum(table.recompute_ms.values()) + sum(table.offload_ms.values()) + 1e-9
-        eps = 1e-6 * max(1.0, float(np.abs(cc.c).max()) / S) / tot
-        cost[iR:iR + N] = [eps * table.recompute_ms[f] for f in tm.fqns]
-        if allow_offload:
-            cost[iO:iO + N] = [eps * table.offload_ms[f] for f in tm.fqns]
-    else:
-        cost[iR:iR + N] = [table.recompute_ms[f] for f in tm.fqns]
-        if allow_offload:
-            cost[iO:iO + N] = [table.offload_ms[f] for f in tm.fqns]
-    # A fixed variable carrying the configuration's base step time: HiGHS's relative gap is then
-    # relative to the whole step time, not to the (small) recompute/offload part of it.
-    cost = np.append(cost, 0.0 if minimize_peak else table.base.total_ms)
-    nv += 1
-    A = sp.hstack([A, sp.csr_matrix((r, 1))], format="csr")
-    integrality = np.zeros(nv)
-    integrality[iR:iR + N + no] = 1
-    lb = np.zeros(nv)
-    ub = np.ones(nv)
-    ub[iR:iR + N] = tm.recomputable  # units whose recomputation is unsafe are never RECOMPUTE
-    lb[-1] = ub[-1] = 1.0
-    lb[iD:iD + n] = -np.inf
-    ub[iD:iD + n] = np.inf
-    if minimize_peak:
-        lb[iP] = cc.fixed_peak / S
-        ub[iP] = np.inf
+    model = _Milp(tm, cc, 0.0 if minimize_peak else U, allow_offload=allow_offload, minimize_peak=minimize_peak)
+    A, lo, hi = model.constraints()
+    cost = model.objective(table)
+    lb, ub = model.bounds()
     try:
-        res = highs.solve(cost, A, np.asarray(lo, dtype=float), np.asarray(hi, dtype=float), integrality, lb, ub,
-                          time_limit_s=time_limit_s, mip_rel_gap=mip_rel_gap)
+        res = highs.solve(cost, A, lo, hi, model.integrality(), lb, ub, time_limit_s=time_limit_s,
+                          mip_rel_gap=mip_rel_gap)
     except highs.SolverFailed as e:
-        from .greedy import fit
-
-        decisions = fit(tm, cc, table, U, allow_offload=allow_offload, minimize_peak=minimize_peak)
-        if decisions is None:
-            return None
-        return decisions, (f"HiGHS failed on this configuration ({e}); greedy planned it",)
+        return _greedy(tm, cc, table, U, allow_offload, minimize_peak,
+                       f"HiGHS failed on this configuration ({e}); greedy planned it")
     if res.x is None:
         return None
+    x, r = model.decode(res.x)
     notes: tuple[str, ...] = ()
     if res.status != 0:
         notes = (f"MILP stopped before proving optimality ({res.message.strip()}); the plan is the best found",)
-    rr = np.round(res.x[iR:iR + N])
-    oo = np.round(res.x[iO:iO + N]) if allow_offload else np.zeros(N)
-    decisions = {f: Decision.RECOMPUTE if rr[k] else Decision.OFFLOAD if oo[k] else Decision.SAVE
-                 for k, f in enumerate(tm.fqns)}
-    return decisions, notes
+    if not minimize_peak and tm.peak(cc, x, r) > U:
+        # The same rows give a peak above the budget: only the solver's feasibility tolerance can do that.
+        return _greedy(tm, cc, table, U, allow_offload, minimize_peak,
+                       "the MILP's solution exceeded the budget by its feasibility tolerance; greedy planned this "
+                       "configuration")
+    return _decisions(tm.fqns, x, r), notes
+
+
+def _greedy(tm, cc, table, U, allow_offload, minimize_peak, note):
+    decisions = greedy_decisions(tm, cc, table, U, allow_offload=allow_offload, minimize_peak=minimize_peak)
+    return None if decisions is None else (decisions, (note,))
+
+
+def _decisions(fqns, x: np.ndarray, r: np.ndarray) -> dict[str, Decision]:
+    return {f: (Decision.RECOMPUTE if r[k] else Decision.OFFLOAD) if x[k] else Decision.SAVE for k, f in enumerate(fqns)}
+
+
+@dataclass
+class _Milp:
+    """The MILP of one timeline: its variable layout and the three parts of the model, each
+    read from the timeline's rows."""
+
+    tm: TimelineModel
+    cc: ConfigConstants
+    U: float
+    allow_offload: bool
+    minimize_peak: bool
+
+    def __post_init__(self) -> None:
+        tm = self.tm
+        N, G, n = tm.N, tm.G, tm.n
+        no = N if self.allow_offload else 0
+        self.iR, self.iO, self.iE, self.iD = 0, N, N + no, N + no + G
+        self.iP = self.iD + n                                     # the peak itself (minimize_peak)
+        self.iB = self.iP + (1 if self.minimize_peak else 0)      # the configuration's base time, fixed at 1
+        self.nv = self.iB + 1
+        self.interval_peak = float(np.abs(tm.peak_b + self.cc.delta).max(initial=1.0))
+        biggest = max(self.U, self.interval_peak, 1.0)
+        self.S = float(2 ** max(0, int(np.ceil(np.log2(biggest))) - 20))
+        """Bytes per unit of the scaled model (HiGHS's tolerances are absolute: keep values near 2^20)."""
+
+    def _x_cols(self, units: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(column, coefficient) arrays of x_u = r_u + o_u for ``units``."""
+        if not self.allow_offload:
+            return self.iR + units, np.ones(len(units))
+        return np.concatenate([self.iR + units, self.iO + units]), np.ones(2 * len(units))
+
+    # ------------------------------------------------------------------ constraints
+    def constraints(self) -> tuple[sp.csr_matrix, np.ndarray, np.ndarray]:
+        blocks = [self._one_decision(), self._eligibility(), self._drops(), self._peaks()]
+        A = sp.vstack([b[0] for b in blocks if b[0].shape[0]], format="csr")
+        return A, np.concatenate([b[1] for b in blocks]), np.concatenate([b[2] for b in blocks])
+
+    def _block(self, rows, cols, vals, m, lo, hi):
+        A = sp.csr_matrix((np.asarray(vals, dtype=float), (np.asarray(rows), np.asarray(cols))), shape=(m, self.nv))
+        return A, np.broadcast_to(np.asarray(lo, dtype=float), (m,)).copy(), \
+            np.broadcast_to(np.asarray(hi, dtype=float), (m,)).copy()
+
+    def _one_decision(self):
+        """[Constraint] r_u + o_u ≤ 1."""
+        N = self.tm.N if self.allow_offload else 0
+        u = np.arange(N)
+        return self._block(np.concatenate([u, u]), np.concatenate([self.iR + u, self.iO + u]), np.ones(2 * N), N,
+                           -np.inf, 1.0)
+
+    def _eligibility(self):
+        """[Constraint] e_g − x_h ≤ 0 per holder; e_g + x_v ≤ 1 per checkpoint-input unit."""
+        rows, cols, vals, hi = [], [], [], []
+        r = 0
+        for g in range(self.tm.G):
+            for units, sign, bound in ((self.tm.g_holders[g], -1.0, 0.0), (self.tm.g_blockers[g], 1.0, 1.0)):
+                for u in units:
+                    xc, xv = self._x_cols(np.array([u]))
+                    rows += [r] * (1 + len(xc))
+                    cols += [self.iE + g, *xc]
+                    vals += [1.0, *(sign * xv)]
+                    hi.append(bound)
+                    r += 1
+        return self._block(rows, cols, vals, r, -np.inf, np.array(hi))
+
+    def _drops(self):
+        """[Constraint] D_i − D_{i−1} − Δ_i · [e; x] = 0 (scaled)."""
+        tm, n, G = self.tm, self.tm.n, self.tm.G
+        delta = tm.delta[:n].tocoo()
+        rows, cols, vals = [np.arange(n), np.arange(1, n)], [self.iD + np.arange(n), self.iD + np.arange(n - 1)], \
+            [np.ones(n), -np.ones(n - 1)]
+        is_e = delta.col < G
+        rows.append(delta.row[is_e])
+        cols.append(self.iE + delta.col[is_e])
+        vals.append(-delta.data[is_e] / self.S)
+        units = delta.col[~is_e] - G
+        xc, xv = self._x_cols(units)
+        reps = 2 if self.allow_offload else 1
+        rows.append(np.tile(delta.row[~is_e], reps))
+        cols.append(xc)
+        vals.append(-np.tile(delta.data[~is_e], reps) * xv / self.S)
+        return self._block(np.concatenate(rows), np.concatenate(cols), np.concatenate(vals), n, 0.0, 0.0)
+
+    def _peaks(self):
+        """[Constraint] every peak row under the budget (or under the peak variable): the
+        interval rows, then the in-backward update rows, then each unit's recompute row (the
+        optimizer step's rows are constants, checked before solving)."""
+        tm, S, U, cc = self.tm, self.S, self.U, self.cc
+        kind = tm.row_kind
+        order = np.concatenate([np.nonzero(kind == ROW_INTERVAL)[0], np.nonzero(kind == ROW_PARAM_STEP)[0],
+                                tm.rc_rows[tm.rc_rows >= 0]])
+        P = tm.P[order].tocoo()
+        const = cc.const[order] / S
+        gate = tm.row_gate[order]
+        is_e = P.col < tm.G
+        rows = [P.row]
+        cols = [np.where(is_e, self.iE + P.col, self.iD + P.col - tm.G)]
+        vals = [np.where(is_e, -P.data / S, -P.data)]  # D is scaled already; e carries bytes
+        m = len(order)
+        lo = np.full(m, -np.inf)
+        if self.minimize_peak:
+            rows.append(np.arange(m))
+            cols.append(np.full(m, self.iP))
+            vals.append(-np.ones(m))
+            hi = -const.copy()
+            M = np.maximum(0.0, const + tm.max_raise / S)
+            keep = np.ones(m, dtype=bool)
+        else:
+            hi = U / S - const
+            M = const + tm.max_raise / S - U / S
+            keep = (gate < 0) | (M > 0)  # a gated row that can never exceed the budget needs no constraint
+        g_rows = np.nonzero((gate >= 0) & keep)[0]
+        rows.append(g_rows)
+        cols.append(self.iR + gate[g_rows])
+        vals.append(M[g_rows])
+        hi[g_rows] += M[g_rows]
+        A = sp.csr_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))), shape=(m, self.nv))
+        return A[keep], lo[keep], hi[keep]
+
+    # ------------------------------------------------------------------ objective, bounds, decoding
+    def objective(self, table) -> np.ndarray:
+        tm, N = self.tm, self.tm.N
+        cost = np.zeros(self.nv)
+        rc = np.array([table.recompute_ms[f] for f in tm.fqns])
+        off = np.array([table.offload_ms[f] for f in tm.fqns])
+        if self.minimize_peak:
+            cost[self.iP] = 1.0
+            # A whisper of time so that, among the most frugal plans, the faster one wins.
+            eps = 1e-6 * max(1.0, self.interval_peak / self.S) / (rc.sum() + off.sum() + 1e-9)
+            rc, off = eps * rc, eps * off
+        else:
+            # The configuration's base time on a fixed variable: HiGHS's relative gap is then
+            # relative to the whole step time, not to the (small) recompute/offload part of it.
+            cost[self.iB] = table.base.total_ms
+        cost[self.iR:self.iR + N] = rc
+        if self.allow_offload:
+            cost[self.iO:self.iO + N] = off
+        return cost
+
+    def integrality(self) -> np.ndarray:
+        out = np.zeros(self.nv)
+        out[self.iR:self.iE] = 1
+        return out
+
+    def bounds(self) -> tuple[np.ndarray, np.ndarray]:
+        tm, N, n = self.tm, self.tm.N, self.tm.n
+        lb, ub = np.zeros(self.nv), np.ones(self.nv)
+        ub[self.iR:self.iR + N] = tm.recomputable  # units whose recomputation is unsafe are never RECOMPUTE
+        lb[self.iD:self.iD + n], ub[self.iD:self.iD + n] = -np.inf, np.inf
+        if self.minimize_peak:
+            lb[self.iP], ub[self.iP] = self.cc.fixed_peak / self.S, np.inf
+        lb[self.iB] = ub[self.iB] = 1.0
+        return lb, ub
+
+    def decode(self, z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(x, r) of a solution: binaries rounded."""
+        N = self.tm.N
+        r = np.round(z[self.iR:self.iR + N])
+        o = np.round(z[self.iO:self.iO + N]) if self.allow_offload else np.zeros(N)
+        return np.minimum(1.0, r + o), r
+

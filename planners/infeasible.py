@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from memtune.budget import Budget
 from memtune.errors import InfeasibleBudgetError
+from memtune.levers import LEVERS
 from memtune.timeline import plan_optimizer_memory, plan_recording
 from memtune.plan import Plan
 from memtune.profile import ModelProfile
@@ -17,7 +18,7 @@ def most_frugal_plan(profile: ModelProfile, budget: Budget, options: PlannerOpti
     """The plan with the lowest predicted peak over every allowed configuration: a MILP per
     configuration (greedy descent past ``options.max_exact_units`` units)."""
     from .exact import solve_config
-    from .greedy import fit
+    from .greedy import greedy_decisions
 
     best = None
     for cfg in configs(profile, options):
@@ -30,7 +31,8 @@ def most_frugal_plan(profile: ModelProfile, budget: Budget, options: PlannerOpti
                                time_limit_s=options.time_limit_s, minimize_peak=True)
             decisions = sol[0] if sol else None
         else:
-            decisions = fit(tm, cc, table, 0.0, allow_offload=offload_allowed(profile, options), minimize_peak=True)
+            decisions = greedy_decisions(tm, cc, table, 0.0, allow_offload=offload_allowed(profile, options),
+                                         minimize_peak=True)
         if decisions is None:
             continue
         plan = make_plan(profile, budget, cfg, decisions, planner="min-peak", options=options, table=table)
@@ -54,48 +56,35 @@ def infeasible_error(profile: ModelProfile, budget: Budget, options: PlannerOpti
                  ("activations outside units (embeddings, head, loss)", profile.outside_activation_bytes)]
     consumers += [(f"activations saved by {u.fqn}", u.saved_activation_bytes) for u in profile.units]
     consumers = sorted(consumers, key=lambda t: -t[1])[:6]
-    levers: list[tuple[str, str]] = []  # (the option it changes, the suggestion)
-    if not options.allow_microbatching and (profile.batch_size or 1) > 1:
-        levers.append(("allow_microbatching", "allow_microbatching=True (smaller micro-batches with gradient accumulation)"))
-    if not options.allow_offload and profile.target == "cuda":
-        levers.append(("allow_offload", "allow_offload=True (saved activations to pinned host memory)"))
-    recorded = {(o.weights, o.offload, o.in_backward) for o in profile.optimizer_steps}
-    if not any(w for w, _, _ in recorded):
-        levers.append(("weights", "bf16 weights (profile with space=memtune.PlanSpace(weights=(None, 'bf16-sr')))"))
-    elif options.weights is not None and not any(options.weights):
-        levers.append(("weights", "weights=(None, 'bf16-sr', 'bf16-master') (bf16 parameters)"))
-    if not options.allow_optimizer_in_backward:
-        levers.append(("allow_optimizer_in_backward", "allow_optimizer_in_backward=True (gradients freed as they complete)"))
-    elif not any(ib for _, _, ib in recorded):
-        levers.append(("allow_optimizer_in_backward", "the optimizer step in backward (profile with "
-                       "space=memtune.PlanSpace(in_backward=(False, True)))"))
-    if profile.target != "cpu":
-        if not options.allow_state_offload:
-            levers.append(("allow_state_offload", "allow_state_offload=True (optimizer state in host memory)"))
-        elif not any(off for _, off, _ in recorded):
-            levers.append(("allow_state_offload", "optimizer-state offload (profile with "
-                           "space=memtune.PlanSpace(state_offload=(False, True)))"))
-    if profile.loss_chunking and not options.allow_loss_chunking:
-        levers.append(("allow_loss_chunking", "allow_loss_chunking=True (head and loss in chunks)"))
-    if options.state_dtypes is not None and "int8" not in options.state_dtypes:
-        levers.append(("state_dtypes", "state_dtypes including 'int8' (8-bit optimizer state)"))
-    names = options.optimizer_names or (profile.optimizer,)
-    if "muon" not in names and set(names) & {"adamw", "muon2"}:
-        has_muon = any(o.name == "muon" for o in profile.optimizer_steps)
-        levers.append(("optimizer", "optimizer='muon' (one state buffer per hidden matrix instead of two"
-                       + ("" if has_muon else "; profile with space=memtune.PlanSpace(optimizers=('muon',))") + ")"))
     suggestions = [f"a budget of at least {fmt_bytes(min_budget)} ({min_budget} bytes)"]
-    suggestions += [text for lever, text in levers if lever not in options.locked]
+    suggestions += [text for key, text in _levers_to_try(profile, options) if key not in options.locked]
     if options.locked and options.locked_hint:
         suggestions.append(options.locked_hint)
     what = ", ".join(f"{n} {fmt_bytes(b)}" for n, b in consumers[:4])
-    extras = ", ".join(x for x in (f"{frugal.weights} weights" if frugal.weights else "",
-                                   "optimizer step in backward" if frugal.optimizer_in_backward else "",
-                                   "state in host memory" if frugal.optimizer.offload else "",
-                                   f"loss in {frugal.loss_chunks} chunks" if frugal.loss_chunks else "") if x)
     msg = (f"no plan fits {budget}: the most memory-frugal allowed plan ({len(frugal.recompute_units)} of "
-           f"{len(profile.units)} units recomputed, {frugal.optimizer.state_dtype} optimizer state, micro-batch "
-           f"{frugal.micro_batch_size or profile.batch_size}{', ' + extras if extras else ''}) peaks at "
+           f"{len(profile.units)} units recomputed, {frugal.optimizer.state_dtype} optimizer state, "
+           f"{frugal.variant.describe()}) peaks at "
            f"{fmt_bytes(frugal.predicted_peak_bytes)} "
            f"({frugal.memory.phase}). Biggest consumers: {what}. To fit, use " + "; or ".join(suggestions) + ".")
     return InfeasibleBudgetError(msg, min_feasible_bytes=min_budget, top_consumers=consumers, suggestions=suggestions)
+
+
+def _levers_to_try(profile: ModelProfile, options: PlannerOptions) -> list[tuple[str, str]]:
+    """(what it changes, the suggestion) for every lever the options or the profile leave out,
+    then the unit and optimizer choices that are not levers."""
+    out = []
+    for name, lever in LEVERS.items():
+        text = lever.suggest(profile, options, profile.recorded_choices(name))
+        if text:
+            out.append((name, text))
+    if not options.activation_offload and profile.target == "cuda":
+        out.append(("allow_activation_offload", "allow_activation_offload=True (saved activations to pinned host "
+                                                "memory)"))
+    if options.state_dtypes is not None and "int8" not in options.state_dtypes:
+        out.append(("state_dtypes", "state_dtypes including 'int8' (8-bit optimizer state)"))
+    names = options.optimizer_names or (profile.optimizer,)
+    if "muon" not in names and set(names) & {"adamw", "muon2"}:
+        has_muon = any(o.name == "muon" for o in profile.optimizer_steps)
+        out.append(("optimizer", "optimizer='muon' (one state buffer per hidden matrix instead of two"
+                    + ("" if has_muon else "; profile with space=memtune.PlanSpace(optimizers=('muon',))") + ")"))
+    return out

@@ -1,21 +1,32 @@
 """What every planner shares: :class:`PlannerOptions`, the outer configuration space
-(optimizer × state precision × Newton-Schulz steps × micro-batch, each as the profile recorded
-it) and turning a decision set into a verified :class:`~memtune.plan.Plan`."""
+(optimizer × state precision × Newton-Schulz steps × step variant, each as the profile recorded
+it) and turning a decision set into a verified :class:`~memtune.plan.Plan`.
+
+A configuration (:class:`Config`) fixes everything but the unit decisions: the optimizer and
+one choice per lever (:mod:`memtune.levers`). :func:`configs` enumerates the product of each
+lever's choices that the options allow and the profile recorded, less the combinations that
+cannot run together; the planners choose unit decisions inside each one. Lossiness tiers
+(:func:`lossiness`, :func:`choose_tier`) prefer the configurations that change the training
+numerics least.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import itertools
+from dataclasses import dataclass, field
+from typing import Mapping
 
 from memtune.budget import Budget
 from memtune.cost_model import CostTable, apply_decisions, cost_table
 from memtune.devices import DeviceSpec
+from memtune.errors import UnrecordedPlanError
+from memtune.levers import LEVERS, compatible
 from memtune.memory_model import predict_peak
-from memtune.optimizers import FAMILIES, NAMES, ns_floor
-from memtune.plan import STATE_DTYPES, Decision, OptimizerPlan, Plan
+from memtune.optimizers import FAMILIES, NAMES, STATE_DTYPES, STATE_PRECISIONS, ns_floor, orthogonalizes
+from memtune.plan import Decision, OptimizerPlan, Plan
 from memtune.profile import ModelProfile
-from memtune.timeline import (ConfigConstants, TimelineModel, UnrecordedPlanError, plan_optimizer_memory,
-                              plan_recording, timeline_model)
-
+from memtune.timeline import ConfigConstants, TimelineModel, plan_optimizer_memory, plan_recording, timeline_model
+from memtune.variant import StepVariant
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -30,31 +41,36 @@ class PlannerOptions:
     (``memtune.profile(..., space=PlanSpace(optimizers=...))``)."""
     min_ns_steps: int | None = None
     """Fewest Newton-Schulz iterations the planner may choose; ``None``: the family's floor
-    (:data:`memtune.optimizers.DEFAULT_NS_STEPS`). Fewer NS steps are faster and cost no memory,
-    so a time-minimizing plan sits on this floor: raise it when update quality matters more."""
+    (:attr:`memtune.optimizers.OptimizerKind.ns_floor`). Fewer NS steps are faster and cost no
+    memory, so a time-minimizing plan sits on this floor: raise it when update quality matters more."""
     max_ns_steps: int | None = None
     """Most NS iterations (``None``: the floor). Only matters if a future cost model rewards them."""
     state_dtypes: tuple[str, ...] | None = None
     """Optimizer-state precisions allowed (``fp32``, ``bf16``, ``int8``); ``None``: every precision the
     profile recorded. fp32 is fastest; the others are chosen only when memory needs them."""
+    levers: Mapping[str, tuple] = field(default_factory=dict)
+    """Lever name -> the choices the planner may take (of those the profile recorded); a lever
+    not listed follows its default (:meth:`memtune.levers.Lever.allowed`, which reads the
+    deprecated ``allow_*`` fields below)."""
+    allow_activation_offload: bool = False
+    """Allow OFFLOAD unit decisions (saved activations to pinned host memory; priced at PCIe
+    bandwidth). Ignored for CPU targets, where host memory *is* the budget."""
     allow_offload: bool = False
-    """Allow OFFLOAD decisions (saved activations to pinned host memory; priced at PCIe bandwidth).
-    Ignored for CPU targets, where host memory *is* the budget."""
+    """Deprecated name of ``allow_activation_offload``."""
     allow_microbatching: bool = False
-    """Allow splitting the global batch into micro-batches with gradient accumulation."""
+    """Allow splitting the global batch into micro-batches with gradient accumulation (the
+    ``micro_batch_size`` lever; ``levers={"micro_batch_size": ...}`` says which sizes)."""
     global_batch_size: int | None = None
     """Samples per optimizer step; ``None``: the profiled batch size."""
     weights: tuple[str | None, ...] | None = None
-    """Parameter storage allowed: ``None`` (as profiled), ``"bf16-sr"``, ``"bf16-master"``
-    (:mod:`memtune.stepping`); ``None``: every one the profile recorded. bf16 weights change the
-    training numerics, so they are chosen only when nothing more exact fits."""
+    """Deprecated: ``levers={"weights": ...}``."""
     allow_optimizer_in_backward: bool = True
-    """Allow stepping the optimizer in backward (gradients freed as they complete). Turn it off
-    when training clips the global gradient norm, which needs every gradient at once."""
+    """Deprecated: ``levers={"optimizer_in_backward": (False,)}`` turns it off (a training loop
+    that clips the global gradient norm needs every gradient at once)."""
     allow_state_offload: bool = True
-    """Allow optimizer state in host memory (CUDA targets; priced at host-link bandwidth)."""
+    """Deprecated: ``levers={"state_offload": (False,)}`` turns it off."""
     allow_loss_chunking: bool = True
-    """Allow computing the head and loss in chunks, where the model allows."""
+    """Deprecated: ``levers={"loss_chunks": (None,)}`` turns it off."""
     prefer_lossless: bool = True
     """Prefer the plans that change the training numerics least (see :func:`lossiness`): exact
     plans first, then ones that reorder sums (micro-batching, chunked loss), then lower state
@@ -66,8 +82,8 @@ class PlannerOptions:
     (>= 1; ``inf``: always the most exact; 1: always the fastest). At 2, a 7B model in 80 GB takes
     int8 AdamW state rather than exact fp32 state streamed from host memory at 7× the step time."""
     micro_batch_sizes: tuple[int, ...] | None = None
-    """Micro-batch sizes to consider (each must divide the global batch and be recorded);
-    ``None``: every recorded size that divides it."""
+    """Micro-batch sizes to consider when micro-batching is allowed (each must divide the global
+    batch and be recorded); ``None``: every recorded size that divides it."""
     device: str | DeviceSpec | None = None
     """Device whose rates the cost model uses (a table name, ``"cpu"``, a DeviceSpec, e.g. from
     :func:`memtune.cost_model.calibrate`); ``None``: ``profile.target_name``."""
@@ -79,8 +95,8 @@ class PlannerOptions:
     max_exact_units: int = 2000
     """:func:`memtune.planning.plan` uses the greedy planner past this many units."""
     locked: tuple[str, ...] = ()
-    """Names of the options above that the caller's setup fixes (a session with your optimizer,
-    a framework callback). An infeasible budget's error then does not suggest changing them."""
+    """Names of the options or levers that the caller's setup fixes (a session with your
+    optimizer, a framework callback). An infeasible budget's error then does not suggest changing them."""
     locked_hint: str = ""
     """What to do instead, when ``locked`` is set (said in that error)."""
 
@@ -97,6 +113,16 @@ class PlannerOptions:
                 raise ValueError(f"state_dtypes={self.state_dtypes!r}: use a non-empty subset of {STATE_DTYPES}")
         if self.min_ns_steps is not None and self.max_ns_steps is not None and self.min_ns_steps > self.max_ns_steps:
             raise ValueError(f"min_ns_steps={self.min_ns_steps} exceeds max_ns_steps={self.max_ns_steps}")
+        unknown = sorted(set(self.levers) - set(LEVERS))
+        if unknown:
+            raise ValueError(f"levers: unknown lever(s) {unknown}; the levers are {list(LEVERS)}")
+        levers = {}
+        for name, choices in self.levers.items():
+            try:
+                levers[name] = tuple(LEVERS[name].validate(v) for v in choices)
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"levers[{name!r}]: {e}") from None
+        object.__setattr__(self, "levers", levers)
 
     @property
     def optimizer_names(self) -> tuple[str, ...] | None:
@@ -104,9 +130,17 @@ class PlannerOptions:
             return None
         return (self.optimizer,) if isinstance(self.optimizer, str) else tuple(self.optimizer)
 
+    @property
+    def activation_offload(self) -> bool:
+        return self.allow_activation_offload or self.allow_offload
+
+    def lever_choices(self, name: str) -> tuple | None:
+        """The choices ``levers`` lists for lever ``name`` (``None``: not listed)."""
+        return self.levers.get(name)
+
     def ns_range(self, name: str) -> tuple[int, int]:
         """Allowed NS step counts of optimizer ``name`` (``(0, 0)`` without Newton-Schulz)."""
-        if name not in ("muon2", "muon"):
+        if not orthogonalizes(name):
             return 0, 0
         lo = self.min_ns_steps if self.min_ns_steps is not None else ns_floor(name)
         hi = self.max_ns_steps if self.max_ns_steps is not None else max(lo, ns_floor(name))
@@ -118,26 +152,18 @@ class Config:
     """One point of the outer space; every unit decision is planned inside one."""
 
     optimizer: OptimizerPlan
-    micro_batch_size: int | None
-    grad_accum_steps: int
-    weights: str | None = None
-    optimizer_in_backward: bool = False
-    loss_chunks: int | None = None
+    variant: StepVariant = field(default_factory=StepVariant)
+    grad_accum_steps: int = 1
 
     @property
     def key(self) -> tuple:
-        return (self.optimizer.name, self.optimizer.state_dtype, self.optimizer.ns_steps, self.optimizer.offload,
-                self.weights or "", self.optimizer_in_backward, self.micro_batch_size or 0, self.loss_chunks or 0)
+        """A total order of configurations (ties between equally fast plans break on it)."""
+        o = self.optimizer
+        return (o.name, o.state_dtype, o.ns_steps, *self.variant.order_key(), self.grad_accum_steps)
 
     @property
     def lossiness(self) -> int:
         return lossiness(self)
-
-
-LOSSINESS = {"micro_batching": 1, "loss_chunks": 1, "bf16": 2, "int8": 3, "bf16-master": 2, "bf16-sr": 4}
-"""How far a choice moves training from the exact fp32 step (higher: further). Unit decisions,
-the optimizer step in backward and state offload change no number (0). Micro-batching and a
-chunked loss only reorder sums. bf16/int8 state and bf16 weights round values."""
 
 
 def choose_tier(per_tier: dict[int, Plan], options: PlannerOptions) -> Plan:
@@ -156,63 +182,34 @@ def prunable(per_tier: dict[int, Plan], tier: int, base_ms: float, options: Plan
 
 
 def lossiness(config) -> int:
-    """Sum of :data:`LOSSINESS` over what a configuration (or a Plan) changes."""
-    score = 0
-    if config.grad_accum_steps > 1:
-        score += LOSSINESS["micro_batching"]
-    if config.loss_chunks:
-        score += LOSSINESS["loss_chunks"]
-    score += LOSSINESS.get(config.optimizer.state_dtype, 0)
-    score += LOSSINESS.get(config.weights or "", 0)
-    return score
+    """How far a configuration (or a Plan) moves training from the exact fp32 step: its state
+    precision's lossiness plus each lever's (:meth:`memtune.levers.Lever.lossiness`). Unit
+    decisions change no number."""
+    return STATE_PRECISIONS[config.optimizer.state_dtype].lossiness + sum(
+        LEVERS[name].lossiness(value) for name, value in config.variant.choices)
 
 
 def configs(profile: ModelProfile, options: PlannerOptions) -> list[Config]:
     """Every outer configuration the options allow and the profile recorded, in a fixed order.
-    Raises :class:`~memtune.timeline.UnrecordedPlanError` for an explicit request the profile
+    Raises :class:`~memtune.errors.UnrecordedPlanError` for an explicit request the profile
     cannot price."""
     optimizers = [o for name in (options.optimizer_names or (profile.optimizer,))
                   for o in _optimizer_choices(profile, options, name)]
-    B = profile.batch_size or 1
+    names = list(LEVERS)
+    choices = [LEVERS[n].plan_choices(profile, options, profile.recorded_choices(n)) for n in names]
+    recorded_steps = set(profile.recorded_variants)
+    B = profile.batch_size
     G = options.global_batch_size or B
-    if options.allow_microbatching and profile.batch_size:
-        recorded = set(profile.micro_batch_sizes)
-        if options.micro_batch_sizes is not None:
-            sizes = tuple(options.micro_batch_sizes)
-            bad = [m for m in sizes if m < 1 or G % m]
-            if bad:
-                raise ValueError(f"micro_batch_sizes {bad} do not divide the global batch {G}")
-            missing = [m for m in sizes if m not in recorded and not (m == B == G)]
-            if missing:
-                raise UnrecordedPlanError(
-                    f"micro_batch_sizes {missing} were not recorded (recorded: {sorted(recorded, reverse=True)}); "
-                    f"re-profile with memtune.profile(..., space=memtune.PlanSpace(micro_batch_sizes={tuple(missing)}))")
-        else:
-            sizes = tuple(m for m in recorded if G % m == 0) + ((G,) if G == B else ())
-    else:
-        sizes = (G,)
-    variants = set(profile.variant_keys())
-    weights_allowed = options.weights if options.weights is not None else (None, "bf16-sr", "bf16-master")
-    in_backward_options = (False, True) if options.allow_optimizer_in_backward else (False,)
-    chunk_options = tuple(dict.fromkeys(k[3] for k in variants)) if options.allow_loss_chunking else (None,)
-    out = []
-    for opt in optimizers:
-        for m in sorted(set(sizes), reverse=True):
-            mb = None if (m == B and G == B) else m
-            if mb is not None and mb not in profile.micro_batch_sizes:
-                raise UnrecordedPlanError(
-                    f"a global batch of {G} in micro-batches of {m} needs a recorded accumulation step at {m}; "
-                    f"re-profile with memtune.profile(..., space=memtune.PlanSpace(micro_batch_sizes=({m},)))")
-            for w in weights_allowed:
-                for ib in in_backward_options:
-                    if ib and G // m > 1:
-                        continue  # accumulation needs the gradients that in-backward stepping frees
-                    for chunks in chunk_options:
-                        if (mb, "bf16" if w else None, ib, chunks) not in variants:
-                            continue
-                        if profile.optimizer_step(*opt.key, weights=w, offload=opt.offload, in_backward=ib) is None:
-                            continue
-                        out.append(Config(opt, mb, G // m, w, ib, chunks))
+    variants = []
+    for combo in itertools.product(*choices):
+        v = StepVariant(**dict(zip(names, combo)))
+        if compatible(v) and v.for_step() in recorded_steps:
+            steps = 1
+            for n in names:
+                steps *= LEVERS[n].accumulation_steps(v[n], B, G)
+            variants.append((v, steps))
+    out = [Config(opt, v, steps) for opt in optimizers for v, steps in variants
+           if profile.optimizer_step(*opt.key, variant=v) is not None]
     if not out:
         raise UnrecordedPlanError("no configuration the options allow was recorded in the profile; widen the options "
                                   "or re-profile with a memtune.PlanSpace that covers them")
@@ -220,8 +217,7 @@ def configs(profile: ModelProfile, options: PlannerOptions) -> list[Config]:
 
 
 def _optimizer_choices(profile: ModelProfile, options: PlannerOptions, name: str) -> list[OptimizerPlan]:
-    recorded = [o for o in profile.optimizer_steps if o.name == name and not o.offload and not o.weights
-                and not o.in_backward]
+    recorded = [o for o in profile.optimizer_steps if o.name == name and o.variant.is_default]
     if not recorded:
         have = sorted({o.name for o in profile.optimizer_steps}) or ["none"]
         raise UnrecordedPlanError(
@@ -246,9 +242,9 @@ def _optimizer_choices(profile: ModelProfile, options: PlannerOptions, name: str
         want = [k for k in range(lo, hi + 1)]
         ns_values = [k for k in want if k in have]
         if len(ns_values) < len(want):
-            if explicit or name not in ("muon2", "muon"):
+            if explicit or not orthogonalizes(name):
                 missing = [k for k in want if k not in have]
-                if name in ("muon2", "muon"):
+                if orthogonalizes(name):
                     raise UnrecordedPlanError(
                         f"the profile did not record {name} ({dt} state) with {missing} NS steps (recorded: {have}); "
                         f"re-profile with memtune.profile(..., space=memtune.PlanSpace(ns_steps={tuple(want)}))")
@@ -258,29 +254,20 @@ def _optimizer_choices(profile: ModelProfile, options: PlannerOptions, name: str
                 ns_values = [above[0] if above else have[-1]]
         for k in ns_values:
             rec = profile.optimizer_step(name, dt, k)
-            for offload in ((False, True) if offload_allowed_state(profile, options) else (False,)):
-                if offload and not any(o.key[:3] == (name, dt, k) and o.offload for o in profile.optimizer_steps):
-                    continue
-                out.append(OptimizerPlan(name=name, ns_steps=k, state_dtype=dt, muon_params=rec.muon_params,
-                                         adamw_params=rec.adamw_params, settings=rec.settings, offload=offload))
+            out.append(OptimizerPlan(name=name, ns_steps=k, state_dtype=dt, muon_params=rec.muon_params,
+                                     adamw_params=rec.adamw_params, settings=rec.settings))
     return out
 
 
 def costs_for(profile: ModelProfile, config: Config, options: PlannerOptions) -> CostTable:
-    return cost_table(profile, optimizer=config.optimizer, micro_batch_size=config.micro_batch_size,
-                      grad_accum_steps=config.grad_accum_steps, device=options.device, weights=config.weights,
-                      in_backward=config.optimizer_in_backward, loss_chunks=config.loss_chunks)
-
-
-def offload_allowed_state(profile: ModelProfile, options: PlannerOptions) -> bool:
-    """Optimizer state in host memory frees device memory only where the two differ."""
-    return options.allow_state_offload and profile.target != "cpu"
+    return cost_table(profile, optimizer=config.optimizer, variant=config.variant,
+                      grad_accum_steps=config.grad_accum_steps, device=options.device)
 
 
 def offload_allowed(profile: ModelProfile, options: PlannerOptions) -> bool:
-    """OFFLOAD only means something when the target has memory apart from the host: on a CPU
-    target, "offloading" to host memory frees nothing, so it is never planned there."""
-    return options.allow_offload and profile.target != "cpu"
+    """Activation OFFLOAD only means something when the target has memory apart from the host:
+    on a CPU target, "offloading" to host memory frees nothing, so it is never planned there."""
+    return options.activation_offload and profile.target != "cpu"
 
 
 def unit_choices(profile: ModelProfile, options: PlannerOptions, unit: str | None = None) -> tuple[Decision, ...]:
@@ -296,10 +283,8 @@ def make_plan(profile: ModelProfile, budget: Budget, config: Config, decisions: 
     """A Plan whose predicted peak and time come from memory_model and cost_model."""
     decisions = {u.fqn: decisions.get(u.fqn, Decision.SAVE) for u in profile.units}
     draft = Plan(budget_bytes=budget.budget_bytes, usable_bytes=budget.usable_bytes, decisions=decisions,
-                 optimizer=config.optimizer, micro_batch_size=config.micro_batch_size,
-                 grad_accum_steps=config.grad_accum_steps, weights=config.weights,
-                 optimizer_in_backward=config.optimizer_in_backward, loss_chunks=config.loss_chunks, planner=planner,
-                 profile_hash=fingerprint(profile), target=profile.target_name, notes=tuple(notes))
+                 optimizer=config.optimizer, variant=config.variant, grad_accum_steps=config.grad_accum_steps,
+                 planner=planner, profile_hash=fingerprint(profile), target=profile.target_name, notes=tuple(notes))
     memory = predict_peak(profile, draft)
     time = apply_decisions(table or costs_for(profile, config, options), decisions)
     return Plan(**{**_fields(draft), "predicted_peak_bytes": memory.peak_bytes, "memory": memory,
@@ -316,7 +301,7 @@ def fingerprint(profile: ModelProfile) -> str:
 
 
 def timeline_for(profile: ModelProfile, config: Config) -> tuple[TimelineModel, ConfigConstants]:
-    """The timeline a configuration replays (its micro-batch recording) and its constants
+    """The timeline a configuration replays (its step variant's recording) and its constants
     (its recorded optimizer step)."""
     recording = plan_recording(profile, config)
     tm = timeline_model(recording)

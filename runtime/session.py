@@ -41,10 +41,13 @@ from memtune.errors import UsageError
 
 from .trainer import Trainer
 
-USER_OPTIMIZER_LOCKS = dict(allow_optimizer_in_backward=False, allow_state_offload=False, weights=(None,),
-                            allow_loss_chunking=True)
-"""Planner options a user-owned optimizer imposes: the plan must not step it in backward, move
-its state, or store the weights it updates in bf16."""
+def user_optimizer_locks() -> dict:
+    """The levers a user-owned optimizer locks, each at its default: those that change how the
+    optimizer steps (:attr:`memtune.levers.Lever.wraps_optimizer`: in backward, state in host
+    memory, bf16 weights), which memtune can only do to an optimizer it wraps."""
+    from memtune.levers import LEVERS
+
+    return {name: (lever.default,) for name, lever in LEVERS.items() if lever.wraps_optimizer}
 
 USER_OPTIMIZER_HINT = ("pass optimizer='muon2' (or 'adamw') instead of your optimizer object, so that memtune may "
                        "also choose 8-bit state, bf16 weights, the optimizer step in backward and state offload")
@@ -78,8 +81,9 @@ class Session(Trainer):
                 raise UsageError(f"planner_options {clash} would change the optimizer you passed "
                                  f"({type(optimizer).__name__}), which the session keeps; drop them, or pass "
                                  "optimizer='muon2'/'adamw' to let memtune build and tune the optimizer")
-            kwargs["planner_options"] = lock({**options, **USER_OPTIMIZER_LOCKS},
-                                             ("optimizer", "state_dtypes", *USER_OPTIMIZER_LOCKS), USER_OPTIMIZER_HINT)
+            locks = user_optimizer_locks()
+            kwargs["planner_options"] = lock({**options, "levers": {**options.get("levers", {}), **locks}},
+                                             ("optimizer", "state_dtypes", *locks), USER_OPTIMIZER_HINT)
             name = "custom"
         elif isinstance(optimizer, str):
             name = optimizer
@@ -107,7 +111,7 @@ class Session(Trainer):
             return space
         import dataclasses
 
-        # (USER_OPTIMIZER_LOCKS, in planner_options, already fix weights, in-backward and offload.)
+        # (user_optimizer_locks(), in planner_options, already fix the levers that wrap the optimizer.)
         return dataclasses.replace(space, optimizers=None, state_dtypes=("fp32",))
 
     def _plan_options(self, *, lossless: bool) -> list[dict]:

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from memtune.errors import MemtuneError
+from memtune.errors import TelemetryError
 
 MiB = 2**20
 GiB = 2**30
@@ -45,11 +45,6 @@ DEFAULT_CONTEXT_BYTES_ESTIMATE = 512 * MiB
 """Bytes: our own CUDA context (kernels, cuBLAS/cuDNN handles) as NVML sees it but torch's
 allocator does not. Used only when NVML cannot attribute memory per process; ~0.5 GiB on an
 H100 (see :data:`memtune.devices.DEFAULT_CUDA_RESERVE_BYTES`)."""
-
-
-class TelemetryError(MemtuneError):
-    """A telemetry source cannot be read or a reading is not understood; the message says
-    which source and what to pass instead."""
 
 
 # ----------------------------------------------------------------------------- the sample

@@ -4,8 +4,8 @@
     >>> trainer.train(loader, steps=1000)                       # progress bar: loss, ms, memory, plan
     >>> trainer.save("ckpt.pt"); trainer = memtune.Trainer.resume("ckpt.pt", model, budget="24GB")
 
-Each step: forward/backward per micro-batch as the plan says, one optimizer step, then a
-telemetry sample. The runtime re-plans between steps when the memory it can get shrinks
+Each step: forward/backward per piece of the batch as the plan's levers say, one optimizer
+step (:class:`~memtune.runtime.step.StepRunner`), then a telemetry sample. The runtime re-plans between steps when the memory it can get shrinks
 (tighten) or stays ample (relax), and corrects its memory model with measured peaks
 (:mod:`memtune.runtime.retune`). An out-of-memory error inside forward/backward frees
 what the step held, re-plans tighter and retries the same batch with the same RNG state:
@@ -33,43 +33,27 @@ import torch
 import torch.nn as nn
 from torch.utils._pytree import tree_flatten, tree_map_only
 
-from memtune.batching import LossFn, batch_size_of, loss_from_output, move_batch, split_batch, split_micro_batches
+from memtune.batching import batch_size_of, move_batch
 from memtune.budget import Budget
 from memtune.compiled import RecompileCounter, is_compiled, unwrap
 from memtune.errors import CheckpointError, InfeasibleBudgetError, MemtuneError, NonFiniteError, PlanFileError, UsageError
-from memtune.plan import Decision, Plan
+from memtune.errors import UnrecordedPlanError
+from memtune.levers import parallel_restrictions
+from memtune.plan import Plan
 from memtune.planners.options import lossiness
 from memtune.profile import ModelProfile
-from memtune.profiler import optimizer_state_tensors
-from memtune.timeline import UnrecordedPlanError
 from memtune.units_fmt import fmt_bytes
 from memtune.validation import check_plan_matches_model, check_profile_matches_model, check_state_dict_matches_model
 
 from . import checkpoint as ckpt
-from . import safety
-from .memguard import HostPeakMeter, TensorMemoryGuard
-from .retune import RetuneConfig, RetuneDecision, Retuner
-from .telemetry import HostSource, Telemetry, TelemetrySource, default_sources
+from . import replan, safety
+from .config import TrainerConfig
+from .faults import OOMInjection
+from .retune import RetuneDecision, Retuner
+from .step import NonFiniteStep, StepRunner, TrainerPhase
+from .telemetry import HostSource, Telemetry, default_sources
 
 log = logging.getLogger("memtune.runtime")
-
-
-class _NonFiniteStep(Exception):
-    """Raised inside a step when the loss or a gradient is NaN/inf, before the optimizer step."""
-
-    def __init__(self, loss: float, params: list[str]):
-        super().__init__(loss, params)
-        self.loss, self.params = loss, params
-
-
-@dataclasses.dataclass
-class OOMInjection:
-    """Test hook: raise ``torch.OutOfMemoryError`` at ``step`` (0-based optimizer steps) in
-    ``phase`` (``forward`` or ``backward``), ``times`` times. See :meth:`Trainer.inject_oom`."""
-
-    step: int
-    phase: str = "backward"
-    times: int = 1
 
 
 class Trainer:
@@ -77,63 +61,60 @@ class Trainer:
     ``profile``, ``history`` (one dict per step), ``events`` (plan changes with reasons),
     ``step_count``."""
 
-    def __init__(self, model: nn.Module, budget: int | str | Budget, *, sample: Any = None, loss_fn: LossFn | None = None,
-                 optimizer: str = "muon2", optimizer_settings: Any = None, planner: str | None = None,
-                 device: str | torch.device | None = None, precision: str | None = None,
-                 allow_microbatching: bool = True, allow_offload: bool = False, retune: bool = True,
-                 retune_config: RetuneConfig | None = None, telemetry: Telemetry | Iterable[TelemetrySource] | None = None,
-                 metrics_path: str | Path | None = None, checkpoint_path: str | Path | None = None,
-                 checkpoint_every: int = 0, max_oom_retries: int = 4, enforce_budget: bool = True,
-                 progress: bool = True, planner_options: dict | None = None, on_nonfinite: str = "raise",
-                 max_skipped_batches: int = 10, max_grad_norm: float | None = None, max_compiled_plans: int = 4,
-                 link: str = "loopback"):
+    def __init__(self, model: nn.Module, budget: int | str | Budget, config: TrainerConfig | None = None,
+                 **kwargs: Any):
+        """``config`` (a :class:`~memtune.runtime.config.TrainerConfig`) or its fields as keywords."""
+        if config is None:
+            config = TrainerConfig.from_kwargs(kwargs)
+        elif kwargs:
+            config = TrainerConfig.from_kwargs({**_fields(config), **kwargs})
+        self.config = config
+        c = config
         safety.check_trainable(model)
-        if on_nonfinite not in safety.NONFINITE_POLICIES:
-            raise UsageError(f"on_nonfinite={on_nonfinite!r}: use 'raise' (stop with an error) or 'skip' (skip the batch)")
         from memtune.distributed import detect
 
-        self.device = safety.training_device(device)
+        self.device = safety.training_device(c.device)
         self.dist = detect(self.device)
         """The data-parallel job this trainer is a rank of (``None``: one process); see :mod:`memtune.distributed`."""
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", self.dist.local_rank if self.dist else torch.cuda.current_device())
             if self.dist:
                 torch.cuda.set_device(self.device)
+        precision = c.precision
         if precision is None:
             precision = "bf16-mixed" if self.device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
         self.precision = precision
         self.model = model.to(self.device)
         self.budget = Budget.parse(budget, device=self.device if self.device.type == "cuda" else "cpu")
-        self.sample = sample
-        self.loss_fn = loss_fn
-        self.optimizer_name = optimizer
-        self.optimizer_settings = self._default_settings(optimizer, optimizer_settings)
-        self.planner = planner
-        self.allow_microbatching = allow_microbatching
-        self.allow_offload = allow_offload
-        self.retune_enabled = retune
-        self.retuner = Retuner(self.budget.usable_bytes, retune_config)
-        self.planner_options = dict(planner_options or {})
-        self.max_oom_retries = max_oom_retries
-        self.enforce_budget = enforce_budget
-        self.progress = progress
-        self.checkpoint_path = Path(checkpoint_path) if checkpoint_path else None
-        self.checkpoint_every = checkpoint_every
-        self.on_nonfinite = on_nonfinite
-        self.max_skipped_batches = max_skipped_batches
-        if max_grad_norm is not None and max_grad_norm <= 0:
-            raise UsageError(f"max_grad_norm={max_grad_norm}: give a positive norm, or None to not clip")
-        self.max_grad_norm = max_grad_norm
-        if max_grad_norm is not None:
+        self.sample = c.sample
+        self.loss_fn = c.loss_fn
+        self.optimizer_name = c.optimizer
+        self.optimizer_settings = self._default_settings(c.optimizer, c.optimizer_settings)
+        self.planner = c.planner
+        self.allow_microbatching = c.allow_microbatching
+        self.allow_offload = c.allow_offload
+        self.retune_enabled = c.retune
+        self.retuner = Retuner(self.budget.usable_bytes, c.retune_config)
+        self.planner_options = dict(c.planner_options)
+        self.max_oom_retries = c.max_oom_retries
+        self.enforce_budget = c.enforce_budget
+        self.progress = c.progress
+        self.checkpoint_path = Path(c.checkpoint_path) if c.checkpoint_path else None
+        self.checkpoint_every = c.checkpoint_every
+        self.on_nonfinite = c.on_nonfinite
+        self.max_skipped_batches = c.max_skipped_batches
+        self.max_grad_norm = c.max_grad_norm
+        if c.max_grad_norm is not None:
             # A global norm needs every gradient at once: no optimizer step in backward.
             self.planner_options["allow_optimizer_in_backward"] = False
         self.skipped_batches = 0
         self._saved_step: int | None = None
         self.compiled = is_compiled(model)
         """Whether ``model`` is a ``torch.compile`` wrapper: plans go to the module it compiles."""
-        self.max_compiled_plans = max_compiled_plans
+        self.max_compiled_plans = c.max_compiled_plans
         self._compiled_plans: list[Plan] = []
         self._recompiles = RecompileCounter() if self.compiled else None
+        metrics_path, telemetry = c.metrics_path, c.telemetry
         if self.dist is not None and metrics_path is not None and not self.dist.is_main:
             metrics_path = f"{metrics_path}.rank{self.dist.rank}"  # rank 0's file carries every rank's figures
         if telemetry is None:
@@ -142,8 +123,9 @@ class Trainer:
         elif not isinstance(telemetry, Telemetry):
             telemetry = Telemetry(list(telemetry), jsonl_path=metrics_path)
         self.telemetry = telemetry
-        self.link = link
-        self._forward = self.model  # what _run calls: the model, or its DDP wrapper
+        self.link = c.link
+        self._forward = self.model  # what the step runner calls: the model, or its DDP wrapper
+        self.runner = StepRunner(self)
         if self.dist is not None:
             self._setup_distributed()
 
@@ -157,10 +139,8 @@ class Trainer:
         self.step_count = 0
         self.batches_seen = 0
         self.interrupted: str | None = None
-        self._injections: list[OOMInjection] = []
-        self._phase = "idle"
         self._stop_signal: str | None = None
-        if self.device.type == "cuda" and enforce_budget:
+        if self.device.type == "cuda" and c.enforce_budget:
             # The caching allocator may hold the budget less the CUDA context (which lives outside
             # it); plans target the smaller usable budget, leaving room for kernel workspaces and
             # allocator slack that no tensor op exposes.
@@ -177,11 +157,10 @@ class Trainer:
 
         if self.link not in LINKS:
             raise UsageError(f"link={self.link!r}: choose one of {sorted(LINKS)}")
-        # The levers that change how one rank steps are not combined with FSDP2/DDP yet.
+        # The levers that do not run across ranks stay at their default (memtune.levers.parallel_restrictions).
         self.allow_microbatching = False
         self.allow_offload = False
-        self.planner_options.update(weights=(None,), allow_optimizer_in_backward=False, allow_state_offload=False,
-                                    allow_loss_chunking=False)
+        self.planner_options["levers"] = {**self.planner_options.get("levers", {}), **parallel_restrictions()}
         # Ranks re-planning on their own telemetry could diverge; plans change only together.
         self.retune_enabled = False
 
@@ -198,11 +177,11 @@ class Trainer:
         target = "cpu" if self.device.type == "cpu" else self.device
         t0 = time.perf_counter()
         # Profile with the exact optimizer settings that will train (NS dtype, state precision...),
-        # so the optimizer step's measured memory is the real one. In two stages: the levers that
-        # change no number (and state precision) first; bf16 weights and a chunked loss are only
-        # recorded when the plan would otherwise need lower state precision, or nothing fits.
+        # so the optimizer step's measured memory is the real one. In two stages: the levers
+        # recorded on demand (bf16 weights, a chunked loss) are only recorded when the plan would
+        # otherwise need lower state precision, or nothing fits.
         space = self._plan_space()
-        first = dataclasses.replace(space, weights=(None,), loss_chunks=(None,))
+        first = replan.staged_space(space)
         staged = first != space
         self.profile = _profile_for_training(self.model, sample, self.loss_fn, self.optimizer_settings, self.precision,
                                              target, first if staged else space)
@@ -225,49 +204,18 @@ class Trainer:
 
     def _plan_space(self):
         """What the profile must record so that every plan this trainer may ask for is measured."""
-        from memtune.profiler import PlanSpace
-
-        o = self.planner_options
-        names = o.get("optimizer")
-        families = tuple(n for n in ((names,) if isinstance(names, str) else names or ()) if n != self.optimizer_name)
-        lo, hi = o.get("min_ns_steps"), o.get("max_ns_steps")
-        ns = tuple(range(lo if lo is not None else hi, (hi if hi is not None else lo) + 1)) if (lo or hi) else None
-        kw = {}
-        if o.get("state_dtypes"):
-            kw["state_dtypes"] = tuple(o["state_dtypes"])
-        micro = () if not self.allow_microbatching else o.get("micro_batch_sizes")
-        if o.get("weights") is not None:
-            kw["weights"] = tuple(o["weights"])
-        if o.get("allow_optimizer_in_backward") is False:
-            kw["in_backward"] = (False,)
-        if o.get("allow_state_offload") is False:
-            kw["state_offload"] = (False,)
-        if o.get("allow_loss_chunking") is False:
-            kw["loss_chunks"] = (None,)
-        return PlanSpace(optimizers=(self.optimizer_name, *families) if families else None, ns_steps=ns,
-                         micro_batch_sizes=tuple(micro) if micro is not None else None, **kw)
+        return replan.plan_space({**self.planner_options, "allow_microbatching": self.allow_microbatching},
+                                 optimizer=self.optimizer_name)
 
     def _plan_options(self, *, lossless: bool) -> list[dict]:
-        """Option sets to try, from exact-maths changes (unit decisions only) to lossy ones
-        (micro-batching changes summation order; lower state precision changes values)."""
+        """Option sets to try (:func:`memtune.runtime.replan.option_sets`), from the running
+        plan's exact maths to anything that fits."""
         base = dict(optimizer=self.optimizer_name, **self.planner_options)
         if self.device.type == "cpu":
             base.setdefault("device", "cpu")
         base.setdefault("allow_offload", self.allow_offload)
-        full = dict(base, allow_microbatching=self.allow_microbatching)
-        if self.plan is not None:
-            # Parameters stay as they were first stored: a re-plan never converts them mid-run.
-            full["weights"] = (self.plan.weights,)
-            base["weights"] = (self.plan.weights,)
-        if not lossless or self.plan is None:
-            return [full]
-        current = self.plan
-        same = dict(base, state_dtypes=(current.optimizer.state_dtype,), allow_microbatching=current.grad_accum_steps > 1,
-                    **({"micro_batch_sizes": (current.micro_batch_size,)} if current.micro_batch_size else {}))
-        if current.optimizer.ns_steps:  # NS steps change the update too: keep them for exact maths
-            same.update(min_ns_steps=current.optimizer.ns_steps, max_ns_steps=current.optimizer.ns_steps)
-        same_dtype = dict(base, state_dtypes=(current.optimizer.state_dtype,), allow_microbatching=self.allow_microbatching)
-        return [same, same_dtype, full]
+        return replan.option_sets(base, self.plan, lossless=lossless,
+                                  allow_microbatching=self.allow_microbatching)
 
     def _make_plan(self, usable_bytes: int, *, lossless: bool) -> Plan:
         from memtune.planning import plan as make_plan
@@ -338,15 +286,15 @@ class Trainer:
         self.plan = plan
         self.plan_budget_bytes = plan.usable_bytes
         self.plan_version += 1
-        if self.compiled and not any(_same_plan(plan, p) for p in self._compiled_plans):
+        if self.compiled and not any(replan.same_plan(plan, p) for p in self._compiled_plans):
             self._compiled_plans.append(plan)  # Dynamo compiles it on the next step; seen plans reuse their graphs
         event = {"step": self.step_count, "kind": kind, "reason": reason, "plan_version": self.plan_version,
                  "budget_bytes": plan.usable_bytes, "predicted_peak_bytes": plan.predicted_peak_bytes,
                  "predicted_step_ms": plan.predicted_step_ms, "recompute": list(plan.recompute_units),
                  "ns_steps": plan.optimizer.ns_steps, "state_dtype": plan.optimizer.state_dtype,
-                 "micro_batch_size": plan.micro_batch_size, "grad_accum_steps": plan.grad_accum_steps}
+                 "variant": plan.variant.to_dict(), "grad_accum_steps": plan.grad_accum_steps}
         if old is not None:
-            event["changes"] = _plan_changes(old, plan)
+            event["changes"] = replan.plan_changes(old, plan)
         if self.compiled:
             event["compiled_plans"] = len(self._compiled_plans)
         self.events.append(event)
@@ -357,15 +305,7 @@ class Trainer:
     def inject_oom(self, step: int, phase: str = "backward", times: int = 1) -> None:
         """Test hook: raise ``torch.OutOfMemoryError`` in ``phase`` (``forward``/``backward``)
         of optimizer step ``step`` (0-based), ``times`` times in a row, as the allocator would."""
-        if phase not in ("forward", "backward"):
-            raise ValueError("phase must be 'forward' or 'backward'")
-        self._injections.append(OOMInjection(step, phase, times))
-
-    def _maybe_inject(self, phase: str) -> None:
-        for inj in self._injections:
-            if inj.step == self.step_count and inj.phase == phase and inj.times > 0:
-                inj.times -= 1
-                raise torch.OutOfMemoryError(f"injected out-of-memory error at step {inj.step} ({phase})")
+        self.runner.listeners.append(OOMInjection(step, TrainerPhase(phase), times))
 
     def step(self, batch: Any) -> float:
         """Forward, backward (per micro-batch) and one optimizer step on ``batch``; returns the loss."""
@@ -378,9 +318,9 @@ class Trainer:
         t0 = time.perf_counter()
         while True:
             try:
-                loss, peak = self._run(batch)
+                loss, peak = self.runner.run(batch)
                 break
-            except _NonFiniteStep as bad:
+            except NonFiniteStep as bad:
                 return self._non_finite(bad)
             except torch.OutOfMemoryError as e:
                 if self.dist is not None:
@@ -390,16 +330,16 @@ class Trainer:
                     from memtune.distributed import checkpoint as dist_ckpt
 
                     raise dist_ckpt.record_oom(self, e) from e
-                in_backward = self._phase == "backward" and not getattr(self.optimizer, "retry_safe", True)
-                if self._phase == "optimizer" or in_backward:
+                if not self.runner.retry_safe():
+                    where = "inside optimizer.step()" if self.runner.phase is TrainerPhase.OPTIMIZER else \
+                        "in backward while a lever updates parameters there (the optimizer step in backward)"
                     self._free_failed_step()
-                    where = "inside optimizer.step()" if not in_backward else \
-                        "in backward while the optimizer steps there (plan.optimizer_in_backward)"
                     raise safety.StepFailedError(
                         f"out of memory {where} at step {self.step_count}: parameters may be partly updated, so the "
                         "step cannot be retried safely; resume from the last checkpoint with a smaller budget, or "
-                        "plan with allow_optimizer_in_backward=False so that an OOM in backward can be retried") from e
-                peak = getattr(self, "_guard_peak", None)
+                        "plan with levers={'optimizer_in_backward': (False,)} so that an OOM in backward can be "
+                        "retried") from e
+                peak = self.runner.last_peak
                 if peak is None and self.device.type == "cuda":
                     peak = torch.cuda.max_memory_allocated(self.device)
                 self._free_failed_step()
@@ -422,7 +362,7 @@ class Trainer:
     def _checkpoint_on_disk(self) -> str | None:
         return str(self.checkpoint_path) if self.checkpoint_path and self.checkpoint_path.exists() else None
 
-    def _non_finite(self, bad: "_NonFiniteStep") -> float:
+    def _non_finite(self, bad: NonFiniteStep) -> float:
         """A step whose loss or gradients are NaN/inf: nothing was applied. Stop (default) or
         skip the batch, as ``on_nonfinite`` says."""
         self._free_failed_step()
@@ -472,92 +412,9 @@ class Trainer:
                 apply_plan(self.model, self.plan, optimizer=self.optimizer)
         self._install(plan, kind="reprofile", reason=reason)
 
-    def _micro_batches(self, batch: Any) -> list[tuple[Any, float]]:
-        """The plan's micro-batches of ``batch``, each with its weight (as the profile recorded them)."""
-        plan = self.plan
-        return split_micro_batches(batch, plan.micro_batch_size if plan.grad_accum_steps > 1 else None)
-
-    def _autocast(self):
-        # bf16 weights compute in bf16 (autocast casts fp32 inputs to meet them), as profiled.
-        if self.precision == "bf16-mixed" or (self.plan is not None and self.plan.weights):
-            return torch.autocast(self.device.type, dtype=torch.bfloat16)
-        return nullcontext()
-
-    def _run(self, batch: Any) -> tuple[float, int | None]:
-        guard = meter = None
-        if self.device.type == "cpu" and self.compiled:
-            # A dispatch-mode guard would make Dynamo run the compiled model eagerly: measure the
-            # compiled step from the outside instead (enforced between steps by the retuner).
-            meter = HostPeakMeter() if HostPeakMeter.available() else None
-            graphs_before = self._recompiles.graphs
-        elif self.device.type == "cpu" and self.enforce_budget and self.dist is None:
-            # (Not across ranks: FSDP2 frees and re-allocates unsharded parameters by resizing
-            # storages, which a dispatch mode cannot see; CUDA's allocator does see it.)
-            guard = TensorMemoryGuard(self.budget.usable_bytes)
-            self._guard_peak = None
-        elif self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
-        total = 0.0
-        with guard if guard is not None else meter if meter is not None else nullcontext():
-            if guard is not None or meter is not None:
-                (guard or meter).track(self._static_tensors(batch))
-            try:
-                in_backward = self.plan.optimizer_in_backward
-                for part, weight in self._micro_batches(batch):
-                    self._phase = "forward"
-                    args, kwargs, target = split_batch(part, self.loss_fn)
-                    with self._autocast():
-                        self._maybe_inject("forward")
-                        out = self._forward(*args, **kwargs)
-                        loss = loss_from_output(out, part, target, self.loss_fn)
-                    del out
-                    if in_backward and not math.isfinite(float(loss.detach())):
-                        # Backward updates parameters as it goes: catch a non-finite loss before it starts.
-                        raise _NonFiniteStep(float(loss.detach()), [])
-                    self._phase = "backward"
-                    self._maybe_inject("backward")
-                    self._backward(loss if weight == 1.0 else loss * weight)
-                    total += float(loss.detach()) * weight
-                    del loss
-                if guard is not None:
-                    # A partial optimizer step cannot be retried, so here the CPU guard only measures;
-                    # an overflow feeds the closed loop, which tightens the plan before the next step.
-                    guard.limit_bytes = None
-                if in_backward:
-                    skipped = getattr(self.optimizer, "nonfinite", ())
-                    if skipped:
-                        raise NonFiniteError(
-                            f"step {self.step_count}: the gradients of {', '.join(skipped)} hold NaN or inf. With the "
-                            "optimizer step in backward the other parameters were already updated (these were not); "
-                            "resume from the last checkpoint, lower the learning rate, or plan with "
-                            "allow_optimizer_in_backward=False to have non-finite steps caught before any update")
-                else:
-                    check = self._checks_gradients and math.isfinite(total)
-                    bad = safety.non_finite_gradients(self.model) if check else []
-                    if bad or not math.isfinite(total):
-                        raise _NonFiniteStep(total, bad)  # before the step: nothing non-finite is ever applied
-                self._phase = "optimizer"
-                self._optimizer_step()
-            finally:
-                if guard is not None:
-                    self._guard_peak = guard.peak_bytes
-        self._phase = "idle"
-        if guard is not None:
-            peak = guard.peak_bytes
-        elif meter is not None:
-            # A step that compiled also holds the compiler's memory: not a measurement of the step.
-            peak = meter.peak_bytes if self._recompiles.graphs == graphs_before else None
-        elif self.device.type == "cuda":
-            peak = torch.cuda.max_memory_allocated(self.device)
-        else:
-            peak = None
-        return total, peak
-
     def _static_tensors(self, batch: Any = None) -> list:
-        """What is alive before a step begins (parameters, buffers, optimizer state and the
-        batch): what a step meter tracks before it measures the step."""
-        return [list(self.model.parameters()), list(self.model.buffers()), optimizer_state_tensors(self.optimizer)] + \
-            ([tree_flatten(batch)[0]] if batch is not None else [])
+        """What is alive before a step begins (:meth:`StepRunner.static_tensors`)."""
+        return self.runner.static_tensors(batch)
 
     _checks_gradients = True
     """Whether a step checks every gradient for NaN/inf before stepping (a loop with an AMP
@@ -577,7 +434,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
 
     def _free_failed_step(self) -> None:
-        self._phase = "idle"
+        self.runner.phase = TrainerPhase.IDLE
         self.optimizer.zero_grad(set_to_none=True)
         gc.collect()
         if self.device.type == "cuda":
@@ -648,11 +505,11 @@ class Trainer:
             self.events.append({"step": self.step_count, "kind": f"{decision.kind}-infeasible", "reason": decision.reason,
                                 "budget_bytes": target})
             return
-        if _same_plan(plan, self.plan):
+        if replan.same_plan(plan, self.plan):
             self.plan_budget_bytes = plan.usable_bytes
             return
         if (self.compiled and decision.kind == "relax" and len(self._compiled_plans) >= self.max_compiled_plans
-                and not any(_same_plan(plan, p) for p in self._compiled_plans)):
+                and not any(replan.same_plan(plan, p) for p in self._compiled_plans)):
             # Each new plan recompiles the model; relaxing only buys speed, so stop compiling new
             # plans past the cap (tightening and OOM recovery still re-plan: they keep the run alive).
             self.events.append({"step": self.step_count, "kind": "relax-compile-cap", "budget_bytes": target,
@@ -848,7 +705,7 @@ class Trainer:
         first, as OOM recovery does), instead of reinstalling a plan made for the old one."""
         plan = self._make_plan(self.retuner.planning_budget(self.budget.usable_bytes), lossless=True)
         reason = f"resumed with budget {self.budget} instead of the saved run's {fmt_bytes(saved_usable)} usable"
-        if _same_plan(plan, self.plan):
+        if replan.same_plan(plan, self.plan):
             self.plan_budget_bytes = plan.usable_bytes
             return
         self._install(plan, kind="resume-replan", reason=reason)
@@ -926,33 +783,5 @@ def _profile_for_training(model, sample, loss_fn, optimizer, precision, target, 
                            space=space)
 
 
-
-_PLAN_CHOICES = ("decisions", "optimizer", "micro_batch_size", "grad_accum_steps", "weights", "optimizer_in_backward",
-                 "loss_chunks")
-"""The fields of a Plan that are choices (the rest are predictions and bookkeeping)."""
-
-
-def _same_plan(a: Plan, b: Plan) -> bool:
-    return all(getattr(a, f) == getattr(b, f) for f in _PLAN_CHOICES)
-
-
-def _plan_changes(old: Plan, new: Plan) -> dict[str, Any]:
-    changes: dict[str, Any] = {}
-    to_rc = [u for u, d in new.decisions.items() if d is not Decision.SAVE and old.decisions.get(u) is Decision.SAVE]
-    to_save = [u for u, d in new.decisions.items() if d is Decision.SAVE and old.decisions.get(u) is not Decision.SAVE]
-    if to_rc:
-        changes["save->recompute"] = to_rc
-    if to_save:
-        changes["recompute->save"] = to_save
-    if new.optimizer.ns_steps != old.optimizer.ns_steps:
-        changes["ns_steps"] = [old.optimizer.ns_steps, new.optimizer.ns_steps]
-    if new.optimizer.state_dtype != old.optimizer.state_dtype:
-        changes["state_dtype"] = [old.optimizer.state_dtype, new.optimizer.state_dtype]
-    if (new.micro_batch_size, new.grad_accum_steps) != (old.micro_batch_size, old.grad_accum_steps):
-        changes["micro_batch"] = [[old.micro_batch_size, old.grad_accum_steps], [new.micro_batch_size, new.grad_accum_steps]]
-    for name in ("weights", "optimizer_in_backward", "loss_chunks"):
-        if getattr(new, name) != getattr(old, name):
-            changes[name] = [getattr(old, name), getattr(new, name)]
-    if new.optimizer.offload != old.optimizer.offload:
-        changes["state_offload"] = [old.optimizer.offload, new.optimizer.offload]
-    return changes
+def _fields(obj) -> dict:
+    return {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}

@@ -27,6 +27,7 @@ import torch.distributed as dist
 import memtune
 from memtune import zoo
 from memtune.data import TextCorpus
+from memtune.levers import parallel_restrictions
 
 STEPS = 4
 LOCAL_BATCH = 4
@@ -113,15 +114,11 @@ def main(out_dir: Path) -> None:
     from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
 
     prof = memtune.profile(make_model(), batches[0], optimizer="adamw", target="cpu",
-                           space=memtune.PlanSpace(micro_batch_sizes=(), weights=(None,), in_backward=(False,),
-                                                   state_offload=(False,), loss_chunks=(None,)))
-    single_min = memtune.plan(prof, 1 << 40, optimizer="adamw", allow_microbatching=False, weights=(None,),
-                              allow_optimizer_in_backward=False, allow_state_offload=False,
-                              allow_loss_chunking=False)
+                           space=memtune.PlanSpace.minimal())
+    single_min = memtune.plan(prof, 1 << 40, optimizer="adamw", levers=parallel_restrictions())
     from memtune.planning import pareto
 
-    frontier = pareto(prof, optimizer="adamw", allow_microbatching=False, weights=(None,),
-                      allow_optimizer_in_backward=False, allow_state_offload=False, allow_loss_chunking=False)
+    frontier = pareto(prof, optimizer="adamw", levers=parallel_restrictions())
     single_min_peak = frontier[-1].predicted_peak_bytes
     budget = int(single_min_peak * 0.85)
     trainer = memtune.fit(make_model(), budget=budget, optimizer="adamw", progress=False)

@@ -71,6 +71,14 @@ def saved_bytes_per_unit(model: nn.Module, batch, unit_fqns, *, loss_fn=None) ->
     return {u: sum(v.values()) for u, v in seen.items()}
 
 
+class _NoHook:
+    def remove(self) -> None:
+        pass
+
+
+_NO_HOOK = _NoHook()
+
+
 class AccumulatingMemTracker(MemTracker):
     """MemTracker for steps that run the model once per micro-batch. MemTracker refuses a root
     module called a second time in one step (it takes that for the next iteration); here the
@@ -82,6 +90,11 @@ class AccumulatingMemTracker(MemTracker):
             parents = set(self._mod_tracker.parents) - {self._mod_tracker.get_known_fqn(module)}
             if parents == {"Global"}:
                 self.reset_mod_stats()
+        # MemTracker (torch 2.13) registers a gradient hook on every parameter, which torch refuses
+        # for a frozen one: mark frozen parameters as hooked already (they get no gradient).
+        for p in module.parameters():
+            if not p.requires_grad and p not in self._param_to_grad_hook_handles:
+                self._param_to_grad_hook_handles[p] = (_NO_HOOK, _NO_HOOK)
         super()._pre_fw_hook(module, inputs)
 
 

@@ -132,8 +132,7 @@ def test_cli_plans_one_rank_of_a_cluster_from_one_machine(ranks, tmp_path, capsy
     from memtune.plan import Plan
 
     batch = worker.local(worker.global_batches(WORLD)[0], 0)
-    exact_levers = memtune.PlanSpace(micro_batch_sizes=(), weights=(None,), in_backward=(False,), state_offload=(False,),
-                                     loss_chunks=(None,))  # the levers both runs share
+    exact_levers = memtune.PlanSpace.minimal()  # every lever at its default: what both runs share
     memtune.profile(worker.make_model(), batch, optimizer="adamw", target="cpu",
                     space=exact_levers).to_json(tmp_path / "profile.json")
     budget = str(ranks[0]["budget"]["budget_bytes"])

@@ -12,6 +12,7 @@ sees every CPU tensor) measures the same total.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 
 import pytest
@@ -24,6 +25,7 @@ from memtune.errors import InfeasibleBudgetError
 from memtune.loss_chunking import chunked_cross_entropy
 from memtune.plan import Decision, OptimizerPlan, Plan
 from memtune.stepping import PlanOptimizer, stochastic_round_to_bf16
+from memtune.variant import StepVariant
 from cases import Case
 from reference import measure_planned_step
 
@@ -91,8 +93,8 @@ def test_stochastic_rounding_is_unbiased_and_bf16_master_tracks_fp32():
     assert abs(r.mean().item() - x[0].item()) < 2e-5  # unbiased; round-to-nearest would give 1.0
     # bf16-master: the parameter is the rounded master; the master is fp32 and moves by tiny updates.
     model = fresh(CASES["gpt"])
-    plan = Plan(budget_bytes=1 << 40, usable_bytes=1 << 40, decisions={}, weights="bf16-master",
-                optimizer=OptimizerPlan(name="adamw", offload=True))
+    plan = Plan(budget_bytes=1 << 40, usable_bytes=1 << 40, decisions={},
+                variant=StepVariant(weights="bf16-master", state_offload=True), optimizer=OptimizerPlan(name="adamw"))
     opt = apply_plan(model, plan)
     _train(model, opt, CASES["gpt"].batch, steps=2)
     for p in model.parameters():
@@ -116,13 +118,13 @@ def test_chunked_loss_matches_the_full_loss():
 # ----------------------------------------------------------------------------- fidelity
 def _profile(case: Case):
     return memtune.profile(fresh(case), case.batch, loss_fn=case.loss_fn, target="cpu",
-                           space=memtune.PlanSpace(state_offload=(False, True), micro_batch_sizes=(2,)))
+                           space=memtune.PlanSpace(levers={"state_offload": (False, True), "micro_batch_size": (2,)}))
 
 
 DIMENSIONS = {
-    "bf16-sr": dict(weights=("bf16-sr",), allow_loss_chunking=False),
-    "in_backward": dict(weights=(None,), allow_loss_chunking=False),
-    "chunked_loss": dict(weights=(None,)),
+    "bf16-sr": dict(levers={"weights": ("bf16-sr",), "loss_chunks": (None,)}),
+    "in_backward": dict(levers={"weights": (None,), "loss_chunks": (None,)}),
+    "chunked_loss": dict(levers={"weights": (None,)}),
     "everything": dict(allow_microbatching=True),
 }
 
@@ -155,14 +157,14 @@ def test_each_dimension_fits_and_matches_memtracker(name, fidelity_rows):
             checked |= {k for k in ("weights", "optimizer_in_backward", "loss_chunks") if getattr(plan, k)}
     # On a CPU target the planner never offloads (host memory is the budget); the state-offload
     # step itself is measured on a plan built by hand: device and host copies are both CPU memory.
-    rec = next(o for o in prof.optimizer_steps if o.offload and o.in_backward and o.weights is None)
-    plan = Plan(budget_bytes=1 << 40, usable_bytes=1 << 40, optimizer_in_backward=True,
+    offloaded = StepVariant(state_offload=True, optimizer_in_backward=True)
+    rec = next(o for o in prof.optimizer_steps if o.variant == offloaded)
+    plan = Plan(budget_bytes=1 << 40, usable_bytes=1 << 40, variant=offloaded,
                 decisions={u: Decision.RECOMPUTE for u in prof.unit_fqns},
                 optimizer=OptimizerPlan(name=rec.name, state_dtype=rec.state_dtype, ns_steps=rec.ns_steps,
                                         settings=rec.settings, muon_params=rec.muon_params,
-                                        adamw_params=rec.adamw_params, offload=True))
-    plan = Plan(**{**{f: getattr(plan, f) for f in plan.__dataclass_fields__},
-                   "predicted_peak_bytes": memtune.predict_peak(prof, plan).peak_bytes})
+                                        adamw_params=rec.adamw_params))
+    plan = dataclasses.replace(plan, predicted_peak_bytes=memtune.predict_peak(prof, plan).peak_bytes)
     measured = _measure(case, plan)
     fidelity_rows.append(_row(name, plan, None, measured, "state-offload"))
     assert abs(fidelity_rows[-1]["error"]) <= TOLERANCE, fidelity_rows[-1]
@@ -187,7 +189,7 @@ def test_lossless_levers_come_before_lossy_ones():
     """At a budget where stepping in backward is enough, no precision is lowered."""
     case = CASES["gpt"]
     prof = _profile(case)
-    exact = dict(weights=(None,), state_dtypes=("fp32",), allow_loss_chunking=False)
+    exact = dict(state_dtypes=("fp32",), levers={"weights": (None,), "loss_chunks": (None,)})
     lo = None
     with pytest.raises(InfeasibleBudgetError) as info:
         memtune.plan(prof, 1, **exact)
@@ -211,13 +213,13 @@ def test_fit_with_in_backward_and_offload_trains_checkpoints_and_resumes(tmp_pat
     data = [(X[i:i + 2], Y[i:i + 2]) for i in range(0, 8, 2)]
     settings = OptimizerSettings(name="adamw", adamw_lr=1e-2)
     plain = memtune.fit(fresh(case), 1 << 34, optimizer="adamw", optimizer_settings=settings, device="cpu",
-                        progress=False, planner_options=dict(allow_optimizer_in_backward=False))
+                        progress=False, planner_options=dict(levers={"optimizer_in_backward": (False,)}))
     plain.train(data, steps=4)
     forced = memtune.fit(fresh(case), 1 << 34, optimizer="adamw", optimizer_settings=settings, device="cpu",
                          progress=False, checkpoint_path=tmp_path / "ck.pt")
     prof = forced._setup(data[0]) or forced.profile
     plan = memtune.plan(prof, 1 << 34)
-    plan = Plan(**{**{f: getattr(plan, f) for f in plan.__dataclass_fields__}, "optimizer_in_backward": True})
+    plan = dataclasses.replace(plan, variant=plan.variant.replace(optimizer_in_backward=True))
     forced.optimizer = None
     forced._install(plan, kind="initial", reason="test: in backward")
     assert isinstance(forced.optimizer, PlanOptimizer) and forced.optimizer.in_backward
@@ -244,7 +246,8 @@ def test_fit_honours_options_that_only_the_second_profiling_stage_records():
     instead of failing with 'no configuration the options allow was recorded'."""
     model = zoo.GPT(zoo.GPTConfig(n_layer=2, n_embd=32, n_head=2, block_size=32))
     data = [(X[i:i + 2, :32], Y[i:i + 2, :32]) for i in range(0, 4, 2)]
-    trainer = memtune.fit(model, 1 << 34, device="cpu", progress=False, planner_options=dict(weights=("bf16-sr",)))
+    trainer = memtune.fit(model, 1 << 34, device="cpu", progress=False,
+                          planner_options=dict(levers={"weights": ("bf16-sr",)}))
     trainer.train(data, steps=2)
     assert trainer.plan.weights == "bf16-sr" and all(math.isfinite(h["loss"]) for h in trainer.history)
     assert all(p.dtype == torch.bfloat16 for n, p in trainer.model.named_parameters() if p.dim() >= 2)

@@ -14,6 +14,7 @@ The table of every sampled plan is printed at the end of the test session.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import zlib
 
@@ -27,6 +28,7 @@ from memtune.apply import apply_plan
 from memtune.errors import InfeasibleBudgetError
 from memtune.optimizers import FAMILIES
 from memtune.plan import Decision, Plan
+from memtune.variant import StepVariant
 from memtune.units_fmt import fmt_bytes
 from cases import Case, _lm_loss
 from reference import measure_planned_step
@@ -84,8 +86,7 @@ def _measure(case: Case, plan: Plan) -> int:
 
 def _pinned_options(opt, micro: int | None) -> dict:
     return dict(optimizer=opt.name, state_dtypes=(opt.state_dtype,), min_ns_steps=opt.ns_steps or None,
-                max_ns_steps=opt.ns_steps or None, allow_microbatching=micro is not None,
-                micro_batch_sizes=(micro,) if micro is not None else None)
+                max_ns_steps=opt.ns_steps or None, levers={"micro_batch_size": (micro,)})
 
 
 def _row(name, plan, budget, measured, kind):
@@ -104,7 +105,7 @@ def test_sampled_plans_fit_and_match_memtracker(name, fidelity_rows):
     prof = _profile(case)
     rng = random.Random(zlib.crc32(name.encode()))
     steps = list(prof.optimizer_steps)
-    micros = [None, *prof.micro_batch_sizes]
+    micros = list(prof.recorded_choices("micro_batch_size"))
     rows = []
     for _ in range(PLANNED_PER_MODEL):
         rec = rng.choice(steps)
@@ -126,9 +127,8 @@ def test_sampled_plans_fit_and_match_memtracker(name, fidelity_rows):
                      for u in prof.units}
         draft = memtune.plan(prof, 1 << 50, **_pinned_options(rec, micro))
         plan = Plan(budget_bytes=1 << 50, usable_bytes=1 << 50, decisions=decisions, optimizer=draft.optimizer,
-                    micro_batch_size=draft.micro_batch_size, grad_accum_steps=draft.grad_accum_steps)
-        plan = Plan(**{**{f: getattr(plan, f) for f in plan.__dataclass_fields__},
-                       "predicted_peak_bytes": memtune.predict_peak(prof, plan).peak_bytes})
+                    variant=StepVariant(micro_batch_size=draft.micro_batch_size), grad_accum_steps=draft.grad_accum_steps)
+        plan = dataclasses.replace(plan, predicted_peak_bytes=memtune.predict_peak(prof, plan).peak_bytes)
         measured = _measure(case, plan)
         rows.append(_row(name, plan, None, measured, "random"))
     fidelity_rows.extend(rows)

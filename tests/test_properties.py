@@ -64,6 +64,17 @@ def test_budget_parse_works_or_names_the_accepted_forms(value, device):
 
 
 # ----------------------------------------------------------------------------- plan / profile files
+def _variants():
+    """Step variants whose choices can run together (one choice per lever, drawn from its own kind)."""
+    from memtune.levers import compatible
+    from memtune.variant import StepVariant
+
+    return st.fixed_dictionaries({
+        "micro_batch_size": st.none() | st.integers(1, 512), "weights": st.sampled_from([None, "bf16-sr", "bf16-master"]),
+        "optimizer_in_backward": st.booleans(), "state_offload": st.booleans(),
+        "loss_chunks": st.none() | st.integers(2, 64)}).map(lambda d: StepVariant(**d)).filter(compatible)
+
+
 def _plans():
     from memtune.plan import Decision, MemoryBreakdown, OptimizerPlan, TimeBreakdown
 
@@ -74,9 +85,11 @@ def _plans():
         optimizer=st.builds(OptimizerPlan, name=st.sampled_from(["muon2", "muon", "adamw"]), ns_steps=st.integers(0, 9),
                             state_dtype=st.sampled_from(["fp32", "bf16", "int8"]),
                             muon_params=st.lists(name, max_size=3).map(tuple), adamw_params=st.lists(name, max_size=3).map(tuple)),
-        micro_batch_size=st.none() | st.integers(1, 512), grad_accum_steps=st.integers(1, 64), predicted_peak_bytes=size,
+        variant=_variants(), grad_accum_steps=st.integers(1, 64), predicted_peak_bytes=size,
         memory=st.builds(MemoryBreakdown, peak_bytes=size, params_bytes=size, phase=st.text(max_size=10)),
-        predicted_step_ms=ms, time=st.builds(TimeBreakdown, forward_ms=ms, backward_ms=ms),
+        predicted_step_ms=ms, time=st.builds(TimeBreakdown, forward_ms=ms, backward_ms=ms,
+                                             lever_ms=st.dictionaries(st.sampled_from(["state_offload", "loss_chunks"]),
+                                                                      ms, max_size=2)),
         planner=st.text(max_size=8), profile_hash=st.text("0123456789abcdef", max_size=16), target=st.text(max_size=8),
         notes=st.lists(st.text(max_size=20), max_size=2).map(tuple))
 

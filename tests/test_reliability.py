@@ -347,8 +347,11 @@ def _cases() -> list[Case]:
     add("file", "plan: a binary file", plan_file("p2.json", b"\x89PNG\r\n\x1a\n\x00\xff\xfe"), "PlanFileError", ("binary",))
     add("file", "plan: peak is a string", plan_file("p3.json", lambda ctx: plan_doc(ctx, predicted_peak_bytes="1GB")),
         "PlanFileError", ("predicted_peak_bytes must be an integer",))
-    add("file", "plan: micro_batch_size -1", plan_file("p4.json", lambda ctx: plan_doc(ctx, micro_batch_size=-1)),
-        "PlanFileError", ("micro_batch_size must be >= 1",))
+    add("file", "plan: micro_batch_size -1", plan_file("p4.json", lambda ctx: plan_doc(ctx, variant={"micro_batch_size": -1})),
+        "PlanFileError", ("micro_batch_size=-1: use None",))
+    add("file", "plan: a lever this memtune does not know",
+        plan_file("p4b.json", lambda ctx: plan_doc(ctx, variant={"warp_drive": True})),
+        "PlanFileError", ("unknown lever", "this memtune knows"))
     add("file", "plan: NaN step time", plan_file("p5.json", lambda ctx: plan_doc(ctx, predicted_step_ms=float("nan"))),
         "PlanFileError", ("finite",))
     add("file", "plan: negative memory", plan_file("p6.json", lambda ctx: plan_doc(ctx, memory__params_bytes=-5)),

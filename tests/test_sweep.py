@@ -26,10 +26,10 @@ def build():
 
 def feasible_by_reference(profile, params) -> bool:
     """Re-derive feasibility with memtune.plan directly (not the sweep's helper)."""
-    mb = params["micro_batch_size"]
+    mb = params["micro_batch_size"]  # None: the whole batch of 4
     opts = dict(optimizer="muon2", device="cpu", min_ns_steps=params["ns_steps"], max_ns_steps=params["ns_steps"],
-                state_dtypes=(params["state_dtype"],), allow_microbatching=mb < 4)
-    if mb < 4:
+                state_dtypes=(params["state_dtype"],), allow_microbatching=mb is not None)
+    if mb is not None:
         opts["micro_batch_sizes"] = (mb,)
     try:
         memtune.plan(profile, BUDGET, params["planner"], **opts)

@@ -19,13 +19,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from memtune.errors import MemtuneError, UsageError
+from memtune.errors import DistributedError, UsageError
 from memtune.jsonfile import digest
-
-
-class DistributedError(MemtuneError):
-    """Ranks disagree (plans, budgets, feasibility) or the process group cannot be set up; raised
-    on every rank with the same message."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

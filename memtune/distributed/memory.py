@@ -26,8 +26,9 @@ gradients live in them, so gradient bytes are resident for the whole step.
 
 These rules were checked against PyTorch's own ``FSDPMemTracker``/``MemTracker`` on real 2-rank
 gloo runs (``tests/test_distributed.py`` asserts within 5% on every run; docs/distributed.md).
-Only the profiled step is rewritten: micro-batch, bf16-weight, in-backward, offload and
-chunked-loss recordings are dropped, so a distributed plan never chooses them.
+Only the recordings of levers that declare themselves supported under data parallelism
+(:attr:`memtune.levers.Lever.supported_under_parallel`) are kept; today that is none, so only
+the profiled step is rewritten and a distributed plan never chooses a lever.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from collections.abc import Mapping
 
 import torch
 
-from memtune.profile import ModelProfile, TimelineEvent
+from memtune.profile import ModelProfile, StepEvent, TimelineEvent
 
 
 def shard_bytes(shape: tuple[int, ...], dtype: str, world_size: int) -> int:
@@ -72,9 +73,16 @@ def per_rank_profile(profile: ModelProfile, world_size: int, strategy: str,
 
 
 def _drop_variants(profile: ModelProfile, **changes) -> ModelProfile:
-    keep = tuple(o for o in profile.optimizer_steps
-                 if not (o.weights or o.offload or o.in_backward))
-    return dataclasses.replace(profile, step_variants=(), optimizer_steps=keep, **changes)
+    """Only the recordings of levers that run across ranks (every other lever at its default)
+    are rewritten; the others are dropped, so a distributed plan never chooses them."""
+    from memtune.levers import LEVERS
+
+    def parallel(variant) -> bool:
+        return all(LEVERS[name].supported_under_parallel for name, _ in variant.choices)
+
+    return dataclasses.replace(profile, step_variants=tuple(r for r in profile.step_variants if parallel(r.variant)),
+                               optimizer_steps=tuple(o for o in profile.optimizer_steps if parallel(o.variant)),
+                               **changes)
 
 
 def _ddp(p: ModelProfile) -> ModelProfile:
@@ -109,26 +117,26 @@ def _fsdp(p: ModelProfile, N: int, reshard: dict[str, bool]) -> ModelProfile:
     out: list[TimelineEvent] = []
     for e in ev:
         name, u = e.name, e.unit
-        if name == "fwd_start" and u in full:
+        if name == StepEvent.FWD_START and u in full:
             fwd_open.add(u)
             last_gathered = full[u]
-        elif name == "fwd_end" and u in full:
+        elif name == StepEvent.FWD_END and u in full:
             fwd_open.discard(u)
             if not reshard.get(u, True):
                 kept.add(u)
-        elif name in ("bwd_start", "bwd_end", "bwd_done") and bwd_unit is not None:
+        elif name in (StepEvent.BWD_START, StepEvent.BWD_END, StepEvent.BWD_DONE) and bwd_unit is not None:
             done.append(bwd_unit)
             kept.discard(bwd_unit)
             last_reduced = full[bwd_unit]
             bwd_unit = None
-        if name == "bwd_start" and u in full:
+        if name == StepEvent.BWD_START and u in full:
             bwd_unit = u
             # A unit kept unsharded since its forward is not gathered again; by then the last
             # forward all-gather's output has been released.
             last_gathered = full[u] if reshard.get(u, True) else 0
-        if name in ("bwd_done", "optim_start", "optim_end", "end"):
+        if name in (StepEvent.BWD_DONE, StepEvent.OPTIM_START, StepEvent.OPTIM_END, StepEvent.END):
             in_step = False
-        optim = name == "optim_start"
+        optim = name == StepEvent.OPTIM_START
         if in_step:
             gathered = root_full + sum(full[x] for x in fwd_open | kept | ({bwd_unit} if bwd_unit else set()))
             buffers = last_gathered + last_reduced

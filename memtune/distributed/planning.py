@@ -30,6 +30,8 @@ from dataclasses import dataclass
 
 from memtune.budget import Budget
 from memtune.errors import InfeasibleBudgetError, UsageError
+from memtune.levers import parallel_restrictions
+from memtune.optimizers import orthogonalizes
 from memtune.plan import ParallelPlan, Plan
 from memtune.profile import ModelProfile
 
@@ -120,8 +122,8 @@ def plan_distributed(profile: ModelProfile, budget: int | str | Budget, *, world
                      reserve: int | str | None = None, **options) -> Plan:
     """The fastest layout-and-plan for one of ``world_size`` ranks whose peak fits ``budget``
     (per device). ``options`` are :class:`memtune.planners.PlannerOptions` fields; the levers
-    that change how a step runs on one rank (micro-batching, bf16 weights, the optimizer step in
-    backward, offload, chunked loss) are off, as they are not combined with FSDP2/DDP yet."""
+    that do not run across ranks (:func:`memtune.levers.parallel_restrictions`) and activation
+    offload stay off."""
     from memtune.planning import plan as make_plan
 
     if world_size < 2:
@@ -134,15 +136,14 @@ def plan_distributed(profile: ModelProfile, budget: int | str | Budget, *, world
     notes: tuple[str, ...] = ()
     if strategies is None:
         strategies = STRATEGIES
-    if "fsdp" in strategies and any(n in ("muon2", "muon") for n in names):
+    if "fsdp" in strategies and any(orthogonalizes(n) for n in names):
         notes = ("under FSDP2, Muon²/Muon orthogonalize each matrix whole on an owner rank "
                  "(memtune.distributed.muon); the gathers are not priced yet",)
     bad = [s for s in strategies if s not in STRATEGIES]
     if bad:
         raise UsageError(f"unknown strategies {bad}; choose from {STRATEGIES}")
     opts = dict(options)
-    opts.update(allow_microbatching=False, weights=(None,), allow_optimizer_in_backward=False,
-                allow_state_offload=False, allow_loss_chunking=False, allow_offload=False)
+    opts.update(allow_offload=False, levers={**opts.get("levers", {}), **parallel_restrictions()})
     mixed = "bf16" if profile.precision == "bf16-mixed" else None
     best: tuple[float, int, Plan] | None = None
     errors: list[InfeasibleBudgetError] = []

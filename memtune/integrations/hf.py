@@ -8,7 +8,7 @@ At ``on_train_begin`` the callback profiles the model on the first training batc
 Trainer's own optimizer* (whatever ``args.optim`` or ``optimizers=`` made), plans into the
 budget and applies the plan's recompute decisions to the model. It never replaces the
 optimizer, the LR scheduler, the gradient clipping or the mixed precision the Trainer runs
-(the plan keeps them all: :data:`memtune.runtime.session.USER_OPTIMIZER_LOCKS`), and it
+(the plan keeps them all: :func:`memtune.runtime.session.user_optimizer_locks`), and it
 leaves batch size and gradient accumulation to ``TrainingArguments``: memtune's own
 micro-batching is off. Each optimizer step is measured (CUDA allocator peak; on a CPU the
 tracked tensor bytes), recorded with the telemetry, and the plan is re-tuned between steps
@@ -77,7 +77,7 @@ class MemtuneCallback(CallbackSettings, _Base):
         self.hf_recomputes_every_layer = bool(layers)
         self.session = Session(model, self.budget, optimizer=inner, device=device, precision=precision,
                                allow_microbatching=False, retune=self.retune and not layers,
-                               planner_options=lock(self.planner_options, ("allow_microbatching",),
+                               planner_options=lock(self.planner_options, ("micro_batch_size",),
                                                     "a smaller per_device_train_batch_size (with "
                                                     "gradient_accumulation_steps to keep the global batch)"),
                                **self.session_kwargs())

@@ -14,7 +14,7 @@ plans into the budget and applies the plan's recompute decisions to the module's
 What the callback leaves alone:
 
 - the optimizer, its LR schedulers, ``gradient_clip_val``, ``accumulate_grad_batches`` and the
-  precision plugin. The plan keeps all of them: :data:`memtune.runtime.session.USER_OPTIMIZER_LOCKS`.
+  precision plugin. The plan keeps all of them: :func:`memtune.runtime.session.user_optimizer_locks`.
   memtune's micro-batching and chunked loss are off, because the loss is yours, inside
   ``training_step``;
 - ``precision="bf16-mixed"`` / ``"16-mixed"`` profile as ``bf16-mixed``.
@@ -113,8 +113,10 @@ class MemtuneCallback(CallbackSettings, _Base):
         if "true" in prec and prec not in ("32-true", "32"):
             raise UsageError(f"precision={prec!r} stores the weights in low precision, which memtune does not profile "
                              "for a module it did not build; use '32-true' or 'bf16-mixed'")
-        options = lock({**self.planner_options, "allow_loss_chunking": False},  # the loss is inside training_step
-                       ("allow_microbatching", "allow_loss_chunking"),
+        # The loss is inside training_step: memtune cannot chunk it.
+        options = lock({**self.planner_options,
+                        "levers": {**self.planner_options.get("levers", {}), "loss_chunks": (None,)}},
+                       ("micro_batch_size", "loss_chunks"),
                        "a smaller batch_size in your DataLoader (with accumulate_grad_batches to keep the global batch)")
         self.session = Session(TrainingStep(pl_module), self.budget, optimizer=trainer.optimizers[0], device=device,
                                precision=precision, allow_microbatching=False, retune=self.retune,

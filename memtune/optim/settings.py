@@ -12,18 +12,14 @@ from typing import Mapping
 
 import torch
 
-from memtune.errors import MemtuneError
+from memtune.errors import OptimizerConfigError  # noqa: F401 - re-exported: memtune.optim.OptimizerConfigError
+from memtune.optimizers import FAMILIES as OPTIMIZER_NAMES  # the optimizers memtune.optim builds
+from memtune.optimizers import STATE_DTYPES
 
-OPTIMIZER_NAMES = ("muon2", "muon", "adamw")
-STATE_DTYPES = ("fp32", "bf16", "int8")
 ADJUST_LR = ("original", "match_rms_adamw")
 EPS_MODES = ("outside", "inside")
 INT8_DOMAINS = ("linear", "sqrt")
 NS_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
-
-
-class OptimizerConfigError(MemtuneError, ValueError):
-    """Optimizer settings, or an override, that memtune cannot honour; the message says the fix."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

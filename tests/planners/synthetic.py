@@ -27,7 +27,8 @@ import random
 from dataclasses import dataclass, field
 
 from memtune.optimizers import DEFAULT_NS_STEPS, FAMILIES
-from memtune.plan import STATE_DTYPES
+from memtune.optimizers import STATE_DTYPES
+from memtune.variant import StepVariant
 from memtune.profile import (ModelProfile, OptimizerStepProfile, ParamInfo, StepRecording, StorageInfo, TimelineEvent,
                              UnitProfile)
 
@@ -224,8 +225,10 @@ def chain_profile(n_units: int, seed: int, *, batch_size: int = 4, scale: int = 
                 if (m, bf16, ib, chunks) == (None, False, False, None):
                     continue
                 rec, totals = record(m=m, bf16=bf16, in_backward=ib, chunks=chunks)
-                variants.append(StepRecording(micro_batch_size=m, weights="bf16" if bf16 else None, in_backward=ib,
-                                              loss_chunks=chunks, sample=f"({m or batch_size}, 2) int64", **totals, **rec))
+                variant = StepVariant(micro_batch_size=m, weights="bf16-sr" if bf16 else None,
+                                      optimizer_in_backward=ib, loss_chunks=chunks)
+                variants.append(StepRecording(variant=variant, sample=f"({m or batch_size}, 2) int64",
+                                              batch_size=m or batch_size, **totals, **rec))
     ev = main["timeline"]
     i = next(i for i, e in enumerate(ev) if e.name == "optim_start")
     optimizer_steps = _optimizer_steps(params, 2 * sum(param_sizes.values()), ev[i].peak_bytes - ev[i].live_bytes,
@@ -236,7 +239,7 @@ def chain_profile(n_units: int, seed: int, *, batch_size: int = 4, scale: int = 
         batch_size=batch_size, sample=f"({batch_size}, 2) int64", param_bytes=sum(param_sizes.values()), buffer_bytes=0,
         grad_bytes=sum(param_sizes.values()), optimizer_state_bytes=2 * sum(param_sizes.values()),
         input_bytes=batch_size * 8, params=tuple(params), optimizer_steps=optimizer_steps,
-        step_variants=tuple(variants), loss_chunking="forward", **main)
+        step_variants=tuple(variants), **main)
 
 
 def _optimizer_steps(params, opt_state: int, profiled_transient: int, rng: random.Random, *, cuda: bool):
@@ -268,8 +271,8 @@ def _optimizer_steps(params, opt_state: int, profiled_transient: int, rng: rando
                             muon_params=muon, adamw_params=tuple(p.fqn for p in params if p.fqn not in muon),
                             state_bytes=opt_state if profiled else (0 if offload else state + master),
                             step_transient_bytes=profiled_transient if profiled else (0 if ib else rng.randint(0, 4 * opt_state)),
-                            profiled=profiled, weights=weights, offload=offload, in_backward=ib, host_state_bytes=host,
-                            param_step_bytes=per_param))
+                            profiled=profiled, host_state_bytes=host, param_step_bytes=per_param,
+                            variant=StepVariant(weights=weights, state_offload=offload, optimizer_in_backward=ib)))
     return tuple(out)
 
 

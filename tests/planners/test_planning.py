@@ -59,6 +59,6 @@ def test_greedy_falls_back_to_the_min_peak_plan_when_its_search_fails(monkeypatc
     from memtune.planners.infeasible import most_frugal_plan
 
     tight = most_frugal_plan(prof, Budget.parse(prof.baseline_peak_bytes, device="cpu"), opts).predicted_peak_bytes
-    monkeypatch.setattr(greedy, "fit", lambda *a, **k: None)  # min-peak uses the MILP at this size
+    monkeypatch.setattr(greedy, "greedy_decisions", lambda *a, **k: None)  # min-peak uses the MILP at this size
     p = PLANNERS["greedy"].plan(prof, Budget.parse(tight, device="cpu"), options=opts)
     assert p.fits and p.planner == "greedy" and "most memory-frugal" in p.notes[0]

@@ -11,6 +11,7 @@ import pytest
 from memtune.cost_model import calibrate, cost_table, predict_step_time
 from memtune.memory_model import predict_peak
 from memtune.plan import Decision, OptimizerPlan, Plan
+from memtune.variant import StepVariant
 from memtune.planners import PlannerOptions
 from memtune.planners.options import configs, timeline_for
 from replay_reference import reference_peak
@@ -31,9 +32,7 @@ def test_timeline_model_equals_an_independent_replay(source, profile_of):
                 dec = {u: rng.choice(list(Decision)) for u in prof.unit_fqns}
                 x, r = tm.indicators(dec)
                 plan = Plan(budget_bytes=1 << 60, usable_bytes=1 << 60, decisions=dec, optimizer=cfg.optimizer,
-                            micro_batch_size=cfg.micro_batch_size, grad_accum_steps=cfg.grad_accum_steps,
-                            weights=cfg.weights, optimizer_in_backward=cfg.optimizer_in_backward,
-                            loss_chunks=cfg.loss_chunks)
+                            variant=cfg.variant, grad_accum_steps=cfg.grad_accum_steps)
                 want = reference_peak(prof, plan)
                 assert tm.peak(cc, x, r) == want
                 assert predict_peak(prof, plan).peak_bytes == want
@@ -66,11 +65,11 @@ def test_low_precision_state_is_slower_and_micro_batching_only_adds_launches():
     assert times["fp32"].optimizer_ms < times["bf16"].optimizer_ms
     assert times["fp32"].optimizer_ms < times["int8"].optimizer_ms
     whole = predict_step_time(prof, _plan(prof), "H100")
-    split = predict_step_time(prof, _plan(prof, micro_batch_size=1, grad_accum_steps=4), "H100")
+    split = predict_step_time(prof, _plan(prof, variant=StepVariant(micro_batch_size=1), grad_accum_steps=4), "H100")
     assert split.forward_ms > whole.forward_ms and split.backward_ms > whole.backward_ms
     no_overhead = dataclasses.replace(calibrate("cpu"), kernel_overhead_s=0.0)
     a = predict_step_time(prof, _plan(prof), no_overhead)
-    b = predict_step_time(prof, _plan(prof, micro_batch_size=1, grad_accum_steps=4), no_overhead)
+    b = predict_step_time(prof, _plan(prof, variant=StepVariant(micro_batch_size=1), grad_accum_steps=4), no_overhead)
     assert a.forward_ms == pytest.approx(b.forward_ms) and a.backward_ms == pytest.approx(b.backward_ms)
 
 

@@ -206,5 +206,5 @@ def test_an_infeasible_budget_suggests_only_what_your_optimizer_allows():
               "bf16 weights (profile", "weights=(None")
     assert "a budget of at least" in str(own.value) and "optimizer='muon2'" in str(own.value)
     assert not [s for s in locked if s in str(own.value)], str(own.value)
-    assert "micro-batch 1" in str(own.value)  # micro-batching, still the session's, was used to the end
+    assert "micro-batches of 1" in str(own.value)  # micro-batching, still the session's, was used to the end
     assert [s for s in locked if s in str(built.value)], str(built.value)

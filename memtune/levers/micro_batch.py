@@ -1,0 +1,140 @@
+"""Micro-batching: the global batch in smaller pieces, with the gradients accumulated over them.
+
+The step is recorded at each micro-batch size in gradient-accumulation mode: the gradients of
+the earlier micro-batches exist from the start and backward adds into them, exactly as the
+runtime's loop does (``(loss * weight).backward()`` per micro-batch, then one optimizer step).
+Activations scale with the micro-batch; every kernel launches once per micro-batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Iterator
+
+from memtune.errors import UnrecordedPlanError
+
+from .base import Applied, Lever, ProfileContext
+
+
+class MicroBatchLever(Lever):
+    name = "micro_batch_size"
+    default = None
+    affects_step = True
+    searchable = True
+    numerics = ("the same gradient, summed over the micro-batches in another order; statistics over the batch "
+                "(batch norm's) are taken per micro-batch")
+
+    def validate(self, value: Any) -> int | None:
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"micro_batch_size={value!r}: use None (the whole batch) or a whole number >= 1")
+        return value
+
+    # ------------------------------------------------------------------ what to record
+    def recorded_choices(self, space, ctx: ProfileContext) -> tuple:
+        B = ctx.batch_size
+        requested = space.lever_choices(self.name)
+        if not B or B < 2:
+            return (None,)
+        if requested is not None:
+            sizes = [self.validate(m) for m in requested if m is not None]
+            bad = [m for m in sizes if m > B or B % m]
+            if bad:
+                raise ValueError(f"PlanSpace: micro-batch sizes {bad} do not divide the batch of {B}")
+            return (None, *sorted(set(sizes), reverse=True))
+        sizes, m = [], B  # the batch halved while it divides evenly, and 1 (8 -> 4, 2, 1)
+        while m % 2 == 0 and m > 1:
+            m //= 2
+            sizes.append(m)
+        if 1 not in sizes:
+            sizes.append(1)
+        return (None, *sizes)
+
+    # ------------------------------------------------------------------ what to plan
+    def allowed(self, options) -> tuple | None:
+        explicit = options.lever_choices(self.name)
+        if explicit is not None:
+            return tuple(self.validate(m) for m in explicit)
+        if not options.allow_microbatching:
+            return (None,)
+        return None if options.micro_batch_sizes is None else (None, *map(self.validate, options.micro_batch_sizes))
+
+    def plan_choices(self, profile, options, recorded: tuple) -> tuple:
+        """Micro-batch sizes that divide the global batch and were recorded (the whole batch is
+        ``None``). An explicit size the profile did not record is an error, not a silent skip."""
+        B = profile.batch_size or 1
+        G = options.global_batch_size or B
+        recorded_sizes = {m for m in recorded if m}
+        explicit = options.lever_choices(self.name)
+        if explicit is not None:
+            sizes = tuple(B if m is None else self.validate(m) for m in explicit)
+        elif options.allow_microbatching and profile.batch_size:
+            sizes = tuple(options.micro_batch_sizes) if options.micro_batch_sizes is not None else None
+        else:
+            sizes = (G,)
+        if sizes is None:
+            sizes = tuple(m for m in recorded_sizes if G % m == 0) + ((G,) if G == B else ())
+        else:
+            bad = [m for m in sizes if m < 1 or G % m]
+            if bad:
+                raise ValueError(f"micro_batch_sizes {bad} do not divide the global batch {G}")
+            missing = [m for m in sizes if m not in recorded_sizes and not (m == B == G)]
+            if missing:
+                raise UnrecordedPlanError(
+                    f"micro-batch sizes {missing} were not recorded (recorded: {sorted(recorded_sizes, reverse=True)}); "
+                    f"re-profile with memtune.profile(..., space=memtune.PlanSpace(levers={{'{self.name}': "
+                    f"{tuple(missing)}}}))")
+        out = []
+        for m in sorted(set(sizes), reverse=True):
+            mb = None if (m == B and G == B) else m
+            if mb is not None and mb not in recorded_sizes:
+                raise UnrecordedPlanError(
+                    f"a global batch of {G} in micro-batches of {m} needs a recorded accumulation step at {m}; "
+                    f"re-profile with memtune.profile(..., space=memtune.PlanSpace(levers={{'{self.name}': ({m},)}}))")
+            out.append(mb)
+        return tuple(out)
+
+    def accumulation_steps(self, value, batch_size, global_batch) -> int:
+        B = batch_size or 1
+        return (global_batch or B) // (value or B)
+
+    # ------------------------------------------------------------------ recording and cost
+    @contextlib.contextmanager
+    def recording(self, value, setup) -> Iterator[None]:
+        from memtune.batching import split_micro_batches
+
+        setup.sample = split_micro_batches(setup.sample, value)[0][0]  # the first micro-batch, cut as the runtime cuts it
+        setup.accumulate_weight = value / setup.batch_size
+        yield
+
+    def cost(self, value, ctx) -> None:
+        B = ctx.profile.batch_size or 1
+        ctx.activation_scale = value / B  # activation FLOPs and bytes per micro-step relative to the profile
+        ctx.repeats = ctx.grad_accum_steps
+
+    def lossiness(self, value) -> int:
+        return 1 if value is not None else 0
+
+    # ------------------------------------------------------------------ words
+    def describe(self, value) -> str:
+        return "the whole batch" if value is None else f"micro-batches of {value}"
+
+    def allow_hint(self, options, choices) -> str:
+        if options.lever_choices(self.name) is None:
+            return "allow_microbatching=True (smaller micro-batches with gradient accumulation)"
+        return super().allow_hint(options, choices)
+
+    # ------------------------------------------------------------------ runtime
+    def apply(self, model, value, ctx) -> Applied:
+        return _Split(value if ctx.plan.grad_accum_steps > 1 else None)
+
+
+class _Split(Applied):
+    def __init__(self, micro_batch_size: int | None):
+        self.micro_batch_size = micro_batch_size
+
+    def split_batch(self, batch):
+        from memtune.batching import split_micro_batches
+
+        return split_micro_batches(batch, self.micro_batch_size)
