@@ -20,6 +20,7 @@ from .memory_model import predict_peak  # noqa: E402
 from .plan import Decision, MemoryBreakdown, OptimizerPlan, Plan, TimeBreakdown  # noqa: E402
 from .profile import ModelProfile, ParamInfo, StorageInfo, TimelineEvent, UnitProfile  # noqa: E402
 from .profiler import PlanSpace, profile  # binds the function over the submodule of the same name
+from .variant import StepVariant  # noqa: E402
 from .planning import pareto, plan  # likewise: memtune.plan is the function, memtune.plan.Plan lives in memtune/plan.py
 
 __version__ = "0.1.0"
@@ -34,6 +35,8 @@ _LAZY = {
     "PLANNERS": ("memtune.planners", "PLANNERS"),
     "fit": ("memtune.runtime.trainer", "fit"),
     "Trainer": ("memtune.runtime.trainer", "Trainer"),
+    "TrainerConfig": ("memtune.runtime.config", "TrainerConfig"),
+    "LEVERS": ("memtune.levers", "LEVERS"),
     "session": ("memtune.runtime.session", "session"),
     "Session": ("memtune.runtime.session", "Session"),
     "sweep": ("memtune.sweep", "sweep"),
@@ -53,6 +56,7 @@ def __getattr__(name: str):
 
 __all__ = [
     "Budget", "BudgetError", "Decision", "InfeasibleBudgetError", "MemoryBreakdown", "MemtuneError", "ModelProfile",
-    "OptimizerPlan", "ParamInfo", "Plan", "PlanFileError", "PlanSpace", "SampleError", "StorageInfo", "TimeBreakdown",
+    "OptimizerPlan", "ParamInfo", "Plan", "PlanFileError", "PlanSpace", "SampleError", "StepVariant", "StorageInfo",
+    "TimeBreakdown",
     "TimelineEvent", "TraceError", "UnitProfile", "pareto", "plan", "predict_peak", "profile", *_LAZY,
 ]

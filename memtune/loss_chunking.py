@@ -104,10 +104,6 @@ def remove(model: nn.Module) -> None:
             model.__dict__["forward"] = original
 
 
-def applied(model: nn.Module) -> bool:
-    return _ORIGINAL in model.__dict__
-
-
 def _hf_causal_lm_forward(model, original, chunks, *args, labels=None, **kwargs):
     if labels is None or not torch.is_grad_enabled():
         return original(*args, labels=labels, **kwargs)

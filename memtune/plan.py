@@ -13,8 +13,8 @@ Plain frozen data keyed by module FQN, JSON round-trip, no live objects:
   time with its breakdown (:class:`TimeBreakdown`);
 * the planner's name and the fingerprint of the profile it planned for.
 
-A lever's choice also reads as an attribute of the plan (``plan.micro_batch_size`` is
-``plan.variant.micro_batch_size``).
+A lever's choice also reads as an attribute of the plan named after the lever
+(``plan.<lever>`` is ``plan.variant.<lever>``).
 """
 
 from __future__ import annotations
@@ -119,8 +119,8 @@ class TimeBreakdown:
     offload_ms: float = 0.0
     """Activation offload traffic (host link)."""
     lever_ms: dict[str, float] = field(default_factory=dict)
-    """Time a lever adds, by lever name (e.g. ``state_offload``: state traffic to and from host
-    memory not hidden behind backward; ``loss_chunks``: each chunk's head recomputed in backward)."""
+    """Time a lever adds, by lever name (:meth:`memtune.levers.Lever.cost`: e.g. optimizer-state
+    traffic not hidden behind backward, or a chunked loss's head run again in backward)."""
 
     @property
     def total_ms(self) -> float:
@@ -170,8 +170,8 @@ class Plan:
     variant: StepVariant = field(default_factory=StepVariant)
     """How the step runs: one choice per lever (:mod:`memtune.levers`)."""
     grad_accum_steps: int = 1
-    """Forward/backward passes per optimizer step (micro-batches; ``micro_batch_size *
-    grad_accum_steps`` is the global batch)."""
+    """Forward/backward passes per optimizer step (micro-batches; micro-batch size times this is
+    the global batch)."""
     predicted_peak_bytes: int = 0
     memory: MemoryBreakdown = field(default_factory=lambda: MemoryBreakdown(peak_bytes=0))
     predicted_step_ms: float = 0.0
@@ -199,7 +199,7 @@ class Plan:
         check_variant(self.variant)
 
     def __getattr__(self, name: str) -> Any:
-        """A lever's choice, by the lever's name (``plan.loss_chunks``)."""
+        """A lever's choice, by the lever's name (``plan.<lever>``)."""
         if name.startswith("__") or name == "variant":
             raise AttributeError(name)
         from .levers import LEVERS

@@ -255,7 +255,7 @@ def sweep(build_fn: Callable[..., Any], *, budget: int | str, n_trials: int, stu
     Args:
         build_fn: called once per trial, with no arguments or with the trial's parameters
             (a dict: ``ns_steps``, ``state_dtype``, ``planner``, ``lr``, and one entry per searched
-            lever, e.g. ``micro_batch_size``: ``None`` for the whole batch);
+            lever, in the lever's JSON encoding);
             returns ``(model, data)``, ``(model, data, loss_fn)`` or a dict with keys
             ``model``, ``data`` (or ``sample``), ``loss_fn``. ``data`` is an iterable of
             batches; its first batch is the profiling sample. Build a fresh model each call.

@@ -67,6 +67,17 @@ class StepRunner:
         for listener in self.listeners:
             listener(phase, self.trainer.step_count)
 
+    def levers_updating_during_backward(self) -> list[str]:
+        """The applied levers that update parameters during backward (a failed step is not retried)."""
+        return [name for name, a in applied_levers(self.trainer.model).items() if not a.retry_safe]
+
+    @staticmethod
+    def held_at_default(names) -> dict:
+        """``PlannerOptions.levers`` that keep ``names`` at their default (for messages)."""
+        from memtune.levers import LEVERS
+
+        return {name: (LEVERS[name].encode(LEVERS[name].default),) for name in names}
+
     def retry_safe(self) -> bool:
         """Whether a step that failed in the current phase may run again from the same batch:
         not once the optimizer steps, nor in backward when an applied lever updates parameters there."""
@@ -140,7 +151,7 @@ class StepRunner:
 
     def _forward_backward(self, batch: Any, levers) -> float:
         t = self.trainer
-        updates_in_backward = not all(a.retry_safe for a in levers)
+        updates_during_backward = not all(a.retry_safe for a in levers)
         total = 0.0
         for part, weight in self._pieces(batch, levers):
             self.enter(TrainerPhase.FORWARD)
@@ -149,7 +160,7 @@ class StepRunner:
                 out = t._forward(*args, **kwargs)
                 loss = loss_from_output(out, part, target, t.loss_fn)
             del out
-            if updates_in_backward and not math.isfinite(float(loss.detach())):
+            if updates_during_backward and not math.isfinite(float(loss.detach())):
                 # Backward updates parameters as it goes: catch a non-finite loss before it starts.
                 raise NonFiniteStep(float(loss.detach()), [])
             self.enter(TrainerPhase.BACKWARD)
@@ -164,11 +175,12 @@ class StepRunner:
         t = self.trainer
         refused = getattr(t.optimizer, "nonfinite", ())
         if refused:
+            updating = self.levers_updating_during_backward()
             raise NonFiniteError(
-                f"step {t.step_count}: the gradients of {', '.join(refused)} hold NaN or inf. With the optimizer step "
-                "in backward the other parameters were already updated (these were not); resume from the last "
-                "checkpoint, lower the learning rate, or plan with levers={'optimizer_in_backward': (False,)} to "
-                "have non-finite steps caught before any update")
+                f"step {t.step_count}: the gradients of {', '.join(refused)} hold NaN or inf. With parameters updated "
+                f"in backward ({', '.join(updating) or 'the optimizer step in backward'}) the other parameters were "
+                "already updated (these were not); resume from the last checkpoint, lower the learning rate, or plan "
+                f"with levers={self.held_at_default(updating)} to have non-finite steps caught before any update")
         if not all(a.retry_safe for a in levers):
             return  # the parameters were updated in backward: there is nothing left to check
         bad = safety.non_finite_gradients(t.model) if t._checks_gradients and math.isfinite(total) else []

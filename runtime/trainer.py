@@ -25,13 +25,11 @@ import signal
 import threading
 import time
 import warnings
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Iterable
 
 import torch
 import torch.nn as nn
-from torch.utils._pytree import tree_flatten, tree_map_only
 
 from memtune.batching import batch_size_of, move_batch
 from memtune.budget import Budget
@@ -105,8 +103,12 @@ class Trainer:
         self.max_skipped_batches = c.max_skipped_batches
         self.max_grad_norm = c.max_grad_norm
         if c.max_grad_norm is not None:
-            # A global norm needs every gradient at once: no optimizer step in backward.
-            self.planner_options["allow_optimizer_in_backward"] = False
+            # A global norm needs every gradient at once: the levers that free them stay off.
+            from memtune.levers import LEVERS
+
+            self.planner_options["levers"] = {
+                **self.planner_options.get("levers", {}),
+                **{name: (lever.default,) for name, lever in LEVERS.items() if not lever.allows_global_grad_clip}}
         self.skipped_batches = 0
         self._saved_step: int | None = None
         self.compiled = is_compiled(model)
@@ -190,7 +192,7 @@ class Trainer:
             plan = self._make_plan(budget, lossless=False)
             widen = staged and lossiness(plan) >= 2
         except (InfeasibleBudgetError, UnrecordedPlanError):
-            # (Unrecorded: the options ask for what only the second stage records, e.g. weights=("bf16-sr",).)
+            # (Unrecorded: the options ask for a choice only the second stage records.)
             if not staged:
                 raise
             widen = True
@@ -331,14 +333,15 @@ class Trainer:
 
                     raise dist_ckpt.record_oom(self, e) from e
                 if not self.runner.retry_safe():
+                    updating = self.runner.levers_updating_during_backward()
                     where = "inside optimizer.step()" if self.runner.phase is TrainerPhase.OPTIMIZER else \
-                        "in backward while a lever updates parameters there (the optimizer step in backward)"
+                        f"in backward while {', '.join(updating)} updates parameters there"
                     self._free_failed_step()
                     raise safety.StepFailedError(
                         f"out of memory {where} at step {self.step_count}: parameters may be partly updated, so the "
-                        "step cannot be retried safely; resume from the last checkpoint with a smaller budget, or "
-                        "plan with levers={'optimizer_in_backward': (False,)} so that an OOM in backward can be "
-                        "retried") from e
+                        "step cannot be retried safely; resume from the last checkpoint with a smaller budget"
+                        + (f", or plan with levers={self.runner.held_at_default(updating)} so that an OOM in "
+                           "backward can be retried" if updating else "")) from e
                 peak = self.runner.last_peak
                 if peak is None and self.device.type == "cuda":
                     peak = torch.cuda.max_memory_allocated(self.device)

@@ -30,6 +30,7 @@ def assert_clean_error(r: subprocess.CompletedProcess, code: int, *words: str) -
         assert w in lines[0], lines[0]
 
 
+@pytest.mark.slow
 def test_every_help_has_an_example_and_exit_codes():
     with ThreadPoolExecutor(3) as pool:
         results = list(pool.map(lambda c: memtune(*([c] if c else []), "--help"), (None, *COMMANDS)))
@@ -38,6 +39,7 @@ def test_every_help_has_an_example_and_exit_codes():
         assert "Example" in r.stdout and "exit codes" in r.stdout and "130" in r.stdout
 
 
+@pytest.mark.slow
 def test_profile_plan_report_round_trip(tmp_path):
     r = memtune("profile", MODEL, "--out", str(tmp_path / "profile.json"))
     assert r.returncode == 0, r.stderr
@@ -61,6 +63,7 @@ def test_profile_plan_report_round_trip(tmp_path):
     assert "at least" in r.stderr
 
 
+@pytest.mark.slow
 def test_fit_writes_metrics(tmp_path):
     metrics = tmp_path / "run" / "metrics.jsonl"
     r = memtune("fit", str(ROOT / "examples" / "models.py") + ":gpt_with_data", "--budget", "5MB", "--steps", "2",

@@ -2,6 +2,7 @@
 worked out by hand from c10/cuda/CUDACachingAllocator.cpp's constants), and its use by the
 recorder for CUDA targets."""
 
+import pytest
 import torch
 
 import memtune
@@ -102,6 +103,7 @@ def test_peaks_and_reset():
     assert a.peak_allocated_bytes == 512 and a.peak_reserved_bytes == 32 * MiB
 
 
+@pytest.mark.slow
 def test_cuda_profile_peak_is_block_sizes(monkeypatch):
     T = 64
     ids = torch.randint(0, 256, (2, T))

@@ -58,6 +58,7 @@ def _single_process_losses() -> list[float]:
     return [h["loss"] for h in trainer.history]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["fsdp", "ddp"])
 def test_losses_equal_single_process_on_the_global_batch(ranks, strategy):
     reference = _single_process_losses()
@@ -160,6 +161,7 @@ def _same_run(clean: dict, other: dict) -> None:
         assert torch.equal(w, other["weights"][k]), k
 
 
+@pytest.mark.slow
 def test_kill_9_of_a_rank_and_a_torchrun_restart_resume_bit_identically(restarted):
     clean, resumed = restarted["clean"], restarted["resumed"]
     assert resumed["attempt"] == 1 and "resume" in resumed["events"]  # it was killed, restarted and resumed

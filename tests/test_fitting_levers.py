@@ -185,6 +185,7 @@ def test_a_small_gpt_fits_in_30_percent_of_its_unplanned_peak(fidelity_rows):
     assert measured <= budget and abs(fidelity_rows[-1]["error"]) <= TOLERANCE, fidelity_rows[-1]
 
 
+@pytest.mark.slow
 def test_lossless_levers_come_before_lossy_ones():
     """At a budget where stepping in backward is enough, no precision is lowered."""
     case = CASES["gpt"]
@@ -204,6 +205,7 @@ def test_lossless_levers_come_before_lossy_ones():
 
 
 # ----------------------------------------------------------------------------- runtime
+@pytest.mark.slow
 def test_fit_with_in_backward_and_offload_trains_checkpoints_and_resumes(tmp_path):
     """The runtime with a plan that steps in backward from offloaded state: losses match a
     plain run's exactly (fp32), and a checkpoint round trip continues identically."""
@@ -241,6 +243,7 @@ def test_a_nonfinite_gradient_is_never_applied_in_backward():
     assert "lm_head.weight" in opt.nonfinite and torch.equal(model.lm_head.weight, before)
 
 
+@pytest.mark.slow
 def test_fit_honours_options_that_only_the_second_profiling_stage_records():
     """fit profiles without bf16 weights first; options that require them widen the profile
     instead of failing with 'no configuration the options allow was recorded'."""

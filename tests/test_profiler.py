@@ -35,6 +35,7 @@ def profiles():
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(CASES))
 def test_baseline_peak_matches_memtracker(name, profiles):
     c = CASES[name]
@@ -104,6 +105,7 @@ def test_flops_match_flop_counter_on_real_tensors(profiles):
     assert prof.units[0].fwd_flops + prof.units[0].bwd_flops == sum(per_block.values())
 
 
+@pytest.mark.slow
 def test_meta_model_profiles_like_the_real_one():
     torch.manual_seed(0)
     real = zoo.GPT()
@@ -116,6 +118,7 @@ def test_meta_model_profiles_like_the_real_one():
     assert [u.saved_activation_bytes for u in a.units] == [u.saved_activation_bytes for u in b.units]
 
 
+@pytest.mark.slow
 def test_profiling_allocates_no_real_memory():
     """A 1.2B-parameter model (4.8 GB of fp32 weights) profiles in a few hundred MB."""
     with torch.device("meta"):
@@ -141,6 +144,7 @@ def test_a_kept_profile_does_not_keep_the_model_alive():
     assert ref() is None and prof.graph is not None
 
 
+@pytest.mark.slow
 def test_model_is_left_untouched(profiles):
     torch.manual_seed(0)
     model = zoo.GPT()

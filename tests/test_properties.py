@@ -137,6 +137,7 @@ def _mutate(doc, data):
     return doc, path
 
 
+@pytest.mark.slow
 @FAST
 @given(st.data())
 def test_a_plan_with_one_field_replaced_is_rejected_or_usable(real, data):
@@ -202,6 +203,7 @@ def test_any_argument_list_gives_a_documented_exit_code_and_one_line(argv):
 @FAST
 @given(budget=st.one_of(BUDGET_TEXT, st.text(max_size=10)), planner=st.sampled_from(["exact", "greedy", "bogus"]),
        optimizer=st.sampled_from(["muon2", "adamw", "sgd"]))
+@pytest.mark.slow
 def test_plan_from_a_saved_profile_with_any_budget(real, tmp_path_factory, budget, planner, optimizer):
     assume(budget and not budget.startswith("-"))
     d = tmp_path_factory.mktemp("cli")

@@ -586,6 +586,7 @@ def _clean(text: str, ctx: Ctx) -> str:
     return text if len(text) <= 240 else text[:237] + "..."
 
 
+@pytest.mark.slow
 def test_adversarial_table(ctx):
     rows, failures = [], []
     for i, case in enumerate(CASES, 1):

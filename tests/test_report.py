@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 import memtune
@@ -11,6 +12,7 @@ from memtune.report import write_report
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
 def test_report_pngs_and_markdown(tmp_path):
     cfg = zoo.GPTConfig(n_layer=2, n_embd=32, n_head=2, block_size=32)
     x = torch.randint(0, 256, (4, 32))

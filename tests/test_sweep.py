@@ -38,6 +38,7 @@ def feasible_by_reference(profile, params) -> bool:
     return True
 
 
+@pytest.mark.slow
 def test_sweep_interrupted_resumes_and_counts_infeasible(tmp_path):
     storage = f"sqlite:///{tmp_path / 'sweep.db'}"
 
@@ -87,6 +88,7 @@ def _worker(*args):
                             stderr=subprocess.STDOUT, text=True)
 
 
+@pytest.mark.slow
 def test_workers_started_together_on_a_fresh_sqlite_file_all_open_it(tmp_path):
     """Three workers create the same fresh SQLite study at once: none crashes on the table
     creation race ("table studies already exists", "UNIQUE constraint failed")."""
@@ -97,6 +99,7 @@ def test_workers_started_together_on_a_fresh_sqlite_file_all_open_it(tmp_path):
     assert len(optuna.get_all_study_summaries(storage)) == 1
 
 
+@pytest.mark.slow
 def test_a_sigkilled_worker_s_trial_is_retried_and_the_study_gets_exactly_n_trials(tmp_path):
     """Two workers start together on one fresh SQLite file; one is SIGKILLed inside a trial.
     The heartbeat fails its trial, RetryFailedTrialCallback queues it again, and the survivor

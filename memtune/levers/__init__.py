@@ -8,7 +8,7 @@ docs/extending.md explains how to add one.
 
 from __future__ import annotations
 
-from .base import NOTHING_APPLIED, Applied, Lever, ProfileContext
+from .base import NOTHING_APPLIED, Applied, Lever, ProfileContext, SwitchLever
 from .in_backward import OptimizerInBackwardLever
 from .loss_chunks import LossChunksLever
 from .micro_batch import MicroBatchLever
@@ -44,5 +44,5 @@ def parallel_restrictions() -> dict[str, tuple]:
     return {name: (lever.default,) for name, lever in LEVERS.items() if not lever.supported_under_parallel}
 
 
-__all__ = ["Applied", "LEVERS", "Lever", "NOTHING_APPLIED", "ProfileContext", "check_variant", "compatible",
-           "parallel_restrictions"]
+__all__ = ["Applied", "LEVERS", "Lever", "NOTHING_APPLIED", "ProfileContext", "SwitchLever", "check_variant",
+           "compatible", "parallel_restrictions"]

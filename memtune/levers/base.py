@@ -83,6 +83,15 @@ class Applied:
 NOTHING_APPLIED = Applied()
 
 
+def count_or_none(name: str, value: Any, *, minimum: int, none_means: str) -> int | None:
+    """``value`` checked as ``None`` or a whole number >= ``minimum`` (not a bool)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name}={value!r}: use None ({none_means}) or a whole number >= {minimum}")
+    return value
+
+
 class Lever:
     """One plan dimension; see the module docstring. Subclasses set the class attributes and
     override the hooks whose defaults do not fit."""
@@ -106,6 +115,9 @@ class Lever:
     profile_on_demand: ClassVar[bool] = False
     """The runtime's first profile leaves it out: it is recorded (a second profiling stage) only
     when a plan would otherwise round values (lower state precision) or nothing fits."""
+    allows_global_grad_clip: ClassVar[bool] = True
+    """Every gradient exists at once before the optimizer step, so a global gradient-norm clip
+    can run (a run with ``max_grad_norm`` keeps a lever without this at its default)."""
     supported_under_parallel: ClassVar[bool] = False
     """It runs under ``torch.distributed`` (FSDP2/DDP); otherwise the distributed planner keeps
     it at its default."""
@@ -116,6 +128,9 @@ class Lever:
     otherwise a sweep keeps a lossy lever at its default and leaves a lossless one to the planner."""
     numerics: ClassVar[str] = ""
     """What it changes numerically, in words (docs and ``memtune plan --help``)."""
+    legacy_hint: ClassVar[str] = ""
+    """How memtune 0.1's (deprecated) planner option allows it, for suggestions to a caller
+    who uses that option rather than ``levers``."""
 
     # ------------------------------------------------------------------ choices
     def validate(self, value: Any) -> Any:
@@ -135,18 +150,28 @@ class Lever:
         return (value != self.default, "" if encoded is None else encoded)
 
     def recorded_choices(self, space: "PlanSpace", ctx: ProfileContext) -> tuple:
-        """The choices a profile with ``space`` records, the default first. The default
-        implementation records what ``space.levers[name]`` lists, else only the default."""
-        requested = space.lever_choices(self.name)
-        if requested is None:
+        """The choices a profile with ``space`` records, the default first: what
+        ``space.levers[name]`` lists, else :meth:`default_space`. A lever that wraps the optimizer
+        records only its default for a user's own optimizer (memtune cannot wrap it)."""
+        if ctx.custom_optimizer and self.wraps_optimizer:
             return (self.default,)
-        return tuple(dict.fromkeys((self.default, *(self.validate(v) for v in requested))))
+        requested = space.lever_choices(self.name)
+        choices = self.default_space(ctx) if requested is None else tuple(self.validate(v) for v in requested)
+        return tuple(dict.fromkeys((self.default, *choices)))
+
+    def default_space(self, ctx: ProfileContext) -> tuple:
+        """The choices recorded when the space does not say (by default only the default)."""
+        return (self.default,)
 
     def allowed(self, options: "PlannerOptions") -> tuple | None:
-        """The choices the planner options allow (``None``: every recorded one). The default
-        reads ``options.levers[name]``."""
+        """The choices the planner options allow (``None``: every recorded one): what
+        ``options.levers[name]`` lists, else :meth:`legacy_allowed`."""
         requested = options.lever_choices(self.name)
-        return None if requested is None else tuple(self.validate(v) for v in requested)
+        return self.legacy_allowed(options) if requested is None else tuple(self.validate(v) for v in requested)
+
+    def legacy_allowed(self, options: "PlannerOptions") -> tuple | None:
+        """The choices a deprecated ``PlannerOptions`` field allows (memtune 0.1's spelling)."""
+        return None
 
     def plan_choices(self, profile: "ModelProfile", options: "PlannerOptions", recorded: tuple) -> tuple:
         """The choices the planner tries: the recorded ones the options allow. ``recorded`` lists
@@ -205,6 +230,8 @@ class Lever:
 
     def allow_hint(self, options: "PlannerOptions", choices: list) -> str:
         """The words that allow ``choices`` (recorded, but excluded by ``options``)."""
+        if self.legacy_hint and options.lever_choices(self.name) is None:
+            return self.legacy_hint
         listed = tuple(self.encode(v) for v in (self.default, *choices))
         return f"levers={{{self.name!r}: {listed!r}}} ({self.describe(choices[0])})"
 
@@ -219,3 +246,22 @@ class Lever:
         """The :class:`memtune.stepping.PlanOptimizer` options the choice needs at run time
         (:attr:`wraps_optimizer` levers); empty: the optimizer steps as built."""
         return {}
+
+
+class SwitchLever(Lever):
+    """A lever that is on or off (``False`` is the profiled step)."""
+
+    default = False
+    record_hint: ClassVar[str] = ""
+    """What it is, in a suggestion to record it (a profile that did not)."""
+
+    def validate(self, value: Any) -> bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"{self.name}={value!r}: use True or False")
+        return value
+
+    def suggest(self, profile: "ModelProfile", options: "PlannerOptions", recorded: tuple) -> str | None:
+        allowed = self.allowed(options)
+        if True not in recorded and self.record_hint and (allowed is None or True in allowed):
+            return f"{self.record_hint} (profile with space=memtune.PlanSpace(levers={{'{self.name}': (False, True)}}))"
+        return super().suggest(profile, options, recorded if True in recorded else (False, True))

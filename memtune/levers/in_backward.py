@@ -16,32 +16,23 @@ from typing import Any, Iterator
 
 from memtune.profile import StepEvent
 
-from .base import Applied, Lever, ProfileContext
+from .base import Applied, ProfileContext, SwitchLever
 
-class OptimizerInBackwardLever(Lever):
+class OptimizerInBackwardLever(SwitchLever):
     name = "optimizer_in_backward"
-    default = False
     affects_step = True
     affects_optimizer = True
     wraps_optimizer = True
     lossless = True
+    allows_global_grad_clip = False  # gradients are freed as they complete
     numerics = "none: each parameter takes the same update, earlier"
+    legacy_hint = "allow_optimizer_in_backward=True (gradients freed as they complete)"
+    record_hint = "the optimizer step in backward"
 
-    def validate(self, value: Any) -> bool:
-        if not isinstance(value, bool):
-            raise ValueError(f"optimizer_in_backward={value!r}: use True or False")
-        return value
+    def default_space(self, ctx: ProfileContext) -> tuple:
+        return (False, True)
 
-    def recorded_choices(self, space, ctx: ProfileContext) -> tuple:
-        if ctx.custom_optimizer:
-            return (False,)
-        requested = space.lever_choices(self.name)
-        return (False, True) if requested is None else tuple(dict.fromkeys((False, *map(self.validate, requested))))
-
-    def allowed(self, options) -> tuple | None:
-        explicit = options.lever_choices(self.name)
-        if explicit is not None:
-            return tuple(map(self.validate, explicit))
+    def legacy_allowed(self, options) -> tuple | None:
         return None if options.allow_optimizer_in_backward else (False,)
 
     def compatible(self, value, variant) -> str:
@@ -67,18 +58,6 @@ class OptimizerInBackwardLever(Lever):
     def describe(self, value) -> str:
         return ("optimizer step in backward (gradients freed as they complete)" if value
                 else "optimizer step after backward")
-
-    def suggest(self, profile, options, recorded) -> str | None:
-        allowed = self.allowed(options)
-        if True not in recorded and (allowed is None or True in allowed):
-            return (f"the optimizer step in backward (profile with space=memtune.PlanSpace(levers="
-                    f"{{'{self.name}': (False, True)}}))")
-        return super().suggest(profile, options, recorded if True in recorded else (False, True))
-
-    def allow_hint(self, options, choices) -> str:
-        if options.lever_choices(self.name) is None:
-            return "allow_optimizer_in_backward=True (gradients freed as they complete)"
-        return super().allow_hint(options, choices)
 
     # ------------------------------------------------------------------ runtime
     def apply(self, model, value, ctx) -> Applied:

@@ -13,7 +13,7 @@ from typing import Any, Iterator
 
 from memtune import loss_chunking
 
-from .base import Applied, Lever, ProfileContext
+from .base import Applied, Lever, ProfileContext, count_or_none
 
 DEFAULT_LOSS_CHUNKS = 8
 """Chunks a profile records when the space does not say."""
@@ -24,27 +24,21 @@ class LossChunksLever(Lever):
     default = None
     affects_step = True
     profile_on_demand = True
+    legacy_hint = "allow_loss_chunking=True (head and loss in chunks)"
     numerics = "the same mean cross-entropy, summed in another order"
 
     def validate(self, value: Any) -> int | None:
-        if value is None:
-            return None
-        if isinstance(value, bool) or not isinstance(value, int) or value < 2:
-            raise ValueError(f"loss_chunks={value!r}: use None (the loss as the model computes it) or a count >= 2")
-        return value
+        return count_or_none(self.name, value, minimum=2, none_means="the loss as the model computes it")
 
     def recorded_choices(self, space, ctx: ProfileContext) -> tuple:
         if ctx.loss_fn is not None or not loss_chunking.support(ctx.model):
             return (None,)  # the loss is the caller's, or the model's loss cannot be cut
-        requested = space.lever_choices(self.name)
-        if requested is None:
-            return (None, DEFAULT_LOSS_CHUNKS)
-        return tuple(dict.fromkeys((None, *map(self.validate, requested))))
+        return super().recorded_choices(space, ctx)
 
-    def allowed(self, options) -> tuple | None:
-        explicit = options.lever_choices(self.name)
-        if explicit is not None:
-            return tuple(map(self.validate, explicit))
+    def default_space(self, ctx: ProfileContext) -> tuple:
+        return (None, DEFAULT_LOSS_CHUNKS)
+
+    def legacy_allowed(self, options) -> tuple | None:
         return None if options.allow_loss_chunking else (None,)
 
     @contextlib.contextmanager
@@ -63,11 +57,6 @@ class LossChunksLever(Lever):
 
     def describe(self, value) -> str:
         return "the loss as the model computes it" if value is None else f"head and loss in {value} chunks"
-
-    def allow_hint(self, options, choices) -> str:
-        if options.lever_choices(self.name) is None:
-            return "allow_loss_chunking=True (head and loss in chunks)"
-        return super().allow_hint(options, choices)
 
     def apply(self, model, value, ctx) -> Applied:
         loss_chunking.apply(model, value)

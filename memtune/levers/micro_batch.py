@@ -13,7 +13,7 @@ from typing import Any, Iterator
 
 from memtune.errors import UnrecordedPlanError
 
-from .base import Applied, Lever, ProfileContext
+from .base import Applied, Lever, ProfileContext, count_or_none
 
 
 class MicroBatchLever(Lever):
@@ -21,15 +21,12 @@ class MicroBatchLever(Lever):
     default = None
     affects_step = True
     searchable = True
+    legacy_hint = "allow_microbatching=True (smaller micro-batches with gradient accumulation)"
     numerics = ("the same gradient, summed over the micro-batches in another order; statistics over the batch "
                 "(batch norm's) are taken per micro-batch")
 
     def validate(self, value: Any) -> int | None:
-        if value is None:
-            return None
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"micro_batch_size={value!r}: use None (the whole batch) or a whole number >= 1")
-        return value
+        return count_or_none(self.name, value, minimum=1, none_means="the whole batch")
 
     # ------------------------------------------------------------------ what to record
     def recorded_choices(self, space, ctx: ProfileContext) -> tuple:
@@ -52,10 +49,7 @@ class MicroBatchLever(Lever):
         return (None, *sizes)
 
     # ------------------------------------------------------------------ what to plan
-    def allowed(self, options) -> tuple | None:
-        explicit = options.lever_choices(self.name)
-        if explicit is not None:
-            return tuple(self.validate(m) for m in explicit)
+    def legacy_allowed(self, options) -> tuple | None:
         if not options.allow_microbatching:
             return (None,)
         return None if options.micro_batch_sizes is None else (None, *map(self.validate, options.micro_batch_sizes))
@@ -119,11 +113,6 @@ class MicroBatchLever(Lever):
     # ------------------------------------------------------------------ words
     def describe(self, value) -> str:
         return "the whole batch" if value is None else f"micro-batches of {value}"
-
-    def allow_hint(self, options, choices) -> str:
-        if options.lever_choices(self.name) is None:
-            return "allow_microbatching=True (smaller micro-batches with gradient accumulation)"
-        return super().allow_hint(options, choices)
 
     # ------------------------------------------------------------------ runtime
     def apply(self, model, value, ctx) -> Applied:

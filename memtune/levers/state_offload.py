@@ -14,35 +14,23 @@ from __future__ import annotations
 import contextlib
 from typing import Any, Iterator
 
-from .base import Lever, ProfileContext
+from .base import ProfileContext, SwitchLever
 
 
-class StateOffloadLever(Lever):
+class StateOffloadLever(SwitchLever):
     name = "state_offload"
-    default = False
     affects_step = False
     affects_optimizer = True
     wraps_optimizer = True
     lossless = True
     numerics = "none: the state is copied, not changed"
+    legacy_hint = "allow_state_offload=True (optimizer state in host memory)"
+    record_hint = "optimizer-state offload"
 
-    def validate(self, value: Any) -> bool:
-        if not isinstance(value, bool):
-            raise ValueError(f"state_offload={value!r}: use True or False")
-        return value
+    def default_space(self, ctx: ProfileContext) -> tuple:
+        return (False, True) if ctx.target_kind != "cpu" else (False,)
 
-    def recorded_choices(self, space, ctx: ProfileContext) -> tuple:
-        if ctx.custom_optimizer:
-            return (False,)
-        requested = space.lever_choices(self.name)
-        if requested is None:
-            return (False, True) if ctx.target_kind != "cpu" else (False,)
-        return tuple(dict.fromkeys((False, *map(self.validate, requested))))
-
-    def allowed(self, options) -> tuple | None:
-        explicit = options.lever_choices(self.name)
-        if explicit is not None:
-            return tuple(map(self.validate, explicit))
+    def legacy_allowed(self, options) -> tuple | None:
         return None if options.allow_state_offload else (False,)
 
     def plan_choices(self, profile, options, recorded: tuple) -> tuple:
@@ -65,18 +53,7 @@ class StateOffloadLever(Lever):
         return "optimizer state in host memory" if value else "optimizer state on the device"
 
     def suggest(self, profile, options, recorded) -> str | None:
-        if profile.target == "cpu":
-            return None
-        allowed = self.allowed(options)
-        if True not in recorded and (allowed is None or True in allowed):
-            return (f"optimizer-state offload (profile with space=memtune.PlanSpace(levers="
-                    f"{{'{self.name}': (False, True)}}))")
-        return super().suggest(profile, options, recorded if True in recorded else (False, True))
-
-    def allow_hint(self, options, choices) -> str:
-        if options.lever_choices(self.name) is None:
-            return "allow_state_offload=True (optimizer state in host memory)"
-        return super().allow_hint(options, choices)
+        return None if profile.target == "cpu" else super().suggest(profile, options, recorded)
 
     def stepping(self, value) -> dict[str, Any]:
         return {"offload": True}

@@ -28,6 +28,7 @@ class WeightsLever(Lever):
     wraps_optimizer = True
     changeable_mid_run = False  # a re-plan never converts the parameters mid-run
     profile_on_demand = True
+    legacy_hint = "weights=(None, 'bf16-sr', 'bf16-master') (bf16 parameters)"
     numerics = ("parameters rounded to bf16 after every update (stochastically, or from an fp32 master copy); "
                 "forward and backward in bf16")
 
@@ -44,20 +45,13 @@ class WeightsLever(Lever):
         return None if value is None else value.value
 
     # ------------------------------------------------------------------ what to record
-    def recorded_choices(self, space, ctx: ProfileContext) -> tuple:
-        if ctx.custom_optimizer:
-            return (None,)
-        requested = space.lever_choices(self.name)
-        if requested is not None:
-            return tuple(dict.fromkeys((None, *(self.validate(w) for w in requested))))
+    def default_space(self, ctx: ProfileContext) -> tuple:
         trainable = [p for p in ctx.params.values() if p.requires_grad and p.is_floating_point()]
         low = bool(trainable) and all(p.dtype in (torch.float32, torch.bfloat16) for p in trainable)
         return (None, *WeightMode) if low else (None,)
 
-    def allowed(self, options) -> tuple | None:
-        explicit = options.lever_choices(self.name)
-        requested = explicit if explicit is not None else options.weights
-        return None if requested is None else tuple(self.validate(w) for w in requested)
+    def legacy_allowed(self, options) -> tuple | None:
+        return None if options.weights is None else tuple(self.validate(w) for w in options.weights)
 
     def compatible(self, value, variant) -> str:
         if value is WeightMode.BF16_MASTER and not variant.state_offload:
@@ -107,11 +101,6 @@ class WeightsLever(Lever):
             return (f"bf16 weights (profile with space=memtune.PlanSpace(levers={{'{self.name}': "
                     f"(None, 'bf16-sr')}}))")
         return super().suggest(profile, options, recorded)
-
-    def allow_hint(self, options, choices) -> str:
-        if options.lever_choices(self.name) is None:
-            return "weights=(None, 'bf16-sr', 'bf16-master') (bf16 parameters)"
-        return super().allow_hint(options, choices)
 
     # ------------------------------------------------------------------ runtime
     def apply(self, model, value, ctx) -> Applied:

@@ -9,11 +9,11 @@ sweep may search it.
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator
+from typing import Iterator
 
 import torch.nn as nn
 
-from memtune.levers import Applied, Lever
+from memtune.levers import Applied, SwitchLever
 
 
 def embedding_parameters(model: nn.Module) -> set[str]:
@@ -22,23 +22,14 @@ def embedding_parameters(model: nn.Module) -> set[str]:
     return {n for n, p in model.named_parameters() if id(p) in owned}
 
 
-class FreezeEmbeddingsLever(Lever):
+class FreezeEmbeddingsLever(SwitchLever):
     name = "freeze_embeddings"
-    default = False
     affects_step = True          # the tables get no gradient
     affects_optimizer = True     # nor optimizer state
     searchable = True            # it changes what trains: a sweep judges it
     numerics = "the embedding tables stay as initialised"
 
-    def validate(self, value: Any) -> bool:
-        if not isinstance(value, bool):
-            raise ValueError(f"freeze_embeddings={value!r}: use True or False")
-        return value
-
-    def recorded_choices(self, space, ctx) -> tuple:
-        requested = space.lever_choices(self.name)
-        if requested is not None:
-            return tuple(dict.fromkeys((False, *requested)))
+    def default_space(self, ctx) -> tuple:
         return (False, True) if embedding_parameters(ctx.model) else (False,)
 
     @contextlib.contextmanager

@@ -26,6 +26,7 @@ def h100_profiles(h100_profile):
     return [h100_profile, profile("H100", "activations")]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", NAMES)
 def test_choices_round_trip_through_json(name, cpu_profile):
     check_json_round_trip(LEVERS[name], cpu_profile)
@@ -46,11 +47,13 @@ def test_applying_then_removing_restores_the_model(name, cpu_profile):
     check_apply_remove_restores(LEVERS[name], cpu_profile)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", NAMES)
 def test_declared_lossiness_is_honoured_by_the_tiers(name, h100_profile):
     check_lossiness_tiers(LEVERS[name], h100_profile)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", NAMES)
 def test_its_suggestion_appears_where_it_would_make_the_budget_feasible(name, h100_profiles):
     check_suggestion(LEVERS[name], h100_profiles)

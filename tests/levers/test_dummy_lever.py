@@ -17,18 +17,25 @@ from dummy_lever import FreezeEmbeddingsLever, embedding_parameters
 from memtune.levers import LEVERS
 from memtune.variant import StepVariant
 
-@pytest.fixture
-def lever(monkeypatch):
+@pytest.fixture(scope="module")
+def lever():
     dummy = FreezeEmbeddingsLever()
-    monkeypatch.setitem(LEVERS, dummy.name, dummy)  # the registry line
-    return dummy
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(LEVERS, dummy.name, dummy)  # the registry line
+        yield dummy
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def cpu_profile(lever):
     return profile("cpu")
 
 
+@pytest.fixture(scope="module")
+def h100_profiles(lever):
+    return [profile("H100"), profile("H100", "activations")]
+
+
+@pytest.mark.slow
 def test_the_profiler_records_it(lever, cpu_profile):
     frozen = StepVariant(freeze_embeddings=True)
     assert frozen in cpu_profile.recorded_variants
@@ -40,6 +47,7 @@ def test_the_profiler_records_it(lever, cpu_profile):
     assert cpu_profile.optimizer_step("adamw", "fp32", 0, frozen).state_bytes < plain.state_bytes
 
 
+@pytest.mark.slow
 def test_both_planners_choose_it_where_nothing_else_fits(lever, cpu_profile):
     without = min_feasible(cpu_profile, levers={lever.name: (False,)}, allow_microbatching=True)
     best = min_feasible(cpu_profile, allow_microbatching=True)
@@ -52,7 +60,8 @@ def test_both_planners_choose_it_where_nothing_else_fits(lever, cpu_profile):
     assert not roomy.freeze_embeddings  # lossy: never taken when something more exact fits
 
 
-def test_apply_plan_applies_it_and_it_passes_the_conformance_suite(lever, cpu_profile):
+@pytest.mark.slow
+def test_apply_plan_applies_it_and_it_passes_the_conformance_suite(lever, cpu_profile, h100_profiles):
     plan = memtune.plan(cpu_profile, 1 << 40, levers={lever.name: (True,)})
     model = fresh()
     memtune.apply_plan(model, plan)
@@ -65,11 +74,11 @@ def test_apply_plan_applies_it_and_it_passes_the_conformance_suite(lever, cpu_pr
     assert all(p.requires_grad for p in model.parameters())
     for check in (check_json_round_trip, check_measured_peak, check_apply_remove_restores):
         check(lever, cpu_profile)
-    h100 = profile("H100")
-    check_lossiness_tiers(lever, h100)
-    check_suggestion(lever, [h100, profile("H100", "activations")])
+    check_lossiness_tiers(lever, h100_profiles[0])
+    check_suggestion(lever, h100_profiles)
 
 
+@pytest.mark.slow
 def test_the_cli_and_the_sweep_list_it(lever, cpu_profile, tmp_path, capsys):
     from memtune import cli
     from memtune.sweep import planner_options, suggest

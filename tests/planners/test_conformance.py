@@ -41,6 +41,7 @@ def _try(planner, profile, budget, options):
         return e
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("planner_name", sorted(PLANNERS))
 @pytest.mark.parametrize("opt_name", sorted(OPTIONS))
 def test_plans_fit_roundtrip_and_are_deterministic(planner_name, opt_name, profile_of):
@@ -64,6 +65,7 @@ def test_plans_fit_roundtrip_and_are_deterministic(planner_name, opt_name, profi
     assert n_plans >= len(profiles)  # at least the 100% budget always fits
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("opt_name", sorted(OPTIONS))
 def test_exact_equals_brute_force_and_greedy_finds_a_plan_whenever_exact_does(opt_name):
     options = OPTIONS[opt_name]

@@ -162,6 +162,7 @@ def _run_child(*args, **kw) -> int:
     return os.waitpid(pid, 0)[1]
 
 
+@pytest.mark.slow
 def test_kill_9_during_checkpoint_writes_20_times_then_resume_is_bit_identical(tmp_path):
     """22 SIGKILLs, alternately after a random delay and aimed inside a checkpoint write.
     After each: the checkpoint on disk loads (checksums verified, weights_only). Then one

@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 import memtune
@@ -47,6 +48,7 @@ def test_profile_and_plan_see_through_the_compile_wrapper():
     assert not applied_decisions(model)
 
 
+@pytest.mark.slow
 def test_replanning_a_compiled_model_compiles_each_distinct_plan_once_and_keeps_the_maths():
     model, reference = gpt(), gpt()
     data = [CORPUS.batch("train", 4, 64, generator=torch.Generator().manual_seed(i)) for i in range(7)]
@@ -73,6 +75,7 @@ def test_replanning_a_compiled_model_compiles_each_distinct_plan_once_and_keeps_
     assert seen == [1, 2, 3, 3, 3, 3, 3]  # a plan seen before reuses its graph
 
 
+@pytest.mark.slow
 def test_compiled_session_fits_its_budget_and_recovers_from_oom_with_one_recompile():
     # Every allocation of a page or more mmapped, and unmapped on free: resident memory follows live tensors.
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="4096", PYTHONPATH=str(HERE.parents[1]))
@@ -95,6 +98,7 @@ def test_compiled_session_fits_its_budget_and_recovers_from_oom_with_one_recompi
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.8, losses
 
 
+@pytest.mark.slow
 def test_relaxing_stops_at_max_compiled_plans_but_seen_plans_and_tightening_still_apply():
     """Another process takes memory at step 1 (tighten: allowed), gives half of it back at step 4
     (relax to a plan never compiled: refused at max_compiled_plans=2), then the rest at step 7
@@ -127,6 +131,7 @@ def test_relaxing_stops_at_max_compiled_plans_but_seen_plans_and_tightening_stil
     assert s.history[-1]["compiled_graphs"] == 2
 
 
+@pytest.mark.slow
 def test_recomputed_hf_layers_break_the_graph_unless_let_checkpoints_compile():
     """HF Llama layers set and reset a hub-kernel context variable in forward. Under
     torch.utils.checkpoint, Dynamo breaks the graph around each such layer; with

@@ -86,6 +86,7 @@ def test_nan_gradient_with_a_finite_loss_is_caught_too():
     assert torch.equal(trainer.model.w, torch.ones(4, 4))
 
 
+@pytest.mark.slow
 def test_issue_oom_sequence_completes_with_the_fault_free_losses():
     """2 OOMs at step 0 and 3 at step 3 with max_oom_retries=4 (issue 14): the run completes,
     each OOM is an event, and every loss equals the fault-free run's (re-plans keep the maths)."""
@@ -127,6 +128,7 @@ def test_a_plan_for_another_model_is_refused():
         memtune.apply_plan(b, plan_a)
 
 
+@pytest.mark.slow
 def test_a_batch_larger_than_the_profiled_one_is_reprofiled_and_said_so():
     big = batches(2, batch_size=16)
     trainer = memtune.fit(gpt(), "1GB", sample=batches(1, batch_size=1)[0], progress=False, device="cpu")
@@ -136,6 +138,7 @@ def test_a_batch_larger_than_the_profiled_one_is_reprofiled_and_said_so():
     assert trainer.profile.batch_size == 16
 
 
+@pytest.mark.slow
 def test_a_batch_too_large_for_the_budget_names_the_mismatch():
     one = batches(1, batch_size=1)[0]
     fits_one = int(memtune.profile(gpt(), one, optimizer="muon2", target="cpu",

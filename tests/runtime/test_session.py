@@ -189,6 +189,7 @@ def test_clear_errors_for_a_foreign_optimizer_and_options_that_would_change_it()
         memtune.session(model, "1GB", optimizer=opt, device="cpu", grad_scaler=object())
 
 
+@pytest.mark.slow
 def test_an_infeasible_budget_suggests_only_what_your_optimizer_allows():
     """With your optimizer, the error names the levers the session may still use and how to
     unlock the rest; with memtune's, it suggests those levers themselves."""

@@ -42,6 +42,7 @@ def baseline_peak(model, batch) -> int:
                            space=memtune.PlanSpace.minimal()).baseline_peak_bytes
 
 
+@pytest.mark.slow
 def test_fit_at_half_the_unplanned_peak_stays_in_budget_and_learns():
     model = gpt()
     data = batches(25, batch_size=8)
@@ -72,6 +73,7 @@ def _run(model, data, budget, inject=None, **kw):
     return trainer
 
 
+@pytest.mark.slow
 def test_injected_oom_is_recovered_with_an_identical_loss_trajectory():
     data = batches(8, batch_size=8, block=64)
     budget = int(baseline_peak(gpt(2, 64), data[0]) * 0.9)
@@ -87,6 +89,7 @@ def test_injected_oom_is_recovered_with_an_identical_loss_trajectory():
         assert torch.equal(a, b)
 
 
+@pytest.mark.slow
 def test_oom_that_never_stops_fails_as_a_step_that_kept_failing(tmp_path):
     """Plans that fit exist, so this is not "budget too small": a StepFailedError that names
     the intact checkpoint."""
@@ -101,6 +104,7 @@ def test_oom_that_never_stops_fails_as_a_step_that_kept_failing(tmp_path):
     assert (tmp_path / "ck.pt").read_bytes() == saved
 
 
+@pytest.mark.slow
 def test_real_budget_overrun_on_cpu_raises_oom_and_replans():
     """A budget below what the plan really needs: the CPU guard raises torch.OutOfMemoryError,
     as CUDA would, and the runtime re-plans with the measured peak."""
@@ -121,6 +125,7 @@ def test_real_budget_overrun_on_cpu_raises_oom_and_replans():
     assert trainer.history[-1]["peak_bytes"] <= budget
 
 
+@pytest.mark.slow
 def test_replayed_telemetry_tightens_at_step_k_and_relaxes_after_release():
     data = batches(16, batch_size=8, block=64)
     model = gpt(2, 64)
@@ -166,6 +171,7 @@ def test_batch_forms(form):
     assert last < first
 
 
+@pytest.mark.slow
 def test_save_and_resume_in_process_continue_identically(tmp_path):
     data = batches(6, batch_size=8, block=64)
     straight = _run(gpt(2, 64), data, "1GB")
@@ -186,6 +192,7 @@ def _script(*args, **popen):
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
 
 
+@pytest.mark.slow
 def test_kill_9_mid_run_then_resume_gives_the_uninterrupted_weights(tmp_path):
     steps = 8
     ref = _script(tmp_path / "ref.pt", steps, "--out", tmp_path / "ref_weights.pt")
@@ -211,6 +218,7 @@ def test_kill_9_mid_run_then_resume_gives_the_uninterrupted_weights(tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_sigterm_writes_a_checkpoint_and_exits_cleanly(tmp_path):
     run = _script(tmp_path / "run.pt", 50, "--sleep", "0.3")
     for line in run.stdout:
@@ -223,3 +231,23 @@ def test_sigterm_writes_a_checkpoint_and_exits_cleanly(tmp_path):
     assert "interrupted=SIGTERM" in out
     state = torch.load(tmp_path / "run.pt", weights_only=False)
     assert 2 <= state["step"] < 50
+
+
+def test_trainer_config_is_what_fit_keywords_become_and_rejects_unknown_ones():
+    from memtune.errors import OptionError
+    from memtune.runtime.config import TrainerConfig
+    from memtune.runtime.step import TrainerPhase
+
+    trainer = memtune.fit(gpt(n_layer=1, n_embd=32), 1 << 30, device="cpu", progress=False, optimizer="adamw",
+                          max_grad_norm=1.0)
+    assert isinstance(trainer.config, TrainerConfig) and trainer.config.optimizer == "adamw"
+    # A global gradient-norm clip keeps the levers that free gradients during backward off.
+    assert trainer.planner_options["levers"]["optimizer_in_backward"] == (False,)
+    assert trainer.runner.phase is TrainerPhase.IDLE
+    same = memtune.Trainer(gpt(n_layer=1, n_embd=32), 1 << 30, TrainerConfig(device="cpu", progress=False),
+                           optimizer="adamw")
+    assert same.config.optimizer == "adamw" and same.config.progress is False
+    with pytest.raises(OptionError, match=r"unknown fit/Trainer option\(s\) \['learning_rate'\].*max_grad_norm"):
+        memtune.fit(gpt(n_layer=1, n_embd=32), 1 << 30, learning_rate=1e-3)
+    with pytest.raises(ValueError, match="phase must be 'forward' or 'backward'"):
+        trainer.inject_oom(0, phase="optimizer")
