@@ -179,19 +179,22 @@ class _Milp:
                            -np.inf, 1.0)
 
     def _eligibility(self):
-        """[Constraint] e_g − x_h ≤ 0 per holder; e_g + x_v ≤ 1 per checkpoint-input unit."""
-        rows, cols, vals, hi = [], [], [], []
-        r = 0
-        for g in range(self.tm.G):
-            for units, sign, bound in ((self.tm.g_holders[g], -1.0, 0.0), (self.tm.g_blockers[g], 1.0, 1.0)):
-                for u in units:
-                    xc, xv = self._x_cols(np.array([u]))
-                    rows += [r] * (1 + len(xc))
-                    cols += [self.iE + g, *xc]
-                    vals += [1.0, *(sign * xv)]
-                    hi.append(bound)
-                    r += 1
-        return self._block(rows, cols, vals, r, -np.inf, np.array(hi))
+        """[Constraint] e_g − x_h ≤ 0 per holder; e_g + x_v ≤ 1 per checkpoint-input unit (per group:
+        its holders, then its checkpoint-input units)."""
+        h, b = self.tm.H.tocoo(), self.tm.Bk.tocoo()
+        g = np.concatenate([h.row, b.row])
+        u = np.concatenate([h.col, b.col])
+        sign = np.concatenate([-np.ones(len(h.row)), np.ones(len(b.row))])
+        order = np.lexsort((np.arange(len(g)), sign > 0, g))  # group-major, holders first, stable
+        g, u, sign = g[order], u[order], sign[order]
+        m = len(g)
+        r = np.arange(m)
+        xc, xv = self._x_cols(u)
+        reps = len(xc) // max(m, 1) if m else 1
+        rows = np.concatenate([r, np.tile(r, reps)])
+        cols = np.concatenate([self.iE + g, xc])
+        vals = np.concatenate([np.ones(m), np.tile(sign, reps) * xv])
+        return self._block(rows, cols, vals, m, -np.inf, np.where(sign > 0, 1.0, 0.0))
 
     def _drops(self):
         """[Constraint] D_i − D_{i−1} − Δ_i · [e; x] = 0 (scaled)."""
