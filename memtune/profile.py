@@ -140,6 +140,18 @@ class StepEvent(str, Enum):
         return self in (StepEvent.BWD_START, StepEvent.BWD_END, StepEvent.PARAM_STEP, StepEvent.BWD_DONE)
 
 
+class StepPhase(str, Enum):
+    """Where a training step is (the recorder's, and the runtime's ``TrainerPhase``)."""
+
+    IDLE = "idle"
+    FORWARD = "forward"
+    BACKWARD = "backward"
+    OPTIMIZER = "optimizer"
+
+    def __str__(self) -> str:
+        return self.value
+
+
 @dataclass(frozen=True, kw_only=True, slots=True)
 class TimelineEvent:
     """A boundary of the measured step; interval *i* runs from event *i* to event *i+1*."""

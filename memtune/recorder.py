@@ -50,7 +50,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from .cuda_allocator import CachingAllocatorSim
 from .devices import cuda_sdpa_backend, cuda_sdpa_logsumexp_bytes, round_allocation
 from .fake_compat import EAGER_KERNELS
-from .profile import StepEvent
+from .profile import StepEvent, StepPhase
 
 aten = torch.ops.aten
 
@@ -100,7 +100,7 @@ class StepRecorder(TorchDispatchMode):
         self.static_bytes = 0
         self.unit_stack: list[str] = []
         self.bwd_unit: str | None = None
-        self.phase = "forward"
+        self.phase = StepPhase.FORWARD
         self.flops: dict[tuple[str, str | None], int] = {}
         self.assumptions: list[str] = []
         self._overrides: dict[int, int] = {}
@@ -129,7 +129,7 @@ class StepRecorder(TorchDispatchMode):
     # ------------------------------------------------------------------ events
     @property
     def current_unit(self) -> str | None:
-        if self.phase == "backward":
+        if self.phase is StepPhase.BACKWARD:
             return self.bwd_unit
         return self.unit_stack[-1] if self.unit_stack else None
 
@@ -301,7 +301,7 @@ class StepRecorder(TorchDispatchMode):
             return
         n = self._overrides.pop(id(t), None)
         n = self._nbytes(st) if n is None else round_allocation(n, self.granularity)
-        rec = StorageRecord(nbytes=n, created=len(self.intervals) - 1, producer=self.current_unit if self.phase == "forward" else None)
+        rec = StorageRecord(nbytes=n, created=len(self.intervals) - 1, producer=self.current_unit if self.phase is StepPhase.FORWARD else None)
         self.records.append(rec)
         self._watch(st, n, rec)
         self.live_bytes += n
@@ -392,7 +392,7 @@ class StepRecorder(TorchDispatchMode):
             if not (_is_fake(t) or t.is_meta):
                 return NotImplemented
             value: Any = True if t.dtype == torch.bool else (1 if not t.is_floating_point() else 1.0)
-            if self.phase != "optimizer":  # optimizers read their step counters: not a model assumption
+            if self.phase is not StepPhase.OPTIMIZER:  # optimizers read their step counters: not a model assumption
                 self._assume(f"value read of a {t.dtype} tensor in {self.current_unit or 'the model'} resolved as {value!r}")
             return value
         if func is aten.nonzero.default and _is_fake(args[0]):

@@ -24,7 +24,7 @@ from torch.utils._pytree import tree_flatten
 
 from .batching import loss_from_output, split_batch
 from .errors import TraceError
-from .profile import StepEvent, StorageInfo, TimelineEvent, UnitProfile
+from .profile import StepEvent, StepPhase, StorageInfo, TimelineEvent, UnitProfile
 from .recorder import StepRecorder
 
 
@@ -175,11 +175,11 @@ def record_step(rec: StepRecorder, setup: RecordingSetup, unit_fqns, fbuffers, l
                 d["output_records"] = _records(rec, d.pop("outputs"))
             del out
             rec.mark(StepEvent.LOSS)
-            rec.phase = "backward"
+            rec.phase = StepPhase.BACKWARD
             scaled.backward()
             rec.bwd_unit = None
             del loss, scaled
-            rec.phase = "optimizer"
+            rec.phase = StepPhase.OPTIMIZER
             rec.params_with_grad = tuple(n for n, p in fparams.items() if p.grad is not None)  # type: ignore[attr-defined]
             rec.mark(StepEvent.BWD_DONE)
             rec.mark(StepEvent.OPTIM_START)
@@ -251,7 +251,7 @@ def assemble_recording(rec: StepRecorder, model, unit_fqns, *, workspace_bytes: 
             saved_activation_bytes=sum(r.nbytes for r in saved if fqn in r.holders),
             input_bytes=sum(r.nbytes for r in in_recs),
             output_bytes=sum(r.nbytes for r in io["output_records"]),
-            fwd_flops=rec.flops.get(("forward", fqn), 0), bwd_flops=rec.flops.get(("backward", fqn), 0),
+            fwd_flops=rec.flops.get((StepPhase.FORWARD, fqn), 0), bwd_flops=rec.flops.get((StepPhase.BACKWARD, fqn), 0),
             fwd_transient_bytes=fwd_transient, bwd_transient_bytes=max(bwd_transient, 0),
             saved_storages=tuple(i for i, r in enumerate(saved) if fqn in r.holders),
             input_storages=tuple(index[id(r)] for r in in_recs if id(r) in index),
@@ -265,5 +265,5 @@ def assemble_recording(rec: StepRecorder, model, unit_fqns, *, workspace_bytes: 
         units=tuple(units), storages=storages, timeline=timeline,
         outside_activation_bytes=sum(s.nbytes for s in storages if s.saved_outside and not s.holders),
         baseline_peak_bytes=max(e.peak_bytes for e in timeline),
-        fwd_flops=total_flops("forward"), bwd_flops=total_flops("backward"),
+        fwd_flops=total_flops(StepPhase.FORWARD), bwd_flops=total_flops(StepPhase.BACKWARD),
     )

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import math
 from contextlib import nullcontext
-from enum import Enum
 from typing import TYPE_CHECKING, Any, Callable
 
 import torch
@@ -24,6 +23,7 @@ from memtune.apply import applied_levers
 from memtune.batching import loss_from_output, split_batch
 from memtune.errors import NonFiniteError
 from memtune.optimizer_recording import optimizer_state_tensors
+from memtune.profile import StepPhase
 
 from . import safety
 from .memguard import HostPeakMeter, TensorMemoryGuard
@@ -32,13 +32,9 @@ if TYPE_CHECKING:
     from .trainer import Trainer
 
 
-class TrainerPhase(str, Enum):
-    """Where a step is (the runtime's counterpart of ``mem_tracker._ModState``)."""
-
-    IDLE = "idle"
-    FORWARD = "forward"
-    BACKWARD = "backward"
-    OPTIMIZER = "optimizer"
+TrainerPhase = StepPhase
+"""Where a step is (the runtime's counterpart of ``mem_tracker._ModState``): the profile's
+:class:`~memtune.profile.StepPhase`, which the recorder uses too."""
 
 
 class NonFiniteStep(Exception):
