@@ -74,11 +74,6 @@ class StepVariant:
     def replace(self, **changes: Any) -> "StepVariant":
         return StepVariant(**{**dict(self.choices), **changes})
 
-    def restrict(self, names) -> "StepVariant":
-        """The variant with only the levers in ``names`` kept (the others at their default)."""
-        keep = set(names)
-        return StepVariant(**{k: v for k, v in self.choices if k in keep})
-
     # ------------------------------------------------------------------ what a recording is keyed by
     def for_step(self) -> "StepVariant":
         """The key of the step recording that serves this variant: the levers that change the
