@@ -46,13 +46,15 @@ def fresh(scenario: str = "params") -> torch.nn.Module:
     return zoo.GPT(zoo.GPTConfig(**SCENARIOS[scenario][0]))
 
 
-def profile(target: str = "cpu", scenario: str = "params"):
-    """A scenario's profile, recording every lever's choices as a CUDA target records them."""
+def profile(target: str = "cpu", scenario: str = "params", only: tuple[str, ...] | None = None):
+    """A scenario's profile, recording every lever's choices as a CUDA target records them (with
+    ``only``: those levers' choices, every other lever at its default)."""
     model = fresh(scenario)
     x = batch(scenario)
     ctx = ProfileContext(model=model, params=dict(model.named_parameters()), batch_size=len(x[0]),
                          target_kind="cuda", custom_optimizer=False)
     space = memtune.PlanSpace(levers={name: lever.recorded_choices(memtune.PlanSpace(), ctx)
+                                      if only is None or name in only else (lever.default,)
                                       for name, lever in LEVERS.items()})
     return memtune.profile(model, x, target=target, space=space)
 
@@ -149,27 +151,44 @@ def check_apply_remove_restores(lever: Lever, prof) -> None:
 
 
 def check_lossiness_tiers(lever: Lever, prof) -> None:
-    """``lossless`` agrees with ``lossiness``; a plan's lossiness counts the lever's; and at every
-    budget the planner returns a plan of the lowest tier that fits there (no slowdown is allowed to
-    outweigh exactness), so the lever's lossy choices are taken only when nothing more exact fits."""
+    """``lossless`` agrees with ``lossiness``; a configuration's lossiness counts the lever's; and
+    at every budget the planner returns a plan of the lowest tier that fits there (no slowdown is
+    allowed to outweigh exactness), so the lever's lossy choices are taken only when nothing more
+    exact fits."""
     values = prof.recorded_choices(lever.name)
     assert lever.lossiness(lever.default) == 0
     if lever.lossless:
         assert all(lever.lossiness(v) == 0 for v in values), lever.name
-    options = memtune.PlannerOptions(max_lossless_slowdown=float("inf"), allow_microbatching=True)
-    frugal = []  # (tier, the configuration's smallest peak)
-    for cfg in configs(prof, options):
+    tiers = _tiers(prof)
+    for cfg in tiers["configs"]:
         assert cfg.lossiness >= lever.lossiness(cfg.variant[lever.name])
+    for peak, lowest, planned, variant in tiers["budgets"]:
+        assert planned == lowest, (lever.name, peak, variant)
+
+
+def _tiers(prof) -> dict:
+    """The lever-independent part of :func:`check_lossiness_tiers`, once per profile: every
+    configuration's smallest peak, and the plan's lossiness at budgets across their range."""
+    cached = prof.__dict__.get("_conformance_tiers")
+    if cached is not None:
+        return cached
+    options = memtune.PlannerOptions(max_lossless_slowdown=float("inf"), allow_microbatching=True)
+    cfgs = configs(prof, options)
+    frugal = []  # (tier, the configuration's smallest peak)
+    for cfg in cfgs:
         tm, cc = timeline_for(prof, cfg)
         decisions, _ = solve_config(tm, cc, costs_for(prof, cfg, options), 0.0, allow_offload=False, time_limit_s=10,
                                     minimize_peak=True)
         frugal.append((cfg.lossiness, tm.peak(cc, *tm.indicators(decisions))))
     reserve = memtune.Budget.parse(1 << 40, device=prof.target_name).reserve_bytes
     peaks = sorted({int(p) for _, p in frugal})
+    budgets = []
     for peak in peaks[:: max(1, len(peaks) // 8)]:
         lowest = min(tier for tier, p in frugal if p <= peak)
         plan = memtune.plan(prof, peak + reserve, max_lossless_slowdown=float("inf"), allow_microbatching=True)
-        assert lossiness(plan) == lowest, (lever.name, peak, plan.variant)
+        budgets.append((peak, lowest, lossiness(plan), plan.variant))
+    prof.__dict__["_conformance_tiers"] = {"configs": cfgs, "budgets": budgets}
+    return prof.__dict__["_conformance_tiers"]
 
 
 def check_suggestion(lever: Lever, profiles) -> None:
