@@ -1,14 +1,23 @@
-"""Reading memtune's JSON files (profiles, plans) with errors that say how to recover, and
-hashing JSON-able values."""
+"""Reading memtune's JSON files (profiles, plans) with errors that say how to recover,
+hashing JSON-able values, and the enum base of the vocabularies those files store."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
 from .errors import PlanFileError
+
+
+class ValueEnum(str, Enum):
+    """An enum whose members are their JSON values: ``str()`` and f-strings give the value,
+    which is what memtune's files store."""
+
+    def __str__(self) -> str:
+        return self.value
 
 
 def read_json_object(text_or_path: str | Path, *, what: str, remedy: str) -> dict[str, Any]:

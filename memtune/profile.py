@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import PlanFileError
-from .jsonfile import digest, read_json_object
+from .jsonfile import ValueEnum, digest, read_json_object
 from .validation import check_fields, check_object
 from .variant import StepVariant
 
@@ -104,7 +104,7 @@ class StorageInfo:
     """Code outside every unit (embedding, head, loss) also saved it."""
 
 
-class StepEvent(str, Enum):
+class StepEvent(ValueEnum):
     """The boundaries a recorded step is cut at (the vocabulary of ``mem_tracker._ModState``).
     The value is what profile files store."""
 
@@ -128,9 +128,6 @@ class StepEvent(str, Enum):
     END = "end"
     """After ``zero_grad``."""
 
-    def __str__(self) -> str:
-        return self.value
-
     @property
     def during_forward(self) -> bool:
         return self in (StepEvent.START, StepEvent.FWD_START, StepEvent.FWD_END)
@@ -140,16 +137,13 @@ class StepEvent(str, Enum):
         return self in (StepEvent.BWD_START, StepEvent.BWD_END, StepEvent.PARAM_STEP, StepEvent.BWD_DONE)
 
 
-class StepPhase(str, Enum):
+class StepPhase(ValueEnum):
     """Where a training step is (the recorder's, and the runtime's ``TrainerPhase``)."""
 
     IDLE = "idle"
     FORWARD = "forward"
     BACKWARD = "backward"
     OPTIMIZER = "optimizer"
-
-    def __str__(self) -> str:
-        return self.value
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

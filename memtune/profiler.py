@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import itertools
+import functools
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
@@ -39,7 +39,7 @@ from torch.utils._pytree import tree_flatten, tree_map_only
 from .batching import LossFn, batch_size_of, describe
 from .devices import CUDA_ALLOCATION_GRANULARITY, CUDA_WORKSPACE_BYTES, DeviceSpec, resolve_device
 from .fake_compat import eager_hf_masking, training_configs
-from .levers import LEVERS, ProfileContext, compatible
+from .levers import LEVERS, ProfileContext, combinations, held_at_default
 from .optimizer_recording import ParamView, optimizer_state_tensors, record_configuration, unique_bytes
 from .optimizers import FAMILIES, OPTIMIZERS, STATE_DTYPES, as_on_target, build_optimizer_for, ns_floor, orthogonalizes
 from .plan import OptimizerPlan
@@ -119,8 +119,7 @@ class PlanSpace:
     def minimal(cls, **overrides) -> "PlanSpace":
         """Only what a plan of unit decisions and state precisions needs: every lever at its
         default (fast profiles)."""
-        levers = {name: (lever.default,) for name, lever in LEVERS.items()}
-        levers.update(overrides.pop("levers", {}))
+        levers = {**held_at_default(lambda lever: True), **overrides.pop("levers", {})}
         return cls(levers=levers, **overrides)
 
     def lever_choices(self, name: str) -> tuple | None:
@@ -130,14 +129,7 @@ class PlanSpace:
     def variants(self, ctx: ProfileContext) -> list[StepVariant]:
         """Every step variant the space records: the product of each lever's recorded choices,
         less the combinations that cannot run together, the profiled step first."""
-        names = list(LEVERS)
-        choices = [LEVERS[n].recorded_choices(self, ctx) for n in names]
-        out = []
-        for combo in itertools.product(*choices):
-            v = StepVariant(**dict(zip(names, combo)))
-            if compatible(v):
-                out.append(v)
-        return out
+        return combinations({name: lever.recorded_choices(self, ctx) for name, lever in LEVERS.items()})
 
 
 def profile(
@@ -233,9 +225,9 @@ class _Run:
         fake_mode = FakeTensorMode(allow_non_fake_inputs=False)
         named_params = dict(model.named_parameters())  # tied parameters appear once
         with fake_mode:
-            fparams = {n: _fake_like(p).requires_grad_(p.requires_grad) for n, p in named_params.items()}
-            fbuffers = {n: _fake_like(b) for n, b in model.named_buffers()}
-            fsample = tree_map_only(torch.Tensor, _fake_like, sample)
+            fparams = {n: _empty_like(p).requires_grad_(p.requires_grad) for n, p in named_params.items()}
+            fbuffers = {n: _empty_like(b) for n, b in model.named_buffers()}
+            fsample = tree_map_only(torch.Tensor, _empty_like, sample)
         run = cls(model=model, sample=sample, loss_fn=loss_fn, precision=precision, space=space, spec=spec,
                   unit_fqns=resolve_units(model, units), explicit_units=units is not None, base_config=base_config,
                   custom=custom, fake_mode=fake_mode, named_params=named_params, fparams=fparams, fbuffers=fbuffers,
@@ -267,16 +259,13 @@ class _Run:
     def setup(self, kind: RecordingKind) -> RecordingSetup:
         """A recording of the profiled step (``STEP``: on the fake parameters and the sample) or
         of an optimizer step (``OPTIMIZER``: on fresh meta parameters)."""
-        if kind is RecordingKind.STEP:
-            def make(p, dtype):  # under the fake mode: a fake tensor
-                return torch.empty_strided(tuple(p.shape), tuple(p.stride()), dtype=dtype, device="cpu")
-            return RecordingSetup(kind=kind, model=self.model, params=self.fparams, make_param=make,
+        if kind is RecordingKind.STEP:  # (recorded under the fake mode: _empty_like makes fake tensors)
+            return RecordingSetup(kind=kind, model=self.model, params=self.fparams, make_param=_empty_like,
                                   sample=self.fsample, batch_size=self.batch_size, precision=self.precision,
                                   facts=self.facts)
 
-        def make_meta(p, dtype):
-            return torch.empty_strided(tuple(p.shape), tuple(p.stride()), dtype=dtype, device="meta")
-        params = {n: make_meta(p, p.dtype).requires_grad_(p.requires_grad) for n, p in self.named_params.items()}
+        make_meta = functools.partial(_empty_like, device="meta")
+        params = {n: make_meta(p).requires_grad_(p.requires_grad) for n, p in self.named_params.items()}
         return RecordingSetup(kind=kind, model=self.model, params=params, make_param=make_meta,
                               precision=self.precision, order=self.grad_order, facts=self.facts)
 
@@ -408,9 +397,10 @@ def _target_spec(target: str | torch.device | DeviceSpec) -> DeviceSpec:
     return resolve_device(target)
 
 
-def _fake_like(t: torch.Tensor) -> torch.Tensor:
-    """A fake CPU tensor with ``t``'s shape, strides and dtype (call under the fake mode)."""
-    return torch.empty_strided(tuple(t.shape), tuple(t.stride()), dtype=t.dtype, device="cpu")
+def _empty_like(t: torch.Tensor, dtype: torch.dtype | None = None, *, device: str = "cpu") -> torch.Tensor:
+    """An empty tensor with ``t``'s shape and strides, in ``dtype`` (default: ``t``'s); on the CPU
+    under the fake mode it is a fake tensor."""
+    return torch.empty_strided(tuple(t.shape), tuple(t.stride()), dtype=dtype or t.dtype, device=device)
 
 
 def _nbytes(t: torch.Tensor, granularity: int) -> int:

@@ -28,23 +28,22 @@ parameters are already updated (:attr:`PlanOptimizer.retry_safe`).
 from __future__ import annotations
 
 from contextlib import contextmanager
-from enum import Enum
 from typing import Callable, Iterator
 
 import torch
 import torch.nn as nn
 from torch.optim import Optimizer
 
-class WeightMode(str, Enum):
+from .jsonfile import ValueEnum
+
+
+class WeightMode(ValueEnum):
     """How a plan stores bf16 weights (``None`` where a plan stores them as profiled)."""
 
     BF16_SR = "bf16-sr"
     """bf16 parameters; each update is computed in fp32 and rounded stochastically (no extra memory)."""
     BF16_MASTER = "bf16-master"
     """bf16 parameters with an fp32 master copy in the optimizer state (host memory with offload)."""
-
-    def __str__(self) -> str:
-        return self.value
 
 
 WEIGHTS = (None, *WeightMode)

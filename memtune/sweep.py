@@ -190,9 +190,9 @@ def sweep_profile(model, sample, *, loss_fn=None, device: str = "cpu"):
 
 def _pinned_levers() -> dict[str, tuple]:
     """Each lever that changes the maths but is not searched, at its default."""
-    from .levers import LEVERS
+    from .levers import held_at_default
 
-    return {name: (lever.default,) for name, lever in LEVERS.items() if not (lever.lossless or lever.searchable)}
+    return held_at_default(lambda lever: not (lever.lossless or lever.searchable))
 
 
 def _ns_dtype(device: str) -> str:

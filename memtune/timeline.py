@@ -143,9 +143,9 @@ class TimelineModel:
     def __init__(self, profile: ModelProfile):
         p = self.profile = profile
         ev = p.timeline
-        self.n = n = len(ev)
+        self.n = len(ev)
         self.fqns = [u.fqn for u in p.units]
-        self.N = N = len(self.fqns)
+        self.N = len(self.fqns)
         self._events(ev)
         self._groups(p)
         self._drop_rows()
@@ -154,7 +154,6 @@ class TimelineModel:
         self.base_state = p.optimizer_state_bytes
         self.grad = np.array([e.grad_bytes for e in ev], dtype=np.float64)
         self.recomputable = np.array([not u.recompute_blocker for u in p.units], dtype=bool)
-        del n, N
 
     # ------------------------------------------------------------------ structure
     def _events(self, ev) -> None:
@@ -365,6 +364,11 @@ class TimelineModel:
         x = np.array([decisions.get(f, Decision.SAVE) is not Decision.SAVE for f in self.fqns], dtype=float)
         r = np.array([decisions.get(f, Decision.SAVE) is Decision.RECOMPUTE for f in self.fqns], dtype=float)
         return x, r
+
+    def decisions(self, x: np.ndarray, r: np.ndarray) -> dict[str, Decision]:
+        """The decision dict of (x, r) vectors (the inverse of :meth:`indicators`)."""
+        return {f: (Decision.RECOMPUTE if r[k] else Decision.OFFLOAD) if x[k] else Decision.SAVE
+                for k, f in enumerate(self.fqns)}
 
 
 def timeline_model(recording: ModelProfile) -> TimelineModel:

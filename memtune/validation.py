@@ -217,8 +217,7 @@ def check_plan_matches_model(model, plan, profile=None) -> None:
     dtypes: dict[str, torch.dtype] = {}
     for name, value in plan.variant.choices:
         dtypes.update(LEVERS[name].param_dtypes(value, model))
-    raw = sum(p.numel() * (torch.empty((), dtype=dtypes[n]).element_size() if n in dtypes else p.element_size())
-              for n, p in params.items())
+    raw = sum(p.numel() * (dtypes[n].itemsize if n in dtypes else p.element_size()) for n, p in params.items())
     planned = plan.memory.params_bytes
     if plan.parallel is not None and plan.parallel.strategy == "fsdp":
         planned *= plan.parallel.world_size  # a sharded plan counts one rank's shards

@@ -118,16 +118,12 @@ def solve_config(tm: TimelineModel, cc: ConfigConstants, table, U: float, *, all
         return _greedy(tm, cc, table, U, allow_offload, minimize_peak,
                        "the MILP's solution exceeded the budget by its feasibility tolerance; greedy planned this "
                        "configuration")
-    return _decisions(tm.fqns, x, r), notes
+    return tm.decisions(x, r), notes
 
 
 def _greedy(tm, cc, table, U, allow_offload, minimize_peak, note):
     decisions = greedy_decisions(tm, cc, table, U, allow_offload=allow_offload, minimize_peak=minimize_peak)
     return None if decisions is None else (decisions, (note,))
-
-
-def _decisions(fqns, x: np.ndarray, r: np.ndarray) -> dict[str, Decision]:
-    return {f: (Decision.RECOMPUTE if r[k] else Decision.OFFLOAD) if x[k] else Decision.SAVE for k, f in enumerate(fqns)}
 
 
 @dataclass
@@ -149,16 +145,17 @@ class _Milp:
         self.iP = self.iD + n                                     # the peak itself (minimize_peak)
         self.iB = self.iP + (1 if self.minimize_peak else 0)      # the configuration's base time, fixed at 1
         self.nv = self.iB + 1
+        self.x_terms = 2 if self.allow_offload else 1
+        """Variables that make up x_u: r_u, and o_u when offload is allowed."""
         self.interval_peak = float(np.abs(tm.peak_b + self.cc.delta).max(initial=1.0))
         biggest = max(self.U, self.interval_peak, 1.0)
         self.S = float(2 ** max(0, int(np.ceil(np.log2(biggest))) - 20))
         """Bytes per unit of the scaled model (HiGHS's tolerances are absolute: keep values near 2^20)."""
 
-    def _x_cols(self, units: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(column, coefficient) arrays of x_u = r_u + o_u for ``units``."""
-        if not self.allow_offload:
-            return self.iR + units, np.ones(len(units))
-        return np.concatenate([self.iR + units, self.iO + units]), np.ones(2 * len(units))
+    def _x_cols(self, units: np.ndarray) -> np.ndarray:
+        """The columns of x_u = r_u + o_u for ``units``: every r column, then every o column
+        (``x_terms`` blocks of ``len(units)``, each with coefficient 1)."""
+        return np.concatenate([self.iR + units, self.iO + units]) if self.allow_offload else self.iR + units
 
     # ------------------------------------------------------------------ constraints
     def constraints(self) -> tuple[sp.csr_matrix, np.ndarray, np.ndarray]:
@@ -175,8 +172,7 @@ class _Milp:
         """[Constraint] r_u + o_u ≤ 1."""
         N = self.tm.N if self.allow_offload else 0
         u = np.arange(N)
-        return self._block(np.concatenate([u, u]), np.concatenate([self.iR + u, self.iO + u]), np.ones(2 * N), N,
-                           -np.inf, 1.0)
+        return self._block(np.concatenate([u, u]), self._x_cols(u), np.ones(2 * N), N, -np.inf, 1.0)
 
     def _eligibility(self):
         """[Constraint] e_g − x_h ≤ 0 per holder; e_g + x_v ≤ 1 per checkpoint-input unit (per group:
@@ -189,11 +185,9 @@ class _Milp:
         g, u, sign = g[order], u[order], sign[order]
         m = len(g)
         r = np.arange(m)
-        xc, xv = self._x_cols(u)
-        reps = len(xc) // max(m, 1) if m else 1
-        rows = np.concatenate([r, np.tile(r, reps)])
-        cols = np.concatenate([self.iE + g, xc])
-        vals = np.concatenate([np.ones(m), np.tile(sign, reps) * xv])
+        rows = np.concatenate([r, np.tile(r, self.x_terms)])
+        cols = np.concatenate([self.iE + g, self._x_cols(u)])
+        vals = np.concatenate([np.ones(m), np.tile(sign, self.x_terms)])
         return self._block(rows, cols, vals, m, -np.inf, np.where(sign > 0, 1.0, 0.0))
 
     def _drops(self):
@@ -206,12 +200,9 @@ class _Milp:
         rows.append(delta.row[is_e])
         cols.append(self.iE + delta.col[is_e])
         vals.append(-delta.data[is_e] / self.S)
-        units = delta.col[~is_e] - G
-        xc, xv = self._x_cols(units)
-        reps = 2 if self.allow_offload else 1
-        rows.append(np.tile(delta.row[~is_e], reps))
-        cols.append(xc)
-        vals.append(-np.tile(delta.data[~is_e], reps) * xv / self.S)
+        rows.append(np.tile(delta.row[~is_e], self.x_terms))
+        cols.append(self._x_cols(delta.col[~is_e] - G))
+        vals.append(-np.tile(delta.data[~is_e], self.x_terms) / self.S)
         return self._block(np.concatenate(rows), np.concatenate(cols), np.concatenate(vals), n, 0.0, 0.0)
 
     def _peaks(self):

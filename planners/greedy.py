@@ -105,8 +105,7 @@ class _Search:
         return self.tm.peak(self.cc, self.x, self.r)
 
     def decisions(self) -> dict[str, Decision]:
-        return {f: (Decision.RECOMPUTE if self.r[k] else Decision.OFFLOAD) if self.x[k] else Decision.SAVE
-                for k, f in enumerate(self.tm.fqns)}
+        return self.tm.decisions(self.x, self.r)
 
     def walk_ranking(self, U: float, minimize_peak: bool) -> None:
         """1. Rank units by the bytes they free on their own (their groups with no other holder)

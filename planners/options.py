@@ -12,7 +12,7 @@ numerics least.
 
 from __future__ import annotations
 
-import itertools
+import math
 from dataclasses import dataclass, field
 from typing import Mapping
 
@@ -20,7 +20,7 @@ from memtune.budget import Budget
 from memtune.cost_model import CostTable, apply_decisions, cost_table
 from memtune.devices import DeviceSpec
 from memtune.errors import UnrecordedPlanError
-from memtune.levers import LEVERS, compatible
+from memtune.levers import LEVERS, combinations
 from memtune.memory_model import predict_peak
 from memtune.optimizers import FAMILIES, NAMES, STATE_DTYPES, STATE_PRECISIONS, ns_floor, orthogonalizes
 from memtune.plan import Decision, OptimizerPlan, Plan
@@ -195,19 +195,13 @@ def configs(profile: ModelProfile, options: PlannerOptions) -> list[Config]:
     cannot price."""
     optimizers = [o for name in (options.optimizer_names or (profile.optimizer,))
                   for o in _optimizer_choices(profile, options, name)]
-    names = list(LEVERS)
-    choices = [LEVERS[n].plan_choices(profile, options, profile.recorded_choices(n)) for n in names]
     recorded_steps = set(profile.recorded_variants)
     B = profile.batch_size
     G = options.global_batch_size or B
-    variants = []
-    for combo in itertools.product(*choices):
-        v = StepVariant(**dict(zip(names, combo)))
-        if compatible(v) and v.for_step() in recorded_steps:
-            steps = 1
-            for n in names:
-                steps *= LEVERS[n].accumulation_steps(v[n], B, G)
-            variants.append((v, steps))
+    variants = [(v, math.prod(lever.accumulation_steps(v[name], B, G) for name, lever in LEVERS.items()))
+                for v in combinations({name: lever.plan_choices(profile, options, profile.recorded_choices(name))
+                                       for name, lever in LEVERS.items()})
+                if v.for_step() in recorded_steps]
     out = [Config(opt, v, steps) for opt in optimizers for v, steps in variants
            if profile.optimizer_step(*opt.key, variant=v) is not None]
     if not out:

@@ -86,11 +86,12 @@ class TrainerConfig:
         self.planner_options = dict(self.planner_options or {})
 
     @classmethod
-    def from_kwargs(cls, kwargs: dict[str, Any]) -> "TrainerConfig":
-        """A config from :func:`memtune.fit`'s keyword arguments; an unknown one is an
-        :class:`~memtune.errors.OptionError` that lists the known ones."""
+    def from_kwargs(cls, kwargs: dict[str, Any], *, base: "TrainerConfig | None" = None) -> "TrainerConfig":
+        """A config from :func:`memtune.fit`'s keyword arguments (on top of ``base``'s fields);
+        an unknown one is an :class:`~memtune.errors.OptionError` that lists the known ones."""
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(kwargs) - known)
         if unknown:
             raise OptionError(f"unknown fit/Trainer option(s) {unknown}; valid options are {sorted(known)}")
-        return cls(**kwargs)
+        inherited = {name: getattr(base, name) for name in known} if base is not None else {}
+        return cls(**{**inherited, **kwargs})

@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from memtune.levers import LEVERS
+from memtune.levers import LEVERS, held_at_default
 from memtune.plan import Decision, Plan
 
 PLAN_CHOICES = ("decisions", "optimizer", "variant", "grad_accum_steps", "parallel")
@@ -41,8 +41,7 @@ def plan_space(options: dict[str, Any], *, optimizer: str):
 
 def staged_space(space):
     """``space`` without the levers recorded on demand (the first, cheaper profiling stage)."""
-    first = {name: (lever.default,) for name, lever in LEVERS.items() if lever.profile_on_demand}
-    return dataclasses.replace(space, levers={**space.levers, **first})
+    return dataclasses.replace(space, levers={**space.levers, **held_at_default(lambda lever: lever.profile_on_demand)})
 
 
 def option_sets(base: dict[str, Any], current: Plan | None, *, lossless: bool,

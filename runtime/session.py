@@ -45,9 +45,9 @@ def user_optimizer_locks() -> dict:
     """The levers a user-owned optimizer locks, each at its default: those that change how the
     optimizer steps (:attr:`memtune.levers.Lever.wraps_optimizer`: in backward, state in host
     memory, bf16 weights), which memtune can only do to an optimizer it wraps."""
-    from memtune.levers import LEVERS
+    from memtune.levers import held_at_default
 
-    return {name: (lever.default,) for name, lever in LEVERS.items() if lever.wraps_optimizer}
+    return held_at_default(lambda lever: lever.wraps_optimizer)
 
 USER_OPTIMIZER_HINT = ("pass optimizer='muon2' (or 'adamw') instead of your optimizer object, so that memtune may "
                        "also choose 8-bit state, bf16 weights, the optimizer step in backward and state offload")

@@ -17,7 +17,6 @@ CPU it applies to tracked tensor memory (:class:`~memtune.runtime.memguard.Tenso
 
 from __future__ import annotations
 
-import dataclasses
 import gc
 import logging
 import math
@@ -36,7 +35,7 @@ from memtune.budget import Budget
 from memtune.compiled import RecompileCounter, is_compiled, unwrap
 from memtune.errors import CheckpointError, InfeasibleBudgetError, MemtuneError, NonFiniteError, PlanFileError, UsageError
 from memtune.errors import UnrecordedPlanError
-from memtune.levers import parallel_restrictions
+from memtune.levers import held_at_default, parallel_restrictions
 from memtune.plan import Plan
 from memtune.planners.options import lossiness
 from memtune.profile import ModelProfile
@@ -65,7 +64,7 @@ class Trainer:
         if config is None:
             config = TrainerConfig.from_kwargs(kwargs)
         elif kwargs:
-            config = TrainerConfig.from_kwargs({**_fields(config), **kwargs})
+            config = TrainerConfig.from_kwargs(kwargs, base=config)
         self.config = config
         c = config
         safety.check_trainable(model)
@@ -104,11 +103,9 @@ class Trainer:
         self.max_grad_norm = c.max_grad_norm
         if c.max_grad_norm is not None:
             # A global norm needs every gradient at once: the levers that free them stay off.
-            from memtune.levers import LEVERS
-
             self.planner_options["levers"] = {
                 **self.planner_options.get("levers", {}),
-                **{name: (lever.default,) for name, lever in LEVERS.items() if not lever.allows_global_grad_clip}}
+                **held_at_default(lambda lever: not lever.allows_global_grad_clip)}
         self.skipped_batches = 0
         self._saved_step: int | None = None
         self.compiled = is_compiled(model)
@@ -785,6 +782,3 @@ def _profile_for_training(model, sample, loss_fn, optimizer, precision, target, 
     return memtune.profile(model, sample, loss_fn=loss_fn, optimizer=optimizer, precision=precision, target=target,
                            space=space)
 
-
-def _fields(obj) -> dict:
-    return {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}

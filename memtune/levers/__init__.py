@@ -8,6 +8,11 @@ docs/extending.md explains how to add one.
 
 from __future__ import annotations
 
+import itertools
+from typing import Callable, Mapping
+
+from memtune.variant import StepVariant
+
 from .base import NOTHING_APPLIED, Applied, Lever, ProfileContext, SwitchLever
 from .in_backward import OptimizerInBackwardLever
 from .loss_chunks import LossChunksLever
@@ -26,6 +31,20 @@ LEVERS: dict[str, Lever] = {lever.name: lever for lever in (
 equally fast plans."""
 
 
+def combinations(choices: Mapping[str, tuple]) -> list[StepVariant]:
+    """Every step variant whose choices come from ``choices`` (lever name -> its choices, one
+    entry per lever in registry order), less the combinations that cannot run together."""
+    names = list(choices)
+    variants = (StepVariant(**dict(zip(names, combo))) for combo in itertools.product(*choices.values()))
+    return [v for v in variants if compatible(v)]
+
+
+def held_at_default(keep: Callable[[Lever], bool]) -> dict[str, tuple]:
+    """``levers`` entries (of :class:`~memtune.PlanSpace` or ``PlannerOptions``) that hold every
+    lever ``keep`` selects at its default."""
+    return {name: (lever.default,) for name, lever in LEVERS.items() if keep(lever)}
+
+
 def check_variant(variant) -> None:
     """Raise ``ValueError`` when two choices of ``variant`` cannot run together."""
     for name, value in variant.choices:
@@ -41,8 +60,8 @@ def compatible(variant) -> bool:
 def parallel_restrictions() -> dict[str, tuple]:
     """``PlannerOptions.levers`` entries that keep every lever that does not run across
     data-parallel ranks at its default: the one statement of what distributed plans leave out."""
-    return {name: (lever.default,) for name, lever in LEVERS.items() if not lever.supported_under_parallel}
+    return held_at_default(lambda lever: not lever.supported_under_parallel)
 
 
 __all__ = ["Applied", "LEVERS", "Lever", "NOTHING_APPLIED", "ProfileContext", "SwitchLever", "check_variant",
-           "compatible", "parallel_restrictions"]
+           "combinations", "compatible", "held_at_default", "parallel_restrictions"]

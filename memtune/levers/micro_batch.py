@@ -79,15 +79,8 @@ class MicroBatchLever(Lever):
                     f"micro-batch sizes {missing} were not recorded (recorded: {sorted(recorded_sizes, reverse=True)}); "
                     f"re-profile with memtune.profile(..., space=memtune.PlanSpace(levers={{'{self.name}': "
                     f"{tuple(missing)}}}))")
-        out = []
-        for m in sorted(set(sizes), reverse=True):
-            mb = None if (m == B and G == B) else m
-            if mb is not None and mb not in recorded_sizes:
-                raise UnrecordedPlanError(
-                    f"a global batch of {G} in micro-batches of {m} needs a recorded accumulation step at {m}; "
-                    f"re-profile with memtune.profile(..., space=memtune.PlanSpace(levers={{'{self.name}': ({m},)}}))")
-            out.append(mb)
-        return tuple(out)
+        # Each size is recorded, or is the whole batch (``None``: no accumulation).
+        return tuple(None if (m == B and G == B) else m for m in sorted(set(sizes), reverse=True))
 
     def accumulation_steps(self, value, batch_size, global_batch) -> int:
         B = batch_size or 1
