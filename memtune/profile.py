@@ -30,9 +30,9 @@ from .jsonfile import ValueEnum, digest, read_json_object
 from .validation import check_fields, check_object
 from .variant import StepVariant
 
-SCHEMA_VERSION = 4
-"""4: step and optimizer recordings keyed by a :class:`~memtune.variant.StepVariant`. Version 3
-files still read (:mod:`memtune.legacy`)."""
+SCHEMA_VERSION = 5
+"""5: a per-op record per unit (:attr:`UnitProfile.ops`). 4: step and optimizer recordings keyed
+by a :class:`~memtune.variant.StepVariant`. Versions 3 and 4 still read (:mod:`memtune.legacy`)."""
 _PROFILE_REMEDY = "write one with memtune.profile(...).to_json(path) or `memtune profile ... --out profile.json`"
 
 
@@ -50,6 +50,53 @@ class ParamInfo:
     """FQN of the unit holding it, or ``None`` for parameters outside every unit."""
     module_type: str
     """Class name of the owning module (``Linear``, ``Embedding``, ``LayerNorm``...)."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class OpRecord:
+    """One aten op of a unit's forward, in execution order: the per-op record that selective
+    recomputation plans from (in the manner of ``torch.distributed._tools.sac_estimator.SACStats``,
+    which keeps per op its name, runtime, memory and whether it is a view, random or in place).
+    Recorded under fake tensors like the rest of the profile: no real memory."""
+
+    name: str
+    """The aten overload, as ``str(op)`` prints it (``aten.mm.default``); what a
+    ``torch.utils.checkpoint`` policy function receives."""
+    out_bytes: int
+    """Bytes of the storages it allocated (allocation rounding included). Views and in-place
+    ops allocate none: their outputs share the storage of what they alias, counted once, where it
+    was allocated."""
+    storages: tuple[int, ...]
+    """Indices into :attr:`ModelProfile.storages` of the storages it allocated that backward
+    needs (saved by some unit or by code outside the units)."""
+    flops: int
+    """FLOPs of one run (``torch.utils.flop_counter``; 0 for ops it does not count)."""
+    io_bytes: int
+    """Bytes it reads and writes (logical sizes of its tensor inputs and outputs): the memory
+    traffic of recomputing it."""
+    deps: tuple[int, ...] = ()
+    """Indices (into the unit's ``ops``) of the earlier ops of the unit whose storages it reads:
+    what recomputing it needs, recomputed or saved."""
+    random: bool = False
+    """It draws random numbers (dropout; attention with dropout): a recomputation replays the
+    RNG state, so every random op of a unit is either saved or recomputed, all together."""
+    inplace: bool = False
+    """It writes one of its inputs in place."""
+    view: bool = False
+    """Its outputs alias its inputs (no new storage)."""
+    mutated: bool = False
+    """A later in-place op writes a storage it allocated: its output cannot be saved as it was."""
+    saves: bool = False
+    """Autograd saves tensors for this op's backward (its inputs or outputs). A recomputation stops
+    after the last such op of the unit (``torch.utils.checkpoint``'s early stop)."""
+    allocations: tuple[tuple[int, int, int], ...] = ()
+    """(bytes, freed, needed) per storage it allocated: ``freed`` is when the unit's forward freed
+    it (the number of the unit's ops that had run by then, at least 1; 0: it outlived the forward), ``needed``
+    is 1 if backward saved it. What a partial recomputation's transient is computed from."""
+
+    @property
+    def saved_for_backward(self) -> bool:
+        return bool(self.storages)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -85,6 +132,9 @@ class UnitProfile:
     """Why the unit must not be recomputed (empty: it may be). The profiler runs a fake step with
     every unit checkpointed and records here any unit whose recomputation saves different
     tensors than its forward did (state carried between calls, e.g. a cache)."""
+    ops: tuple[OpRecord, ...] = ()
+    """Every aten op of the unit's forward, in order (:class:`OpRecord`); empty in profiles
+    written before schema 5, which then plan whole-unit recomputation only."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -373,6 +423,8 @@ class ModelProfile:
                 from .legacy import profile_v3_to_v4
 
                 d = profile_v3_to_v4(d)
+            if d.get("schema_version") == 4:  # no per-op record: whole-unit recomputation only
+                d = {**d, "schema_version": SCHEMA_VERSION}
             if d.get("schema_version") != SCHEMA_VERSION:
                 raise PlanFileError(
                     f"profile schema_version {d.get('schema_version')!r} is not {SCHEMA_VERSION}; "
@@ -447,7 +499,12 @@ def _recording_from_dict(d: dict[str, Any]) -> dict[str, Any]:
     return {
         "units": tuple(UnitProfile(**{**u, "saved_storages": tuple(u["saved_storages"]),
                                       "input_storages": tuple(u["input_storages"]),
-                                      "input_storage_bytes": tuple(u.get("input_storage_bytes", ()))})
+                                      "input_storage_bytes": tuple(u.get("input_storage_bytes", ())),
+                                      "ops": tuple(OpRecord(**{**o, "storages": tuple(o["storages"]),
+                                                               "deps": tuple(o.get("deps", ())),
+                                                               "allocations": tuple(tuple(a) for a in
+                                                                                    o.get("allocations", ()))})
+                                                   for o in u.get("ops", ()))})
                        for u in d["units"]),
         "storages": tuple(StorageInfo(**{**s, "holders": tuple(s["holders"])}) for s in d["storages"]),
         "timeline": tuple(TimelineEvent(**e) for e in d["timeline"]),

@@ -55,6 +55,25 @@ from .profile import StepEvent, StepPhase
 aten = torch.ops.aten
 
 _SDPA_CPU = {aten._scaled_dot_product_flash_attention_for_cpu.default}
+def _cpu_flash_flops(query, key, value, *args, **kwargs) -> int:
+    from torch.utils.flop_counter import sdpa_flop_count
+
+    return sdpa_flop_count(query.shape, key.shape, value.shape)
+
+
+def _cpu_flash_backward_flops(grad_out, query, key, value, *args, **kwargs) -> int:
+    from torch.utils.flop_counter import sdpa_backward_flop_count
+
+    return sdpa_backward_flop_count(grad_out.shape, query.shape, key.shape, value.shape)
+
+
+_EXTRA_FLOPS = {aten._scaled_dot_product_flash_attention_for_cpu.default: _cpu_flash_flops,
+                aten._scaled_dot_product_flash_attention_for_cpu_backward.default: _cpu_flash_backward_flops}
+"""FLOP formulas ``torch.utils.flop_counter`` lacks: the CPU flash-attention kernel, which every
+fake-tensor profile runs for ``scaled_dot_product_attention`` (the CUDA kernels' formulas apply)."""
+_NOT_OPS = {aten.detach.default}
+"""Not ops of the model: the recorder's own pack hook detaches every saved tensor (and
+``torch.utils.checkpoint``'s policy functions never see ``detach`` either)."""
 
 
 @dataclass(eq=False)
@@ -68,10 +87,33 @@ class StorageRecord:
     excluded: bool = False
     """Host memory, not counted (see :meth:`StepRecorder.exclude`)."""
     trace_key: int | None = None
+    op: int = -1
+    """Index into the producing unit's :attr:`StepRecorder.unit_ops` of the op that allocated it
+    (-1: allocated outside every unit's forward)."""
+    mutated: bool = False
+    """An in-place op wrote it after it was allocated."""
+    freed_op: int = 0
+    """When its producing unit's forward freed it: the number of that forward's ops that had run
+    (at least 1; 0: still alive when the forward ended)."""
 
     @property
     def saved(self) -> bool:
         return bool(self.holders) or self.saved_outside
+
+
+@dataclass(eq=False)
+class OpEntry:
+    """One aten op of a unit's forward, as the recorder saw it (see :class:`memtune.profile.OpRecord`)."""
+
+    name: str
+    flops: int
+    io_bytes: int
+    random: bool
+    inplace: bool
+    view: bool
+    outputs: list[StorageRecord] = field(default_factory=list)
+    deps: tuple[int, ...] = ()
+    saves: bool = False
 
 
 @dataclass
@@ -115,6 +157,9 @@ class StepRecorder(TorchDispatchMode):
         self._next_key = 0
         self._param_storages: WeakIdKeyDictionary = WeakIdKeyDictionary()
         self._late_static: list[tuple[int, int]] = []
+        self.unit_ops: dict[str, list[OpEntry]] = {}
+        """Per unit, every aten op its forward ran, in order (the per-op record)."""
+        self._op: OpEntry | None = None
 
     @property
     def peak_reserved_bytes(self) -> int | None:
@@ -283,6 +328,9 @@ class StepRecorder(TorchDispatchMode):
                 self._trace.append(("f", key))
             if record is not None:
                 record.freed = len(self.intervals) - 1
+                if record.op >= 0 and self.unit_stack and self.unit_stack[-1] == record.producer \
+                        and self.phase is StepPhase.FORWARD:
+                    record.freed_op = len(self.unit_ops[record.producer])
             else:
                 self.static_bytes -= nbytes
 
@@ -302,12 +350,19 @@ class StepRecorder(TorchDispatchMode):
         n = self._overrides.pop(id(t), None)
         n = self._nbytes(st) if n is None else round_allocation(n, self.granularity)
         rec = StorageRecord(nbytes=n, created=len(self.intervals) - 1, producer=self.current_unit if self.phase is StepPhase.FORWARD else None)
+        if self._op is not None:
+            rec.op = len(self.unit_ops[rec.producer]) - 1
+            self._op.outputs.append(rec)
         self.records.append(rec)
         self._watch(st, n, rec)
         self.live_bytes += n
 
     # ------------------------------------------------------------------ saved tensors
     def pack(self, t: torch.Tensor) -> torch.Tensor:
+        if self.unit_stack and self.phase is StepPhase.FORWARD:
+            ops = self.unit_ops.get(self.unit_stack[-1])
+            if ops:
+                ops[-1].saves = True  # autograd saves right after the op that needs it ran
         entry = self._by_storage.get(t.untyped_storage())
         if entry is not None:
             rec = entry[0]
@@ -340,23 +395,66 @@ class StepRecorder(TorchDispatchMode):
                 self._assume(note)
         if out is None:
             out = func(*args, **kwargs)
-        self._count_flops(func, args, kwargs, out)
+        flops = self._count_flops(func, args, kwargs, out)
         if self.target == "cuda" and func in _SDPA_CPU:
             self._model_cuda_sdpa(args, kwargs, out)
         leaves, _ = tree_flatten(out)
-        for t in leaves:
-            if isinstance(t, torch.Tensor):
-                self._track_output(t)
+        self._op = self._record_op(func, args, kwargs, leaves, flops)
+        try:
+            for t in leaves:
+                if isinstance(t, torch.Tensor):
+                    self._track_output(t)
+        finally:
+            self._op = None
         self._bump_peak()
         return out
 
-    def _count_flops(self, func, args, kwargs, out) -> None:
-        fn = flop_registry.get(func._overloadpacket)
+    def _count_flops(self, func, args, kwargs, out) -> int:
+        fn = flop_registry.get(func._overloadpacket) or _EXTRA_FLOPS.get(func)
         if fn is None:
-            return
+            return 0
         n = int(fn(*args, **kwargs, out_val=out))
         key = (self.phase, self.current_unit)
         self.flops[key] = self.flops.get(key, 0) + n
+        return n
+
+    def _record_op(self, func, args, kwargs, out_leaves, flops: int) -> OpEntry | None:
+        """The per-op record of an op in a unit's forward (``None`` elsewhere): its name, FLOPs,
+        bytes read and written, whether it draws random numbers, writes in place or aliases, and
+        the earlier ops of the unit whose storages it reads. An in-place write marks the storages
+        it writes as mutated."""
+        if (self.phase is not StepPhase.FORWARD or not self.unit_stack or func.namespace != "aten"
+                or func in _NOT_OPS or not any(isinstance(t, torch.Tensor) for t in out_leaves)):
+            return None
+        unit = self.unit_stack[-1]
+        ops = self.unit_ops.setdefault(unit, [])
+        in_leaves, _ = tree_flatten((args, kwargs))
+        io = 0
+        deps: set[int] = set()
+        for t in in_leaves:
+            if isinstance(t, torch.Tensor):
+                io += t.numel() * t.element_size()
+                rec = self.record_of(t)
+                if rec is not None and rec.producer == unit and rec.op >= 0:
+                    deps.add(rec.op)
+        io += sum(t.numel() * t.element_size() for t in out_leaves if isinstance(t, torch.Tensor))
+        schema = func._schema
+        written = [a.name for a in schema.arguments if a.alias_info is not None and a.alias_info.is_write]
+        if written:
+            named = dict(zip((a.name for a in schema.arguments), args)) | kwargs
+            for name in written:
+                t = named.get(name)
+                rec = self.record_of(t) if isinstance(t, torch.Tensor) else None
+                if rec is not None:
+                    rec.mutated = True
+        random = torch.Tag.nondeterministic_seeded in func.tags
+        if random and "dropout_p" in (a.name for a in schema.arguments):  # attention: random only with dropout
+            named = dict(zip((a.name for a in schema.arguments), args)) | kwargs
+            random = float(named.get("dropout_p", 0.0) or 0.0) > 0.0
+        entry = OpEntry(name=str(func), flops=flops, io_bytes=0 if func.is_view else io, random=random, inplace=bool(written),
+                        view=bool(func.is_view), deps=tuple(sorted(deps)))
+        ops.append(entry)
+        return entry
 
     def _model_cuda_sdpa(self, args, kwargs, out) -> None:
         """Replace the CPU kernel's saved log-sum-exp by what the CUDA kernel would save.

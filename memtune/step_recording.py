@@ -24,7 +24,7 @@ from torch.utils._pytree import tree_flatten
 
 from .batching import loss_from_output, split_batch
 from .errors import TraceError
-from .profile import StepEvent, StepPhase, StorageInfo, TimelineEvent, UnitProfile
+from .profile import OpRecord, StepEvent, StepPhase, StorageInfo, TimelineEvent, UnitProfile
 from .recorder import StepRecorder
 
 
@@ -208,6 +208,18 @@ def _records(rec: StepRecorder, tensors: list[torch.Tensor]) -> list:
     return out
 
 
+def _op_records(entries, index: dict[int, int]) -> tuple[OpRecord, ...]:
+    """The profile's per-op record of one unit's recorded ops (``index``: storage record id ->
+    index into the profile's saved storages)."""
+    return tuple(OpRecord(
+        name=e.name, out_bytes=sum(r.nbytes for r in e.outputs),
+        storages=tuple(index[id(r)] for r in e.outputs if id(r) in index), flops=e.flops, io_bytes=e.io_bytes,
+        deps=e.deps, random=e.random, inplace=e.inplace, view=e.view, mutated=any(r.mutated for r in e.outputs),
+        saves=e.saves,
+        allocations=tuple((r.nbytes, r.freed_op, int(r.saved)) for r in e.outputs))
+        for e in entries)
+
+
 def assemble_recording(rec: StepRecorder, model, unit_fqns, *, workspace_bytes: int, unit_params: dict[str, tuple[int, int]]
                        ) -> dict[str, Any]:
     """The profile fields one recorded step determines: ``units`` (in execution order),
@@ -256,6 +268,7 @@ def assemble_recording(rec: StepRecorder, model, unit_fqns, *, workspace_bytes: 
             saved_storages=tuple(i for i, r in enumerate(saved) if fqn in r.holders),
             input_storages=tuple(index[id(r)] for r in in_recs if id(r) in index),
             input_storage_bytes=tuple(r.nbytes for r in in_recs),
+            ops=_op_records(rec.unit_ops.get(fqn, ()), index),
         ))
     # Execution order may differ from registration order.
     units.sort(key=lambda u: first[(StepEvent.FWD_START, u.fqn)])

@@ -32,7 +32,8 @@ def v3():
 
 def test_a_schema_3_profile_reads_with_its_levers_as_variants(v3):
     prof, _ = v3
-    assert prof.schema_version == 4 and prof.variant == StepVariant()
+    assert prof.schema_version == 5 and prof.variant == StepVariant()
+    assert all(not u.ops for u in prof.units)  # no per-op record: whole-unit decisions only
     recorded = set(prof.recorded_variants)
     assert {StepVariant(micro_batch_size=2), StepVariant(weights="bf16-sr"), StepVariant(optimizer_in_backward=True),
             StepVariant(loss_chunks=4)} <= recorded  # schema 3's "bf16" recording is bf16-sr's

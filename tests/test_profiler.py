@@ -97,7 +97,16 @@ def test_flops_match_flop_counter_on_real_tensors(profiles):
     c = CASES["gpt"]
     torch.manual_seed(0)
     model = c.make()
-    with FlopCounterMode(display=False) as fc:
+    # torch's counter has no formula for the CPU flash-attention kernel; give it torch's own SDPA
+    # formulas, as the profiler does (the CUDA kernels' counts).
+    from torch.utils.flop_counter import sdpa_backward_flop_count, sdpa_flop_count
+
+    aten = torch.ops.aten
+    mapping = {aten._scaled_dot_product_flash_attention_for_cpu:
+               lambda q, k, v, *a, **kw: sdpa_flop_count(q, k, v),  # FlopCounterMode passes shapes
+               aten._scaled_dot_product_flash_attention_for_cpu_backward:
+               lambda g, q, k, v, *a, **kw: sdpa_backward_flop_count(g, q, k, v)}
+    with FlopCounterMode(display=False, custom_mapping=mapping) as fc:
         train_step(model, c.batch, None, None)
     prof = profiles["gpt"]
     assert prof.fwd_flops + prof.bwd_flops == fc.get_total_flops()
