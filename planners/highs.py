@@ -145,7 +145,7 @@ class _Died(Exception):
 
 _lock = threading.Lock()
 _child: _Child | None = None
-_stats = {"solves": 0, "restarts": 0, "failed": 0}
+_stats = {"solves": 0, "restarts": 0, "failed": 0, "rechecked": 0}
 
 
 _cannot_spawn: str | None = None  # why a child could not be started here (then: in process)
@@ -164,10 +164,28 @@ def _get_child() -> _Child:
     return _child
 
 
+INFEASIBLE = 2
+
+
 def solve(c, A, lo, hi, integrality, lb, ub, *, time_limit_s: float, mip_rel_gap: float) -> MilpResult:
-    """``scipy.optimize.milp`` with HiGHS, isolated in the solver process (see the module notes)."""
+    """``scipy.optimize.milp`` with HiGHS, isolated in the solver process (see the module notes).
+    An "infeasible" answer is checked once more with presolve off: HiGHS 1.12's presolve has
+    declared feasible memtune problems infeasible (a zoo MoE with per-op save sets, 1000 bytes
+    above a budget whose plan the min-peak MILP had just found; tests/planners/test_reality.py)."""
+    res = _solve(c, A, lo, hi, integrality, lb, ub, time_limit_s=time_limit_s, mip_rel_gap=mip_rel_gap)
+    if res.status == INFEASIBLE:
+        _stats["rechecked"] += 1
+        res = _solve(c, A, lo, hi, integrality, lb, ub, time_limit_s=time_limit_s, mip_rel_gap=mip_rel_gap,
+                     presolve=False)
+    return res
+
+
+def _solve(c, A, lo, hi, integrality, lb, ub, *, time_limit_s: float, mip_rel_gap: float,
+           presolve: bool = True) -> MilpResult:
     global _cannot_spawn
     options = {"time_limit": float(time_limit_s), "mip_rel_gap": float(mip_rel_gap), "disp": False}
+    if not presolve:
+        options["presolve"] = False
     problem = {"c": c, "A": A, "lo": lo, "hi": hi, "integrality": integrality, "lb": lb, "ub": ub,
                "options": options}
     if not _isolated():
@@ -194,7 +212,8 @@ def solve(c, A, lo, hi, integrality, lb, ub, *, time_limit_s: float, mip_rel_gap
 
 
 def stats() -> dict:
-    """Solves, solver-process restarts and problems that failed twice, in this process."""
+    """Solves, solver-process restarts, problems that failed twice and "infeasible" answers
+    re-checked with presolve off, in this process."""
     return dict(_stats)
 
 
