@@ -5,6 +5,8 @@
     >>> memtune.remove_plan(model)
 
 * RECOMPUTE units run ``torch.utils.checkpoint.checkpoint(forward, ..., use_reentrant=False)``;
+* SELECTIVE units run the same with a ``create_selective_checkpoint_contexts`` policy that keeps
+  the outputs of the op calls in the plan's save set (:func:`memtune.selective.context_fn`);
 * OFFLOAD units run their forward under saved-tensor hooks that keep activations in host
   memory (pinned when CUDA is available);
 * SAVE units run unchanged;
@@ -87,7 +89,7 @@ def apply_plan(model: nn.Module, plan: Plan, *, optimizer: torch.optim.Optimizer
     _unwrap_units(model)
     for fqn, decision in plan.decisions.items():
         if decision is not Decision.SAVE:
-            _wrap(modules[fqn], decision)
+            _wrap(modules[fqn], decision, plan.save_ops.get(fqn, ()))
     disable_kv_cache(model)
     ctx = ApplyContext(plan=plan)
     _apply_levers(model, plan, ctx)
@@ -177,16 +179,22 @@ def applied_decisions(model: nn.Module) -> dict[str, Decision]:
     return {n: m.__dict__[_DECISION] for n, m in model.named_modules() if _DECISION in m.__dict__}
 
 
-def _wrap(module: nn.Module, decision: Decision) -> None:
+def _wrap(module: nn.Module, decision: Decision, save_ops: tuple[str, ...] = ()) -> None:
     original = module.__dict__.get("forward")
     forward = original if original is not None else module.forward  # bound class method
 
-    if decision is Decision.RECOMPUTE:
+    if decision.recomputes:
+        extra = {}
+        if decision is Decision.SELECTIVE:
+            from .selective import context_fn
+
+            extra["context_fn"] = context_fn(save_ops)
+
         @functools.wraps(forward)
         def wrapped(*args, **kwargs):
             if not torch.is_grad_enabled():  # eval / no_grad: nothing to save, nothing to recompute
                 return forward(*args, **kwargs)
-            return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+            return checkpoint(forward, *args, use_reentrant=False, **extra, **kwargs)
     elif decision is Decision.OFFLOAD:
         pack, unpack = _offload_hooks(pin_memory=torch.cuda.is_available())
 

@@ -268,8 +268,15 @@ def _plan_table(plan, prof=None):
     t.add_column("decision / value", justify="right")
     saved = {u.fqn: u.saved_activation_bytes for u in prof.units} if prof is not None else {}
     for unit, d in plan.decisions.items():
-        extra = f" ({fmt_bytes(saved[unit])} saved act)" if unit in saved else ""
-        style = {"save": "green", "recompute": "yellow", "offload": "cyan"}[d.value]
+        c = plan.unit_costs.get(unit)
+        if c is not None and d.value != "save":
+            extra = (f" (keeps {fmt_bytes(c.kept_bytes)} of {fmt_bytes(c.saved_bytes)}"
+                     + (f", recomputes {fmt_bytes(c.recomputed_bytes)}" if c.recomputed_bytes else "")
+                     + (f", offloads {fmt_bytes(c.offloaded_bytes)}" if c.offloaded_bytes else "")
+                     + f", +{fmt_ms(c.added_ms)})")
+        else:
+            extra = f" ({fmt_bytes(saved[unit])} saved act)" if unit in saved else ""
+        style = {"save": "green", "recompute": "yellow", "offload": "cyan", "selective": "magenta"}[d.value]
         t.add_row(unit, f"[{style}]{d.value}[/{style}]{extra}")
     t.add_section()
     t.add_row("optimizer", f"{o.name}, {o.ns_steps} NS steps, {o.state_dtype} state")

@@ -8,7 +8,10 @@ A roofline model from the profile's FLOPs and bytes, not a measurement:
   unit's parameters, inputs, outputs and saved activations (backward: twice the
   activations, plus parameters and gradients). The kernel count of a unit is estimated as
   the number of storages it saves (about one per op), at least one;
-* **recompute**: the forward time of every RECOMPUTE unit, run again in backward;
+* **recompute**: the forward time of every RECOMPUTE unit, run again in backward; for a
+  SELECTIVE unit the share of its forward's op time (each op priced by the same roofline from
+  the per-op record) outside its save set, plus the selective policy's dispatch cost per op
+  (:mod:`memtune.selective`);
 * **offload**: ``2 × saved bytes / host bandwidth`` per OFFLOAD unit (out and back over
   PCIe). Overlap with compute is *not* assumed, so this is an upper bound;
 * **Newton-Schulz**: ``ns_flops(m, n, steps) = steps · (4m²n + 2m³)`` FLOPs per m × n
@@ -158,6 +161,9 @@ class CostTable:
     base: TimeBreakdown
     recompute_ms: dict[str, float]
     offload_ms: dict[str, float]
+    selective_ms: dict[str, dict[tuple[str, ...], float]] = field(default_factory=dict)
+    """Per unit, per save set of its selective candidates (:mod:`memtune.selective`): the time
+    its recomputation adds (the forward time of the ops outside the save set)."""
 
 
 @dataclass(eq=False)
@@ -256,7 +262,30 @@ def cost_table(profile: ModelProfile, *, optimizer: OptimizerPlan | None = None,
     base = TimeBreakdown(forward_ms=fwd * 1e3, backward_ms=bwd * 1e3, ns_ms=ns_s * 1e3, optimizer_ms=opt_s * 1e3,
                          lever_ms=lever_ms)
     return CostTable(base=base, recompute_ms={f: t * 1e3 for f, t in unit_fwd.items()},
-                     offload_ms={f: t * 1e3 for f, t in offload.items()})
+                     offload_ms={f: t * 1e3 for f, t in offload.items()},
+                     selective_ms=_selective_ms(profile, ctx.variant, spec, unit_fwd, k))
+
+
+def _selective_ms(profile: ModelProfile, variant: StepVariant, spec: DeviceSpec,
+                  unit_fwd: dict[str, float], repeats: int) -> dict[str, dict[tuple[str, ...], float]]:
+    """The time every selective candidate of the step ``variant`` runs adds: the unit's forward
+    time times the share of its op time (priced on ``spec``) outside the save set, plus the
+    selective policy's dispatch cost on every op of the unit (``spec.python_dispatch_s``, per
+    forward/backward pass)."""
+    from .selective import recompute_fraction, unit_policies
+
+    try:
+        recording = profile.recording(variant)
+    except KeyError:
+        return {}
+    out: dict[str, dict[tuple[str, ...], float]] = {}
+    for u in recording.units:
+        pols = unit_policies(recording).get(u.fqn, ())
+        if pols and u.fqn in unit_fwd:
+            dispatch = repeats * len(u.ops) * spec.python_dispatch_s
+            out[u.fqn] = {p.save_ops: (unit_fwd[u.fqn] * recompute_fraction(recording, u, p.save_ops, spec) + dispatch)
+                          * 1e3 for p in pols}
+    return out
 
 
 def _state_bytes(profile: ModelProfile, opt: OptimizerPlan, master_bytes_per_element: float) -> float:
@@ -313,10 +342,17 @@ def predict_step_time(profile: ModelProfile, plan: Plan, device: str | DeviceSpe
     """Predicted time of one optimizer step (all micro-batches) of ``profile`` under ``plan``."""
     table = cost_table(profile, optimizer=plan.optimizer, variant=plan.variant, grad_accum_steps=plan.grad_accum_steps,
                        device=device)
-    return apply_decisions(table, plan.decisions)
+    return apply_decisions(table, plan.decisions, plan.save_ops)
 
 
-def apply_decisions(table: CostTable, decisions: dict[str, Decision]) -> TimeBreakdown:
+def apply_decisions(table: CostTable, decisions: dict[str, Decision],
+                    save_ops: dict[str, tuple[str, ...]] | None = None) -> TimeBreakdown:
+    """The step time of ``table``'s configuration under unit ``decisions`` (and the save sets of
+    the SELECTIVE ones)."""
     rc = sum(table.recompute_ms[u] for u, d in decisions.items() if d is Decision.RECOMPUTE)
+    for u, d in decisions.items():
+        if d is Decision.SELECTIVE:
+            ops = tuple(sorted((save_ops or {})[u]))
+            rc += table.selective_ms.get(u, {}).get(ops, table.recompute_ms[u])
     off = sum(table.offload_ms[u] for u, d in decisions.items() if d is Decision.OFFLOAD)
     return replace(table.base, recompute_ms=rc, offload_ms=off)

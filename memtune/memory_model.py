@@ -25,6 +25,6 @@ def predict_peak(profile: ModelProfile, plan: Plan, *, reserve_bytes: int | None
     recording = plan_recording(profile, plan)
     tm = timeline_model(recording)
     cc = tm.constants(plan_optimizer_memory(recording, plan))
-    x, r = tm.indicators(plan.decisions)
+    x, r, s = tm.indicators(plan.decisions, plan.save_ops)
     reserve = reserve_bytes if reserve_bytes is not None else plan.budget_bytes - plan.usable_bytes
-    return tm.breakdown(cc, x, r, reserve_bytes=reserve)
+    return tm.breakdown(cc, x, r, s, reserve_bytes=reserve)

@@ -49,6 +49,14 @@ class Decision(str, Enum):
     """Drop them after the forward; recompute the unit's forward in backward."""
     OFFLOAD = "offload"
     """Move them to host memory after the forward and bring them back for backward."""
+    SELECTIVE = "selective"
+    """Keep the outputs of the ops in the unit's save set (:attr:`Plan.save_ops`), drop the rest
+    and recompute them in backward (:mod:`memtune.selective`)."""
+
+    @property
+    def recomputes(self) -> bool:
+        """The unit's forward runs again in backward (wholly or in part)."""
+        return self in (Decision.RECOMPUTE, Decision.SELECTIVE)
 
 
 
@@ -132,6 +140,24 @@ class TimeBreakdown:
 
 
 @dataclass(frozen=True, kw_only=True)
+class UnitCost:
+    """What one unit's decision keeps, frees and costs: bytes held between its forward and its
+    backward, and milliseconds per optimizer step."""
+
+    saved_bytes: int
+    """What autograd saves in the unit (all of it stays under SAVE)."""
+    kept_bytes: int = 0
+    """What stays on the device: everything for SAVE; for SELECTIVE the save set's outputs that
+    backward needs plus those only the checkpoint's cache holds."""
+    recomputed_bytes: int = 0
+    """Dropped after the forward and recomputed in backward."""
+    offloaded_bytes: int = 0
+    """Moved to host memory and back."""
+    added_ms: float = 0.0
+    """Recompute or offload time the decision adds to the step."""
+
+
+@dataclass(frozen=True, kw_only=True)
 class ParallelPlan:
     """How a plan runs across data-parallel ranks (:mod:`memtune.distributed`); every other
     field of the :class:`Plan` is per rank (the budget is per device)."""
@@ -166,6 +192,12 @@ class Plan:
     usable_bytes: int
     decisions: dict[str, Decision]
     """Unit FQN -> decision, in execution order."""
+    save_ops: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    """Per SELECTIVE unit, the op calls whose outputs it keeps (``aten.mm.default#2``: the third
+    ``mm`` of the unit's forward; :mod:`memtune.selective`)."""
+    unit_costs: dict[str, UnitCost] = field(default_factory=dict)
+    """Per unit, what its decision keeps, recomputes or offloads and the time it adds (empty for a
+    plan made by hand)."""
     optimizer: OptimizerPlan = field(default_factory=OptimizerPlan)
     variant: StepVariant = field(default_factory=StepVariant)
     """How the step runs: one choice per lever (:mod:`memtune.levers`)."""
@@ -192,6 +224,9 @@ class Plan:
         for fqn, d in self.decisions.items():
             if not isinstance(d, Decision):
                 raise ValueError(f"decision for {fqn!r} must be a Decision, got {d!r}")
+        missing = [f for f, d in self.decisions.items() if d is Decision.SELECTIVE and f not in self.save_ops]
+        if missing:
+            raise ValueError(f"SELECTIVE units {missing[:3]} have no save set in save_ops")
         if self.grad_accum_steps < 1:
             raise ValueError(f"grad_accum_steps must be >= 1, got {self.grad_accum_steps}")
         if not isinstance(self.variant, StepVariant):
@@ -214,7 +249,8 @@ class Plan:
 
     @property
     def recompute_units(self) -> tuple[str, ...]:
-        return self.units_with(Decision.RECOMPUTE)
+        """Units whose forward runs again in backward, wholly (RECOMPUTE) or in part (SELECTIVE)."""
+        return tuple(u for u, d in self.decisions.items() if d.recomputes)
 
     @property
     def fits(self) -> bool:
@@ -225,6 +261,7 @@ class Plan:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         d = {k: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for k, v in d.items()}
         d["decisions"] = {k: v.value for k, v in self.decisions.items()}
+        d["unit_costs"] = {k: dataclasses.asdict(v) for k, v in self.unit_costs.items()}
         d["variant"] = self.variant.to_dict()
         return d
 
@@ -248,6 +285,8 @@ class Plan:
                 )
             kw = dict(d)
             kw["decisions"] = {k: Decision(v) for k, v in d["decisions"].items()}
+            kw["save_ops"] = {k: tuple(v) for k, v in (d.get("save_ops") or {}).items()}
+            kw["unit_costs"] = {k: UnitCost(**v) for k, v in (d.get("unit_costs") or {}).items()}
             o = d["optimizer"]
             kw["optimizer"] = OptimizerPlan(**{**o, "muon_params": tuple(o["muon_params"]),
                                                "adamw_params": tuple(o["adamw_params"])})
@@ -274,13 +313,15 @@ class Plan:
     def summary(self) -> str:
         from .levers import LEVERS
 
-        n_rc = len(self.recompute_units)
+        n_rc = len(self.units_with(Decision.RECOMPUTE))
         n_off = len(self.units_with(Decision.OFFLOAD))
+        n_sel = len(self.units_with(Decision.SELECTIVE))
         m, t, o = self.memory, self.time, self.optimizer
         lines = [
             f"Plan ({self.planner}) for {self.target}: peak {fmt_bytes(self.predicted_peak_bytes)} of "
             f"{fmt_bytes(self.usable_bytes)} usable (budget {fmt_bytes(self.budget_bytes)}), step {fmt_ms(self.predicted_step_ms)}",
-            f"  units: {len(self.decisions) - n_rc - n_off} save, {n_rc} recompute, {n_off} offload",
+            f"  units: {len(self.decisions) - n_rc - n_off - n_sel} save, {n_sel} selective, {n_rc} recompute, "
+            f"{n_off} offload",
             f"  optimizer: {o.name} ns_steps={o.ns_steps} state={o.state_dtype} "
             f"({len(o.muon_params)} Muon params, {len(o.adamw_params)} AdamW params)",
             "  step: " + "; ".join(LEVERS[name].describe(value) for name, value in self.variant.items())
@@ -295,6 +336,7 @@ class Plan:
             + (f", offload {fmt_ms(t.offload_ms)}" if t.offload_ms else "")
             + "".join(f", {name} {fmt_ms(ms)}" for name, ms in t.lever_ms.items() if ms),
         ]
+        lines += self._unit_lines()
         if self.parallel is not None:
             par = self.parallel
             lines.append(f"  parallel: {par.strategy} over {par.world_size} ranks ({par.link}), collectives "
@@ -303,3 +345,36 @@ class Plan:
                             f"{len(par.reshard_after_forward)} units" if par.strategy == "fsdp" else ""))
         lines += [f"  note: {n}" for n in self.notes]
         return "\n".join(lines)
+
+    def _unit_lines(self, limit: int = 12) -> list[str]:
+        """One line per unit that is not SAVE (the costliest ``limit``): what it keeps, recomputes
+        or offloads, and the time that adds."""
+        changed = [(u, d) for u, d in self.decisions.items() if d is not Decision.SAVE]
+        if not changed:
+            return []
+        costs = self.unit_costs
+        changed.sort(key=lambda t: -(costs[t[0]].added_ms if t[0] in costs else 0.0))
+        out = [f"  per unit (not SAVE; {'costliest ' + str(limit) + ' of ' if len(changed) > limit else ''}"
+               f"{len(changed)}): kept / recomputed / offloaded, time added"]
+        for u, d in changed[:limit]:
+            c = costs.get(u)
+            what = f"  {u}: {d.value}"
+            if c is not None:
+                what += (f", keeps {fmt_bytes(c.kept_bytes)} of {fmt_bytes(c.saved_bytes)}"
+                         + (f", recomputes {fmt_bytes(c.recomputed_bytes)}" if c.recomputed_bytes else "")
+                         + (f", offloads {fmt_bytes(c.offloaded_bytes)}" if c.offloaded_bytes else "")
+                         + f", +{fmt_ms(c.added_ms)}")
+            if d is Decision.SELECTIVE:
+                what += f"; saves {_short_ops(self.save_ops.get(u, ()))}"
+            out.append("  " + what)
+        return out
+
+
+def _short_ops(keys: tuple[str, ...]) -> str:
+    """``("aten.mm.default#0", "aten.mm.default#2")`` -> ``mm×2``: op calls, counted per overload."""
+    counts: dict[str, int] = {}
+    for key in keys:
+        parts = key.split("#")[0].split(".")
+        name = parts[1] if len(parts) >= 2 and parts[0] == "aten" else key
+        counts[name] = counts.get(name, 0) + 1
+    return ", ".join(f"{n}×{c}" if c > 1 else n for n, c in sorted(counts.items())) or "nothing"

@@ -46,9 +46,15 @@ def plot_memory_by_unit(path: Path, profile: ModelProfile, plan: Plan | None = N
     names = [u.fqn for u in units]
     decisions = [plan.decisions.get(u.fqn, Decision.SAVE) if plan else Decision.SAVE for u in units]
     params = [u.param_bytes for u in units]
-    kept = [u.saved_activation_bytes if d is Decision.SAVE else 0 for u, d in zip(units, decisions)]
-    recomputed = [u.saved_activation_bytes if d is Decision.RECOMPUTE else 0 for u, d in zip(units, decisions)]
-    offloaded = [u.saved_activation_bytes if d is Decision.OFFLOAD else 0 for u, d in zip(units, decisions)]
+    costs = plan.unit_costs if plan else {}
+
+    def part(u, d, field: str, whole: Decision) -> int:
+        if u.fqn in costs:
+            return getattr(costs[u.fqn], field)
+        return u.saved_activation_bytes if d is whole else 0
+    kept = [part(u, d, "kept_bytes", Decision.SAVE) for u, d in zip(units, decisions)]
+    recomputed = [part(u, d, "recomputed_bytes", Decision.RECOMPUTE) for u, d in zip(units, decisions)]
+    offloaded = [part(u, d, "offloaded_bytes", Decision.OFFLOAD) for u, d in zip(units, decisions)]
     div, unit = _scale(max(p + u.saved_activation_bytes for p, u in zip(params, units)) if units else 1)
     fig, ax = plt.subplots(figsize=(max(6.0, 0.5 * len(units) + 3), 4.5))
     x = range(len(units))
@@ -68,7 +74,9 @@ def plot_memory_by_unit(path: Path, profile: ModelProfile, plan: Plan | None = N
     ax.set_ylabel(f"memory ({unit})")
     ax.set_xlabel("checkpointable unit")
     n_rc = sum(1 for d in decisions if d is Decision.RECOMPUTE)
-    sub = f"plan recomputes {n_rc} of {len(units)} units" if plan else "no plan given: everything saved"
+    n_sel = sum(1 for d in decisions if d is Decision.SELECTIVE)
+    sub = (f"plan recomputes {n_rc} of {len(units)} units" + (f", {n_sel} selectively" if n_sel else "")
+           if plan else "no plan given: everything saved")
     ax.set_title(f"Memory per unit: {profile.model} ({profile.target_name}, {profile.precision})\n{sub}")
     ax.set_ylim(0, max(bottom + [1e-9]) * 1.4)  # headroom so the legend never hides a bar
     ax.legend(fontsize=8, loc="upper left", ncol=2)

@@ -12,6 +12,10 @@ which units hold it. A plan changes that timeline in exactly these ways:
   storages it restores are back. Inputs of *u* that nobody else saved are kept alive by the
   checkpoint from the end of its forward until its backward ends.
 * **OFFLOAD** unit *u*: as RECOMPUTE, but the storages come back by copy (no transient).
+* **SELECTIVE** unit *u* with save set *k* (:mod:`memtune.selective`): as RECOMPUTE for the
+  storages whose producing op is outside the save set; those its save set produced stay (and
+  no other holder can drop them); the checkpoint's cache holds the save set's other outputs
+  (see :meth:`TimelineModel._drop_rows`); the recompute peak is the partial forward's transient.
 * **Optimizer**: the state bytes of the plan's optimizer configuration replace the profiled
   optimizer's for the whole step, and the optimizer-step intervals carry the plan's measured
   step temporaries instead (both from :class:`~memtune.profile.OptimizerStepProfile`); an
@@ -22,19 +26,22 @@ which units hold it. A plan changes that timeline in exactly these ways:
 The rules are written once, as **peak rows** (:class:`TimelineModel`), in the style of
 ``torch/distributed/_tools/sac_ilp.py``. Variables, per plan:
 
-* ``x_u`` = 1 if unit *u* is not SAVE, ``r_u`` = 1 if it is RECOMPUTE;
-* ``e_g`` = 1 if group *g* is dropped: a group merges the storages that share holders,
-  checkpoint-input units, drop window ``[lo, hi)`` and restoring unit. [Eligibility] ``e_g ≤ x_h``
-  for every holder *h*, ``e_g ≤ 1 − x_v`` for every unit *v* taking it as a checkpoint input;
-* ``D_i`` = net bytes dropped in interval *i*. [Drops] ``D = cumsum(Δ · [e; x])``: a group adds its
-  bytes at ``lo`` and removes them at ``hi``; a non-SAVE unit's unsaved inputs count negative
-  from its forward end to its backward end.
+* the decision columns ``z``: ``R_u`` (RECOMPUTE), ``O_u`` (OFFLOAD) and ``Q_{u,k}`` (SELECTIVE with
+  save set *k*), at most one per unit; ``x_u`` (not SAVE) is their sum;
+* ``e_g`` = 1 if group *g* is dropped: a group merges the storages that share holders (with the
+  level from which each holder drops them), checkpoint-input units, caching columns, drop window
+  ``[lo, hi)`` and restoring unit. [Eligibility] per holder *h*, ``e_g`` ≤ the sum of *h*'s columns
+  that drop it; ``e_g ≤ 1 − x_v`` for every unit *v* taking it as a checkpoint input, and
+  ``e_g ≤ 1 −`` the sum of the selective columns whose save set caches it;
+* ``D_i`` = net bytes dropped in interval *i*. [Drops] ``D = cumsum(Δ · [e; z])``: a group adds its
+  bytes at ``lo`` and removes them at ``hi``; a non-SAVE unit's unsaved inputs, and what a
+  selective column's cache holds, count negative over their windows.
 
 [Peak rows] each row *j* is ``value_j = const_j − P_j · [e; D]``, active always or only when its
 unit recomputes (``gate_j``): one row per interval outside the optimizer step (its peak with
 nothing dropped, less ``D_i``), per in-backward parameter update (live bytes plus that
 update's temporaries, less ``D_i``), per unit's recompute (live bytes at its backward start plus
-its forward transient, less ``D`` there and what it restores) and per optimizer-step interval
+its forward transient, less ``D`` there and what it restores; one per recomputing column) and per optimizer-step interval
 (constant). The predicted peak is the largest active row. ``peak`` and ``breakdown`` evaluate
 the rows with ``e`` at the bound the eligibility rows allow (dropping only lowers rows); the
 exact planner hands the very same matrices to HiGHS.
@@ -44,6 +51,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import scipy.sparse as sp
@@ -53,8 +61,16 @@ from .plan import Decision, MemoryBreakdown, OptimizerPlan
 from .profile import ModelProfile, StepEvent
 from .variant import StepVariant
 
-__all__ = ["ConfigConstants", "OptimizerMemory", "TimelineModel", "UnrecordedPlanError", "optimizer_memory",
+__all__ = ["ConfigConstants", "OptimizerMemory", "TimelineModel", "UnitChoices", "UnrecordedPlanError", "optimizer_memory",
            "plan_optimizer_memory", "plan_recording", "recording_for", "timeline_model"]
+
+
+class UnitChoices(NamedTuple):
+    """What a planner decided for the units of one configuration."""
+
+    decisions: dict[str, Decision]
+    save_ops: dict[str, tuple[str, ...]]
+    """The save set of each SELECTIVE unit."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,7 +154,14 @@ class ConfigConstants:
 
 class TimelineModel:
     """The decision-independent structure of one recorded step (build with :func:`timeline_model`):
-    the eligibility, drop and peak rows of the module docstring."""
+    the eligibility, drop and peak rows of the module docstring.
+
+    Decisions are columns ``z`` (one-hot per unit, all zero for SAVE): ``R_u`` (full recompute,
+    column ``u``), ``O_u`` (offload, ``N + u``) and ``Q_{u,k}`` (selective recompute with the
+    unit's ``k``-th save set, :mod:`memtune.selective`; from ``2N``). A column's *level* says how
+    much it drops: ``Q_{u,k}`` drops the storages whose producing op is outside save set ``k``
+    (level ``k``); ``R_u`` and ``O_u`` drop everything (level ``K_u + 1``). The public methods also
+    take the vectors ``x`` (non-SAVE), ``r`` (recomputes) and ``s`` (selective level, 0: none)."""
 
     def __init__(self, profile: ModelProfile):
         p = self.profile = profile
@@ -147,6 +170,7 @@ class TimelineModel:
         self.fqns = [u.fqn for u in p.units]
         self.N = len(self.fqns)
         self._events(ev)
+        self._columns(p)
         self._groups(p)
         self._drop_rows()
         self._peak_rows()
@@ -183,9 +207,85 @@ class TimelineModel:
         self.step_idx = np.array([i for i, e in enumerate(ev) if e.name == StepEvent.PARAM_STEP], dtype=np.int64)
         self.step_params = [ev[i].unit for i in self.step_idx]
 
+    def _columns(self, p: ModelProfile) -> None:
+        """The decision columns: R and O per unit, then each unit's selective levels."""
+        from .selective import cache_lifetimes, last_saving_op, recompute_transient, saved_class_rank, unit_policies
+
+        N = self.N
+        pol = unit_policies(p)
+        self.policies = [pol.get(f, ()) for f in self.fqns]
+        """Per unit, its selective candidates (level k is ``policies[u][k-1]``)."""
+        self.K = np.array([len(x) for x in self.policies], dtype=np.int64)
+        self.q_start = 2 * N + np.concatenate([[0], np.cumsum(self.K)[:-1]]).astype(np.int64) if N else \
+            np.zeros(0, dtype=np.int64)
+        self.C = 2 * N + int(self.K.sum())
+        col_unit = np.concatenate([np.arange(N), np.arange(N)] + [np.full(k, u) for u, k in enumerate(self.K)])
+        col_level = np.concatenate([self.K + 1, self.K + 1] + [np.arange(1, k + 1) for k in self.K])
+        self.col_unit = col_unit.astype(np.int64)
+        self.col_level = col_level.astype(np.int64)
+        self.X = sp.csr_matrix((np.ones(self.C), (self.col_unit, np.arange(self.C))), shape=(N, self.C))
+        """``x = X @ z``: unit u is not SAVE."""
+        ft = np.array([u.fwd_transient_bytes for u in p.units], dtype=np.float64)
+        self.col_transient = ft[self.col_unit] if N else np.zeros(0)
+        """Transient of each recomputing column: the unit's forward transient (R), or that of the
+        partial forward a selective column runs (:func:`memtune.selective.recompute_transient`)."""
+        self.cached = np.zeros(self.C)
+        """Per selective column: cached outputs backward does not need, which its recomputation consumes."""
+        self.held = np.zeros(self.C)
+        """Per selective column: cached outputs backward does not need that its recomputation never
+        reaches (they live until the unit's backward ends)."""
+        for u, pols in enumerate(self.policies):
+            for k, pol in enumerate(pols):
+                col = self.q_start[u] + k
+                self.cached[col], self.held[col] = cache_lifetimes(p.units[u], pol.save_ops)
+                self.col_transient[col] = recompute_transient(p.units[u], pol.save_ops)
+        # Per storage: (producing unit, deepest level of that unit whose save set keeps it).
+        self._kept_until: dict[int, tuple[int, int]] = {}
+        self.extended: list[tuple[int, float, int, int]] = []
+        """(column, bytes, from, to): a storage that backward needs but the unit does not hold
+        (the next unit's input, or what code outside the units saves), kept by the column's cache
+        from where a plain step frees it to the unit's backward end."""
+        for u, unit in enumerate(p.units):
+            if not self.K[u]:
+                continue
+            rank = saved_class_rank(unit, self.policies[u])
+            last = last_saving_op(unit)
+            for i, op in enumerate(unit.ops):
+                # The recomputation consumes the cached call (at the unit's backward start) or
+                # stops before it (the cache holds it to the backward end).
+                end = int(self.bs[u]) if i <= last else int(self.be[u])
+                for sid in op.storages:
+                    if not rank[i]:
+                        continue
+                    self._kept_until[sid] = (u, rank[i])
+                    st = p.storages[sid]
+                    if unit.fqn not in st.holders and self.fe[u] >= 0 and end > st.freed + 1:
+                        for k in range(rank[i]):
+                            col = int(self.q_start[u]) + k
+                            self.extended.append((col, float(st.nbytes), int(st.freed) + 1, end))
+                            if i <= last:  # live until the recomputation consumes it
+                                self.col_transient[col] += st.nbytes
+
+    def columns(self, x: np.ndarray, r: np.ndarray, s: np.ndarray | None = None) -> np.ndarray:
+        """The decision columns ``z`` of vectors ``x`` (non-SAVE), ``r`` (recomputes) and ``s``
+        (selective level; ``None``: none)."""
+        N = self.N
+        z = np.zeros(self.C)
+        x = np.asarray(x) > 0.5
+        r = np.asarray(r) > 0.5
+        sel = np.zeros(N, dtype=np.int64) if s is None else np.asarray(s, dtype=np.int64)
+        q = x & (sel > 0)
+        z[np.nonzero(x & r & ~q)[0]] = 1.0
+        z[N + np.nonzero(x & ~r & ~q)[0]] = 1.0
+        qu = np.nonzero(q)[0]
+        z[self.q_start[qu] + sel[qu] - 1] = 1.0
+        return z
+
     def _groups(self, p: ModelProfile) -> None:
-        """Storages that are dropped together, and the eligibility incidence (``H``: holders,
-        ``Bk``: units that take the group as a checkpoint input)."""
+        """Storages that are dropped together, and the eligibility pairs: per (group, holder) the
+        holder's columns that drop it (``HP``), per (group, blocker) the columns that keep it
+        (``BP``: every column of a unit that takes it as a checkpoint input; the selective columns
+        of the unit whose save set caches it)."""
         index = {f: k for k, f in enumerate(self.fqns)}
         fe, bs = self._fe, self._bs
         inputs_of: dict[int, list[int]] = {}
@@ -208,18 +308,45 @@ class TimelineModel:
             if lo >= hi:
                 continue
             restorer = next((index[h] for h in s.holders if bs.get(h) == hi), -1)
-            key = (holders, blockers, lo, hi, restorer)
+            producer, deepest = self._kept_until.get(sid, (-1, 0))
+            thresholds = tuple((h, deepest + 1 if h == producer else 1) for h in holders)
+            cache = (producer, deepest) if producer >= 0 and producer not in holders else (-1, 0)
+            key = (thresholds, blockers, cache, lo, hi, restorer)
             groups[key] = groups.get(key, 0) + s.nbytes
         keys = sorted(groups)
         self.G = G = len(keys)
         self.g_bytes = np.array([groups[k] for k in keys], dtype=np.float64)
-        self.g_lo = np.array([k[2] for k in keys], dtype=np.int64)
-        self.g_hi = np.array([k[3] for k in keys], dtype=np.int64)
-        self.g_restorer = np.array([k[4] for k in keys], dtype=np.int64)
-        self.g_holders = [k[0] for k in keys]
+        self.g_lo = np.array([k[3] for k in keys], dtype=np.int64)
+        self.g_hi = np.array([k[4] for k in keys], dtype=np.int64)
+        self.g_restorer = np.array([k[5] for k in keys], dtype=np.int64)
+        self.g_holders = [tuple(h for h, _ in k[0]) for k in keys]
         self.g_blockers = [k[1] for k in keys]
+        hp_rows, hp_cols, self.hp_group = [], [], []
+        bp_rows, bp_cols, self.bp_group = [], [], []
+        for g, (thresholds, blockers, cache, *_rest) in enumerate(keys):
+            for h, t in thresholds:
+                row = len(self.hp_group)
+                self.hp_group.append(g)
+                cols = [h, self.N + h] + [int(self.q_start[h]) + k - 1 for k in range(t, int(self.K[h]) + 1)]
+                hp_rows += [row] * len(cols)
+                hp_cols += cols
+            for v in blockers:
+                row = len(self.bp_group)
+                self.bp_group.append(g)
+                cols = [v, self.N + v] + [int(self.q_start[v]) + k for k in range(int(self.K[v]))]
+                bp_rows += [row] * len(cols)
+                bp_cols += cols
+            if cache[0] >= 0:
+                row = len(self.bp_group)
+                self.bp_group.append(g)
+                cols = [int(self.q_start[cache[0]]) + k for k in range(cache[1])]
+                bp_rows += [row] * len(cols)
+                bp_cols += cols
+        self.hp_group = np.array(self.hp_group, dtype=np.int64)
+        self.bp_group = np.array(self.bp_group, dtype=np.int64)
+        self.HP = sp.csr_matrix((np.ones(len(hp_rows)), (hp_rows, hp_cols)), shape=(len(self.hp_group), self.C))
+        self.BP = sp.csr_matrix((np.ones(len(bp_rows)), (bp_rows, bp_cols)), shape=(len(self.bp_group), self.C))
         self.H = _incidence(self.g_holders, G, self.N)
-        self.Bk = _incidence(self.g_blockers, G, self.N)
         # Inputs a checkpoint keeps although nobody saved them (negative drops).
         unsaved = np.zeros(self.N)
         for k, u in enumerate(p.units):
@@ -229,62 +356,88 @@ class TimelineModel:
         self.unsaved = unsaved
 
     def _drop_rows(self) -> None:
-        """[Drops] ``Δ`` ((n+1) × (G+N) over ``[e; x]``): ``D = cumsum(Δ · [e; x])[:n]``."""
-        G, N, n = self.G, self.N, self.n
-        ok = (self.fe >= 0) & (self.bs >= 0) & (self.unsaved > 0)
-        units = np.nonzero(ok)[0]
-        rows = np.concatenate([self.g_lo, self.g_hi, self.fe[units], self.be[units]])
-        cols = np.concatenate([np.arange(G), np.arange(G), G + units, G + units])
-        vals = np.concatenate([self.g_bytes, -self.g_bytes, -self.unsaved[units], self.unsaved[units]])
-        self.delta = sp.csr_matrix((vals, (rows, cols)), shape=(n + 1, G + N))
-        self.max_raise = float(self.unsaved.sum())
-        """The most any decision can raise a row (kept unsaved inputs): ``−D ≤ max_raise``."""
+        """[Drops] ``Δ`` ((n+1) × (G+C) over ``[e; z]``): ``D = cumsum(Δ · [e; z])[:n]``. A group
+        adds its bytes at ``lo`` and removes them at ``hi``; every column of a unit with unsaved
+        checkpoint inputs counts them negative from the unit's forward end to its backward end,
+        and so does a selective column with the outputs its save set caches for nothing: until its
+        recomputation consumes them (:attr:`cached`; its transient counts them from there) or,
+        for calls after the recomputation stops, until its backward ends (:attr:`held`); and,
+        from where a plain step frees them, with the cached outputs that only others saved
+        (:attr:`extended`)."""
+        G, n, C = self.G, self.n, self.C
+        cu = self.col_unit
+        rows, cols, vals = [self.g_lo, self.g_hi], [np.arange(G), np.arange(G)], [self.g_bytes, -self.g_bytes]
+        unsaved = self.unsaved[cu] if C else np.zeros(0)
+        for amount, end in ((unsaved, self.be), (self.cached, self.bs), (self.held, self.be)):
+            ok = np.nonzero((self.fe[cu] >= 0) & (self.bs[cu] >= 0) & (amount > 0))[0] if C else np.zeros(0, int)
+            rows += [self.fe[cu[ok]], end[cu[ok]]]
+            cols += [G + ok, G + ok]
+            vals += [-amount[ok], amount[ok]]
+        col_raise = unsaved + self.cached + self.held
+        if self.extended:
+            col, nbytes, start, end = (np.array(v) for v in zip(*self.extended))
+            rows += [start.astype(np.int64), end.astype(np.int64)]
+            cols += [G + col.astype(np.int64)] * 2
+            vals += [-nbytes, nbytes]
+            col_raise = col_raise + np.bincount(col.astype(np.int64), weights=nbytes, minlength=C)
+        per_unit = np.zeros(self.N)
+        if C:
+            np.maximum.at(per_unit, cu, col_raise)
+        self.delta = sp.csr_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))),
+                                   shape=(n + 1, G + C))
+        self.max_raise = float(per_unit.sum())
+        """Bound on how much any decision can raise a row (kept inputs and cached outputs):
+        ``−D ≤ max_raise``."""
 
     def _peak_rows(self) -> None:
-        """[Peak rows] in interval order, each interval's rows in ``ROW_*`` order."""
-        n, G = self.n, self.G
+        """[Peak rows] in interval order, each interval's rows in ``ROW_*`` order; a unit has one
+        recompute row per recomputing column (R, then its selective levels)."""
+        n, G, N = self.n, self.G, self.N
         by_bs: dict[int, list[int]] = {}
-        for k in range(self.N):
+        for k in range(N):
             if self.bs[k] >= 0:
                 by_bs.setdefault(int(self.bs[k]), []).append(k)
         by_step: dict[int, list[int]] = {}
         for j, i in enumerate(self.step_idx):
             by_step.setdefault(int(i), []).append(j)
-        kind, event, ref = [], [], []
+        kind, event, ref, gate = [], [], [], []
         for i in range(n):
             if self.is_opt[i]:
-                kind.append(ROW_OPTIMIZER), event.append(i), ref.append(i)
+                kind.append(ROW_OPTIMIZER), event.append(i), ref.append(i), gate.append(-1)
                 continue
-            kind.append(ROW_INTERVAL), event.append(i), ref.append(i)
+            kind.append(ROW_INTERVAL), event.append(i), ref.append(i), gate.append(-1)
             for k in by_bs.get(i, ()):
-                kind.append(ROW_RECOMPUTE), event.append(i), ref.append(k)
+                for col in [k] + [int(self.q_start[k]) + q for q in range(int(self.K[k]))]:
+                    kind.append(ROW_RECOMPUTE), event.append(i), ref.append(k), gate.append(col)
             for j in by_step.get(i, ()):
-                kind.append(ROW_PARAM_STEP), event.append(i), ref.append(j)
+                kind.append(ROW_PARAM_STEP), event.append(i), ref.append(j), gate.append(-1)
         self.row_kind = np.array(kind, dtype=np.int64)
         self.row_event = np.array(event, dtype=np.int64)
         self.row_ref = np.array(ref, dtype=np.int64)
         """Per row: the interval (interval, optimizer rows), the unit (recompute) or the update (step)."""
         m = len(kind)
-        self.row_gate = np.where(self.row_kind == ROW_RECOMPUTE, self.row_ref, -1)
+        self.row_gate = np.array(gate, dtype=np.int64)
+        """Per row: the decision column that activates it (-1: always active)."""
         self.gated_rows = np.nonzero(self.row_gate >= 0)[0]
-        self.gated_units = self.row_gate[self.gated_rows]
+        self.gate_cols = self.row_gate[self.gated_rows]
         # P over [e (G); D (n)]: D at the row's interval (not for constant optimizer rows), plus
         # the bytes a recomputing unit restores.
         varying = np.nonzero(self.row_kind != ROW_OPTIMIZER)[0]
         rows = [varying]
         cols = [G + self.row_event[varying]]
         vals = [np.ones(len(varying))]
-        rc_rows = {int(k): r for r, k in zip(np.nonzero(self.row_kind == ROW_RECOMPUTE)[0],
-                                             self.row_ref[self.row_kind == ROW_RECOMPUTE])}
-        restored = [(rc_rows[int(u)], g) for g, u in enumerate(self.g_restorer) if u >= 0 and int(u) in rc_rows]
+        rc_rows: dict[int, list[int]] = {}
+        for r in np.nonzero(self.row_kind == ROW_RECOMPUTE)[0]:
+            rc_rows.setdefault(int(self.row_ref[r]), []).append(int(r))
+        restored = [(r, g) for g, u in enumerate(self.g_restorer) if u >= 0 for r in rc_rows.get(int(u), ())]
         if restored:
             rr, gg = np.array(restored, dtype=np.int64).T
             rows.append(rr)
             cols.append(gg)
             vals.append(self.g_bytes[gg])
         self.P = sp.csr_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))), shape=(m, G + n))
-        self.rc_rows = np.array([rc_rows.get(k, -1) for k in range(self.N)], dtype=np.int64)
-        """Per unit, its recompute row (-1: its backward never starts)."""
+        self.rc_rows = np.nonzero(self.row_kind == ROW_RECOMPUTE)[0]
+        """Every recompute row."""
 
     # ------------------------------------------------------------------ per configuration
     def constants(self, opt: OptimizerMemory) -> ConfigConstants:
@@ -298,8 +451,7 @@ class TimelineModel:
         opt_rows = kind == ROW_OPTIMIZER
         const[opt_rows] = self.live[i[opt_rows]] + delta + opt.step_transient_bytes
         rc = kind == ROW_RECOMPUTE
-        ft = np.array([u.fwd_transient_bytes for u in self.profile.units], dtype=np.float64)
-        const[rc] = self.live[i[rc]] + delta + ft[ref[rc]]
+        const[rc] = self.live[i[rc]] + delta + self.col_transient[self.row_gate[rc]]
         st = kind == ROW_PARAM_STEP
         const[st] = self.live[i[st]] + delta + np.array([per_param.get(self.step_params[j], 0) for j in ref[st]],
                                                         dtype=np.float64)
@@ -308,34 +460,43 @@ class TimelineModel:
                                delta=delta)
 
     # ------------------------------------------------------------------ evaluation
-    def dropped(self, x: np.ndarray) -> np.ndarray:
-        """[Eligibility] ``e`` for non-SAVE indicator ``x``, at the bound its rows allow."""
-        return ((self.H @ (1.0 - x) == 0) & (self.Bk @ x == 0)).astype(np.float64)
+    def dropped(self, z: np.ndarray) -> np.ndarray:
+        """[Eligibility] ``e`` for decision columns ``z``, at the bound its rows allow."""
+        uncovered = (self.HP @ z < 0.5).astype(np.float64)
+        blocked = (self.BP @ z > 0.5).astype(np.float64)
+        bad = np.bincount(self.hp_group, weights=uncovered, minlength=self.G)[:self.G]
+        bad = bad + np.bincount(self.bp_group, weights=blocked, minlength=self.G)[:self.G]
+        return (bad == 0).astype(np.float64)
 
-    def drops(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(e per group, D per interval) for non-SAVE indicator ``x`` (0/1 floats)."""
-        e = self.dropped(x)
-        D = np.cumsum(self.delta @ np.concatenate([e, x]))[:self.n]
+    def drops(self, z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(e per group, D per interval) for decision columns ``z``."""
+        e = self.dropped(z)
+        D = np.cumsum(self.delta @ np.concatenate([e, z]))[:self.n]
         return e, D
 
-    def row_values(self, cc: ConfigConstants, x: np.ndarray, r: np.ndarray) -> np.ndarray:
-        """Every peak row's value under decisions ``x`` (non-SAVE) / ``r`` (RECOMPUTE); rows whose
-        unit does not recompute are ``-inf``."""
-        e, D = self.drops(x)
+    def values(self, cc: ConfigConstants, z: np.ndarray) -> np.ndarray:
+        """Every peak row's value under decision columns ``z``; rows whose column is off are ``-inf``."""
+        e, D = self.drops(z)
         vals = cc.const - self.P @ np.concatenate([e, D])
-        vals[self.gated_rows[r[self.gated_units] <= 0.5]] = -np.inf
+        vals[self.gated_rows[z[self.gate_cols] <= 0.5]] = -np.inf
         return vals
 
-    def peak(self, cc: ConfigConstants, x: np.ndarray, r: np.ndarray) -> float:
-        """Predicted peak bytes of decisions ``x`` (non-SAVE) / ``r`` (RECOMPUTE)."""
-        return float(self.row_values(cc, x, r).max())
+    def row_values(self, cc: ConfigConstants, x: np.ndarray, r: np.ndarray, s: np.ndarray | None = None) -> np.ndarray:
+        """:meth:`values` of vectors ``x`` (non-SAVE), ``r`` (RECOMPUTE) and ``s`` (selective level)."""
+        return self.values(cc, self.columns(x, r, s))
 
-    def breakdown(self, cc: ConfigConstants, x: np.ndarray, r: np.ndarray, *, reserve_bytes: int) -> MemoryBreakdown:
+    def peak(self, cc: ConfigConstants, x: np.ndarray, r: np.ndarray, s: np.ndarray | None = None) -> float:
+        """Predicted peak bytes of decisions ``x`` (non-SAVE) / ``r`` (RECOMPUTE) / ``s`` (selective level)."""
+        return float(self.row_values(cc, x, r, s).max())
+
+    def breakdown(self, cc: ConfigConstants, x: np.ndarray, r: np.ndarray, s: np.ndarray | None = None, *,
+                  reserve_bytes: int) -> MemoryBreakdown:
         """The peak of :meth:`peak` (its first row, in interval order), with what is live there by category."""
-        vals = self.row_values(cc, x, r)
+        z = self.columns(x, r, s)
+        vals = self.values(cc, z)
         j = int(np.argmax(vals))
         i, kind, ref = int(self.row_event[j]), int(self.row_kind[j]), int(self.row_ref[j])
-        e, D = self.drops(x)
+        e, D = self.drops(z)
         nonact = self.static + self.base_state + self.grad[i]
         act = self.live[i] - nonact - D[i]
         rc = opt_tmp = other = 0.0
@@ -347,7 +508,7 @@ class TimelineModel:
             other = self.peak_b[i] - self.live[i]
         elif kind == ROW_RECOMPUTE:
             act -= float((self.P[j, :self.G] @ e).item())
-            rc = self.profile.units[ref].fwd_transient_bytes
+            rc = self.col_transient[self.row_gate[j]]
             phase = f"recompute:{self.fqns[ref]}"
         else:
             opt_tmp = vals[j] + D[i] - self.live[i] - cc.delta
@@ -359,16 +520,62 @@ class TimelineModel:
             reserve_bytes=reserve_bytes, phase=phase,
             host_bytes=int(cc.host_bytes) if self.profile.target != "cpu" else 0)
 
-    def indicators(self, decisions: dict[str, Decision]) -> tuple[np.ndarray, np.ndarray]:
-        """(x, r) vectors of a decision dict (units it omits are SAVE)."""
+    def indicators(self, decisions: dict[str, Decision], save_ops: dict[str, tuple[str, ...]] | None = None
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(x, r, s) vectors of a decision dict and the save sets of its SELECTIVE units (units it
+        omits are SAVE)."""
         x = np.array([decisions.get(f, Decision.SAVE) is not Decision.SAVE for f in self.fqns], dtype=float)
-        r = np.array([decisions.get(f, Decision.SAVE) is Decision.RECOMPUTE for f in self.fqns], dtype=float)
-        return x, r
+        r = np.array([decisions.get(f, Decision.SAVE) in (Decision.RECOMPUTE, Decision.SELECTIVE)
+                      for f in self.fqns], dtype=float)
+        s = np.zeros(self.N, dtype=np.int64)
+        for u, f in enumerate(self.fqns):
+            if decisions.get(f) is Decision.SELECTIVE:
+                s[u] = self.level_of(u, (save_ops or {}).get(f, ()))
+        return x, r, s
 
-    def decisions(self, x: np.ndarray, r: np.ndarray) -> dict[str, Decision]:
-        """The decision dict of (x, r) vectors (the inverse of :meth:`indicators`)."""
-        return {f: (Decision.RECOMPUTE if r[k] else Decision.OFFLOAD) if x[k] else Decision.SAVE
-                for k, f in enumerate(self.fqns)}
+    def level_of(self, u: int, save_ops: tuple[str, ...]) -> int:
+        """The selective level of unit ``u`` whose save set is ``save_ops``."""
+        want = tuple(sorted(save_ops))
+        for k, pol in enumerate(self.policies[u], start=1):
+            if pol.save_ops == want:
+                return k
+        have = [list(p.save_ops) for p in self.policies[u]] or "none"
+        raise UnrecordedPlanError(
+            f"unit {self.fqns[u]!r} is SELECTIVE with save set {list(want)}, which is not one of its candidates "
+            f"({have}); re-plan with this profile (memtune.plan) rather than editing the plan's save sets")
+
+    def decisions(self, x: np.ndarray, r: np.ndarray, s: np.ndarray | None = None) -> dict[str, Decision]:
+        """The decision dict of (x, r, s) vectors (the inverse of :meth:`indicators`)."""
+        def one(k: int) -> Decision:
+            if not x[k]:
+                return Decision.SAVE
+            if s is not None and s[k] > 0:
+                return Decision.SELECTIVE
+            return Decision.RECOMPUTE if r[k] else Decision.OFFLOAD
+        return {f: one(k) for k, f in enumerate(self.fqns)}
+
+    def save_ops(self, x: np.ndarray, s: np.ndarray | None) -> dict[str, tuple[str, ...]]:
+        """The save set of every SELECTIVE unit of (x, s)."""
+        if s is None:
+            return {}
+        return {f: self.policies[k][int(s[k]) - 1].save_ops for k, f in enumerate(self.fqns) if x[k] and s[k] > 0}
+
+    def choices(self, x: np.ndarray, r: np.ndarray, s: np.ndarray | None = None) -> UnitChoices:
+        """:meth:`decisions` and :meth:`save_ops` of (x, r, s) together."""
+        return UnitChoices(self.decisions(x, r, s), self.save_ops(x, s))
+
+    def unpack(self, z: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(x, r, s) of decision columns ``z`` (the inverse of :meth:`columns`)."""
+        N = self.N
+        on = np.asarray(z) > 0.5
+        x = np.zeros(N)
+        np.maximum.at(x, self.col_unit[on], 1.0)
+        r = on[:N].astype(float)
+        s = np.zeros(N, dtype=np.int64)
+        q = np.nonzero(on[2 * N:])[0] + 2 * N
+        s[self.col_unit[q]] = self.col_level[q]
+        r[self.col_unit[q]] = 1.0
+        return x, r, s
 
 
 def timeline_model(recording: ModelProfile) -> TimelineModel:

@@ -1,6 +1,6 @@
 """Brute force, for tests only: every configuration × every unit decision, each priced with
-``predict_peak`` and the cost model. Exponential (2^N or 3^N plans per configuration); refuses
-more than ``MAX_UNITS`` units."""
+``predict_peak`` and the cost model. Exponential ((2 + K)^N plans per configuration, K selective
+candidates per unit, one more with offload); refuses more than ``MAX_UNITS`` units."""
 
 from __future__ import annotations
 
@@ -10,7 +10,9 @@ from memtune.budget import Budget
 from memtune.plan import Plan
 from memtune.profile import ModelProfile
 
-from .options import PlannerOptions, choose_tier, configs, costs_for, make_plan, unit_choices
+from memtune.plan import Decision
+
+from .options import PlannerOptions, choose_tier, configs, costs_for, make_plan, timeline_for, unit_choices
 
 MAX_UNITS = 10
 
@@ -40,9 +42,17 @@ class BrutePlanner:
             if (cfg.lossiness if options.prefer_lossless else 0) != tier:
                 continue
             table = costs_for(profile, cfg, options)
-            for combo in itertools.product(*(unit_choices(profile, options, f) for f in fqns)):
-                plan = make_plan(profile, budget, cfg, dict(zip(fqns, combo)), planner=self.name, options=options,
-                                 table=table)
+            tm, _ = timeline_for(profile, cfg)
+            per_unit = []
+            for k, f in enumerate(fqns):
+                opts = [(d, None) for d in unit_choices(profile, options, f)]
+                if Decision.RECOMPUTE in (d for d, _ in opts):
+                    opts += [(Decision.SELECTIVE, pol.save_ops) for pol in tm.policies[k]]
+                per_unit.append(opts)
+            for combo in itertools.product(*per_unit):
+                plan = make_plan(profile, budget, cfg, {f: d for f, (d, _) in zip(fqns, combo)}, planner=self.name,
+                                 options=options, table=table,
+                                 save_ops={f: ops for f, (_, ops) in zip(fqns, combo) if ops is not None})
                 if plan.predicted_peak_bytes <= budget.usable_bytes and (
                         best is None or plan.predicted_step_ms < best.predicted_step_ms):
                     best = plan

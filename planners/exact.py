@@ -7,14 +7,18 @@ The MILP is built from the timeline's own rows (:class:`memtune.timeline.Timelin
 docstring names them), so it cannot disagree with :func:`memtune.predict_peak`. In the notation
 of ``torch/distributed/_tools/sac_ilp.py``:
 
-    # r_u: unit u is RECOMPUTE;  o_u: unit u is OFFLOAD (when allowed);  x_u := r_u + o_u
+    # r_u: unit u is RECOMPUTE;  o_u: unit u is OFFLOAD (when allowed)
+    # q_uk: unit u is SELECTIVE with its k-th save set (memtune.selective; level k)
     # e_g: group g's storages are dropped;  D_i: bytes dropped in interval i
-    minimize   Σ_u rc_ms(u)·r_u + off_ms(u)·o_u          (+ the configuration's base time, fixed)
-    # [Constraint] one decision per unit:            r_u + o_u ≤ 1
-    # [Constraint] eligibility:                      e_g ≤ x_h (holders),  e_g ≤ 1 − x_v (checkpoint inputs)
-    # [Constraint] drops:                            D_i − D_{i−1} = Δ_i · [e; x]
+    minimize   Σ_u rc_ms(u)·r_u + off_ms(u)·o_u + Σ_k sel_ms(u,k)·q_uk   (+ the base time, fixed)
+    # [Constraint] one decision per unit:            r_u + o_u + Σ_k q_uk ≤ 1
+    # [Constraint] eligibility:                      e_g ≤ r_h + o_h + Σ_{k ≥ t_h(g)} q_hk  (holders; t: the
+    #                                                      first level whose save set drops the group)
+    #                                                e_g ≤ 1 − (r_v + o_v + Σ_k q_vk)      (checkpoint inputs)
+    #                                                e_g ≤ 1 − Σ_{k ≤ t_p(g)} q_pk         (cached by p's save set)
+    # [Constraint] drops:                            D_i − D_{i−1} = Δ_i · [e; z]
     # [Constraint] peak below the budget:            const_j − P_j · [e; D] ≤ U          (ungated rows)
-    #                                                const_j − P_j · [e; D] ≤ U + M_j (1 − r_u)   (row of unit u)
+    #                                                const_j − P_j · [e; D] ≤ U + M_j (1 − z_c)   (row of column c)
 
 ``e_g`` only ever lowers a row, so upper bounds suffice: an optimal solution can always raise
 ``e_g`` to the AND of its bounds, which is what the timeline evaluates. The optimizer-step rows are
@@ -36,9 +40,9 @@ import numpy as np
 import scipy.sparse as sp
 
 from memtune.budget import Budget
-from memtune.plan import Decision, Plan
+from memtune.plan import Plan
 from memtune.profile import ModelProfile
-from memtune.timeline import ROW_INTERVAL, ROW_PARAM_STEP, ConfigConstants, TimelineModel
+from memtune.timeline import ROW_INTERVAL, ROW_PARAM_STEP, ConfigConstants, TimelineModel, UnitChoices
 
 from . import highs
 from .greedy import greedy_decisions
@@ -75,9 +79,9 @@ class ExactPlanner:
                                mip_rel_gap=options.mip_rel_gap)
             if sol is None:
                 continue
-            decisions, notes = sol
-            plan = make_plan(profile, budget, cfg, decisions, planner=self.name, options=options, table=table,
-                             notes=notes)
+            choices, notes = sol
+            plan = make_plan(profile, budget, cfg, choices.decisions, planner=self.name, options=options, table=table,
+                             notes=notes, save_ops=choices.save_ops)
             if best is None or plan.predicted_step_ms < best.predicted_step_ms - 1e-12:
                 per_tier[tier] = plan
         if not per_tier:
@@ -89,14 +93,14 @@ class ExactPlanner:
 # ----------------------------------------------------------------------------- one configuration
 def solve_config(tm: TimelineModel, cc: ConfigConstants, table, U: float, *, allow_offload: bool,
                  time_limit_s: float, minimize_peak: bool = False, mip_rel_gap: float = 1e-5
-                 ) -> tuple[dict[str, Decision], tuple[str, ...]] | None:
+                 ) -> tuple[UnitChoices, tuple[str, ...]] | None:
     """Optimal unit decisions for one configuration, or ``None`` if none fits ``U``.
 
     With ``minimize_peak`` the objective is the peak itself (``U`` is ignored): the most
     memory-frugal decisions of this configuration."""
     x0 = np.zeros(tm.N)
     if not minimize_peak and tm.peak(cc, x0, x0) <= U:
-        return {f: Decision.SAVE for f in tm.fqns}, ()
+        return tm.choices(x0, x0), ()
     model = _Milp(tm, cc, 0.0 if minimize_peak else U, allow_offload=allow_offload, minimize_peak=minimize_peak)
     A, lo, hi = model.constraints()
     cost = model.objective(table)
@@ -109,27 +113,28 @@ def solve_config(tm: TimelineModel, cc: ConfigConstants, table, U: float, *, all
                        f"HiGHS failed on this configuration ({e}); greedy planned it")
     if res.x is None:
         return None
-    x, r = model.decode(res.x)
+    x, r, sel = model.decode(res.x)
     notes: tuple[str, ...] = ()
     if res.status != 0:
         notes = (f"MILP stopped before proving optimality ({res.message.strip()}); the plan is the best found",)
-    if not minimize_peak and tm.peak(cc, x, r) > U:
+    if not minimize_peak and tm.peak(cc, x, r, sel) > U:
         # The same rows give a peak above the budget: only the solver's feasibility tolerance can do that.
         return _greedy(tm, cc, table, U, allow_offload, minimize_peak,
                        "the MILP's solution exceeded the budget by its feasibility tolerance; greedy planned this "
                        "configuration")
-    return tm.decisions(x, r), notes
+    return tm.choices(x, r, sel), notes
 
 
 def _greedy(tm, cc, table, U, allow_offload, minimize_peak, note):
-    decisions = greedy_decisions(tm, cc, table, U, allow_offload=allow_offload, minimize_peak=minimize_peak)
-    return None if decisions is None else (decisions, (note,))
+    choices = greedy_decisions(tm, cc, table, U, allow_offload=allow_offload, minimize_peak=minimize_peak)
+    return None if choices is None else (choices, (note,))
 
 
 @dataclass
 class _Milp:
     """The MILP of one timeline: its variable layout and the three parts of the model, each
-    read from the timeline's rows."""
+    read from the timeline's rows. Variables: the decision columns ``z`` (R, O, Q of
+    :class:`~memtune.timeline.TimelineModel`), then ``e``, ``D``, the peak and the base time."""
 
     tm: TimelineModel
     cc: ConfigConstants
@@ -139,23 +144,15 @@ class _Milp:
 
     def __post_init__(self) -> None:
         tm = self.tm
-        N, G, n = tm.N, tm.G, tm.n
-        no = N if self.allow_offload else 0
-        self.iR, self.iO, self.iE, self.iD = 0, N, N + no, N + no + G
+        C, G, n = tm.C, tm.G, tm.n
+        self.iZ, self.iE, self.iD = 0, C, C + G
         self.iP = self.iD + n                                     # the peak itself (minimize_peak)
         self.iB = self.iP + (1 if self.minimize_peak else 0)      # the configuration's base time, fixed at 1
         self.nv = self.iB + 1
-        self.x_terms = 2 if self.allow_offload else 1
-        """Variables that make up x_u: r_u, and o_u when offload is allowed."""
         self.interval_peak = float(np.abs(tm.peak_b + self.cc.delta).max(initial=1.0))
         biggest = max(self.U, self.interval_peak, 1.0)
         self.S = float(2 ** max(0, int(np.ceil(np.log2(biggest))) - 20))
         """Bytes per unit of the scaled model (HiGHS's tolerances are absolute: keep values near 2^20)."""
-
-    def _x_cols(self, units: np.ndarray) -> np.ndarray:
-        """The columns of x_u = r_u + o_u for ``units``: every r column, then every o column
-        (``x_terms`` blocks of ``len(units)``, each with coefficient 1)."""
-        return np.concatenate([self.iR + units, self.iO + units]) if self.allow_offload else self.iR + units
 
     # ------------------------------------------------------------------ constraints
     def constraints(self) -> tuple[sp.csr_matrix, np.ndarray, np.ndarray]:
@@ -169,50 +166,40 @@ class _Milp:
             np.broadcast_to(np.asarray(hi, dtype=float), (m,)).copy()
 
     def _one_decision(self):
-        """[Constraint] r_u + o_u ≤ 1."""
-        N = self.tm.N if self.allow_offload else 0
-        u = np.arange(N)
-        return self._block(np.concatenate([u, u]), self._x_cols(u), np.ones(2 * N), N, -np.inf, 1.0)
+        """[Constraint] Σ_c z_c ≤ 1 per unit (R, O and its selective levels)."""
+        X = self.tm.X.tocoo()
+        return self._block(X.row, self.iZ + X.col, X.data, self.tm.N, -np.inf, 1.0)
 
     def _eligibility(self):
-        """[Constraint] e_g − x_h ≤ 0 per holder; e_g + x_v ≤ 1 per checkpoint-input unit (per group:
-        its holders, then its checkpoint-input units)."""
-        h, b = self.tm.H.tocoo(), self.tm.Bk.tocoo()
-        g = np.concatenate([h.row, b.row])
-        u = np.concatenate([h.col, b.col])
-        sign = np.concatenate([-np.ones(len(h.row)), np.ones(len(b.row))])
-        order = np.lexsort((np.arange(len(g)), sign > 0, g))  # group-major, holders first, stable
-        g, u, sign = g[order], u[order], sign[order]
-        m = len(g)
-        r = np.arange(m)
-        rows = np.concatenate([r, np.tile(r, self.x_terms)])
-        cols = np.concatenate([self.iE + g, self._x_cols(u)])
-        vals = np.concatenate([np.ones(m), np.tile(sign, self.x_terms)])
-        return self._block(rows, cols, vals, m, -np.inf, np.where(sign > 0, 1.0, 0.0))
+        """[Constraint] e_g − Σ z_c ≤ 0 per (group, holder), over the holder's columns that drop the
+        group; e_g + Σ z_c ≤ 1 per (group, blocker), over the columns that keep it."""
+        tm = self.tm
+        h, b = tm.HP.tocoo(), tm.BP.tocoo()
+        mh, mb = tm.HP.shape[0], tm.BP.shape[0]
+        rows = np.concatenate([np.arange(mh), h.row, mh + np.arange(mb), mh + b.row])
+        cols = np.concatenate([self.iE + tm.hp_group, self.iZ + h.col, self.iE + tm.bp_group, self.iZ + b.col])
+        vals = np.concatenate([np.ones(mh), -h.data, np.ones(mb), b.data])
+        hi = np.concatenate([np.zeros(mh), np.ones(mb)])
+        return self._block(rows, cols, vals, mh + mb, -np.inf, hi)
 
     def _drops(self):
-        """[Constraint] D_i − D_{i−1} − Δ_i · [e; x] = 0 (scaled)."""
+        """[Constraint] D_i − D_{i−1} − Δ_i · [e; z] = 0 (scaled)."""
         tm, n, G = self.tm, self.tm.n, self.tm.G
         delta = tm.delta[:n].tocoo()
-        rows, cols, vals = [np.arange(n), np.arange(1, n)], [self.iD + np.arange(n), self.iD + np.arange(n - 1)], \
-            [np.ones(n), -np.ones(n - 1)]
-        is_e = delta.col < G
-        rows.append(delta.row[is_e])
-        cols.append(self.iE + delta.col[is_e])
-        vals.append(-delta.data[is_e] / self.S)
-        rows.append(np.tile(delta.row[~is_e], self.x_terms))
-        cols.append(self._x_cols(delta.col[~is_e] - G))
-        vals.append(-np.tile(delta.data[~is_e], self.x_terms) / self.S)
+        rows = [np.arange(n), np.arange(1, n), delta.row]
+        cols = [self.iD + np.arange(n), self.iD + np.arange(n - 1),
+                np.where(delta.col < G, self.iE + delta.col, self.iZ + delta.col - G)]
+        vals = [np.ones(n), -np.ones(n - 1), -delta.data / self.S]
         return self._block(np.concatenate(rows), np.concatenate(cols), np.concatenate(vals), n, 0.0, 0.0)
 
     def _peaks(self):
         """[Constraint] every peak row under the budget (or under the peak variable): the
-        interval rows, then the in-backward update rows, then each unit's recompute row (the
-        optimizer step's rows are constants, checked before solving)."""
+        interval rows, then the in-backward update rows, then each recompute row, big-M gated by
+        its column (the optimizer step's rows are constants, checked before solving)."""
         tm, S, U, cc = self.tm, self.S, self.U, self.cc
         kind = tm.row_kind
         order = np.concatenate([np.nonzero(kind == ROW_INTERVAL)[0], np.nonzero(kind == ROW_PARAM_STEP)[0],
-                                tm.rc_rows[tm.rc_rows >= 0]])
+                                tm.rc_rows])
         P = tm.P[order].tocoo()
         const = cc.const[order] / S
         gate = tm.row_gate[order]
@@ -235,7 +222,7 @@ class _Milp:
             keep = (gate < 0) | (M > 0)  # a gated row that can never exceed the budget needs no constraint
         g_rows = np.nonzero((gate >= 0) & keep)[0]
         rows.append(g_rows)
-        cols.append(self.iR + gate[g_rows])
+        cols.append(self.iZ + gate[g_rows])
         vals.append(M[g_rows])
         hi[g_rows] += M[g_rows]
         A = sp.csr_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))), shape=(m, self.nv))
@@ -243,43 +230,56 @@ class _Milp:
 
     # ------------------------------------------------------------------ objective, bounds, decoding
     def objective(self, table) -> np.ndarray:
-        tm, N = self.tm, self.tm.N
+        tm = self.tm
         cost = np.zeros(self.nv)
-        rc = np.array([table.recompute_ms[f] for f in tm.fqns])
-        off = np.array([table.offload_ms[f] for f in tm.fqns])
+        col_ms = column_ms(tm, table)
         if self.minimize_peak:
             cost[self.iP] = 1.0
             # A whisper of time so that, among the most frugal plans, the faster one wins.
-            eps = 1e-6 * max(1.0, self.interval_peak / self.S) / (rc.sum() + off.sum() + 1e-9)
-            rc, off = eps * rc, eps * off
+            col_ms = col_ms * 1e-6 * max(1.0, self.interval_peak / self.S) / (col_ms.sum() + 1e-9)
         else:
             # The configuration's base time on a fixed variable: HiGHS's relative gap is then
             # relative to the whole step time, not to the (small) recompute/offload part of it.
             cost[self.iB] = table.base.total_ms
-        cost[self.iR:self.iR + N] = rc
-        if self.allow_offload:
-            cost[self.iO:self.iO + N] = off
+        cost[self.iZ:self.iZ + tm.C] = col_ms
         return cost
 
     def integrality(self) -> np.ndarray:
         out = np.zeros(self.nv)
-        out[self.iR:self.iE] = 1
+        out[self.iZ:self.iE] = 1
         return out
 
     def bounds(self) -> tuple[np.ndarray, np.ndarray]:
-        tm, N, n = self.tm, self.tm.N, self.tm.n
+        tm, n = self.tm, self.tm.n
         lb, ub = np.zeros(self.nv), np.ones(self.nv)
-        ub[self.iR:self.iR + N] = tm.recomputable  # units whose recomputation is unsafe are never RECOMPUTE
+        ub[self.iZ:self.iE] = column_allowed(tm, allow_offload=self.allow_offload)
         lb[self.iD:self.iD + n], ub[self.iD:self.iD + n] = -np.inf, np.inf
         if self.minimize_peak:
             lb[self.iP], ub[self.iP] = self.cc.fixed_peak / self.S, np.inf
         lb[self.iB] = ub[self.iB] = 1.0
         return lb, ub
 
-    def decode(self, z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(x, r) of a solution: binaries rounded."""
-        N = self.tm.N
-        r = np.round(z[self.iR:self.iR + N])
-        o = np.round(z[self.iO:self.iO + N]) if self.allow_offload else np.zeros(N)
-        return np.minimum(1.0, r + o), r
+    def decode(self, z: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(x, r, s) of a solution: binaries rounded."""
+        return self.tm.unpack(np.round(z[self.iZ:self.iE]))
 
+
+def column_ms(tm: TimelineModel, table) -> np.ndarray:
+    """The time each decision column adds to the step: R its unit's forward, O its offload
+    traffic, Q_{u,k} the forward of the ops outside save set k."""
+    N = tm.N
+    out = np.zeros(tm.C)
+    out[:N] = [table.recompute_ms[f] for f in tm.fqns]
+    out[N:2 * N] = [table.offload_ms[f] for f in tm.fqns]
+    for u, pols in enumerate(tm.policies):
+        sel = table.selective_ms.get(tm.fqns[u], {})
+        for k, pol in enumerate(pols):
+            out[tm.q_start[u] + k] = sel.get(pol.save_ops, out[u])
+    return out
+
+
+def column_allowed(tm: TimelineModel, *, allow_offload: bool) -> np.ndarray:
+    """1 for the decision columns a plan may use: recomputation where it is safe, offload when allowed."""
+    ok = tm.recomputable[tm.col_unit].astype(float)
+    ok[tm.N:2 * tm.N] = 1.0 if allow_offload else 0.0
+    return ok

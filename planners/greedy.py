@@ -6,8 +6,10 @@ Per outer configuration (cheapest first, skipping those that cannot beat the bes
    allowed, whichever is cheaper per byte), and walk the ranking, marking a unit when that
    does not raise the predicted peak, until the plan fits;
 2. if it still does not fit, steepest descent on the peak: repeatedly apply the single change
-   (any unit, any decision) that lowers the peak most, until the plan fits or nothing helps;
-3. relaxation: undo marks that are no longer needed, most expensive first.
+   (any unit, any decision, any selective save set) that lowers the peak most, until the plan
+   fits or nothing helps;
+3. relaxation: most expensive first, move each marked unit to its cheapest option that still
+   fits: SAVE, a selective save set that recomputes less, or offload instead of recomputation.
 
 Each plan is evaluated on the peak rows of :class:`~memtune.timeline.TimelineModel`, the rows
 ``predict_peak`` and the exact planner read.
@@ -21,10 +23,10 @@ import time
 import numpy as np
 
 from memtune.budget import Budget
-from memtune.plan import Decision, Plan
+from memtune.plan import Plan
 from memtune.profile import ModelProfile
 
-from memtune.timeline import ConfigConstants, TimelineModel
+from memtune.timeline import ConfigConstants, TimelineModel, UnitChoices
 
 from .options import (Config, PlannerOptions, choose_tier, configs, costs_for, make_plan, offload_allowed, prunable,
                       timeline_for)
@@ -54,7 +56,8 @@ class GreedyPlanner:
             state = greedy_decisions(tm, cc, table, U, allow_offload=offload_allowed(profile, options))
             if state is None:
                 continue
-            plan = make_plan(profile, budget, cfg, state, planner=self.name, options=options, table=table)
+            plan = make_plan(profile, budget, cfg, state.decisions, planner=self.name, options=options, table=table,
+                             save_ops=state.save_ops)
             if best is None or plan.predicted_step_ms < best.predicted_step_ms - 1e-12:
                 per_tier[tier] = plan
         if per_tier:
@@ -69,48 +72,74 @@ class GreedyPlanner:
         note = ("the greedy search found no plan; this is the most memory-frugal plan "
                 "(minimum-peak MILP), which fits but is not time-optimized")
         return make_plan(profile, budget, Config(frugal.optimizer, frugal.variant, frugal.grad_accum_steps),
-                         frugal.decisions, planner=self.name, options=options, notes=(note,))
+                         frugal.decisions, planner=self.name, options=options, notes=(note,), save_ops=frugal.save_ops)
 
 
 def greedy_decisions(tm: TimelineModel, cc: ConfigConstants, table, U: float, *, allow_offload: bool,
-                     minimize_peak: bool = False) -> dict[str, Decision] | None:
+                     minimize_peak: bool = False) -> UnitChoices | None:
     """Greedy decisions for one configuration that fit ``U`` (``None`` if none found).
     With ``minimize_peak``, keep descending until no single change lowers the peak."""
     search = _Search(tm, cc, table, allow_offload=allow_offload)
     if search.cur <= U and not minimize_peak:
-        return search.decisions()
+        return search.choices()
     search.walk_ranking(U, minimize_peak)
     search.descend(U, minimize_peak)
     if search.cur > U:
         return None
     if not minimize_peak:
         search.relax(U)
-    return search.decisions()
+    return search.choices()
 
 
 class _Search:
-    """The state of one greedy search: the decision vectors, the current peak and the costs."""
+    """The state of one greedy search: the decision vectors, the current peak and the costs.
+    Each unit's options are (x, r, s) triples with their added time: SAVE, its selective levels,
+    full recomputation and offload, as far as they are allowed."""
 
     def __init__(self, tm: TimelineModel, cc: ConfigConstants, table, *, allow_offload: bool):
+        from .exact import column_ms
+
         self.tm, self.cc, self.allow_offload = tm, cc, allow_offload
         self.x = np.zeros(tm.N)
         self.r = np.zeros(tm.N)
-        self.rc = np.array([table.recompute_ms[f] for f in tm.fqns])
-        self.off = np.array([table.offload_ms[f] for f in tm.fqns])
+        self.s = np.zeros(tm.N, dtype=np.int64)
+        col_ms = column_ms(tm, table)
+        self.rc = col_ms[:tm.N]
+        self.off = col_ms[tm.N:2 * tm.N]
         self.can_rc = tm.recomputable
         self.use_off = allow_offload & ((self.off < self.rc) | ~self.can_rc)
+        self.options: list[list[tuple[tuple[float, float, int], float]]] = []
+        for u in range(tm.N):
+            opts = [((0.0, 0.0, 0), 0.0)]
+            if self.can_rc[u]:
+                opts += [((1.0, 1.0, k), float(col_ms[tm.q_start[u] + k - 1])) for k in range(1, int(tm.K[u]) + 1)]
+                opts.append(((1.0, 1.0, 0), float(self.rc[u])))
+            if allow_offload:
+                opts.append(((1.0, 0.0, 0), float(self.off[u])))
+            self.options.append(opts)
         self.cur = self.peak()
 
     def peak(self) -> float:
-        return self.tm.peak(self.cc, self.x, self.r)
+        return self.tm.peak(self.cc, self.x, self.r, self.s)
 
-    def decisions(self) -> dict[str, Decision]:
-        return self.tm.decisions(self.x, self.r)
+    def choices(self) -> UnitChoices:
+        return self.tm.choices(self.x, self.r, self.s)
+
+    def _get(self, u: int) -> tuple[float, float, int]:
+        return (self.x[u], self.r[u], int(self.s[u]))
+
+    def _set(self, u: int, opt: tuple[float, float, int]) -> None:
+        self.x[u], self.r[u], self.s[u] = opt
+
+    def _cost(self, u: int) -> float:
+        now = self._get(u)
+        return next((ms for opt, ms in self.options[u] if opt == now), 0.0)
 
     def walk_ranking(self, U: float, minimize_peak: bool) -> None:
         """1. Rank units by the bytes they free on their own (their groups with no other holder)
-        per millisecond, and mark each in turn while that does not raise the peak."""
-        tm, x, r = self.tm, self.x, self.r
+        per millisecond, and mark each in turn (full recomputation or offload) while that does not
+        raise the peak."""
+        tm = self.tm
         own = np.zeros(tm.N)
         for g in range(tm.G):
             if len(tm.g_holders[g]) == 1 and not tm.g_blockers[g]:
@@ -122,60 +151,50 @@ class _Search:
         for u in order:
             if not (self.use_off[u] or self.can_rc[u]):
                 continue  # neither recomputable nor offloadable
-            x[u] = 1.0
-            r[u] = 0.0 if self.use_off[u] else 1.0
+            self._set(u, (1.0, 0.0, 0) if self.use_off[u] else (1.0, 1.0, 0))
             new = self.peak()
             if new <= self.cur:
                 self.cur = new
                 if self.cur <= U and not minimize_peak:
                     break
             else:
-                x[u] = r[u] = 0.0
+                self._set(u, (0.0, 0.0, 0))
 
     def descend(self, U: float, minimize_peak: bool) -> None:
-        """2. Steepest descent on the peak: apply the single change (any unit, any decision) that
+        """2. Steepest descent on the peak: apply the single change (any unit, any option) that
         lowers the peak most, until it fits or nothing helps."""
-        x, r = self.x, self.r
         evals = 0
-        choices = [(1.0, 1.0), (0.0, 0.0)] + ([(1.0, 0.0)] if self.allow_offload else [])
         deadline = time.perf_counter() + 5.0
         while (self.cur > U or minimize_peak) and evals < DESCENT_EVAL_LIMIT and time.perf_counter() < deadline:
             best = (self.cur, None)
             for u in range(self.tm.N):
-                old = (x[u], r[u])
-                for ch in choices:
-                    if ch == old or (ch[1] and not self.can_rc[u]):
+                old = self._get(u)
+                for opt, _ in self.options[u]:
+                    if opt == old:
                         continue
-                    x[u], r[u] = ch
+                    self._set(u, opt)
                     val = self.peak()
                     evals += 1
                     if val < best[0] - 1e-9:
-                        best = (val, (u, ch))
-                x[u], r[u] = old
+                        best = (val, (u, opt))
+                self._set(u, old)
             if best[1] is None:
                 break
-            u, ch = best[1]
-            x[u], r[u] = ch
+            u, opt = best[1]
+            self._set(u, opt)
             self.cur = best[0]
 
     def relax(self, U: float) -> None:
-        """3. Undo the most expensive marks that are no longer needed; then swap a recompute for
-        an offload (or back) where that is cheaper and still fits."""
-        x, r, rc, off = self.x, self.r, self.rc, self.off
-        marked = sorted(np.nonzero(x)[0], key=lambda u: (-(rc[u] if r[u] else off[u]), u))
+        """3. For each marked unit, most expensive first, take its cheapest option that still fits
+        (SAVE, a selective level that recomputes less, or offload instead of recomputation)."""
+        marked = sorted(np.nonzero(self.x)[0], key=lambda u: (-self._cost(u), u))
         for u in marked:
-            old = (x[u], r[u])
-            x[u] = r[u] = 0.0
-            if self.peak() > U:
-                x[u], r[u] = old
-        if not self.allow_offload:
-            return
-        for u in np.nonzero(x)[0]:
-            old = (x[u], r[u])
-            alt = (1.0, 0.0) if r[u] else (1.0, 1.0)
-            if alt[1] and not self.can_rc[u]:
-                continue
-            if (rc[u] if alt[1] else off[u]) < (rc[u] if old[1] else off[u]):
-                x[u], r[u] = alt
-                if self.peak() > U:
-                    x[u], r[u] = old
+            old, old_ms = self._get(u), self._cost(u)
+            for opt, ms in sorted(self.options[u], key=lambda t: t[1]):
+                if ms >= old_ms or opt == old:
+                    break
+                self._set(u, opt)
+                if self.peak() <= U:
+                    break
+                self._set(u, old)
+        self.cur = self.peak()

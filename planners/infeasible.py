@@ -29,13 +29,14 @@ def most_frugal_plan(profile: ModelProfile, budget: Budget, options: PlannerOpti
         if tm.N <= options.max_exact_units:
             sol = solve_config(tm, cc, table, 0.0, allow_offload=offload_allowed(profile, options),
                                time_limit_s=options.time_limit_s, minimize_peak=True)
-            decisions = sol[0] if sol else None
+            choices = sol[0] if sol else None
         else:
-            decisions = greedy_decisions(tm, cc, table, 0.0, allow_offload=offload_allowed(profile, options),
-                                         minimize_peak=True)
-        if decisions is None:
+            choices = greedy_decisions(tm, cc, table, 0.0, allow_offload=offload_allowed(profile, options),
+                                       minimize_peak=True)
+        if choices is None:
             continue
-        plan = make_plan(profile, budget, cfg, decisions, planner="min-peak", options=options, table=table)
+        plan = make_plan(profile, budget, cfg, choices.decisions, planner="min-peak", options=options, table=table,
+                         save_ops=choices.save_ops)
         if best is None or (plan.predicted_peak_bytes, plan.predicted_step_ms) < (best.predicted_peak_bytes,
                                                                                  best.predicted_step_ms):
             best = plan

@@ -23,7 +23,7 @@ from memtune.errors import UnrecordedPlanError
 from memtune.levers import LEVERS, combinations
 from memtune.memory_model import predict_peak
 from memtune.optimizers import FAMILIES, NAMES, STATE_DTYPES, STATE_PRECISIONS, ns_floor, orthogonalizes
-from memtune.plan import Decision, OptimizerPlan, Plan
+from memtune.plan import Decision, OptimizerPlan, Plan, UnitCost
 from memtune.profile import ModelProfile
 from memtune.timeline import ConfigConstants, TimelineModel, plan_optimizer_memory, plan_recording, timeline_model
 from memtune.variant import StepVariant
@@ -273,16 +273,45 @@ def unit_choices(profile: ModelProfile, options: PlannerOptions, unit: str | Non
 
 
 def make_plan(profile: ModelProfile, budget: Budget, config: Config, decisions: dict[str, Decision], *, planner: str,
-              options: PlannerOptions, notes: tuple[str, ...] = (), table: CostTable | None = None) -> Plan:
-    """A Plan whose predicted peak and time come from memory_model and cost_model."""
+              options: PlannerOptions, notes: tuple[str, ...] = (), table: CostTable | None = None,
+              save_ops: dict[str, tuple[str, ...]] | None = None) -> Plan:
+    """A Plan whose predicted peak and time come from memory_model and cost_model (``save_ops``:
+    the save set of each SELECTIVE unit)."""
     decisions = {u.fqn: decisions.get(u.fqn, Decision.SAVE) for u in profile.units}
+    save_ops = {f: tuple(ops) for f, ops in (save_ops or {}).items() if decisions.get(f) is Decision.SELECTIVE}
     draft = Plan(budget_bytes=budget.budget_bytes, usable_bytes=budget.usable_bytes, decisions=decisions,
+                 save_ops=save_ops,
                  optimizer=config.optimizer, variant=config.variant, grad_accum_steps=config.grad_accum_steps,
                  planner=planner, profile_hash=fingerprint(profile), target=profile.target_name, notes=tuple(notes))
     memory = predict_peak(profile, draft)
-    time = apply_decisions(table or costs_for(profile, config, options), decisions)
+    table = table or costs_for(profile, config, options)
+    time = apply_decisions(table, decisions, save_ops)
     return Plan(**{**_fields(draft), "predicted_peak_bytes": memory.peak_bytes, "memory": memory,
-                   "predicted_step_ms": _round_ms(time.total_ms), "time": time})
+                   "predicted_step_ms": _round_ms(time.total_ms), "time": time,
+                   "unit_costs": unit_costs(profile, config, decisions, save_ops, table)})
+
+
+def unit_costs(profile: ModelProfile, config: Config, decisions: dict[str, Decision],
+               save_ops: dict[str, tuple[str, ...]], table: CostTable) -> dict[str, UnitCost]:
+    """Per unit, what its decision keeps, recomputes or offloads (bytes of the step the
+    configuration replays) and the time it adds."""
+    tm, _ = timeline_for(profile, config)
+    out = {}
+    for k, u in enumerate(plan_recording(profile, config).units):
+        d = decisions.get(u.fqn, Decision.SAVE)
+        saved = u.saved_activation_bytes
+        if d is Decision.SELECTIVE:
+            pol = tm.policies[k][tm.level_of(k, save_ops[u.fqn]) - 1]
+            ms = table.selective_ms.get(u.fqn, {}).get(pol.save_ops, table.recompute_ms[u.fqn])
+            out[u.fqn] = UnitCost(saved_bytes=saved, kept_bytes=pol.kept_bytes + pol.cached_bytes,
+                                  recomputed_bytes=max(0, saved - pol.kept_bytes), added_ms=ms)
+        elif d is Decision.RECOMPUTE:
+            out[u.fqn] = UnitCost(saved_bytes=saved, recomputed_bytes=saved, added_ms=table.recompute_ms[u.fqn])
+        elif d is Decision.OFFLOAD:
+            out[u.fqn] = UnitCost(saved_bytes=saved, offloaded_bytes=saved, added_ms=table.offload_ms[u.fqn])
+        else:
+            out[u.fqn] = UnitCost(saved_bytes=saved, kept_bytes=saved)
+    return out
 
 
 def fingerprint(profile: ModelProfile) -> str:

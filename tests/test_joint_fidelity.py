@@ -3,7 +3,8 @@
 For model families beyond the profiler's suite (memtune's zoo plus Hugging Face Llama, GPT-2,
 BERT, T5 and Mixtral configs: decoders, an encoder, an encoder-decoder, two MoEs, a CNN with
 batch norm and a model with value-dependent control flow), plans are sampled across optimizer
-× state precision × Newton-Schulz steps × micro-batching × recompute sets, at budgets from the
+× state precision × Newton-Schulz steps × micro-batching × recompute sets (whole units and
+per-op save sets), at budgets from the
 minimum feasible to 100% of the configuration's unplanned peak. Each plan is applied to a fresh
 model, trained for real CPU steps the way memtune's runtime takes them, and the steady-state
 step is measured with PyTorch's MemTracker (tests/reference.py). Every measured peak must be
@@ -94,8 +95,27 @@ def _row(name, plan, budget, measured, kind):
     err = (measured - plan.predicted_peak_bytes) / measured
     return dict(model=name, kind=kind, optimizer=f"{o.name}/{o.state_dtype}/ns{o.ns_steps}",
                 micro=f"{plan.micro_batch_size or '-'}x{plan.grad_accum_steps}",
-                recompute=f"{len(plan.recompute_units)}/{len(plan.decisions)}", budget=budget,
+                recompute=f"{len(plan.recompute_units)}/{len(plan.decisions)}"
+                  + (f"s{len(plan.save_ops)}" if plan.save_ops else ""), budget=budget,
                 predicted=plan.predicted_peak_bytes, measured=measured, error=err)
+
+
+def _random_decisions(prof, variant, rng):
+    """Per unit SAVE, RECOMPUTE or SELECTIVE with one of its candidate save sets, at random."""
+    from memtune.timeline import recording_for, timeline_model
+
+    tm = timeline_model(recording_for(prof, variant))
+    decisions, save_ops = {}, {}
+    for k, u in enumerate(tm.fqns):
+        choice = rng.random() if tm.recomputable[k] else 1.0
+        if choice < 0.3:
+            decisions[u] = Decision.RECOMPUTE
+        elif choice < 0.6 and tm.K[k]:
+            decisions[u] = Decision.SELECTIVE
+            save_ops[u] = rng.choice(tm.policies[k]).save_ops
+        else:
+            decisions[u] = Decision.SAVE
+    return decisions, save_ops
 
 
 @pytest.mark.slow
@@ -123,11 +143,11 @@ def test_sampled_plans_fit_and_match_memtracker(name, fidelity_rows):
     for _ in range(RANDOM_PER_MODEL):
         rec = rng.choice(steps)
         micro = rng.choice(micros)
-        decisions = {u.fqn: Decision.RECOMPUTE if (rng.random() < 0.5 and not u.recompute_blocker) else Decision.SAVE
-                     for u in prof.units}
         draft = memtune.plan(prof, 1 << 50, **_pinned_options(rec, micro))
-        plan = Plan(budget_bytes=1 << 50, usable_bytes=1 << 50, decisions=decisions, optimizer=draft.optimizer,
-                    variant=StepVariant(micro_batch_size=draft.micro_batch_size), grad_accum_steps=draft.grad_accum_steps)
+        variant = StepVariant(micro_batch_size=draft.micro_batch_size)
+        decisions, save_ops = _random_decisions(prof, variant, rng)
+        plan = Plan(budget_bytes=1 << 50, usable_bytes=1 << 50, decisions=decisions, save_ops=save_ops,
+                    optimizer=draft.optimizer, variant=variant, grad_accum_steps=draft.grad_accum_steps)
         plan = dataclasses.replace(plan, predicted_peak_bytes=memtune.predict_peak(prof, plan).peak_bytes)
         measured = _measure(case, plan)
         rows.append(_row(name, plan, None, measured, "random"))

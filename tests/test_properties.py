@@ -76,12 +76,31 @@ def _variants():
 
 
 def _plans():
-    from memtune.plan import Decision, MemoryBreakdown, OptimizerPlan, TimeBreakdown
+    from memtune.plan import Decision, UnitCost
 
     size, ms = st.integers(0, 2**50), st.floats(0, 1e9, allow_nan=False)
     name = st.text("abcdefgh.0123", min_size=1, max_size=12)
+    decisions = st.dictionaries(name, st.sampled_from(Decision), max_size=5)
+    save_ops = st.lists(st.sampled_from(["aten.mm.default#0", "aten.gelu.default#1", "aten.addmm.default#3"]),
+                        min_size=1, max_size=3, unique=True).map(tuple)
+
+    def with_save_sets(d):
+        """A save set for every SELECTIVE unit (a Plan refuses one without)."""
+        chosen = [u for u, dec in d.items() if dec is Decision.SELECTIVE]
+        return st.fixed_dictionaries({u: save_ops for u in chosen}).map(lambda sets: (d, sets))
+
+    unit_choices = decisions.flatmap(with_save_sets)
+    unit_cost = st.builds(UnitCost, saved_bytes=size, kept_bytes=size, recomputed_bytes=size, added_ms=ms)
+    return st.tuples(unit_choices, st.dictionaries(name, unit_cost, max_size=3)).flatmap(
+        lambda t: _plan_rest(t[0][0], t[0][1], t[1], size, ms, name))
+
+
+def _plan_rest(decisions, save_ops, unit_costs, size, ms, name):
+    from memtune.plan import MemoryBreakdown, OptimizerPlan, TimeBreakdown
+
     return st.builds(
-        Plan, budget_bytes=size, usable_bytes=size, decisions=st.dictionaries(name, st.sampled_from(Decision), max_size=5),
+        Plan, budget_bytes=size, usable_bytes=size, decisions=st.just(decisions), save_ops=st.just(save_ops),
+        unit_costs=st.just(unit_costs),
         optimizer=st.builds(OptimizerPlan, name=st.sampled_from(["muon2", "muon", "adamw"]), ns_steps=st.integers(0, 9),
                             state_dtype=st.sampled_from(["fp32", "bf16", "int8"]),
                             muon_params=st.lists(name, max_size=3).map(tuple), adamw_params=st.lists(name, max_size=3).map(tuple)),

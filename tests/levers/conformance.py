@@ -177,9 +177,9 @@ def _tiers(prof) -> dict:
     frugal = []  # (tier, the configuration's smallest peak)
     for cfg in cfgs:
         tm, cc = timeline_for(prof, cfg)
-        decisions, _ = solve_config(tm, cc, costs_for(prof, cfg, options), 0.0, allow_offload=False, time_limit_s=10,
-                                    minimize_peak=True)
-        frugal.append((cfg.lossiness, tm.peak(cc, *tm.indicators(decisions))))
+        choices, _ = solve_config(tm, cc, costs_for(prof, cfg, options), 0.0, allow_offload=False, time_limit_s=10,
+                                  minimize_peak=True)
+        frugal.append((cfg.lossiness, tm.peak(cc, *tm.indicators(*choices))))
     reserve = memtune.Budget.parse(1 << 40, device=prof.target_name).reserve_bytes
     peaks = sorted({int(p) for _, p in frugal})
     budgets = []

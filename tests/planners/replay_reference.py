@@ -20,10 +20,32 @@ def reference_peak(profile: ModelProfile, plan: Plan) -> int:
     optim_end = next(i for i, e in enumerate(ev) if e.name == "optim_end")
     dropped_units = {u for u, d in plan.decisions.items() if d is not Decision.SAVE}
     kept_as_input = {sid for u in p.units if u.fqn in dropped_units for sid in u.input_storages}
+    # A SELECTIVE unit's checkpoint caches the outputs of the ops in its save set.
+    # The recomputation stops after the last op that saves anything (early stop): the cached calls
+    # it reaches are consumed at the unit's backward start, the later ones live to its end.
+    cached_by: dict[int, str] = {}
+    extended: list[tuple[str, int, bool]] = []  # (unit, storage, consumed by the recomputation)
+    cached_early = {u: 0 for u in dropped_units}
+    cached_late = {u: 0 for u in dropped_units}
+    for u in p.units:
+        if plan.decisions.get(u.fqn) is not Decision.SELECTIVE:
+            continue
+        last = max([i for i, o in enumerate(u.ops) if o.saves] or [len(u.ops) - 1])
+        for i, (key, op) in enumerate(zip(_call_keys(u), u.ops)):
+            if key in plan.save_ops[u.fqn] and op.out_bytes and not (op.view or op.inplace or op.mutated):
+                for sid in op.storages:
+                    cached_by[sid] = u.fqn
+                    if u.fqn not in p.storages[sid].holders:
+                        extended.append((u.fqn, sid, i <= last))  # kept past where a plain step frees it
+                extra = max(0, op.out_bytes - sum(p.storages[sid].nbytes for sid in op.storages))
+                if i <= last:
+                    cached_early[u.fqn] += extra
+                else:
+                    cached_late[u.fqn] += extra
     dropped = [0] * n
     restored = {u: 0 for u in dropped_units}
     for sid, s in enumerate(p.storages):
-        if s.saved_outside or not s.holders or sid in kept_as_input:
+        if s.saved_outside or not s.holders or sid in kept_as_input or sid in cached_by:
             continue
         if any(h not in dropped_units for h in s.holders):
             continue
@@ -38,12 +60,27 @@ def reference_peak(profile: ModelProfile, plan: Plan) -> int:
                     break
     for u in p.units:  # a checkpoint keeps its inputs, saved or not, until its backward is done
         if u.fqn in dropped_units and u.fqn in fwd_end and u.fqn in bwd_start:
-            unsaved = sum(u.input_storage_bytes) - sum(p.storages[i].nbytes for i in u.input_storages)
+            unsaved = max(0, sum(u.input_storage_bytes) - sum(p.storages[i].nbytes for i in u.input_storages))
             end = bwd_start[u.fqn] + 1
             while end < n and ev[end].name not in ("bwd_start", "bwd_end", "bwd_done", "optim_start"):
                 end += 1  # "step" events (in-backward updates) happen inside the unit's backward
             for i in range(fwd_end[u.fqn], end):
-                dropped[i] -= max(0, unsaved)
+                dropped[i] -= unsaved + cached_late[u.fqn]  # the cache the recomputation never reaches too
+            for i in range(fwd_end[u.fqn], bwd_start[u.fqn]):
+                dropped[i] -= cached_early[u.fqn]
+    popped = {u: 0 for u in dropped_units}
+    for fqn, sid, consumed in extended:
+        if fqn not in fwd_end or fqn not in bwd_start:
+            continue
+        end = bwd_start[fqn] + 1
+        while end < n and ev[end].name not in ("bwd_start", "bwd_end", "bwd_done", "optim_start"):
+            end += 1
+        if consumed:
+            end = bwd_start[fqn]
+            if end > p.storages[sid].freed + 1:
+                popped[fqn] += p.storages[sid].nbytes  # live in the recomputation until consumed
+        for i in range(p.storages[sid].freed + 1, end):
+            dropped[i] -= p.storages[sid].nbytes
     opt = plan_optimizer_memory(p, plan)
     delta = opt.state_bytes - p.optimizer_state_bytes
     best = 0
@@ -57,4 +94,45 @@ def reference_peak(profile: ModelProfile, plan: Plan) -> int:
         for u, j in bwd_start.items():
             if j == i and plan.decisions.get(u) is Decision.RECOMPUTE:
                 best = max(best, e.live_bytes + delta - dropped[i] - restored[u] + p.unit(u).fwd_transient_bytes)
+            if j == i and plan.decisions.get(u) is Decision.SELECTIVE:
+                best = max(best, e.live_bytes + delta - dropped[i] - restored[u]
+                           + _partial_forward_peak(p.unit(u), plan.save_ops[u]) + popped[u])
     return best
+
+
+def _partial_forward_peak(unit, save_ops) -> int:
+    """What a selective recomputation allocates at its peak, replayed from the per-op record in
+    the plainest way: it runs up to the last op that saves anything; at each op, the bytes of
+    every allocation a recomputed op made so far that the forward had not freed yet, plus the
+    cached outputs backward does not need (live from the start until the forward freed them);
+    plus what the forward's measured transient has beyond the full replay with nothing saved."""
+    names = _call_keys(unit)
+    last = max([i for i, o in enumerate(unit.ops) if o.saves] or [len(unit.ops) - 1])
+
+    def peak(keep, stop) -> int:
+        best = 0
+        saved = [n in keep and o.out_bytes and not (o.view or o.inplace or o.mutated) for n, o in zip(names, unit.ops)]
+        for i in range(stop + 1):
+            live = 0
+            for j, o in enumerate(unit.ops[:stop + 1]):
+                for nbytes, freed, needed in o.allocations:
+                    alive = freed == 0 or freed > i
+                    if saved[j] and not needed and alive:
+                        live += nbytes          # in the cache since the recomputation began
+                    elif not saved[j] and j <= i and alive:
+                        live += nbytes
+            best = max(best, live)
+        return best
+
+    if not unit.ops or not any(o.allocations for o in unit.ops):
+        return unit.fwd_transient_bytes
+    return peak(set(save_ops), last) + max(0, unit.fwd_transient_bytes - peak(set(), len(unit.ops) - 1))
+
+
+def _call_keys(unit) -> list[str]:
+    """``name#k``: the k-th call of an overload in the unit's forward (how save sets name ops)."""
+    names, seen = [], {}
+    for o in unit.ops:
+        names.append(f"{o.name}#{seen.get(o.name, 0)}")
+        seen[o.name] = seen.get(o.name, 0) + 1
+    return names

@@ -10,6 +10,10 @@ A chain of ``n_units`` units, each with one weight matrix and a bias. Per unit, 
 * sometimes a storage produced by the unit and saved by it *and* the next unit (shared);
 * sometimes a storage also saved by code outside the units (never dropped).
 
+Each unit has a per-op record: one op per storage it produces (a matmul, a norm, an activation
+or a dropout), one or two ops whose outputs backward does not need (what a selective save set
+caches for nothing), and a view, with random FLOPs, so that the selective candidates vary.
+
 Live bytes at every event are the sum of what is alive then, peaks add random transients,
 gradients appear as backward proceeds, and the optimizer step adds a random temporary. Every
 variant a plan may choose is "recorded" with the same structure: micro-batches (gradients live
@@ -29,8 +33,8 @@ from dataclasses import dataclass, field
 from memtune.optimizers import DEFAULT_NS_STEPS, FAMILIES
 from memtune.optimizers import STATE_DTYPES
 from memtune.variant import StepVariant
-from memtune.profile import (ModelProfile, OptimizerStepProfile, ParamInfo, StepRecording, StorageInfo, TimelineEvent,
-                             UnitProfile)
+from memtune.profile import (ModelProfile, OpRecord, OptimizerStepProfile, ParamInfo, StepRecording, StorageInfo,
+                             TimelineEvent, UnitProfile)
 
 LOSS_CHUNKS = 4
 
@@ -161,6 +165,15 @@ def _recording(ch: _Chain, rng: random.Random, *, factor: float, accumulate: boo
     units = []
     for k in range(ch.n_units):
         st = unit_stats[k]
+        ops = []
+        for name, flops, sid, out, random_op in _op_templates(ch, k, st["op_seed"]):
+            nbytes = storages[sid].nbytes if sid is not None else size(out)
+            ops.append(OpRecord(name=name, out_bytes=0 if name == "aten.view.default" else nbytes,
+                                storages=(sid,) if sid is not None else (), flops=int(flops * factor),
+                                io_bytes=0 if name == "aten.view.default" else 2 * nbytes, random=random_op,
+                                view=name == "aten.view.default", saves=sid is not None,
+                                allocations=() if name == "aten.view.default" else
+                                ((nbytes, 0, 1) if sid is not None else (nbytes, 1 + len(ops), 0),)))
         units.append(UnitProfile(
             fqn=_name(k), module_type="Block", order=k, param_bytes=unit_params[k], grad_bytes=unit_params[k],
             saved_activation_bytes=sum(storages[s].nbytes for s in ch.saved[k]),
@@ -168,11 +181,34 @@ def _recording(ch: _Chain, rng: random.Random, *, factor: float, accumulate: boo
             fwd_flops=int(st["fwd_flops"] * factor), bwd_flops=int(st["bwd_flops"] * factor),
             fwd_transient_bytes=size(st["fwd_transient"]), bwd_transient_bytes=size(st["bwd_transient"]),
             saved_storages=tuple(ch.saved[k]), input_storages=tuple(ch.inputs[k]),
-            input_storage_bytes=tuple(sizes[b] for b in ch.input_blobs[k])))
+            input_storage_bytes=tuple(sizes[b] for b in ch.input_blobs[k]), ops=tuple(ops)))
     return dict(units=tuple(units), storages=tuple(storages), timeline=tuple(events),
                 outside_activation_bytes=sum(s.nbytes for s in storages if s.saved_outside),
                 baseline_peak_bytes=max(e.peak_bytes for e in events),
                 fwd_flops=sum(u.fwd_flops for u in units) + 10**6, bwd_flops=sum(u.bwd_flops for u in units) + 2 * 10**6)
+
+
+_OP_NAMES = ("aten.mm.default", "aten.native_layer_norm.default", "aten.gelu.default", "aten.mul.Tensor")
+
+
+def _op_templates(ch: _Chain, k: int, seed: int) -> list[tuple]:
+    """(name, FLOPs, storage index or None, bytes when not a storage, random) per op of unit
+    ``k``; the same names in every recording of the chain."""
+    rng = random.Random(seed)
+    out = []
+    for sid in ch.saved[k]:
+        if ch.storages[sid][3] != _name(k):
+            continue  # the unit's input: produced elsewhere
+        if rng.random() < 0.15:
+            out.append(("aten.native_dropout.default", 0, sid, 0, True))
+        else:
+            name = rng.choice(_OP_NAMES)
+            out.append((name, rng.randint(1, 40) * 10**6 if name == "aten.mm.default" else 0, sid, 0, False))
+    for _ in range(rng.randint(1, 2)):
+        out.insert(rng.randint(0, len(out)), ("aten.addmm.default", rng.randint(1, 40) * 10**6, None,
+                                              rng.randint(1, 6) * 1024, False))
+    out.append(("aten.view.default", 0, None, 0, False))
+    return out
 
 
 def chain_profile(n_units: int, seed: int, *, batch_size: int = 4, scale: int = 1024,
@@ -194,7 +230,8 @@ def chain_profile(n_units: int, seed: int, *, batch_size: int = 4, scale: int = 
     stats_rng = random.Random(seed * 13 + 7)
     stats = [dict(output=stats_rng.randint(1, 8) * scale, fwd_flops=stats_rng.randint(1, 50) * 10**6,
                   bwd_flops=stats_rng.randint(2, 100) * 10**6, fwd_transient=stats_rng.randint(0, 24) * scale,
-                  bwd_transient=stats_rng.randint(0, 24) * scale) for _ in range(n_units)]
+                  bwd_transient=stats_rng.randint(0, 24) * scale, op_seed=stats_rng.randint(0, 10**9))
+             for _ in range(n_units)]
 
     def record(*, m=None, bf16=False, in_backward=False, chunks=None):
         ch = _structure(n_units, random.Random(seed), scale, batch_size, in_backward)

@@ -16,12 +16,15 @@ import pytest
 
 import memtune.planners.highs as highs
 from memtune.budget import Budget
+from memtune.levers import LEVERS
 from memtune.planners import PLANNERS, PlannerOptions
 from synthetic import chain_profile
 
 pytestmark = pytest.mark.skipif(not highs._isolated(), reason="MEMTUNE_MILP=inprocess or Windows: no child")
 
-OPTS = PlannerOptions(optimizer="adamw", state_dtypes=("fp32",))
+OPTS = PlannerOptions(optimizer="adamw", state_dtypes=("fp32",),
+                      levers={name: (lever.default,) for name, lever in LEVERS.items()})
+"""One configuration: the solves sabotaged are the only ones, so the plan is the fallback's."""
 
 
 def _plan(prof, budget):

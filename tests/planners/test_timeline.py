@@ -29,12 +29,15 @@ def test_timeline_model_equals_an_independent_replay(source, profile_of):
         for cfg in configs(prof, options):
             tm, cc = timeline_for(prof, cfg)
             for _ in range(6):
-                dec = {u: rng.choice(list(Decision)) for u in prof.unit_fqns}
-                x, r = tm.indicators(dec)
-                plan = Plan(budget_bytes=1 << 60, usable_bytes=1 << 60, decisions=dec, optimizer=cfg.optimizer,
-                            variant=cfg.variant, grad_accum_steps=cfg.grad_accum_steps)
+                dec, save_ops = {}, {}
+                for k, u in enumerate(tm.fqns):
+                    dec[u] = rng.choice([d for d in Decision if d is not Decision.SELECTIVE or tm.K[k]])
+                    if dec[u] is Decision.SELECTIVE:
+                        save_ops[u] = rng.choice(tm.policies[k]).save_ops
+                plan = Plan(budget_bytes=1 << 60, usable_bytes=1 << 60, decisions=dec, save_ops=save_ops,
+                            optimizer=cfg.optimizer, variant=cfg.variant, grad_accum_steps=cfg.grad_accum_steps)
                 want = reference_peak(prof, plan)
-                assert tm.peak(cc, x, r) == want
+                assert tm.peak(cc, *tm.indicators(dec, save_ops)) == want
                 assert predict_peak(prof, plan).peak_bytes == want
                 checked += 1
     assert checked >= 18
