@@ -139,7 +139,7 @@ def main(out_dir: Path) -> None:
                         "baseline_peak_bytes": prof.baseline_peak_bytes,
                         "predicted_peak_bytes": trainer.plan.predicted_peak_bytes, "measured_peak_bytes": measured,
                         "strategy": trainer.plan.parallel.strategy,
-                        "recompute": list(trainer.plan.recompute_units),
+                        "recompute": list(trainer.plan.recompute_units), "summary": trainer.plan.summary(),
                         "plan_hash": memtune.distributed.digest(trainer.plan.to_dict())}
 
     try:
