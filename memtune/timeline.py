@@ -373,21 +373,13 @@ class TimelineModel:
             rows += [self.fe[cu[ok]], end[cu[ok]]]
             cols += [G + ok, G + ok]
             vals += [-amount[ok], amount[ok]]
-        col_raise = unsaved + self.cached + self.held
         if self.extended:
             col, nbytes, start, end = (np.array(v) for v in zip(*self.extended))
             rows += [start.astype(np.int64), end.astype(np.int64)]
             cols += [G + col.astype(np.int64)] * 2
             vals += [-nbytes, nbytes]
-            col_raise = col_raise + np.bincount(col.astype(np.int64), weights=nbytes, minlength=C)
-        per_unit = np.zeros(self.N)
-        if C:
-            np.maximum.at(per_unit, cu, col_raise)
         self.delta = sp.csr_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))),
                                    shape=(n + 1, G + C))
-        self.max_raise = float(per_unit.sum())
-        """Bound on how much any decision can raise a row (kept inputs and cached outputs):
-        ``−D ≤ max_raise``."""
 
     def _peak_rows(self) -> None:
         """[Peak rows] in interval order, each interval's rows in ``ROW_*`` order; a unit has one

@@ -5,11 +5,13 @@ candidates per unit, one more with offload); refuses more than ``MAX_UNITS`` uni
 from __future__ import annotations
 
 import itertools
+import math
 
 from memtune.budget import Budget
 from memtune.plan import Plan
 from memtune.profile import ModelProfile
 
+from memtune.cost_model import apply_decisions
 from memtune.plan import Decision
 
 from .options import PlannerOptions, choose_tier, configs, costs_for, make_plan, timeline_for, unit_choices
@@ -42,7 +44,7 @@ class BrutePlanner:
             if (cfg.lossiness if options.prefer_lossless else 0) != tier:
                 continue
             table = costs_for(profile, cfg, options)
-            tm, _ = timeline_for(profile, cfg)
+            tm, cc = timeline_for(profile, cfg)
             per_unit = []
             for k, f in enumerate(fqns):
                 opts = [(d, None) for d in unit_choices(profile, options, f)]
@@ -50,10 +52,15 @@ class BrutePlanner:
                     opts += [(Decision.SELECTIVE, pol.save_ops) for pol in tm.policies[k]]
                 per_unit.append(opts)
             for combo in itertools.product(*per_unit):
-                plan = make_plan(profile, budget, cfg, {f: d for f, (d, _) in zip(fqns, combo)}, planner=self.name,
-                                 options=options, table=table,
-                                 save_ops={f: ops for f, (_, ops) in zip(fqns, combo) if ops is not None})
-                if plan.predicted_peak_bytes <= budget.usable_bytes and (
-                        best is None or plan.predicted_step_ms < best.predicted_step_ms):
-                    best = plan
-        return best
+                decisions = {f: d for f, (d, _) in zip(fqns, combo)}
+                save_ops = {f: ops for f, (_, ops) in zip(fqns, combo) if ops is not None}
+                # predict_peak and predict_step_time, without building a Plan for every combination
+                peak = math.ceil(tm.peak(cc, *tm.indicators(decisions, save_ops)))
+                ms = apply_decisions(table, decisions, save_ops).total_ms
+                if peak <= budget.usable_bytes and (best is None or ms < best[0]):
+                    best = (ms, cfg, decisions, save_ops)
+            del table
+        if best is None:
+            return None
+        _, cfg, decisions, save_ops = best
+        return make_plan(profile, budget, cfg, decisions, planner=self.name, options=options, save_ops=save_ops)

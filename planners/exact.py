@@ -17,8 +17,9 @@ of ``torch/distributed/_tools/sac_ilp.py``:
     #                                                e_g ≤ 1 − (r_v + o_v + Σ_k q_vk)      (checkpoint inputs)
     #                                                e_g ≤ 1 − Σ_{k ≤ t_p(g)} q_pk         (cached by p's save set)
     # [Constraint] drops:                            D_i − D_{i−1} = Δ_i · [e; z]
-    # [Constraint] peak below the budget:            const_j − P_j · [e; D] ≤ U          (ungated rows)
-    #                                                const_j − P_j · [e; D] ≤ U + M_j (1 − z_c)   (row of column c)
+    # [Constraint] peak below the budget:            const_j − P_j · [e; D] ≤ U          (interval, update rows)
+    #                                                live_u + Σ_c t_c z_c − P_u · [e; D] ≤ U   (each unit's
+    #                                                recomputation: its columns c are one-hot, so no big-M)
 
 ``e_g`` only ever lowers a row, so upper bounds suffice: an optimal solution can always raise
 ``e_g`` to the AND of its bounds, which is what the timeline evaluates. The optimizer-step rows are
@@ -194,39 +195,51 @@ class _Milp:
 
     def _peaks(self):
         """[Constraint] every peak row under the budget (or under the peak variable): the
-        interval rows, then the in-backward update rows, then each recompute row, big-M gated by
-        its column (the optimizer step's rows are constants, checked before solving)."""
+        interval rows, the in-backward update rows, and one row per unit for its recomputation
+        (the optimizer step's rows are constants, checked before solving).
+
+        A unit's recompute rows differ only in their transient, and at most one of its columns
+        is on, so they are written as one row without a big-M: ``live + Σ_c t_c z_c − P·[e; D]
+        ≤ U`` over the unit's recomputing columns. With no column on it reads ``live − D − … ≤
+        U``, which the interval row of the same moment already implies (an interval's peak is at
+        least its live bytes): at integer points it is exactly the gated rows that
+        :meth:`TimelineModel.values` evaluates."""
         tm, S, U, cc = self.tm, self.S, self.U, self.cc
         kind = tm.row_kind
-        order = np.concatenate([np.nonzero(kind == ROW_INTERVAL)[0], np.nonzero(kind == ROW_PARAM_STEP)[0],
-                                tm.rc_rows])
+        plain = np.concatenate([np.nonzero(kind == ROW_INTERVAL)[0], np.nonzero(kind == ROW_PARAM_STEP)[0]])
+        first: dict[int, int] = {}
+        cols_of: dict[int, list[int]] = {}
+        for r in tm.rc_rows:
+            u = int(tm.row_ref[r])
+            first.setdefault(u, int(r))
+            cols_of.setdefault(u, []).append(int(tm.row_gate[r]))
+        units = sorted(first)
+        order = np.concatenate([plain, np.array([first[u] for u in units], dtype=np.int64)])
+        m = len(order)
         P = tm.P[order].tocoo()
-        const = cc.const[order] / S
-        gate = tm.row_gate[order]
+        const = cc.const[order].copy()
+        rc_at = len(plain) + np.arange(len(units))
+        const[rc_at] -= tm.col_transient[tm.row_gate[order[rc_at]]]  # the base of each unit's row
+        const /= S
         is_e = P.col < tm.G
         rows = [P.row]
         cols = [np.where(is_e, self.iE + P.col, self.iD + P.col - tm.G)]
         vals = [np.where(is_e, -P.data / S, -P.data)]  # D is scaled already; e carries bytes
-        m = len(order)
+        for j, u in zip(rc_at, units):
+            c = np.array(cols_of[u], dtype=np.int64)
+            rows.append(np.full(len(c), j))
+            cols.append(self.iZ + c)
+            vals.append(tm.col_transient[c] / S)
         lo = np.full(m, -np.inf)
         if self.minimize_peak:
             rows.append(np.arange(m))
             cols.append(np.full(m, self.iP))
             vals.append(-np.ones(m))
-            hi = -const.copy()
-            M = np.maximum(0.0, const + tm.max_raise / S)
-            keep = np.ones(m, dtype=bool)
+            hi = -const
         else:
             hi = U / S - const
-            M = const + tm.max_raise / S - U / S
-            keep = (gate < 0) | (M > 0)  # a gated row that can never exceed the budget needs no constraint
-        g_rows = np.nonzero((gate >= 0) & keep)[0]
-        rows.append(g_rows)
-        cols.append(self.iZ + gate[g_rows])
-        vals.append(M[g_rows])
-        hi[g_rows] += M[g_rows]
         A = sp.csr_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))), shape=(m, self.nv))
-        return A[keep], lo[keep], hi[keep]
+        return A, lo, hi
 
     # ------------------------------------------------------------------ objective, bounds, decoding
     def objective(self, table) -> np.ndarray:
