@@ -511,13 +511,32 @@ def _recording_from_dict(d: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+_SCALARS = (int, float, str, bool, type(None))
+_FIELD_NAMES: dict[type, tuple[str, ...]] = {}
+
+
 def _plain(v: Any) -> Any:
+    """``v`` as plain JSON data. Written for speed: a 1000-unit profile with its per-op records
+    holds millions of values (field names are cached per class; a tuple of scalars is copied
+    as it is)."""
+    t = type(v)
+    if t in _SCALARS:
+        return v
+    if t is tuple or t is list:
+        if all(type(x) in _SCALARS for x in v):
+            return list(v)
+        return [_plain(x) for x in v]
+    if t is dict:
+        return {k: _plain(x) for k, x in v.items()}
     if isinstance(v, StepVariant):
         return v.to_dict()
     if isinstance(v, Enum):
         return v.value
-    if dataclasses.is_dataclass(v) and not isinstance(v, type):
-        return {f.name: _plain(getattr(v, f.name)) for f in dataclasses.fields(v)}
+    names = _FIELD_NAMES.get(t)
+    if names is None and dataclasses.is_dataclass(v) and not isinstance(v, type):
+        names = _FIELD_NAMES[t] = tuple(f.name for f in dataclasses.fields(v))
+    if names is not None:
+        return {n: _plain(getattr(v, n)) for n in names}
     if isinstance(v, (list, tuple)):
         return [_plain(x) for x in v]
     if isinstance(v, dict):
