@@ -165,6 +165,16 @@ class CostTable:
     """Per unit, per save set of its selective candidates (:mod:`memtune.selective`): the time
     its recomputation adds (the forward time of the ops outside the save set)."""
 
+    def added_ms(self, unit: str, decision: Decision, save_ops: tuple[str, ...] = ()) -> float:
+        """The time ``unit``'s ``decision`` (with its save set, for SELECTIVE) adds to the step."""
+        if decision is Decision.RECOMPUTE:
+            return self.recompute_ms[unit]
+        if decision is Decision.OFFLOAD:
+            return self.offload_ms[unit]
+        if decision is Decision.SELECTIVE:
+            return self.selective_ms.get(unit, {}).get(tuple(sorted(save_ops)), self.recompute_ms[unit])
+        return 0.0
+
 
 @dataclass(eq=False)
 class CostContext:
@@ -272,7 +282,7 @@ def _selective_ms(profile: ModelProfile, variant: StepVariant, spec: DeviceSpec,
     time times the share of its op time (priced on ``spec``) outside the save set, plus the
     selective policy's dispatch cost on every op of the unit (``spec.python_dispatch_s``, per
     forward/backward pass)."""
-    from .selective import recompute_fraction, unit_policies
+    from .selective import recompute_fractions, unit_policies
 
     try:
         recording = profile.recording(variant)
@@ -283,8 +293,8 @@ def _selective_ms(profile: ModelProfile, variant: StepVariant, spec: DeviceSpec,
         pols = unit_policies(recording).get(u.fqn, ())
         if pols and u.fqn in unit_fwd:
             dispatch = repeats * len(u.ops) * spec.python_dispatch_s
-            out[u.fqn] = {p.save_ops: (unit_fwd[u.fqn] * recompute_fraction(recording, u, p.save_ops, spec) + dispatch)
-                          * 1e3 for p in pols}
+            fractions = recompute_fractions(recording, u, [p.save_ops for p in pols], spec)
+            out[u.fqn] = {p.save_ops: (unit_fwd[u.fqn] * f + dispatch) * 1e3 for p, f in zip(pols, fractions)}
     return out
 
 
@@ -349,10 +359,7 @@ def apply_decisions(table: CostTable, decisions: dict[str, Decision],
                     save_ops: dict[str, tuple[str, ...]] | None = None) -> TimeBreakdown:
     """The step time of ``table``'s configuration under unit ``decisions`` (and the save sets of
     the SELECTIVE ones)."""
-    rc = sum(table.recompute_ms[u] for u, d in decisions.items() if d is Decision.RECOMPUTE)
-    for u, d in decisions.items():
-        if d is Decision.SELECTIVE:
-            ops = tuple(sorted((save_ops or {})[u]))
-            rc += table.selective_ms.get(u, {}).get(ops, table.recompute_ms[u])
+    save_ops = save_ops or {}
+    rc = sum(table.added_ms(u, d, save_ops.get(u, ())) for u, d in decisions.items() if d.recomputes)
     off = sum(table.offload_ms[u] for u, d in decisions.items() if d is Decision.OFFLOAD)
     return replace(table.base, recompute_ms=rc, offload_ms=off)

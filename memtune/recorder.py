@@ -439,17 +439,15 @@ class StepRecorder(TorchDispatchMode):
                     deps.add(rec.op)
         io += sum(t.numel() * t.element_size() for t in out_leaves if isinstance(t, torch.Tensor))
         schema = func._schema
+        named = dict(zip((a.name for a in schema.arguments), args)) | kwargs
         written = [a.name for a in schema.arguments if a.alias_info is not None and a.alias_info.is_write]
-        if written:
-            named = dict(zip((a.name for a in schema.arguments), args)) | kwargs
-            for name in written:
-                t = named.get(name)
-                rec = self.record_of(t) if isinstance(t, torch.Tensor) else None
-                if rec is not None:
-                    rec.mutated = True
+        for name in written:
+            t = named.get(name)
+            rec = self.record_of(t) if isinstance(t, torch.Tensor) else None
+            if rec is not None:
+                rec.mutated = True
         random = torch.Tag.nondeterministic_seeded in func.tags
-        if random and "dropout_p" in (a.name for a in schema.arguments):  # attention: random only with dropout
-            named = dict(zip((a.name for a in schema.arguments), args)) | kwargs
+        if random and any(a.name == "dropout_p" for a in schema.arguments):  # attention: random only with dropout
             random = float(named.get("dropout_p", 0.0) or 0.0) > 0.0
         entry = OpEntry(name=str(func), flops=flops, io_bytes=0 if func.is_view else io, random=random, inplace=bool(written),
                         view=bool(func.is_view), deps=tuple(sorted(deps)))

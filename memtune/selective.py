@@ -141,18 +141,24 @@ _SHARES = (0.75, 0.5, 0.3, 0.15)
 what the unit saves."""
 
 
+def recompute_fractions(profile: ModelProfile, unit: UnitProfile, save_sets, spec: DeviceSpec) -> list[float]:
+    """Per save set, the share of ``unit``'s forward op time (priced on ``spec``) that a
+    recomputation with it runs again (each op priced once for all of them)."""
+    bf16 = profile.precision == "bf16-mixed"
+    timed = [(key, op_seconds(o, spec, bf16=bf16), _savable(o)) for key, o in zip(op_keys(unit), unit.ops)]
+    total = sum(t for _, t, _ in timed)
+    out = []
+    for save_ops in save_sets:
+        keep = set(save_ops)
+        rerun = sum(t for key, t, savable in timed if not (savable and key in keep))
+        out.append(rerun / total if total else 1.0)
+    return out
+
+
 def recompute_fraction(profile: ModelProfile, unit: UnitProfile, save_ops: tuple[str, ...], spec: DeviceSpec) -> float:
     """Share of ``unit``'s forward op time (priced on ``spec``) that a recomputation with save
     set ``save_ops`` runs again."""
-    bf16 = profile.precision == "bf16-mixed"
-    keep = set(save_ops)
-    total = rerun = 0.0
-    for key, o in zip(op_keys(unit), unit.ops):
-        t = op_seconds(o, spec, bf16=bf16)
-        total += t
-        if not (key in keep and _savable(o)):
-            rerun += t
-    return rerun / total if total else 1.0
+    return recompute_fractions(profile, unit, [save_ops], spec)[0]
 
 
 def last_saving_op(unit: UnitProfile) -> int:
@@ -219,7 +225,7 @@ def recompute_transient(unit: UnitProfile, save_ops: tuple[str, ...]) -> int:
     return replay(frozenset(save_ops), last) + unseen
 
 
-def saved_class_rank(unit: UnitProfile, policy_set: tuple[SavePolicy, ...]) -> dict[int, int]:
+def deepest_saving_level(unit: UnitProfile, policy_set: tuple[SavePolicy, ...]) -> dict[int, int]:
     """Per op index of ``unit``: the deepest level (1-based) whose save set still holds the op's
     outputs (0: no level saves them). Level ``k`` is ``policy_set[k-1]``."""
     out: dict[int, int] = {}
@@ -250,8 +256,6 @@ def context_fn(save_ops: tuple[str, ...]):
     policy per checkpointed call that counts the calls of each overload (separately in the
     forward and in the recomputation, which run the same ops in the same order) and answers
     ``MUST_SAVE`` for the listed calls, ``PREFER_RECOMPUTE`` for the rest."""
-    import functools
-
     from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
     keep = frozenset(save_ops)
@@ -267,4 +271,4 @@ def context_fn(save_ops: tuple[str, ...]):
 
         return create_selective_checkpoint_contexts(policy)
 
-    return functools.partial(make)
+    return make

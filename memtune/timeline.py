@@ -209,7 +209,7 @@ class TimelineModel:
 
     def _columns(self, p: ModelProfile) -> None:
         """The decision columns: R and O per unit, then each unit's selective levels."""
-        from .selective import cache_lifetimes, last_saving_op, recompute_transient, saved_class_rank, unit_policies
+        from .selective import cache_lifetimes, last_saving_op, recompute_transient, deepest_saving_level, unit_policies
 
         N = self.N
         pol = unit_policies(p)
@@ -248,7 +248,7 @@ class TimelineModel:
         for u, unit in enumerate(p.units):
             if not self.K[u]:
                 continue
-            rank = saved_class_rank(unit, self.policies[u])
+            rank = deepest_saving_level(unit, self.policies[u])
             last = last_saving_op(unit)
             for i, op in enumerate(unit.ops):
                 # The recomputation consumes the cached call (at the unit's backward start) or

@@ -59,7 +59,6 @@ class BrutePlanner:
                 ms = apply_decisions(table, decisions, save_ops).total_ms
                 if peak <= budget.usable_bytes and (best is None or ms < best[0]):
                     best = (ms, cfg, decisions, save_ops)
-            del table
         if best is None:
             return None
         _, cfg, decisions, save_ops = best

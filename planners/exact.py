@@ -41,7 +41,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from memtune.budget import Budget
-from memtune.plan import Plan
+from memtune.plan import Decision, Plan
 from memtune.profile import ModelProfile
 from memtune.timeline import ROW_INTERVAL, ROW_PARAM_STEP, ConfigConstants, TimelineModel, UnitChoices
 
@@ -285,9 +285,8 @@ def column_ms(tm: TimelineModel, table) -> np.ndarray:
     out[:N] = [table.recompute_ms[f] for f in tm.fqns]
     out[N:2 * N] = [table.offload_ms[f] for f in tm.fqns]
     for u, pols in enumerate(tm.policies):
-        sel = table.selective_ms.get(tm.fqns[u], {})
         for k, pol in enumerate(pols):
-            out[tm.q_start[u] + k] = sel.get(pol.save_ops, out[u])
+            out[tm.q_start[u] + k] = table.added_ms(tm.fqns[u], Decision.SELECTIVE, pol.save_ops)
     return out
 
 

@@ -302,15 +302,15 @@ def unit_costs(profile: ModelProfile, config: Config, decisions: dict[str, Decis
     for k, u in enumerate(plan_recording(profile, config).units):
         d = decisions.get(u.fqn, Decision.SAVE)
         saved = u.saved_activation_bytes
+        ms = table.added_ms(u.fqn, d, save_ops.get(u.fqn, ()))
         if d is Decision.SELECTIVE:
             pol = tm.policies[k][tm.level_of(k, save_ops[u.fqn]) - 1]
-            ms = table.selective_ms.get(u.fqn, {}).get(pol.save_ops, table.recompute_ms[u.fqn])
             out[u.fqn] = UnitCost(saved_bytes=saved, kept_bytes=pol.kept_bytes + pol.cached_bytes,
                                   recomputed_bytes=max(0, saved - pol.kept_bytes), added_ms=ms)
         elif d is Decision.RECOMPUTE:
-            out[u.fqn] = UnitCost(saved_bytes=saved, recomputed_bytes=saved, added_ms=table.recompute_ms[u.fqn])
+            out[u.fqn] = UnitCost(saved_bytes=saved, recomputed_bytes=saved, added_ms=ms)
         elif d is Decision.OFFLOAD:
-            out[u.fqn] = UnitCost(saved_bytes=saved, offloaded_bytes=saved, added_ms=table.offload_ms[u.fqn])
+            out[u.fqn] = UnitCost(saved_bytes=saved, offloaded_bytes=saved, added_ms=ms)
         else:
             out[u.fqn] = UnitCost(saved_bytes=saved, kept_bytes=saved)
     return out
