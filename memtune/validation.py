@@ -171,21 +171,40 @@ def _short(value: Any) -> str:
 
 
 def check_profile_consistency(profile: Any) -> list[str]:
-    """Cross-references inside a profile: unit storage indices and storage intervals point
-    inside it (a hand-edited profile that breaks them would crash the memory model)."""
+    """Cross-references inside a profile: unit storage indices (its per-op records' too) and
+    storage intervals point inside it (a hand-edited profile that breaks them would crash the
+    memory model)."""
     errors: list[str] = []
     n_storages, n_events = len(profile.storages), len(profile.timeline)
-    for u in profile.units:
-        for field_name in ("saved_storages", "input_storages"):
-            bad = [i for i in getattr(u, field_name, ()) if i >= n_storages]
-            if bad:
-                errors.append(f"unit {u.fqn!r} {field_name} {bad[:3]} point past the {n_storages} storages")
+    for rec in (profile, *getattr(profile, "step_variants", ())):
+        errors += _unit_references(rec)
     for i, s in enumerate(profile.storages):
         if s.created > n_events or s.freed > n_events:
             errors.append(f"storage {i} lives in intervals {s.created}..{s.freed}, past the {n_events}-event timeline")
     units = set(profile.unit_fqns)
     if len(units) != len(profile.units):
         errors.append("unit FQNs repeat")
+    return errors
+
+
+def _unit_references(recording: Any) -> list[str]:
+    """Storage and op indices of a recording's units (and of their per-op records) point inside it."""
+    errors: list[str] = []
+    n_storages = len(recording.storages)
+    for u in recording.units:
+        for field_name in ("saved_storages", "input_storages"):
+            bad = [i for i in getattr(u, field_name, ()) if i >= n_storages]
+            if bad:
+                errors.append(f"unit {u.fqn!r} {field_name} {bad[:3]} point past the {n_storages} storages")
+        ops = getattr(u, "ops", ())
+        for k, op in enumerate(ops):
+            if any(i >= n_storages for i in op.storages):
+                errors.append(f"unit {u.fqn!r} op {k} storages {list(op.storages)[:3]} point past the "
+                              f"{n_storages} storages")
+            if any(i >= k for i in op.deps):
+                errors.append(f"unit {u.fqn!r} op {k} depends on ops {list(op.deps)[:3]} that do not run before it")
+            if any(len(a) != 3 for a in op.allocations):
+                errors.append(f"unit {u.fqn!r} op {k} allocations must be (bytes, freed, needed) triples")
     return errors
 
 
