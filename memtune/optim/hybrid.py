@@ -51,7 +51,7 @@ class ParamSplit:
     adamw: tuple[str, ...]
     """FQNs optimized by AdamW."""
     reasons: Mapping[str, str] = field(default_factory=dict)
-    """FQN → short reason ("hidden matrix", "embedding", "output head", "1-D", "override", ...)."""
+    """FQN → short reason ("hidden matrix", "embedding", "output head", "1-D", "0-D", "override", ...)."""
 
 
 def _head_modules(model: nn.Module) -> set[str]:
@@ -85,7 +85,7 @@ def split_parameters(model: nn.Module, settings: OptimizerSettings | None = None
         if settings.name == "adamw":
             reasons[fqn] = "adamw for all"
         elif p.ndim < 2:
-            reasons[fqn] = "1-D"
+            reasons[fqn] = f"{p.ndim}-D"  # "0-D" for a scalar such as CLIP's logit_scale
         elif any(isinstance(m, nn.Embedding) for _, m in mods):
             reasons[fqn] = "embedding"
         elif any(n in heads for n, _ in mods):

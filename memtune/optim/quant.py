@@ -79,7 +79,9 @@ def dequantize_blockwise(codes: torch.Tensor, absmax: torch.Tensor, shape: Seque
     flat = (_blocks(codes, block_size) * (absmax / levels)[:, None]).view(-1)[:n]
     if domain == "sqrt":
         flat = flat.mul_(flat.abs()) if signed else flat.square_()  # sign(y)·y² undoes sign(x)·√|x|
-    return flat.view(*shape)
+    # view(tuple), not view(*shape): a 0-d parameter (CLIP's logit_scale) has shape (), and
+    # view() with no sizes is an error, while view(()) is the 0-d tensor.
+    return flat.view(tuple(shape))
 
 
 def read_state(state: dict, name: str, shape: Sequence[int], *, signed: bool, domain: str = "sqrt") -> torch.Tensor:
