@@ -7,10 +7,13 @@
 The planner already picks the fastest recompute set for a budget; what it cannot judge is
 what changes the *maths*: Newton-Schulz steps (3-5), optimizer-state precision, the learning
 rate, which planner to trust, and every lever marked searchable (:mod:`memtune.levers`; today
-the micro-batch, over the sizes the profile records). Those form the search space. A trial
-changes nothing else that changes the maths: the other lossy levers stay at their default
-(fp32 weights, the whole loss), and lossless ones (recompute, the optimizer step in backward)
-stay open to the planner.
+the micro-batch, over the sizes the profile records). Those form the search space. Everything
+else stays the planner's, exactly as ``memtune plan`` and ``memtune fit`` leave it: lossless
+levers (recompute, the optimizer step in backward) are its to choose, and the other lossy ones
+(bf16 weights, a chunked loss) it takes only when nothing more exact fits
+(:attr:`~memtune.planners.PlannerOptions.prefer_lossless`). So one model and one budget have
+one minimum, whichever command is asked; a trial records its plan's step variant
+(the user attribute ``plan_variant``) so that trials that needed a lossy lever can be told apart.
 
 Every trial is planned on the model's profile before it trains. A configuration no plan
 fits (:class:`~memtune.errors.InfeasibleBudgetError`) is pruned without running: such
@@ -177,22 +180,14 @@ def suggest(trial: optuna.Trial, profile) -> dict[str, Any]:
 def sweep_profile(model, sample, *, loss_fn=None, device: str = "cpu"):
     """The profile every trial's feasibility check uses. It records every configuration the
     search space can ask for (:class:`memtune.PlanSpace`), with the optimizer settings the
-    trials train with, so that each check is measured. Levers that change the maths and are
-    not searched are not recorded: a trial keeps them at their default."""
+    trials train with, so that each check is measured, and every lever ``memtune plan``
+    records, so that the sweep and the plan agree on what fits."""
     import memtune
     from memtune.optim import OptimizerSettings
 
-    space = memtune.PlanSpace(ns_steps=tuple(range(NS_STEPS[0], NS_STEPS[1] + 1)), state_dtypes=STATE_DTYPES,
-                              levers=_pinned_levers())
+    space = memtune.PlanSpace(ns_steps=tuple(range(NS_STEPS[0], NS_STEPS[1] + 1)), state_dtypes=STATE_DTYPES)
     return memtune.profile(model, sample, loss_fn=loss_fn, target=device, space=space,
                            optimizer=OptimizerSettings(name="muon2", ns_dtype=_ns_dtype(device)))
-
-
-def _pinned_levers() -> dict[str, tuple]:
-    """Each lever that changes the maths but is not searched, at its default."""
-    from .levers import held_at_default
-
-    return held_at_default(lambda lever: not (lever.lossless or lever.searchable))
 
 
 def _ns_dtype(device: str) -> str:
@@ -202,8 +197,8 @@ def _ns_dtype(device: str) -> str:
 
 def planner_options(params: dict[str, Any], device: str | None = None) -> dict[str, Any]:
     """The :func:`memtune.plan` options a trial's parameters pin down: what they say, and
-    nothing lossy besides (lossless levers such as the optimizer step in backward stay open)."""
-    levers = _pinned_levers()
+    nothing besides: the levers not searched are the planner's, as in ``memtune plan``."""
+    levers: dict[str, tuple] = {}
     for name, lever in searched_levers().items():
         if name in params:
             levers[name] = (lever.decode(params[name]),)
@@ -313,6 +308,7 @@ def sweep(build_fn: Callable[..., Any], *, budget: int | str, n_trials: int, stu
             raise optuna.TrialPruned(f"no plan fits {budget} with {params}")
         plan = memtune.plan(profile, budget, params["planner"], **planner_options(params, device))
         trial.set_user_attr("plan", plan.to_json(indent=None))
+        trial.set_user_attr("plan_variant", plan.variant.describe())
         trial.set_user_attr("predicted_step_ms", plan.predicted_step_ms)
         model, data, loss_fn = _unpack(_call(build_fn, params))
         settings = OptimizerSettings(name="muon2", lr=params["lr"], ns_steps=params["ns_steps"],
@@ -393,7 +389,7 @@ def _check_some_trial_fits(profile, budget, device: str | None) -> None:
     import memtune
 
     opts: dict[str, Any] = dict(optimizer="muon2", min_ns_steps=NS_STEPS[0], max_ns_steps=NS_STEPS[1],
-                                state_dtypes=STATE_DTYPES, allow_microbatching=True, levers=_pinned_levers())
+                                state_dtypes=STATE_DTYPES, allow_microbatching=True)
     if device == "cpu":
         opts["device"] = "cpu"
     try:

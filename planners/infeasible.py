@@ -6,7 +6,6 @@ from __future__ import annotations
 from memtune.budget import Budget
 from memtune.errors import InfeasibleBudgetError
 from memtune.levers import LEVERS
-from memtune.timeline import plan_optimizer_memory, plan_recording
 from memtune.plan import Plan
 from memtune.profile import ModelProfile
 from memtune.units_fmt import fmt_bytes
@@ -49,25 +48,40 @@ def infeasible_error(profile: ModelProfile, budget: Budget, options: PlannerOpti
     frugal = frugal or most_frugal_plan(profile, budget, options)
     reserve = budget.budget_bytes - budget.usable_bytes
     min_budget = frugal.predicted_peak_bytes + reserve
-    opt_mem = plan_optimizer_memory(plan_recording(profile, frugal), frugal)
-    consumers = [("parameters and buffers", profile.param_bytes + profile.buffer_bytes),
-                 ("gradients", profile.grad_bytes),
-                 (f"optimizer state ({frugal.optimizer.name}, {frugal.optimizer.state_dtype})", opt_mem.state_bytes),
-                 ("optimizer step temporaries", opt_mem.step_transient_bytes),
-                 ("activations outside units (embeddings, head, loss)", profile.outside_activation_bytes)]
-    consumers += [(f"activations saved by {u.fqn}", u.saved_activation_bytes) for u in profile.units]
-    consumers = sorted(consumers, key=lambda t: -t[1])[:6]
+    consumers = plan_consumers(frugal)
     suggestions = [f"a budget of at least {fmt_bytes(min_budget)} ({min_budget} bytes)"]
     suggestions += [text for key, text in _levers_to_try(profile, options) if key not in options.locked]
     if options.locked and options.locked_hint:
         suggestions.append(options.locked_hint)
     what = ", ".join(f"{n} {fmt_bytes(b)}" for n, b in consumers[:4])
+    phase = frugal.memory.phase
+    why = ("; recomputing more would not lower it: no activation is live then" if not frugal.memory.saved_activation_bytes
+           and not frugal.memory.recompute_transient_bytes and frugal.decisions else "")
     msg = (f"no plan fits {budget}: the most memory-frugal allowed plan ({len(frugal.recompute_units)} of "
            f"{len(profile.units)} units recomputed, {frugal.optimizer.state_dtype} optimizer state, "
            f"{frugal.variant.describe()}) peaks at "
            f"{fmt_bytes(frugal.predicted_peak_bytes)} "
-           f"({frugal.memory.phase}). Biggest consumers: {what}. To fit, use " + "; or ".join(suggestions) + ".")
+           f"({phase}{why}). At that peak: {what}. To fit, use " + "; or ".join(suggestions) + ".")
     return InfeasibleBudgetError(msg, min_feasible_bytes=min_budget, top_consumers=consumers, suggestions=suggestions)
+
+
+def plan_consumers(plan: Plan) -> list[tuple[str, int]]:
+    """What is live at ``plan``'s predicted peak, by category, largest first: the consumers of
+    the plan an infeasibility message quotes (parameters as that plan stores them, its
+    optimizer state, only the activations it keeps), not those of the unplanned step."""
+    m = plan.memory
+    held = [(fqn, c.kept_bytes) for fqn, c in plan.unit_costs.items() if c.kept_bytes]
+    biggest = max(held, key=lambda t: t[1], default=None)
+    activations = "activations held for backward" + (
+        f" (the most by {biggest[0]}: {fmt_bytes(biggest[1])})" if biggest and m.saved_activation_bytes else "")
+    consumers = [("parameters and buffers", m.params_bytes),
+                 ("gradients", m.grads_bytes),
+                 (f"optimizer state ({plan.optimizer.name}, {plan.optimizer.state_dtype})", m.optimizer_state_bytes),
+                 ("optimizer step temporaries", m.optimizer_transient_bytes),
+                 (activations, m.saved_activation_bytes),
+                 ("recomputation temporaries", m.recompute_transient_bytes),
+                 ("temporaries of the op at the peak", m.other_transient_bytes)]
+    return sorted(((n, b) for n, b in consumers if b > 0), key=lambda t: -t[1])
 
 
 def _levers_to_try(profile: ModelProfile, options: PlannerOptions) -> list[tuple[str, str]]:

@@ -219,7 +219,9 @@ class Trainer:
     def _make_plan(self, usable_bytes: int, *, lossless: bool) -> Plan:
         from memtune.planning import plan as make_plan
 
-        budget = usable_bytes + self.budget.reserve_bytes
+        budget: int | Budget = usable_bytes + self.budget.reserve_bytes
+        if usable_bytes == self.budget.usable_bytes:
+            budget = self.budget  # messages name the budget as the user gave it ("300KB", not 300000)
         last: InfeasibleBudgetError | None = None
         for opts in self._plan_options(lossless=lossless):
             try:
