@@ -41,6 +41,7 @@ from .errors import MemtuneError
 from .fake_compat import disable_kv_cache
 from .levers.base import Applied
 from .plan import Decision, Plan
+from .stateful import RecomputedBuffers
 from .validation import check_plan_matches_model
 
 log = logging.getLogger("memtune.apply")
@@ -189,12 +190,15 @@ def _wrap(module: nn.Module, decision: Decision, save_ops: tuple[str, ...] = ())
             from .selective import context_fn
 
             extra["context_fn"] = context_fn(save_ops)
+        buffers = RecomputedBuffers(module)  # the recomputation must not write running stats again
 
         @functools.wraps(forward)
         def wrapped(*args, **kwargs):
             if not torch.is_grad_enabled():  # eval / no_grad: nothing to save, nothing to recompute
                 return forward(*args, **kwargs)
-            return checkpoint(forward, *args, use_reentrant=False, **extra, **kwargs)
+            if torch.compiler.is_compiling():  # AOTAutograd applies buffer writes once, outside the recomputation
+                return checkpoint(forward, *args, use_reentrant=False, **extra, **kwargs)
+            return buffers.run(forward, lambda fn: checkpoint(fn, *args, use_reentrant=False, **extra, **kwargs))
     elif decision is Decision.OFFLOAD:
         pack, unpack = _offload_hooks(pin_memory=torch.cuda.is_available())
 

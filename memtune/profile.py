@@ -314,6 +314,14 @@ class ModelProfile:
     assumptions: tuple[str, ...] = ()
     """What the fake run could not know and how it was resolved: data-dependent reads, and
     kernels whose fake implementation differs from eager (what eager allocation was recorded)."""
+    written_buffers: tuple[str, ...] = ()
+    """FQNs of the buffers the recorded step writes (batch norm's running statistics, a call
+    counter), as the ops of the fake step wrote them (:mod:`memtune.stateful`): the runtime copies
+    them before each step so that a retried or skipped step leaves them as one clean step would."""
+    batch_statistics: tuple[str, ...] = ()
+    """FQNs of the modules that normalize with statistics over the batch as profiled (batch norm
+    in training mode): with them, or with written buffers, micro-batching changes the maths
+    (:mod:`memtune.levers.micro_batch`)."""
     variant: StepVariant = field(default_factory=StepVariant)
     """The step variant this profile's step is: the profiled step, or, for a view from
     :meth:`recording`, the variant recorded."""
@@ -433,6 +441,8 @@ class ModelProfile:
             kw = dict(d)
             kw["tracers_tried"] = tuple(tuple(t) for t in d["tracers_tried"])
             kw["assumptions"] = tuple(d.get("assumptions", ()))
+            kw["written_buffers"] = tuple(d.get("written_buffers", ()))
+            kw["batch_statistics"] = tuple(d.get("batch_statistics", ()))
             kw["variant"] = StepVariant.from_dict(d.get("variant"))
             kw.update(_recording_from_dict(d))
             kw["params"] = tuple(ParamInfo(**{**p, "shape": tuple(p["shape"])}) for p in d["params"])

@@ -46,6 +46,7 @@ from .plan import OptimizerPlan
 from .profile import ModelProfile, OptimizerStepProfile, ParamInfo, StepEvent, StepRecording
 from .recompute_safety import recompute_blockers
 from .recorder import StepRecorder
+from .stateful import BufferWrites, batch_statistics
 from .stepping import PlanOptimizer
 from .step_recording import RecordingKind, RecordingSetup, assemble_recording, record_step
 from .tracing import capture_graph, classify_failure
@@ -217,6 +218,7 @@ class _Run:
     graph: Any = None
     tracer: str = ""
     tried: list = field(default_factory=list)
+    written_buffers: tuple[str, ...] = ()
 
     @classmethod
     def prepare(cls, model, sample, *, loss_fn, optimizer, precision, target, units, space) -> "_Run":
@@ -297,7 +299,9 @@ def _record_profiled_step(run: _Run) -> dict[str, Any]:
     run.optimizer = run.build_optimizer(run.fparams, {})
     rec = StepRecorder(granularity=run.granularity, target=run.spec.kind)
     try:
-        record_step(rec, setup, run.unit_fqns, run.fbuffers, run.loss_fn, run.optimizer)
+        with BufferWrites(run.fbuffers) as writes:  # running statistics, counters: what retries must restore
+            record_step(rec, setup, run.unit_fqns, run.fbuffers, run.loss_fn, run.optimizer)
+        run.written_buffers = tuple(writes.written)
     except Exception as e:
         raise classify_failure(e, run.model, run.tried, run.tracer, run.sample, run.loss_fn) from e
     if not run.explicit_units:  # units the model never called are not units of this step
@@ -380,6 +384,7 @@ def _assemble(run: _Run, main: dict[str, Any], step_variants, optimizer_steps, *
         target_name=run.spec.name, precision=run.precision, optimizer=run.base_config.name, batch_size=run.batch_size,
         sample=describe(run.sample), param_bytes=sum(p.param_bytes for p in params),
         buffer_bytes=sum(run.nbytes(b) for b in run.fbuffers.values()),
+        written_buffers=run.written_buffers, batch_statistics=batch_statistics(run.model),
         grad_bytes=sum(p.param_bytes for p, fp in zip(params, run.fparams.values()) if fp.requires_grad),
         optimizer_state_bytes=run.optimizer_state_bytes,
         input_bytes=unique_bytes([t for t in tree_flatten(run.fsample)[0] if isinstance(t, torch.Tensor)], run.nbytes),

@@ -156,6 +156,9 @@ class Config:
     optimizer: OptimizerPlan
     variant: StepVariant = field(default_factory=StepVariant)
     grad_accum_steps: int = 1
+    tier: int | None = None
+    """Its lossiness for the profiled model (:func:`configs` sets it); ``None``: :func:`lossiness`
+    without the model."""
 
     @property
     def key(self) -> tuple:
@@ -165,7 +168,7 @@ class Config:
 
     @property
     def lossiness(self) -> int:
-        return lossiness(self)
+        return lossiness(self) if self.tier is None else self.tier
 
 
 def choose_tier(per_tier: dict[int, Plan], options: PlannerOptions) -> Plan:
@@ -183,12 +186,14 @@ def prunable(per_tier: dict[int, Plan], tier: int, base_ms: float, options: Plan
     return bool(exact) and min(exact) <= base_ms * max(1.0, options.max_lossless_slowdown)
 
 
-def lossiness(config) -> int:
+def lossiness(config, profile: ModelProfile | None = None) -> int:
     """How far a configuration (or a Plan) moves training from the exact fp32 step: its state
-    precision's lossiness plus each lever's (:meth:`memtune.levers.Lever.lossiness`). Unit
-    decisions change no number."""
+    precision's lossiness plus each lever's (:meth:`memtune.levers.Lever.lossiness`; with
+    ``profile``, for that model: :meth:`~memtune.levers.Lever.lossiness_for`). Unit decisions
+    change no number."""
     return STATE_PRECISIONS[config.optimizer.state_dtype].lossiness + sum(
-        LEVERS[name].lossiness(value) for name, value in config.variant.choices)
+        LEVERS[name].lossiness(value) if profile is None else LEVERS[name].lossiness_for(value, profile)
+        for name, value in config.variant.choices)
 
 
 def configs(profile: ModelProfile, options: PlannerOptions) -> list[Config]:
@@ -204,7 +209,7 @@ def configs(profile: ModelProfile, options: PlannerOptions) -> list[Config]:
                 for v in combinations({name: lever.plan_choices(profile, options, profile.recorded_choices(name))
                                        for name, lever in LEVERS.items()})
                 if v.for_step() in recorded_steps]
-    out = [Config(opt, v, steps) for opt in optimizers for v, steps in variants
+    out = [Config(opt, v, steps, tier=lossiness(Config(opt, v), profile)) for opt in optimizers for v, steps in variants
            if profile.optimizer_step(*opt.key, variant=v) is not None]
     if not out:
         raise UnrecordedPlanError("no configuration the options allow was recorded in the profile; widen the options "

@@ -39,6 +39,7 @@ from memtune.levers import held_at_default, parallel_restrictions
 from memtune.plan import Plan
 from memtune.planners.options import lossiness
 from memtune.profile import ModelProfile
+from memtune.stateful import BufferSnapshot
 from memtune.units_fmt import fmt_bytes
 from memtune.validation import check_plan_matches_model, check_profile_matches_model, check_state_dict_matches_model
 
@@ -187,7 +188,7 @@ class Trainer:
         budget = self.retuner.planning_budget(self.budget.usable_bytes)
         try:
             plan = self._make_plan(budget, lossless=False)
-            widen = staged and lossiness(plan) >= 2
+            widen = staged and lossiness(plan, self.profile) >= 2
         except (InfeasibleBudgetError, UnrecordedPlanError):
             # (Unrecorded: the options ask for a choice only the second stage records.)
             if not staged:
@@ -315,6 +316,8 @@ class Trainer:
             self._setup(batch)
         self._check_batch_size(batch)
         rng = ckpt.rng_state()
+        # Running statistics and counters as the step found them: a retry or a skipped batch puts them back.
+        buffers = BufferSnapshot(unwrap(self.model), self.profile.written_buffers)
         retries = 0  # per step, as documented: each step gets max_oom_retries
         t0 = time.perf_counter()
         while True:
@@ -322,7 +325,7 @@ class Trainer:
                 loss, peak = self.runner.run(batch)
                 break
             except NonFiniteStep as bad:
-                return self._non_finite(bad)
+                return self._non_finite(bad, buffers)
             except torch.OutOfMemoryError as e:
                 if self.dist is not None:
                     # The other ranks are inside this step's collectives: a re-plan here alone would
@@ -353,6 +356,7 @@ class Trainer:
                                                    checkpoint=self._checkpoint_on_disk()) from e
                 self._tighten_after_oom(e, peak, retries)
                 ckpt.set_rng_state(rng)  # the retry draws the same dropout masks
+                buffers.restore()  # and updates the running statistics once, from where the step began
         if self.dist is not None:
             loss = _mean_over_ranks(loss, self.device)  # the global batch's loss (ranks feed equal local batches)
         step_ms = (time.perf_counter() - t0) * 1000
@@ -364,10 +368,12 @@ class Trainer:
     def _checkpoint_on_disk(self) -> str | None:
         return str(self.checkpoint_path) if self.checkpoint_path and self.checkpoint_path.exists() else None
 
-    def _non_finite(self, bad: NonFiniteStep) -> float:
-        """A step whose loss or gradients are NaN/inf: nothing was applied. Stop (default) or
+    def _non_finite(self, bad: NonFiniteStep, buffers: BufferSnapshot) -> float:
+        """A step whose loss or gradients are NaN/inf: nothing was applied (the buffers the
+        forward wrote, such as batch norm's running statistics, are put back). Stop (default) or
         skip the batch, as ``on_nonfinite`` says."""
         self._free_failed_step()
+        buffers.restore()
         what = f"the loss is {bad.loss}" if not math.isfinite(bad.loss) else \
             f"the gradients of {', '.join(bad.params)} hold NaN or inf"
         if self.on_nonfinite == "skip" and self.skipped_batches < self.max_skipped_batches:

@@ -16,8 +16,8 @@ The hooks, in the order a choice meets them:
   optimizer step) as the choice runs it, under fake tensors: the choice is measured, never
   modelled;
 * **cost** (:meth:`cost`): its term in the predicted step time;
-* **numerics** (:meth:`lossiness`, :attr:`numerics`): how far it moves training from the exact
-  step, which the planner's lossiness tiers read;
+* **numerics** (:meth:`lossiness`, :meth:`lossiness_for`, :attr:`numerics`): how far it moves
+  training from the exact step (for the profiled model), which the planner's lossiness tiers read;
 * **words** (:meth:`describe`, :meth:`suggest`): a line of ``Plan.summary`` and the suggestion
   an infeasible budget makes;
 * **runtime** (:meth:`apply`, :meth:`stepping`, :attr:`supported_under_parallel`): applying it
@@ -212,6 +212,12 @@ class Lever:
         """How far the choice moves training from the exact fp32 step: 0 changes no number, 1
         reorders sums, higher rounds values (the planner prefers lower tiers)."""
         return 0
+
+    def lossiness_for(self, value: Any, profile: "ModelProfile") -> int:
+        """:meth:`lossiness` for the profiled model, which the planners' tiers read: a lever whose
+        effect on the numbers depends on the model says so here (micro-batching a model whose
+        layers keep statistics over the batch changes what they compute, not only the order of sums)."""
+        return self.lossiness(value)
 
     # ------------------------------------------------------------------ words
     def describe(self, value: Any) -> str:

@@ -4,6 +4,16 @@ The step is recorded at each micro-batch size in gradient-accumulation mode: the
 the earlier micro-batches exist from the start and backward adds into them, exactly as the
 runtime's loop does (``(loss * weight).backward()`` per micro-batch, then one optimizer step).
 Activations scale with the micro-batch; every kernel launches once per micro-batch.
+
+For most models that is the full batch's gradient summed in another order (lossiness 1). Not
+for a model with stateful layers (:func:`batch_dependent`): batch norm in training normalizes
+each micro-batch by its own statistics and updates its running statistics once per
+micro-batch, and any module that writes a buffer per call counts the micro-batches. That is
+another model, so for such a model the planner (a) never takes micro-batching unless it is asked
+for by size (``levers={"micro_batch_size": (None, 4, 2)}``; ``allow_microbatching`` alone does
+not), and (b) ranks it at lossiness :data:`BATCH_DEPENDENT_LOSSINESS`, above lower state
+precision, so that an exact plan is preferred whenever one is at most ``max_lossless_slowdown``
+slower. A global batch larger than the profiled one is accumulated as the caller asked.
 """
 
 from __future__ import annotations
@@ -15,6 +25,18 @@ from memtune.errors import UnrecordedPlanError
 
 from .base import Applied, Lever, ProfileContext, count_or_none
 
+BATCH_DEPENDENT_LOSSINESS = 4
+"""Lossiness of micro-batching a model with stateful layers: it changes what the model computes
+(as bf16 weights with stochastic rounding change every update), not the order of a sum."""
+
+
+def batch_dependent(profile) -> tuple[str, ...]:
+    """FQNs of the modules of ``profile`` whose numbers depend on how the batch is cut: those
+    with statistics over the batch (``profile.batch_statistics``) and those owning a buffer the
+    step writes (``profile.written_buffers``: one update, or one count, per micro-batch)."""
+    owners = (name.rpartition(".")[0] or "(model)" for name in profile.written_buffers)
+    return tuple(dict.fromkeys((*profile.batch_statistics, *owners)))
+
 
 class MicroBatchLever(Lever):
     name = "micro_batch_size"
@@ -22,8 +44,9 @@ class MicroBatchLever(Lever):
     affects_step = True
     searchable = True
     legacy_hint = "allow_microbatching=True (smaller micro-batches with gradient accumulation)"
-    numerics = ("the same gradient, summed over the micro-batches in another order; statistics over the batch "
-                "(batch norm's) are taken per micro-batch")
+    numerics = ("the same gradient, summed over the micro-batches in another order; but with stateful layers "
+                "(batch norm in training, buffers written per call) statistics are taken and buffers updated per "
+                "micro-batch: lossy, and planned only when its sizes are listed in levers")
 
     def validate(self, value: Any) -> int | None:
         return count_or_none(self.name, value, minimum=1, none_means="the whole batch")
@@ -63,7 +86,7 @@ class MicroBatchLever(Lever):
         explicit = options.lever_choices(self.name)
         if explicit is not None:
             sizes = tuple(B if m is None else self.validate(m) for m in explicit)
-        elif options.allow_microbatching and profile.batch_size:
+        elif options.allow_microbatching and profile.batch_size and not (G == B and batch_dependent(profile)):
             sizes = tuple(options.micro_batch_sizes) if options.micro_batch_sizes is not None else None
         else:
             sizes = (G,)
@@ -103,9 +126,23 @@ class MicroBatchLever(Lever):
     def lossiness(self, value) -> int:
         return 1 if value is not None else 0
 
+    def lossiness_for(self, value, profile) -> int:
+        if value is None:
+            return 0
+        return BATCH_DEPENDENT_LOSSINESS if batch_dependent(profile) else 1
+
     # ------------------------------------------------------------------ words
     def describe(self, value) -> str:
         return "the whole batch" if value is None else f"micro-batches of {value}"
+
+    def suggest(self, profile, options, recorded: tuple) -> str | None:
+        stateful = batch_dependent(profile)
+        sizes = tuple(m for m in recorded if m is not None)
+        if stateful and sizes and options.lever_choices(self.name) is None:
+            named = ", ".join(stateful[:3]) + (f" and {len(stateful) - 3} more" if len(stateful) > 3 else "")
+            return (f"levers={{{self.name!r}: {(None, *sizes)!r}}} (micro-batches; lossy for this model: {named} "
+                    "would take statistics and update buffers per micro-batch)")
+        return super().suggest(profile, options, recorded)
 
     # ------------------------------------------------------------------ runtime
     def apply(self, model, value, ctx) -> Applied:
