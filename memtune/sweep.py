@@ -123,8 +123,9 @@ def open_storage(url: str, *, heartbeat_interval: int | None = HEARTBEAT_S, grac
 
 def open_study(storage: str | optuna.storages.BaseStorage | None, *, study_name: str, directions: Sequence[str],
                sampler=None, pruner=None, heartbeat_interval: int | None = HEARTBEAT_S,
-               grace_period: int | None = None) -> optuna.Study:
-    """Create or load the study (``load_if_exists``), safely when several workers start at once."""
+               grace_period: int | None = None, definition: dict[str, Any] | None = None) -> optuna.Study:
+    """Create or load the study (``load_if_exists``), safely when several workers start at once.
+    With ``definition``, a loaded study must be one of the same sweep (:func:`check_study_definition`)."""
     if storage is None or isinstance(storage, str):
         url = storage or DEFAULT_STORAGE
         storage = open_storage(url, heartbeat_interval=heartbeat_interval, grace_period=grace_period)
@@ -133,8 +134,55 @@ def open_study(storage: str | optuna.storages.BaseStorage | None, *, study_name:
     else:
         lock = contextlib.nullcontext()
     with lock:
-        return optuna.create_study(storage=storage, sampler=sampler, pruner=pruner, study_name=study_name,
-                                   load_if_exists=True, directions=list(directions))
+        study = optuna.create_study(storage=storage, sampler=sampler, pruner=pruner, study_name=study_name,
+                                    load_if_exists=True, directions=list(directions))
+        if definition is not None:
+            check_study_definition(study, {**definition, "directions": _direction_names(directions)})
+        return study
+
+
+def _direction_names(directions) -> list[str]:
+    return [d.name.lower() if isinstance(d, optuna.study.StudyDirection) else str(d).lower() for d in directions]
+
+
+DEFINITION_ATTR = "memtune_sweep"
+"""The study user attribute that holds what defines a sweep (:func:`check_study_definition`)."""
+
+
+def check_study_definition(study: optuna.Study, definition: dict[str, Any]) -> None:
+    """Make ``study`` a study of this sweep, or refuse it with :class:`UsageError`.
+
+    A new (empty) study records ``definition`` (budget, objectives, directions, device, steps
+    per trial, the profiled model's fingerprint) in its user attributes. A study that holds
+    another definition, or trials from another program, is refused before any trial runs: its
+    "best" answers another question. A study left by an earlier memtune (trials whose
+    parameters are all this sweep's, no definition) is adopted."""
+    name = study.study_name
+    fix = (f"give another --study-name (study_name=...), or delete the old study "
+           f"(optuna delete-study --study-name {name} --storage ...)")
+    stored = study.user_attrs.get(DEFINITION_ATTR)
+    trials = study.get_trials(deepcopy=False)
+    if stored is None:
+        ours = {"ns_steps", "state_dtype", "planner", "lr", *searched_levers()}
+        foreign = sorted({k for t in trials for k in t.params} - ours)
+        if foreign or (trials and not any(t.params for t in trials)):
+            raise UsageError(f"study {name!r} already holds {len(trials)} trials that no memtune sweep made "
+                             f"(parameters {foreign[:4] or 'none'}); {fix}")
+        if len(study.directions) != len(definition["directions"]):
+            raise UsageError(f"study {name!r} has {len(study.directions)} objective(s), this sweep asks for "
+                             f"{len(definition['directions'])}; {fix}")
+        study.set_user_attr(DEFINITION_ATTR, definition)
+        return
+    if not isinstance(stored, dict):
+        raise UsageError(f"study {name!r} holds a damaged sweep definition ({type(stored).__name__}); {fix}")
+    differ = [k for k in sorted(definition) if k in stored and stored[k] != definition[k]]
+    if differ:
+        what = "; ".join(f"{k}: the study has {stored.get(k)!r}, this run {definition.get(k)!r}" for k in differ[:4])
+        raise UsageError(f"study {name!r} was made by another sweep ({what}), so its trials answer another question; "
+                         f"rerun with the study's settings to continue it, or {fix}")
+    missing = {k: v for k, v in definition.items() if k not in stored}
+    if missing:  # the model's fingerprint, known once the model is profiled
+        study.set_user_attr(DEFINITION_ATTR, {**stored, **missing})
 
 
 def _surplus(study: optuna.Study, trial: optuna.Trial, n_trials: int) -> bool:
@@ -285,17 +333,27 @@ def sweep(build_fn: Callable[..., Any], *, budget: int | str, n_trials: int, stu
         raise UsageError(f"n_trials={n_trials!r}: give a whole number >= 0")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
 
+    from .budget import Budget
+
+    # A study of another sweep is refused before anything is profiled or trained.
+    b = Budget.parse(budget, device=device)
+    definition = {"budget_bytes": b.budget_bytes, "objectives": list(objectives), "steps_per_trial": steps_per_trial,
+                  "device": device}
+    if study is None:
+        study = open_study(storage, study_name=study_name, directions=directions or ["minimize"] * len(objectives),
+                           sampler=sampler, pruner=pruner, heartbeat_interval=heartbeat_interval,
+                           grace_period=grace_period, definition=definition)
+    else:
+        check_study_definition(study, {**definition, "directions": _direction_names(study.directions)})
+
     # One profile serves every trial's feasibility check: the trial parameters only change
     # planner options, never the traced step.
     model, data, loss_fn = _unpack(_call_default(build_fn))
     sample = next(iter(data))
     profile = sweep_profile(model, sample, loss_fn=loss_fn, device=device)
     del model
+    check_study_definition(study, {"model": profile.fingerprint})  # the same model (and memtune) as the study's
     _check_some_trial_fits(profile, budget, device)
-    if study is None:
-        study = open_study(storage, study_name=study_name, directions=directions or ["minimize"] * len(objectives),
-                           sampler=sampler, pruner=pruner, heartbeat_interval=heartbeat_interval,
-                           grace_period=grace_period)
     multi = len(study.directions) > 1
 
     def run_trial(trial: optuna.Trial):

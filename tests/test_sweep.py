@@ -71,6 +71,31 @@ def test_sweep_interrupted_resumes_and_counts_infeasible(tmp_path):
         assert study.user_attrs["device_seconds_saved"] > 0
 
 
+# ----------------------------------------------------------------------------- a study reused
+def test_a_study_is_continued_only_by_the_same_sweep(tmp_path):
+    """Rerunning with another budget or objective, or on another program's study of the same
+    name, is refused before any trial runs (its "best" would answer another question)."""
+    from memtune.errors import UsageError
+    from memtune.sweep import DEFINITION_ATTR
+
+    storage = f"sqlite:///{tmp_path / 'sweep.db'}"
+    kw = dict(n_trials=0, storage=storage, steps_per_trial=2, device="cpu", study_name="t")
+    study = memtune.sweep(build, budget=BUDGET, **kw)
+    assert study.user_attrs[DEFINITION_ATTR]["budget_bytes"] == BUDGET
+    # (Continuing with the same settings is test_sweep_interrupted_resumes_and_counts_infeasible.)
+    with pytest.raises(UsageError, match="budget_bytes: the study has 1000000, this run 2000000"):
+        memtune.sweep(build, budget=2 * BUDGET, **kw)
+    with pytest.raises(UsageError, match="objectives: the study has \\['loss'\\], this run \\['loss', 'step_ms'\\]"):
+        memtune.sweep(build, budget=BUDGET, objective=("loss", "step_ms"), **kw)
+    with pytest.raises(UsageError, match="steps_per_trial"):
+        memtune.sweep(build, budget=BUDGET, **{**kw, "steps_per_trial": 3})
+
+    other = optuna.create_study(storage=storage, study_name="other")
+    other.optimize(lambda trial: trial.suggest_float("x", 0, 1), n_trials=1)
+    with pytest.raises(UsageError, match="1 trials that no memtune sweep made \\(parameters \\['x'\\]\\)"):
+        memtune.sweep(build, budget=BUDGET, **{**kw, "study_name": "other"})
+
+
 # ----------------------------------------------------------------------------- workers that die
 import os
 import signal
