@@ -42,13 +42,14 @@ from .fake_compat import disable_kv_cache
 from .levers.base import Applied
 from .plan import Decision, Plan
 from .stateful import RecomputedBuffers
+from .unit_forwards import install, uninstall
+from .units import split_unit, unit_problem
 from .validation import check_plan_matches_model
 
 log = logging.getLogger("memtune.apply")
 
-_ORIGINAL = "_memtune_original_forward"
-"""Attribute holding what ``module.__dict__['forward']`` was before memtune (``None``: the class's)."""
-_DECISION = "_memtune_decision"
+_DECISION = "_memtune_decisions"
+"""Attribute of the model holding unit name -> decision of the units applied (not SAVE)."""
 _LEVERS = "_memtune_levers"
 """Attribute holding lever name -> (choice, Applied) of the levers applied to a model."""
 _STEPPER = "_memtune_stepper"
@@ -82,15 +83,16 @@ def apply_plan(model: nn.Module, plan: Plan, *, optimizer: torch.optim.Optimizer
     model = unwrap(model)  # under torch.compile, plan the module Dynamo traces; the next call recompiles it
     check_plan_matches_model(model, plan)
     modules = dict(model.named_modules())
-    missing = [u for u in plan.decisions if u not in modules]
+    missing = [u for u in plan.decisions if unit_problem(modules, u) is not None]
     if missing:
         raise MemtuneError(
             f"plan names units {missing[:3]} that {type(model).__name__} does not have; plan for this model "
             f"(memtune.plan(memtune.profile(model, batch), ...)) or pass the model that was profiled")
     _unwrap_units(model)
-    for fqn, decision in plan.decisions.items():
-        if decision is not Decision.SAVE:
-            _wrap(modules[fqn], decision, plan.save_ops.get(fqn, ()))
+    applied = {u: d for u, d in plan.decisions.items() if d is not Decision.SAVE}
+    install(model, {u: functools.partial(_wrap, modules[split_unit(u)[0]], d, plan.save_ops.get(u, ()))
+                    for u, d in applied.items()})
+    model.__dict__[_DECISION] = applied
     disable_kv_cache(model)
     ctx = ApplyContext(plan=plan)
     _apply_levers(model, plan, ctx)
@@ -165,24 +167,20 @@ def _remember_stepper(model: nn.Module, opt) -> None:
 
 
 def _unwrap_units(model: nn.Module) -> None:
-    for m in model.modules():
-        if _ORIGINAL in m.__dict__:
-            original = m.__dict__.pop(_ORIGINAL)
-            m.__dict__.pop(_DECISION, None)
-            if original is None:
-                m.__dict__.pop("forward", None)
-            else:
-                m.__dict__["forward"] = original
+    uninstall(model)
+    model.__dict__.pop(_DECISION, None)
 
 
 def applied_decisions(model: nn.Module) -> dict[str, Decision]:
-    """Unit FQN -> decision currently applied (SAVE units are not listed)."""
-    return {n: m.__dict__[_DECISION] for n, m in model.named_modules() if _DECISION in m.__dict__}
+    """Unit name -> decision currently applied (SAVE units are not listed)."""
+    from .compiled import unwrap
+
+    return dict(unwrap(model).__dict__.get(_DECISION, {}))
 
 
-def _wrap(module: nn.Module, decision: Decision, save_ops: tuple[str, ...] = ()) -> None:
-    original = module.__dict__.get("forward")
-    forward = original if original is not None else module.forward  # bound class method
+def _wrap(module: nn.Module, decision: Decision, save_ops: tuple[str, ...] = (), forward: Callable = None) -> Callable:
+    """What runs instead of ``forward``, one unit of ``module`` (the module itself, one call of
+    it, or a segment of its children: :mod:`memtune.unit_forwards`), under ``decision``."""
 
     if decision.recomputes:
         extra = {}
@@ -208,9 +206,7 @@ def _wrap(module: nn.Module, decision: Decision, save_ops: tuple[str, ...] = ())
                 return forward(*args, **kwargs)
     else:  # pragma: no cover - SAVE is never wrapped
         raise ValueError(decision)
-    module.__dict__[_ORIGINAL] = original
-    module.__dict__[_DECISION] = decision
-    module.__dict__["forward"] = wrapped
+    return wrapped
 
 
 def _offload_hooks(*, pin_memory: bool):

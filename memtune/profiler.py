@@ -50,7 +50,7 @@ from .stateful import BufferWrites, batch_statistics
 from .stepping import PlanOptimizer
 from .step_recording import RecordingKind, RecordingSetup, assemble_recording, record_step
 from .tracing import capture_graph, classify_failure
-from .units import UnitSpec, resolve_units
+from .units import UnitSpec, owns, resolve_units, split_unit, unit_param_prefixes
 from .variant import StepVariant
 
 PRECISIONS = ("fp32", "bf16-mixed")
@@ -170,7 +170,11 @@ def profile(
     run = _Run.prepare(model, sample, loss_fn=loss_fn, optimizer=optimizer, precision=precision, target=target,
                        units=units, space=space or PlanSpace())
     with training_configs(model):
-        run.graph, run.tracer, run.tried = capture_graph(model, run.unit_fqns, run.fake_mode, run.fparams, run.fbuffers,
+        if units is None:  # discovery by what the forward calls: shared modules, one unit per call
+            with run.fake_mode, eager_hf_masking():
+                run.unit_fqns = resolve_units(model, calls=_count_calls(run))
+        run.graph, run.tracer, run.tried = capture_graph(model, [split_unit(u)[0] for u in run.unit_fqns],
+                                                         run.fake_mode, run.fparams, run.fbuffers,
                                                          run.fsample, loss_fn, precision, sample)
         with run.fake_mode, eager_hf_masking():
             main = _record_profiled_step(run)
@@ -313,7 +317,7 @@ def _record_profiled_step(run: _Run) -> dict[str, Any]:
     run.optimizer_state_bytes = unique_bytes(optimizer_state_tensors(run.optimizer), run.nbytes)
     run.assumptions = list(rec.assumptions)
     main = assemble_recording(rec, run.model, run.unit_fqns, workspace_bytes=run.workspace,
-                              unit_params=_unit_params(run.named_params, run.fparams, run.unit_fqns, run.granularity))
+                              unit_params=_unit_params(run.model, run.named_params, run.fparams, run.unit_fqns, run.granularity))
     run.main_timeline = main["timeline"]
     return main
 
@@ -339,7 +343,7 @@ def _record_step_variants(run: _Run) -> list[StepRecording]:
             rec = StepRecorder(granularity=run.granularity, target=run.spec.kind)
             record_step(rec, setup, run.unit_fqns, run.fbuffers, run.loss_fn, opt, step_optimizer=False)
         fields = assemble_recording(rec, run.model, run.unit_fqns, workspace_bytes=run.workspace,
-                                    unit_params=_unit_params(run.named_params, setup.params, run.unit_fqns,
+                                    unit_params=_unit_params(run.model, run.named_params, setup.params, run.unit_fqns,
                                                              run.granularity))
         out.append(StepRecording(
             variant=key, sample=describe(setup.sample), batch_size=batch_size_of(setup.sample),
@@ -373,9 +377,10 @@ def _record_optimizer_steps(run: _Run) -> list[OptimizerStepProfile]:
 
 def _assemble(run: _Run, main: dict[str, Any], step_variants, optimizer_steps, *, seconds: float) -> ModelProfile:
     owners = _owner_types(run.model)
+    owned = _owned(run.model, run.unit_fqns)
     params = tuple(
         ParamInfo(fqn=n, shape=tuple(p.shape), dtype=str(p.dtype).removeprefix("torch."),
-                  param_bytes=run.nbytes(run.fparams[n]), unit=_unit_of(n, run.unit_fqns),
+                  param_bytes=run.nbytes(run.fparams[n]), unit=_unit_of(n, run.unit_fqns, owned),
                   module_type=owners.get(id(p), "?"))
         for n, p in run.named_params.items()
     )
@@ -414,11 +419,40 @@ def _nbytes(t: torch.Tensor, granularity: int) -> int:
     return round_allocation(t.untyped_storage().nbytes(), granularity)
 
 
-def _unit_of(fqn: str, unit_fqns) -> str | None:
+def _count_calls(run: "_Run") -> dict[str, int]:
+    """Module FQN -> how many times one fake forward (and loss) calls it, for the composite
+    modules that hold parameters."""
+    from .step_recording import forward_loss
+
+    counts: dict[str, int] = {}
+    handles = []
+    for name, mod in run.model.named_modules():
+        if name and any(True for _ in mod.children()) and any(True for _ in mod.parameters()):
+            def count(*_, name=name):
+                counts[name] = counts.get(name, 0) + 1
+            handles.append(mod.register_forward_pre_hook(count))
+    try:  # (under a recorder, which answers data-dependent ops on fake tensors as the recordings do)
+        with torch.no_grad(), StepRecorder():
+            forward_loss(run.model, run.fparams, run.fbuffers, run.fsample, run.loss_fn, run.precision)
+    except Exception:  # noqa: BLE001 - the profiled step reports why it cannot run, with the tracers tried
+        return {}
+    finally:
+        for h in handles:
+            h.remove()
+    return counts
+
+
+def _unit_of(fqn: str, unit_fqns, owned: dict[str, tuple[str, ...]]) -> str | None:
+    """The unit that owns parameter ``fqn`` (``owned``: unit -> :func:`memtune.units.unit_param_prefixes`)."""
     for u in unit_fqns:
-        if fqn == u or fqn.startswith(u + "."):
+        if owns(owned[u], fqn):
             return u
     return None
+
+
+def _owned(model: nn.Module, unit_fqns) -> dict[str, tuple[str, ...]]:
+    modules = dict(model.named_modules())
+    return {u: unit_param_prefixes(modules, u) for u in unit_fqns}
 
 
 def _owner_types(model: nn.Module) -> dict[int, str]:
@@ -429,10 +463,11 @@ def _owner_types(model: nn.Module) -> dict[int, str]:
     return owner
 
 
-def _unit_params(named_params, fparams, unit_fqns, granularity) -> dict[str, tuple[int, int]]:
+def _unit_params(model, named_params, fparams, unit_fqns, granularity) -> dict[str, tuple[int, int]]:
     out: dict[str, tuple[int, int]] = {}
+    owned = _owned(model, unit_fqns)
     for n in named_params:
-        u = _unit_of(n, unit_fqns)
+        u = _unit_of(n, unit_fqns, owned)
         if u is None:
             continue
         b = _nbytes(fparams[n], granularity)

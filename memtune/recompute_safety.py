@@ -22,32 +22,28 @@ def recompute_blockers(model, unit_fqns, fparams, fbuffers, fsample, loss_fn, pr
     from torch.nn.utils.stateless import _reparametrize_module
     from torch.utils.checkpoint import CheckpointError, checkpoint, set_checkpoint_early_stop
 
-    modules = dict(model.named_modules())
+    from .unit_forwards import install
+
     blockers: dict[str, str] = {}
     state = {"backward": False, "last": None}
 
-    def wrap(fqn):
-        module = modules[fqn]
-        forward = module.forward
+    def wrapper(fqn):
+        def wrap(forward):
+            def run(*args, **kwargs):
+                if state["backward"]:
+                    state["last"] = fqn
+                return forward(*args, **kwargs)
 
-        def run(*args, **kwargs):
-            if state["backward"]:
-                state["last"] = fqn
-            return forward(*args, **kwargs)
-
-        def wrapped(*args, **kwargs):
-            return checkpoint(run, *args, use_reentrant=False, **kwargs)
-        return module, wrapped
+            def wrapped(*args, **kwargs):
+                return checkpoint(run, *args, use_reentrant=False, **kwargs)
+            return wrapped
+        return wrap
 
     for _ in range(len(unit_fqns)):
         candidates = [u for u in unit_fqns if u not in blockers]
         if not candidates:
             break
-        patched = []
-        for u in candidates:
-            module, wrapped = wrap(u)
-            patched.append((module, module.__dict__.get("forward")))
-            module.__dict__["forward"] = wrapped
+        undo = install(model, {u: wrapper(u) for u in candidates})
         state.update(backward=False, last=None)
         try:
             # Recomputation runs in backward, so the fake parameters must stay swapped in until then.
@@ -66,11 +62,7 @@ def recompute_blockers(model, unit_fqns, fparams, fbuffers, fsample, loss_fn, pr
             blockers[culprit] = (f"recomputing it saves different tensors than its forward did ({one_line(e)[:160]}); "
                                  "it carries state between calls")
         finally:
-            for module, original in patched:
-                if original is None:
-                    module.__dict__.pop("forward", None)
-                else:
-                    module.__dict__["forward"] = original
+            undo()
             for p in fparams.values():
                 p.grad = None
     return blockers

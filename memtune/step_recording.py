@@ -26,6 +26,7 @@ from .batching import loss_from_output, split_batch
 from .errors import TraceError
 from .profile import OpRecord, StepEvent, StepPhase, StorageInfo, TimelineEvent, UnitProfile
 from .recorder import StepRecorder
+from .units import split_unit, unit_module_type
 
 
 class RecordingKind(Enum):
@@ -108,7 +109,7 @@ def record_step(rec: StepRecorder, setup: RecordingSetup, unit_fqns, fbuffers, l
     accumulate_weight = setup.accumulate_weight
     setup.recorder = rec
     modules = dict(model.named_modules())
-    io: dict[str, dict[str, Any]] = {u: {"inputs": [], "outputs": []} for u in unit_fqns}
+    io: dict[str, dict[str, Any]] = {u: {"input_records": [], "output_records": []} for u in unit_fqns}
     handles = []
 
     def pre_hook(fqn):
@@ -117,7 +118,9 @@ def record_step(rec: StepRecorder, setup: RecordingSetup, unit_fqns, fbuffers, l
             rec.unit_stack.append(fqn)
             leaves, _ = tree_flatten((args, kwargs))
             tensors = [t for t in leaves if isinstance(t, torch.Tensor) and not rec.is_static(t)]
-            io[fqn]["inputs"] = tensors
+            # Records, not tensors: holding a unit's inputs or outputs would keep alive what the
+            # model frees (a Linear's output, once the ReLU after it has run).
+            io[fqn]["input_records"] = _records(rec, tensors)
             grad_inputs = [t for t in tensors if t.requires_grad]
             if grad_inputs:
                 torch.autograd.graph.register_multi_grad_hook(grad_inputs, lambda grads: _bwd_end(fqn), mode="all")
@@ -128,7 +131,7 @@ def record_step(rec: StepRecorder, setup: RecordingSetup, unit_fqns, fbuffers, l
             rec.unit_stack.pop()
             leaves, _ = tree_flatten(output)
             outs = [t for t in leaves if isinstance(t, torch.Tensor)]
-            io[fqn]["outputs"] = outs
+            io[fqn]["output_records"] = _records(rec, outs)
             grad_outs = [t for t in outs if t.requires_grad]
             if grad_outs:
                 torch.autograd.graph.register_multi_grad_hook(grad_outs, lambda grads: _bwd_start(fqn), mode="any")
@@ -154,9 +157,7 @@ def record_step(rec: StepRecorder, setup: RecordingSetup, unit_fqns, fbuffers, l
                 for n, p in fparams.items() if p.requires_grad]
     for add_hooks in setup.param_hooks:
         handles += add_hooks(rec, fparams)
-    for fqn in unit_fqns:
-        handles.append(modules[fqn].register_forward_pre_hook(pre_hook(fqn), with_kwargs=True))
-        handles.append(modules[fqn].register_forward_hook(post_hook(fqn), with_kwargs=True))
+    handles += hook_units(modules, unit_fqns, pre_hook, post_hook)
     try:
         with rec:
             grads = [p.grad for p in trainable if p.grad is not None]
@@ -168,11 +169,6 @@ def record_step(rec: StepRecorder, setup: RecordingSetup, unit_fqns, fbuffers, l
                 out, loss = forward_loss(model, fparams, fbuffers, fsample, loss_fn, setup.precision)
                 # The runtime keeps the unscaled loss (to log it) while the scaled one backpropagates.
                 scaled = loss * accumulate_weight if accumulate_weight is not None else loss
-            # Keep only references to the unit boundary *records*; drop the tensors so that
-            # their storages free when autograd is done with them.
-            for d in io.values():
-                d["input_records"] = _records(rec, d.pop("inputs"))
-                d["output_records"] = _records(rec, d.pop("outputs"))
             del out
             rec.mark(StepEvent.LOSS)
             rec.phase = StepPhase.BACKWARD
@@ -196,6 +192,45 @@ def record_step(rec: StepRecorder, setup: RecordingSetup, unit_fqns, fbuffers, l
         for h in handles:
             h.remove()
     rec.unit_io = io  # type: ignore[attr-defined]
+
+
+def hook_units(modules: dict[str, torch.nn.Module], unit_fqns, pre_hook, post_hook) -> list:
+    """Forward hooks that call ``pre_hook(unit)(module, args, kwargs)`` where each unit's
+    forward starts and ``post_hook(unit)(module, args, kwargs, output)`` where it ends:
+    around a module unit; around call *k* of a shared module's (calls counted from the
+    hooks' installation); before the first and after the last child of a segment. Returns
+    the handles."""
+    handles = []
+    calls: dict[str, dict[int, str]] = {}
+    for name in unit_fqns:
+        fqn, call, span = split_unit(name)
+        if call is not None:
+            calls.setdefault(fqn, {})[call] = name
+            continue
+        first = last = modules[fqn]
+        if span is not None:
+            children = list(modules[fqn].children())
+            first, last = children[span[0]], children[span[1] - 1]
+        handles.append(first.register_forward_pre_hook(pre_hook(name), with_kwargs=True))
+        handles.append(last.register_forward_hook(post_hook(name), with_kwargs=True))
+    for fqn, by_call in calls.items():
+        count, running = [0], []
+
+        def pre(mod, args, kwargs, by_call=by_call, count=count, running=running):
+            name = by_call.get(count[0])
+            count[0] += 1
+            running.append(name)
+            if name is not None:
+                pre_hook(name)(mod, args, kwargs)
+
+        def post(mod, args, kwargs, output, by_call=by_call, running=running):
+            name = running.pop()
+            if name is not None:
+                post_hook(name)(mod, args, kwargs, output)
+
+        handles.append(modules[fqn].register_forward_pre_hook(pre, with_kwargs=True))
+        handles.append(modules[fqn].register_forward_hook(post, with_kwargs=True))
+    return handles
 
 
 def _records(rec: StepRecorder, tensors: list[torch.Tensor]) -> list:
@@ -259,7 +294,7 @@ def assemble_recording(rec: StepRecorder, model, unit_fqns, *, workspace_bytes: 
         pbytes, gbytes = unit_params.get(fqn, (0, 0))
         in_recs = io["input_records"]
         units.append(UnitProfile(
-            fqn=fqn, module_type=type(modules[fqn]).__name__, order=0, param_bytes=pbytes, grad_bytes=gbytes,
+            fqn=fqn, module_type=unit_module_type(modules, fqn), order=0, param_bytes=pbytes, grad_bytes=gbytes,
             saved_activation_bytes=sum(r.nbytes for r in saved if fqn in r.holders),
             input_bytes=sum(r.nbytes for r in in_recs),
             output_bytes=sum(r.nbytes for r in io["output_records"]),

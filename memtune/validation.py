@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 from .errors import ModelMismatchError, PlanFileError
+from .units import unit_problem
 
 _HINTS: dict[type, dict[str, Any]] = {}
 
@@ -222,7 +223,7 @@ def check_plan_matches_model(model, plan, profile=None) -> None:
     names, the parameter bytes planned for, and ``plan.profile_hash``."""
     diffs: list[str] = []
     modules = dict(model.named_modules())
-    missing_units = [u for u in plan.decisions if u not in modules]
+    missing_units = [u for u in plan.decisions if unit_problem(modules, u) is not None]
     if missing_units:
         diffs.append(f"units {missing_units[:3]} are not in the model")
     params = _model_params(model)
@@ -274,7 +275,7 @@ def check_profile_matches_model(model, profile) -> None:
         if len(diffs) >= 4:
             break
     modules = dict(model.named_modules())
-    missing_units = [u for u in profile.unit_fqns if u not in modules]
+    missing_units = [u for u in profile.unit_fqns if unit_problem(modules, u) is not None]
     if missing_units:
         diffs.append(f"units {missing_units[:3]} are not in the model")
     if diffs:

@@ -36,6 +36,8 @@ def parallelize(model: nn.Module, plan: Plan, device: torch.device) -> nn.Module
         if par.mixed_precision == "bf16" else MixedPrecisionPolicy()
     modules = dict(model.named_modules())
     for fqn in plan.decisions:  # execution order
+        if fqn not in modules:  # a call of a shared module, or a segment (memtune.units): the root shards it
+            continue
         fully_shard(modules[fqn], reshard_after_forward=par.reshard_after_forward.get(fqn, True), mp_policy=mp)
     fully_shard(model, mp_policy=mp)
     return model
