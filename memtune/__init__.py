@@ -29,6 +29,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "apply_plan": ("memtune.apply", "apply_plan"),
     "remove_plan": ("memtune.apply", "remove_plan"),
+    "step_autocast": ("memtune.apply", "step_autocast"),
     "predict_step_time": ("memtune.cost_model", "predict_step_time"),
     "calibrate": ("memtune.cost_model", "calibrate"),
     "PlannerOptions": ("memtune.planners", "PlannerOptions"),

@@ -133,6 +133,25 @@ def applied_levers(model: nn.Module) -> dict[str, Applied]:
     return {name: applied for name, (_, applied) in unwrap(model).__dict__.get(_LEVERS, {}).items()}
 
 
+def step_autocast(model: nn.Module):
+    """The autocast memtune's runtime runs a step of ``model`` under, for the plan applied to it:
+    bf16 autocast on the parameters' device while a lever asks for it (bf16 weights), else a
+    no-op (the caller's own precision). The model's forward already runs under it (the bf16
+    weights lever installs it); a loss computed outside the model matches the runtime's when
+    computed under it too::
+
+        with memtune.step_autocast(model):
+            loss = loss_fn(model(x), y)
+    """
+    import contextlib
+
+    precision = next((a.precision for a in applied_levers(model).values() if a.precision), None)
+    if precision != "bf16-mixed":
+        return contextlib.nullcontext()
+    device = next((p.device.type for p in model.parameters()), "cpu")
+    return torch.autocast(device, dtype=torch.bfloat16)
+
+
 def _apply_levers(model: nn.Module, plan: Plan, ctx: ApplyContext) -> None:
     """Apply the levers whose choice differs from what is applied; keep the others."""
     from .levers import LEVERS

@@ -6,6 +6,14 @@ comes with ``state_offload``. Batch norm keeps its affine parameters in fp32 bes
 running statistics (:func:`memtune.stepping.bf16_weight_names`). The step runs under bf16
 autocast, whatever the run's precision, so fp32 inputs meet the bf16 weights as profiled.
 The mechanism is :class:`memtune.stepping.PlanOptimizer`.
+
+Applied to a live model (:func:`memtune.apply_plan`), the lever also makes the model's own
+forward run under that autocast, through two removable forward hooks on the model: a user's
+plain loop (``model(x)``, no autocast of its own) then runs the forward the profile recorded
+and the runtime runs, and fp32 inputs (audio features, images) meet the bf16 convolutions and
+linears cast as they are there. Inside the runtime's own autocast the hooks change nothing.
+A loss computed outside the model runs as the caller writes it: to compute it exactly as the
+runtime does, compute it under :func:`memtune.apply.step_autocast`.
 """
 
 from __future__ import annotations
@@ -123,10 +131,43 @@ class WeightsLever(Lever):
                 optimizer.seed_master(p, master)
             masters.clear()
         ctx.after_optimizer.append(seed)
+        stored.forward_autocast = _ForwardAutocast(model)
         return stored
 
     def stepping(self, value) -> dict[str, Any]:
         return {"weights": value}
+
+
+class _ForwardAutocast:
+    """Forward hooks that run ``model``'s forward under bf16 autocast on its parameters' device,
+    as the runtime runs a step under bf16 weights (:meth:`remove` takes them off). The exit hook
+    is ``always_call``, so a forward that raises leaves no autocast behind. Under
+    ``torch.compile`` the hooks run eagerly (Dynamo cannot trace a bare ``__enter__``), and the
+    compiled forward runs under the autocast they set, as it would inside a ``with`` block."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.active: list[torch.autocast] = []
+        self.handles = [model.register_forward_pre_hook(self._enter, prepend=True),
+                        model.register_forward_hook(self._exit, always_call=True)]
+
+    @torch.compiler.disable
+    def _enter(self, module, args) -> None:
+        device = next((p.device.type for p in module.parameters()), "cpu")
+        if not torch.amp.is_autocast_available(device):  # e.g. meta: nothing runs there to cast
+            return
+        autocast = torch.autocast(device, dtype=torch.bfloat16)
+        autocast.__enter__()
+        self.active.append(autocast)
+
+    @torch.compiler.disable
+    def _exit(self, module, args, output) -> None:
+        if self.active:  # empty when a hook before ours raised, or on a device without autocast
+            self.active.pop().__exit__(None, None, None)
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []
 
 
 class _BF16Weights(Applied):
@@ -136,10 +177,15 @@ class _BF16Weights(Applied):
         self.model = model
         self.original: dict[str, torch.dtype] = {}
         self.optimizer = None
+        self.forward_autocast: _ForwardAutocast | None = None
 
     def remove(self) -> None:
         """Store the parameters in their own dtype again: from the fp32 master copy where the
-        optimizer keeps one (the trained values, exactly), else by widening the bf16 values."""
+        optimizer keeps one (the trained values, exactly), else by widening the bf16 values;
+        the forward runs in the run's own precision again."""
+        if self.forward_autocast is not None:
+            self.forward_autocast.remove()
+            self.forward_autocast = None
         state = getattr(self.optimizer, "state", {})
         for n, p in self.model.named_parameters():
             dtype = self.original.pop(n, None)
