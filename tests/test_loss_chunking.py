@@ -67,6 +67,23 @@ def test_chunked_loss_of_a_lora_llama_equals_its_full_loss(task_type):
     torch.testing.assert_close(model(**b).loss, full, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("build", [lambda: zoo.hf_llama(hidden_size=64, intermediate_size=172, num_hidden_layers=2,
+                                                         num_attention_heads=2),
+                                   lambda: zoo.hf_gpt2(n_embd=64, n_layer=2, n_head=2)], ids=["llama", "gpt2"])
+def test_chunked_loss_of_plain_hf_causal_lms_equals_their_full_loss(build):
+    torch.manual_seed(0)
+    model = build()
+    assert loss_chunking.support(model) == "hf-causal-lm" and loss_chunking.chunk_target(model) is model
+    b = batch()
+    full, g_full = loss_and_grads(model, b)
+    loss_chunking.apply(model, 3)
+    chunked, g_chunked = loss_and_grads(model, b)
+    loss_chunking.remove(model)
+    torch.testing.assert_close(chunked, full, rtol=1e-6, atol=1e-6)
+    for n in g_full:
+        torch.testing.assert_close(g_chunked[n], g_full[n], rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.slow
 def test_lora_llama_profiles_plans_the_chunked_loss_and_trains_as_unchunked():
     b = batch()
