@@ -170,9 +170,8 @@ def profile(
     run = _Run.prepare(model, sample, loss_fn=loss_fn, optimizer=optimizer, precision=precision, target=target,
                        units=units, space=space or PlanSpace())
     with training_configs(model):
-        if units is None:  # discovery by what the forward calls: shared modules, one unit per call
-            with run.fake_mode, eager_hf_masking():
-                run.unit_fqns = resolve_units(model, calls=_count_calls(run))
+        with run.fake_mode, eager_hf_masking():  # by what the forward calls: shared modules, one unit per call
+            run.unit_fqns = resolve_units(model, units, calls=_count_calls(run, also=run.unit_fqns))
         run.graph, run.tracer, run.tried = capture_graph(model, [split_unit(u)[0] for u in run.unit_fqns],
                                                          run.fake_mode, run.fparams, run.fbuffers,
                                                          run.fsample, loss_fn, precision, sample)
@@ -419,15 +418,16 @@ def _nbytes(t: torch.Tensor, granularity: int) -> int:
     return round_allocation(t.untyped_storage().nbytes(), granularity)
 
 
-def _count_calls(run: "_Run") -> dict[str, int]:
+def _count_calls(run: "_Run", also=()) -> dict[str, int]:
     """Module FQN -> how many times one fake forward (and loss) calls it, for the composite
-    modules that hold parameters."""
+    modules that hold parameters and the modules named in ``also``."""
     from .step_recording import forward_loss
 
     counts: dict[str, int] = {}
     handles = []
+    also = set(also)
     for name, mod in run.model.named_modules():
-        if name and any(True for _ in mod.children()) and any(True for _ in mod.parameters()):
+        if name in also or (name and any(True for _ in mod.children()) and any(True for _ in mod.parameters())):
             def count(*_, name=name):
                 counts[name] = counts.get(name, 0) + 1
             handles.append(mod.register_forward_pre_hook(count))

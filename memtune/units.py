@@ -184,8 +184,8 @@ def resolve_units(model: nn.Module, units: UnitSpec = None, *, calls: Mapping[st
     unit names and/or module types, or a ``(fqn, module) -> bool`` predicate.
 
     ``calls`` (module FQN -> calls in one forward, as the profiler counts them) lets discovery
-    find shared modules and name a discovered unit's calls apart; without it discovery is
-    structural only."""
+    find shared modules, and names the calls of a unit the forward calls several times apart
+    (discovered or given); without it units are found from the module tree alone."""
     modules = dict(model.named_modules())
     if units is None:
         fqns = repeated_blocks(model)
@@ -222,6 +222,8 @@ def resolve_units(model: nn.Module, units: UnitSpec = None, *, calls: Mapping[st
     nested = [f for f in fqns if any(f != g and f.startswith(g + ".") for g in fqns)]
     if nested:
         raise MemtuneError(f"units may not nest: {nested[0]!r} lies inside another unit; pick one level")
+    if calls:  # a module the forward calls several times is recorded and planned per call
+        fqns = [call_unit(f, k) if calls.get(f, 0) > 1 else f for f in fqns for k in range(max(1, calls.get(f, 0)))]
     return fqns
 
 

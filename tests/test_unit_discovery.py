@@ -168,6 +168,41 @@ def test_shared_module_is_a_unit_per_call(profiles):
     assert sum(u.saved_activation_bytes for u in prof.units[1:]) == (ALBERT_LAYERS - 1) * prof.units[1].saved_activation_bytes
 
 
+class _Looped(nn.Module):
+    """One block applied three times, between blocks of its own (a universal-transformer loop)."""
+
+    def __init__(self, width: int = 32):
+        super().__init__()
+        self.shared = nn.Sequential(nn.Linear(width, 2 * width), nn.GELU(), nn.Linear(2 * width, width))
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(width, width), nn.Tanh()) for _ in range(3))
+        self.head = nn.Linear(width, 10)
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = x + self.shared(block(x))
+        return self.head(x)
+
+
+@pytest.mark.parametrize("units", [None, ["shared", "blocks.0", "blocks.1", "blocks.2"]])
+def test_calls_of_a_module_are_units_whether_discovered_or_named(units):
+    g = torch.Generator().manual_seed(0)
+    batch = (torch.randn(64, 32, generator=g), torch.randint(0, 10, (64,), generator=g))
+    torch.manual_seed(0)
+    prof = memtune.profile(_Looped(), batch, loss_fn=F.cross_entropy, target="cpu", units=units,
+                           space=memtune.PlanSpace.minimal(state_dtypes=("fp32",)))
+    calls = [f"shared@{k}" for k in range(3)]
+    assert set(calls) < {u.fqn for u in prof.units}
+    plan = memtune.plan(prof, 1 << 40)
+    plan = dataclasses.replace(plan, decisions={**plan.decisions, **{u: Decision.RECOMPUTE for u in calls[:2]}})
+    plan = dataclasses.replace(plan, predicted_peak_bytes=memtune.predict_peak(prof, plan).peak_bytes)
+    torch.manual_seed(0)
+    model = _Looped()
+    opt = apply_plan(model, plan)
+    measured = measure_planned_step(model, batch, plan, opt, loss_fn=F.cross_entropy)
+    assert abs(measured - plan.predicted_peak_bytes) <= TOLERANCE * measured
+    assert measured < prof.baseline_peak_bytes  # the first two calls' activations were dropped
+
+
 # ----------------------------------------------------------------------------- fidelity and the bound
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_planned_within_ten_percent_of_the_lower_bound(name, profiles):
