@@ -77,13 +77,27 @@ def disable_kv_cache(model: nn.Module) -> list[tuple[Any, Any]]:
 
 @contextmanager
 def training_configs(model: nn.Module):
-    """:func:`disable_kv_cache` for the duration of a profile; the model is left as it was."""
+    """:func:`disable_kv_cache` for the duration of a profile; the model is left as it was.
+    Yields the ``(config, old value)`` pairs it changed (for :func:`kv_cache_as_configured`)."""
     changed = disable_kv_cache(model)
     try:
-        yield
+        yield changed
     finally:
         for cfg, value in changed:
             cfg.use_cache = value
+
+
+@contextmanager
+def kv_cache_as_configured(changed: list[tuple[Any, Any]]):
+    """Inside :func:`training_configs`, the KV cache back as the user configured it, to record
+    the step as the user's own loop runs it."""
+    for cfg, value in changed:
+        cfg.use_cache = value
+    try:
+        yield
+    finally:
+        for cfg, _ in changed:
+            cfg.use_cache = False
 
 
 # ----------------------------------------------------------------------------- kernels
