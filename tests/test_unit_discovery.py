@@ -55,17 +55,17 @@ def mlp_batch(n: int = 96):
 ALBERT_LAYERS = 8
 
 
-def albert(layers: int = ALBERT_LAYERS) -> nn.Module:
+def albert(layers: int = ALBERT_LAYERS, vocab: int = 4096) -> nn.Module:
     from transformers import AlbertConfig, AlbertForMaskedLM
 
-    cfg = AlbertConfig(vocab_size=4096, embedding_size=64, hidden_size=64, num_hidden_layers=layers,
+    cfg = AlbertConfig(vocab_size=vocab, embedding_size=64, hidden_size=64, num_hidden_layers=layers,
                        num_attention_heads=2, intermediate_size=128, max_position_embeddings=64,
                        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     return AlbertForMaskedLM(cfg)
 
 
-def albert_batch():
-    ids = torch.randint(0, 4096, (4, 32), generator=torch.Generator().manual_seed(0))
+def albert_batch(vocab: int = 4096):
+    ids = torch.randint(0, vocab, (4, 32), generator=torch.Generator().manual_seed(0))
     return {"input_ids": ids, "labels": ids}
 
 
