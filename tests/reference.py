@@ -32,7 +32,7 @@ def measure_step(model: nn.Module, batch, *, loss_fn=None, opt=None, warmup: int
     ``autocast`` runs forward and loss under CPU bf16 autocast (bf16-mixed)."""
     for _ in range(warmup):
         train_step(model, batch, loss_fn, opt, autocast)
-    mt = MemTracker()
+    mt = AccumulatingMemTracker()  # (MemTracker that accepts frozen parameters)
     tensors = [t for t in (batch.values() if isinstance(batch, dict) else batch if isinstance(batch, (tuple, list)) else [batch])]
     mt.track_external(model, *( [opt] if opt is not None else []), *tensors)
     with mt:

@@ -1,0 +1,80 @@
+"""Conformance over a zoo of third-party models (tests/model_zoo.py): what a new user trains.
+
+For every model, against PyTorch's MemTracker on real CPU steps (tests/reference.py):
+
+* the profile's unplanned peak is within 3% of a real AdamW step of the model as built;
+* the plans at 50% and 70% of that peak measure under their budget and within 3% of their
+  prediction. 70% must be feasible; where 50% is below the smallest feasible budget (the
+  models are tiny: parameters, gradients and the logits outside the units weigh a lot), the
+  plan at the budget the infeasibility error names is checked instead, so that figure is
+  checked too;
+* ``memtune.fit`` at 60% (or at that smallest feasible budget) trains a few steps under its
+  budget with a falling loss.
+
+One profile per model is shared by the first two checks. The table is
+``python benchmarks/model_zoo.py`` (docs/benchmarks.md).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+
+import model_zoo
+from model_zoo import FIT_FRACTION, PLAN_FRACTIONS
+
+TOLERANCE = 0.03
+CASES = model_zoo.cases()
+
+# Known failures, each with its issue item: strict, so a fix turns them into failures to unmark.
+XFAIL: dict[tuple[str, str], str] = {
+    ("plans", "sequential"): "issue 21 item 5: the bare Linears are the units, recomputing one frees nothing "
+                             "(the ReLU after it holds the same tensor), so nothing below ~85% is feasible",
+    ("plans", "resnet"): "issue 21 (zoo finding): recomputing the BatchNorm stages is over-predicted by 3.4% "
+                         "(32 KiB); see issue 21 item 1 for BatchNorm under recompute",
+    ("plans", "mamba"): "issue 21 (zoo finding): the step is under-predicted by 0.2-0.3% (12 KiB), so the plan "
+                        "at the smallest feasible budget measures over it",
+}
+
+
+def _names(check: str) -> list:
+    return [pytest.param(n, marks=pytest.mark.xfail(strict=True, reason=XFAIL[(check, n)]))
+            if (check, n) in XFAIL else n for n in CASES]
+
+
+@functools.cache
+def _profile(name: str):
+    return model_zoo.profile(CASES[name])
+
+
+@pytest.mark.parametrize("name", _names("unplanned"))
+def test_unplanned_peak_matches_memtracker(name):
+    predicted = _profile(name).baseline_peak_bytes
+    measured = model_zoo.measure_unplanned(CASES[name])
+    assert abs(predicted - measured) / measured <= TOLERANCE, (predicted, measured)
+
+
+@pytest.mark.parametrize("name", _names("plans"))
+def test_plans_at_half_and_70_percent_fit_and_match(name):
+    prof = _profile(name)
+    for fraction in PLAN_FRACTIONS:
+        plan, budget, at_floor = model_zoo.plan_at(prof, fraction)
+        assert not (at_floor and fraction >= 0.7), f"no plan at {fraction:.0%}: the smallest feasible budget is " \
+                                                   f"{budget / prof.baseline_peak_bytes:.0%} of the unplanned peak"
+        measured = model_zoo.measure_plan(CASES[name], plan)
+        row = dict(fraction=fraction, budget=budget, at_floor=at_floor, predicted=plan.predicted_peak_bytes,
+                   measured=measured, recompute=plan.recompute_units, state=plan.optimizer.state_dtype)
+        assert measured <= budget, row
+        assert abs(plan.predicted_peak_bytes - measured) / measured <= TOLERANCE, row
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", _names("fit"))
+def test_fit_at_60_percent_trains_under_budget(name):
+    _, budget, _ = model_zoo.plan_at(_profile(name), FIT_FRACTION)
+    trainer = model_zoo.fit(CASES[name], budget)
+    losses = [h["loss"] for h in trainer.history]
+    assert len(losses) == model_zoo.FIT_STEPS
+    assert losses[-1] < losses[0], losses
+    assert all(h["peak_bytes"] <= budget for h in trainer.history), [h["peak_bytes"] for h in trainer.history]
