@@ -91,7 +91,7 @@ def apply_plan(model: nn.Module, plan: Plan, *, optimizer: torch.optim.Optimizer
     _unwrap_units(model)
     applied = {u: d for u, d in plan.decisions.items() if d is not Decision.SAVE}
     install(model, {u: functools.partial(_wrap, modules[split_unit(u)[0]], d, plan.save_ops.get(u, ()))
-                    for u, d in applied.items()})
+                    for u, d in applied.items()}, units=plan.decisions)
     model.__dict__[_DECISION] = applied
     disable_kv_cache(model)
     ctx = ApplyContext(plan=plan)

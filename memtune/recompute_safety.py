@@ -43,7 +43,7 @@ def recompute_blockers(model, unit_fqns, fparams, fbuffers, fsample, loss_fn, pr
         candidates = [u for u in unit_fqns if u not in blockers]
         if not candidates:
             break
-        undo = install(model, {u: wrapper(u) for u in candidates})
+        undo = install(model, {u: wrapper(u) for u in candidates}, units=unit_fqns)
         state.update(backward=False, last=None)
         try:
             # Recomputation runs in backward, so the fake parameters must stay swapped in until then.

@@ -5,9 +5,12 @@ change how units run. A unit named by a module FQN is wrapped by replacing the m
 *instance* ``forward``. The other unit kinds of :mod:`memtune.units` are wrapped the same way
 on the module that runs them:
 
-* call *k* of a shared module (``"<fqn>@<k>"``): the module's forward counts its calls and
-  sends call *k* through its wrapper; a forward pre-hook on the model restarts the count at
-  every forward of the model (a micro-batch, a retried step);
+* call *k* of a shared module (``"<fqn>@<k>"``): the module's forward counts its calls, modulo
+  the number of calls a forward makes, and sends call *k* through its wrapper. A forward
+  pre-hook on the model also restarts the count at every forward of the model, so a forward
+  that failed halfway (an OOM retry) does not shift the next one; the modulo keeps the count
+  right when a loop calls a submodule rather than the model (a ``training_step`` calling
+  ``self.model``);
 * a segment (``"<fqn>[a:b]"``): the ``Sequential``'s forward runs its children in order, each
   wrapped segment as one function of its input.
 
@@ -17,7 +20,7 @@ Only instance attributes change, so parameter FQNs and ``state_dict`` keys stay 
 from __future__ import annotations
 
 import functools
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch.nn as nn
 
@@ -37,11 +40,17 @@ UNITS = "_memtune_wrapped_units"
 _KEYS = (ORIGINAL, UNITS, "forward")
 
 
-def install(model: nn.Module, wrappers: dict[str, Wrapper]) -> Callable[[], None]:
-    """Make each unit of ``wrappers`` (unit name -> wrapper) run through its wrapper. Returns a
-    function that undoes exactly this (what was installed before stays); :func:`uninstall`
-    undoes every installation."""
+def install(model: nn.Module, wrappers: dict[str, Wrapper], units: Iterable[str] = ()) -> Callable[[], None]:
+    """Make each unit of ``wrappers`` (unit name -> wrapper) run through its wrapper; ``units``
+    lists every unit of the plan, wrapped or not (it says how many calls of a shared module a
+    forward makes). Returns a function that undoes exactly this (what was installed before
+    stays); :func:`uninstall` undoes every installation."""
     modules = dict(model.named_modules())
+    n_calls: dict[str, int] = {}
+    for name in [*units, *wrappers]:
+        fqn, call, _ = split_unit(name)
+        if call is not None:
+            n_calls[fqn] = max(n_calls.get(fqn, 0), call + 1)
     touched = {id(m): m for n, m in modules.items()
                if any(split_unit(u)[0] == n for u in wrappers)}
     before = [(m, {k: m.__dict__[k] for k in _KEYS if k in m.__dict__}) for m in touched.values()]
@@ -65,7 +74,7 @@ def install(model: nn.Module, wrappers: dict[str, Wrapper]) -> Callable[[], None
         else:
             _replace_forward(modules[fqn], wrapper(_forward_of(modules[fqn])), [name])
     for fqn, by_call in calls.items():
-        _replace_forward(modules[fqn], _dispatch_calls(model, _forward_of(modules[fqn]), by_call),
+        _replace_forward(modules[fqn], _dispatch_calls(model, _forward_of(modules[fqn]), by_call, n_calls[fqn]),
                          [f"{fqn}@{k}" for k in by_call])
     for fqn, segments in spans.items():
         _replace_forward(modules[fqn], _run_segments(modules[fqn], sorted(segments, key=lambda s: s[0])),
@@ -104,7 +113,7 @@ def _replace_forward(module: nn.Module, forward: Callable, names: list[str]) -> 
     module.__dict__["forward"] = forward
 
 
-def _dispatch_calls(model: nn.Module, forward: Callable, by_call: dict[int, Wrapper]) -> Callable:
+def _dispatch_calls(model: nn.Module, forward: Callable, by_call: dict[int, Wrapper], n_calls: int) -> Callable:
     wrapped = {k: w(forward) for k, w in by_call.items()}
     count = [0]
     counters = model.__dict__.get(RESET)
@@ -121,7 +130,7 @@ def _dispatch_calls(model: nn.Module, forward: Callable, by_call: dict[int, Wrap
     @functools.wraps(forward)
     def dispatch(*args, **kwargs):
         k = count[0]
-        count[0] += 1
+        count[0] = (k + 1) % n_calls
         return wrapped.get(k, forward)(*args, **kwargs)
     return dispatch
 

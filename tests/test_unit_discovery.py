@@ -203,6 +203,33 @@ def test_calls_of_a_module_are_units_whether_discovered_or_named(units):
     assert measured < prof.baseline_peak_bytes  # the first two calls' activations were dropped
 
 
+def test_call_k_runs_through_its_wrapper_however_the_model_is_called():
+    """A loop may call a submodule, not the model (so no hook on the model sees the forward), or
+    fail halfway through a forward: call 1 of three is still the one wrapped."""
+    from memtune.unit_forwards import install
+
+    model, x = _Looped(), torch.randn(4, 32)
+    last_block, hits = [None], []
+    for i, block in enumerate(model.blocks):
+        block.register_forward_hook(lambda *_, i=i: last_block.__setitem__(0, i))
+
+    def wrapper(forward):
+        def wrapped(*args, **kwargs):
+            hits.append(last_block[0])  # the loop's iteration that made this call
+            return forward(*args, **kwargs)
+        return wrapped
+    undo = install(model, {"shared@1": wrapper}, units=[f"shared@{k}" for k in range(3)])
+    model.forward(x)  # bypasses the model's hooks
+    model.forward(x)
+    assert hits == [1, 1]
+    model.shared(x)  # a forward that stops after its first call
+    model(x)  # the model's own call restarts the count
+    assert hits == [1, 1, 1]
+    undo()
+    model(x)
+    assert hits == [1, 1, 1] and "forward" not in model.shared.__dict__
+
+
 # ----------------------------------------------------------------------------- fidelity and the bound
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_planned_within_ten_percent_of_the_lower_bound(name, profiles):
