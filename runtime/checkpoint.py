@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import enum
 import errno
+import math
 import os
 import random
 import re
@@ -160,19 +161,39 @@ def save_atomic(payload: dict[str, Any], path: str | os.PathLike) -> Path:
             os.fsync(f.fileno())  # the bytes are durable before the rename makes them visible
         os.replace(tmp, path)
         _fsync_dir(path.parent)  # and the rename itself is durable
-    except OSError as e:
-        try:
-            tmp.unlink()
-        except OSError:
-            pass
-        why = {errno.ENOSPC: "the disk is full", errno.EROFS: "the file system is read-only",
-               errno.EACCES: "permission denied", errno.EDQUOT: "the disk quota is exceeded"}.get(e.errno, str(e))
-        kept = "the previous checkpoint there is intact" if path.exists() else "no checkpoint was written"
+    except (OSError, RuntimeError) as e:
+        # torch's zip writer reports a failed write (disk full, a file size limit) as a RuntimeError.
+        if isinstance(e, RuntimeError) and not _is_write_failure(e):
+            _unlink_quietly(tmp)
+            raise
+        _unlink_quietly(tmp)
+        if path.is_dir():
+            why = "it is a directory; give a file path such as " + str(path / "checkpoint.pt")
+        elif isinstance(e, OSError):
+            why = {errno.ENOSPC: "the disk is full", errno.EROFS: "the file system is read-only",
+                   errno.EACCES: "permission denied", errno.EDQUOT: "the disk quota is exceeded",
+                   errno.EFBIG: "the file size limit is exceeded (ulimit -f)"}.get(e.errno, e.strerror or str(e))
+        else:
+            why = "the write failed: the disk is full or a file size limit (ulimit -f) was reached"
+        detail = (e.strerror or str(e)) if isinstance(e, OSError) else str(e).splitlines()[0][:160]
+        kept = "the previous checkpoint there is intact" if path.is_file() else "no checkpoint was written"
         raise OutputError(
-            f"cannot write checkpoint {path}: {why} ({type(e).__name__}: {e.strerror or e}); {kept}, and the "
+            f"cannot write checkpoint {path}: {why} ({type(e).__name__}: {detail}); {kept}, and the "
             f"training state is still in memory: free space or fix the permissions and call trainer.save(), "
             f"or save to another path with trainer.save(path)") from e
     return path
+
+
+def _is_write_failure(e: RuntimeError) -> bool:
+    text = str(e)
+    return "PytorchStreamWriter" in text or "file write failed" in text or "unexpected pos" in text
+
+
+def _unlink_quietly(p: Path) -> None:
+    try:
+        p.unlink()
+    except OSError:
+        pass
 
 
 # ----------------------------------------------------------------------------- load
@@ -181,6 +202,9 @@ def load(path: str | os.PathLike) -> dict[str, Any]:
     loading with ``weights_only=True``. Raises :class:`CheckpointError` (never a pickle
     or zip traceback) for a missing, corrupt, foreign, unsafe or older-format file."""
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a directory, not a checkpoint file (a torchrun checkpoint directory holds "
+                              f"a .metadata file); give the checkpoint's file path, such as {path / 'checkpoint.pt'}")
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path}; train with checkpoint_path=... to write one")
     fix = "resume from an older checkpoint, or start over (memtune fit --fresh)"
@@ -220,7 +244,91 @@ def load(path: str | os.PathLike) -> dict[str, Any]:
              if not isinstance(payload.get(k), t) or isinstance(payload.get(k), bool)]
     if wrong:
         raise CheckpointError(f"checkpoint {path} is incomplete or malformed: {', '.join(wrong[:4])}; {fix}")
+    problems = check_contents(payload)
+    if problems:
+        raise CheckpointError(f"checkpoint {path} holds values no run writes: {'; '.join(problems[:4])}. It was "
+                              f"crafted or damaged after its checksums were written; {fix}")
     return payload
+
+
+MAX_DEPTH = 12
+"""Deepest nesting of lists and dicts a checkpoint's history or events may hold."""
+MAX_NODES = 1 << 22
+"""Most lists, dicts and values the history and events may hold together."""
+
+
+def check_contents(payload: dict[str, Any]) -> list[str]:
+    """What in a checkpoint's values (its types already checked) no memtune run writes, in
+    words: counters out of range, RNG states that do not restore, a re-tuner state that is not
+    numbers, a history nested or shared beyond what a run records, non-finite weights or
+    optimizer state. Empty when it is all plausible."""
+    out: list[str] = []
+    step, seen = payload["step"], payload["batches_seen"]
+    for key in ("step", "batches_seen", "plan_version", "plan_budget_bytes"):
+        if payload[key] < 0:
+            out.append(f"{key}={payload[key]} is negative")
+    if "budget_usable_bytes" in payload:
+        b = payload["budget_usable_bytes"]
+        if not isinstance(b, int) or isinstance(b, bool) or b <= 0:
+            out.append(f"budget_usable_bytes={b!r} is not a positive number of bytes")
+    events = payload["events"]
+    skips = sum(1 for e in events if isinstance(e, dict) and e.get("kind") == "nonfinite-skip")
+    if step >= 0 and seen > step + skips:
+        out.append(f"batches_seen={seen} exceeds the {step} steps taken plus the {skips} batches skipped, so a "
+                   f"resume would skip {seen} batches of the loader")
+    for key in ("history", "events"):
+        out += _check_tree(payload[key], key)
+    r = payload["retuner"]
+    corr, ample = r.get("correction"), r.get("ample_steps")
+    if not (isinstance(corr, (int, float)) and not isinstance(corr, bool) and math.isfinite(corr) and corr > 0):
+        out.append(f"retuner.correction={corr!r} is not a positive finite number")
+    if not (isinstance(ample, int) and not isinstance(ample, bool) and ample >= 0):
+        out.append(f"retuner.ample_steps={ample!r} is not a count")
+    rng = _rng_problem(payload["rng"])
+    if rng:
+        out.append(rng)
+    bad = non_finite_tensors(payload["model"], "model") + non_finite_tensors(payload["optimizer"], "optimizer")
+    if bad:
+        out.append(f"{len(bad)} tensors hold NaN or inf (e.g. {', '.join(bad[:3])}); a run never saves those")
+    return out
+
+
+def _check_tree(obj: Any, name: str) -> list[str]:
+    """Nesting and sharing of the lists and dicts under ``obj``: a run writes trees of plain
+    records; a container met twice (``a = [a, a]``) would make the next save walk it
+    exponentially often."""
+    seen: set[int] = set()
+    nodes = 0
+    stack = [(obj, 0)]
+    while stack:
+        o, depth = stack.pop()
+        nodes += 1
+        if nodes > MAX_NODES:
+            return [f"{name} holds more than {MAX_NODES} values"]
+        if isinstance(o, (list, tuple, dict)) and len(o):  # (empty tuples are one shared object)
+            if depth > MAX_DEPTH:
+                return [f"{name} is nested deeper than {MAX_DEPTH} levels"]
+            if id(o) in seen:
+                return [f"{name} holds the same list or dict twice (a shared or cyclic structure)"]
+            seen.add(id(o))
+            children = list(o.keys()) + list(o.values()) if isinstance(o, dict) else list(o)
+            stack.extend((c, depth + 1) for c in children)
+    return []
+
+
+def _rng_problem(state: dict[str, Any]) -> str | None:
+    """Why ``state`` would not restore as an RNG state (tried, then the current state put back), or ``None``."""
+    missing = [k for k in ("torch", "python") if k not in state]
+    if missing:
+        return f"rng lacks {', '.join(missing)}"
+    before = rng_state()
+    try:
+        set_rng_state(state)
+    except Exception as e:  # torch, random and numpy each raise their own kind for a bad state
+        return f"rng does not restore ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else 'bad value'})"
+    finally:
+        set_rng_state(before)
+    return None
 
 
 def non_finite_tensors(obj: Any, name: str = "") -> list[str]:

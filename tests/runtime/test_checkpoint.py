@@ -200,3 +200,110 @@ def test_kill_9_during_checkpoint_writes_20_times_then_resume_is_bit_identical(t
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert sorted(p.name for p in path.parent.iterdir()) == ["ck.pt"]
     print(f"kill -9 loop: {kills} kills, {mid_write} left a torn temp file (killed mid-write), final weights equal")
+
+
+# ----------------------------------------------------------------------------- crafted contents
+@pytest.fixture(scope="module")
+def saved_payload(tmp_path_factory):
+    """A real checkpoint's contents, to craft files from (every CRC of a crafted file matches)."""
+    path = tmp_path_factory.mktemp("real")
+    trained(path, steps=2)
+    return ckpt.load(path / "ck.pt")
+
+
+def _nested_shared(depth):
+    a: list = []
+    for _ in range(depth):
+        a = [a, a]
+    return a
+
+
+def _nan_weights(p):
+    name = next(k for k, v in p["model"].items() if v.is_floating_point())
+    p["model"][name] = torch.full_like(p["model"][name], float("nan"))
+
+
+def _nan_state(p):
+    """NaN in the first floating-point state tensor, wherever the optimizer nests it."""
+    stack = [p["optimizer"]]
+    while stack:
+        d = stack.pop()
+        for k, v in (d.items() if isinstance(d, dict) else enumerate(d)):
+            if isinstance(v, torch.Tensor) and v.is_floating_point() and v.numel():
+                d[k] = torch.full_like(v, float("nan"))
+                return
+            if isinstance(v, (dict, list)):
+                stack.append(v)
+    raise AssertionError("no floating-point optimizer state to craft")
+
+
+CRAFTED = {
+    "batches_seen=10**13": (lambda p: p.update(batches_seen=10**13), "batches_seen=10000000000000 exceeds"),
+    "negative step": (lambda p: p.update(step=-100), "step=-100 is negative"),
+    "nested shared history": (lambda p: p.update(history=_nested_shared(40)), "history (holds the same|is nested)"),
+    "shared history": (lambda p: p.update(history=_nested_shared(6)), "history holds the same list or dict twice"),
+    "deep history": (lambda p: p.update(history=[[[[[[[[[[[[[[[1]]]]]]]]]]]]]]]), "nested deeper than 12"),
+    "empty rng": (lambda p: p.update(rng={}), "rng lacks torch, python"),
+    "short torch rng": (lambda p: p["rng"].update(torch=torch.zeros(3, dtype=torch.uint8)), "rng does not restore"),
+    "short numpy keys": (lambda p: p["rng"]["numpy"].update(keys=torch.zeros(5, dtype=torch.int64)),
+                         "rng does not restore"),
+    "empty retuner": (lambda p: p.update(retuner={}), "retuner.correction=None"),
+    "budget as text": (lambda p: p.update(budget_usable_bytes="lots"), "budget_usable_bytes='lots'"),
+    "NaN weights": (_nan_weights, "tensors hold NaN or inf \\(e.g. model."),
+    "NaN optimizer state": (_nan_state, "tensors hold NaN or inf \\(e.g. optimizer."),
+}
+
+
+@pytest.mark.parametrize("case", list(CRAFTED))
+def test_a_crafted_checkpoint_with_valid_checksums_is_refused_at_load(tmp_path, saved_payload, case):
+    """Files written with torch.save (so every CRC matches) whose values no run writes: each is
+    a CheckpointError naming the field, within seconds, before anything is restored; the RNG
+    state of the process is untouched by the checks."""
+    import copy
+
+    craft, message = CRAFTED[case]
+    payload = copy.deepcopy(saved_payload)
+    craft(payload)
+    torch.save(payload, tmp_path / "crafted.pt")
+    before = torch.get_rng_state()
+    t0 = time.monotonic()
+    with pytest.raises(CheckpointError, match=message):
+        memtune.Trainer.resume(tmp_path / "crafted.pt", build(), "1GB", progress=False, device="cpu")
+    assert time.monotonic() - t0 < 5
+    assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_the_real_checkpoint_passes_the_content_checks(saved_payload):
+    assert ckpt.check_contents(saved_payload) == []
+
+
+def test_a_checkpoint_path_that_is_a_directory_is_named_as_such(tmp_path):
+    with pytest.raises(CheckpointError, match="is a directory, not a checkpoint file"):
+        ckpt.load(tmp_path)
+    with pytest.raises(OutputError, match="it is a directory") as e:
+        ckpt.save_atomic({"x": torch.ones(2)}, tmp_path)
+    assert list(tmp_path.iterdir()) == []  # no temp file left behind
+    assert "a bug" not in str(e.value)
+
+
+def test_a_file_size_limit_is_an_output_error_and_leaves_no_temp_file(tmp_path):
+    """``ulimit -f``: torch's zip writer raises RuntimeError, not OSError. Run in a child with
+    RLIMIT_FSIZE set (Python ignores SIGXFSZ, so the write fails with EFBIG)."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent(f"""
+        import resource, torch
+        from memtune.errors import OutputError
+        from memtune.runtime import checkpoint as ckpt
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+        try:
+            ckpt.save_atomic({{"x": torch.ones(1 << 16)}}, {str(tmp_path / "ck.pt")!r})
+            print("saved")
+        except OutputError as e:
+            print("OutputError:", e)
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert out.stdout.startswith("OutputError:") and "file size limit" in out.stdout, out.stdout + out.stderr
+    assert list(tmp_path.iterdir()) == []
