@@ -58,11 +58,16 @@ def test_unplanned_peak_matches_memtracker(name):
 @pytest.mark.parametrize("name", _names("plans"))
 def test_plans_at_half_and_70_percent_fit_and_match(name):
     prof = _profile(name)
+    measured_by_plan: dict[str, int] = {}  # the same plan at both budgets runs the same step: measure it once
     for fraction in PLAN_FRACTIONS:
         plan, budget, at_floor = model_zoo.plan_at(prof, fraction)
         assert not (at_floor and fraction >= 0.7), f"no plan at {fraction:.0%}: the smallest feasible budget is " \
                                                    f"{budget / prof.baseline_peak_bytes:.0%} of the unplanned peak"
-        measured = model_zoo.measure_plan(CASES[name], plan)
+        key = repr((sorted(plan.decisions.items()), sorted(plan.save_ops.items()), plan.optimizer, plan.variant,
+                    plan.grad_accum_steps))
+        if key not in measured_by_plan:
+            measured_by_plan[key] = model_zoo.measure_plan(CASES[name], plan)
+        measured = measured_by_plan[key]
         row = dict(fraction=fraction, budget=budget, at_floor=at_floor, predicted=plan.predicted_peak_bytes,
                    measured=measured, recompute=plan.recompute_units, state=plan.optimizer.state_dtype)
         assert measured <= budget, row
