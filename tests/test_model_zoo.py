@@ -31,8 +31,9 @@ CASES = model_zoo.cases()
 XFAIL: dict[tuple[str, str], str] = {
     ("plans", "sequential"): "issue 21 item 5: the bare Linears are the units, recomputing one frees nothing "
                              "(the ReLU after it holds the same tensor), so nothing below ~85% is feasible",
-    ("plans", "resnet"): "issue 21 (zoo finding): recomputing the BatchNorm stages is over-predicted by 3.4% "
-                         "(32 KiB); see issue 21 item 1 for BatchNorm under recompute",
+    ("plans", "resnet"): "issue 21 (zoo finding): a stage's output is saved by its closing ReLU and by the next "
+                         "stage; recomputed, only the next stage holds it, yet the timeline keeps it to the "
+                         "recomputed stage's backward: counted twice at its recompute (+3.4%, 32 KiB)",
     ("plans", "mamba"): "issue 21 (zoo finding): the step is under-predicted by 0.2-0.3% (12 KiB), so the plan "
                         "at the smallest feasible budget measures over it",
 }
