@@ -318,6 +318,10 @@ class ModelProfile:
     """FQNs of the buffers the recorded step writes (batch norm's running statistics, a call
     counter), as the ops of the fake step wrote them (:mod:`memtune.stateful`): the runtime copies
     them before each step so that a retried or skipped step leaves them as one clean step would."""
+    written_buffer_bytes: int = 0
+    """Bytes of ``written_buffers``. The runtime holds copies of them: the step's snapshot, and a
+    recomputed unit's copy from its forward to its backward plus one while it recomputes, so the
+    planner counts three times these bytes as static (:class:`memtune.timeline.TimelineModel`)."""
     batch_statistics: tuple[str, ...] = ()
     """FQNs of the modules that normalize with statistics over the batch as profiled (batch norm
     in training mode): with them, or with written buffers, micro-batching changes the maths

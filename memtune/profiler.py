@@ -419,6 +419,7 @@ def _assemble(run: _Run, main: dict[str, Any], step_variants, optimizer_steps, *
         sample=describe(run.sample), param_bytes=sum(p.param_bytes for p in params),
         buffer_bytes=sum(run.nbytes(b) for b in run.fbuffers.values()),
         written_buffers=run.written_buffers, batch_statistics=batch_statistics(run.model),
+        written_buffer_bytes=sum(run.nbytes(run.fbuffers[n]) for n in run.written_buffers if n in run.fbuffers),
         grad_bytes=sum(p.param_bytes for p, fp in zip(params, run.fparams.values()) if fp.requires_grad),
         optimizer_state_bytes=run.optimizer_state_bytes,
         input_bytes=unique_bytes([t for t in tree_flatten(run.fsample)[0] if isinstance(t, torch.Tensor)], run.nbytes),

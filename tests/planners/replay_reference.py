@@ -82,7 +82,8 @@ def reference_peak(profile: ModelProfile, plan: Plan) -> int:
         for i in range(p.storages[sid].freed + 1, end):
             dropped[i] -= p.storages[sid].nbytes
     opt = plan_optimizer_memory(p, plan)
-    delta = opt.state_bytes - p.optimizer_state_bytes
+    # Plus the runtime's copies of the buffers the step writes (at most three: memtune.stateful).
+    delta = opt.state_bytes - p.optimizer_state_bytes + 3 * p.written_buffer_bytes
     best = 0
     for i, e in enumerate(ev):
         if optim_start <= i < optim_end:
