@@ -84,7 +84,21 @@ def describe(batch: Any) -> str:
 
 
 def move_batch(batch: Any, device: torch.device | str) -> Any:
-    return tree_map_only(torch.Tensor, lambda t: t.to(device, non_blocking=True), batch)
+    """``batch`` on ``device``, each tensor in storage of its own size. A copy to a GPU is
+    compact anyway; a CPU batch that is a slice of a larger tensor (a dataset held in memory)
+    is copied, so that the step holds the batch, not the whole tensor it was cut from, as
+    the profile counts it."""
+    return tree_map_only(torch.Tensor, lambda t: _compact(t.to(device, non_blocking=True)), batch)
+
+
+def _compact(t: torch.Tensor) -> torch.Tensor:
+    if t.layout is not torch.strided or t.device.type == "meta":
+        return t
+    try:
+        held = t.untyped_storage().nbytes()
+    except (RuntimeError, NotImplementedError):  # tensor subclasses without a plain storage
+        return t
+    return t.clone() if held > t.numel() * t.element_size() else t
 
 
 def split_micro_batches(batch: Any, micro_batch_size: int | None) -> list[tuple[Any, float]]:

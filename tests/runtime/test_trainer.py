@@ -251,3 +251,26 @@ def test_trainer_config_is_what_fit_keywords_become_and_rejects_unknown_ones():
         memtune.fit(gpt(n_layer=1, n_embd=32), 1 << 30, learning_rate=1e-3)
     with pytest.raises(ValueError, match="phase must be 'forward' or 'backward'"):
         trainer.inject_oom(0, phase="optimizer")
+
+
+def test_a_batch_sliced_from_a_larger_tensor_costs_only_its_own_bytes():
+    """A loader of slices of one token tensor (a dataset in memory): on the CPU the batch is a
+    view whose storage is the whole tensor. The runtime copies it to its own storage, as a copy
+    to a GPU would, so a plan at 60% of the unplanned peak with the step in backward (where an
+    OOM cannot be retried) runs every step at its predicted peak, not 24 KiB over it."""
+    def build():
+        torch.manual_seed(0)
+        return zoo.GPT(zoo.GPTConfig(n_layer=2, n_embd=64, n_head=2, block_size=64))
+
+    tokens = torch.randint(0, 256, (64, 65), generator=torch.Generator().manual_seed(0))
+    loader = [(tokens[i:i + 8, :-1], tokens[i:i + 8, 1:]) for i in range(0, 64, 8)]
+    assert loader[0][0].untyped_storage().nbytes() > 4 * loader[0][0].nbytes
+    prof = memtune.profile(build(), loader[0], target="cpu", optimizer="muon2")
+    budget = int(0.6 * prof.baseline_peak_bytes)
+    trainer = memtune.fit(build(), budget, device="cpu", progress=False)
+    trainer.train(loader, steps=4)
+    assert trainer.step_count == 4 and len(trainer.events) == 1  # no OOM, no re-plan
+    predicted = trainer.plan.predicted_peak_bytes
+    for h in trainer.history[1:]:  # steady state: the optimizer state exists
+        assert h["peak_bytes"] <= budget
+        assert abs(h["peak_bytes"] - predicted) <= 0.001 * predicted, (h["peak_bytes"], predicted)
