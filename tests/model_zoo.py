@@ -71,9 +71,9 @@ def _image_batch(labels: int = 10) -> dict:
             "labels": torch.randint(0, labels, (IMAGE_BATCH,), generator=g)}
 
 
-def _classes(d_in: int = 32, n: int = 10) -> tuple:
+def _classes(d_in: int = 32, n: int = 10, rows: int = 128) -> tuple:
     g = _gen()
-    return torch.randn(128, d_in, generator=g), torch.randint(0, n, (128,), generator=g)
+    return torch.randn(rows, d_in, generator=g), torch.randint(0, n, (rows,), generator=g)
 
 
 def _lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -321,7 +321,9 @@ class CustomFnMLP(nn.Module):
         return self.head(x)
 
 
-def sequential_mlp(d_in: int = 32, width: int = 128, depth: int = 4, n_classes: int = 10) -> nn.Sequential:
+def sequential_mlp(d_in: int = 32, width: int = 64, depth: int = 16, n_classes: int = 10) -> nn.Sequential:
+    """A deep plain MLP, as people stack one: activations outweigh parameters and their state,
+    so recomputation (of segments of the chain: memtune.units) is what a budget needs."""
     layers: list[nn.Module] = [nn.Linear(d_in, width), nn.ReLU()]
     for _ in range(depth - 1):
         layers += [nn.Linear(width, width), nn.ReLU()]
@@ -369,7 +371,7 @@ def cases() -> dict[str, ZooCase]:
                 F.mse_loss),
         ZooCase("tied_lm", "shared weights", TiedLM, (lm["input_ids"], lm["input_ids"].roll(-1, dims=1)), _lm_loss),
         ZooCase("custom_fn", "custom autograd.Function", CustomFnMLP, (x, y), F.cross_entropy),
-        ZooCase("sequential", "nn.Sequential MLP", sequential_mlp, (x, y), F.cross_entropy),
+        ZooCase("sequential", "nn.Sequential MLP", sequential_mlp, _classes(rows=256), F.cross_entropy),
         ZooCase("lora_llama", "PEFT LoRA", lora_llama, lm),
     ]}
 
