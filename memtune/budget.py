@@ -77,7 +77,11 @@ class Budget:
         elif isinstance(reserve, int) and not isinstance(reserve, bool) and reserve >= 0:
             reserve_bytes = reserve
         else:
-            reserve_bytes = _parse_bytes(reserve, total=lambda: dev().memory_bytes)
+            try:
+                reserve_bytes = _parse_bytes(reserve, total=lambda: dev().memory_bytes)
+            except BudgetError as e:  # its words are about the budget; this is the reserve
+                raise BudgetError(f"reserve {reserve!r} is not a size: give bytes >= 0 or a size such as \"512MiB\" "
+                                  f"(the memory set aside for the CUDA context and allocator slack)") from e
         if nbytes <= reserve_bytes:
             raise BudgetError(
                 f"budget {value!r} ({fmt_bytes(nbytes)}) does not exceed the {fmt_bytes(reserve_bytes)} reserved for "

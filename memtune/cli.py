@@ -74,6 +74,9 @@ def load_factory(spec: str) -> Callable[[], Any]:
         sys.path.insert(0, str(path.resolve().parent))  # so the file can import its neighbours
         try:
             module_spec.loader.exec_module(module)  # runs the file: it is code you chose to trust
+        except SystemExit as e:
+            raise UsageError(f"model file {where} called sys.exit({e.code!r}) while being imported; keep script code "
+                             f"under if __name__ == '__main__'") from e
         except Exception as e:
             raise UsageError(f"model file {where} failed to import ({type(e).__name__}: {e}); fix the file") from e
         finally:
@@ -135,6 +138,9 @@ def load_workload(spec: str, factory: Callable[[], Any] | None = None) -> Worklo
         built = factory()
     except MemtuneError:
         raise
+    except SystemExit as e:  # else sys.exit(0) would end memtune "successfully" with nothing done
+        raise UsageError(f"factory {spec} called sys.exit({e.code!r}) instead of returning (model, sample); "
+                         f"return the model and its data, and keep script code under if __name__ == '__main__'") from e
     except Exception as e:
         raise UsageError(f"factory {spec} raised {type(e).__name__}: {e}; fix the factory") from e
     return normalize(built, spec)

@@ -33,6 +33,7 @@ import torch.nn as nn
 import memtune
 from memtune import Budget, zoo
 from memtune.cli import main
+from memtune.optim import OptimizerSettings
 from memtune.data import TextCorpus
 from memtune.errors import MemtuneError
 from memtune.runtime import checkpoint as ckpt
@@ -63,6 +64,12 @@ def nan_data():
     model = nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 32))
     data = [torch.randn(8, 32) for _ in range(3)] + [torch.full((8, 32), float("inf"))] + [torch.randn(8, 32)] * 4
     return {"model": model, "sample": data[0], "data": data, "loss_fn": lambda out: out.square().mean()}
+def exits_0():
+    import sys
+    sys.exit(0)
+def exits_3():
+    import sys
+    sys.exit(3)
 def wide_gpt():
     torch.manual_seed(0)
     x = torch.randint(0, 256, (4, 32))
@@ -304,6 +311,10 @@ def _cases() -> list[Case]:
         lambda ctx: Budget.parse("500MB", device="H100"), "BudgetError", ("reserved for the CUDA context",))
     add("API", "Budget.parse('80%', device='TPUv9')", lambda ctx: Budget.parse("80%", device="TPUv9"), "BudgetError",
         ("unknown device",))
+    add("API", "Budget.parse('1GB', reserve=-5)", lambda ctx: Budget.parse("1GB", device="H100", reserve=-5),
+        "BudgetError", ("reserve -5 is not a size",))
+    add("API", "OptimizerSettings(lr=inf)", lambda ctx: OptimizerSettings(lr=float("inf")), "OptimizerConfigError",
+        ("lr=inf: give a finite number",))
     add("API", "memtune.plan(profile, '100KB'): infeasible", lambda ctx: memtune.plan(ctx.profile, "100KB", device="cpu"),
         "InfeasibleBudgetError", ("at least",))
     add("API", "memtune.plan(..., planner='bogus')", lambda ctx: memtune.plan(ctx.profile, "5MB", "bogus"),
@@ -456,6 +467,13 @@ def _cases() -> list[Case]:
 
     fac = lambda name: lambda ctx: f"{ctx.path('factories.py')}:{name}"  # noqa: E731
     add("CLI", "fit --steps -3", run_cli("fit", MODEL, "--budget", "5MB", "--steps", "-3"), "exit 2", ("below 0",))
+    add("CLI", "plan: a factory that calls sys.exit(0)", run_cli("plan", fac("exits_0"), "--budget", "5MB"), "exit 2",
+        ("called sys.exit\\(0\\)",))
+    add("CLI", "plan: a factory that calls sys.exit(3) (the infeasible code)",
+        run_cli("plan", fac("exits_3"), "--budget", "5MB"), "exit 2", ("called sys.exit\\(3\\)",))
+    add("CLI", "fit --checkpoint <a directory>",
+        run_cli("fit", MODEL, "--budget", "5MB", "--steps", "1", "--checkpoint", lambda ctx: str(ctx.dir)), "exit 4",
+        ("is a directory",))
     add("CLI", "fit --device cuda (no GPU)", run_cli("fit", MODEL, "--budget", "5MB", "--steps", "1", "--device", "cuda"),
         "exit 2", ("no CUDA device",))
     add("CLI", "fit --device bogus", run_cli("fit", MODEL, "--budget", "5MB", "--steps", "1", "--device", "bogus"),

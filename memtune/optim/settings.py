@@ -6,6 +6,8 @@ turns it into an optimizer, and :func:`memtune.optim.state_bytes` prices it for 
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Mapping
@@ -123,7 +125,12 @@ class OptimizerSettings:
               f"ns_normalize={self.ns_normalize!r}: use one of {NS_NORMALIZATIONS} or None")
         check(self.ns_steps >= 1, f"ns_steps={self.ns_steps}: need at least 1 Newton-Schulz iteration")
         check(0 <= self.momentum < 1 and 0 <= self.beta2 < 1, "momentum and beta2 must lie in [0, 1)")
-        check(self.lr >= 0 and self.adamw_lr >= 0, "learning rates must be >= 0")
+        for name in ("lr", "adamw_lr", "eps", "adamw_eps", "weight_decay"):
+            v = getattr(self, name)
+            check(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0,
+                  f"{name}={v!r}: give a finite number >= 0")
+        check(self.adamw_weight_decay is None or (math.isfinite(self.adamw_weight_decay) and self.adamw_weight_decay >= 0),
+              f"adamw_weight_decay={self.adamw_weight_decay!r}: give a finite number >= 0, or None")
         for fqn, choice in self.overrides.items():
             check(choice in OPTIMIZER_NAMES, f"override {fqn!r} → {choice!r}: use one of {OPTIMIZER_NAMES}")
         if self.adaptive_ns is not None:
