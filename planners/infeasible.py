@@ -55,8 +55,8 @@ def infeasible_error(profile: ModelProfile, budget: Budget, options: PlannerOpti
         suggestions.append(options.locked_hint)
     what = ", ".join(f"{n} {fmt_bytes(b)}" for n, b in consumers[:4])
     phase = frugal.memory.phase
-    why = ("; recomputing more would not lower it: no activation is live then" if not frugal.memory.saved_activation_bytes
-           and not frugal.memory.recompute_transient_bytes and frugal.decisions else "")
+    why = ("; in the optimizer step, after backward has freed the activations, so recomputing units cannot lower it"
+           if phase == "optimizer" and frugal.decisions else "")
     msg = (f"no plan fits {budget}: the most memory-frugal allowed plan ({len(frugal.recompute_units)} of "
            f"{len(profile.units)} units recomputed, {frugal.optimizer.state_dtype} optimizer state, "
            f"{frugal.variant.describe()}) peaks at "
