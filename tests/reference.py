@@ -83,7 +83,37 @@ class AccumulatingMemTracker(MemTracker):
     """MemTracker for steps that run the model once per micro-batch. MemTracker refuses a root
     module called a second time in one step (it takes that for the next iteration); here the
     per-module statistics are reset at that point instead, and the device-wide peak, which is
-    what the fidelity tests read, keeps accumulating."""
+    what the fidelity tests read, keeps accumulating.
+
+    Module tracking is also limited to the modules of the tracked models, so that the tracker does
+    not change the step it measures. MemTracker's ModTracker hooks every ``nn.Module`` call, and
+    its backward hook is a multi-grad hook in ``"all"`` mode on the call's inputs: it holds each
+    input's gradient until all have arrived, and its closure over the inputs' ``grad_fn``s forms a
+    reference cycle. transformers 5 calls its kernel functions through ``nn.Module`` wrappers
+    outside the model (``use_kernelized_func``): Mamba's ``mamba_inner_fn`` receives six
+    parameters and ``A``. Hooked, AccumulateGrad copies those parameters' gradients instead of
+    taking them, and the ``A`` that never reaches the loss keeps its saved ``exp`` output to the
+    garbage collector: +12,544 B at the peak of the zoo's Mamba step, which an unobserved step
+    (and memtune's own meter) does not allocate."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._tracked_modules: set[nn.Module] = set()
+
+    def track_external(self, *external) -> None:
+        super().track_external(*external)
+        for obj in external:
+            if isinstance(obj, nn.Module):
+                self._tracked_modules.update(obj.modules())
+
+    def __enter__(self):
+        tracked = self._tracked_modules
+        if tracked and self._depth == 0:  # (no model given: every module call is tracked, as MemTracker does)
+            mods = self._mod_tracker
+            pre, post = type(mods)._fw_pre_hook, type(mods)._fw_post_hook
+            mods._fw_pre_hook = lambda mod, inputs: pre(mods, mod, inputs) if mod in tracked else None
+            mods._fw_post_hook = lambda mod, inputs, out: post(mods, mod, inputs, out) if mod in tracked else None
+        return super().__enter__()
 
     def _pre_fw_hook(self, module: nn.Module, inputs) -> None:
         if module in self.memory_tracking and not self._mod_tracker.is_bw:

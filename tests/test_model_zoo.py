@@ -34,8 +34,6 @@ XFAIL: dict[tuple[str, str], str] = {
     ("plans", "resnet"): "issue 21 (zoo finding): a stage's output is saved by its closing ReLU and by the next "
                          "stage; recomputed, only the next stage holds it, yet the timeline keeps it to the "
                          "recomputed stage's backward: counted twice at its recompute (+3.4%, 32 KiB)",
-    ("plans", "mamba"): "issue 21 (zoo finding): the step is under-predicted by 0.2-0.3% (12 KiB), so the plan "
-                        "at the smallest feasible budget measures over it",
 }
 
 
