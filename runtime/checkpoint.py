@@ -31,11 +31,11 @@ import random
 import re
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
-from memtune.errors import CheckpointError, OutputError
+from memtune.errors import CheckpointError, OutputError, UsageError
 
 FORMAT = "memtune-checkpoint/2"
 """Version 2: weights_only-loadable (version 1 pickled numpy RNG state and needed code execution)."""
@@ -194,6 +194,60 @@ def _unlink_quietly(p: Path) -> None:
         p.unlink()
     except OSError:
         pass
+
+
+# ----------------------------------------------------------------------------- one writer
+_HELD: dict[str, list] = {}
+"""Lock file path -> [file descriptor, holders in this process]."""
+
+
+def hold_writer_lock(path: str | os.PathLike) -> Callable[[], None]:
+    """Make this process the only one that writes the checkpoint ``path``, and return the
+    function that lets go.
+
+    An ``flock`` on ``.<name>.lock`` beside the checkpoint: a second run started with the same
+    checkpoint path is refused (:class:`~memtune.errors.UsageError`, naming the holder's PID)
+    instead of silently overwriting the first run's progress. The kernel drops the lock when
+    the holding process ends, ``kill -9`` included, so no stale lock outlives a run. Trainers
+    of one process share it (a resume beside the trainer that wrote the file)."""
+    import fcntl
+
+    path = Path(path)
+    lock = path.with_name(f".{path.name}.lock")
+    key = str(lock.resolve())
+    held = _HELD.get(key)
+    if held is None:
+        try:
+            lock.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise OutputError(f"cannot create the lock file {lock} beside checkpoint {path} ({e.strerror or e}); "
+                              f"give a checkpoint path in a writable directory") from e
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            owner = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise UsageError(f"checkpoint {path} is in use by another run (pid {owner}): two runs writing one file "
+                             f"would each overwrite the other's progress; give this run its own checkpoint path, or "
+                             f"wait for that run to end") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        held = _HELD[key] = [fd, 0]
+    held[1] += 1
+    released = False
+
+    def release() -> None:
+        nonlocal released
+        if released:
+            return
+        released = True
+        held[1] -= 1
+        if held[1] == 0 and _HELD.get(key) is held:
+            del _HELD[key]
+            os.close(held[0])  # closing the descriptor drops the flock
+
+    return release
 
 
 # ----------------------------------------------------------------------------- load

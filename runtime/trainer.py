@@ -23,6 +23,7 @@ import math
 import signal
 import threading
 import time
+import weakref
 import warnings
 from pathlib import Path
 from typing import Any, Iterable
@@ -98,6 +99,8 @@ class Trainer:
         self.enforce_budget = c.enforce_budget
         self.progress = c.progress
         self.checkpoint_path = Path(c.checkpoint_path) if c.checkpoint_path else None
+        self._writer_lock: weakref.finalize | None = None
+        """Releases this process's hold on the checkpoint file's writer lock (taken by :meth:`train`)."""
         self.checkpoint_every = c.checkpoint_every
         self.on_nonfinite = c.on_nonfinite
         self.max_skipped_batches = c.max_skipped_batches
@@ -542,6 +545,10 @@ class Trainer:
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
                 raise UsageError(f"{name}={value!r}: give a whole number >= 0")
         total = steps if steps is not None else None
+        if self.checkpoint_path is not None and self.dist is None and self._writer_lock is None:
+            # One run per checkpoint file: a second run with the same path is refused here, before any step.
+            release = ckpt.hold_writer_lock(self.checkpoint_path)
+            self._writer_lock = weakref.finalize(self, release)
         bar = None
         if self.progress:
             from tqdm.auto import tqdm

@@ -121,7 +121,8 @@ def test_full_or_read_only_disk_keeps_state_and_the_last_checkpoint(tmp_path, mo
         trainer.train(Batches(3), steps=2)
     assert {errno.ENOSPC: "disk is full", errno.EROFS: "read-only"}[err] in str(e.value)
     assert (tmp_path / "ck.pt").read_bytes() == good
-    assert [p.name for p in tmp_path.iterdir()] == ["ck.pt"]  # no temp file left behind
+    # No temp file left behind (beside the checkpoint: its writer lock, ckpt.hold_writer_lock).
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".ck.pt.lock", "ck.pt"]
     monkeypatch.setattr(ckpt.torch, "save", real_save)
     assert trainer.step_count == 2  # the training state survived: save it elsewhere
     assert ckpt.load(trainer.save(tmp_path / "elsewhere.pt"))["step"] == 2
@@ -198,7 +199,7 @@ def test_kill_9_during_checkpoint_writes_20_times_then_resume_is_bit_identical(t
     assert _run_child(path, STEPS, out=tmp_path / "run_weights.pt") == 0
     a, b = torch.load(tmp_path / "ref_weights.pt"), torch.load(tmp_path / "run_weights.pt")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert sorted(p.name for p in path.parent.iterdir()) == ["ck.pt"]
+    assert sorted(p.name for p in path.parent.iterdir()) == [".ck.pt.lock", "ck.pt"]  # the writer lock stays
     print(f"kill -9 loop: {kills} kills, {mid_write} left a torn temp file (killed mid-write), final weights equal")
 
 
@@ -307,3 +308,33 @@ def test_a_file_size_limit_is_an_output_error_and_leaves_no_temp_file(tmp_path):
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert out.stdout.startswith("OutputError:") and "file size limit" in out.stdout, out.stdout + out.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_second_run_on_the_same_checkpoint_is_refused_until_the_first_ends(tmp_path):
+    """Two runs with one checkpoint path would each overwrite the other's progress. The one
+    that starts second is refused before its first step, naming the holder; once the holder
+    is gone (here SIGKILLed: the kernel drops its flock) the path is free again."""
+    import subprocess
+    import sys
+    from memtune.errors import UsageError
+
+    path = tmp_path / "ck.pt"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from memtune.runtime import checkpoint as c; "
+                               f"c.hold_writer_lock({str(path)!r}); print('held', flush=True); time.sleep(600)"],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        trainer = memtune.fit(build(), "1GB", progress=False, device="cpu", checkpoint_path=path)
+        with pytest.raises(UsageError, match=f"in use by another run \\(pid {holder.pid}\\)"):
+            trainer.train(Batches(2), steps=2)
+        assert trainer.step_count == 0 and not path.exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    trainer.train(Batches(2), steps=2)
+    assert ckpt.load(path)["step"] == 2
+    # Trainers of one process share the hold: a resume beside the trainer that wrote the file.
+    again = memtune.Trainer.resume(path, build(), "1GB", progress=False, device="cpu")
+    again.train(Batches(3), steps=3)
+    assert ckpt.load(path)["step"] == 3
