@@ -10,7 +10,12 @@ which units hold it. A plan changes that timeline in exactly these ways:
   first holder's backward starts. There the unit's forward runs again: the recompute peak is
   *u*'s measured forward transient on top of what is live at that moment, before the
   storages it restores are back. Inputs of *u* that nobody else saved are kept alive by the
-  checkpoint from the end of its forward until its backward ends.
+  checkpoint from the end of its forward until its backward ends. A storage that several units
+  hold is also absent after the holders whose backward runs first are done with it (their
+  backward has ended), if every holder still to come drops it, until the next one's backward,
+  which restores it: ResNet's stage output, saved by the stage's closing ReLU and by the next
+  stage, is freed after the next stage's backward when the stage recomputes, so its recompute
+  does not count it beside the copy it makes.
 * **OFFLOAD** unit *u*: as RECOMPUTE, but the storages come back by copy (no transient).
 * **SELECTIVE** unit *u* with save set *k* (:mod:`memtune.selective`): as RECOMPUTE for the
   storages whose producing op is outside the save set; those its save set produced stay (and
@@ -30,7 +35,9 @@ The rules are written once, as **peak rows** (:class:`TimelineModel`), in the st
   save set *k*), at most one per unit; ``x_u`` (not SAVE) is their sum;
 * ``e_g`` = 1 if group *g* is dropped: a group merges the storages that share holders (with the
   level from which each holder drops them), checkpoint-input units, caching columns, drop window
-  ``[lo, hi)`` and restoring unit. [Eligibility] per holder *h*, ``e_g`` ≤ the sum of *h*'s columns
+  ``[lo, hi)`` (empty when only the restore is saved) and restoring unit; a storage has a group
+  per window (:meth:`TimelineModel._windows`). [Eligibility] per holder *h* that must drop it,
+  ``e_g`` ≤ the sum of *h*'s columns
   that drop it; ``e_g ≤ 1 − x_v`` for every unit *v* taking it as a checkpoint input, and
   ``e_g ≤ 1 −`` the sum of the selective columns whose save set caches it;
 * ``D_i`` = net bytes dropped in interval *i*. [Drops] ``D = cumsum(Δ · [e; z])``: a group adds its
@@ -302,28 +309,23 @@ class TimelineModel:
                 continue
             holders = tuple(sorted({index[h] for h in s.holders if h in index}))
             blockers = tuple(sorted(set(inputs_of.get(sid, ()))))
-            if len(holders) != len(set(s.holders)) or set(holders) & set(blockers):
-                continue  # a holder outside the units, or a holder whose checkpoint keeps it: never dropped
-            fes = [fe[h] for h in s.holders if h in fe]
-            if not fes:
-                continue
-            lo = max(max(fes), s.created + 1)
-            hi = min(min(bs.get(h, s.freed) for h in s.holders), s.freed)
-            if lo >= hi:
-                continue
-            restorer = next((index[h] for h in s.holders if bs.get(h) == hi), -1)
+            if len(holders) != len(set(s.holders)):
+                continue  # a holder outside the units: never dropped
             producer, deepest = self._kept_until.get(sid, (-1, 0))
-            thresholds = tuple((h, deepest + 1 if h == producer else 1) for h in holders)
             cache = (producer, deepest) if producer >= 0 and producer not in holders else (-1, 0)
-            key = (thresholds, blockers, cache, lo, hi, restorer)
-            groups[key] = groups.get(key, 0) + s.nbytes
+            outside = tuple(v for v in blockers if v not in holders)
+            for later, lo, hi, restorer in self._windows(s, holders, blockers):
+                thresholds = tuple((h, deepest + 1 if h == producer else 1) for h in later)
+                key = (thresholds, outside, cache, lo, hi, restorer, holders)
+                groups[key] = groups.get(key, 0) + s.nbytes
         keys = sorted(groups)
         self.G = G = len(keys)
         self.g_bytes = np.array([groups[k] for k in keys], dtype=np.float64)
         self.g_lo = np.array([k[3] for k in keys], dtype=np.int64)
         self.g_hi = np.array([k[4] for k in keys], dtype=np.int64)
         self.g_restorer = np.array([k[5] for k in keys], dtype=np.int64)
-        self.g_holders = [tuple(h for h, _ in k[0]) for k in keys]
+        self.g_holders = [k[6] for k in keys]
+        """Per group: every unit that holds its storages (those that must drop it, and those done with it)."""
         self.g_blockers = [k[1] for k in keys]
         hp_rows, hp_cols, self.hp_group = [], [], []
         bp_rows, bp_cols, self.bp_group = [], [], []
@@ -358,6 +360,39 @@ class TimelineModel:
                 extra = sum(u.input_storage_bytes) - sum(p.storages[i].nbytes for i in u.input_storages)
                 unsaved[k] = max(0, extra)
         self.unsaved = unsaved
+
+    def _windows(self, s, holders: tuple[int, ...], blockers: tuple[int, ...]):
+        """Where storage ``s`` can be absent: ``(later, lo, hi, restorer)`` per window, dropped if
+        every unit of ``later`` drops it (and no other unit keeps it). With its holders in the
+        order their backward runs, the first window has them all drop it, from the end of their
+        forwards to the first one's backward. The original lives on while any holder still needs
+        it; once the first ``k`` holders are done with it (their backward has ended, whether they
+        kept it or recomputed their own copy), the remaining ones, if all of them drop it, leave
+        it absent up to the next one's backward, which restores it. Such a window may be empty
+        (the earlier holders' backward ends where the next one's starts): it still restores, so
+        the recomputation does not count the original beside its copy. A window is skipped when
+        one of ``later`` keeps the storage as a checkpoint input."""
+        fe, bs = self._fe, self._bs
+        fqn = self.fqns
+        order = sorted(holders, key=lambda h: bs.get(fqn[h], s.freed))
+        for k in range(len(order)):
+            later = order[k:]
+            if set(later) & set(blockers):
+                continue  # a holder whose checkpoint keeps it
+            if k == 0:
+                fes = [fe[fqn[h]] for h in later if fqn[h] in fe]
+                if not fes:
+                    return
+                lo = max(max(fes), s.created + 1)
+                hi = min(min(bs.get(fqn[h], s.freed) for h in later), s.freed)
+            else:
+                if any(fqn[h] not in fe or fqn[h] not in bs for h in order):
+                    return
+                lo = max([int(self.be[h]) for h in order[:k]] + [fe[fqn[h]] for h in later] + [s.created + 1])
+                hi = min(bs[fqn[order[k]]], s.freed)
+            restorer = next((h for h in later if bs.get(fqn[h]) == hi), -1)
+            if lo < hi or (lo == hi and restorer >= 0):
+                yield tuple(sorted(later)), lo, hi, restorer
 
     def _drop_rows(self) -> None:
         """[Drops] ``Δ`` ((n+1) × (G+C) over ``[e; z]``): ``D = cumsum(Δ · [e; z])[:n]``. A group

@@ -19,7 +19,14 @@ def reference_peak(profile: ModelProfile, plan: Plan) -> int:
     optim_start = next(i for i, e in enumerate(ev) if e.name == "optim_start")
     optim_end = next(i for i, e in enumerate(ev) if e.name == "optim_end")
     dropped_units = {u for u, d in plan.decisions.items() if d is not Decision.SAVE}
-    kept_as_input = {sid for u in p.units if u.fqn in dropped_units for sid in u.input_storages}
+    inputs = {u.fqn: set(u.input_storages) for u in p.units}
+
+    def bwd_end(u: str) -> int:
+        end = bwd_start[u] + 1
+        while end < n and ev[end].name not in ("bwd_start", "bwd_end", "bwd_done", "optim_start"):
+            end += 1  # "step" events (in-backward updates) happen inside the unit's backward
+        return end
+
     # A SELECTIVE unit's checkpoint caches the outputs of the ops in its save set.
     # The recomputation stops after the last op that saves anything (early stop): the cached calls
     # it reaches are consumed at the unit's backward start, the later ones live to its end.
@@ -45,26 +52,35 @@ def reference_peak(profile: ModelProfile, plan: Plan) -> int:
     dropped = [0] * n
     restored = {u: 0 for u in dropped_units}
     for sid, s in enumerate(p.storages):
-        if s.saved_outside or not s.holders or sid in kept_as_input or sid in cached_by:
+        if s.saved_outside or not s.holders:
             continue
-        if any(h not in dropped_units for h in s.holders):
-            continue
-        lo = max(max(fwd_end[h] for h in s.holders if h in fwd_end), s.created + 1)
-        hi = min(min(bwd_start.get(h, s.freed) for h in s.holders), s.freed)
-        for i in range(lo, hi):
-            dropped[i] += s.nbytes
-        if lo < hi:
-            for h in s.holders:  # restored by the holder whose backward starts the window's end
-                if bwd_start.get(h) == hi:
-                    restored[h] += s.nbytes
-                    break
+        if cached_by.get(sid, s.holders[0]) not in s.holders:
+            continue  # the cache of a unit that does not hold it keeps it
+        # The holders in the order their backward runs: the first k are done with it at the end
+        # of their backward (with the original or their own copy); if every later one drops it,
+        # it is absent from there until the next one's backward, which restores it.
+        order = sorted(s.holders, key=lambda h: bwd_start.get(h, s.freed))
+        for k, h in enumerate(order):
+            later, earlier = order[k:], order[:k]
+            if any(v not in dropped_units or cached_by.get(sid) == v for v in later):
+                continue
+            if any(sid in inputs.get(v, ()) for v in dropped_units if v not in earlier):
+                continue  # a checkpoint keeps it
+            if not any(v in fwd_end for v in later) or k and any(v not in fwd_end or v not in bwd_start for v in order):
+                break
+            lo = max([bwd_end(v) for v in earlier] + [fwd_end[v] for v in later if v in fwd_end] + [s.created + 1])
+            hi = min(min(bwd_start.get(v, s.freed) for v in later), s.freed)
+            for i in range(lo, hi):
+                dropped[i] += s.nbytes
+            if lo <= hi:
+                for v in later:  # restored by the holder whose backward starts the window's end
+                    if bwd_start.get(v) == hi:
+                        restored[v] += s.nbytes
+                        break
     for u in p.units:  # a checkpoint keeps its inputs, saved or not, until its backward is done
         if u.fqn in dropped_units and u.fqn in fwd_end and u.fqn in bwd_start:
             unsaved = max(0, sum(u.input_storage_bytes) - sum(p.storages[i].nbytes for i in u.input_storages))
-            end = bwd_start[u.fqn] + 1
-            while end < n and ev[end].name not in ("bwd_start", "bwd_end", "bwd_done", "optim_start"):
-                end += 1  # "step" events (in-backward updates) happen inside the unit's backward
-            for i in range(fwd_end[u.fqn], end):
+            for i in range(fwd_end[u.fqn], bwd_end(u.fqn)):
                 dropped[i] -= unsaved + cached_late[u.fqn]  # the cache the recomputation never reaches too
             for i in range(fwd_end[u.fqn], bwd_start[u.fqn]):
                 dropped[i] -= cached_early[u.fqn]
@@ -72,9 +88,7 @@ def reference_peak(profile: ModelProfile, plan: Plan) -> int:
     for fqn, sid, consumed in extended:
         if fqn not in fwd_end or fqn not in bwd_start:
             continue
-        end = bwd_start[fqn] + 1
-        while end < n and ev[end].name not in ("bwd_start", "bwd_end", "bwd_done", "optim_start"):
-            end += 1
+        end = bwd_end(fqn)
         if consumed:
             end = bwd_start[fqn]
             if end > p.storages[sid].freed + 1:
