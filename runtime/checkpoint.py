@@ -221,8 +221,8 @@ def hold_writer_lock(path: str | os.PathLike) -> Callable[[], None]:
             lock.parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as e:
-            raise OutputError(f"cannot create the lock file {lock} beside checkpoint {path} ({e.strerror or e}); "
-                              f"give a checkpoint path in a writable directory") from e
+            raise OutputError(f"cannot write checkpoint {path}: its lock file {lock} cannot be created "
+                              f"({e.strerror or e}); give a checkpoint path in a writable directory") from e
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:

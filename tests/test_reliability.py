@@ -265,6 +265,28 @@ def world_size_2(ctx):
         del os.environ["WORLD_SIZE"]
 
 
+def leftover_torchrun_variables(rank):
+    def run(ctx):
+        import socket
+
+        with socket.socket() as sock:  # a free port no peer listens on
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        env = dict(WORLD_SIZE="2", RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                   MEMTUNE_RENDEZVOUS_TIMEOUT="2")
+        saved = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
+        try:
+            fit()
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+    return run
+
+
 def two_epochs_of_a_generator(ctx):
     t = fit()
     with warnings.catch_warnings(record=True) as w:
@@ -328,6 +350,10 @@ def _cases() -> list[Case]:
     add("API", "fit(model on the meta device)", lambda ctx: fit(model=gpt().to("meta")), "UsageError", ("meta device",))
     add("API", "fit(..., on_nonfinite='ignore')", lambda ctx: fit(on_nonfinite="ignore"), "UsageError", ("'skip'",))
     add("API", "fit with WORLD_SIZE=2 but no torchrun rendezvous", world_size_2, "UsageError", ("torchrun",))
+    for rank in (0, 1):
+        add("API", f"fit with leftover torchrun variables (RANK={rank}) and no peer",
+            leftover_torchrun_variables(rank), "DistributedError", ("no torch.distributed rendezvous within 2 s",
+                                                                     "Unset WORLD_SIZE"))
     add("API", "trainer.train(loader, steps=-3)", lambda ctx: fit().train(batches(1), steps=-3), "UsageError", (">= 0",))
     add("API", "trainer.train(loader) with neither steps nor epochs", lambda ctx: fit().train(batches(1)), "UsageError",
         ("exactly one",))

@@ -43,15 +43,47 @@ def _env_world_size() -> int:
     return int(w) if w.isdigit() else 1
 
 
-def _attempt_store(attempt: int) -> dist.Store:
-    """The rendezvous store of a restarted torchrun attempt, under a prefix of its own: torchrun's
-    agent keeps one store across restarts, and the previous attempt's keys (its ranks' addresses)
-    would otherwise make the new group connect to processes that are gone."""
-    rank = int(os.environ["RANK"])
+RENDEZVOUS_TIMEOUT_S = 300.0
+"""How long the ranks wait for each other to join (``MEMTUNE_RENDEZVOUS_TIMEOUT`` overrides it,
+in seconds). torch's default is 30 minutes of silence: leftover torchrun variables in a shell
+(``WORLD_SIZE=2 RANK=0 MASTER_ADDR=... MASTER_PORT=...``) with no peer would hang that long."""
+
+
+def _rendezvous_timeout_s() -> float:
+    raw = os.environ.get("MEMTUNE_RENDEZVOUS_TIMEOUT", "")
+    try:
+        value = float(raw) if raw else RENDEZVOUS_TIMEOUT_S
+    except ValueError:
+        raise UsageError(f"MEMTUNE_RENDEZVOUS_TIMEOUT={raw!r}: give seconds, such as 300") from None
+    if not value > 0:
+        raise UsageError(f"MEMTUNE_RENDEZVOUS_TIMEOUT={raw!r}: give a positive number of seconds")
+    return value
+
+
+def _store(attempt: int) -> dist.Store:
+    """The rendezvous store, joined within :func:`_rendezvous_timeout_s` or a
+    :class:`DistributedError` naming torchrun's variables. A restarted torchrun attempt gets a
+    prefix of its own: torchrun's agent keeps one store across restarts, and the previous
+    attempt's keys (its ranks' addresses) would otherwise make the new group connect to
+    processes that are gone."""
+    from datetime import timedelta
+
+    rank, world = int(os.environ["RANK"]), _env_world_size()
     agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
-    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), _env_world_size(),
-                          is_master=not agent_store and rank == 0)
-    return dist.PrefixStore(f"memtune/attempt{attempt}/", store)
+    timeout = _rendezvous_timeout_s()
+    try:
+        store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                              is_master=not agent_store and rank == 0, timeout=timedelta(seconds=timeout),
+                              wait_for_workers=True)  # the server waits for all ``world`` ranks to connect
+    except (RuntimeError, ValueError, OSError) as e:
+        env = " ".join(f"{k}={os.environ.get(k)}" for k in ("WORLD_SIZE", "RANK", "MASTER_ADDR", "MASTER_PORT"))
+        raise DistributedError(
+            f"no torch.distributed rendezvous within {timeout:g} s ({env}; {type(e).__name__}: "
+            f"{str(e).splitlines()[0][:160] if str(e) else 'timed out'}): the other ranks never joined. Variables left "
+            f"over from an earlier torchrun run? Unset WORLD_SIZE, RANK, MASTER_ADDR and MASTER_PORT to run one "
+            f"process; or start every rank (torchrun --nproc_per_node N); MEMTUNE_RENDEZVOUS_TIMEOUT sets the wait"
+        ) from e
+    return dist.PrefixStore(f"memtune/attempt{attempt}/", store) if attempt else store
 
 
 def detect(device: torch.device | None = None) -> DistributedContext | None:
@@ -75,11 +107,8 @@ def detect(device: torch.device | None = None) -> DistributedContext | None:
         cuda = device is not None and device.type == "cuda" or (device is None and torch.cuda.is_available())
         backend = "nccl" if cuda else "gloo"
         attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
-        if attempt:
-            dist.init_process_group(backend, store=_attempt_store(attempt), rank=int(os.environ["RANK"]),
-                                    world_size=_env_world_size())
-        else:
-            dist.init_process_group(backend)
+        dist.init_process_group(backend, store=_store(attempt), rank=int(os.environ["RANK"]),
+                                world_size=_env_world_size())
         here = True
     world = dist.get_world_size()
     if world <= 1:
