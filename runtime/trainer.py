@@ -20,6 +20,7 @@ from __future__ import annotations
 import gc
 import logging
 import math
+import re
 import signal
 import threading
 import time
@@ -31,7 +32,9 @@ from typing import Any, Iterable
 import torch
 import torch.nn as nn
 
-from memtune.batching import batch_size_of, move_batch
+from torch.utils._pytree import tree_flatten
+
+from memtune.batching import batch_size_of, describe, move_batch
 from memtune.budget import Budget
 from memtune.compiled import RecompileCounter, is_compiled, unwrap
 from memtune.errors import CheckpointError, InfeasibleBudgetError, MemtuneError, NonFiniteError, PlanFileError, UsageError
@@ -315,6 +318,9 @@ class Trainer:
     def step(self, batch: Any) -> float:
         """Forward, backward (per micro-batch) and one optimizer step on ``batch``; returns the loss."""
         batch = move_batch(batch, self.device)
+        _refuse_empty(batch, self.step_count)
+        if self.dist is not None:
+            self._check_equal_local_batches(batch)
         if self.plan is None:
             self._setup(batch)
         self._check_batch_size(batch)
@@ -395,15 +401,19 @@ class Trainer:
             + ". Lower the learning rate, check the data, or pass on_nonfinite='skip' to skip such batches")
 
     def _check_batch_size(self, batch: Any) -> None:
-        """A batch larger than the profiled one needs more memory than the plan knows about:
-        re-profile with it and re-plan, and say so (smaller batches fit the plan as it is)."""
+        """A batch larger than the profiled one in any dimension (more samples, or a longer
+        sequence) needs more memory than the plan knows about: re-profile with it and re-plan,
+        and say so (batches no larger in any dimension fit the plan as it is)."""
         n, profiled = batch_size_of(batch), self.profile.batch_size
-        if n is None or not profiled or n <= profiled:
+        if n is not None and profiled and n > profiled:
+            reason = f"batch of {n} samples, larger than the {profiled} the profile was made with"
+        else:
+            reason = larger_than_profiled(batch, self.profile.sample)
+        if reason is None:
             return
-        reason = f"batch of {n} samples, larger than the {profiled} the profile was made with"
         if self.dist is not None:
-            raise UsageError(f"rank {self.dist.rank}: {reason}; every rank must feed local batches of at most the "
-                             "profiled size (pass sample= with the largest local batch to fit)")
+            raise UsageError(f"rank {self.dist.rank}: {reason}; every rank must feed local batches no larger than the "
+                             "profiled one in any dimension (pass sample= with the largest local batch to fit)")
         log.warning("step %d: %s: re-profiling and re-planning", self.step_count, reason)
         from memtune.apply import remove_plan
 
@@ -422,6 +432,17 @@ class Trainer:
 
                 apply_plan(self.model, self.plan, optimizer=self.optimizer)
         self._install(plan, kind="reprofile", reason=reason)
+
+    def _check_equal_local_batches(self, batch: Any) -> None:
+        """Collective: refuse, on every rank, a step whose ranks feed local batches of different sizes."""
+        import torch.distributed as dist
+
+        mine = torch.tensor([batch_size_of(batch) or 0], dtype=torch.int64, device=_collective_device(self.device))
+        every = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+        dist.all_gather(every, mine)
+        reason = unequal_local_batches([int(t.item()) for t in every])
+        if reason is not None:
+            raise UsageError(f"step {self.step_count}: {reason}")
 
     def _static_tensors(self, batch: Any = None) -> list:
         """What is alive before a step begins (:meth:`StepRunner.static_tensors`)."""
@@ -789,6 +810,50 @@ def _mean_over_ranks(value: float, device: torch.device) -> float:
     t = torch.tensor([value], dtype=torch.float64, device=_collective_device(device))
     dist.all_reduce(t)
     return float(t.item()) / dist.get_world_size()
+
+
+def _refuse_empty(batch: Any, step: int) -> None:
+    """An empty batch has no loss to learn from (its mean is NaN): say so instead of blaming
+    the learning rate."""
+    n = batch_size_of(batch)
+    if n == 0:
+        raise UsageError(f"step {step}: the batch is empty (batch dimension 0: {describe(batch)}); nothing was "
+                         "applied. Drop empty batches from the loader (a DataLoader's drop_last=True, or a filter)")
+
+
+_SHAPE = re.compile(r"\(([\d, ]*)\) \w+")
+
+
+def larger_than_profiled(batch: Any, sample: str) -> str | None:
+    """Why ``batch`` needs more memory than the profiled sample (described by ``sample``, as
+    :func:`memtune.batching.describe` writes it): the first tensor with a dimension larger than
+    the same tensor's in the sample, or ``None``. Tensors are matched by position; a batch of
+    another structure (more tensors, other ranks) is not compared."""
+    profiled = [tuple(int(d) for d in m.group(1).replace(" ", "").split(",") if d) for m in _SHAPE.finditer(sample)]
+    leaves = [t for t in tree_flatten(batch)[0] if isinstance(t, torch.Tensor)]
+    if len(leaves) != len(profiled):
+        return None
+    for i, (t, shape) in enumerate(zip(leaves, profiled)):
+        if t.dim() != len(shape):
+            continue
+        for d, (size, was) in enumerate(zip(t.shape, shape)):
+            if size > was:
+                what = "sequence length" if d == 1 else f"dimension {d}"
+                return (f"tensor {i} of the batch has {what} {size} (shape {tuple(t.shape)}), larger than the {was} the "
+                        f"profile was made with (shape {shape})")
+    return None
+
+
+def unequal_local_batches(sizes: list[int | None]) -> str | None:
+    """Why the ranks' local batch sizes (one per rank) cannot make one step, or ``None``: the
+    loss and gradients are averaged over ranks unweighted, so a smaller local batch would
+    silently count each of its samples more."""
+    if len(set(sizes)) <= 1:
+        return None
+    listing = ", ".join(f"rank {r}: {n}" for r, n in enumerate(sizes))
+    return (f"the ranks feed local batches of different sizes ({listing}); the gradients are averaged over ranks "
+            "unweighted, so every rank must feed the same number of samples each step (use a DistributedSampler "
+            "with drop_last=True, or drop the last uneven batch)")
 
 
 def _profile_for_training(model, sample, loss_fn, optimizer, precision, target, space) -> ModelProfile:

@@ -274,3 +274,51 @@ def test_a_batch_sliced_from_a_larger_tensor_costs_only_its_own_bytes():
     for h in trainer.history[1:]:  # steady state: the optimizer state exists
         assert h["peak_bytes"] <= budget
         assert abs(h["peak_bytes"] - predicted) <= 0.001 * predicted, (h["peak_bytes"], predicted)
+
+
+def test_an_empty_batch_is_refused_by_name_and_changes_nothing():
+    from memtune.errors import UsageError
+
+    trainer = memtune.fit(gpt(n_layer=1, n_embd=32), 1 << 30, device="cpu", progress=False)
+    x = torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(0))
+    trainer.train([(x, x)], steps=1)
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    with pytest.raises(UsageError, match=r"step 1: the batch is empty \(batch dimension 0: \(0, 16\) int64"):
+        trainer.step((x[:0], x[:0]))
+    assert trainer.step_count == 1
+    assert all(torch.equal(before[k], v) for k, v in trainer.model.state_dict().items())
+
+
+def test_a_longer_sequence_than_profiled_is_reprofiled_naming_the_dimension():
+    trainer = memtune.fit(gpt(n_layer=2, n_embd=32), 1 << 30, device="cpu", progress=False)
+    short = torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(0))
+    long = torch.randint(0, 256, (4, 64), generator=torch.Generator().manual_seed(1))
+    trainer.train([(short, short)], steps=1)
+    trainer.step((long, long))
+    event = trainer.events[-1]
+    assert event["kind"] == "reprofile"
+    assert "tensor 0 of the batch has sequence length 64 (shape (4, 64)), larger than the 16" in event["reason"]
+    assert trainer.profile.sample.startswith("(4, 64) int64")
+    trainer.step((short[:2], short[:2]))  # smaller in every dimension: fits as it is
+    assert trainer.events[-1] is event and trainer.step_count == 3
+
+
+def test_larger_than_profiled_compares_every_tensor_and_dimension():
+    from memtune.runtime.trainer import larger_than_profiled
+
+    sample = "(4, 16) int64, (4, 16, 8) float32"
+    assert larger_than_profiled((torch.zeros(4, 16), torch.zeros(2, 16, 8)), sample) is None
+    assert "tensor 1 of the batch has dimension 2 9" in larger_than_profiled(
+        (torch.zeros(4, 16), torch.zeros(4, 16, 9)), sample)
+    assert larger_than_profiled({"x": torch.zeros(4, 17)}, sample) is None  # another structure: not compared
+    assert larger_than_profiled(torch.zeros(3), "(4,) int64") is None
+    assert "dimension 0 5" in larger_than_profiled(torch.zeros(5), "(4,) int64")
+
+
+def test_ranks_with_unequal_local_batches_are_refused():
+    from memtune.runtime.trainer import unequal_local_batches
+
+    assert unequal_local_batches([4, 4, 4]) is None
+    assert unequal_local_batches([2, 2]) is None  # a smaller last batch on every rank weighs every sample alike
+    reason = unequal_local_batches([4, 2])
+    assert "rank 0: 4, rank 1: 2" in reason and "same number of samples" in reason
