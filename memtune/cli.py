@@ -463,10 +463,17 @@ def _cmd_fit(args) -> int:
     if args.plan_out and trainer.plan is not None:
         _write(args.plan_out, trainer.plan.to_json, "plan")
         con.print(f"plan written to {args.plan_out}")
-    if args.metrics:
+    metrics_error = getattr(trainer.telemetry, "write_error", None)
+    if args.metrics and metrics_error is None:
         con.print(f"metrics in {args.metrics}")
     if trainer.interrupted:
         return EXIT_INTERRUPTED
+    if metrics_error is not None:
+        # Training went on when the metrics file failed (see docs/reliability.md); the run still
+        # does not exit 0, since a file that was asked for is incomplete.
+        saved = f", and the checkpoint {args.checkpoint} holds it" if args.checkpoint else ""
+        raise OutputError(f"{metrics_error}; the metrics file holds the steps before that. Training itself went on "
+                          f"to step {trainer.step_count}{saved}")
     return EXIT_OK
 
 

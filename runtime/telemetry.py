@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from memtune.errors import TelemetryError
+from memtune.errors import OutputError, TelemetryError
 
 MiB = 2**20
 GiB = 2**30
@@ -506,12 +506,44 @@ def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
 
 # ----------------------------------------------------------------------------- the collector
 def _close_all(file: Any, sources: list) -> None:
-    if file is not None and not file.closed:
-        file.close()
+    # Also runs as a finalizer at interpreter exit, where an exception only prints a raw
+    # traceback: a metrics file whose last flush fails (full disk, ulimit -f) is closed quietly.
+    _close_quietly(file)
     for s in sources:
         close = getattr(s, "close", None)
         if close is not None:
-            close()
+            try:
+                close()
+            except Exception:  # noqa: BLE001 - a source that fails to close holds nothing we need
+                pass
+
+
+def _close_quietly(file: Any) -> None:
+    if file is not None and not file.closed:
+        try:
+            file.close()  # the raw file is closed even when the final flush fails
+        except OSError:
+            pass
+
+
+def _write_failure(path: Any, e: OSError, *, step: int | None = None) -> OutputError:
+    """The :class:`OutputError` for a metrics file that cannot be opened or written."""
+    p = Path(path)
+    if p.is_dir():
+        why = f"it is a directory; give a file path such as {p / 'metrics.jsonl'}"
+    else:
+        import errno
+
+        why = {errno.ENOSPC: "the disk is full; free space or give a path on another disk",
+               errno.EFBIG: "the file size limit is exceeded (ulimit -f); raise it (ulimit -f unlimited) or give "
+                            "a path on a file system without the limit",
+               errno.EROFS: "the file system is read-only; give a writable path",
+               errno.EACCES: "permission denied; give a writable path",
+               errno.EDQUOT: "the disk quota is exceeded; free space or give a path on another disk",
+               errno.ENOTDIR: "a parent of it is a file, not a directory; give a path in a directory",
+               }.get(e.errno, f"{e.strerror or e}; give a writable file path")
+    at = "" if step is None else f" at step {step}"
+    return OutputError(f"cannot write the metrics file {path}{at}: {why} ({type(e).__name__}: {e.strerror or e})")
 
 
 def _json_default(value: Any) -> Any:
@@ -547,9 +579,16 @@ class Telemetry:
         self._clock = clock or time.time
         self._file = None
         if jsonl_path is not None:
-            Path(jsonl_path).parent.mkdir(parents=True, exist_ok=True)
-            self._file = open(jsonl_path, "a" if append else "w", buffering=1, encoding="utf-8")
+            try:
+                Path(jsonl_path).parent.mkdir(parents=True, exist_ok=True)
+                self._file = open(jsonl_path, "a" if append else "w", buffering=1, encoding="utf-8")
+            except OSError as e:
+                raise _write_failure(jsonl_path, e) from e
         self.jsonl_path = jsonl_path
+        self.write_error: OutputError | None = None
+        """Why the JSONL file stopped being written mid-run (full disk, ``ulimit -f``), or ``None``.
+        Sampling goes on without the file, so that a run is never lost to its metrics; the
+        failure is warned about once, and the caller (``memtune fit``) reports it at the end."""
         self.last: TelemetrySample | None = None
         self.n_samples = 0
         self.overhead_s = 0.0
@@ -576,13 +615,26 @@ class Telemetry:
                                context_bytes_estimate=self.context_bytes_estimate)
             sample = TelemetrySample(time_s=self._clock(), step=step, **reading)
             if self._file is not None:
-                self._file.write(json.dumps({**sample.to_dict(), **extra}, default=_json_default) + "\n")
-                self._file.flush()
+                line = json.dumps({**sample.to_dict(), **extra}, default=_json_default) + "\n"
+                try:
+                    self._file.write(line)
+                    self._file.flush()
+                except OSError as e:
+                    self._stop_writing(e, step)
             self.last = sample
             self.n_samples += 1
             return sample
         finally:
             self.overhead_s += time.perf_counter() - t0
+
+    def _stop_writing(self, error: OSError, step: int) -> None:
+        """The metrics file failed mid-run: stop writing it (what was written stays readable; a
+        torn last line is dropped by :func:`read_jsonl`), keep sampling, warn once, loudly."""
+        file, self._file = self._file, None
+        _close_quietly(file)
+        self.write_error = _write_failure(self.jsonl_path, error, step=step)
+        warnings.warn(f"{self.write_error}. Metrics stop here; training goes on, and its checkpoints are "
+                      "unaffected", RuntimeWarning, stacklevel=3)
 
     def close(self) -> None:
         """Close the JSONL file and the sources (NVML). Idempotent."""

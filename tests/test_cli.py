@@ -88,3 +88,10 @@ def test_corrupt_plan_json(tmp_path):
     bad = tmp_path / "plan.json"
     bad.write_text('{"decisions": {"a": ')
     assert_clean_error(memtune("report", "--plan", str(bad), "--out", str(tmp_path / "r")), 4, "not valid JSON")
+
+
+def test_fit_metrics_path_that_is_a_directory_exits_2_naming_the_fix(tmp_path):
+    r = memtune("fit", str(ROOT / "examples" / "models.py") + ":gpt_with_data", "--budget", "5MB", "--steps", "1",
+                "--metrics", str(tmp_path), "--no-progress")
+    assert_clean_error(r, 2, "cannot write the metrics file", str(tmp_path), "is a directory",
+                       str(tmp_path / "metrics.jsonl"))

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import psutil
 import pytest
@@ -298,3 +299,34 @@ def test_nvml_per_process_matches_estimate_roughly():
     print(f"per-process {reading.get('other_process_bytes')} estimate {estimate}")
     if reading.get("other_process_bytes") is not None:
         assert abs(reading["other_process_bytes"] - estimate) < 2 * GiB
+
+
+def test_metrics_file_over_the_size_limit_warns_keeps_training_and_exits_quietly(tmp_path):
+    """Under ``ulimit -f`` (RLIMIT_FSIZE; Python ignores SIGXFSZ, so writes fail with EFBIG) the
+    metrics file stops, training goes on to the last step, and no finalizer prints a traceback.
+    A child process via ``python -c``: forking this one could deadlock in torch's thread pool."""
+    metrics = tmp_path / "m.jsonl"
+    ROOT = Path(__file__).resolve().parents[2]
+    code = textwrap.dedent(f"""
+        import resource, sys, warnings
+        sys.path.insert(0, {str(ROOT)!r})
+        import torch, memtune
+        from tests.runtime.test_checkpoint import Batches, build
+        resource.setrlimit(resource.RLIMIT_FSIZE, (3000, 3000))
+        torch.manual_seed(0)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            t = memtune.fit(build(), "1GB", device="cpu", metrics_path={str(metrics)!r}, progress=False)
+            t.train(Batches(6), steps=6)
+        assert t.step_count == 6, t.step_count
+        err = t.telemetry.write_error
+        assert isinstance(err, memtune.errors.OutputError), err
+        assert "file size limit" in str(err) and {str(metrics)!r} in str(err), err
+        assert sum("Metrics stop here" in str(w.message) for w in caught) == 1, [str(w.message) for w in caught]
+        print("OK", t.step_count)
+    """)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert r.returncode == 0 and "OK 6" in r.stdout, r.stderr
+    assert "Traceback" not in r.stderr and "Exception ignored" not in r.stderr, r.stderr
+    rows = read_jsonl(metrics)
+    assert 0 < len(rows) < 6 and metrics.stat().st_size <= 3000
