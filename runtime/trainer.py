@@ -146,6 +146,13 @@ class Trainer:
         self.batches_seen = 0
         self.interrupted: str | None = None
         self._stop_signal: str | None = None
+        self._activity: str | None = None
+        """``"step"`` inside :meth:`step`, ``"save"`` inside :meth:`save`, else ``None``: whether a
+        second signal may write a checkpoint (see :meth:`_escalate`)."""
+        self._escalation: str | None = None
+        """A second signal that came during a checkpoint write: the process stops once it is on disk."""
+        self._torn_step: int | None = None
+        """A step a second signal stopped midway: the model and optimizer may be partly updated."""
         if self.device.type == "cuda" and c.enforce_budget:
             # The caching allocator may hold the budget less the CUDA context (which lives outside
             # it); plans target the smaller usable budget, leaving room for kernel workspaces and
@@ -317,6 +324,13 @@ class Trainer:
 
     def step(self, batch: Any) -> float:
         """Forward, backward (per micro-batch) and one optimizer step on ``batch``; returns the loss."""
+        outer, self._activity = self._activity, "step"
+        try:
+            return self._step(batch)
+        finally:
+            self._activity = outer
+
+    def _step(self, batch: Any) -> float:
         batch = move_batch(batch, self.device)
         _refuse_empty(batch, self.step_count)
         if self.dist is not None:
@@ -558,7 +572,9 @@ class Trainer:
         and re-iterable). With ``checkpoint_path`` and ``checkpoint_every=N``, a checkpoint is
         written every N steps and when training ends. SIGINT/SIGTERM finish the current step,
         write a checkpoint (when ``checkpoint_path`` is set) and return, with
-        ``trainer.interrupted`` set. A checkpoint that cannot be written raises
+        ``trainer.interrupted`` set. A second signal stops at once, even inside a loader that
+        blocks: it checkpoints the last completed step when it lands between steps and raises
+        ``KeyboardInterrupt`` (:meth:`_escalate`). A checkpoint that cannot be written raises
         :class:`~memtune.errors.OutputError`; the trainer keeps its state."""
         if (steps is None) == (epochs is None):
             raise UsageError("give exactly one of steps=... or epochs=...")
@@ -638,7 +654,12 @@ class Trainer:
         self._stop_signal = None
 
         def handler(signum, frame):
-            self._stop_signal = signal.Signals(signum).name
+            name = signal.Signals(signum).name
+            if self._stop_signal is None:
+                self._stop_signal = name
+                log.warning("%s received: stopping after the current step (send it again to stop now)", name)
+                return
+            self._escalate(name)
 
         previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
 
@@ -647,6 +668,36 @@ class Trainer:
                 signal.signal(s, h)
         return restore
 
+    def _escalate(self, name: str) -> None:
+        """A second SIGINT/SIGTERM: stop now, even inside a loader that blocks. Between steps
+        (the loader, or the loop around it) the model, optimizer, RNG and data position are
+        those of the last completed step, so they are checkpointed first (one process only:
+        under torchrun a write is collective). Inside a step they may be partly updated: nothing
+        is written, the last checkpoint stays, and this trainer refuses to save from then on.
+        During a checkpoint write, the write finishes first. Raises ``KeyboardInterrupt``, which
+        ``memtune fit`` reports as exit 130."""
+        self.interrupted = name
+        if self._activity == "save":
+            self._escalation = name
+            return
+        written = ""
+        if self._activity is None:
+            if self.checkpoint_path and self.plan is not None and self.dist is None and self._saved_step != self.step_count:
+                try:
+                    self.save(self.checkpoint_path)
+                except MemtuneError as e:
+                    log.error("%s again: could not write a checkpoint: %s", name, e)
+            if self._saved_step == self.step_count:
+                written = f"; checkpoint of step {self.step_count} at {self.checkpoint_path}"
+        else:
+            self._torn_step = self.step_count
+            where = self._checkpoint_on_disk()
+            written = f" inside step {self.step_count}; nothing written" + (f", the last checkpoint at {where} is kept"
+                                                                            if where else "")
+        msg = f"{name} received again: stopped{written}"
+        log.warning("%s", msg)
+        raise KeyboardInterrupt(msg)
+
     # ------------------------------------------------------------------ persistence
     def save(self, path: str | Path | None = None) -> Path:
         """Write a checkpoint atomically (model, optimizer, plan, profile, step, data position, RNG).
@@ -654,9 +705,22 @@ class Trainer:
         Refuses (:class:`~memtune.errors.NonFiniteError`) to write NaN/inf weights or optimizer
         state, and raises :class:`~memtune.errors.OutputError` when the file cannot be written;
         either way the previous checkpoint stays as it was."""
+        outer, self._activity = self._activity, "save"
+        try:
+            return self._save(path)
+        finally:
+            self._activity = outer
+            if self._escalation is not None and outer is None:
+                name, self._escalation = self._escalation, None
+                self._escalate(name)
+
+    def _save(self, path: str | Path | None) -> Path:
         path = Path(path or self.checkpoint_path or "memtune-checkpoint.pt")
         if self.plan is None:
             raise MemtuneError("nothing to save yet: the trainer has not run a step")
+        if self._torn_step is not None:
+            raise MemtuneError(f"refusing to save: a second signal stopped step {self._torn_step} midway, so the model "
+                               "and optimizer may be partly updated; resume from the last checkpoint")
         if self.dist is not None:  # a directory written by every rank (torch.distributed.checkpoint)
             from memtune.distributed import checkpoint as dist_ckpt
 

@@ -322,3 +322,128 @@ def test_ranks_with_unequal_local_batches_are_refused():
     assert unequal_local_batches([2, 2]) is None  # a smaller last batch on every rank weighs every sample alike
     reason = unequal_local_batches([4, 2])
     assert "rank 0: 4, rank 1: 2" in reason and "same number of samples" in reason
+
+
+BLOCKING_FACTORY = '''
+import sys, time
+import torch
+from memtune import zoo
+
+def model():
+    torch.manual_seed(0)
+    return zoo.GPT(zoo.GPTConfig(n_layer=2, n_embd=32, n_head=2, block_size=32))
+
+def batches(n):
+    g = torch.Generator().manual_seed(0)
+    return [(x, x) for x in (torch.randint(0, 256, (4, 32), generator=g) for _ in range(n))]
+
+def blocking():
+    def data():
+        yield from batches(2)
+        print("blocked", flush=True)
+        while True:  # a loader stuck on a dead file system or a hung worker
+            time.sleep(1000)
+    return {"model": model(), "sample": batches(1)[0], "data": data()}
+'''
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("first, second", [(signal.SIGTERM, signal.SIGTERM), (signal.SIGINT, signal.SIGINT),
+                                           (signal.SIGTERM, signal.SIGINT)])
+def test_a_second_signal_stops_a_blocked_loader_with_a_checkpoint_that_resumes(tmp_path, first, second):
+    from memtune.runtime import checkpoint as ckpt
+
+    (tmp_path / "factory.py").write_text(BLOCKING_FACTORY)
+    path = tmp_path / "run.pt"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    run = subprocess.Popen([sys.executable, "-m", "memtune", "fit", f"{tmp_path / 'factory.py'}:blocking", "--budget",
+                            "1GB", "--steps", "50", "--no-progress", "--checkpoint", str(path), "--device", "cpu"],
+                           env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in run.stdout:
+        if line.startswith("blocked"):
+            break
+    run.send_signal(first)
+    time.sleep(1.0)
+    assert run.poll() is None  # the first signal waits for the step that never comes
+    assert not path.exists()  # (nothing was checkpointed before: --checkpoint-every is 50)
+    run.send_signal(second)
+    t0 = time.monotonic()
+    out, _ = run.communicate(timeout=30)
+    assert time.monotonic() - t0 < 5, out
+    assert run.returncode == 130, out
+    assert f"{second.name} received again: stopped; checkpoint of step 2" in out
+    assert ckpt.load(path)["step"] == 2
+
+    sys.path.insert(0, str(tmp_path))
+    try:
+        import factory
+    finally:
+        sys.path.remove(str(tmp_path))
+        sys.modules.pop("factory", None)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the CLI's process ran steps 1-2: the same float rounding
+    try:
+        straight = memtune.fit(factory.model(), "1GB", device="cpu", progress=False)
+        straight.train(factory.batches(4), steps=4)
+        resumed = memtune.Trainer.resume(path, factory.model(), "1GB", device="cpu", progress=False)
+        assert resumed.step_count == 2 and resumed.batches_seen == 2
+        resumed.train(factory.batches(4), steps=4)
+    finally:
+        torch.set_num_threads(threads)
+    assert resumed.plan.to_dict() == straight.plan.to_dict()
+    assert [h["loss"] for h in resumed.history] == [h["loss"] for h in straight.history]
+    for a, b in zip(straight.model.parameters(), resumed.model.parameters()):
+        assert torch.equal(a, b)
+
+
+def _small_trainer(tmp_path, **kw):
+    torch.manual_seed(0)
+    model = zoo.GPT(zoo.GPTConfig(n_layer=2, n_embd=32, n_head=2, block_size=32))
+    return memtune.fit(model, "1GB", device="cpu", progress=False, checkpoint_path=tmp_path / "ck.pt", **kw)
+
+
+def _tokens(n):
+    g = torch.Generator().manual_seed(0)
+    return [(x, x) for x in (torch.randint(0, 256, (4, 32), generator=g) for _ in range(n))]
+
+
+def test_a_second_signal_inside_a_step_writes_nothing_and_the_trainer_refuses_to_save(tmp_path):
+    from memtune.errors import MemtuneError
+    from memtune.runtime import checkpoint as ckpt
+
+    holder = []
+
+    def loss_fn(logits, target):  # signals twice inside step 2's forward, as a user pressing Ctrl-C twice
+        if holder and holder[0].step_count == 1 and holder[0].plan is not None:
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)
+        return F.cross_entropy(logits.flatten(0, 1), target.flatten())
+
+    trainer = _small_trainer(tmp_path, checkpoint_every=1, loss_fn=loss_fn)
+    holder.append(trainer)
+    with pytest.raises(KeyboardInterrupt, match=r"SIGINT received again: stopped inside step 1; nothing written, "
+                                                r"the last checkpoint at .*ck.pt is kept"):
+        trainer.train(_tokens(5), steps=5)
+    assert ckpt.load(tmp_path / "ck.pt")["step"] == 1 and trainer.interrupted == "SIGINT"
+    with pytest.raises(MemtuneError, match="refusing to save: a second signal stopped step 1 midway"):
+        trainer.save()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handlers are put back
+
+
+def test_a_second_signal_during_a_checkpoint_write_lets_the_write_finish(tmp_path, monkeypatch):
+    from memtune.runtime import checkpoint as ckpt
+
+    real = ckpt.save_atomic
+
+    def signalled(state, path):
+        if state["step"] == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(state, path)
+
+    monkeypatch.setattr(ckpt, "save_atomic", signalled)
+    trainer = _small_trainer(tmp_path, checkpoint_every=1)
+    with pytest.raises(KeyboardInterrupt, match="SIGTERM received again: stopped; checkpoint of step 2"):
+        trainer.train(_tokens(5), steps=5)
+    assert ckpt.load(tmp_path / "ck.pt")["step"] == 2
+    assert not list(tmp_path.glob("*.tmp-*"))
