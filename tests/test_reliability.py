@@ -64,6 +64,17 @@ def nan_data():
     model = nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 32))
     data = [torch.randn(8, 32) for _ in range(3)] + [torch.full((8, 32), float("inf"))] + [torch.randn(8, 32)] * 4
     return {"model": model, "sample": data[0], "data": data, "loss_fn": lambda out: out.square().mean()}
+def blocking():
+    import time
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    batches = [(x, x) for x in (torch.randint(0, 256, (4, 32), generator=g) for _ in range(2))]
+    def data():
+        yield from batches
+        print("blocked", flush=True)
+        while True:
+            time.sleep(1000)
+    return {"model": zoo.GPT(zoo.GPTConfig(**TINY)), "sample": batches[0], "data": data()}
 def exits_0():
     import sys
     sys.exit(0)
@@ -287,6 +298,51 @@ def leftover_torchrun_variables(rank):
     return run
 
 
+def longer_sequence(ctx):
+    torch.manual_seed(0)
+    t = fit(model=zoo.GPT(zoo.GPTConfig(n_layer=2, n_embd=32, n_head=2, block_size=64)))
+    short, long = torch.randint(0, 256, (4, 16)), torch.randint(0, 256, (4, 64))
+    t.train([(short, short), (long, long)], steps=2)
+    return f"ok + event {t.events[-1]['kind']}: {t.events[-1]['reason']}"
+
+
+def unequal_ranks(ctx):
+    from memtune.runtime.trainer import unequal_local_batches
+
+    return f"UsageError on every rank (the check, given both ranks' sizes): {unequal_local_batches([4, 2])}"
+
+
+def blocked_loader_signalled_twice(first, second):
+    def run(ctx):
+        import signal
+        import subprocess
+        import sys
+        import time
+
+        path = ctx.path(f"blocked-{first.name}-{second.name}.pt")
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+        proc = subprocess.Popen([sys.executable, "-m", "memtune", "fit", f"{ctx.path('factories.py')}:blocking",
+                                 "--budget", "1GB", "--steps", "50", "--no-progress", "--device", "cpu",
+                                 "--checkpoint", str(path)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True)
+        assert proc.stdout.readline().startswith("blocked")
+        proc.send_signal(first)
+        time.sleep(1.0)
+        assert proc.poll() is None, "the first signal stopped a blocked loader"
+        proc.send_signal(second)
+        t0 = time.monotonic()
+        _, err = proc.communicate(timeout=60)
+        waited = time.monotonic() - t0
+        assert proc.returncode == 130 and waited < 5, (proc.returncode, waited, err)
+        step = ckpt.load(path)["step"]
+        resumed = memtune.Trainer.resume(path, zoo.GPT(zoo.GPTConfig(n_layer=2, n_embd=32, n_head=2, block_size=32)),
+                                         "1GB", device="cpu", progress=False)
+        lines = " / ".join(ln for ln in err.splitlines() if ln.strip())
+        return (f"exit 130, {waited:.1f} s after the second signal; checkpoint loads at step {step}, resumes at step "
+                f"{resumed.step_count}; stderr: {lines}")
+    return run
+
+
 def two_epochs_of_a_generator(ctx):
     t = fit()
     with warnings.catch_warnings(record=True) as w:
@@ -485,6 +541,18 @@ def _cases() -> list[Case]:
                                    .baseline_peak_bytes * 1.05), sample=batches(1, 1)[0], allow_microbatching=False)
         .train(batches(1, 16), steps=1), "InfeasibleBudgetError", ("batch of 16 samples, larger than the 1",))
     add("runtime", "a one-shot generator asked for 2 epochs", two_epochs_of_a_generator, "ok", ("one-shot iterator",))
+    add("runtime", "an empty batch (batch dimension 0) after step 1",
+        lambda ctx: (lambda t, b: (t.train([b], steps=1), t.step((b[0][:0], b[1][:0]))))(fit(), batches(1)[0]),
+        "UsageError", ("the batch is empty", "batch dimension 0"))
+    add("runtime", "a sequence of 64 after profiling 16 (block size 64)", longer_sequence, "ok",
+        ("reprofile", "sequence length 64", "larger than the 16"))
+    add("runtime", "torchrun: rank 1 feeds a local batch of 2, rank 0 of 4", unequal_ranks, "ok",
+        ("rank 0: 4, rank 1: 2", "same number of samples"))
+    import signal as _signal
+    for first, second in ((_signal.SIGTERM, _signal.SIGTERM), (_signal.SIGINT, _signal.SIGINT)):
+        add("runtime", f"fit: a loader that blocks after step 2, then {first.name} twice",
+            blocked_loader_signalled_twice(first, second), "ok", ("exit 130", "checkpoint loads at step 2",
+                                                                  "resumes at step 2"))
     add("runtime", "resume at 70 % of the unplanned peak (the run used 1GB)", resume_smaller, "ok", ("resume-replan",))
 
     # ----------------------------------------------------------------------- CLI
