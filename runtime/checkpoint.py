@@ -23,6 +23,7 @@ made from, the step count, the data position, every RNG state and the re-tuner's
 
 from __future__ import annotations
 
+import collections
 import enum
 import errno
 import math
@@ -330,7 +331,7 @@ def check_contents(payload: dict[str, Any]) -> list[str]:
     if step >= 0 and seen > step + skips:
         out.append(f"batches_seen={seen} exceeds the {step} steps taken plus the {skips} batches skipped, so a "
                    f"resume would skip {seen} batches of the loader")
-    for key in ("history", "events"):
+    for key in ("history", "events", "plan", "profile"):
         out += _check_tree(payload[key], key)
     r = payload["retuner"]
     corr, ample = r.get("correction"), r.get("ample_steps")
@@ -341,6 +342,9 @@ def check_contents(payload: dict[str, Any]) -> list[str]:
     rng = _rng_problem(payload["rng"])
     if rng:
         out.append(rng)
+    odd = [str(k)[:60] for k, v in payload["model"].items() if not (isinstance(k, str) and isinstance(v, torch.Tensor))]
+    if odd:
+        out.append(f"model holds {len(odd)} entries that are not named tensors (e.g. {', '.join(odd[:3])})")
     bad = non_finite_tensors(payload["model"], "model") + non_finite_tensors(payload["optimizer"], "optimizer")
     if bad:
         out.append(f"{len(bad)} tensors hold NaN or inf (e.g. {', '.join(bad[:3])}); a run never saves those")
@@ -398,3 +402,102 @@ def non_finite_tensors(obj: Any, name: str = "") -> list[str]:
         for i, v in enumerate(obj):
             bad += non_finite_tensors(v, f"{name}[{i}]")
     return bad
+
+
+# ----------------------------------------------------------------------------- optimizer state
+def _optimizer_parts(optimizer: Any, saved: Any) -> list[tuple[str, Any, Any]]:
+    """(name, optimizer part, its saved state dict): a hybrid optimizer's parts, or the optimizer."""
+    parts = getattr(optimizer, "parts", None)
+    if isinstance(parts, dict):
+        return [(name, opt, saved.get(name) if isinstance(saved, dict) else None) for name, opt in parts.items()]
+    return [("optimizer", optimizer, saved)]
+
+
+def _same_kind(fresh: Any, saved: Any) -> bool:
+    """Whether a saved hyperparameter is of the kind the optimizer's own is (a finite number
+    for a number, the same structure for tuples, lists and dicts)."""
+    if isinstance(fresh, bool) or fresh is None or isinstance(fresh, str):
+        return type(saved) is type(fresh)
+    if isinstance(fresh, (int, float)):
+        return isinstance(saved, (int, float)) and not isinstance(saved, bool) and math.isfinite(saved)
+    if isinstance(fresh, (list, tuple)):
+        return isinstance(saved, (list, tuple)) and len(saved) == len(fresh) and \
+            all(_same_kind(f, s) for f, s in zip(fresh, saved))
+    if isinstance(fresh, dict):
+        return isinstance(saved, dict) and saved.keys() == fresh.keys() and \
+            all(_same_kind(fresh[k], saved[k]) for k in fresh)
+    return type(saved) is type(fresh)
+
+
+def optimizer_state_problems(optimizer: Any, saved: Any) -> list[str]:
+    """What in a saved optimizer state dict does not fit ``optimizer`` (before it is loaded):
+    parts, parameter groups and their hyperparameters, the per-parameter entries."""
+    out: list[str] = []
+    for name, opt, sd in _optimizer_parts(optimizer, saved):
+        if not (isinstance(sd, dict) and isinstance(sd.get("state"), dict) and isinstance(sd.get("param_groups"), list)):
+            out.append(f"optimizer part {name!r} is not a state dict with 'state' and 'param_groups'")
+            continue
+        groups = sd["param_groups"]
+        if len(groups) != len(opt.param_groups):
+            out.append(f"optimizer part {name!r} has {len(groups)} parameter groups, the optimizer {len(opt.param_groups)}")
+            continue
+        ids: set[int] = set()
+        for i, (fresh, g) in enumerate(zip(opt.param_groups, groups)):
+            if not isinstance(g, dict):
+                out.append(f"optimizer {name} group {i} is a {type(g).__name__}, not a dict")
+                continue
+            params = g.get("params")
+            if not (isinstance(params, list) and len(params) == len(fresh["params"]) and
+                    all(type(x) is int for x in params)):
+                out.append(f"optimizer {name} group {i} does not list its {len(fresh['params'])} parameters")
+                continue
+            ids.update(params)
+            bad = [k for k in fresh if k != "params" and (k not in g or not _same_kind(fresh[k], g[k]))]
+            if bad:
+                out.append(f"optimizer {name} group {i} has wrong or missing hyperparameters {sorted(bad)[:4]}")
+        for k, v in sd["state"].items():
+            if k not in ids or not isinstance(v, dict):
+                out.append(f"optimizer {name} state entry {k!r} is not a parameter's state")
+                break
+    return out
+
+
+def loaded_optimizer_state_problems(optimizer: Any) -> list[str]:
+    """What in a loaded optimizer's per-parameter state differs from the state it would create
+    for that parameter itself (``_init_state``): the keys, each tensor's shape and dtype, and
+    counters that are not counts. A wrong-shaped momentum would otherwise pass the resume and
+    fail with a raw error inside the first step."""
+    out: list[str] = []
+    for name, opt, _ in _optimizer_parts(optimizer, None):
+        init = getattr(opt, "_init_state", None)
+        if init is None:
+            continue
+        for i, group in enumerate(opt.param_groups):
+            for j, p in enumerate(group["params"]):
+                state = opt.state.get(p)
+                if not state:
+                    continue  # created at the parameter's next step
+                live = opt.state
+                opt.state = collections.defaultdict(dict)
+                try:
+                    ref = init(p, group)
+                finally:
+                    opt.state = live
+                where = f"optimizer {name} group {i} parameter {j} {tuple(p.shape)}"
+                if set(state) != set(ref):
+                    out.append(f"{where} holds state {sorted(map(str, state))}, not {sorted(ref)}")
+                    continue
+                for key, want in ref.items():
+                    got = state[key]
+                    if isinstance(want, torch.Tensor):
+                        if not (isinstance(got, torch.Tensor) and got.shape == want.shape and got.dtype == want.dtype):
+                            desc = (f"{got.dtype} {tuple(got.shape)}" if isinstance(got, torch.Tensor)
+                                    else type(got).__name__)
+                            out.append(f"{where}: {key} is {desc}, not {want.dtype} {tuple(want.shape)}")
+                    elif isinstance(want, int):
+                        low = 1 if key == "ns_steps" else 0
+                        if type(got) is not int or got < low:
+                            out.append(f"{where}: {key}={got!r:.40} is not a count")
+                if len(out) >= 4:
+                    return out
+    return out

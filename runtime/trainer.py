@@ -778,12 +778,18 @@ class Trainer:
         trainer.profile = profile
         unwrap(trainer.model).load_state_dict(state["model"])
         trainer._install(plan, kind="resume", reason=f"resumed from {path} at step {state['step']}")
-        try:
-            trainer.optimizer.load_state_dict(state["optimizer"])
-        except (ValueError, KeyError, TypeError, RuntimeError, IndexError) as e:
+        problems = ckpt.optimizer_state_problems(trainer.optimizer, state["optimizer"])
+        if not problems:
+            try:
+                trainer.optimizer.load_state_dict(state["optimizer"])
+            except Exception as e:  # noqa: BLE001 - the file's fault: its structure was checked above
+                problems = [f"{type(e).__name__}: {str(e)[:200]}"]
+            else:
+                problems = ckpt.loaded_optimizer_state_problems(trainer.optimizer)
+        if problems:
             raise CheckpointError(f"checkpoint {path}: its optimizer state does not fit the optimizer the plan builds "
-                                  f"({type(e).__name__}: {str(e)[:200]}); resume with the optimizer settings of the "
-                                  f"saved run") from e
+                                  f"({'; '.join(problems[:3])}); resume with the optimizer settings of the saved "
+                                  f"run, or start over")
         trainer.plan_version = state["plan_version"]
         trainer.plan_budget_bytes = state["plan_budget_bytes"]
         trainer.step_count = state["step"]

@@ -40,6 +40,15 @@ class AdamW(StateDtypeMixin, Optimizer):
                 value = read_state(state, name, p.shape, signed=signed, domain=group["int8_domain"])
                 write_state(state, name, value, state_dtype, signed=signed, domain=group["int8_domain"])
 
+    def _init_state(self, p: torch.Tensor, group: dict) -> dict:
+        """The state a parameter starts with (also what a resumed state is checked against)."""
+        state = self.state[p]
+        state["step"] = 0
+        zeros = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+        for name, signed in _BUFFERS:
+            write_state(state, name, zeros.clone(), group["state_dtype"], signed=signed, domain=group["int8_domain"])
+        return state
+
     @torch.no_grad()
     def step(self, closure=None):
         loss = None
@@ -53,11 +62,7 @@ class AdamW(StateDtypeMixin, Optimizer):
                 if p.grad is None:
                     continue
                 grad = p.grad.float()
-                state = self.state[p]
-                if not state:
-                    state["step"] = 0
-                    for name, signed in _BUFFERS:
-                        write_state(state, name, torch.zeros_like(grad), dtype, signed=signed, domain=domain)
+                state = self.state[p] if self.state.get(p) else self._init_state(p, group)
                 state["step"] += 1
                 step = state["step"]
                 exp_avg = read_state(state, EXP_AVG, p.shape, signed=True, domain=domain)
