@@ -27,6 +27,10 @@ from memtune.errors import CheckpointError, ModelMismatchError
 from .test_checkpoint import Batches, build, trained
 
 SECONDS = 5.0
+"""The most a resume (or its refusal) may take."""
+STEP_SECONDS = 30.0
+"""A hang guard for the one training step after a resume, which profiles and plans (a few
+tenths of a second alone, more on a loaded CI machine: not the 5 s budget of the resume)."""
 
 
 @pytest.fixture(scope="module")
@@ -126,7 +130,7 @@ class TookTooLong(BaseException):  # not caught by the code under test's `except
 
 
 def _alarm(signum, frame):
-    raise TookTooLong(f"resume or the first step took more than {SECONDS} s")
+    raise TookTooLong("resume or the first step did not end in time")
 
 
 @settings(max_examples=40, deadline=None, derandomize=True, database=None,
@@ -143,6 +147,9 @@ def test_a_fuzzed_checkpoint_resumes_or_is_refused_in_time(payload, tmp_path_fac
     t0 = time.perf_counter()
     try:
         trainer = memtune.Trainer.resume(path, build(), "1GB", device="cpu", progress=False)
+        resumed_s = time.perf_counter() - t0
+        assert resumed_s < SECONDS, (where, resumed_s)
+        signal.setitimer(signal.ITIMER_REAL, STEP_SECONDS)
         trainer.train(Batches(trainer.batches_seen + 1), steps=trainer.step_count + 1)
         assert math.isfinite(trainer.history[-1]["loss"]), where
     except CheckpointError as e:
@@ -157,4 +164,3 @@ def test_a_fuzzed_checkpoint_resumes_or_is_refused_in_time(payload, tmp_path_fac
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
-    assert time.perf_counter() - t0 < SECONDS, where
