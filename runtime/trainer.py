@@ -17,6 +17,7 @@ CPU it applies to tracked tensor memory (:class:`~memtune.runtime.memguard.Tenso
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import math
@@ -147,10 +148,12 @@ class Trainer:
         self.interrupted: str | None = None
         self._stop_signal: str | None = None
         self._activity: str | None = None
-        """``"step"`` inside :meth:`step`, ``"save"`` inside :meth:`save`, else ``None``: whether a
-        second signal may write a checkpoint (see :meth:`_escalate`)."""
+        """``"step"`` inside :meth:`step`, ``"save"`` inside :meth:`save`, ``"advance"`` while
+        :meth:`train` moves on by one batch, else ``None``: whether a second signal may write a
+        checkpoint now, later, or not at all (see :meth:`_escalate`)."""
         self._escalation: str | None = None
-        """A second signal that came during a checkpoint write: the process stops once it is on disk."""
+        """A second signal that came during a checkpoint write (or while a step's data position
+        was being recorded): the process stops once that is done."""
         self._torn_step: int | None = None
         """A step a second signal stopped midway: the model and optimizer may be partly updated."""
         if self.device.type == "cuda" and c.enforce_budget:
@@ -598,8 +601,9 @@ class Trainer:
                 if steps is not None and self.step_count >= steps:
                     break
                 before = self.step_count
-                loss = self.step(batch)
-                self.batches_seen += 1
+                with self._deferring_signals("advance"):
+                    loss = self.step(batch)
+                    self.batches_seen += 1  # with the step: a checkpoint between them would replay the batch
                 if self.step_count == before:  # a skipped non-finite batch: no update, nothing new to save
                     continue
                 if self.checkpoint_path and self.checkpoint_every and self.step_count % self.checkpoint_every == 0:
@@ -677,7 +681,7 @@ class Trainer:
         During a checkpoint write, the write finishes first. Raises ``KeyboardInterrupt``, which
         ``memtune fit`` reports as exit 130."""
         self.interrupted = name
-        if self._activity == "save":
+        if self._activity in ("save", "advance"):
             self._escalation = name
             return
         written = ""
@@ -705,9 +709,15 @@ class Trainer:
         Refuses (:class:`~memtune.errors.NonFiniteError`) to write NaN/inf weights or optimizer
         state, and raises :class:`~memtune.errors.OutputError` when the file cannot be written;
         either way the previous checkpoint stays as it was."""
-        outer, self._activity = self._activity, "save"
-        try:
+        with self._deferring_signals("save"):
             return self._save(path)
+
+    @contextlib.contextmanager
+    def _deferring_signals(self, activity: str):
+        """A second signal during ``activity`` waits until it is done (see :meth:`_escalate`)."""
+        outer, self._activity = self._activity, activity
+        try:
+            yield
         finally:
             self._activity = outer
             if self._escalation is not None and outer is None:

@@ -447,3 +447,23 @@ def test_a_second_signal_during_a_checkpoint_write_lets_the_write_finish(tmp_pat
         trainer.train(_tokens(5), steps=5)
     assert ckpt.load(tmp_path / "ck.pt")["step"] == 2
     assert not list(tmp_path.glob("*.tmp-*"))
+
+
+def test_a_second_signal_just_after_a_step_checkpoints_its_data_position_too(tmp_path):
+    from memtune.runtime import checkpoint as ckpt
+
+    trainer = _small_trainer(tmp_path, checkpoint_every=0)
+    real = trainer.step
+
+    def step_then_signals(batch):  # both signals land after step 2, before train records the batch as seen
+        loss = real(batch)
+        if trainer.step_count == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return loss
+
+    trainer.step = step_then_signals
+    with pytest.raises(KeyboardInterrupt, match="checkpoint of step 2"):
+        trainer.train(_tokens(5), steps=5)
+    state = ckpt.load(tmp_path / "ck.pt")
+    assert state["step"] == 2 and state["batches_seen"] == 2  # resume does not replay batch 2
