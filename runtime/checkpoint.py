@@ -407,6 +407,8 @@ def non_finite_tensors(obj: Any, name: str = "") -> list[str]:
 # ----------------------------------------------------------------------------- optimizer state
 def _optimizer_parts(optimizer: Any, saved: Any) -> list[tuple[str, Any, Any]]:
     """(name, optimizer part, its saved state dict): a hybrid optimizer's parts, or the optimizer."""
+    while getattr(optimizer, "parts", None) is None and getattr(optimizer, "inner", None) is not None:
+        optimizer = optimizer.inner  # memtune.stepping.PlanOptimizer saves its inner optimizer's state dict
     parts = getattr(optimizer, "parts", None)
     if isinstance(parts, dict):
         return [(name, opt, saved.get(name) if isinstance(saved, dict) else None) for name, opt in parts.items()]

@@ -44,7 +44,7 @@ class AdamW(StateDtypeMixin, Optimizer):
         """The state a parameter starts with (also what a resumed state is checked against)."""
         state = self.state[p]
         state["step"] = 0
-        zeros = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+        zeros = torch.zeros_like(p, dtype=torch.float32)  # a DTensor for a sharded (FSDP2) parameter
         for name, signed in _BUFFERS:
             write_state(state, name, zeros.clone(), group["state_dtype"], signed=signed, domain=group["int8_domain"])
         return state
