@@ -73,6 +73,16 @@ class OutputError(MemtuneError, OSError):
     was replaced."""
 
 
+def write_failure_cause(e: OSError) -> str:
+    """Why a write failed, in words, from its errno (the OS's own words otherwise)."""
+    import errno
+
+    return {errno.ENOSPC: "the disk is full", errno.EROFS: "the file system is read-only",
+            errno.EACCES: "permission denied", errno.EDQUOT: "the disk quota is exceeded",
+            errno.EFBIG: "the file size limit is exceeded (ulimit -f)",
+            errno.ENOTDIR: "a parent of it is a file, not a directory"}.get(e.errno, e.strerror or str(e))
+
+
 class TrainingError(MemtuneError):
     """Training stopped at a step for a reason a bigger budget would not fix; the trainer
     keeps its state (``trainer.save(path)`` still works) and the last checkpoint is intact."""

@@ -179,13 +179,14 @@ class TimelineModel:
         self._events(ev)
         # The runtime's copies of the buffers the step writes (memtune.stateful): the step's
         # snapshot, a recomputed unit's copy held to its backward and one while it recomputes.
-        self.live += 3 * p.written_buffer_bytes
-        self.peak_b += 3 * p.written_buffer_bytes
+        copies = 3 * p.written_buffer_bytes
+        self.live += copies
+        self.peak_b += copies
         self._columns(p)
         self._groups(p)
         self._drop_rows()
         self._peak_rows()
-        self.static = p.param_bytes + p.buffer_bytes + p.workspace_bytes + 3 * p.written_buffer_bytes
+        self.static = p.param_bytes + p.buffer_bytes + p.workspace_bytes + copies
         self.base_state = p.optimizer_state_bytes
         self.grad = np.array([e.grad_bytes for e in ev], dtype=np.float64)
         self.recomputable = np.array([not u.recompute_blocker for u in p.units], dtype=bool)

@@ -193,8 +193,7 @@ def resolve_units(model: nn.Module, units: UnitSpec = None, *, calls: Mapping[st
             fqns += [s for s in shared_modules(model, calls) if not _inside(s, fqns) and
                      not any(_inside(f, [s]) for f in fqns)]
             order = {n: i for i, n in enumerate(modules)}
-            fqns = sorted(fqns, key=order.__getitem__)
-            fqns = [call_unit(f, k) if calls.get(f, 0) > 1 else f for f in fqns for k in range(max(1, calls.get(f, 0)))]
+            fqns = _per_call(sorted(fqns, key=order.__getitem__), calls)
         if not fqns:
             fqns = sequential_segments(model)
         if not fqns:
@@ -222,9 +221,13 @@ def resolve_units(model: nn.Module, units: UnitSpec = None, *, calls: Mapping[st
     nested = [f for f in fqns if any(f != g and f.startswith(g + ".") for g in fqns)]
     if nested:
         raise MemtuneError(f"units may not nest: {nested[0]!r} lies inside another unit; pick one level")
-    if calls:  # a module the forward calls several times is recorded and planned per call
-        fqns = [call_unit(f, k) if calls.get(f, 0) > 1 else f for f in fqns for k in range(max(1, calls.get(f, 0)))]
-    return fqns
+    return _per_call(fqns, calls or {})
+
+
+def _per_call(fqns: list[str], calls: Mapping[str, int]) -> list[str]:
+    """``fqns`` with each module the forward calls several times replaced by a unit per call:
+    such a module is recorded and planned per call."""
+    return [call_unit(f, k) if calls.get(f, 0) > 1 else f for f in fqns for k in range(max(1, calls.get(f, 0)))]
 
 
 def _examples(modules: Iterable[str]) -> str:

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import collections
 import enum
-import errno
 import math
 import os
 import random
@@ -36,7 +35,7 @@ from typing import Any, Callable
 
 import torch
 
-from memtune.errors import CheckpointError, OutputError, UsageError
+from memtune.errors import CheckpointError, OutputError, UsageError, write_failure_cause
 
 FORMAT = "memtune-checkpoint/2"
 """Version 2: weights_only-loadable (version 1 pickled numpy RNG state and needed code execution)."""
@@ -164,16 +163,13 @@ def save_atomic(payload: dict[str, Any], path: str | os.PathLike) -> Path:
         _fsync_dir(path.parent)  # and the rename itself is durable
     except (OSError, RuntimeError) as e:
         # torch's zip writer reports a failed write (disk full, a file size limit) as a RuntimeError.
-        if isinstance(e, RuntimeError) and not _is_write_failure(e):
-            _unlink_quietly(tmp)
-            raise
         _unlink_quietly(tmp)
+        if isinstance(e, RuntimeError) and not _is_write_failure(e):
+            raise
         if path.is_dir():
             why = "it is a directory; give a file path such as " + str(path / "checkpoint.pt")
         elif isinstance(e, OSError):
-            why = {errno.ENOSPC: "the disk is full", errno.EROFS: "the file system is read-only",
-                   errno.EACCES: "permission denied", errno.EDQUOT: "the disk quota is exceeded",
-                   errno.EFBIG: "the file size limit is exceeded (ulimit -f)"}.get(e.errno, e.strerror or str(e))
+            why = write_failure_cause(e)
         else:
             why = "the write failed: the disk is full or a file size limit (ulimit -f) was reached"
         detail = (e.strerror or str(e)) if isinstance(e, OSError) else str(e).splitlines()[0][:160]

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from memtune.errors import OutputError, TelemetryError
+from memtune.errors import OutputError, TelemetryError, write_failure_cause
 
 MiB = 2**20
 GiB = 2**30
@@ -534,14 +534,12 @@ def _write_failure(path: Any, e: OSError, *, step: int | None = None) -> OutputE
     else:
         import errno
 
-        why = {errno.ENOSPC: "the disk is full; free space or give a path on another disk",
-               errno.EFBIG: "the file size limit is exceeded (ulimit -f); raise it (ulimit -f unlimited) or give "
-                            "a path on a file system without the limit",
-               errno.EROFS: "the file system is read-only; give a writable path",
-               errno.EACCES: "permission denied; give a writable path",
-               errno.EDQUOT: "the disk quota is exceeded; free space or give a path on another disk",
-               errno.ENOTDIR: "a parent of it is a file, not a directory; give a path in a directory",
-               }.get(e.errno, f"{e.strerror or e}; give a writable file path")
+        fix = {errno.ENOSPC: "free space or give a path on another disk",
+               errno.EFBIG: "raise it (ulimit -f unlimited) or give a path on a file system without the limit",
+               errno.EROFS: "give a writable path", errno.EACCES: "give a writable path",
+               errno.EDQUOT: "free space or give a path on another disk",
+               errno.ENOTDIR: "give a path in a directory"}.get(e.errno, "give a writable file path")
+        why = f"{write_failure_cause(e)}; {fix}"
     at = "" if step is None else f" at step {step}"
     return OutputError(f"cannot write the metrics file {path}{at}: {why} ({type(e).__name__}: {e.strerror or e})")
 

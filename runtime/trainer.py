@@ -18,6 +18,7 @@ CPU it applies to tracked tensor memory (:class:`~memtune.runtime.memguard.Tenso
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import logging
 import math
@@ -909,7 +910,7 @@ def larger_than_profiled(batch: Any, sample: str) -> str | None:
     :func:`memtune.batching.describe` writes it): the first tensor with a dimension larger than
     the same tensor's in the sample, or ``None``. Tensors are matched by position; a batch of
     another structure (more tensors, other ranks) is not compared."""
-    profiled = [tuple(int(d) for d in m.group(1).replace(" ", "").split(",") if d) for m in _SHAPE.finditer(sample)]
+    profiled = _profiled_shapes(sample)
     leaves = [t for t in tree_flatten(batch)[0] if isinstance(t, torch.Tensor)]
     if len(leaves) != len(profiled):
         return None
@@ -922,6 +923,12 @@ def larger_than_profiled(batch: Any, sample: str) -> str | None:
                 return (f"tensor {i} of the batch has {what} {size} (shape {tuple(t.shape)}), larger than the {was} the "
                         f"profile was made with (shape {shape})")
     return None
+
+
+@functools.lru_cache(maxsize=8)
+def _profiled_shapes(sample: str) -> tuple[tuple[int, ...], ...]:
+    """The shapes in a sample's description (read every step: parsed once per profile)."""
+    return tuple(tuple(int(d) for d in m.group(1).replace(" ", "").split(",") if d) for m in _SHAPE.finditer(sample))
 
 
 def unequal_local_batches(sizes: list[int | None]) -> str | None:
