@@ -290,6 +290,13 @@ class Plan:
             o = d["optimizer"]
             kw["optimizer"] = OptimizerPlan(**{**o, "muon_params": tuple(o["muon_params"]),
                                                "adamw_params": tuple(o["adamw_params"])})
+            if kw["optimizer"].settings is not None:  # checked now, not at the first step that builds it
+                from .optim.settings import OptimizerConfigError, OptimizerSettings
+
+                try:
+                    OptimizerSettings.from_dict(kw["optimizer"].settings)
+                except OptimizerConfigError as e:
+                    raise PlanFileError(f"plan optimizer settings: {e}; re-create the plan with `memtune plan`") from e
             kw["variant"] = StepVariant.from_dict(d.get("variant"))
             kw["memory"] = MemoryBreakdown(**d["memory"])
             kw["time"] = TimeBreakdown(**{**d["time"], "lever_ms": dict(d["time"].get("lever_ms") or {})})

@@ -29,6 +29,7 @@ import math
 import os
 import random
 import re
+import reprlib
 import zipfile
 from pathlib import Path
 from typing import Any, Callable
@@ -303,9 +304,9 @@ def load(path: str | os.PathLike) -> dict[str, Any]:
 
 
 MAX_DEPTH = 12
-"""Deepest nesting of lists and dicts a checkpoint's history or events may hold."""
+"""Deepest nesting of lists and dicts any field of a checkpoint may hold."""
 MAX_NODES = 1 << 22
-"""Most lists, dicts and values the history and events may hold together."""
+"""Most lists, dicts and values one field of a checkpoint may hold."""
 
 
 def check_contents(payload: dict[str, Any]) -> list[str]:
@@ -321,20 +322,22 @@ def check_contents(payload: dict[str, Any]) -> list[str]:
     if "budget_usable_bytes" in payload:
         b = payload["budget_usable_bytes"]
         if not isinstance(b, int) or isinstance(b, bool) or b <= 0:
-            out.append(f"budget_usable_bytes={b!r} is not a positive number of bytes")
+            out.append(f"budget_usable_bytes={_short(b)} is not a positive number of bytes")
     events = payload["events"]
     skips = sum(1 for e in events if isinstance(e, dict) and e.get("kind") == "nonfinite-skip")
     if step >= 0 and seen > step + skips:
         out.append(f"batches_seen={seen} exceeds the {step} steps taken plus the {skips} batches skipped, so a "
                    f"resume would skip {seen} batches of the loader")
-    for key in ("history", "events", "plan", "profile"):
-        out += _check_tree(payload[key], key)
+    trees = [p for key in ("history", "events", "plan", "profile", "optimizer", "rng", "retuner", "model")
+             for p in _check_tree(payload[key], key)]
+    if trees:  # the checks below walk these trees: a shared one would take exponential time
+        return out + trees
     r = payload["retuner"]
     corr, ample = r.get("correction"), r.get("ample_steps")
     if not (isinstance(corr, (int, float)) and not isinstance(corr, bool) and math.isfinite(corr) and corr > 0):
-        out.append(f"retuner.correction={corr!r} is not a positive finite number")
+        out.append(f"retuner.correction={_short(corr)} is not a positive finite number")
     if not (isinstance(ample, int) and not isinstance(ample, bool) and ample >= 0):
-        out.append(f"retuner.ample_steps={ample!r} is not a count")
+        out.append(f"retuner.ample_steps={_short(ample)} is not a count")
     rng = _rng_problem(payload["rng"])
     if rng:
         out.append(rng)
@@ -345,6 +348,16 @@ def check_contents(payload: dict[str, Any]) -> list[str]:
     if bad:
         out.append(f"{len(bad)} tensors hold NaN or inf (e.g. {', '.join(bad[:3])}); a run never saves those")
     return out
+
+
+_SHORT = reprlib.Repr()
+_SHORT.maxlevel, _SHORT.maxstring, _SHORT.maxother, _SHORT.maxlong = 3, 40, 40, 40
+
+
+def _short(value: Any) -> str:
+    """A bounded ``repr`` for messages: a crafted value may be a structure whose full repr is
+    exponentially long."""
+    return _SHORT.repr(value)
 
 
 def _check_tree(obj: Any, name: str) -> list[str]:
@@ -495,7 +508,7 @@ def loaded_optimizer_state_problems(optimizer: Any) -> list[str]:
                     elif isinstance(want, int):
                         low = 1 if key == "ns_steps" else 0
                         if type(got) is not int or got < low:
-                            out.append(f"{where}: {key}={got!r:.40} is not a count")
+                            out.append(f"{where}: {key}={_short(got)} is not a count")
                 if len(out) >= 4:
                     return out
     return out
