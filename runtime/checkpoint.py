@@ -199,6 +199,23 @@ _HELD: dict[str, list] = {}
 """Lock file path -> [file descriptor, holders in this process]."""
 
 
+def _refuse_special(path: Path, error: type, doing: str) -> None:
+    """A path that exists but is not a regular file or directory (a device such as /dev/zero,
+    a FIFO, a socket): reading it may never end, and replacing it with a checkpoint would
+    remove the device node."""
+    import stat
+
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return
+    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+        kind = "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else \
+            "a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else "a special file"
+        raise error(f"{doing} {path}: it is {kind}, not a regular file; give a checkpoint file path, such as "
+                    "./checkpoint.pt")
+
+
 def hold_writer_lock(path: str | os.PathLike) -> Callable[[], None]:
     """Make this process the only one that writes the checkpoint ``path``, and return the
     function that lets go.
@@ -211,6 +228,7 @@ def hold_writer_lock(path: str | os.PathLike) -> Callable[[], None]:
     import fcntl
 
     path = Path(path)
+    _refuse_special(path, OutputError, "cannot write checkpoint")
     lock = path.with_name(f".{path.name}.lock")
     key = str(lock.resolve())
     held = _HELD.get(key)
@@ -257,6 +275,7 @@ def load(path: str | os.PathLike) -> dict[str, Any]:
     if path.is_dir():
         raise CheckpointError(f"{path} is a directory, not a checkpoint file (a torchrun checkpoint directory holds "
                               f"a .metadata file); give the checkpoint's file path, such as {path / 'checkpoint.pt'}")
+    _refuse_special(path, CheckpointError, "cannot load checkpoint")
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path}; train with checkpoint_path=... to write one")
     fix = "resume from an older checkpoint, or start over (memtune fit --fresh)"
@@ -440,6 +459,25 @@ def _same_kind(fresh: Any, saved: Any) -> bool:
     return type(saved) is type(fresh)
 
 
+def _hyperparameters_refused(opt: Any, hyper: dict[str, Any]) -> str | None:
+    """Why ``opt``'s own constructor refuses these saved hyperparameters (its range checks:
+    ``beta2=1e13`` is a finite number, but no run trains with it), or ``None``."""
+    import inspect
+
+    try:
+        accepted = inspect.signature(type(opt).__init__).parameters
+    except (TypeError, ValueError):
+        return None
+    if any(p.kind is p.VAR_KEYWORD for p in accepted.values()):
+        return None  # a wrapper that forwards its options: nothing to check them against
+    kwargs = {k: v for k, v in hyper.items() if k in accepted}
+    try:
+        type(opt)([torch.nn.Parameter(torch.zeros(2, 2))], **kwargs)
+    except Exception as e:  # noqa: BLE001 - each optimizer raises its own kind for a bad value
+        return f"{type(e).__name__}: {_short(str(e))}"
+    return None
+
+
 def optimizer_state_problems(optimizer: Any, saved: Any) -> list[str]:
     """What in a saved optimizer state dict does not fit ``optimizer`` (before it is loaded):
     parts, parameter groups and their hyperparameters, the per-parameter entries."""
@@ -466,6 +504,10 @@ def optimizer_state_problems(optimizer: Any, saved: Any) -> list[str]:
             bad = [k for k in fresh if k != "params" and (k not in g or not _same_kind(fresh[k], g[k]))]
             if bad:
                 out.append(f"optimizer {name} group {i} has wrong or missing hyperparameters {sorted(bad)[:4]}")
+            else:
+                refused = _hyperparameters_refused(opt, {k: g[k] for k in fresh if k != "params"})
+                if refused:
+                    out.append(f"optimizer {name} group {i}: {refused}")
         for k, v in sd["state"].items():
             if k not in ids or not isinstance(v, dict):
                 out.append(f"optimizer {name} state entry {k!r} is not a parameter's state")

@@ -14,7 +14,7 @@ import torch
 from torch.optim import Optimizer
 
 from memtune.optim.quant import StateDtypeMixin, read_state, write_state
-from memtune.optim.settings import INT8_DOMAINS, STATE_DTYPES, OptimizerConfigError
+from memtune.optim.settings import INT8_DOMAINS, STATE_DTYPES, OptimizerConfigError, check_hyperparameters
 
 EXP_AVG, EXP_AVG_SQ = "exp_avg", "exp_avg_sq"
 _BUFFERS = ((EXP_AVG, True), (EXP_AVG_SQ, False))  # (name, signed)
@@ -27,6 +27,7 @@ class AdamW(StateDtypeMixin, Optimizer):
             raise OptimizerConfigError(f"AdamW state_dtype={state_dtype!r}: use one of {STATE_DTYPES}")
         if int8_domain not in INT8_DOMAINS:
             raise OptimizerConfigError(f"AdamW int8_domain={int8_domain!r}: use one of {INT8_DOMAINS}")
+        check_hyperparameters("AdamW", lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, state_dtype=state_dtype,
                         int8_domain=int8_domain)
         super().__init__(params, defaults)

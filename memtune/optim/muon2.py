@@ -35,7 +35,7 @@ from torch.optim import Optimizer
 from memtune.optim.newton_schulz import (NS_NORMALIZATIONS, Coeffs, newton_schulz,
                                          newton_schulz_traced, ns_schedule)
 from memtune.optim.quant import StateDtypeMixin, read_state, write_state
-from memtune.optim.settings import (ADJUST_LR, EPS_MODES, INT8_DOMAINS, STATE_DTYPES, AdaptiveNS,
+from memtune.optim.settings import (ADJUST_LR, check_hyperparameters, EPS_MODES, INT8_DOMAINS, STATE_DTYPES, AdaptiveNS,
                                     OptimizerConfigError)
 
 MOMENTUM, SECOND_MOMENT, ROW, COL = "momentum_buffer", "exp_avg_sq", "exp_avg_sq_row", "exp_avg_sq_col"
@@ -161,6 +161,8 @@ class Muon2(StateDtypeMixin, Optimizer):
 
     @staticmethod
     def _check_group(group: dict) -> None:
+        check_hyperparameters("Muon2", lr=group["lr"], momentum=group["momentum"], beta2=group["beta2"],
+                              eps=group["eps"], weight_decay=group["weight_decay"])
         for key, allowed in (("state_dtype", STATE_DTYPES), ("adjust_lr", ADJUST_LR), ("eps_mode", EPS_MODES),
                              ("int8_domain", INT8_DOMAINS), ("matrix_view", ("flatten", "batch")),
                              ("ns_normalize", NS_NORMALIZATIONS)):
