@@ -21,15 +21,23 @@ recomputed, raises :class:`~memtune.errors.InfeasibleBudgetError` before the fir
 does not, and warns when memtune's plan would fit *without* recomputing every layer (the flag
 then costs speed for nothing). Drop the flag to let memtune choose the layers.
 
+A NaN or infinite loss or gradient raises :class:`~memtune.errors.NonFiniteError` at
+``on_pre_optimizer_step``, before the Trainer's optimizer applies it, as :func:`memtune.fit`
+does (``MemtuneCallback(..., on_nonfinite="ignore")`` keeps the Trainer's behaviour of stepping
+on; with ``fp16=True`` only the loss is checked, since the Trainer's gradient scaler skips
+steps with inf gradients itself).
+
 What the callback cannot do: retry a batch after an out-of-memory error (the Trainer owns the
-loop; an OOM propagates as usual; ``memtune.session`` in your own loop retries) and train on
-several processes.
+loop; an OOM propagates as usual, with a note saying so; ``memtune.session`` in your own loop
+retries) and train on several processes. After such an error the step's meter is closed, so
+nothing of memtune's keeps running in the process; a new ``trainer.train()`` plans afresh.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import sys
 import warnings
 
 import torch
@@ -39,7 +47,7 @@ from memtune.budget import Budget
 from memtune.errors import InfeasibleBudgetError, UsageError
 from memtune.units_fmt import fmt_bytes
 
-from ._loop import CallbackSettings, StepMeter, first_batch
+from ._loop import CallbackSettings, StepMeter, first_batch, note_oom
 
 log = logging.getLogger("memtune.integrations.hf")
 
@@ -58,6 +66,7 @@ class MemtuneCallback(CallbackSettings, _Base):
         self.hf_recomputes_every_layer = False
         self.all_layers_recomputed_peak_bytes: int | None = None
         self._hook = None
+        self._model = None
 
     # ------------------------------------------------------------------ train begin
     def on_train_begin(self, args, state, control, model=None, optimizer=None, train_dataloader=None, **kwargs):
@@ -69,6 +78,7 @@ class MemtuneCallback(CallbackSettings, _Base):
         if model is None or optimizer is None or train_dataloader is None:
             raise UsageError("MemtuneCallback needs the Trainer's model, optimizer and train dataloader at "
                              "on_train_begin; use it with transformers.Trainer(callbacks=[MemtuneCallback(...)])")
+        self._close()  # what an earlier train() left when it ended in an exception
         inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps the torch one
         device = next(model.parameters()).device
         sample = first_batch(train_dataloader, device, who="Trainer")
@@ -85,8 +95,10 @@ class MemtuneCallback(CallbackSettings, _Base):
             self.session.setup(sample)
         if layers:
             self._defer_to_hf_checkpointing()
-        self._hook = model.register_forward_hook(self._record_loss)
-        self._meter = StepMeter(self.session)
+        # always_call: the hook also runs when forward raises, and closes the step's meter then.
+        self._hook = model.register_forward_hook(self._record_loss, always_call=True)
+        self._model = model
+        self._meter = StepMeter(self.session, "Hugging Face")
         log.info("memtune: %s", self.session.plan.summary().splitlines()[0])
 
     def _defer_to_hf_checkpointing(self) -> None:
@@ -119,8 +131,19 @@ class MemtuneCallback(CallbackSettings, _Base):
 
     # ------------------------------------------------------------------ each optimizer step
     def _record_loss(self, module, args, output) -> None:
-        if self._meter is not None:
-            self._meter.add_loss(find_loss(output))
+        if self._meter is None:
+            return
+        failed = sys.exc_info()[1]  # set when forward raised (the hook is always called)
+        if failed is not None:
+            self._meter.abandon()
+            note_oom(failed, "Hugging Face")
+            return
+        self._meter.add_loss(find_loss(output))
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        if self._meter is not None and self._model is not None:
+            self._meter.check_finite(self.on_nonfinite, self._model.parameters(),
+                                     check_grads=not getattr(args, "fp16", False))
 
     def on_step_begin(self, args, state, control, **kwargs):
         self._meter.begin()
@@ -136,11 +159,16 @@ class MemtuneCallback(CallbackSettings, _Base):
             logs["memtune_plan_version"] = h["plan_version"]
 
     def on_train_end(self, args, state, control, **kwargs):
+        self._close()
+
+    def _close(self) -> None:
         if self._meter is not None:
             self._meter.abandon()
+            self._meter = None
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
+        self._model = None
         if self.session is not None:
             self.session.close()
 

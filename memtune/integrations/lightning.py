@@ -27,8 +27,12 @@ gain ``memtune/peak_bytes``, ``memtune/predicted_peak_bytes`` and ``memtune/plan
 Refused with an error: manual optimization (``training_step`` then runs its own backward and
 step, which the profile would run twice; Lightning allows several optimizers only there), and
 more than one process.
-An out-of-memory error is not retried: Lightning owns the loop. Use :func:`memtune.session` in
-your own loop for that.
+An out-of-memory error is not retried: Lightning owns the loop (the error gains a note saying
+so, and the step's meter is closed at ``on_exception``). Use :func:`memtune.session` in your own
+loop for that. A NaN or infinite loss or gradient raises :class:`~memtune.errors.NonFiniteError`
+at ``on_before_optimizer_step``, before the optimizer applies it, as :func:`memtune.fit` does;
+``MemtuneCallback(..., on_nonfinite="ignore")`` keeps Lightning's behaviour (with
+``precision="16-mixed"`` only the loss is checked: its gradient scaler skips inf gradients).
 """
 
 from __future__ import annotations
@@ -43,7 +47,7 @@ import torch.nn as nn
 from memtune.batching import find_loss
 from memtune.errors import UsageError
 
-from ._loop import CallbackSettings, StepMeter, first_batch
+from ._loop import CallbackSettings, StepMeter, first_batch, note_oom
 
 log = logging.getLogger("memtune.integrations.lightning")
 
@@ -123,12 +127,24 @@ class MemtuneCallback(CallbackSettings, _Base):
                                planner_options=options, **self.session_kwargs())
         with _no_logging(pl_module):
             self.session.setup({"batch": sample})
-        self._meter = StepMeter(self.session)
+        self._meter = StepMeter(self.session, "Lightning")
+        self._fp16 = prec.startswith("16")
+        self._backward_losses: list[float] = []
         log.info("memtune: %s", self.session.plan.summary().splitlines()[0])
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if self._meter is not None:
             self._meter.begin()
+
+    def on_before_backward(self, trainer, pl_module, loss) -> None:
+        if isinstance(loss, torch.Tensor) and loss.numel() == 1:
+            self._backward_losses.append(float(loss.detach()))  # (scaled by accumulation: only checked)
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        losses, self._backward_losses = self._backward_losses, []
+        if self._meter is not None:
+            self._meter.check_finite(self.on_nonfinite, pl_module.parameters(), losses=losses,
+                                     check_grads=not self._fp16)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self._meter is None:
@@ -141,6 +157,7 @@ class MemtuneCallback(CallbackSettings, _Base):
                            batch_size=1)
 
     def on_exception(self, trainer, pl_module, exception) -> None:
+        note_oom(exception, "Lightning")
         if self._meter is not None:
             self._meter.abandon()
 

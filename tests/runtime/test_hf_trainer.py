@@ -106,3 +106,70 @@ def test_gradient_checkpointing_flag_wins_and_changes_no_number(planned_run, unp
 def test_budget_below_every_layer_recomputed_fails_before_the_first_step(unplanned_peak):
     with pytest.raises(InfeasibleBudgetError, match="at least|gradient_checkpointing"):
         train(int(unplanned_peak * 0.3), gradient_checkpointing=True)
+
+
+# ----------------------------------------------------------------------------- faults inside the Trainer's step
+class ArmAt(TrainerCallback):
+    """Calls ``arm()`` at the start of optimizer step ``step`` (after memtune has planned)."""
+
+    def __init__(self, step, arm):
+        self.step, self.arm, self.handle = step, arm, None
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            self.handle = self.arm()
+
+
+def hf_trainer(model, callbacks, steps=STEPS):
+    args = TrainingArguments(output_dir="/tmp/memtune-hf-test", use_cpu=True, report_to=[], save_strategy="no",
+                             max_steps=steps, logging_steps=1, per_device_train_batch_size=4, learning_rate=3e-3,
+                             disable_tqdm=True, seed=0)
+    return Trainer(model=model, args=args, train_dataset=dataset(), callbacks=callbacks)
+
+
+def oom_in_backward_at_step_2():
+    """An OOM from an op in backward at step 2; returns (the error, the callback, the model,
+    memtune's dispatch modes left after the Trainer unwound)."""
+    from tests.framework_faults import arm_oom_in_backward, memtune_modes_left
+
+    model, callback = llama(), MemtuneCallback(budget="1GB")
+    arm = ArmAt(2, lambda: arm_oom_in_backward(model.model.norm))
+    with pytest.raises(torch.OutOfMemoryError) as e:
+        hf_trainer(model, [callback, arm]).train()
+    left = memtune_modes_left()
+    arm.handle.remove()
+    return e.value, callback, model, left
+
+
+def test_an_oom_in_backward_propagates_with_a_note_and_leaves_nothing_running():
+    """The Trainer owns the loop, so the OOM is not retried; it says so, and once it has left the
+    Trainer no memtune dispatch mode is active. The same callback then trains a new run."""
+    error, callback, model, left = oom_in_backward_at_step_2()
+    assert "injected in backward" in str(error)
+    assert any("cannot retry this batch" in n and "memtune.session" in n for n in error.__notes__)
+    assert left == []
+    assert len(callback.session.history) == 2  # steps 0 and 1 were measured and recorded
+    hf_trainer(model, [callback], steps=2).train()
+    assert len(callback.session.history) == 2 and all(h["peak_bytes"] for h in callback.session.history)
+
+
+@pytest.mark.parametrize("policy", ["raise", "ignore"])
+def test_a_nan_loss_stops_before_the_optimizer_step_unless_ignored(policy):
+    from memtune.errors import NonFiniteError
+    from tests.framework_faults import memtune_modes_left
+
+    model = llama()
+    with torch.no_grad():
+        model.lm_head.weight[3].fill_(float("nan"))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    callback = MemtuneCallback(budget="1GB", on_nonfinite=policy)
+    trainer = hf_trainer(model, [callback], steps=2)
+    if policy == "ignore":  # the Trainer's own behaviour: it steps on with NaN
+        trainer.train()
+        assert len(callback.session.history) == 2
+        return
+    with pytest.raises(NonFiniteError, match="step 0: the loss is nan.*stopped before it ran"):
+        trainer.train()
+    assert all(torch.equal(p, before[n], ) or torch.isnan(before[n]).any() for n, p in model.named_parameters())
+    assert memtune_modes_left() == []
+    assert callback.session.events[-1]["kind"] == "nonfinite-stop"

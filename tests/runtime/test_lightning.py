@@ -66,14 +66,14 @@ class Losses(L.Callback):
         self.lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
 
 
-def train(callback, *, precision="32-true", module=None):
+def train(callback, *, precision="32-true", module=None, extra=()):
     torch.manual_seed(0)
     module = module or LitGPT()
     seen = Losses()
     clip = 1.0 if module.automatic_optimization else None  # Lightning refuses its own clipping otherwise
     trainer = L.Trainer(max_steps=STEPS, accelerator="cpu", precision=precision, gradient_clip_val=clip, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        callbacks=[c for c in (callback, seen) if c is not None])
+                        callbacks=[c for c in (callback, seen, *extra) if c is not None])
     trainer.fit(module, loader())
     return trainer, seen
 
@@ -130,3 +130,56 @@ def test_a_budget_below_the_minimum_fails_before_the_first_step_and_says_what_fi
 def test_manual_optimization_is_refused_with_the_alternative():
     with pytest.raises(UsageError, match="automatic optimization.*memtune.session"):
         train(MemtuneCallback(budget="1GB"), module=LitGPT(manual=True))
+
+
+# ----------------------------------------------------------------------------- faults inside the Trainer's step
+class ArmAt(L.Callback):
+    """Calls ``arm()`` before training batch ``index`` (after memtune has planned)."""
+
+    def __init__(self, index, arm):
+        self.index, self.arm, self.handle = index, arm, None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if batch_idx == self.index:
+            self.handle = self.arm()
+
+
+def oom_in_backward_at_batch_2():
+    """An OOM from an op in backward at batch 2; returns (the error, the callback, memtune's
+    dispatch modes left after the Trainer unwound)."""
+    from tests.framework_faults import arm_oom_in_backward, memtune_modes_left
+
+    module, callback = LitGPT(), MemtuneCallback(budget="1GB")
+    arm = ArmAt(2, lambda: arm_oom_in_backward(module.model.transformer.ln_f))
+    with pytest.raises(torch.OutOfMemoryError) as e:
+        train(callback, module=module, extra=[arm])
+    left = memtune_modes_left()
+    arm.handle.remove()
+    return e.value, callback, left
+
+
+def test_an_oom_in_backward_propagates_with_a_note_and_leaves_nothing_running():
+    error, callback, left = oom_in_backward_at_batch_2()
+    assert any("Lightning Trainer owns the training loop" in n and "memtune.session" in n for n in error.__notes__)
+    assert left == []
+    assert len(callback.session.history) == 2
+
+
+@pytest.mark.parametrize("policy", ["raise", "ignore"])
+def test_a_nan_loss_stops_before_the_optimizer_step_unless_ignored(policy):
+    from memtune.errors import NonFiniteError
+    from tests.framework_faults import memtune_modes_left
+
+    module = LitGPT()
+    with torch.no_grad():
+        module.model.lm_head.weight[3].fill_(float("nan"))
+    before = {n: p.detach().clone() for n, p in module.named_parameters()}
+    callback = MemtuneCallback(budget="1GB", on_nonfinite=policy)
+    if policy == "ignore":  # Lightning's own behaviour: it steps on with NaN
+        train(callback, module=module)
+        assert len(callback.session.history) == STEPS
+        return
+    with pytest.raises(NonFiniteError, match="step 0: the loss is nan.*stopped before it ran"):
+        train(callback, module=module)
+    assert all(torch.equal(p, before[n]) or torch.isnan(before[n]).any() for n, p in module.named_parameters())
+    assert memtune_modes_left() == []
