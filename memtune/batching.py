@@ -18,7 +18,7 @@ from typing import Any, Callable
 import torch
 from torch.utils._pytree import tree_flatten, tree_map_only
 
-from .errors import SampleError
+from .errors import SampleError, UsageError
 
 LossFn = Callable[..., torch.Tensor]
 
@@ -30,22 +30,25 @@ def split_batch(batch: Any, loss_fn: LossFn | None) -> tuple[tuple, dict, Any]:
     if isinstance(batch, (tuple, list)):
         if loss_fn is not None:
             if len(batch) < 2:
-                raise ValueError("with loss_fn, a tuple batch must be (inputs..., target)")
+                raise UsageError("with loss_fn, a tuple batch must be (inputs..., target)")
             return tuple(batch[:-1]), {}, batch[-1]
         return tuple(batch), {}, None
     if isinstance(batch, torch.Tensor):
         return (batch,), {}, None
-    raise TypeError(f"unsupported batch type {type(batch).__name__}: use a dict, a tuple (inputs..., target) or a tensor")
+    raise UsageError(f"unsupported batch type {type(batch).__name__}: use a dict, a tuple (inputs..., target) or a "
+                     "tensor")
 
 
 def loss_from_output(output: Any, batch: Any, target: Any, loss_fn: LossFn | None) -> torch.Tensor:
     """The scalar loss for ``output``, per the rules in the module docstring."""
     if loss_fn is not None:
         if isinstance(batch, dict):
-            return loss_fn(output, batch)
-        if target is None:
-            return loss_fn(output)
-        return loss_fn(output, target)
+            loss = loss_fn(output, batch)
+        elif target is None:
+            loss = loss_fn(output)
+        else:
+            loss = loss_fn(output, target)
+        return _check_loss(loss, "loss_fn")
     loss = find_loss(output)
     if loss is None:
         what = f"a tensor of shape {tuple(output.shape)}" if isinstance(output, torch.Tensor) else type(output).__name__
@@ -53,6 +56,20 @@ def loss_from_output(output: Any, batch: Any, target: Any, loss_fn: LossFn | Non
             f"cannot find a loss: the model returned {what}; pass loss_fn=..., or make the model return a "
             "scalar loss or an output with .loss"
         )
+    return _check_loss(loss, "the model")
+
+
+def _check_loss(loss: Any, source: str) -> torch.Tensor:
+    """``loss`` if backward can start from it: one number, attached to the graph."""
+    if not isinstance(loss, torch.Tensor):
+        raise UsageError(f"{source} returned a {type(loss).__name__} as the loss; return a scalar tensor")
+    if loss.numel() != 1:
+        raise UsageError(f"{source} returned a loss of shape {tuple(loss.shape)}; return a scalar (reduce it, e.g. "
+                         ".mean() or .sum())")
+    if torch.is_grad_enabled() and not loss.requires_grad:
+        raise UsageError(f"{source} returned a loss that does not require grad (detached, computed under "
+                         "torch.no_grad(), or from parameters that are all frozen), so backward has nothing to do; "
+                         "return the loss as computed from the model's output")
     return loss
 
 

@@ -20,6 +20,10 @@ class ValueEnum(str, Enum):
         return self.value
 
 
+MAX_BYTES = 256 << 20
+"""The largest plan or profile file read (a 7B model's profile is a few MiB)."""
+
+
 def read_json_object(text_or_path: str | Path, *, what: str, remedy: str) -> dict[str, Any]:
     """The JSON object in ``text_or_path`` (a JSON string or a file path).
 
@@ -29,7 +33,12 @@ def read_json_object(text_or_path: str | Path, *, what: str, remedy: str) -> dic
     text = str(text_or_path)
     if not text.lstrip().startswith("{"):
         try:
-            text = Path(text_or_path).read_text()
+            with open(text_or_path, "rb") as f:  # at most MAX_BYTES: /dev/zero or a FIFO may never end
+                raw = f.read(MAX_BYTES + 1)
+            if len(raw) > MAX_BYTES:
+                raise PlanFileError(f"{what} file {text_or_path} is larger than {MAX_BYTES >> 20} MiB (or endless, "
+                                    f"like /dev/zero), far more than any memtune {what}; {remedy}")
+            text = raw.decode()
         except OSError as e:
             raise PlanFileError(f"cannot read {what} file {text_or_path}: {e}") from e
         except UnicodeDecodeError as e:  # a binary file (a checkpoint, an image) given as JSON

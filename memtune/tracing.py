@@ -15,7 +15,7 @@ import torch.nn as nn
 from torch.utils._pytree import tree_flatten
 
 from .batching import loss_from_output, split_batch
-from .errors import SampleError, TraceError
+from .errors import SampleError, TraceError, UsageError
 from .fake_compat import EAGER_KERNELS, eager_hf_masking, raised_by_fake_kernel
 from .recorder import StepRecorder
 from .step_recording import forward_loss
@@ -76,7 +76,7 @@ fake run fails, to tell a bad sample from a fake-tensor limitation."""
 
 def classify_failure(e: Exception, model: nn.Module, tried, tracer, sample=None, loss_fn=None) -> Exception:
     name = type(model).__name__
-    if isinstance(e, (TraceError, SampleError)):
+    if isinstance(e, (TraceError, SampleError, UsageError)):
         return e
     attempts = "; ".join(f"{t}: {why}" for t, why in tried) or "none"
     if type(e).__name__ in _DATA_DEPENDENT or "data-dependent" in str(e).lower() or _needs_real_data(e):

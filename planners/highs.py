@@ -151,8 +151,18 @@ _stats = {"solves": 0, "restarts": 0, "failed": 0, "rechecked": 0}
 _cannot_spawn: str | None = None  # why a child could not be started here (then: in process)
 
 
+MILP_MODES = ("", "subprocess", "inprocess")
+"""``MEMTUNE_MILP`` values: unset or ``subprocess`` (isolated, the default), ``inprocess``."""
+
+
 def _isolated() -> bool:
-    return os.environ.get("MEMTUNE_MILP", "").lower() != "inprocess" and os.name != "nt" and _cannot_spawn is None
+    mode = os.environ.get("MEMTUNE_MILP", "").strip().lower()
+    if mode not in MILP_MODES:
+        from memtune.errors import UsageError
+
+        raise UsageError(f"MEMTUNE_MILP={os.environ['MEMTUNE_MILP']!r}: use 'inprocess' (solve in this process) or "
+                         "'subprocess' (the default: solve in an isolated child), or unset it")
+    return mode != "inprocess" and os.name != "nt" and _cannot_spawn is None
 
 
 def _get_child() -> _Child:

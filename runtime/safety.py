@@ -53,6 +53,9 @@ def check_trainable(model: Any) -> None:
     """A model memtune can train: an ``nn.Module`` whose tensors hold data."""
     if not isinstance(model, nn.Module):
         raise UsageError(f"the model is a {type(model).__name__}, not a torch.nn.Module; pass the module itself")
+    if not any(p.requires_grad for p in model.parameters()):
+        raise UsageError(f"the model ({type(model).__name__}) has no parameters that require grad, so there is nothing "
+                         "to train; unfreeze some (module.requires_grad_(True)), or attach the adapters to train")
     on_meta = next((n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta), None)
     if on_meta is not None:
         raise UsageError(f"the model is on the meta device ({on_meta} holds no data): a meta model can be profiled "

@@ -784,6 +784,11 @@ class Trainer:
         check_state_dict_matches_model(module, state["model"], source=f"checkpoint {path}")
         check_profile_matches_model(module, profile)
         check_plan_matches_model(module, plan, profile)
+        asked = fit_kwargs.get("optimizer")
+        if isinstance(asked, str) and asked != plan.optimizer.name and plan.optimizer.name != "custom":
+            raise UsageError(f"checkpoint {path} continues a run trained with optimizer={plan.optimizer.name!r}, but "
+                             f"this resume asks for optimizer={asked!r}, whose state it does not hold; resume with "
+                             f"optimizer={plan.optimizer.name!r}, or start over with --fresh")
         fit_kwargs.setdefault("checkpoint_path", path)
         trainer = cls(model, budget, **fit_kwargs)
         trainer.profile = profile

@@ -148,6 +148,18 @@ def main(out_dir: Path) -> None:
     except memtune.MemtuneError as e:
         result["infeasible"] = {"error": f"{type(e).__name__}: {e}"}
 
+    # Rank 1 feeds a smaller local batch at step 1: every rank refuses that step, with one message.
+    trainer = memtune.fit(make_model(), budget="1GB", optimizer="adamw", progress=False)
+    trainer.step(batches[0])
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    short = batches[1] if rank == 0 else tuple(t[: t.shape[0] // 2] for t in batches[1])
+    try:
+        trainer.step(short)
+        result["unequal"] = {"error": None}
+    except memtune.MemtuneError as e:
+        result["unequal"] = {"error": f"{type(e).__name__}: {e}", "step_count": trainer.step_count,
+                             "unchanged": all(torch.equal(a, b) for a, b in zip(before, trainer.model.parameters()))}
+
     result["muon2"] = sharded_muon2_against_replicated(rank)
 
     (out_dir / f"rank{rank}.json").write_text(json.dumps(result, indent=1))

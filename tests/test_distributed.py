@@ -119,6 +119,15 @@ def test_infeasible_budget_fails_on_every_rank_with_the_same_error(ranks):
     assert len(set(errors)) == 1
 
 
+def test_unequal_local_batches_are_refused_on_every_rank_before_the_step(ranks):
+    """Rank 1 feeds half a local batch at step 1: the mean of per-rank means would weight its
+    samples double, so every rank refuses the step with the same message, nothing applied."""
+    errors = [r["unequal"]["error"] for r in ranks]
+    assert errors[0] is not None and errors[0].startswith("UsageError")
+    assert "rank 0: 4, rank 1: 2" in errors[0] and len(set(errors)) == 1
+    assert all(r["unequal"]["step_count"] == 1 and r["unequal"]["unchanged"] for r in ranks)
+
+
 def test_one_process_is_unchanged():
     from memtune.distributed import detect
 

@@ -268,12 +268,21 @@ def sweep_build():
     return gpt(), [(x, x)] * 3
 
 
-def world_size_2(ctx):
-    os.environ["WORLD_SIZE"] = "2"
+@contextlib.contextmanager
+def environ(**values: str):
+    """``os.environ`` with ``values`` set, restored after."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
     try:
-        fit()
+        yield
     finally:
-        del os.environ["WORLD_SIZE"]
+        for k, v in saved.items():
+            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+
+
+def world_size_2(ctx):
+    with environ(WORLD_SIZE="2"):
+        fit()
 
 
 def leftover_torchrun_variables(rank):
@@ -283,18 +292,9 @@ def leftover_torchrun_variables(rank):
         with socket.socket() as sock:  # a free port no peer listens on
             sock.bind(("127.0.0.1", 0))
             port = sock.getsockname()[1]
-        env = dict(WORLD_SIZE="2", RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-                   MEMTUNE_RENDEZVOUS_TIMEOUT="2")
-        saved = {k: os.environ.get(k) for k in env}
-        os.environ.update(env)
-        try:
+        with environ(WORLD_SIZE="2", RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                     MEMTUNE_RENDEZVOUS_TIMEOUT="2"):
             fit()
-        finally:
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
     return run
 
 
@@ -373,6 +373,223 @@ def cli_resume_never_overwrites(ctx):
 def report_run(ctx, lines):
     run = ctx.write("run.jsonl", "\n".join(lines) + "\n")
     return cli("report", "--run", run, "--out", ctx.path("report"))
+
+
+# ----------------------------------------------------------------------------- second pass (issue 22)
+def crafted(ctx, craft) -> Path:
+    """A real checkpoint's contents changed by ``craft`` and written back with torch.save, so
+    every CRC matches (tests/runtime/test_checkpoint.py's CRAFTED cases)."""
+    import copy
+
+    payload = copy.deepcopy(ckpt.load(checkpoint(ctx, "craft-src.pt", steps=2)))
+    craft(payload)
+    out = ctx.path(f"crafted-{abs(hash(craft))}.pt")
+    torch.save(payload, out)
+    return out
+
+
+def muon2_state_of_another_shape(payload):
+    state = payload["optimizer"]["muon2"]["state"]
+    entry = next(v for v in state.values() if isinstance(v, dict) and v)
+    key = next(k for k, v in entry.items() if isinstance(v, torch.Tensor) and v.dim() == 2)
+    entry[key] = entry[key][:, :-1].clone()
+
+
+def in_child(ctx, script: str, timeout=120) -> str:
+    """Run ``script`` in a fresh Python (for process-wide limits); its stdout's last line."""
+    import subprocess
+    import sys
+    import textwrap
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "PYTHONPATH": str(ROOT)}
+    out = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], capture_output=True, text=True,
+                         timeout=timeout, env=env, cwd=ctx.dir)
+    lines = [ln for ln in out.stdout.splitlines() if ln.strip()]
+    assert out.returncode == 0 and lines, (out.returncode, out.stdout[-500:], out.stderr[-1500:])
+    return lines[-1]
+
+
+def save_under_file_size_limit(ctx):
+    line = in_child(ctx, f"""
+        import resource, torch
+        from memtune.errors import OutputError
+        from memtune.runtime import checkpoint as ckpt
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+        try:
+            ckpt.save_atomic({{"x": torch.ones(1 << 16)}}, {str(ctx.path("fsize/ck.pt"))!r})
+            print("saved")
+        except OutputError as e:
+            print("OutputError:", e)
+    """) if ctx.path("fsize").mkdir(exist_ok=True) is None else ""
+    left = sorted(p.name for p in ctx.path("fsize").iterdir())
+    assert line.startswith("OutputError:") and not left, (line, left)
+    raise memtune.MemtuneError(line.removeprefix("OutputError: ") + f" [files left: {left or 'none'}]")
+
+
+def metrics_hit_size_limit(ctx):
+    """fit's metrics file reaches RLIMIT_FSIZE mid-run: training goes on, and fit exits 2 at
+    the end saying the metrics file is incomplete."""
+    import subprocess
+    import sys
+
+    d = ctx.path("metrics-limit")
+    d.mkdir(exist_ok=True)
+    script = ("import resource, sys; resource.setrlimit(resource.RLIMIT_FSIZE, (1500, 1500)); "
+              "from memtune.cli import main; sys.exit(main(sys.argv[1:]))")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    out = subprocess.run([sys.executable, "-c", script, "fit", MODEL, "--budget", "1GB", "--steps", "4",
+                          "--no-progress", "--metrics", str(d / "m.jsonl")],
+                         capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+    return out.returncode, out.stderr
+
+
+def second_writer(ctx):
+    """A run holds the checkpoint's writer lock (another process); a second fit on the same
+    path is refused before its first step."""
+    from tests.runtime.test_checkpoint import lock_held_by_another_process
+
+    path = ctx.path("locked.pt")
+    with lock_held_by_another_process(path):
+        fit(checkpoint_path=path).train(batches(2), steps=2)
+
+
+def sweep_rerun(ctx, **change):
+    storage = f"sqlite:///{ctx.path('rerun.db')}"
+    kw = dict(budget="1GB", n_trials=0, storage=storage, steps_per_trial=2, device="cpu", study_name="rerun")
+    if not ctx.path("rerun.db").exists():  # the study, made once for the rows that rerun it
+        memtune.sweep(sweep_build, **kw)
+    memtune.sweep(sweep_build, **{**kw, **change})
+
+
+def sweep_on_another_programs_study(ctx):
+    import optuna
+
+    storage = f"sqlite:///{ctx.path('foreign.db')}"
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    other = optuna.create_study(storage=storage, study_name="foreign")
+    other.optimize(lambda trial: trial.suggest_float("x", 0, 1), n_trials=1)
+    return cli("sweep", MODEL, "--budget", "1GB", "--trials", "1", "--storage", storage, "--study", "foreign")
+
+
+def hf_oom_in_backward(ctx):
+    from tests.runtime.test_hf_trainer import oom_in_backward_at_step_2
+
+    error, callback, _, left = oom_in_backward_at_step_2()
+    assert not left, left
+    return (f"ok: {type(error).__name__} propagates from trainer.train() (the Trainer owns the loop) after "
+            f"{len(callback.session.history)} measured steps, no memtune mode left active; note: {error.__notes__[-1]}")
+
+
+def lightning_oom_in_backward(ctx):
+    from tests.runtime.test_lightning import oom_in_backward_at_batch_2
+
+    error, callback, left = oom_in_backward_at_batch_2()
+    assert not left, left
+    return (f"ok: {type(error).__name__} propagates from trainer.fit() after {len(callback.session.history)} measured "
+            f"steps, no memtune mode left active; note: {error.__notes__[-1]}")
+
+
+def hf_nan_loss(ctx):
+    from tests.runtime.test_hf_trainer import hf_trainer, llama
+    from memtune.integrations.hf import MemtuneCallback
+
+    model = llama()
+    with torch.no_grad():
+        model.lm_head.weight[3].fill_(float("nan"))
+    hf_trainer(model, [MemtuneCallback(budget="1GB")], steps=2).train()
+
+
+def lightning_nan_loss(ctx):
+    from tests.runtime.test_lightning import LitGPT, train
+    from memtune.integrations.lightning import MemtuneCallback
+
+    module = LitGPT()
+    with torch.no_grad():
+        module.model.lm_head.weight[3].fill_(float("nan"))
+    train(MemtuneCallback(budget="1GB"), module=module)
+
+
+def milp_in_process(ctx):
+    with environ(MEMTUNE_MILP="inprocess"):
+        a = memtune.plan(ctx.profile, solver_budget(ctx), device="cpu", planner="exact")
+    b = memtune.plan(ctx.profile, solver_budget(ctx), device="cpu", planner="exact")
+    assert a.recompute_units, "the budget needs no solve"
+    assert a.decisions == b.decisions and a.predicted_peak_bytes == b.predicted_peak_bytes
+    return f"ok: the same plan as the isolated solver ({a.summary().splitlines()[0][:120]})"
+
+
+def solver_budget(ctx) -> int:
+    """A budget the plan without recompute misses, so the exact planner runs its MILP."""
+    return int(ctx.profile.baseline_peak_bytes * 0.8)
+
+
+def with_env(name, value, run):
+    def wrapped(ctx):
+        with environ(**{name: value}):
+            return run(ctx)
+    return wrapped
+
+
+def oom_in_backward_with_step_in_backward(ctx):
+    t = fit(planner_options={"levers": {"optimizer_in_backward": (True,)}}, max_oom_retries=3)
+    t.train(batches(1), steps=1)
+    t.inject_oom(step=1, phase="backward")
+    t.train(batches(2), steps=2)
+
+
+def bf16_overflow(ctx):
+    """Inputs that overflow in a bf16-mixed forward (the same range as fp32, but a square of
+    1e20 is past it): the loss is inf at the step, nothing applied."""
+    model = mlp()
+    t = fit(model=model, loss_fn=lambda o: o.square().mean(), precision="bf16-mixed")
+    big = torch.full((8, 32), 1e20)
+    t.train([torch.randn(8, 32, generator=torch.Generator().manual_seed(0)), big], steps=2)
+
+
+def resume_other_world_size(ctx):
+    """A checkpoint a 2-rank run wrote (a directory of shards), resumed by one process."""
+    import shutil
+
+    d = ctx.path("dist-ck")
+    d.mkdir(exist_ok=True)
+    for rank in (0, 1):
+        shutil.copy(checkpoint(ctx), d / f"rank{rank}.pt")
+    return resume(d)
+
+
+def run_cli_(*argv):
+    return lambda ctx: cli(*[a(ctx) if callable(a) else a for a in argv])
+
+
+def plan_file_(name, text):
+    return lambda ctx: memtune.Plan.from_json(ctx.write(name, text(ctx) if callable(text) else text))
+
+
+def plan_settings_doc(ctx, **change) -> str:
+    d = ctx.plan.to_dict()
+    d["optimizer"]["settings"] = {**d["optimizer"]["settings"], **change}
+    return json.dumps(d)
+
+
+def torchrun_variables_with_timeout(value):
+    """Torchrun's variables set (no peer needed: the timeout is read first) and
+    MEMTUNE_RENDEZVOUS_TIMEOUT=``value``."""
+    def run(ctx):
+        with environ(WORLD_SIZE="2", RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT="1",
+                     MEMTUNE_RENDEZVOUS_TIMEOUT=value):
+            fit()
+    return run
+
+
+class DataDependent(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(8, 8)
+
+    def forward(self, x):
+        y = self.lin(x)
+        scale = float(y.detach().numpy().std())  # a value through numpy: fake tensors carry no data to give
+        return (y * scale).sum()
 
 
 def _cases() -> list[Case]:
@@ -637,7 +854,121 @@ def _cases() -> list[Case]:
         ("unrecognized arguments",))
     add("CLI", "no command", run_cli(), "exit 2", ("required",))
     add("CLI", "an argument holding a newline", run_cli("profile", "a\nb"), "exit 2", ("must look like",))
+    _second_pass(add)
     return c
+
+
+def _second_pass(add) -> None:
+    """Issue 22's cases, then more of the same spirit."""
+    from tests.runtime.test_checkpoint import CRAFTED
+
+    # ----------------------------------------------------------------------- crafted checkpoints (CRCs match)
+    for name, (craft, says) in CRAFTED.items():
+        add("checkpoint", f"crafted with valid CRCs: {name}", lambda ctx, f=craft: resume(crafted(ctx, f)),
+            "CheckpointError", (says,))
+    add("checkpoint", "crafted with valid CRCs: a Muon² state tensor of another shape",
+        lambda ctx: resume(crafted(ctx, muon2_state_of_another_shape)), "CheckpointError",
+        ("optimizer state does not fit", "momentum_buffer is torch.float32 \\(256, 31\\), not"))
+    add("checkpoint", "a 2-rank checkpoint (directory of rank files) resumed by one process",
+        resume_other_world_size, "CheckpointError", ("across ranks", "torchrun"))
+    add("checkpoint", "--checkpoint /dev/zero (endless, not a file)", lambda ctx: resume("/dev/zero"), "CheckpointError",
+        ("not a regular file",))
+    add("checkpoint", "a FIFO at the checkpoint path (a read would block)",
+        lambda ctx: (os.mkfifo(ctx.path("fifo.pt")) if not ctx.path("fifo.pt").exists() else None,
+                     resume(ctx.path("fifo.pt"))), "CheckpointError", ("not a regular file",))
+    add("checkpoint", "resumed with another optimizer (saved Muon², resumed AdamW)",
+        lambda ctx: resume(checkpoint(ctx), optimizer="adamw"), "UsageError", ("muon2", "optimizer='muon2'"))
+
+    # ----------------------------------------------------------------------- writes that fail
+    add("checkpoint", "save under ulimit -f (torch's zip writer raises RuntimeError)", save_under_file_size_limit,
+        "MemtuneError", ("file size limit", "files left: none"))
+    add("CLI", "fit --metrics <a directory>",
+        run_cli_("fit", MODEL, "--budget", "1GB", "--steps", "1", "--no-progress", "--metrics", lambda ctx: str(ctx.dir)),
+        "exit 2", ("is a directory",))
+    add("CLI", "fit: the metrics file hits ulimit -f mid-run", metrics_hit_size_limit, "exit 2",
+        ("metrics", "file size limit"))
+    add("runtime", "a second run on a checkpoint another process is writing", second_writer, "UsageError",
+        ("in use by another run",))
+    add("runtime", "metrics_path under /proc (unwritable)",
+        lambda ctx: fit(metrics_path="/proc/memtune/m.jsonl").train(batches(1), steps=1), "OutputError",
+        ("metrics",))
+
+    # ----------------------------------------------------------------------- sweeps
+    add("API", "sweep rerun on its study with another budget",
+        lambda ctx: sweep_rerun(ctx, budget="2GB"), "UsageError", ("budget_bytes: the study has",))
+    add("API", "sweep rerun on its study with objective loss,step_ms",
+        lambda ctx: sweep_rerun(ctx, objective=("loss", "step_ms")), "UsageError", ("objectives: the study has",))
+    add("CLI", "sweep --study <another program's study of that name>", sweep_on_another_programs_study, "exit 2",
+        ("no memtune sweep made",))
+
+    # ----------------------------------------------------------------------- framework callbacks under faults
+    add("runtime", "HF Trainer + MemtuneCallback: an OOM in backward at step 2", hf_oom_in_backward, "ok",
+        ("no memtune mode left", "cannot retry this batch"))
+    add("runtime", "HF Trainer + MemtuneCallback: the loss is NaN", hf_nan_loss, "NonFiniteError",
+        ("the loss is nan", "stopped before it ran", "on_nonfinite='ignore'"))
+    add("runtime", "Lightning + MemtuneCallback: an OOM in backward at batch 2", lightning_oom_in_backward, "ok",
+        ("no memtune mode left", "Lightning Trainer owns the training loop"))
+    add("runtime", "Lightning + MemtuneCallback: the loss is NaN", lightning_nan_loss, "NonFiniteError",
+        ("the loss is nan", "stopped before it ran"))
+    add("API", "MemtuneCallback(on_nonfinite='warn')",
+        lambda ctx: __import__("memtune.integrations._loop", fromlist=["x"]).CallbackSettings("1GB", on_nonfinite="warn"),
+        "UsageError", ("'raise'", "'ignore'"))
+
+    # ----------------------------------------------------------------------- runtime faults
+    add("runtime", "an OOM in backward while the optimizer steps in backward", oom_in_backward_with_step_in_backward,
+        "StepFailedError", ("partly updated", "cannot be retried safely", "optimizer_in_backward"))
+    add("runtime", "bf16-mixed: a forward that overflows to inf at step 1", bf16_overflow, "NonFiniteError",
+        ("step 1: the loss is inf", "Nothing was applied"))
+
+    # ----------------------------------------------------------------------- environment
+    add("API", "MEMTUNE_MILP=inprocess (no solver isolation)", milp_in_process, "ok", ("same plan",))
+    add("API", "MEMTUNE_MILP=inproces (a typo)",
+        with_env("MEMTUNE_MILP", "inproces",
+                 lambda ctx: memtune.plan(ctx.profile, solver_budget(ctx), device="cpu", planner="exact")),
+        "UsageError", ("MEMTUNE_MILP='inproces'", "inprocess"))
+    add("API", "MEMTUNE_RENDEZVOUS_TIMEOUT=soon under torchrun variables",
+        torchrun_variables_with_timeout("soon"), "UsageError",
+        ("MEMTUNE_RENDEZVOUS_TIMEOUT='soon'", "seconds"))
+
+    # ----------------------------------------------------------------------- more bad input
+    for value, says in [("nanGB", "accepted forms|finite"), ("infGB", "accepted forms|finite|larger than any"),
+                        ("1e400GB", "accepted forms|finite|larger than any"), ("0x10GB", "accepted forms"),
+                        ("1,5GB", "accepted forms"), ("0GB", "positive|accepted forms")]:
+        add("API", f"Budget.parse({value!r})", lambda ctx, v=value: Budget.parse(v, device="H100"), "BudgetError", (says,))
+    for kw, says in [(dict(ns_steps=0), "ns_steps"), (dict(betas=(1.5, 0.9)), "betas"), (dict(weight_decay=-1.0), "weight_decay"),
+                     (dict(state_dtype="int4"), "state_dtype"), (dict(momentum=1.0), "momentum")]:
+        add("API", f"OptimizerSettings({', '.join(f'{k}={v!r}' for k, v in kw.items())})",
+            lambda ctx, k=kw: OptimizerSettings(**k), "OptimizerConfigError", (says,))
+    add("API", "fit(model with no trainable parameters)",
+        lambda ctx: fit(model=mlp().requires_grad_(False), loss_fn=lambda o: o.square().mean()).train(
+            [torch.randn(8, 32)], steps=1), "UsageError", ("no parameters that require grad",))
+    add("API", "fit(loss_fn returning a vector)",
+        lambda ctx: fit(model=mlp(), loss_fn=lambda o: o.square().mean(0)).train([torch.randn(8, 32)], steps=1),
+        "UsageError", ("scalar|one element",))
+    add("API", "fit(loss_fn returning a detached loss)",
+        lambda ctx: fit(model=mlp(), loss_fn=lambda o: o.square().mean().detach()).train([torch.randn(8, 32)], steps=1),
+        "UsageError", ("grad",))
+    add("API", "trainer.train(loader, steps=2.5)", lambda ctx: fit().train(batches(1), steps=2.5), "UsageError",
+        ("steps",))
+    add("API", "trainer.step('a string')", lambda ctx: fit().step("a string"), "UsageError", ("batch",))
+    add("API", "fit(checkpoint_every=-1)", lambda ctx: fit(checkpoint_every=-1, checkpoint_path=ctx.path("ce.pt")),
+        "UsageError", ("checkpoint_every=-1",))
+    add("API", "fit(max_oom_retries=-1)", lambda ctx: fit(max_oom_retries=-1), "UsageError", ("max_oom_retries",))
+    add("API", "profile a model that no tracer can run (its forward reads values through numpy)",
+        lambda ctx: memtune.profile(DataDependent(), torch.randn(4, 8), target="cpu"), "TraceError",
+        ("Tracers tried: symbolic_trace", "make_fx", "numpy"))
+    add("file", "plan: /dev/zero (endless)", lambda ctx: memtune.Plan.from_json("/dev/zero"), "PlanFileError",
+        ("larger than 256 MiB", "endless"))
+    add("file", "plan: optimizer settings with weight_decay a byte string",
+        plan_file_("p12.json", lambda ctx: plan_settings_doc(ctx, weight_decay="\\u0005")), "PlanFileError",
+        ("weight_decay",))
+    add("CLI", "report --run <a JSONL file with a broken line 2>",
+        lambda ctx: report_run(ctx, ['{"step": 0, "loss": 1.0, "peak_bytes": 5}', '{"step": 1, "loss"',
+                                     '{"step": 2, "loss": 0.8, "peak_bytes": 5}']), "exit 4", ("run.jsonl:2 is not JSON",))
+    add("CLI", "sweep --storage sqlite:///<a text file>",
+        run_cli_("sweep", MODEL, "--budget", "1GB", "--trials", "1", "--storage",
+                 lambda ctx: f"sqlite:///{ctx.write('notadb.db', 'hello, not a database' * 100)}"), "exit 2",
+        ("storage",))
 
 
 CASES = _cases()

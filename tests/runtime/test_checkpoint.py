@@ -5,6 +5,7 @@ read-only disk gives a clear error and keeps the last good checkpoint."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import pickle
@@ -310,28 +311,37 @@ def test_a_file_size_limit_is_an_output_error_and_leaves_no_temp_file(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_a_second_run_on_the_same_checkpoint_is_refused_until_the_first_ends(tmp_path):
-    """Two runs with one checkpoint path would each overwrite the other's progress. The one
-    that starts second is refused before its first step, naming the holder; once the holder
-    is gone (here SIGKILLed: the kernel drops its flock) the path is free again."""
+@contextlib.contextmanager
+def lock_held_by_another_process(path):
+    """A child process holding ``path``'s writer lock until the block ends (then SIGKILLed:
+    the kernel drops its flock)."""
     import subprocess
     import sys
-    from memtune.errors import UsageError
 
-    path = tmp_path / "ck.pt"
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from memtune.runtime import checkpoint as c; "
+        [sys.executable, "-c", "import time; from memtune.runtime import checkpoint as c; "
                                f"c.hold_writer_lock({str(path)!r}); print('held', flush=True); time.sleep(600)"],
         stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
+        yield holder
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_a_second_run_on_the_same_checkpoint_is_refused_until_the_first_ends(tmp_path):
+    """Two runs with one checkpoint path would each overwrite the other's progress. The one
+    that starts second is refused before its first step, naming the holder; once the holder
+    is gone (here SIGKILLed: the kernel drops its flock) the path is free again."""
+    from memtune.errors import UsageError
+
+    path = tmp_path / "ck.pt"
+    with lock_held_by_another_process(path) as holder:
         trainer = memtune.fit(build(), "1GB", progress=False, device="cpu", checkpoint_path=path)
         with pytest.raises(UsageError, match=f"in use by another run \\(pid {holder.pid}\\)"):
             trainer.train(Batches(2), steps=2)
         assert trainer.step_count == 0 and not path.exists()
-    finally:
-        holder.kill()
-        holder.wait()
     trainer.train(Batches(2), steps=2)
     assert ckpt.load(path)["step"] == 2
     # Trainers of one process share the hold: a resume beside the trainer that wrote the file.
