@@ -417,6 +417,9 @@ def _args_fit(p: argparse.ArgumentParser) -> None:
                    help="checkpoint file: resumed from when it exists, written every --checkpoint-every steps, on "
                         "Ctrl-C and at the end")
     p.add_argument("--checkpoint-every", type=_count(1), default=50, help="default: 50")
+    p.add_argument("--global-batch", type=_count(1), default=None,
+                   help="samples per optimizer step, exactly (the loader's batches are gathered or cut to it; the plan "
+                        "picks micro-batch size x accumulation); default: each loader batch is a step")
     p.add_argument("--fresh", action="store_true",
                    help="start over even though --checkpoint exists (its progress is replaced)")
     p.add_argument("--skip-nonfinite", action="store_true",
@@ -446,6 +449,8 @@ def _cmd_fit(args) -> int:
                   planner=args.planner, device=device, metrics_path=args.metrics, checkpoint_path=args.checkpoint,
                   checkpoint_every=args.checkpoint_every if args.checkpoint else 0, progress=not args.no_progress,
                   on_nonfinite="skip" if args.skip_nonfinite else "raise")
+    if args.global_batch is not None:  # (absent: a resumed run keeps its own)
+        kwargs["global_batch"] = args.global_batch
     con = _console()
     if args.checkpoint and Path(args.checkpoint).exists() and not args.fresh:
         # Never silently start over on top of progress: resume, or fail saying why (exit 4 or 2).

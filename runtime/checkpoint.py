@@ -338,6 +338,9 @@ def check_contents(payload: dict[str, Any]) -> list[str]:
     for key in ("step", "batches_seen", "plan_version", "plan_budget_bytes"):
         if payload[key] < 0:
             out.append(f"{key}={payload[key]} is negative")
+    g = payload.get("global_batch")
+    if g is not None and (type(g) is not int or g < 1):
+        out.append(f"global_batch={_short(g)} is not a number of samples")
     if "budget_usable_bytes" in payload:
         b = payload["budget_usable_bytes"]
         if not isinstance(b, int) or isinstance(b, bool) or b <= 0:

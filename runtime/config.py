@@ -70,6 +70,10 @@ class TrainerConfig:
     relaxing to new ones (each new plan is one recompile), >= 1."""
     link: str = "loopback"
     """Under torchrun: the interconnect collectives are priced on (:data:`memtune.distributed.LINKS`)."""
+    global_batch: int | None = None
+    """Samples per optimizer step, exactly, whatever the loader yields (its batches are gathered
+    or cut to match; under torchrun, across all ranks); ``None``: each loader batch is one step.
+    See :mod:`memtune.runtime.global_batch`."""
 
     def __post_init__(self) -> None:
         from . import safety
@@ -84,6 +88,9 @@ class TrainerConfig:
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise UsageError(f"{name}={value!r}: give a whole number >= 0")
         self.planner_options = dict(self.planner_options or {})
+        from .global_batch import check_global_batch
+
+        check_global_batch(self.global_batch)
 
     @classmethod
     def from_kwargs(cls, kwargs: dict[str, Any], *, base: "TrainerConfig | None" = None) -> "TrainerConfig":

@@ -50,6 +50,7 @@ from memtune.units_fmt import fmt_bytes
 from memtune.validation import check_plan_matches_model, check_profile_matches_model, check_state_dict_matches_model
 
 from . import checkpoint as ckpt
+from .global_batch import local_share, regroup
 from . import replan, safety
 from .config import TrainerConfig
 from .faults import OOMInjection
@@ -132,6 +133,11 @@ class Trainer:
             telemetry = Telemetry(list(telemetry), jsonl_path=metrics_path)
         self.telemetry = telemetry
         self.link = c.link
+        self.global_batch = c.global_batch
+        """Samples per optimizer step across ranks (``None``: each loader batch is a step)."""
+        self.local_batch = None if c.global_batch is None else \
+            local_share(c.global_batch, self.dist.world_size) if self.dist is not None else c.global_batch
+        """This rank's share of :attr:`global_batch`: the size of every batch :meth:`step` is given."""
         self._forward = self.model  # what the step runner calls: the model, or its DDP wrapper
         self.runner = StepRunner(self)
         if self.dist is not None:
@@ -191,6 +197,8 @@ class Trainer:
 
     def _setup(self, batch: Any) -> None:
         sample = self.sample if self.sample is not None else batch
+        if self.local_batch is not None and batch_size_of(sample) != self.local_batch:
+            sample = batch  # profile the global batch every step will have, not a loader-sized sample
         target = "cpu" if self.device.type == "cpu" else self.device
         t0 = time.perf_counter()
         # Profile with the exact optimizer settings that will train (NS dtype, state precision...),
@@ -337,6 +345,11 @@ class Trainer:
     def _step(self, batch: Any) -> float:
         batch = move_batch(batch, self.device)
         _refuse_empty(batch, self.step_count)
+        if self.local_batch is not None and batch_size_of(batch) != self.local_batch:
+            raise UsageError(f"step {self.step_count}: a batch of {batch_size_of(batch)} samples, but global_batch="
+                             f"{self.global_batch} makes every step {self.local_batch} samples"
+                             f"{' on each rank' if self.dist is not None else ''}; train(loader) gathers or cuts the "
+                             "loader's batches to that size, step() takes them as given")
         if self.dist is not None:
             self._check_equal_local_batches(batch)
         if self.plan is None:
@@ -631,7 +644,23 @@ class Trainer:
         return self.history
 
     def _stream(self, loader: Iterable, epochs: int | None):
-        skip = self.batches_seen
+        if self.local_batch is None:
+            yield from self._loader_batches(loader, epochs, skip=self.batches_seen)
+            return
+
+        def remainder(n: int) -> None:
+            msg = (f"the last {n} samples of the data are fewer than the global batch of {self.global_batch}"
+                   f"{' (this rank: ' + str(self.local_batch) + ')' if self.dist is not None else ''}: not trained on "
+                   "(as drop_last=True)")
+            log.info("%s", msg)
+            self.events.append({"step": self.step_count, "kind": "global-batch-remainder", "samples": n,
+                                "reason": msg})
+
+        # Steps so far took batches_seen global batches: continue at that sample of the stream.
+        yield from regroup(self._loader_batches(loader, epochs, skip=0), self.local_batch,
+                           skip_samples=self.batches_seen * self.local_batch, on_remainder=remainder)
+
+    def _loader_batches(self, loader: Iterable, epochs: int | None, *, skip: int):
         epoch = 0
         while epochs is None or epoch < epochs:
             n = 0
@@ -749,7 +778,7 @@ class Trainer:
             "model": model_state, "optimizer": optim_state,
             "plan": self.plan.to_dict(), "profile": self.profile.to_dict(), "plan_version": self.plan_version,
             "plan_budget_bytes": self.plan_budget_bytes, "budget_usable_bytes": self.budget.usable_bytes,
-            "step": self.step_count, "batches_seen": self.batches_seen,
+            "step": self.step_count, "batches_seen": self.batches_seen, "global_batch": self.global_batch,
             "rng": ckpt.rng_state(), "retuner": self.retuner.state_dict(), "history": self.history, "events": self.events,
         }, path)
         if self.checkpoint_path is not None and Path(path) == self.checkpoint_path:
@@ -784,6 +813,13 @@ class Trainer:
         check_state_dict_matches_model(module, state["model"], source=f"checkpoint {path}")
         check_profile_matches_model(module, profile)
         check_plan_matches_model(module, plan, profile)
+        saved_global = state.get("global_batch")
+        if "global_batch" not in fit_kwargs:
+            fit_kwargs["global_batch"] = saved_global  # the run's global batch continues
+        elif fit_kwargs["global_batch"] != saved_global:
+            raise UsageError(f"checkpoint {path} continues a run with global_batch={saved_global!r}, but this resume "
+                             f"asks for global_batch={fit_kwargs['global_batch']!r}: its data position counts global "
+                             "batches of the saved size; resume with the saved size, or start over with --fresh")
         asked = fit_kwargs.get("optimizer")
         if isinstance(asked, str) and asked != plan.optimizer.name and plan.optimizer.name != "custom":
             raise UsageError(f"checkpoint {path} continues a run trained with optimizer={plan.optimizer.name!r}, but "
@@ -858,7 +894,10 @@ def fit(model: nn.Module, budget: int | str | Budget = "24GB", **kwargs) -> Trai
         in a row before even ``"skip"`` stops); max_grad_norm: clip the global gradient norm;
     max_compiled_plans (4): with a ``torch.compile``-d model, how many distinct plans the
         runtime may compile before it stops relaxing to new ones (each new plan is one recompile;
-        a plan seen before reuses its graphs).
+        a plan seen before reuses its graphs);
+    global_batch: samples per optimizer step, exactly: ``train`` gathers or cuts the loader's
+        batches to it, and the plan chooses micro-batch size × accumulation to run it inside the
+        budget; re-plans keep it (:mod:`memtune.runtime.global_batch`).
 
     ``model`` may be ``torch.compile(model)``: plans are applied to the module it compiles.
     On a CPU a compiled step is measured from the process's peak resident memory

@@ -1,0 +1,187 @@
+"""``fit(..., global_batch=N)``: N samples per optimizer step, exactly, whatever the loader
+yields and however the plan runs them.
+
+References: the same model trained on N-sample batches in one piece (no accumulation), and
+the loader's samples concatenated (what every global batch must be a slice of)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+import memtune
+from memtune.errors import UsageError
+from memtune.runtime.global_batch import concat, regroup
+
+N = 8
+
+
+def mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(16, 64), nn.GELU(), nn.Linear(64, 64), nn.GELU(), nn.Linear(64, 16))
+
+
+def loss_fn(out, target):
+    return nn.functional.mse_loss(out, target)
+
+
+def samples(n, seed=0):
+    """``n`` samples of 128 positions each (so that activations, not weights, fill the step)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 128, 16, generator=g), torch.randn(n, 128, 16, generator=g)
+
+
+def loader(sizes, seed=0):
+    x, y = samples(sum(sizes), seed)
+    out, at = [], 0
+    for n in sizes:
+        out.append((x[at:at + n], y[at:at + n]))
+        at += n
+    return out
+
+
+def fit(**kw):
+    kw.setdefault("optimizer", "adamw")
+    kw.setdefault("progress", False)
+    kw.setdefault("device", "cpu")
+    kw.setdefault("loss_fn", loss_fn)
+    return memtune.fit(mlp(), kw.pop("budget", "1GB"), **kw)
+
+
+# ----------------------------------------------------------------------------- regrouping
+def test_regroup_gathers_cuts_and_carries_samples_in_order():
+    sizes = [3, 5, 6, 2, 7, 1]  # 24 samples, none of the batches a multiple of 4
+    x, y = samples(24)
+    left = []
+    out = list(regroup(loader(sizes), 4, on_remainder=left.append))
+    assert [b[0].shape[0] for b in out] == [4] * 6 and left == []
+    assert torch.equal(torch.cat([b[0] for b in out]), x) and torch.equal(torch.cat([b[1] for b in out]), y)
+    # Skipping samples (a resume) and a remainder that is not trained on.
+    out = list(regroup(loader(sizes), 5, skip_samples=7, on_remainder=left.append))
+    assert [b[0].shape[0] for b in out] == [5, 5, 5] and left == [2]
+    assert torch.equal(torch.cat([b[0] for b in out]), x[7:22])
+
+
+def test_regroup_refuses_batches_it_cannot_join():
+    a = {"input_ids": torch.zeros(2, 8, dtype=torch.long)}
+    with pytest.raises(UsageError, match="differ beyond the batch dimension.*pad every batch"):
+        concat([a, {"input_ids": torch.zeros(2, 9, dtype=torch.long)}])
+    with pytest.raises(UsageError, match="differ in structure"):
+        concat([a, {"ids": torch.zeros(2, 8, dtype=torch.long)}])
+    with pytest.raises(UsageError, match="global_batch=0"):
+        fit(global_batch=0)
+
+
+# ----------------------------------------------------------------------------- exactness
+def relative(a, b) -> float:
+    """The largest per-tensor ‖a − b‖ / ‖b‖."""
+    return max(float((x - y).norm() / y.norm()) for x, y in zip(a, b))
+
+
+def gradients_of_step_0(trainer):
+    """Each parameter's gradient as it stands after its last accumulation in step 0 (the hook
+    sees every micro-batch's backward; the last call holds the sum)."""
+    grads, handles = {}, []
+    for name, p in trainer.model.named_parameters():
+        handles.append(p.register_post_accumulate_grad_hook(
+            lambda p, name=name: grads.__setitem__(name, p.grad.detach().clone()) if trainer.step_count == 0 else None))
+    return grads, handles
+
+
+@pytest.fixture(scope="module")
+def one_piece():
+    """The reference: each global batch of N samples in one piece, no accumulation."""
+    t = fit(planner_options={"levers": {"micro_batch_size": (None,)}})
+    grads, _ = gradients_of_step_0(t)
+    t.train(loader([N] * 4), steps=4)
+    assert t.plan.grad_accum_steps == 1
+    return [h["loss"] for h in t.history], grads, [p.detach().clone() for p in t.model.parameters()]
+
+
+@pytest.mark.parametrize("micro", [None, 4, 2, 1])
+@pytest.mark.parametrize("loader_sizes", [[4] * 8, [16, 16], [3, 5, 6, 2, 7, 1, 8]], ids=["gathered", "cut", "mixed"])
+def test_losses_and_parameters_match_one_n_sample_step(one_piece, micro, loader_sizes):
+    """1, 2, 4 and 8 micro-batches of the same 8-sample global batches, from loader batches of
+    4 (gathered), 16 (cut) and mixed sizes, against one 8-sample step.
+
+    The losses of all 4 steps and the accumulated gradients of step 0 are equal within 1e-6
+    relative: the same sum in another order. The fp32 parameters after 4 AdamW steps are
+    within 1e-5 (per tensor, by norm): Adam divides each update by √v, which turns a rounding
+    difference in a near-zero gradient element into a larger one in its update (measured:
+    up to 2e-6 here; elementwise up to 2e-4 relative, on elements near zero)."""
+    losses, grads, params = one_piece
+    t = fit(global_batch=N, planner_options={"levers": {"micro_batch_size": (micro,)}})
+    mine, _ = gradients_of_step_0(t)
+    t.train(loader(loader_sizes), steps=4)
+    assert t.plan.grad_accum_steps == (N // micro if micro else 1)
+    assert len(t.history) == 4
+    assert torch.allclose(torch.tensor([h["loss"] for h in t.history]), torch.tensor(losses), rtol=1e-6)
+    assert relative([mine[k] for k in grads], list(grads.values())) < 1e-6
+    assert relative([p.detach() for p in t.model.parameters()], params) < 1e-5
+
+
+def test_an_oom_that_forces_a_replan_keeps_the_global_batch_and_the_losses():
+    """A budget the 8-sample step fits only with accumulation; an injected OOM at step 2 makes
+    the runtime re-plan. Every step still trains on the same 8 samples, with the same losses."""
+    probe = memtune.profile(mlp(), samples(N), optimizer="adamw", loss_fn=loss_fn, target="cpu")
+    budget = int(probe.baseline_peak_bytes * 0.8)
+
+    def run(faults):
+        # (The step in backward would make an OOM there unretryable: test_reliability.py has that row.)
+        t = fit(budget=budget, global_batch=N, max_oom_retries=3,
+                planner_options={"levers": {"optimizer_in_backward": (False,)}})
+        for step, times in faults:
+            t.inject_oom(step=step, times=times)
+        t.train(loader([4] * 10), steps=5)
+        return t
+    clean, faulty = run([]), run([(2, 2)])
+    assert [h["loss"] for h in faulty.history] == pytest.approx([h["loss"] for h in clean.history], rel=1e-6)
+    assert any(e["kind"] != "initial" for e in faulty.events[1:])  # it did re-plan
+    p = faulty.plan
+    assert (p.variant.micro_batch_size or N) * p.grad_accum_steps == N and p.grad_accum_steps > 1
+
+
+def test_a_resume_continues_at_the_same_sample(tmp_path):
+    """Loader batches of 3 for global batches of 4: a step ends inside a loader batch. Stopped
+    after 3 steps and resumed, the run's losses and weights are those of an uninterrupted run."""
+    data = loader([3] * 10)
+    whole = fit(global_batch=4)
+    whole.train(data, steps=6)
+    first = fit(global_batch=4, checkpoint_path=tmp_path / "ck.pt")
+    first.train(data, steps=3)
+    resumed = memtune.Trainer.resume(tmp_path / "ck.pt", mlp(), "1GB", optimizer="adamw", loss_fn=loss_fn,
+                                     progress=False, device="cpu")
+    assert resumed.global_batch == 4  # kept from the checkpoint
+    resumed.train(data, steps=6)
+    assert [h["loss"] for h in resumed.history] == [h["loss"] for h in whole.history]
+    assert all(torch.equal(a, b) for a, b in zip(resumed.model.parameters(), whole.model.parameters()))
+    with pytest.raises(UsageError, match="global_batch=4, but this resume asks for global_batch=8"):
+        memtune.Trainer.resume(tmp_path / "ck.pt", mlp(), "1GB", optimizer="adamw", loss_fn=loss_fn, progress=False,
+                               device="cpu", global_batch=8)
+
+
+def test_the_remainder_is_an_event_and_step_takes_exactly_the_global_batch():
+    t = fit(global_batch=N)
+    t.train(loader([5] * 4), epochs=1)  # 20 samples: 2 steps, 4 left over
+    assert t.step_count == 2
+    assert t.events[-1]["kind"] == "global-batch-remainder" and t.events[-1]["samples"] == 4
+    with pytest.raises(UsageError, match="a batch of 5 samples, but global_batch=8"):
+        t.step(loader([5])[0])
+
+
+def test_cli_fit_global_batch_trains_on_that_many_samples_per_step(tmp_path):
+    """``memtune fit --global-batch 16`` on the example's 4-sample batches: each step trains on
+    16 samples (4 loader batches gathered), and a resume without the flag keeps 16."""
+    from memtune.cli import main
+    from memtune.runtime import checkpoint as ckpt
+
+    ck = tmp_path / "ck.pt"
+    args = ["fit", "examples/models.py:gpt_with_data", "--budget", "1GB", "--no-progress", "--checkpoint", str(ck)]
+    assert main([*args, "--steps", "2", "--global-batch", "16"]) == 0
+    state = ckpt.load(ck)
+    assert state["global_batch"] == 16 and state["step"] == 2 and state["batches_seen"] == 2
+    assert ckpt.load(ck)["profile"]["batch_size"] == 16  # profiled at the global batch, not the loader's 4
+    assert main([*args, "--steps", "3"]) == 0
+    assert ckpt.load(ck)["global_batch"] == 16 and ckpt.load(ck)["step"] == 3
+    assert main([*args, "--steps", "4", "--global-batch", "8"]) == 2  # another size would misplace the data
