@@ -339,8 +339,14 @@ def check_contents(payload: dict[str, Any]) -> list[str]:
         if payload[key] < 0:
             out.append(f"{key}={payload[key]} is negative")
     g = payload.get("global_batch")
-    if g is not None and (type(g) is not int or g < 1):
-        out.append(f"global_batch={_short(g)} is not a number of samples")
+    if g is not None and g != "auto" and (type(g) is not int or g < 1):
+        out.append(f"global_batch={_short(g)} is not a number of samples or 'auto'")
+    seen_samples = payload.get("samples_seen", 0)
+    if type(seen_samples) is not int or seen_samples < 0:
+        out.append(f"samples_seen={_short(seen_samples)} is not a count")
+    auto = payload.get("auto_batch")
+    if auto is not None and not _auto_batch_state(auto):
+        out.append("auto_batch is not a schedule state (global_batch, last_change, noise: decay, g2, trace, count)")
     if "budget_usable_bytes" in payload:
         b = payload["budget_usable_bytes"]
         if not isinstance(b, int) or isinstance(b, bool) or b <= 0:
@@ -350,8 +356,8 @@ def check_contents(payload: dict[str, Any]) -> list[str]:
     if step >= 0 and seen > step + skips:
         out.append(f"batches_seen={seen} exceeds the {step} steps taken plus the {skips} batches skipped, so a "
                    f"resume would skip {seen} batches of the loader")
-    trees = [p for key in ("history", "events", "plan", "profile", "optimizer", "rng", "retuner", "model")
-             for p in _check_tree(payload[key], key)]
+    trees = [p for key in ("history", "events", "plan", "profile", "optimizer", "rng", "retuner", "model", "auto_batch")
+             for p in _check_tree(payload.get(key), key)]
     if trees:  # the checks below walk these trees: a shared one would take exponential time
         return out + trees
     r = payload["retuner"]
@@ -370,6 +376,21 @@ def check_contents(payload: dict[str, Any]) -> list[str]:
     if bad:
         out.append(f"{len(bad)} tensors hold NaN or inf (e.g. {', '.join(bad[:3])}); a run never saves those")
     return out
+
+
+def _auto_batch_state(d: Any) -> bool:
+    """Whether ``d`` is what :meth:`memtune.runtime.global_batch.AutoBatch.state_dict` writes."""
+    def count(v, low=0):
+        return type(v) is int and v >= low
+
+    def number(v):
+        return v is None or (isinstance(v, float) and math.isfinite(v))
+    if not (isinstance(d, dict) and count(d.get("global_batch"), 1) and count(d.get("last_change"))
+            and d.get("stopped") in (None, "throughput") and isinstance(d.get("noise"), dict)):
+        return False
+    n = d["noise"]
+    return (isinstance(n.get("decay"), float) and 0 < n["decay"] < 1 and number(n.get("g2"))
+            and number(n.get("trace")) and count(n.get("count")))
 
 
 _SHORT = reprlib.Repr()

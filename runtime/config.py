@@ -70,10 +70,14 @@ class TrainerConfig:
     relaxing to new ones (each new plan is one recompile), >= 1."""
     link: str = "loopback"
     """Under torchrun: the interconnect collectives are priced on (:data:`memtune.distributed.LINKS`)."""
-    global_batch: int | None = None
+    global_batch: int | str | None = None
     """Samples per optimizer step, exactly, whatever the loader yields (its batches are gathered
-    or cut to match; under torchrun, across all ranks); ``None``: each loader batch is one step.
-    See :mod:`memtune.runtime.global_batch`."""
+    or cut to match; under torchrun, across all ranks); ``"auto"``: grown toward the measured
+    critical batch size; ``None``: each loader batch is one step. See
+    :mod:`memtune.runtime.global_batch`."""
+    auto_batch: Any = None
+    """With ``global_batch="auto"``: a :class:`memtune.runtime.global_batch.AutoBatchConfig`;
+    ``None``: its defaults."""
 
     def __post_init__(self) -> None:
         from . import safety

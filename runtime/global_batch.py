@@ -21,7 +21,9 @@ Samples at the end of the data that do not fill a global batch are not trained o
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Iterator
+import dataclasses
+import math
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 from torch.utils._pytree import tree_flatten, tree_unflatten
@@ -30,13 +32,14 @@ from memtune.batching import batch_size_of
 from memtune.errors import UsageError
 
 
-def check_global_batch(value: Any) -> int | None:
-    """``value`` as a global batch size (``None``: the loader's batches as they come)."""
-    if value is None:
-        return None
+def check_global_batch(value: Any) -> int | str | None:
+    """``value`` as a global batch size (``None``: the loader's batches as they come; ``"auto"``:
+    grown toward the critical batch size, :class:`AutoBatch`)."""
+    if value is None or value == "auto":
+        return value
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise UsageError(f"global_batch={value!r}: give a whole number of samples per optimizer step, >= 1 "
-                         "(or None to train on the loader's batches as they come)")
+        raise UsageError(f"global_batch={value!r}: give a whole number of samples per optimizer step, >= 1, 'auto' "
+                         "(grown toward the measured critical batch size), or None (the loader's batches as they come)")
     return value
 
 
@@ -48,11 +51,14 @@ def local_share(global_batch: int, world_size: int) -> int:
     return global_batch // world_size
 
 
-def regroup(batches: Iterable[Any], size: int, *, skip_samples: int = 0,
+def regroup(batches: Iterable[Any], size: int | Callable[[], int], *, skip_samples: int = 0,
             on_remainder=None) -> Iterator[Any]:
     """Batches of exactly ``size`` samples from ``batches`` (concatenated and cut along dim 0),
     after skipping the first ``skip_samples``; ``on_remainder(n)`` is told of the ``n < size``
-    samples left at the end, which are not yielded."""
+    samples left at the end, which are not yielded. ``size`` may be a function, read before
+    each batch is cut (a global batch that grows)."""
+    if not callable(size):
+        size = (lambda n: lambda: n)(size)
     held: list[Any] = []
     count = 0
     for batch in batches:
@@ -67,12 +73,13 @@ def regroup(batches: Iterable[Any], size: int, *, skip_samples: int = 0,
             batch, n, skip_samples = _slice(batch, skip_samples, n), n - skip_samples, 0
         held.append(batch)
         count += n
-        while count >= size:
+        while count >= size():
+            n_out = size()
             whole = concat(held) if len(held) > 1 else held[0]
             total = count
-            yield _slice(whole, 0, size, total) if total > size else whole
-            rest = total - size
-            held, count = ([_slice(whole, size, total, total)] if rest else []), rest
+            yield _slice(whole, 0, n_out, total) if total > n_out else whole
+            rest = total - n_out
+            held, count = ([_slice(whole, n_out, total, total)] if rest else []), rest
     if count and on_remainder is not None:
         on_remainder(count)
 
@@ -108,3 +115,131 @@ def concat(batches: list[Any]) -> Any:
         else:
             out.append(first)
     return tree_unflatten(out, spec)
+
+
+# ----------------------------------------------------------------------------- global_batch="auto"
+class NoiseScale:
+    """The gradient noise scale B_noise = tr(Σ) / |G|² (McCandlish et al. 2018, "An empirical
+    model of large-batch training"), measured from two batch sizes of one step.
+
+    Of a step's N samples, the first micro-batch's b samples give |G_b|² and the whole step's
+    gradient |G_N|². Since E|G_B|² = |G|² + tr(Σ)/B, the unbiased estimates are
+    |G|² ≈ (N|G_N|² − b|G_b|²)/(N − b) and tr(Σ) ≈ (|G_b|² − |G_N|²)/(1/b − 1/N). Each is
+    noisy, so each is smoothed (an exponential moving average with ``decay``) before the ratio
+    is taken, as the paper's Appendix A does."""
+
+    def __init__(self, decay: float = 0.9):
+        self.decay = decay
+        self.g2: float | None = None
+        self.trace: float | None = None
+        self.count = 0
+
+    def observe(self, small_sq: float, small: int, big_sq: float, big: int) -> None:
+        """One step: ``small_sq`` = |G_small|² over ``small`` samples, ``big_sq`` = |G_big|² over ``big``."""
+        if not (0 < small < big) or not (math.isfinite(small_sq) and math.isfinite(big_sq)):
+            return
+        g2 = (big * big_sq - small * small_sq) / (big - small)
+        trace = (small_sq - big_sq) / (1.0 / small - 1.0 / big)
+        d = self.decay
+        self.g2 = g2 if self.g2 is None else d * self.g2 + (1 - d) * g2
+        self.trace = trace if self.trace is None else d * self.trace + (1 - d) * trace
+        self.count += 1
+
+    @property
+    def b_noise(self) -> float | None:
+        """The smoothed estimate; ``inf`` while the noise is measurable but the smoothed |G|² is
+        not yet (the signal is below the measurement's noise: the noise scale is far above both
+        batch sizes); ``None`` before any measurement, or when neither is positive."""
+        if self.g2 is None or self.trace is None:
+            return None
+        if self.g2 <= 0:
+            return math.inf if self.trace > 0 else None
+        return max(self.trace, 0.0) / self.g2
+
+    def state_dict(self) -> dict:
+        return {"decay": self.decay, "g2": self.g2, "trace": self.trace, "count": self.count}
+
+    def load_state_dict(self, d: dict) -> None:
+        self.decay, self.g2, self.trace, self.count = float(d["decay"]), d["g2"], d["trace"], int(d["count"])
+
+
+@dataclasses.dataclass
+class AutoBatchConfig:
+    """How ``global_batch="auto"`` grows the batch (:class:`AutoBatch`)."""
+
+    start: int | None = None
+    """The first global batch; ``None``: the loader's first batch size."""
+    max_global_batch: int = 1 << 16
+    """Never above this many samples per step."""
+    warmup_steps: int = 20
+    """Measurements before the first decision (the estimate is noisy early, and early in training)."""
+    interval: int = 20
+    """Steps between decisions."""
+    growth: int = 2
+    """The factor of each growth step."""
+    lr_rule: str = "sqrt"
+    """How learning rates follow the batch: ``"sqrt"`` (lr ∝ √B) or ``"none"``."""
+
+    def __post_init__(self) -> None:
+        for name in ("max_global_batch", "warmup_steps", "interval"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise UsageError(f"AutoBatchConfig.{name}={v!r}: give a whole number >= 1")
+        if self.start is not None:
+            check_global_batch(self.start)
+        if not isinstance(self.growth, int) or self.growth < 2:
+            raise UsageError(f"AutoBatchConfig.growth={self.growth!r}: give a whole factor >= 2")
+        if self.lr_rule not in LR_RULES:
+            raise UsageError(f"AutoBatchConfig.lr_rule={self.lr_rule!r}: use one of {LR_RULES}")
+
+
+LR_RULES = ("sqrt", "none")
+
+
+class AutoBatch:
+    """The schedule of ``global_batch="auto"``: the global batch grows by ``growth`` toward the
+    measured critical batch size, never above it, every ``interval`` steps after ``warmup_steps``.
+
+    A larger batch is taken only when the gradient noise scale says the samples would not be
+    wasted (B_noise ≥ growth × B: McCandlish et al. find the data-efficient batch near B_noise;
+    above it, more samples per step buy little more progress per step). Memory is not a limit
+    (the plan accumulates micro-batches), and the runtime keeps a growth only if the new plan's
+    predicted samples per second are no lower than the old one's.
+
+    Learning rates follow ``lr_rule``. ``"sqrt"`` (the default) multiplies every learning rate by
+    √(B'/B): the square-root rule that the SDE analysis of adaptive methods (Malladi et al. 2022,
+    "On the SDEs and Scaling Rules for Adaptive Gradient Algorithms") derives for Adam, whose
+    per-coordinate normalization makes the update's size independent of the gradient's scale.
+    Muon and Muon² normalize each matrix's update (orthogonalization), the same property, so the
+    same rule is used for them. The linear rule of SGD (Goyal et al. 2017) would overshoot
+    for both."""
+
+    def __init__(self, config: AutoBatchConfig, start: int):
+        self.config = config
+        self.global_batch = start
+        self.noise = NoiseScale()
+        self.last_change = 0
+        self.stopped: str | None = None
+        """Why growing stopped for good (throughput, the maximum), or ``None``."""
+
+    def decide(self, step: int) -> int | None:
+        """The next global batch at ``step``, or ``None`` to keep the current one."""
+        c, b = self.config, self.noise.b_noise
+        if self.stopped or b is None or self.noise.count < c.warmup_steps or step - self.last_change < c.interval:
+            return None
+        new = min(self.global_batch * c.growth, c.max_global_batch)
+        if new <= self.global_batch or b < new:
+            return None
+        return new
+
+    def lr_factor(self, old: int, new: int) -> float:
+        return math.sqrt(new / old) if self.config.lr_rule == "sqrt" else 1.0
+
+    def state_dict(self) -> dict:
+        return {"global_batch": self.global_batch, "noise": self.noise.state_dict(), "last_change": self.last_change,
+                "stopped": self.stopped}
+
+    def load_state_dict(self, d: dict) -> None:
+        self.global_batch = int(d["global_batch"])
+        self.noise.load_state_dict(d["noise"])
+        self.last_change, self.stopped = int(d["last_change"]), d["stopped"]

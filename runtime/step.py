@@ -20,7 +20,7 @@ import torch
 from torch.utils._pytree import tree_flatten
 
 from memtune.apply import applied_levers
-from memtune.batching import loss_from_output, split_batch
+from memtune.batching import batch_size_of, loss_from_output, split_batch, split_micro_batches
 from memtune.errors import NonFiniteError
 from memtune.optimizer_recording import optimizer_state_tensors
 from memtune.profile import StepPhase
@@ -149,7 +149,13 @@ class StepRunner:
         t = self.trainer
         updates_during_backward = not all(a.retry_safe for a in levers)
         total = 0.0
-        for part, weight in self._pieces(batch, levers):
+        pieces = self._pieces(batch, levers)
+        measure = t.auto is not None
+        self.noise_measure = None
+        if measure and len(pieces) == 1:
+            pieces = halves(batch)  # two batch sizes for the noise scale; the same gradient sum
+        first = None
+        for part, weight in pieces:
             self.enter(TrainerPhase.FORWARD)
             args, kwargs, target = split_batch(part, t.loss_fn)
             with self._autocast(levers):
@@ -163,6 +169,10 @@ class StepRunner:
             t._backward(loss if weight == 1.0 else loss * weight)
             total += float(loss.detach()) * weight
             del loss
+            if measure and first is None and len(pieces) > 1:
+                first = (grad_sq(t.model) / weight ** 2, batch_size_of(part))  # |G_b|² of the first b samples
+        if first is not None:
+            self.noise_measure = (first[0], first[1], grad_sq(t.model), batch_size_of(batch))
         return total
 
     def _check_gradients(self, total: float, levers) -> None:
@@ -183,9 +193,28 @@ class StepRunner:
         if bad or not math.isfinite(total):
             raise NonFiniteStep(total, bad)
 
+    noise_measure: tuple[float, int, float, int] | None = None
+    """After a step with ``global_batch="auto"``: (|G_b|², b, |G_N|², N) for the noise scale."""
+
     def static_tensors(self, batch: Any = None) -> list:
         """What is alive before a step begins (parameters, buffers, optimizer state and the
         batch): what a step meter tracks before it measures the step."""
         t = self.trainer
         return [list(t.model.parameters()), list(t.model.buffers()), optimizer_state_tensors(t.optimizer)] + \
             ([tree_flatten(batch)[0]] if batch is not None else [])
+
+
+def grad_sq(model) -> float:
+    """|g|², the squared L2 norm of every gradient of ``model`` together."""
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if not grads:
+        return 0.0
+    return float(sum(n.double() ** 2 for n in torch._foreach_norm(grads)))
+
+
+def halves(batch: Any) -> list[tuple[Any, float]]:
+    """``batch`` as two micro-batches (its first half and the rest), each with its weight."""
+    n = batch_size_of(batch)
+    if not n or n < 2:
+        return [(batch, 1.0)]
+    return split_micro_batches(batch, (n + 1) // 2)

@@ -50,7 +50,7 @@ from memtune.units_fmt import fmt_bytes
 from memtune.validation import check_plan_matches_model, check_profile_matches_model, check_state_dict_matches_model
 
 from . import checkpoint as ckpt
-from .global_batch import local_share, regroup
+from .global_batch import AutoBatch, AutoBatchConfig, local_share, regroup
 from . import replan, safety
 from .config import TrainerConfig
 from .faults import OOMInjection
@@ -134,10 +134,25 @@ class Trainer:
         self.telemetry = telemetry
         self.link = c.link
         self.global_batch = c.global_batch
-        """Samples per optimizer step across ranks (``None``: each loader batch is a step)."""
-        self.local_batch = None if c.global_batch is None else \
-            local_share(c.global_batch, self.dist.world_size) if self.dist is not None else c.global_batch
-        """This rank's share of :attr:`global_batch`: the size of every batch :meth:`step` is given."""
+        """Samples per optimizer step across ranks (``None``: each loader batch is a step; ``"auto"``: :attr:`auto`)."""
+        self.auto: AutoBatch | None = None
+        """The ``global_batch="auto"`` schedule (made at the first batch, whose size it starts from)."""
+        self.auto_config = c.auto_batch if c.auto_batch is not None else AutoBatchConfig()
+        if c.global_batch == "auto":
+            if self.dist is not None:
+                raise UsageError("global_batch='auto' runs on one process for now; under torchrun give a number")
+            # The noise scale needs every gradient at once: the levers that free them stay off.
+            self.planner_options["levers"] = {
+                **self.planner_options.get("levers", {}),
+                **held_at_default(lambda lever: not lever.allows_global_grad_clip)}
+            self.local_batch = None
+        else:
+            self.local_batch = None if c.global_batch is None else \
+                local_share(c.global_batch, self.dist.world_size) if self.dist is not None else c.global_batch
+        """This rank's share of the global batch: the size of every batch :meth:`step` is given."""
+        self.samples_seen = 0
+        """With a global batch: samples of the loader's stream the steps have taken."""
+        self._pending_growth: dict | None = None
         self._forward = self.model  # what the step runner calls: the model, or its DDP wrapper
         self.runner = StepRunner(self)
         if self.dist is not None:
@@ -223,6 +238,14 @@ class Trainer:
             self.profile = _profile_for_training(self.model, sample, self.loss_fn, self.optimizer_settings,
                                                  self.precision, target, space)
             plan = self._make_plan(budget, lossless=False)
+        if self.auto is not None:
+            from memtune.levers.micro_batch import batch_dependent
+
+            stateful = batch_dependent(self.profile)
+            if stateful:
+                raise UsageError(f"global_batch='auto' measures the gradient noise scale from parts of each batch, and "
+                                 f"{', '.join(stateful[:3])} compute per part (batch statistics, written buffers): give "
+                                 "a fixed global_batch for this model")
         log.info("profiled %s in %.1f s: baseline peak %s", self.profile.model, time.perf_counter() - t0,
                  fmt_bytes(self.profile.baseline_peak_bytes))
         self._install(plan, kind="initial", reason=f"budget {self.budget}")
@@ -402,8 +425,49 @@ class Trainer:
         step_ms = (time.perf_counter() - t0) * 1000
         self.step_count += 1
         self.skipped_batches = 0
+        if self.auto is not None and self.runner.noise_measure is not None:
+            self.auto.noise.observe(*self.runner.noise_measure)
         self._after_step(loss, step_ms, peak, retries)
+        if self.auto is not None:
+            self._grow_global_batch()
         return loss
+
+    # ------------------------------------------------------------------ global_batch="auto"
+    def _grow_global_batch(self) -> None:
+        """After a step: keep a growth only if the new plan is no slower per sample, then maybe
+        grow again toward the measured critical batch size (:class:`AutoBatch`)."""
+        auto, pending = self.auto, self._pending_growth
+        if pending is not None and self.plan is not pending["plan"]:
+            self._pending_growth = None
+            old, new = pending["old"], auto.global_batch
+            before, after = pending["plan"].predicted_step_ms / old, self.plan.predicted_step_ms / new
+            if after > before * (1 + 1e-9):
+                self._set_global_batch(old, kind="global-batch-revert", b_noise=auto.noise.b_noise,
+                                       reason=f"at {new} samples the plan predicts {after:.4g} ms per sample, more than "
+                                              f"the {before:.4g} at {old}: growing stops here")
+                auto.stopped = "throughput"
+                return
+        new = auto.decide(self.step_count)
+        if new is None:
+            return
+        self._pending_growth = {"old": auto.global_batch, "plan": self.plan}
+        self._set_global_batch(new, kind="global-batch-grow", b_noise=auto.noise.b_noise,
+                               reason=f"gradient noise scale {auto.noise.b_noise:.1f} samples >= {new}"
+                               if math.isfinite(auto.noise.b_noise) else
+                               f"gradient noise scale above what batches of {auto.global_batch} resolve (>= {new})")
+
+    def _set_global_batch(self, new: int, *, kind: str, b_noise: float | None, reason: str) -> None:
+        auto = self.auto
+        old = auto.global_batch
+        factor = auto.lr_factor(old, new)
+        for group in self.optimizer.param_groups:
+            group["lr"] = group["lr"] * factor
+        auto.global_batch = self.local_batch = new
+        auto.last_change = self.step_count
+        self.events.append({"step": self.step_count, "kind": kind, "global_batch": new, "previous": old,
+                            "b_noise": b_noise if b_noise is None or math.isfinite(b_noise) else None,
+                            "lr_factor": factor, "reason": reason})
+        log.info("step %d: global batch %d -> %d (%s), learning rates x%.4g", self.step_count, old, new, reason, factor)
 
     def _checkpoint_on_disk(self) -> str | None:
         return str(self.checkpoint_path) if self.checkpoint_path and self.checkpoint_path.exists() else None
@@ -538,6 +602,11 @@ class Trainer:
                   "predicted_peak_bytes": plan.predicted_peak_bytes, "budget_bytes": self.budget.usable_bytes,
                   "plan_budget_bytes": self.plan_budget_bytes, "plan_version": self.plan_version,
                   "oom_retries": retries, "correction": round(self.retuner.correction, 4)}
+        if self.global_batch is not None:
+            record["global_batch"] = self.local_batch * (self.dist.world_size if self.dist is not None else 1)
+        if self.auto is not None and self.auto.noise.b_noise is not None:
+            b = self.auto.noise.b_noise
+            record["b_noise"] = round(b, 3) if math.isfinite(b) else None  # (inf: above what two sizes resolve)
         if ns:
             record["ns"] = ns
         if self._recompiles is not None:
@@ -618,6 +687,8 @@ class Trainer:
                 with self._deferring_signals("advance"):
                     loss = self.step(batch)
                     self.batches_seen += 1  # with the step: a checkpoint between them would replay the batch
+                    if self.global_batch is not None:
+                        self.samples_seen += batch_size_of(batch)
                 if self.step_count == before:  # a skipped non-finite batch: no update, nothing new to save
                     continue
                 if self.checkpoint_path and self.checkpoint_every and self.step_count % self.checkpoint_every == 0:
@@ -644,9 +715,18 @@ class Trainer:
         return self.history
 
     def _stream(self, loader: Iterable, epochs: int | None):
-        if self.local_batch is None:
+        if self.global_batch is None:
             yield from self._loader_batches(loader, epochs, skip=self.batches_seen)
             return
+        if self.global_batch == "auto" and self.auto is None:
+            start = self.auto_config.start
+            if start is None:
+                first = next(iter(self._loader_batches(loader, epochs, skip=0)), None)
+                start = batch_size_of(first) if first is not None else None
+                if not start:
+                    raise UsageError("global_batch='auto' starts from the loader's first batch size, but it has none")
+            self.auto = AutoBatch(self.auto_config, start)
+            self.local_batch = start
 
         def remainder(n: int) -> None:
             msg = (f"the last {n} samples of the data are fewer than the global batch of {self.global_batch}"
@@ -656,9 +736,9 @@ class Trainer:
             self.events.append({"step": self.step_count, "kind": "global-batch-remainder", "samples": n,
                                 "reason": msg})
 
-        # Steps so far took batches_seen global batches: continue at that sample of the stream.
-        yield from regroup(self._loader_batches(loader, epochs, skip=0), self.local_batch,
-                           skip_samples=self.batches_seen * self.local_batch, on_remainder=remainder)
+        # Continue at the sample of the stream the steps so far reached.
+        yield from regroup(self._loader_batches(loader, epochs, skip=0), lambda: self.local_batch,
+                           skip_samples=self.samples_seen, on_remainder=remainder)
 
     def _loader_batches(self, loader: Iterable, epochs: int | None, *, skip: int):
         epoch = 0
@@ -779,6 +859,7 @@ class Trainer:
             "plan": self.plan.to_dict(), "profile": self.profile.to_dict(), "plan_version": self.plan_version,
             "plan_budget_bytes": self.plan_budget_bytes, "budget_usable_bytes": self.budget.usable_bytes,
             "step": self.step_count, "batches_seen": self.batches_seen, "global_batch": self.global_batch,
+            "samples_seen": self.samples_seen, "auto_batch": self.auto.state_dict() if self.auto is not None else None,
             "rng": ckpt.rng_state(), "retuner": self.retuner.state_dict(), "history": self.history, "events": self.events,
         }, path)
         if self.checkpoint_path is not None and Path(path) == self.checkpoint_path:
@@ -846,6 +927,12 @@ class Trainer:
         trainer.plan_budget_bytes = state["plan_budget_bytes"]
         trainer.step_count = state["step"]
         trainer.batches_seen = state["batches_seen"]
+        if trainer.global_batch is not None:
+            trainer.samples_seen = state.get("samples_seen", state["batches_seen"] * (trainer.local_batch or 0))
+        if state.get("auto_batch") is not None and trainer.global_batch == "auto":
+            trainer.auto = AutoBatch(trainer.auto_config, int(state["auto_batch"]["global_batch"]))
+            trainer.auto.load_state_dict(state["auto_batch"])
+            trainer.local_batch = trainer.auto.global_batch
         trainer._saved_step = state["step"]
         trainer.history = list(state["history"])
         trainer.events = list(state["events"]) + trainer.events[-1:]

@@ -185,3 +185,86 @@ def test_cli_fit_global_batch_trains_on_that_many_samples_per_step(tmp_path):
     assert main([*args, "--steps", "3"]) == 0
     assert ckpt.load(ck)["global_batch"] == 16 and ckpt.load(ck)["step"] == 3
     assert main([*args, "--steps", "4", "--global-batch", "8"]) == 2  # another size would misplace the data
+
+
+# ----------------------------------------------------------------------------- global_batch="auto"
+def test_the_noise_scale_estimator_recovers_a_known_noise_scale():
+    """Per-sample gradients G + ε with ε ~ N(0, σ²I) in d dimensions: tr(Σ) = dσ², so
+    B_noise = dσ²/|G|² is known. Fed the two-batch norms of 400 simulated steps (b=4, N=32),
+    the smoothed estimate lands within 15 % of it."""
+    from memtune.runtime.global_batch import NoiseScale
+
+    g = torch.Generator().manual_seed(0)
+    d, sigma = 2000, 0.5
+    G = torch.randn(d, generator=g, dtype=torch.float64)
+    G = G / G.norm() * 3.0
+    truth = d * sigma ** 2 / float(G.norm() ** 2)
+    est = NoiseScale(decay=0.98)
+    for _ in range(400):
+        per_sample = G + sigma * torch.randn(32, d, generator=g, dtype=torch.float64)
+        est.observe(float(per_sample[:4].mean(0).norm() ** 2), 4, float(per_sample.mean(0).norm() ** 2), 32)
+    assert est.b_noise == pytest.approx(truth, rel=0.15)
+
+
+def noisy(sizes, seed=0):
+    """Batches whose targets are noise, independent of the inputs: a large gradient noise scale."""
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(n, 1, 16, generator=g), 3 * torch.randn(n, 1, 16, generator=g)) for n in sizes]
+
+
+def auto_fit(**kw):
+    from memtune.runtime.global_batch import AutoBatchConfig
+
+    cfg = kw.pop("auto", AutoBatchConfig(warmup_steps=3, interval=3, max_global_batch=32))
+    return fit(global_batch="auto", auto_batch=cfg, **kw)
+
+
+def test_auto_grows_toward_the_noise_scale_with_sqrt_lr_and_every_sample_once():
+    """Targets that are pure noise make the gradient noise scale large: the batch doubles from the loader's
+    4 while B_noise stays above the next size, up to the cap of 32; each growth is an event
+    with its reason, the learning rates scale by √2 each time, and the steps take the loader's
+    samples in order, each once."""
+    t = auto_fit()
+    lr0 = [g["lr"] for g in t.optimizer.param_groups] if t.optimizer is not None else None
+    data = noisy([4] * 80)
+    t.train(data, steps=16)
+    grows = [e for e in t.events if e["kind"] == "global-batch-grow"]
+    assert [e["global_batch"] for e in grows] == [8, 16, 32]
+    assert all((e["b_noise"] is None or e["b_noise"] >= e["global_batch"]) and "noise scale" in e["reason"]
+               and e["lr_factor"] == pytest.approx(2 ** 0.5) for e in grows)
+    sizes = [h["global_batch"] for h in t.history]
+    assert sizes == sorted(sizes) and sizes[0] == 4 and sizes[-1] == 32
+    assert t.samples_seen == sum(sizes)
+    lr0 = lr0 or [g["lr"] / 8 ** 0.5 for g in t.optimizer.param_groups]
+    assert [g["lr"] for g in t.optimizer.param_groups] == pytest.approx([lr * 8 ** 0.5 for lr in lr0])
+
+
+def test_auto_before_any_growth_trains_exactly_like_the_fixed_batch():
+    """The noise measurement cuts each batch in two halves: the same gradient sum, so the
+    losses equal a fixed global batch of the same size within 1e-6."""
+    from memtune.runtime.global_batch import AutoBatchConfig
+
+    fixed = fit(global_batch=8)
+    fixed.train(loader([4] * 8), steps=4)
+    auto = auto_fit(auto=AutoBatchConfig(start=8, warmup_steps=100))
+    auto.train(loader([4] * 8), steps=4)
+    assert [h["global_batch"] for h in auto.history] == [8] * 4
+    assert torch.allclose(torch.tensor([h["loss"] for h in auto.history]),
+                          torch.tensor([h["loss"] for h in fixed.history]), rtol=1e-6)
+
+
+def test_a_resume_continues_the_schedule(tmp_path):
+    data = noisy([4] * 80)
+    whole = auto_fit()
+    whole.train(data, steps=14)
+    first = auto_fit(checkpoint_path=tmp_path / "ck.pt")
+    first.train(data, steps=8)
+    from memtune.runtime.global_batch import AutoBatchConfig
+
+    resumed = memtune.Trainer.resume(tmp_path / "ck.pt", mlp(), "1GB", optimizer="adamw", loss_fn=loss_fn,
+                                     progress=False, device="cpu",
+                                     auto_batch=AutoBatchConfig(warmup_steps=3, interval=3, max_global_batch=32))
+    assert resumed.auto.global_batch == first.auto.global_batch and resumed.samples_seen == first.samples_seen
+    resumed.train(data, steps=14)
+    assert [h["global_batch"] for h in resumed.history] == [h["global_batch"] for h in whole.history]
+    assert [h["loss"] for h in resumed.history] == pytest.approx([h["loss"] for h in whole.history], rel=1e-6)
