@@ -188,6 +188,14 @@ def _budget(text: str) -> int | str:
     return int(text) if text.isascii() and text.isdigit() else text  # "²".isdigit() is True too
 
 
+def _global_batch(text: str) -> int | str:
+    """An argparse type: ``auto`` or a whole number of samples >= 1."""
+    return "auto" if text.strip().lower() == "auto" else _count(1)(text)
+
+
+_global_batch.__name__ = "global batch ('auto' or a whole number >= 1)"
+
+
 def _count(minimum: int):
     """An argparse type: a whole number >= ``minimum``."""
     def parse(text: str) -> int:
@@ -417,9 +425,10 @@ def _args_fit(p: argparse.ArgumentParser) -> None:
                    help="checkpoint file: resumed from when it exists, written every --checkpoint-every steps, on "
                         "Ctrl-C and at the end")
     p.add_argument("--checkpoint-every", type=_count(1), default=50, help="default: 50")
-    p.add_argument("--global-batch", type=_count(1), default=None,
+    p.add_argument("--global-batch", type=_global_batch, default=None,
                    help="samples per optimizer step, exactly (the loader's batches are gathered or cut to it; the plan "
-                        "picks micro-batch size x accumulation); default: each loader batch is a step")
+                        "picks micro-batch size x accumulation), or 'auto' (grown toward the measured critical batch "
+                        "size); default: each loader batch is a step")
     p.add_argument("--fresh", action="store_true",
                    help="start over even though --checkpoint exists (its progress is replaced)")
     p.add_argument("--skip-nonfinite", action="store_true",
@@ -489,8 +498,10 @@ def _args_sweep(p: argparse.ArgumentParser) -> None:
     p.add_argument("--storage", default=None, help="Optuna storage URL (default: sqlite:///memtune-sweep.db)")
     p.add_argument("--study-name", default="memtune-sweep", help="default: memtune-sweep")
     p.add_argument("--steps-per-trial", type=_count(1), default=30, help="default: 30")
-    p.add_argument("--objective", default="loss", choices=("loss", "loss,step_ms"),
-                   help="loss (one objective) or loss,step_ms (a Pareto front); default: loss")
+    p.add_argument("--objective", default="loss", choices=("loss", "loss,step_ms", "time_to_loss"),
+                   help="loss (one objective), loss,step_ms (a Pareto front) or time_to_loss (seconds of training "
+                        "to --target-loss); default: loss")
+    p.add_argument("--target-loss", type=float, default=None, help="the loss time_to_loss trains to")
     p.add_argument("--device", default=None, help="default: cuda when present, else cpu")
 
 
@@ -509,6 +520,7 @@ def _cmd_sweep(args) -> int:
 
     study = memtune.sweep(build, budget=_budget(args.budget), n_trials=args.trials, storage=args.storage,
                           study_name=args.study_name, objective=objective, steps_per_trial=args.steps_per_trial,
+                          target_loss=args.target_loss,
                           device=device)
     con = _console()
     attrs = study.user_attrs
@@ -518,11 +530,13 @@ def _cmd_sweep(args) -> int:
 
     best = study.best_trials if len(study.directions) > 1 else ([study.best_trial] if _any_complete(study) else [])
     t = Table(title="Pareto front (loss, step time)" if len(study.directions) > 1 else "Best trial")
-    for col in ("trial", "loss", "step", "params"):
+    timed = args.objective == "time_to_loss"
+    for col in ("trial", f"seconds to loss {args.target_loss}" if timed else "loss", "step", "params"):
         t.add_column(col)
     for tr in best:
         step = fmt_ms(tr.values[1]) if len(tr.values) > 1 else fmt_ms(tr.user_attrs.get("step_ms", 0.0))
-        t.add_row(str(tr.number), f"{tr.values[0]:.4f}", step, ", ".join(f"{k}={_short(v)}" for k, v in tr.params.items()))
+        t.add_row(str(tr.number), f"{tr.values[0]:.2f} s" if timed else f"{tr.values[0]:.4f}", step,
+                  ", ".join(f"{k}={_short(v)}" for k, v in tr.params.items()))
     con.print(t)
     return EXIT_OK
 

@@ -216,6 +216,10 @@ class Plan:
     """What the planner wants the user to know (fallbacks, assumptions)."""
     parallel: ParallelPlan | None = None
     """Data parallelism across ranks; ``None``: one process."""
+    samples_per_step: int | None = None
+    """Samples per optimizer step (micro-batch size × accumulation; per rank under torchrun)."""
+    tokens_per_sample: int | None = None
+    """Tokens per sample when the batch is token ids (an integer ``(batch, tokens)`` input)."""
     schema_version: int = PLAN_SCHEMA_VERSION
 
     def __post_init__(self) -> None:
@@ -317,6 +321,14 @@ class Plan:
         return cls.from_dict(read_json_object(text_or_path, what="plan",
                                               remedy="re-create it with `memtune plan ... --out plan.json`"))
 
+    def _throughput(self) -> str:
+        """``, 1,234 samples/s (78,976 tokens/s) at 64 per step``: the rate at the planned batch."""
+        if not self.samples_per_step or not self.predicted_step_ms > 0:
+            return ""
+        per_s = self.samples_per_step * 1000.0 / self.predicted_step_ms
+        tokens = f" ({per_s * self.tokens_per_sample:,.0f} tokens/s)" if self.tokens_per_sample else ""
+        return f", {per_s:,.1f} samples/s{tokens} at {self.samples_per_step} per step"
+
     def summary(self) -> str:
         from .levers import LEVERS
 
@@ -326,7 +338,8 @@ class Plan:
         m, t, o = self.memory, self.time, self.optimizer
         lines = [
             f"Plan ({self.planner}) for {self.target}: peak {fmt_bytes(self.predicted_peak_bytes)} of "
-            f"{fmt_bytes(self.usable_bytes)} usable (budget {fmt_bytes(self.budget_bytes)}), step {fmt_ms(self.predicted_step_ms)}",
+            f"{fmt_bytes(self.usable_bytes)} usable (budget {fmt_bytes(self.budget_bytes)}), step {fmt_ms(self.predicted_step_ms)}"
+            + self._throughput(),
             f"  units: {len(self.decisions) - n_rc - n_off - n_sel} save, {n_sel} selective, {n_rc} recompute, "
             f"{n_off} offload",
             f"  optimizer: {o.name} ns_steps={o.ns_steps} state={o.state_dtype} "

@@ -61,7 +61,7 @@ from .optimizers import STATE_DTYPES
 DEFAULT_STORAGE = "sqlite:///memtune-sweep.db"
 NS_STEPS = (3, 5)
 LR_RANGE = (1e-3, 1e-1)
-OBJECTIVES = ("loss", "step_ms")
+OBJECTIVES = ("loss", "step_ms", "time_to_loss")
 HEARTBEAT_S = 60
 """Default seconds between a running trial's heartbeats; a trial silent for ``2 x`` this is failed and retried."""
 FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
@@ -292,7 +292,7 @@ def sweep(build_fn: Callable[..., Any], *, budget: int | str, n_trials: int, stu
           steps_per_trial: int = 30, report_every: int = 5, study_name: str = "memtune-sweep",
           directions: Sequence[str] | None = None, device: str | None = None,
           callbacks: Sequence[Callable] | None = None, heartbeat_interval: int | None = HEARTBEAT_S,
-          grace_period: int | None = None) -> optuna.Study:
+          grace_period: int | None = None, target_loss: float | None = None) -> optuna.Study:
     """Search NS steps, state precision, planner, learning rate and micro-batch within ``budget``.
 
     Args:
@@ -310,8 +310,12 @@ def sweep(build_fn: Callable[..., Any], *, budget: int | str, n_trials: int, stu
         storage: Optuna storage; ``None``: ``sqlite:///memtune-sweep.db``. A URL gets a
             heartbeat and retries of killed workers' trials (:func:`open_storage`).
         sampler, pruner: Optuna's; ``None``: Optuna's defaults.
-        objective: ``"loss"`` (mean training loss over the last quarter of the steps) or
-            ``("loss", "step_ms")`` (adds the median measured step time: a Pareto front).
+        objective: ``"loss"`` (mean training loss over the last quarter of the steps),
+            ``("loss", "step_ms")`` (adds the median measured step time: a Pareto front), or
+            ``"time_to_loss"``: seconds of training until the mean loss of the last
+            ``report_every`` steps is at most ``target_loss`` (the trial stops there; one that
+            does not reach it within ``steps_per_trial`` is pruned, with the loss it reached).
+        target_loss: the loss ``"time_to_loss"`` trains to.
         steps_per_trial: optimizer steps each trial trains.
         report_every: report the running loss to ``trial.report`` every this many steps.
         directions: ``None``: minimize every objective.
@@ -328,7 +332,12 @@ def sweep(build_fn: Callable[..., Any], *, budget: int | str, n_trials: int, stu
     objectives = (objective,) if isinstance(objective, str) else tuple(objective)
     bad = [o for o in objectives if o not in OBJECTIVES]
     if bad or not objectives:
-        raise UsageError(f"objective={objective!r}: use 'loss' or ('loss', 'step_ms')")
+        raise UsageError(f"objective={objective!r}: use 'loss', ('loss', 'step_ms') or 'time_to_loss'")
+    timed = "time_to_loss" in objectives
+    if timed != (target_loss is not None) or (timed and not (isinstance(target_loss, (int, float))
+                                                              and math.isfinite(target_loss))):
+        raise UsageError(f"objective={objective!r} with target_loss={target_loss!r}: 'time_to_loss' needs a finite "
+                         "target_loss, and target_loss is only used by it")
     if not isinstance(n_trials, int) or isinstance(n_trials, bool) or n_trials < 0:
         raise UsageError(f"n_trials={n_trials!r}: give a whole number >= 0")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -339,6 +348,8 @@ def sweep(build_fn: Callable[..., Any], *, budget: int | str, n_trials: int, stu
     b = Budget.parse(budget, device=device)
     definition = {"budget_bytes": b.budget_bytes, "objectives": list(objectives), "steps_per_trial": steps_per_trial,
                   "device": device}
+    if timed:
+        definition["target_loss"] = float(target_loss)
     if study is None:
         study = open_study(storage, study_name=study_name, directions=directions or ["minimize"] * len(objectives),
                            sampler=sampler, pruner=pruner, heartbeat_interval=heartbeat_interval,
@@ -379,11 +390,17 @@ def sweep(build_fn: Callable[..., Any], *, budget: int | str, n_trials: int, stu
             trainer = memtune.fit(model, budget, sample=sample, loss_fn=loss_fn, optimizer="muon2",
                                   optimizer_settings=settings, planner=params["planner"], device=device,
                                   planner_options=opts, progress=False)
+            reached = None
             for step, batch in enumerate(itertools.islice(data, steps_per_trial)):
                 losses.append(trainer.step(batch))
                 step_ms.append(trainer.history[-1]["step_ms"])
                 if not math.isfinite(losses[-1]):
                     raise optuna.TrialPruned(f"loss diverged at step {step}")
+                if timed and len(losses) >= report_every and \
+                        statistics.fmean(losses[-report_every:]) <= target_loss:
+                    reached = sum(step_ms) / 1000.0  # seconds of training steps, memtune's re-plans included
+                    trial.set_user_attr("steps_to_loss", step + 1)
+                    break
                 if not multi and (step + 1) % report_every == 0:
                     trial.report(statistics.fmean(losses[-report_every:]), step)
                     if trial.should_prune():
@@ -398,7 +415,11 @@ def sweep(build_fn: Callable[..., Any], *, budget: int | str, n_trials: int, stu
         tail = losses[-max(1, len(losses) // 4):]
         loss, ms = statistics.fmean(tail), statistics.median(step_ms)
         trial.set_user_attr("step_ms", ms)
-        values = {"loss": loss, "step_ms": ms}
+        if timed and reached is None:
+            trial.set_user_attr("target_not_reached", statistics.fmean(losses[-report_every:]))
+            raise optuna.TrialPruned(f"did not reach target_loss={target_loss} in {len(losses)} steps (mean loss of "
+                                     f"the last {report_every}: {statistics.fmean(losses[-report_every:]):.4f})")
+        values = {"loss": loss, "step_ms": ms, "time_to_loss": reached}
         return tuple(values[o] for o in objectives) if multi else values[objectives[0]]
 
     cbs = [optuna.study.MaxTrialsCallback(n_trials, states=FINISHED), *(callbacks or [])]

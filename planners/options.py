@@ -279,6 +279,15 @@ def unit_choices(profile: ModelProfile, options: PlannerOptions, unit: str | Non
             + ((Decision.OFFLOAD,) if offload_allowed(profile, options) else ()))
 
 
+def tokens_per_sample(sample: str) -> int | None:
+    """``T`` when the first tensor of a profiled sample (:func:`memtune.batching.describe`) is
+    integer token ids of shape ``(B, T)``."""
+    import re
+
+    m = re.match(r"\((\d+), (\d+)\) u?int(8|16|32|64)\b", sample or "")
+    return int(m.group(2)) if m else None
+
+
 def make_plan(profile: ModelProfile, budget: Budget, config: Config, decisions: dict[str, Decision], *, planner: str,
               options: PlannerOptions, notes: tuple[str, ...] = (), table: CostTable | None = None,
               save_ops: dict[str, tuple[str, ...]] | None = None) -> Plan:
@@ -289,7 +298,9 @@ def make_plan(profile: ModelProfile, budget: Budget, config: Config, decisions: 
     draft = Plan(budget_bytes=budget.budget_bytes, usable_bytes=budget.usable_bytes, decisions=decisions,
                  save_ops=save_ops,
                  optimizer=config.optimizer, variant=config.variant, grad_accum_steps=config.grad_accum_steps,
-                 planner=planner, profile_hash=fingerprint(profile), target=profile.target_name, notes=tuple(notes))
+                 planner=planner, profile_hash=fingerprint(profile), target=profile.target_name, notes=tuple(notes),
+                 samples_per_step=options.global_batch_size or profile.batch_size,
+                 tokens_per_sample=tokens_per_sample(profile.sample))
     memory = predict_peak(profile, draft)
     table = table or costs_for(profile, config, options)
     time = apply_decisions(table, decisions, save_ops)

@@ -96,6 +96,23 @@ def test_a_study_is_continued_only_by_the_same_sweep(tmp_path):
         memtune.sweep(build, budget=BUDGET, **{**kw, "study_name": "other"})
 
 
+def test_time_to_loss_is_the_seconds_of_training_until_the_target(tmp_path):
+    """objective='time_to_loss': each trial trains until the mean loss of the last
+    report_every steps is at most target_loss and is worth the seconds its steps took; a
+    target no trial reaches prunes every trial with the loss it reached."""
+    from memtune.errors import UsageError
+
+    kw = dict(budget=BUDGET, steps_per_trial=4, report_every=2, device="cpu", objective="time_to_loss")
+    study = memtune.sweep(build, n_trials=2, storage=f"sqlite:///{tmp_path / 'a.db'}", target_loss=100.0, **kw)
+    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert done and all(t.user_attrs["steps_to_loss"] == 2 and 0 < t.value < t.user_attrs["wall_s"] for t in done)
+    missed = memtune.sweep(build, n_trials=1, storage=f"sqlite:///{tmp_path / 'b.db'}", target_loss=0.0, **kw)
+    assert all(t.state == optuna.trial.TrialState.PRUNED and t.user_attrs["target_not_reached"] > 0
+               for t in missed.trials if not t.user_attrs.get("infeasible"))
+    with pytest.raises(UsageError, match="needs a finite target_loss"):
+        memtune.sweep(build, n_trials=1, storage=f"sqlite:///{tmp_path / 'c.db'}", **kw)
+
+
 # ----------------------------------------------------------------------------- workers that die
 import os
 import signal
