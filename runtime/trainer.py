@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import gc
+import itertools
 import logging
 import math
 import re
@@ -718,13 +719,15 @@ class Trainer:
         if self.global_batch is None:
             yield from self._loader_batches(loader, epochs, skip=self.batches_seen)
             return
+        batches = self._loader_batches(loader, epochs, skip=0)
         if self.global_batch == "auto" and self.auto is None:
             start = self.auto_config.start
             if start is None:
-                first = next(iter(self._loader_batches(loader, epochs, skip=0)), None)
+                first = next(batches, None)  # put back below: a one-shot loader must not lose it
                 start = batch_size_of(first) if first is not None else None
                 if not start:
                     raise UsageError("global_batch='auto' starts from the loader's first batch size, but it has none")
+                batches = itertools.chain([first], batches)
             self.auto = AutoBatch(self.auto_config, start)
             self.local_batch = start
 
@@ -737,8 +740,7 @@ class Trainer:
                                 "reason": msg})
 
         # Continue at the sample of the stream the steps so far reached.
-        yield from regroup(self._loader_batches(loader, epochs, skip=0), lambda: self.local_batch,
-                           skip_samples=self.samples_seen, on_remainder=remainder)
+        yield from regroup(batches, lambda: self.local_batch, skip_samples=self.samples_seen, on_remainder=remainder)
 
     def _loader_batches(self, loader: Iterable, epochs: int | None, *, skip: int):
         epoch = 0

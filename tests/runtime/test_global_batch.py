@@ -268,3 +268,12 @@ def test_a_resume_continues_the_schedule(tmp_path):
     resumed.train(data, steps=14)
     assert [h["global_batch"] for h in resumed.history] == [h["global_batch"] for h in whole.history]
     assert [h["loss"] for h in resumed.history] == pytest.approx([h["loss"] for h in whole.history], rel=1e-6)
+
+
+def test_auto_from_a_one_shot_generator_loses_no_sample():
+    """The first batch's size starts the schedule; reading it must not drop it from training."""
+    from memtune.runtime.global_batch import AutoBatchConfig
+
+    t = auto_fit(auto=AutoBatchConfig(warmup_steps=100))
+    t.train((b for b in loader([4] * 3)), epochs=1)
+    assert t.step_count == 3 and t.samples_seen == 12
