@@ -13,6 +13,8 @@ A batch can be
 
 from __future__ import annotations
 
+import functools
+import re
 from typing import Any, Callable
 
 import torch
@@ -128,7 +130,23 @@ def split_micro_batches(batch: Any, micro_batch_size: int | None) -> list[tuple[
     out = []
     for start in range(0, n, micro_batch_size):
         size = min(micro_batch_size, n - start)
-        part = tree_map_only(torch.Tensor,
-                             lambda t: t[start:start + size] if t.dim() > 0 and t.shape[0] == n else t, batch)
-        out.append((part, size / n))
+        out.append((slice_batch(batch, start, start + size, n), size / n))
     return out
+
+
+def slice_batch(batch: Any, start: int, stop: int, n: int | None = None) -> Any:
+    """Samples ``start:stop`` of ``batch``: its tensors whose dim 0 is the batch's size ``n``
+    are sliced (views), the others passed whole."""
+    n = batch_size_of(batch) if n is None else n
+    return tree_map_only(torch.Tensor, lambda t: t[start:stop] if t.dim() > 0 and t.shape[0] == n else t, batch)
+
+
+_DESCRIBED = re.compile(r"\(([\d, ]*)\) (\w+)")
+
+
+@functools.lru_cache(maxsize=8)
+def described_tensors(description: str) -> tuple[tuple[tuple[int, ...], str], ...]:
+    """``(shape, dtype name)`` of each tensor in a :func:`describe` string (read every step by
+    the runtime: parsed once per profile)."""
+    return tuple((tuple(int(d) for d in m.group(1).replace(" ", "").split(",") if d), m.group(2))
+                 for m in _DESCRIBED.finditer(description or ""))

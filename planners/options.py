@@ -13,6 +13,7 @@ numerics least.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Mapping
 
@@ -282,10 +283,13 @@ def unit_choices(profile: ModelProfile, options: PlannerOptions, unit: str | Non
 def tokens_per_sample(sample: str) -> int | None:
     """``T`` when the first tensor of a profiled sample (:func:`memtune.batching.describe`) is
     integer token ids of shape ``(B, T)``."""
-    import re
+    from memtune.batching import described_tensors
 
-    m = re.match(r"\((\d+), (\d+)\) u?int(8|16|32|64)\b", sample or "")
-    return int(m.group(2)) if m else None
+    tensors = described_tensors(sample)
+    if not tensors:
+        return None
+    shape, dtype = tensors[0]
+    return shape[1] if len(shape) == 2 and re.fullmatch(r"u?int(8|16|32|64)", dtype) else None
 
 
 def make_plan(profile: ModelProfile, budget: Budget, config: Config, decisions: dict[str, Decision], *, planner: str,

@@ -38,6 +38,8 @@ import torch
 
 from memtune.errors import CheckpointError, OutputError, UsageError, write_failure_cause
 
+from .global_batch import AutoBatch
+
 FORMAT = "memtune-checkpoint/2"
 """Version 2: weights_only-loadable (version 1 pickled numpy RNG state and needed code execution)."""
 
@@ -345,7 +347,7 @@ def check_contents(payload: dict[str, Any]) -> list[str]:
     if type(seen_samples) is not int or seen_samples < 0:
         out.append(f"samples_seen={_short(seen_samples)} is not a count")
     auto = payload.get("auto_batch")
-    if auto is not None and not _auto_batch_state(auto):
+    if auto is not None and not AutoBatch.is_state(auto):
         out.append("auto_batch is not a schedule state (global_batch, last_change, noise: decay, g2, trace, count)")
     if "budget_usable_bytes" in payload:
         b = payload["budget_usable_bytes"]
@@ -376,21 +378,6 @@ def check_contents(payload: dict[str, Any]) -> list[str]:
     if bad:
         out.append(f"{len(bad)} tensors hold NaN or inf (e.g. {', '.join(bad[:3])}); a run never saves those")
     return out
-
-
-def _auto_batch_state(d: Any) -> bool:
-    """Whether ``d`` is what :meth:`memtune.runtime.global_batch.AutoBatch.state_dict` writes."""
-    def count(v, low=0):
-        return type(v) is int and v >= low
-
-    def number(v):
-        return v is None or (isinstance(v, float) and math.isfinite(v))
-    if not (isinstance(d, dict) and count(d.get("global_batch"), 1) and count(d.get("last_change"))
-            and d.get("stopped") in (None, "throughput") and isinstance(d.get("noise"), dict)):
-        return False
-    n = d["noise"]
-    return (isinstance(n.get("decay"), float) and 0 < n["decay"] < 1 and number(n.get("g2"))
-            and number(n.get("trace")) and count(n.get("count")))
 
 
 _SHORT = reprlib.Repr()

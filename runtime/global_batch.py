@@ -28,7 +28,7 @@ from typing import Any, Callable, Iterable, Iterator
 import torch
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from memtune.batching import batch_size_of
+from memtune.batching import batch_size_of, slice_batch
 from memtune.errors import UsageError
 
 
@@ -70,31 +70,21 @@ def regroup(batches: Iterable[Any], size: int | Callable[[], int], *, skip_sampl
             if n <= skip_samples:
                 skip_samples -= n
                 continue
-            batch, n, skip_samples = _slice(batch, skip_samples, n), n - skip_samples, 0
+            batch, n, skip_samples = slice_batch(batch, skip_samples, n), n - skip_samples, 0
         held.append(batch)
         count += n
-        while count >= size():
-            n_out = size()
+        while count >= (n_out := size()):
             whole = concat(held) if len(held) > 1 else held[0]
-            total = count
-            yield _slice(whole, 0, n_out, total) if total > n_out else whole
-            rest = total - n_out
-            held, count = ([_slice(whole, n_out, total, total)] if rest else []), rest
+            yield slice_batch(whole, 0, n_out, count) if count > n_out else whole
+            held = [slice_batch(whole, n_out, count, count)] if count > n_out else []
+            count -= n_out
     if count and on_remainder is not None:
         on_remainder(count)
 
 
-def _slice(batch: Any, start: int, stop: int, n: int | None = None) -> Any:
-    """Samples ``start:stop`` of ``batch`` (its tensors whose dim 0 is the batch's ``n``)."""
-    n = batch_size_of(batch) if n is None else n
-    leaves, spec = tree_flatten(batch)
-    return tree_unflatten([t[start:stop] if isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == n else t
-                           for t in leaves], spec)
-
-
 def concat(batches: list[Any]) -> Any:
     """``batches`` (the same structure each) joined along dim 0; leaves that are not per-sample
-    (no batch dimension) must be equal and are kept once."""
+    (no batch dimension) are taken from the first batch."""
     flat = [tree_flatten(b) for b in batches]
     spec = flat[0][1]
     if any(s != spec for _, s in flat[1:]):
@@ -238,6 +228,22 @@ class AutoBatch:
     def state_dict(self) -> dict:
         return {"global_batch": self.global_batch, "noise": self.noise.state_dict(), "last_change": self.last_change,
                 "stopped": self.stopped}
+
+    @staticmethod
+    def is_state(d: Any) -> bool:
+        """Whether ``d`` is what :meth:`state_dict` writes (a checkpoint's contents are checked
+        before anything is restored)."""
+        def count(v, low=0):
+            return type(v) is int and v >= low
+
+        def number(v):
+            return v is None or (isinstance(v, float) and math.isfinite(v))
+        if not (isinstance(d, dict) and count(d.get("global_batch"), 1) and count(d.get("last_change"))
+                and d.get("stopped") in (None, "throughput") and isinstance(d.get("noise"), dict)):
+            return False
+        n = d["noise"]
+        return (isinstance(n.get("decay"), float) and 0 < n["decay"] < 1 and number(n.get("g2"))
+                and number(n.get("trace")) and count(n.get("count")))
 
     def load_state_dict(self, d: dict) -> None:
         self.global_batch = int(d["global_batch"])

@@ -207,9 +207,7 @@ class StepRunner:
 def grad_sq(model) -> float:
     """|g|², the squared L2 norm of every gradient of ``model`` together."""
     grads = [p.grad for p in model.parameters() if p.grad is not None]
-    if not grads:
-        return 0.0
-    return float(sum(n.double() ** 2 for n in torch._foreach_norm(grads)))
+    return float(torch.nn.utils.get_total_norm(grads)) ** 2 if grads else 0.0
 
 
 def halves(batch: Any) -> list[tuple[Any, float]]:

@@ -18,12 +18,10 @@ CPU it applies to tracked tensor memory (:class:`~memtune.runtime.memguard.Tenso
 from __future__ import annotations
 
 import contextlib
-import functools
 import gc
 import itertools
 import logging
 import math
-import re
 import signal
 import threading
 import time
@@ -37,7 +35,7 @@ import torch.nn as nn
 
 from torch.utils._pytree import tree_flatten
 
-from memtune.batching import batch_size_of, describe, move_batch
+from memtune.batching import batch_size_of, describe, described_tensors, move_batch
 from memtune.budget import Budget
 from memtune.compiled import RecompileCounter, is_compiled, unwrap
 from memtune.errors import CheckpointError, InfeasibleBudgetError, MemtuneError, NonFiniteError, PlanFileError, UsageError
@@ -113,10 +111,7 @@ class Trainer:
         self.max_skipped_batches = c.max_skipped_batches
         self.max_grad_norm = c.max_grad_norm
         if c.max_grad_norm is not None:
-            # A global norm needs every gradient at once: the levers that free them stay off.
-            self.planner_options["levers"] = {
-                **self.planner_options.get("levers", {}),
-                **held_at_default(lambda lever: not lever.allows_global_grad_clip)}
+            self._keep_every_gradient()  # a global norm needs them all at once
         self.skipped_batches = 0
         self._saved_step: int | None = None
         self.compiled = is_compiled(model)
@@ -142,10 +137,7 @@ class Trainer:
         if c.global_batch == "auto":
             if self.dist is not None:
                 raise UsageError("global_batch='auto' runs on one process for now; under torchrun give a number")
-            # The noise scale needs every gradient at once: the levers that free them stay off.
-            self.planner_options["levers"] = {
-                **self.planner_options.get("levers", {}),
-                **held_at_default(lambda lever: not lever.allows_global_grad_clip)}
+            self._keep_every_gradient()  # the noise scale needs them all at once
             self.local_batch = None
         else:
             self.local_batch = None if c.global_batch is None else \
@@ -190,6 +182,12 @@ class Trainer:
             torch.cuda.set_per_process_memory_fraction(min(1.0, cap / total), self.device)
 
     # ------------------------------------------------------------------ setup
+    def _keep_every_gradient(self) -> None:
+        """Hold the levers that free gradients during backward (the step in backward) at their
+        defaults: a global gradient norm, or the gradient noise scale, needs every gradient."""
+        self.planner_options["levers"] = {**self.planner_options.get("levers", {}),
+                                          **held_at_default(lambda lever: not lever.allows_global_grad_clip)}
+
     def _setup_distributed(self) -> None:
         """Restrict this rank to what is implemented across ranks (docs/distributed.md)."""
         from memtune.distributed import LINKS
@@ -929,8 +927,7 @@ class Trainer:
         trainer.plan_budget_bytes = state["plan_budget_bytes"]
         trainer.step_count = state["step"]
         trainer.batches_seen = state["batches_seen"]
-        if trainer.global_batch is not None:
-            trainer.samples_seen = state.get("samples_seen", state["batches_seen"] * (trainer.local_batch or 0))
+        trainer.samples_seen = state.get("samples_seen", 0)  # (written with global_batch, which needs it)
         if state.get("auto_batch") is not None and trainer.global_batch == "auto":
             trainer.auto = AutoBatch(trainer.auto_config, int(state["auto_batch"]["global_batch"]))
             trainer.auto.load_state_dict(state["auto_batch"])
@@ -1035,15 +1032,12 @@ def _refuse_empty(batch: Any, step: int) -> None:
                          "applied. Drop empty batches from the loader (a DataLoader's drop_last=True, or a filter)")
 
 
-_SHAPE = re.compile(r"\(([\d, ]*)\) \w+")
-
-
 def larger_than_profiled(batch: Any, sample: str) -> str | None:
     """Why ``batch`` needs more memory than the profiled sample (described by ``sample``, as
     :func:`memtune.batching.describe` writes it): the first tensor with a dimension larger than
     the same tensor's in the sample, or ``None``. Tensors are matched by position; a batch of
     another structure (more tensors, other ranks) is not compared."""
-    profiled = _profiled_shapes(sample)
+    profiled = [shape for shape, _ in described_tensors(sample)]
     leaves = [t for t in tree_flatten(batch)[0] if isinstance(t, torch.Tensor)]
     if len(leaves) != len(profiled):
         return None
@@ -1056,12 +1050,6 @@ def larger_than_profiled(batch: Any, sample: str) -> str | None:
                 return (f"tensor {i} of the batch has {what} {size} (shape {tuple(t.shape)}), larger than the {was} the "
                         f"profile was made with (shape {shape})")
     return None
-
-
-@functools.lru_cache(maxsize=8)
-def _profiled_shapes(sample: str) -> tuple[tuple[int, ...], ...]:
-    """The shapes in a sample's description (read every step: parsed once per profile)."""
-    return tuple(tuple(int(d) for d in m.group(1).replace(" ", "").split(",") if d) for m in _SHAPE.finditer(sample))
 
 
 def unequal_local_batches(sizes: list[int | None]) -> str | None:

@@ -376,14 +376,14 @@ def report_run(ctx, lines):
 
 
 # ----------------------------------------------------------------------------- second pass (issue 22)
-def crafted(ctx, craft) -> Path:
+def crafted(ctx, craft, name: str) -> Path:
     """A real checkpoint's contents changed by ``craft`` and written back with torch.save, so
     every CRC matches (tests/runtime/test_checkpoint.py's CRAFTED cases)."""
     import copy
 
     payload = copy.deepcopy(ckpt.load(checkpoint(ctx, "craft-src.pt", steps=2)))
     craft(payload)
-    out = ctx.path(f"crafted-{abs(hash(craft))}.pt")
+    out = ctx.path(f"crafted-{re.sub(r'[^a-z0-9]+', '-', name.lower()).strip('-')}.pt")
     torch.save(payload, out)
     return out
 
@@ -557,11 +557,13 @@ def resume_other_world_size(ctx):
     return resume(d)
 
 
-def run_cli_(*argv):
+def run_cli(*argv):
+    """A case that runs ``memtune *argv`` (callable arguments are given the context)."""
     return lambda ctx: cli(*[a(ctx) if callable(a) else a for a in argv])
 
 
-def plan_file_(name, text):
+def plan_file(name, text):
+    """A case that loads ``text`` (or ``text(ctx)``) written as plan file ``name``."""
     return lambda ctx: memtune.Plan.from_json(ctx.write(name, text(ctx) if callable(text) else text))
 
 
@@ -650,9 +652,6 @@ def _cases() -> list[Case]:
                                   device="cpu"), "InfeasibleBudgetError", ("every trial", "at least"))
 
     # ----------------------------------------------------------------------- plan / profile / metrics files
-    def plan_file(name, text):
-        return lambda ctx: memtune.Plan.from_json(ctx.write(name, text(ctx) if callable(text) else text))
-
     add("file", "plan: truncated JSON", plan_file("p1.json", '{"decisions": {"a": '), "PlanFileError", ("not valid JSON",))
     add("file", "plan: a binary file", plan_file("p2.json", b"\x89PNG\r\n\x1a\n\x00\xff\xfe"), "PlanFileError", ("binary",))
     add("file", "plan: peak is a string", plan_file("p3.json", lambda ctx: plan_doc(ctx, predicted_peak_bytes="1GB")),
@@ -773,9 +772,6 @@ def _cases() -> list[Case]:
     add("runtime", "resume at 70 % of the unplanned peak (the run used 1GB)", resume_smaller, "ok", ("resume-replan",))
 
     # ----------------------------------------------------------------------- CLI
-    def run_cli(*argv):
-        return lambda ctx: cli(*[a(ctx) if callable(a) else a for a in argv])
-
     fac = lambda name: lambda ctx: f"{ctx.path('factories.py')}:{name}"  # noqa: E731
     add("CLI", "fit --steps -3", run_cli("fit", MODEL, "--budget", "5MB", "--steps", "-3"), "exit 2", ("below 0",))
     add("CLI", "plan: a factory that calls sys.exit(0)", run_cli("plan", fac("exits_0"), "--budget", "5MB"), "exit 2",
@@ -864,10 +860,10 @@ def _second_pass(add) -> None:
 
     # ----------------------------------------------------------------------- crafted checkpoints (CRCs match)
     for name, (craft, says) in CRAFTED.items():
-        add("checkpoint", f"crafted with valid CRCs: {name}", lambda ctx, f=craft: resume(crafted(ctx, f)),
+        add("checkpoint", f"crafted with valid CRCs: {name}", lambda ctx, f=craft, n=name: resume(crafted(ctx, f, n)),
             "CheckpointError", (says,))
     add("checkpoint", "crafted with valid CRCs: a Muon² state tensor of another shape",
-        lambda ctx: resume(crafted(ctx, muon2_state_of_another_shape)), "CheckpointError",
+        lambda ctx: resume(crafted(ctx, muon2_state_of_another_shape, "muon2 shape")), "CheckpointError",
         ("optimizer state does not fit", "momentum_buffer is torch.float32 \\(256, 31\\), not"))
     add("checkpoint", "a 2-rank checkpoint (directory of rank files) resumed by one process",
         resume_other_world_size, "CheckpointError", ("across ranks", "torchrun"))
@@ -883,7 +879,7 @@ def _second_pass(add) -> None:
     add("checkpoint", "save under ulimit -f (torch's zip writer raises RuntimeError)", save_under_file_size_limit,
         "MemtuneError", ("file size limit", "files left: none"))
     add("CLI", "fit --metrics <a directory>",
-        run_cli_("fit", MODEL, "--budget", "1GB", "--steps", "1", "--no-progress", "--metrics", lambda ctx: str(ctx.dir)),
+        run_cli("fit", MODEL, "--budget", "1GB", "--steps", "1", "--no-progress", "--metrics", lambda ctx: str(ctx.dir)),
         "exit 2", ("is a directory",))
     add("CLI", "fit: the metrics file hits ulimit -f mid-run", metrics_hit_size_limit, "exit 2",
         ("metrics", "file size limit"))
@@ -960,13 +956,13 @@ def _second_pass(add) -> None:
     add("file", "plan: /dev/zero (endless)", lambda ctx: memtune.Plan.from_json("/dev/zero"), "PlanFileError",
         ("larger than 256 MiB", "endless"))
     add("file", "plan: optimizer settings with weight_decay a byte string",
-        plan_file_("p12.json", lambda ctx: plan_settings_doc(ctx, weight_decay="\\u0005")), "PlanFileError",
+        plan_file("p12.json", lambda ctx: plan_settings_doc(ctx, weight_decay="\\u0005")), "PlanFileError",
         ("weight_decay",))
     add("CLI", "report --run <a JSONL file with a broken line 2>",
         lambda ctx: report_run(ctx, ['{"step": 0, "loss": 1.0, "peak_bytes": 5}', '{"step": 1, "loss"',
                                      '{"step": 2, "loss": 0.8, "peak_bytes": 5}']), "exit 4", ("run.jsonl:2 is not JSON",))
     add("CLI", "sweep --storage sqlite:///<a text file>",
-        run_cli_("sweep", MODEL, "--budget", "1GB", "--trials", "1", "--storage",
+        run_cli("sweep", MODEL, "--budget", "1GB", "--trials", "1", "--storage",
                  lambda ctx: f"sqlite:///{ctx.write('notadb.db', 'hello, not a database' * 100)}"), "exit 2",
         ("storage",))
 

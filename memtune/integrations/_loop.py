@@ -139,24 +139,22 @@ class StepMeter:
             if not getattr(meter, "closed", False):
                 meter.__exit__(None, None, None)
 
-    def check_finite(self, policy: str, params=(), *, losses=None, check_grads: bool = True) -> None:
+    def check_finite(self, policy: str, model: torch.nn.Module, *, losses=None, check_grads: bool = True) -> None:
         """Before the framework's optimizer step: raise :class:`NonFiniteError` when this step's
-        loss (``losses``, default those recorded), or (``check_grads``) a gradient of ``params``,
+        loss (``losses``, default those recorded), or (``check_grads``) a gradient of ``model``,
         is NaN or infinite (``policy`` ``"raise"``); the meter is closed first, since the
         framework will unwind."""
+        from memtune.runtime.safety import non_finite_gradients
+
         if policy != "raise":
             return
-        what = None
         bad = [x for x in (self.losses if losses is None else losses) if not math.isfinite(x)]
+        grads = non_finite_gradients(model) if check_grads and not bad else []
         if bad:
             what = f"the loss is {bad[0]}"
-        elif check_grads:
-            grads = [p.grad for p in params if p.grad is not None]
-            finite = [bool(torch.isfinite(g).all()) for g in grads]
-            if not all(finite):
-                named = sum(1 for f in finite if not f)
-                what = f"{named} of {len(grads)} gradients hold NaN or inf (the loss is finite)"
-        if what is None:
+        elif grads:
+            what = f"the gradients of {', '.join(grads)} hold NaN or inf (the loss is finite)"
+        else:
             return
         self.abandon()
         step = self.session.step_count

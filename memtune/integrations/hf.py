@@ -142,8 +142,7 @@ class MemtuneCallback(CallbackSettings, _Base):
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         if self._meter is not None and self._model is not None:
-            self._meter.check_finite(self.on_nonfinite, self._model.parameters(),
-                                     check_grads=not getattr(args, "fp16", False))
+            self._meter.check_finite(self.on_nonfinite, self._model, check_grads=not getattr(args, "fp16", False))
 
     def on_step_begin(self, args, state, control, **kwargs):
         self._meter.begin()

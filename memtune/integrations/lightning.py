@@ -143,8 +143,7 @@ class MemtuneCallback(CallbackSettings, _Base):
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         losses, self._backward_losses = self._backward_losses, []
         if self._meter is not None:
-            self._meter.check_finite(self.on_nonfinite, pl_module.parameters(), losses=losses,
-                                     check_grads=not self._fp16)
+            self._meter.check_finite(self.on_nonfinite, pl_module, losses=losses, check_grads=not self._fp16)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self._meter is None:

@@ -30,23 +30,23 @@ def _fraction(v) -> bool:
 
 
 def check_hyperparameters(owner: str, **values) -> None:
-    """Range checks an optimizer's constructor makes (so that a resumed state dict is held
-    to them too): ``lr``, ``weight_decay`` finite and >= 0, ``eps`` finite and > 0,
-    ``momentum``, ``beta2`` and each of ``betas`` in [0, 1)."""
+    """The range of each hyperparameter, one rule for :class:`OptimizerSettings` and the
+    optimizers' constructors (so that a resumed state dict is held to them too): ``momentum``,
+    ``beta2`` and each of ``betas`` in [0, 1); anything else (learning rates, epsilons, weight
+    decay) a finite number >= 0. ``owner`` prefixes the message."""
     for name, v in values.items():
         if isinstance(v, torch.Tensor) and v.numel() == 1:  # a tensor lr, as torch's optimizers accept
             v = float(v)
         if name == "betas":
             ok = isinstance(v, (tuple, list)) and len(v) == 2 and all(_fraction(b) for b in v)
-            want = "two numbers in [0, 1)"
+            want = "two numbers in [0, 1), such as (0.9, 0.95)"
         elif name in ("momentum", "beta2"):
             ok, want = _fraction(v), "a number in [0, 1)"
         else:
-            number = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-            ok = number and (v > 0 if name == "eps" else v >= 0)
-            want = "a finite number > 0" if name == "eps" else "a finite number >= 0"
+            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
+            want = "a finite number >= 0"
         if not ok:
-            raise OptimizerConfigError(f"{owner} {name}={v!r}: give {want}")
+            raise OptimizerConfigError(f"{owner + ' ' if owner else ''}{name}={v!r}: give {want}")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -149,13 +149,8 @@ class OptimizerSettings:
         check(self.ns_normalize is None or self.ns_normalize in NS_NORMALIZATIONS,
               f"ns_normalize={self.ns_normalize!r}: use one of {NS_NORMALIZATIONS} or None")
         check(self.ns_steps >= 1, f"ns_steps={self.ns_steps}: need at least 1 Newton-Schulz iteration")
-        check(0 <= self.momentum < 1 and 0 <= self.beta2 < 1, "momentum and beta2 must lie in [0, 1)")
-        check(isinstance(self.betas, tuple) and len(self.betas) == 2 and all(_fraction(b) for b in self.betas),
-              f"betas={self.betas!r}: give two numbers in [0, 1), such as (0.9, 0.95)")
-        for name in ("lr", "adamw_lr", "eps", "adamw_eps", "weight_decay"):
-            v = getattr(self, name)
-            check(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0,
-                  f"{name}={v!r}: give a finite number >= 0")
+        check_hyperparameters("", **{name: getattr(self, name) for name in (
+            "momentum", "beta2", "betas", "lr", "adamw_lr", "eps", "adamw_eps", "weight_decay")})
         check(self.adamw_weight_decay is None or (math.isfinite(self.adamw_weight_decay) and self.adamw_weight_decay >= 0),
               f"adamw_weight_decay={self.adamw_weight_decay!r}: give a finite number >= 0, or None")
         for fqn, choice in self.overrides.items():
