@@ -11,7 +11,10 @@ Medians of ``--reps`` steps, 2 threads. Shapes:
 Rows: torch.optim.Muon K=5 (its NS is bf16 always); Muon² K=3 with the defaults of
 ``OptimizerSettings`` (bf16 NS, Gram-scaled input, preconditioned); Muon² K=3 with fp32 NS
 (what ``memtune.fit`` uses on a CPU); plain Muon (memtune's, K=5, bf16), which must match
-torch's time. Writes benchmarks/results/muon2_shapes.json.
+torch's time. Each row gives the median and the best step (the best is what the arithmetic
+costs when nothing else intrudes), and the minor page faults per step: freed temporaries of a
+megabyte or more go back to the OS and fault in again on the next step, which moves the
+medians by ±15% from run to run on a small VM. Writes benchmarks/results/muon2_shapes.json.
 
     python benchmarks/muon2_shapes.py
 """
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import statistics
 import sys
 import time
@@ -60,15 +64,21 @@ def measure(shapes, reps: int) -> dict:
             p.grad = gr.clone()
         opts[name] = make(ps)
     times = {name: [] for name in opts}
+    faults = dict.fromkeys(opts, 0)
     for name, opt in opts.items():  # warm-up: state creation, first-call costs
         opt.step()
     for _ in range(reps):
         for name, opt in opts.items():
+            f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             t0 = time.perf_counter()
             opt.step()
             times[name].append((time.perf_counter() - t0) * 1e3)
+            faults[name] += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
     ref = statistics.median(times["torch.optim.Muon K=5"])
-    return {name: {"median_ms": round(statistics.median(ts), 3), "ratio": round(statistics.median(ts) / ref, 3)}
+    best = min(times["torch.optim.Muon K=5"])
+    return {name: {"median_ms": round(statistics.median(ts), 3), "ratio": round(statistics.median(ts) / ref, 3),
+                   "min_ms": round(min(ts), 3), "min_ratio": round(min(ts) / best, 3),
+                   "minor_faults_per_step": round(faults[name] / reps)}
             for name, ts in times.items()}
 
 
@@ -82,9 +92,10 @@ def main() -> None:
         res = measure(shapes, args.reps)
         out["results"][label] = res
         print(f"\n{label}: {len(shapes)} matrices, median of {args.reps} interleaved steps, 2 threads")
-        print(f"{'optimizer':<32} {'ms':>8} {'vs torch Muon K=5':>18}")
+        print(f"{'optimizer':<32} {'ms':>8} {'vs torch Muon K=5':>18} {'best ms':>8} {'ratio':>6} {'faults/step':>12}")
         for name, r in res.items():
-            print(f"{name:<32} {r['median_ms']:8.2f} {r['ratio']:17.2f}x")
+            print(f"{name:<32} {r['median_ms']:8.2f} {r['ratio']:17.2f}x {r['min_ms']:8.2f} {r['min_ratio']:5.2f}x"
+                  f" {r['minor_faults_per_step']:12d}")
     path = Path(__file__).resolve().parent / "results" / "muon2_shapes.json"
     path.write_text(json.dumps(out, indent=1))
     print(f"\nwrote {path}")

@@ -331,5 +331,9 @@ class Muon2(StateDtypeMixin, Optimizer):
             v = read_state(state, SECOND_MOMENT, g.shape, signed=False, domain=domain)
             v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
             write_state(state, SECOND_MOMENT, v, dtype, signed=False, domain=domain)
+        # Newton-Schulz is blind to a positive scale of its input, so the bias correction folds
+        # into ε: U/(√(V/bc2)+ε) = √bc2·U/(√V+ε√bc2) and U/√(V/bc2+ε) = √bc2·U/√(V+ε·bc2). The
+        # common factor √bc2 is dropped, which saves a pass over the matrix.
         bc2 = 1 - beta2 ** state["step"] if group["bias_correction"] else 1.0
-        return update.div_(denominator(v, eps=group["eps"], eps_mode=group["eps_mode"], bias_correction2=bc2))
+        eps = group["eps"] * (math.sqrt(bc2) if group["eps_mode"] == "outside" else bc2)
+        return update.div_(denominator(v, eps=eps, eps_mode=group["eps_mode"]))

@@ -17,6 +17,7 @@ import math
 from typing import Sequence
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
 DEFAULT_COEFFS = (3.4445, -4.7750, 2.0315)
 Coeffs = tuple[float, float, float]
@@ -123,8 +124,14 @@ def newton_schulz(
         # 1.8x slower than mm in bf16). With "frobenius", the same ops in the same order as
         # torch.optim.Muon's _zeropower_via_newtonschulz, so that Muon² with precondition=False
         # reproduces torch.optim.Muon bit for bit.
-        X = X / X.norm().clamp(min=eps)
-        for t, (a, b, c) in enumerate(schedule):
+        start = 0
+        if normalize == "gram" and schedule:
+            folded = _gram_first_step_folded(X, schedule[0])
+            if folded is not None:
+                X, start = folded, 1
+        if start == 0:
+            X = X / X.norm().clamp(min=eps)
+        for t, (a, b, c) in enumerate(schedule[start:], start=start):
             A = X @ X.T
             if t == 0 and normalize == "gram":
                 X, B = _gram_rescaled_first_step(X, A, b, c, eps)
@@ -144,6 +151,30 @@ def newton_schulz(
         X = torch.baddbmm(X, B, X, beta=a)
     X = X.reshape(*batch_shape, X.size(-2), X.size(-1))
     return X.mT if tall else X
+
+
+def _gram_first_step_folded(X0: torch.Tensor, coeffs: Coeffs) -> torch.Tensor | None:
+    """The first Gram-scaled iteration on one un-normalized matrix ``X0`` (k × n, k ≤ n), with
+    both input scalings folded into its scalars, so that no pass over ``X0`` rescales it.
+
+    Gram scaling divides the Frobenius-normalized input by ``‖A²‖_F^{1/4}``; the two together
+    are ``X = s·X0`` with ``s = ‖A0²‖_F^{-1/4}``, ``A0 = X0 X0ᵀ``. Then ``A = s²A0`` and the first
+    iteration ``aX + (bA + cA²)X`` is ``(a s)·X0 + (b s³·A0 + c s⁵·A0²)·X0``: the same three
+    matrix products, one ``addmm``. Returns ``None`` when ``s⁵`` would leave fp32's range (the
+    scalars reach the kernel as fp32), e.g. for a zero or a huge input; the caller then
+    normalizes first."""
+    a, b, c = coeffs
+    A0 = X0 @ X0.T
+    AA = A0 @ A0
+    if is_fake(AA) or AA.device.type == "meta":
+        r2 = 1.0   # no values to read: same ops, same allocations, for the memory recorders
+    else:
+        r2 = torch.linalg.matrix_norm(AA.float()).sqrt().item()   # ‖A0²‖^{1/2} = 1/s²
+    if not (math.isfinite(r2) and 1e-12 < r2 < 1e12):
+        return None
+    s = r2 ** -0.5
+    B = AA.mul_(c * s**5).add_(A0, alpha=b * s**3)
+    return torch.addmm(X0, B, X0, beta=a * s)
 
 
 def _gram_rescaled_first_step(X: torch.Tensor, A: torch.Tensor, b: float, c: float,

@@ -220,3 +220,23 @@ def test_traced_matches_plain_with_schedules(normalize):
                                atol=1e-5, rtol=1e-4)
     assert errs.shape == (4, 2)
     torch.testing.assert_close(errs[-1], orthogonality_error(X), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("scale", [1.0, 1e-5, 1e5])
+def test_single_matrix_gram_folds_the_scalings_into_the_first_step(scale):
+    # One matrix skips both normalization passes (their scalars ride on the first addmm); the
+    # result equals the batched path's, which normalizes explicitly, whatever the input's scale.
+    G = torch.randn(48, 130, generator=torch.Generator().manual_seed(9)) * scale
+    for M in (G, G.T):
+        one = newton_schulz(M, 3, "minimax_gram", dtype=torch.float32, normalize="gram")
+        batched = newton_schulz(M[None], 3, "minimax_gram", dtype=torch.float32, normalize="gram")[0]
+        torch.testing.assert_close(one, batched, atol=2e-5, rtol=1e-4)
+
+
+def test_single_matrix_gram_falls_back_on_zero_and_huge_inputs():
+    zero = newton_schulz(torch.zeros(8, 20), 3, "minimax_gram", dtype=torch.float32, normalize="gram")
+    assert torch.equal(zero, torch.zeros(8, 20))
+    G = torch.randn(8, 20, generator=torch.Generator().manual_seed(2))
+    huge = newton_schulz(G * 1e12, 3, "minimax_gram", dtype=torch.float32, normalize="gram")
+    torch.testing.assert_close(huge, newton_schulz(G, 3, "minimax_gram", dtype=torch.float32, normalize="gram"),
+                               atol=1e-5, rtol=1e-4)
