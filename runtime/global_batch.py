@@ -116,12 +116,14 @@ class NoiseScale:
     gradient |G_N|². Since E|G_B|² = |G|² + tr(Σ)/B, the unbiased estimates are
     |G|² ≈ (N|G_N|² − b|G_b|²)/(N − b) and tr(Σ) ≈ (|G_b|² − |G_N|²)/(1/b − 1/N). Each is
     noisy, so each is smoothed (an exponential moving average with ``decay``) before the ratio
-    is taken, as the paper's Appendix A does."""
+    is taken, as the paper's Appendix A does. The averages start from zero and are divided by
+    ``1 − decay^count``, as Adam's moments are: an average seeded with the first reading would
+    weigh that reading, the noisiest of a run, 0.66 after five steps instead of 0.16."""
 
     def __init__(self, decay: float = 0.9):
         self.decay = decay
-        self.g2: float | None = None
-        self.trace: float | None = None
+        self.g2_ema = 0.0
+        self.trace_ema = 0.0
         self.count = 0
 
     def observe(self, small_sq: float, small: int, big_sq: float, big: int) -> None:
@@ -131,26 +133,43 @@ class NoiseScale:
         g2 = (big * big_sq - small * small_sq) / (big - small)
         trace = (small_sq - big_sq) / (1.0 / small - 1.0 / big)
         d = self.decay
-        self.g2 = g2 if self.g2 is None else d * self.g2 + (1 - d) * g2
-        self.trace = trace if self.trace is None else d * self.trace + (1 - d) * trace
+        self.g2_ema = d * self.g2_ema + (1 - d) * g2
+        self.trace_ema = d * self.trace_ema + (1 - d) * trace
         self.count += 1
+
+    @property
+    def g2(self) -> float | None:
+        """The smoothed |G|² (``None`` before any measurement)."""
+        return self.g2_ema / (1 - self.decay ** self.count) if self.count else None
+
+    @property
+    def trace(self) -> float | None:
+        """The smoothed tr(Σ) (``None`` before any measurement)."""
+        return self.trace_ema / (1 - self.decay ** self.count) if self.count else None
 
     @property
     def b_noise(self) -> float | None:
         """The smoothed estimate; ``inf`` while the noise is measurable but the smoothed |G|² is
         not yet (the signal is below the measurement's noise: the noise scale is far above both
         batch sizes); ``None`` before any measurement, or when neither is positive."""
-        if self.g2 is None or self.trace is None:
+        g2, trace = self.g2, self.trace
+        if g2 is None or trace is None:
             return None
-        if self.g2 <= 0:
-            return math.inf if self.trace > 0 else None
-        return max(self.trace, 0.0) / self.g2
+        if g2 <= 0:
+            return math.inf if trace > 0 else None
+        return max(trace, 0.0) / g2
 
     def state_dict(self) -> dict:
-        return {"decay": self.decay, "g2": self.g2, "trace": self.trace, "count": self.count}
+        return {"decay": self.decay, "g2_ema": self.g2_ema, "trace_ema": self.trace_ema, "count": self.count}
 
     def load_state_dict(self, d: dict) -> None:
-        self.decay, self.g2, self.trace, self.count = float(d["decay"]), d["g2"], d["trace"], int(d["count"])
+        self.decay, self.count = float(d["decay"]), int(d["count"])
+        if "g2_ema" in d:
+            self.g2_ema, self.trace_ema = float(d["g2_ema"]), float(d["trace_ema"])
+        else:   # written before the averages were bias-corrected: g2 and trace were the estimates
+            scale = 1 - self.decay ** self.count
+            self.g2_ema = (d["g2"] or 0.0) * scale
+            self.trace_ema = (d["trace"] or 0.0) * scale
 
 
 @dataclasses.dataclass
@@ -167,11 +186,15 @@ class AutoBatchConfig:
     """Steps between decisions."""
     growth: int = 2
     """The factor of each growth step."""
+    confirm_steps: int = 5
+    """Consecutive measurements that must each support a growth before it is made: one noisy
+    estimate (early in training the smoothed |G|² can dip below its noise and read as an
+    infinite B_noise) does not move the batch."""
     lr_rule: str = "sqrt"
     """How learning rates follow the batch: ``"sqrt"`` (lr ∝ √B) or ``"none"``."""
 
     def __post_init__(self) -> None:
-        for name in ("max_global_batch", "warmup_steps", "interval"):
+        for name in ("max_global_batch", "warmup_steps", "interval", "confirm_steps"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise UsageError(f"AutoBatchConfig.{name}={v!r}: give a whole number >= 1")
@@ -209,16 +232,30 @@ class AutoBatch:
         self.global_batch = start
         self.noise = NoiseScale()
         self.last_change = 0
+        self.support = 0
+        """Consecutive measurements, up to now, whose estimate supports the next growth."""
         self.stopped: str | None = None
         """Why growing stopped for good (throughput, the maximum), or ``None``."""
+
+    def next_size(self) -> int:
+        return min(self.global_batch * self.config.growth, self.config.max_global_batch)
+
+    def observe(self, small_sq: float, small: int, big_sq: float, big: int) -> None:
+        """One step's two gradient norms (:meth:`NoiseScale.observe`); counts whether the
+        smoothed estimate now supports the next growth. An infinite estimate (the signal not yet
+        resolved) supports it only after the warm-up."""
+        self.noise.observe(small_sq, small, big_sq, big)
+        b = self.noise.b_noise
+        ok = b is not None and b >= self.next_size() and (math.isfinite(b) or self.noise.count >= self.config.warmup_steps)
+        self.support = self.support + 1 if ok else 0
 
     def decide(self, step: int) -> int | None:
         """The next global batch at ``step``, or ``None`` to keep the current one."""
         c, b = self.config, self.noise.b_noise
         if self.stopped or b is None or self.noise.count < c.warmup_steps or step - self.last_change < c.interval:
             return None
-        new = min(self.global_batch * c.growth, c.max_global_batch)
-        if new <= self.global_batch or b < new:
+        new = self.next_size()
+        if new <= self.global_batch or b < new or self.support < c.confirm_steps:
             return None
         return new
 
@@ -227,7 +264,7 @@ class AutoBatch:
 
     def state_dict(self) -> dict:
         return {"global_batch": self.global_batch, "noise": self.noise.state_dict(), "last_change": self.last_change,
-                "stopped": self.stopped}
+                "stopped": self.stopped, "support": self.support}
 
     @staticmethod
     def is_state(d: Any) -> bool:
@@ -239,13 +276,16 @@ class AutoBatch:
         def number(v):
             return v is None or (isinstance(v, float) and math.isfinite(v))
         if not (isinstance(d, dict) and count(d.get("global_batch"), 1) and count(d.get("last_change"))
-                and d.get("stopped") in (None, "throughput") and isinstance(d.get("noise"), dict)):
+                and count(d.get("support", 0)) and d.get("stopped") in (None, "throughput")
+                and isinstance(d.get("noise"), dict)):
             return False
         n = d["noise"]
-        return (isinstance(n.get("decay"), float) and 0 < n["decay"] < 1 and number(n.get("g2"))
-                and number(n.get("trace")) and count(n.get("count")))
+        keys = ("g2_ema", "trace_ema") if "g2_ema" in n else ("g2", "trace")
+        return (isinstance(n.get("decay"), float) and 0 <= n["decay"] < 1 and number(n.get(keys[0]))
+                and number(n.get(keys[1])) and count(n.get("count")))
 
     def load_state_dict(self, d: dict) -> None:
         self.global_batch = int(d["global_batch"])
         self.noise.load_state_dict(d["noise"])
         self.last_change, self.stopped = int(d["last_change"]), d["stopped"]
+        self.support = int(d.get("support", 0))   # checkpoints before confirm_steps lack it

@@ -425,7 +425,7 @@ class Trainer:
         self.step_count += 1
         self.skipped_batches = 0
         if self.auto is not None and self.runner.noise_measure is not None:
-            self.auto.noise.observe(*self.runner.noise_measure)
+            self.auto.observe(*self.runner.noise_measure)
         self._after_step(loss, step_ms, peak, retries)
         if self.auto is not None:
             self._grow_global_batch()
@@ -463,6 +463,7 @@ class Trainer:
             group["lr"] = group["lr"] * factor
         auto.global_batch = self.local_batch = new
         auto.last_change = self.step_count
+        auto.support = 0   # the next size is another; its support starts over
         self.events.append({"step": self.step_count, "kind": kind, "global_batch": new, "previous": old,
                             "b_noise": b_noise if b_noise is None or math.isfinite(b_noise) else None,
                             "lr_factor": factor, "reason": reason})

@@ -206,6 +206,34 @@ def test_the_noise_scale_estimator_recovers_a_known_noise_scale():
     assert est.b_noise == pytest.approx(truth, rel=0.15)
 
 
+def test_one_noisy_estimate_does_not_grow_the_batch():
+    """Growth needs ``confirm_steps`` consecutive estimates that support it. Early readings
+    whose smoothed |G|² dips below zero (B_noise = inf) support nothing before the warm-up, and a
+    single estimate at the next size after a run of small ones does not move the batch."""
+    from memtune.runtime.global_batch import AutoBatch, AutoBatchConfig
+
+    def reading(g2, trace, small=4, big=8):   # the two norms that give these estimates
+        return g2 + trace / small, small, g2 + trace / big, big
+
+    auto = AutoBatch(AutoBatchConfig(warmup_steps=4, interval=1, confirm_steps=3), start=8)
+    auto.observe(*reading(-1.0, 5.0))          # unresolved signal during the warm-up
+    assert auto.noise.b_noise == float("inf") and auto.support == 0
+    for _ in range(5):
+        auto.observe(*reading(1.0, 2.0))       # B_noise ≈ 2 < 16
+    assert auto.support == 0 and auto.decide(step=10) is None
+    auto.noise = type(auto.noise)(decay=0.0)   # no smoothing: each reading is the estimate
+    auto.observe(*reading(1.0, 40.0))
+    assert auto.noise.b_noise == pytest.approx(40.0) and auto.support == 1 and auto.decide(step=11) is None
+    auto.observe(*reading(1.0, 3.0))           # the run breaks
+    assert auto.support == 0
+    for step in (12, 13, 14):
+        auto.observe(*reading(1.0, 40.0))
+    assert auto.support == 3 and auto.decide(step=14) == 16
+    restored = AutoBatch(AutoBatchConfig(), start=8)
+    restored.load_state_dict(auto.state_dict())
+    assert restored.support == 3 and AutoBatch.is_state(auto.state_dict())
+
+
 def noisy(sizes, seed=0):
     """Batches whose targets are noise, independent of the inputs: a large gradient noise scale."""
     g = torch.Generator().manual_seed(seed)
@@ -215,7 +243,7 @@ def noisy(sizes, seed=0):
 def auto_fit(**kw):
     from memtune.runtime.global_batch import AutoBatchConfig
 
-    cfg = kw.pop("auto", AutoBatchConfig(warmup_steps=3, interval=3, max_global_batch=32))
+    cfg = kw.pop("auto", AutoBatchConfig(warmup_steps=3, interval=3, confirm_steps=2, max_global_batch=32))
     return fit(global_batch="auto", auto_batch=cfg, **kw)
 
 
@@ -263,7 +291,8 @@ def test_a_resume_continues_the_schedule(tmp_path):
 
     resumed = memtune.Trainer.resume(tmp_path / "ck.pt", mlp(), "1GB", optimizer="adamw", loss_fn=loss_fn,
                                      progress=False, device="cpu",
-                                     auto_batch=AutoBatchConfig(warmup_steps=3, interval=3, max_global_batch=32))
+                                     auto_batch=AutoBatchConfig(warmup_steps=3, interval=3, confirm_steps=2,
+                                                                max_global_batch=32))
     assert resumed.auto.global_batch == first.auto.global_batch and resumed.samples_seen == first.samples_seen
     resumed.train(data, steps=14)
     assert [h["global_batch"] for h in resumed.history] == [h["global_batch"] for h in whole.history]
