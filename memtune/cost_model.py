@@ -288,12 +288,19 @@ def _selective_ms(profile: ModelProfile, variant: StepVariant, spec: DeviceSpec,
         recording = profile.recording(variant)
     except KeyError:
         return {}
+    # The fractions depend on the recording and the device only, not on the configuration: a
+    # planner prices up to ~120 configurations of one recording (kept on the recording object).
+    memo = recording.__dict__.setdefault("_recompute_fractions", {})
+    if spec not in memo:
+        policies_of = unit_policies(recording)
+        memo[spec] = {u.fqn: (pols, recompute_fractions(recording, u, [p.save_ops for p in pols], spec))
+                      for u in recording.units if (pols := policies_of.get(u.fqn, ()))}
     out: dict[str, dict[tuple[str, ...], float]] = {}
     for u in recording.units:
-        pols = unit_policies(recording).get(u.fqn, ())
-        if pols and u.fqn in unit_fwd:
+        got = memo[spec].get(u.fqn)
+        if got is not None and u.fqn in unit_fwd:
+            pols, fractions = got
             dispatch = repeats * len(u.ops) * spec.python_dispatch_s
-            fractions = recompute_fractions(recording, u, [p.save_ops for p in pols], spec)
             out[u.fqn] = {p.save_ops: (unit_fwd[u.fqn] * f + dispatch) * 1e3 for p, f in zip(pols, fractions)}
     return out
 
@@ -313,7 +320,18 @@ def _state_bytes(profile: ModelProfile, opt: OptimizerPlan, master_bytes_per_ele
 def _optimizer_seconds(profile: ModelProfile, opt: OptimizerPlan | None, spec: DeviceSpec, *,
                        fp32_working_copy: bool = False) -> tuple[float, float]:
     """(Newton-Schulz seconds, elementwise optimizer seconds) of one optimizer step. bf16 weights
-    are updated through an fp32 working copy (read and written once more, 8 bytes/element)."""
+    are updated through an fp32 working copy (read and written once more, 8 bytes/element).
+    Kept on the profile object: planners price the same optimizer under many step variants."""
+    memo = profile.__dict__.setdefault("_optimizer_seconds", {})
+    key = (None if opt is None else (opt.name, opt.state_dtype, opt.ns_steps, tuple(opt.muon_params)),
+           spec, fp32_working_copy)   # what the price reads of the plan
+    if key not in memo:
+        memo[key] = _price_optimizer_step(profile, opt, spec, fp32_working_copy)
+    return memo[key]
+
+
+def _price_optimizer_step(profile: ModelProfile, opt: OptimizerPlan | None, spec: DeviceSpec,
+                          fp32_working_copy: bool) -> tuple[float, float]:
     if opt is None:
         opt = OptimizerPlan(name=profile.optimizer if orthogonalizes(profile.optimizer) else "adamw")
     muon = set(opt.muon_params) if orthogonalizes(opt.name) else set()
