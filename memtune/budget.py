@@ -134,3 +134,37 @@ def _parse_bytes(value: object, *, total) -> int:
     if nbytes <= 0:
         raise BudgetError(f"budget must be positive, got {value!r}; accepted forms: {ACCEPTED_FORMS}")
     return nbytes
+
+
+MIN_HOST_RESERVE_BYTES = 2 << 30
+HOST_RESERVE_FRACTION = 0.10
+
+
+def host_available_budget() -> int:
+    """Host memory a plan may pin now: what psutil reports available, less a reserve for the
+    process itself, the data loader and the page cache (10% of the machine's RAM, at least 2 GiB)."""
+    import psutil
+
+    vm = psutil.virtual_memory()
+    return max(0, int(vm.available - max(MIN_HOST_RESERVE_BYTES, HOST_RESERVE_FRACTION * vm.total)))
+
+
+def parse_host_budget(value: "int | str | None") -> int | None:
+    """A host-memory budget in bytes: bytes, a size (``"64GB"``), a share of this machine's RAM
+    (``"50%"``), ``"auto"`` (:func:`host_available_budget`) or ``None`` (no limit)."""
+    if value is None:
+        return None
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return host_available_budget()
+    if isinstance(value, int) and not isinstance(value, bool) and value == 0:
+        return 0
+    import psutil
+
+    try:
+        return _parse_bytes(value, total=lambda: psutil.virtual_memory().total)
+    except BudgetError as e:
+        raise BudgetError(
+            f"host_budget {value[:40] if isinstance(value, str) else value!r} is not a size: give bytes, a size such as "
+            f"\"64GB\", a share of this "
+            f"machine's RAM such as \"50%\", \"auto\" (what psutil reports available, less a reserve) or None "
+            f"(no limit)") from e

@@ -376,6 +376,9 @@ def _args_plan(p: argparse.ArgumentParser) -> None:
                         "and the budget is per device (default: 1, one process)")
     p.add_argument("--link", default="nvlink", help="interconnect the collectives are priced on, with --world-size: "
                                                     "nvlink, pcie, infiniband or loopback (default: nvlink)")
+    p.add_argument("--host-budget", default=None,
+                   help="host memory the plan may pin for offloaded optimizer state and activations (CUDA targets): "
+                        "64GB, 50%%, auto (what is available here, less a reserve) or bytes; default: no limit")
     p.add_argument("--out", default="plan.json", help="where to write the plan JSON (default: plan.json)")
 
 
@@ -395,15 +398,17 @@ def _cmd_plan(args) -> int:
     device = "cpu" if prof.target == "cpu" else None
     if args.world_size < 1:
         raise UsageError(f"--world-size {args.world_size}: give the number of ranks, 1 or more")
+    host = {"host_budget": args.host_budget} if args.host_budget is not None else {}
     if args.world_size > 1:
         from memtune.distributed import plan_distributed
 
         plan = plan_distributed(prof, _budget(args.budget), world_size=args.world_size, link=args.link,
-                                planner=args.planner, optimizer=args.optimizer, **({"device": device} if device else {}))
+                                planner=args.planner, optimizer=args.optimizer, **({"device": device} if device else {}),
+                                **host)
     else:
         plan = memtune.plan(prof, _budget(args.budget), args.planner, optimizer=args.optimizer,
                             allow_microbatching=not args.no_microbatching, levers=dict(args.lever),
-                            **({"device": device} if device else {}))
+                            **({"device": device} if device else {}), **host)
     con = _console()
     con.print(_plan_table(plan, prof))
     _write(args.out, plan.to_json, "plan")
@@ -416,6 +421,10 @@ def _args_fit(p: argparse.ArgumentParser) -> None:
     p.add_argument("--budget", required=True, help="memory budget: 24GB, 512MiB, 80%%, or bytes")
     p.add_argument("--steps", type=_count(0), required=True,
                    help="optimizer steps the run should reach (a resumed run trains only the rest)")
+    p.add_argument("--host-budget", default=None,
+                   help="host memory the plan may pin for offloaded optimizer state and activations (CUDA targets): "
+                        "64GB, 50%%, auto (what is available here, less a reserve) or bytes; default: auto")
+
     p.add_argument("--optimizer", default="muon2", choices=_families(), help="default: muon2")
     p.add_argument("--lr", type=float, default=None, help="Muon-part learning rate (default: OptimizerSettings')")
     p.add_argument("--planner", default=None, choices=_planners(), help="default: exact")
@@ -460,6 +469,8 @@ def _cmd_fit(args) -> int:
                   on_nonfinite="skip" if args.skip_nonfinite else "raise")
     if args.global_batch is not None:  # (absent: a resumed run keeps its own)
         kwargs["global_batch"] = args.global_batch
+    if args.host_budget is not None:
+        kwargs["host_budget"] = args.host_budget
     con = _console()
     if args.checkpoint and Path(args.checkpoint).exists() and not args.fresh:
         # Never silently start over on top of progress: resume, or fail saying why (exit 4 or 2).

@@ -108,7 +108,9 @@ class MemoryBreakdown:
     optimizer_transient_bytes: int = 0
     """Optimizer-step temporaries, e.g. the Newton-Schulz workspace."""
     host_bytes: int = 0
-    """Memory the plan keeps in host RAM instead (offloaded optimizer state), outside ``peak_bytes``."""
+    """Pinned host memory the plan uses, outside ``peak_bytes``: offloaded optimizer state and the
+    activations of OFFLOAD units (all on the host at once when forward ends). Planned against
+    ``host_budget`` (:class:`memtune.planners.PlannerOptions`)."""
     other_transient_bytes: int = 0
     """Temporaries of the op running at the peak (logits, gradients in flight...)."""
     reserve_bytes: int = 0

@@ -30,6 +30,10 @@ def _options(options: dict):
     unknown = sorted(set(options) - known)
     if unknown:
         raise OptionError(f"unknown planner option(s) {unknown}; valid options are {sorted(known)}")
+    if "host_budget" in options:
+        from .budget import parse_host_budget
+
+        options = {**options, "host_budget": parse_host_budget(options["host_budget"])}
     return PlannerOptions(**options)
 
 

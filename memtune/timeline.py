@@ -190,6 +190,9 @@ class TimelineModel:
         self.base_state = p.optimizer_state_bytes
         self.grad = np.array([e.grad_bytes for e in ev], dtype=np.float64)
         self.recomputable = np.array([not u.recompute_blocker for u in p.units], dtype=bool)
+        self.offload_host_bytes = np.array([u.saved_activation_bytes for u in p.units], dtype=float)
+        """Pinned host bytes each unit's OFFLOAD takes: what it saves for backward, all of it on
+        the host at once when forward ends."""
 
     # ------------------------------------------------------------------ structure
     def _events(self, ev) -> None:
@@ -521,6 +524,15 @@ class TimelineModel:
         """Predicted peak bytes of decisions ``x`` (non-SAVE) / ``r`` (RECOMPUTE) / ``s`` (selective level)."""
         return float(self.row_values(cc, x, r, s).max())
 
+    def host_bytes(self, cc: ConfigConstants, x: np.ndarray, r: np.ndarray) -> float:
+        """Host bytes a plan puts in host memory: the optimizer state it offloads (the
+        configuration's) and the activations of its OFFLOAD units (``x`` and not ``r``). Zero on
+        a CPU target, whose device memory is host memory."""
+        if self.profile.target == "cpu":
+            return 0.0
+        off = (np.asarray(x) > 0.5) & ~(np.asarray(r) > 0.5)
+        return float(cc.host_bytes) + float(self.offload_host_bytes[off].sum())
+
     def breakdown(self, cc: ConfigConstants, x: np.ndarray, r: np.ndarray, s: np.ndarray | None = None, *,
                   reserve_bytes: int) -> MemoryBreakdown:
         """The peak of :meth:`peak` (its first row, in interval order), with what is live there by category."""
@@ -550,7 +562,7 @@ class TimelineModel:
             optimizer_state_bytes=int(cc.state_bytes), saved_activation_bytes=int(act),
             recompute_transient_bytes=int(rc), optimizer_transient_bytes=int(opt_tmp), other_transient_bytes=int(other),
             reserve_bytes=reserve_bytes, phase=phase,
-            host_bytes=int(cc.host_bytes) if self.profile.target != "cpu" else 0)
+            host_bytes=int(self.host_bytes(cc, x, r)))
 
     def indicators(self, decisions: dict[str, Decision], save_ops: dict[str, tuple[str, ...]] | None = None
                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

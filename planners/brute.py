@@ -14,7 +14,8 @@ from memtune.profile import ModelProfile
 from memtune.cost_model import apply_decisions
 from memtune.plan import Decision
 
-from .options import PlannerOptions, choose_tier, configs, costs_for, make_plan, timeline_for, unit_choices
+from .options import (PlannerOptions, choose_tier, configs, costs_for, host_limit, make_plan, timeline_for,
+                      unit_choices)
 
 MAX_UNITS = 10
 
@@ -39,7 +40,7 @@ class BrutePlanner:
         return choose_tier(per_tier, options)
 
     def _best(self, profile, budget, options, fqns, tier):
-        best = None
+        best, host = None, host_limit(profile, options)
         for cfg in configs(profile, options):
             if (cfg.lossiness if options.prefer_lossless else 0) != tier:
                 continue
@@ -55,7 +56,10 @@ class BrutePlanner:
                 decisions = {f: d for f, (d, _) in zip(fqns, combo)}
                 save_ops = {f: ops for f, (_, ops) in zip(fqns, combo) if ops is not None}
                 # predict_peak and predict_step_time, without building a Plan for every combination
-                peak = math.ceil(tm.peak(cc, *tm.indicators(decisions, save_ops)))
+                x, r, s = tm.indicators(decisions, save_ops)
+                if tm.host_bytes(cc, x, r) > host:
+                    continue
+                peak = math.ceil(tm.peak(cc, x, r, s))
                 ms = apply_decisions(table, decisions, save_ops).total_ms
                 if peak <= budget.usable_bytes and (best is None or ms < best[0]):
                     best = (ms, cfg, decisions, save_ops)

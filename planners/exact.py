@@ -47,8 +47,8 @@ from memtune.timeline import ROW_INTERVAL, ROW_PARAM_STEP, ConfigConstants, Time
 
 from . import highs
 from .greedy import greedy_decisions
-from .options import (PlannerOptions, choose_tier, configs, costs_for, make_plan, offload_allowed, prunable,
-                      timeline_for)
+from .options import (PlannerOptions, choose_tier, configs, costs_for, host_limit, make_plan, offload_allowed,
+                      prunable, timeline_for)
 
 
 class ExactPlanner:
@@ -57,7 +57,7 @@ class ExactPlanner:
     name = "exact"
 
     def plan(self, profile: ModelProfile, budget: Budget, *, options: PlannerOptions) -> Plan:
-        U = float(budget.usable_bytes)
+        U, H = float(budget.usable_bytes), host_limit(profile, options)
         cands = []
         for cfg in configs(profile, options):
             table = costs_for(profile, cfg, options)
@@ -73,11 +73,11 @@ class ExactPlanner:
             if prunable(per_tier, tier, base_ms, options):
                 continue
             tm, cc = timeline_for(profile, cfg)
-            if cc.fixed_peak > U:
+            if cc.fixed_peak > U or tm.host_bytes(cc, np.zeros(tm.N), np.zeros(tm.N)) > H:
                 continue
             left = max(0.05, deadline - time.perf_counter())
             sol = solve_config(tm, cc, table, U, allow_offload=offload_allowed(profile, options), time_limit_s=left,
-                               mip_rel_gap=options.mip_rel_gap)
+                               mip_rel_gap=options.mip_rel_gap, host_budget=H)
             if sol is None:
                 continue
             choices, notes = sol
@@ -93,16 +93,21 @@ class ExactPlanner:
 
 # ----------------------------------------------------------------------------- one configuration
 def solve_config(tm: TimelineModel, cc: ConfigConstants, table, U: float, *, allow_offload: bool,
-                 time_limit_s: float, minimize_peak: bool = False, mip_rel_gap: float = 1e-5
-                 ) -> tuple[UnitChoices, tuple[str, ...]] | None:
-    """Optimal unit decisions for one configuration, or ``None`` if none fits ``U``.
+                 time_limit_s: float, minimize_peak: bool = False, mip_rel_gap: float = 1e-5,
+                 host_budget: float = float("inf")) -> tuple[UnitChoices, tuple[str, ...]] | None:
+    """Optimal unit decisions for one configuration, or ``None`` if none fits ``U`` (and
+    ``host_budget``: the host bytes of its offloaded state and activations).
 
     With ``minimize_peak`` the objective is the peak itself (``U`` is ignored): the most
     memory-frugal decisions of this configuration."""
     x0 = np.zeros(tm.N)
+    host_left = host_budget - tm.host_bytes(cc, x0, x0)
+    if host_left < 0:
+        return None
     if not minimize_peak and tm.peak(cc, x0, x0) <= U:
         return tm.choices(x0, x0), ()
-    model = _Milp(tm, cc, 0.0 if minimize_peak else U, allow_offload=allow_offload, minimize_peak=minimize_peak)
+    model = _Milp(tm, cc, 0.0 if minimize_peak else U, allow_offload=allow_offload, minimize_peak=minimize_peak,
+                  host_left=host_left)
     A, lo, hi = model.constraints()
     cost = model.objective(table)
     lb, ub = model.bounds()
@@ -111,23 +116,24 @@ def solve_config(tm: TimelineModel, cc: ConfigConstants, table, U: float, *, all
                           mip_rel_gap=mip_rel_gap)
     except highs.SolverFailed as e:
         return _greedy(tm, cc, table, U, allow_offload, minimize_peak,
-                       f"HiGHS failed on this configuration ({e}); greedy planned it")
+                       f"HiGHS failed on this configuration ({e}); greedy planned it", host_budget)
     if res.x is None:
         return None
     x, r, sel = model.decode(res.x)
     notes: tuple[str, ...] = ()
     if res.status != 0:
         notes = (f"MILP stopped before proving optimality ({res.message.strip()}); the plan is the best found",)
-    if not minimize_peak and tm.peak(cc, x, r, sel) > U:
+    if (not minimize_peak and tm.peak(cc, x, r, sel) > U) or tm.host_bytes(cc, x, r) > host_budget:
         # The same rows give a peak above the budget: only the solver's feasibility tolerance can do that.
         return _greedy(tm, cc, table, U, allow_offload, minimize_peak,
                        "the MILP's solution exceeded the budget by its feasibility tolerance; greedy planned this "
-                       "configuration")
+                       "configuration", host_budget)
     return tm.choices(x, r, sel), notes
 
 
-def _greedy(tm, cc, table, U, allow_offload, minimize_peak, note):
-    choices = greedy_decisions(tm, cc, table, U, allow_offload=allow_offload, minimize_peak=minimize_peak)
+def _greedy(tm, cc, table, U, allow_offload, minimize_peak, note, host_budget):
+    choices = greedy_decisions(tm, cc, table, U, allow_offload=allow_offload, minimize_peak=minimize_peak,
+                               host_budget=host_budget)
     return None if choices is None else (choices, (note,))
 
 
@@ -142,6 +148,8 @@ class _Milp:
     U: float
     allow_offload: bool
     minimize_peak: bool
+    host_left: float = float("inf")
+    """Host bytes the OFFLOAD units' activations may take (after the configuration's own)."""
 
     def __post_init__(self) -> None:
         tm = self.tm
@@ -157,7 +165,7 @@ class _Milp:
 
     # ------------------------------------------------------------------ constraints
     def constraints(self) -> tuple[sp.csr_matrix, np.ndarray, np.ndarray]:
-        blocks = [self._one_decision(), self._eligibility(), self._drops(), self._peaks()]
+        blocks = [self._one_decision(), self._eligibility(), self._drops(), self._peaks(), self._host()]
         A = sp.vstack([b[0] for b in blocks if b[0].shape[0]], format="csr")
         return A, np.concatenate([b[1] for b in blocks]), np.concatenate([b[2] for b in blocks])
 
@@ -182,6 +190,17 @@ class _Milp:
         vals = np.concatenate([np.ones(mh), -h.data, np.ones(mb), b.data])
         hi = np.concatenate([np.zeros(mh), np.ones(mb)])
         return self._block(rows, cols, vals, mh + mb, -np.inf, hi)
+
+    def _host(self):
+        """[Constraint] Σ_u host_u · o_u ≤ host budget left (scaled): every offloaded unit's
+        activations are on the host at once when forward ends."""
+        tm = self.tm
+        if not (self.allow_offload and np.isfinite(self.host_left)):
+            none = np.zeros(0, dtype=np.int64)
+            return self._block(none, none, np.zeros(0), 0, -np.inf, 0.0)
+        cols = self.iZ + tm.N + np.arange(tm.N)
+        return self._block(np.zeros(tm.N, dtype=np.int64), cols, tm.offload_host_bytes / self.S, 1, -np.inf,
+                           self.host_left / self.S)
 
     def _drops(self):
         """[Constraint] D_i − D_{i−1} − Δ_i · [e; z] = 0 (scaled)."""

@@ -28,8 +28,11 @@ from memtune.profile import ModelProfile
 
 from memtune.timeline import ConfigConstants, TimelineModel, UnitChoices
 
-from .options import (Config, PlannerOptions, choose_tier, configs, costs_for, make_plan, offload_allowed, prunable,
-                      timeline_for)
+from .options import (Config, PlannerOptions, choose_tier, configs, costs_for, host_limit, make_plan, offload_allowed,
+                      prunable, timeline_for)
+
+SAVE, RECOMPUTE, OFFLOAD = (0.0, 0.0, 0), (1.0, 1.0, 0), (1.0, 0.0, 0)
+"""A unit's (x, r, s) option triples (SELECTIVE is (1, 1, k) for its level k)."""
 
 DESCENT_EVAL_LIMIT = 200_000
 """Peak evaluations the descent phase may spend per configuration (N² for N units, capped)."""
@@ -39,7 +42,7 @@ class GreedyPlanner:
     name = "greedy"
 
     def plan(self, profile: ModelProfile, budget: Budget, *, options: PlannerOptions) -> Plan:
-        U = float(budget.usable_bytes)
+        U, H = float(budget.usable_bytes), host_limit(profile, options)
         cands = sorted(((costs_for(profile, c, options), c) for c in configs(profile, options)),
                        key=lambda t: (t[1].lossiness if options.prefer_lossless else 0, t[0].base.total_ms, t[1].key))
         per_tier: dict[int, Plan] = {}
@@ -51,9 +54,9 @@ class GreedyPlanner:
             if prunable(per_tier, tier, table.base.total_ms, options):
                 continue
             tm, cc = timeline_for(profile, cfg)
-            if cc.fixed_peak > U:
+            if cc.fixed_peak > U or tm.host_bytes(cc, np.zeros(tm.N), np.zeros(tm.N)) > H:
                 continue
-            state = greedy_decisions(tm, cc, table, U, allow_offload=offload_allowed(profile, options))
+            state = greedy_decisions(tm, cc, table, U, allow_offload=offload_allowed(profile, options), host_budget=H)
             if state is None:
                 continue
             plan = make_plan(profile, budget, cfg, state.decisions, planner=self.name, options=options, table=table,
@@ -76,10 +79,13 @@ class GreedyPlanner:
 
 
 def greedy_decisions(tm: TimelineModel, cc: ConfigConstants, table, U: float, *, allow_offload: bool,
-                     minimize_peak: bool = False) -> UnitChoices | None:
-    """Greedy decisions for one configuration that fit ``U`` (``None`` if none found).
-    With ``minimize_peak``, keep descending until no single change lowers the peak."""
-    search = _Search(tm, cc, table, allow_offload=allow_offload)
+                     minimize_peak: bool = False, host_budget: float = float("inf")) -> UnitChoices | None:
+    """Greedy decisions for one configuration that fit ``U`` and ``host_budget`` (``None`` if
+    none found). With ``minimize_peak``, keep descending until no single change lowers the peak."""
+    host_left = host_budget - tm.host_bytes(cc, np.zeros(tm.N), np.zeros(tm.N))
+    if host_left < 0:
+        return None
+    search = _Search(tm, cc, table, allow_offload=allow_offload, host_left=host_left)
     if search.cur <= U and not minimize_peak:
         return search.choices()
     search.walk_ranking(U, minimize_peak)
@@ -96,10 +102,12 @@ class _Search:
     Each unit's options are (x, r, s) triples with their added time: SAVE, its selective levels,
     full recomputation and offload, as far as they are allowed."""
 
-    def __init__(self, tm: TimelineModel, cc: ConfigConstants, table, *, allow_offload: bool):
+    def __init__(self, tm: TimelineModel, cc: ConfigConstants, table, *, allow_offload: bool,
+                 host_left: float = float("inf")):
         from .exact import column_ms
 
         self.tm, self.cc, self.allow_offload = tm, cc, allow_offload
+        self.host_left, self.host_used = host_left, 0.0   # pinned bytes OFFLOAD units may take, and take
         self.x = np.zeros(tm.N)
         self.r = np.zeros(tm.N)
         self.s = np.zeros(tm.N, dtype=np.int64)
@@ -110,12 +118,12 @@ class _Search:
         self.use_off = allow_offload & ((self.off < self.rc) | ~self.can_rc)
         self.options: list[list[tuple[tuple[float, float, int], float]]] = []
         for u in range(tm.N):
-            opts = [((0.0, 0.0, 0), 0.0)]
+            opts = [(SAVE, 0.0)]
             if self.can_rc[u]:
                 opts += [((1.0, 1.0, k), float(col_ms[tm.q_start[u] + k - 1])) for k in range(1, int(tm.K[u]) + 1)]
-                opts.append(((1.0, 1.0, 0), float(self.rc[u])))
+                opts.append((RECOMPUTE, float(self.rc[u])))
             if allow_offload:
-                opts.append(((1.0, 0.0, 0), float(self.off[u])))
+                opts.append((OFFLOAD, float(self.off[u])))
             self.options.append(opts)
         self.cur = self.peak()
 
@@ -129,7 +137,15 @@ class _Search:
         return (self.x[u], self.r[u], int(self.s[u]))
 
     def _set(self, u: int, opt: tuple[float, float, int]) -> None:
+        hb = self.tm.offload_host_bytes[u]
+        self.host_used += (hb if opt == OFFLOAD else 0.0) - (hb if self._get(u) == OFFLOAD else 0.0)
         self.x[u], self.r[u], self.s[u] = opt
+
+    def _host_ok(self, u: int, opt: tuple[float, float, int]) -> bool:
+        """Whether ``u`` may take ``opt`` within the host budget (only OFFLOAD uses host memory)."""
+        if opt != OFFLOAD or self._get(u) == OFFLOAD:
+            return True
+        return self.host_used + self.tm.offload_host_bytes[u] <= self.host_left
 
     def _cost(self, u: int) -> float:
         now = self._get(u)
@@ -149,16 +165,17 @@ class _Search:
         benefit = own + 1e-3 * shared  # units that only share storages still rank (last)
         order = sorted(range(tm.N), key=lambda u: (-benefit[u] / max(cost[u], 1e-12), u))
         for u in order:
-            if not (self.use_off[u] or self.can_rc[u]):
-                continue  # neither recomputable nor offloadable
-            self._set(u, (1.0, 0.0, 0) if self.use_off[u] else (1.0, 1.0, 0))
+            opt = OFFLOAD if self.use_off[u] and self._host_ok(u, OFFLOAD) else RECOMPUTE if self.can_rc[u] else None
+            if opt is None:
+                continue  # neither recomputable nor offloadable (within the host budget)
+            self._set(u, opt)
             new = self.peak()
             if new <= self.cur:
                 self.cur = new
                 if self.cur <= U and not minimize_peak:
                     break
             else:
-                self._set(u, (0.0, 0.0, 0))
+                self._set(u, SAVE)
 
     def descend(self, U: float, minimize_peak: bool) -> None:
         """2. Steepest descent on the peak: apply the single change (any unit, any option) that
@@ -170,7 +187,7 @@ class _Search:
             for u in range(self.tm.N):
                 old = self._get(u)
                 for opt, _ in self.options[u]:
-                    if opt == old:
+                    if opt == old or not self._host_ok(u, opt):
                         continue
                     self._set(u, opt)
                     val = self.peak()
@@ -193,6 +210,8 @@ class _Search:
             for opt, ms in sorted(self.options[u], key=lambda t: t[1]):
                 if ms >= old_ms or opt == old:
                     break
+                if not self._host_ok(u, opt):
+                    continue
                 self._set(u, opt)
                 if self.peak() <= U:
                     break

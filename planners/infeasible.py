@@ -10,7 +10,12 @@ from memtune.plan import Plan
 from memtune.profile import ModelProfile
 from memtune.units_fmt import fmt_bytes
 
-from .options import PlannerOptions, configs, costs_for, make_plan, offload_allowed, timeline_for
+import dataclasses
+import math
+
+import numpy as np
+
+from .options import PlannerOptions, configs, costs_for, host_limit, make_plan, offload_allowed, timeline_for
 
 
 def most_frugal_plan(profile: ModelProfile, budget: Budget, options: PlannerOptions) -> Plan:
@@ -20,6 +25,7 @@ def most_frugal_plan(profile: ModelProfile, budget: Budget, options: PlannerOpti
     from .greedy import greedy_decisions
 
     best = None
+    H = host_limit(profile, options)
     for cfg in configs(profile, options):
         tm, cc = timeline_for(profile, cfg)
         if best is not None and cc.fixed_peak > best.predicted_peak_bytes:
@@ -27,11 +33,11 @@ def most_frugal_plan(profile: ModelProfile, budget: Budget, options: PlannerOpti
         table = costs_for(profile, cfg, options)
         if tm.N <= options.max_exact_units:
             sol = solve_config(tm, cc, table, 0.0, allow_offload=offload_allowed(profile, options),
-                               time_limit_s=options.time_limit_s, minimize_peak=True)
+                               time_limit_s=options.time_limit_s, minimize_peak=True, host_budget=H)
             choices = sol[0] if sol else None
         else:
             choices = greedy_decisions(tm, cc, table, 0.0, allow_offload=offload_allowed(profile, options),
-                                       minimize_peak=True)
+                                       minimize_peak=True, host_budget=H)
         if choices is None:
             continue
         plan = make_plan(profile, budget, cfg, choices.decisions, planner="min-peak", options=options, table=table,
@@ -39,13 +45,33 @@ def most_frugal_plan(profile: ModelProfile, budget: Budget, options: PlannerOpti
         if best is None or (plan.predicted_peak_bytes, plan.predicted_step_ms) < (best.predicted_peak_bytes,
                                                                                  best.predicted_step_ms):
             best = plan
-    assert best is not None  # the all-SAVE plan always exists
+    if best is None:   # only a host budget can rule out every configuration
+        raise host_infeasible(profile, options)
     return best
+
+
+def host_infeasible(profile: ModelProfile, options: PlannerOptions) -> InfeasibleBudgetError:
+    """Every configuration pins more host memory than ``options.host_budget`` before any unit is
+    offloaded: say how much the most host-frugal one needs, and what would lower it."""
+    need = math.inf
+    for cfg in configs(profile, options):
+        tm, cc = timeline_for(profile, cfg)
+        need = min(need, tm.host_bytes(cc, np.zeros(tm.N), np.zeros(tm.N)))
+    suggestions = [f"a host budget of at least {fmt_bytes(int(need))} ({int(need)} bytes)",
+                   "levers={'state_offload': (False,)} (optimizer state stays on the device)",
+                   "state_dtypes including 'int8' (8-bit optimizer state: a quarter of the host bytes)"]
+    return InfeasibleBudgetError(
+        f"no plan fits host_budget {fmt_bytes(options.host_budget)}: every allowed configuration pins at least "
+        f"{fmt_bytes(int(need))} of host memory for its offloaded optimizer state. To fit, use "
+        + "; or ".join(suggestions) + ".", min_feasible_bytes=None, top_consumers=[], suggestions=suggestions)
 
 
 def infeasible_error(profile: ModelProfile, budget: Budget, options: PlannerOptions, *,
                      frugal: Plan | None = None) -> InfeasibleBudgetError:
     frugal = frugal or most_frugal_plan(profile, budget, options)
+    host_bound = _host_bound_error(profile, budget, options, frugal)
+    if host_bound is not None:
+        return host_bound
     reserve = budget.budget_bytes - budget.usable_bytes
     min_budget = frugal.predicted_peak_bytes + reserve
     consumers = plan_consumers(frugal)
@@ -63,6 +89,32 @@ def infeasible_error(profile: ModelProfile, budget: Budget, options: PlannerOpti
            f"{fmt_bytes(frugal.predicted_peak_bytes)} "
            f"({phase}{why}). At that peak: {what}. To fit, use " + "; or ".join(suggestions) + ".")
     return InfeasibleBudgetError(msg, min_feasible_bytes=min_budget, top_consumers=consumers, suggestions=suggestions)
+
+
+def _host_bound_error(profile: ModelProfile, budget: Budget, options: PlannerOptions,
+                      frugal: Plan) -> InfeasibleBudgetError | None:
+    """When the host budget is what rules every plan out: the device budget holds a plan once the
+    host is not limited. ``None`` when the device budget alone is too small."""
+    if host_limit(profile, options) == math.inf:
+        return None
+    unlimited = dataclasses.replace(options, host_budget=None)
+    if most_frugal_plan(profile, budget, unlimited).predicted_peak_bytes > budget.usable_bytes:
+        return None
+    from .exact import ExactPlanner
+
+    fastest = ExactPlanner().plan(profile, budget, options=unlimited)
+    host = fastest.memory.host_bytes
+    suggestions = [f"a host budget of {fmt_bytes(host)} ({host} bytes), what the fastest plan without the limit pins",
+                   "a larger device budget, so that less is offloaded"]
+    suggestions += [text for key, text in _levers_to_try(profile, options) if key == "state_dtypes"]
+    return InfeasibleBudgetError(
+        f"no plan fits {budget} within host_budget {fmt_bytes(options.host_budget)}: every plan that fits the device "
+        f"pins more host memory than that (offloaded optimizer state and activations). Without the limit, the "
+        f"fastest plan peaks at {fmt_bytes(fastest.predicted_peak_bytes)} on the device and pins {fmt_bytes(host)}; "
+        f"within it, the most frugal plan peaks at {fmt_bytes(frugal.predicted_peak_bytes)} on the device. "
+        f"To fit, use " + "; or ".join(suggestions) + ".",
+        min_feasible_bytes=frugal.predicted_peak_bytes + budget.budget_bytes - budget.usable_bytes,
+        top_consumers=plan_consumers(frugal), suggestions=suggestions)
 
 
 def plan_consumers(plan: Plan) -> list[tuple[str, int]]:

@@ -88,6 +88,12 @@ class PlannerOptions:
     device: str | DeviceSpec | None = None
     """Device whose rates the cost model uses (a table name, ``"cpu"``, a DeviceSpec, e.g. from
     :func:`memtune.cost_model.calibrate`); ``None``: ``profile.target_name``."""
+    host_budget: int | None = None
+    """Bytes of host memory the plan may pin for what it moves off the device (offloaded optimizer
+    state, offloaded activations); ``None``: no limit. ``memtune.fit`` sets it from what psutil
+    reports available on a CUDA machine. A plan that fits the device but needs more host memory
+    than this is infeasible, and the error says so. Ignored on a CPU target, whose device memory
+    is host memory."""
     time_limit_s: float = 10.0
     """Wall-clock limit of one MILP solve (exact planner); past it the best plan found is used."""
     mip_rel_gap: float = 1e-4
@@ -114,6 +120,10 @@ class PlannerOptions:
             bad = [d for d in self.state_dtypes if d not in STATE_DTYPES]
             if bad or not self.state_dtypes:
                 raise ValueError(f"state_dtypes={self.state_dtypes!r}: use a non-empty subset of {STATE_DTYPES}")
+        if self.host_budget is not None and (not isinstance(self.host_budget, int) or isinstance(self.host_budget, bool)
+                                             or self.host_budget < 0):
+            raise ValueError(f"host_budget={self.host_budget!r}: give bytes (an int >= 0) or None for no limit; "
+                             "memtune.plan and memtune.fit also take a string such as '64GB'")
         if self.min_ns_steps is not None and self.max_ns_steps is not None and self.min_ns_steps > self.max_ns_steps:
             raise ValueError(f"min_ns_steps={self.min_ns_steps} exceeds max_ns_steps={self.max_ns_steps}")
         unknown = sorted(set(self.levers) - set(LEVERS))
@@ -270,6 +280,13 @@ def offload_allowed(profile: ModelProfile, options: PlannerOptions) -> bool:
     """Activation OFFLOAD only means something when the target has memory apart from the host:
     on a CPU target, "offloading" to host memory frees nothing, so it is never planned there."""
     return options.activation_offload and profile.target != "cpu"
+
+
+def host_limit(profile: ModelProfile, options: PlannerOptions) -> float:
+    """Host bytes a plan may pin (``inf``: no limit, or a CPU target, whose device is the host)."""
+    if options.host_budget is None or profile.target == "cpu":
+        return float("inf")
+    return float(options.host_budget)
 
 
 def unit_choices(profile: ModelProfile, options: PlannerOptions, unit: str | None = None) -> tuple[Decision, ...]:

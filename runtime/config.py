@@ -75,6 +75,12 @@ class TrainerConfig:
     or cut to match; under torchrun, across all ranks); ``"auto"``: grown toward the measured
     critical batch size; ``None``: each loader batch is one step. See
     :mod:`memtune.runtime.global_batch`."""
+    host_budget: int | str | None = "auto"
+    """Host memory plans may pin for what they move off a CUDA device (offloaded optimizer state
+    and activations): bytes, a size (``"64GB"``), a share of RAM (``"50%"``), ``"auto"`` (what
+    psutil reports available when training starts, less 10% of RAM and at least 2 GiB) or ``None``
+    (no limit). A plan that fits the device but not the host is refused, with the host bytes it
+    would need. On a CPU the device memory is the host's, and the budget covers it."""
     auto_batch: Any = None
     """With ``global_batch="auto"``: a :class:`memtune.runtime.global_batch.AutoBatchConfig`;
     ``None``: its defaults."""
@@ -92,6 +98,9 @@ class TrainerConfig:
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise UsageError(f"{name}={value!r}: give a whole number >= 0")
         self.planner_options = dict(self.planner_options or {})
+        from memtune.budget import parse_host_budget
+
+        self.host_budget = parse_host_budget(self.host_budget)   # "auto" is read once, when training is set up
         from .global_batch import check_global_batch
 
         check_global_batch(self.global_batch)

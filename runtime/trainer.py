@@ -100,6 +100,8 @@ class Trainer:
         self.retune_enabled = c.retune
         self.retuner = Retuner(self.budget.usable_bytes, c.retune_config)
         self.planner_options = dict(c.planner_options)
+        if c.host_budget is not None:
+            self.planner_options.setdefault("host_budget", c.host_budget)
         self.max_oom_retries = c.max_oom_retries
         self.enforce_budget = c.enforce_budget
         self.progress = c.progress
@@ -971,6 +973,9 @@ def fit(model: nn.Module, budget: int | str | Budget = "24GB", **kwargs) -> Trai
     device: default CUDA when present, else CPU; precision: ``"bf16-mixed"`` on CUDA,
         ``"fp32"`` on CPU by default;
     allow_microbatching (True), allow_offload (False), retune (True), retune_config;
+    host_budget: host memory plans may pin for offloaded state and activations on a CUDA
+        device (``"auto"``, the default: what psutil reports available, less a reserve;
+        ``"64GB"``, ``"50%"``, bytes, or ``None`` for no limit);
     telemetry: a :class:`~memtune.runtime.telemetry.Telemetry` or its sources;
         metrics_path: JSONL file for per-step metrics;
     checkpoint_path, checkpoint_every: periodic crash-safe checkpoints (and one when

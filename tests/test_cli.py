@@ -95,3 +95,15 @@ def test_fit_metrics_path_that_is_a_directory_exits_2_naming_the_fix(tmp_path):
                 "--metrics", str(tmp_path), "--no-progress")
     assert_clean_error(r, 2, "cannot write the metrics file", str(tmp_path), "is a directory",
                        str(tmp_path / "metrics.jsonl"))
+
+
+def test_host_budget_reaches_the_planner_and_a_bad_one_is_named(tmp_path, capsys):
+    from memtune.cli import main
+
+    out = tmp_path / "plan.json"
+    assert main(["plan", "examples/models.py:tiny_gpt", "--budget", "5MB", "--host-budget", "64GB",
+                 "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["predicted_peak_bytes"] <= 5 * 10**6
+    assert main(["plan", "examples/models.py:tiny_gpt", "--budget", "5MB", "--host-budget", "lots",
+                 "--out", str(out)]) == 2
+    assert "host_budget 'lots' is not a size" in capsys.readouterr().err

@@ -952,6 +952,10 @@ def _second_pass(add) -> None:
     add("API", "fit(checkpoint_every=-1)", lambda ctx: fit(checkpoint_every=-1, checkpoint_path=ctx.path("ce.pt")),
         "UsageError", ("checkpoint_every=-1",))
     add("API", "fit(max_oom_retries=-1)", lambda ctx: fit(max_oom_retries=-1), "UsageError", ("max_oom_retries",))
+    add("API", "fit(host_budget='lots')", lambda ctx: fit(host_budget="lots"), "BudgetError",
+        ("host_budget 'lots' is not a size", "64GB", "auto"))
+    add("API", "plan(profile, host_budget=-1)", lambda ctx: memtune.plan(ctx.profile, "5MB", host_budget=-1),
+        "BudgetError", ("host_budget -1 is not a size",))
     add("API", "profile a model that no tracer can run (its forward reads values through numpy)",
         lambda ctx: memtune.profile(DataDependent(), torch.randn(4, 8), target="cpu"), "TraceError",
         ("Tracers tried: symbolic_trace", "make_fx", "numpy"))
