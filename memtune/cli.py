@@ -461,8 +461,9 @@ def _cmd_fit(args) -> int:
     settings = None
     if args.lr is not None:
         from memtune.optim import OptimizerSettings
+        from memtune.optim.settings import default_ns_dtype
 
-        settings = OptimizerSettings(name=args.optimizer, lr=args.lr, ns_dtype="bf16" if device.startswith("cuda") else "fp32")
+        settings = OptimizerSettings(name=args.optimizer, lr=args.lr, ns_dtype=default_ns_dtype(device))
     kwargs = dict(sample=w.sample, loss_fn=w.loss_fn, optimizer=args.optimizer, optimizer_settings=settings,
                   planner=args.planner, device=device, metrics_path=args.metrics, checkpoint_path=args.checkpoint,
                   checkpoint_every=args.checkpoint_every if args.checkpoint else 0, progress=not args.no_progress,

@@ -239,8 +239,10 @@ def sweep_profile(model, sample, *, loss_fn=None, device: str = "cpu"):
 
 
 def _ns_dtype(device: str) -> str:
-    """bf16 Newton-Schulz on GPUs; fp32 on CPUs without fast bf16 matmul (as memtune.fit chooses)."""
-    return "bf16" if device.startswith("cuda") else "fp32"
+    """The Newton-Schulz dtype memtune.fit chooses on ``device`` (:func:`memtune.optim.settings.default_ns_dtype`)."""
+    from memtune.optim.settings import default_ns_dtype
+
+    return default_ns_dtype(device)
 
 
 def planner_options(params: dict[str, Any], device: str | None = None) -> dict[str, Any]:

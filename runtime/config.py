@@ -26,7 +26,8 @@ class TrainerConfig:
     """The optimizer memtune builds: ``muon2``, ``muon`` or ``adamw`` (a session also takes yours)."""
     optimizer_settings: Any = None
     """A :class:`memtune.optim.OptimizerSettings` for learning rates and the like; ``None``: defaults
-    with bf16 Newton-Schulz on CUDA, fp32 on a CPU."""
+    with bf16 Newton-Schulz on CUDA and on CPUs with native bf16 matmul (avx512_bf16, AMX), fp32
+    on other CPUs (:func:`memtune.optim.settings.default_ns_dtype`)."""
     planner: str | None = None
     """A key of :data:`memtune.planners.PLANNERS`; ``None``: exact, greedy past ``max_exact_units``."""
     device: Any = None

@@ -205,10 +205,11 @@ class Trainer:
 
     def _default_settings(self, name: str, settings: Any):
         from memtune.optim import OptimizerSettings
+        from memtune.optim.settings import default_ns_dtype
 
         if settings is None:
-            # bf16 Newton-Schulz is the GPU choice; CPUs without bf16 matmul units run fp32 far faster.
-            settings = OptimizerSettings(name=name, ns_dtype="bf16" if self.device.type == "cuda" else "fp32")
+            # bf16 Newton-Schulz where matmuls are native bf16; CPUs without bf16 units run fp32 faster.
+            settings = OptimizerSettings(name=name, ns_dtype=default_ns_dtype(self.device))
         return settings
 
     def _setup(self, batch: Any) -> None:

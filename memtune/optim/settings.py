@@ -23,6 +23,35 @@ EPS_MODES = ("outside", "inside")
 INT8_DOMAINS = ("linear", "sqrt")
 NS_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
+_BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+def cpu_has_bf16_matmul() -> bool:
+    """Whether this CPU multiplies bf16 matrices natively (x86 ``avx512_bf16`` or ``amx_bf16``,
+    which oneDNN uses): there a bf16 matmul measured 2x faster than fp32 (0.38 against 0.81 ms
+    for X·Xᵀ of 256×1024 on an AMD EPYC with avx512_bf16, docs/benchmarks.md §15). Elsewhere
+    PyTorch emulates bf16 and it is slower than fp32."""
+    global _cpu_bf16
+    if _cpu_bf16 is None:
+        try:
+            with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+                flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+        except OSError:
+            flags = []
+        _cpu_bf16 = torch.backends.mkldnn.is_available() and any(fl in flags for fl in _BF16_CPU_FLAGS)
+    return _cpu_bf16
+
+
+_cpu_bf16: bool | None = None
+
+
+def default_ns_dtype(device: "str | torch.device") -> str:
+    """The Newton-Schulz dtype memtune uses when the caller does not choose one: bf16 on CUDA
+    (as torch.optim.Muon) and on CPUs with native bf16 matmul; fp32 on other CPUs, where bf16
+    is emulated and slower."""
+    kind = torch.device(device).type if not isinstance(device, torch.device) else device.type
+    return "bf16" if kind == "cuda" or (kind == "cpu" and cpu_has_bf16_matmul()) else "fp32"
+
 
 def _fraction(v) -> bool:
     """A number in [0, 1): what momentum and decay rates must be."""

@@ -2,6 +2,7 @@
 out step by step; low-precision state against fp32; state_dict resume; in-place re-tuning."""
 
 import io
+import os
 
 import pytest
 import torch
@@ -197,3 +198,22 @@ def test_ns_defaults_per_optimizer_and_errors():
         OptimizerSettings(ns_normalize="spectral")
     with pytest.raises(OptimizerConfigError, match="ns_coefficients"):
         Muon2(make_params(), ns_coefficients=(1.0, 2.0))
+
+
+def test_default_ns_dtype_follows_native_bf16_matmul(monkeypatch):
+    """bf16 Newton-Schulz on CUDA and on CPUs whose flags say they multiply bf16 natively; fp32 on
+    other CPUs, where PyTorch emulates bf16. memtune.fit's default settings take the same choice."""
+    import memtune
+    from memtune.optim import settings
+
+    flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
+    native = any(f in flags.split() for f in ("avx512_bf16", "amx_bf16")) and torch.backends.mkldnn.is_available()
+    assert settings.cpu_has_bf16_matmul() == native
+    assert settings.default_ns_dtype("cuda") == "bf16" and settings.default_ns_dtype(torch.device("cuda", 1)) == "bf16"
+    assert settings.default_ns_dtype("cpu") == ("bf16" if native else "fp32")
+    monkeypatch.setattr(settings, "_cpu_bf16", False)
+    assert settings.default_ns_dtype("cpu") == "fp32"
+    monkeypatch.setattr(settings, "_cpu_bf16", True)
+    trainer = memtune.fit(torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 2)), "1GB", device="cpu",
+                          progress=False, loss_fn=lambda out: out.square().mean())
+    assert trainer.optimizer_settings.ns_dtype == "bf16"
