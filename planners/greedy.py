@@ -2,9 +2,10 @@
 
 Per outer configuration (cheapest first, skipping those that cannot beat the best plan):
 
-1. rank units by bytes freed per millisecond of extra step time (recompute, or offload when
-   allowed, whichever is cheaper per byte), and walk the ranking, marking a unit when that
-   does not raise the predicted peak, until the plan fits;
+1. rank (unit, option) pairs by bytes freed per millisecond of extra step time (full
+   recomputation or offload, whichever is cheaper, and each selective save set), and walk the
+   ranking, taking an option when it frees more than the unit's current one and does not raise
+   the predicted peak, until the plan fits;
 2. if it still does not fit, steepest descent on the peak: repeatedly apply the single change
    (any unit, any decision, any selective save set) that lowers the peak most, until the plan
    fits or nothing helps;
@@ -152,30 +153,45 @@ class _Search:
         return next((ms for opt, ms in self.options[u] if opt == now), 0.0)
 
     def walk_ranking(self, U: float, minimize_peak: bool) -> None:
-        """1. Rank units by the bytes they free on their own (their groups with no other holder)
-        per millisecond, and mark each in turn (full recomputation or offload) while that does not
-        raise the peak."""
+        """1. Rank every (unit, option) by the bytes it frees on its own per millisecond it adds,
+        and take each in turn while that does not raise the peak. Options are full
+        recomputation or offload (the unit's groups with no other holder) and each selective
+        save set (what the unit saves less what the set keeps), so a unit may go to a shallow
+        save set first and deeper later; an option never replaces a deeper one."""
         tm = self.tm
         own = np.zeros(tm.N)
         for g in range(tm.G):
             if len(tm.g_holders[g]) == 1 and not tm.g_blockers[g]:
                 own[tm.g_holders[g][0]] += tm.g_bytes[g]
         shared = np.asarray(tm.H.sum(axis=0)).ravel() > 0
-        cost = np.where(self.use_off, self.off, self.rc)
-        benefit = own + 1e-3 * shared  # units that only share storages still rank (last)
-        order = sorted(range(tm.N), key=lambda u: (-benefit[u] / max(cost[u], 1e-12), u))
-        for u in order:
-            opt = OFFLOAD if self.use_off[u] and self._host_ok(u, OFFLOAD) else RECOMPUTE if self.can_rc[u] else None
-            if opt is None:
-                continue  # neither recomputable nor offloadable (within the host budget)
+        whole = np.where(self.use_off, self.off, self.rc)
+        cands = []   # (-bytes per ms, unit, depth, option)
+        for u in range(tm.N):
+            if not (self.use_off[u] or self.can_rc[u]):
+                continue  # neither recomputable nor offloadable
+            freed = own[u] + 1e-3 * shared[u]  # units that only share storages still rank (last)
+            opt = OFFLOAD if self.use_off[u] else RECOMPUTE
+            cands.append((-freed / max(whole[u], 1e-12), u, freed, opt))
+            if self.can_rc[u]:
+                saved = float(tm.profile.units[u].saved_activation_bytes) or 1.0
+                for k, pol in enumerate(tm.policies[u], start=1):
+                    f = own[u] * max(0.0, 1.0 - (pol.kept_bytes + pol.cached_bytes) / saved)
+                    ms = float(self.options[u][k][1])
+                    cands.append((-f / max(ms, 1e-12), u, f, (1.0, 1.0, k)))
+        cands.sort(key=lambda c: (c[0], c[1], -c[2]))
+        depth = np.full(tm.N, -1.0)   # bytes the unit's current option frees
+        for _, u, freed, opt in cands:
+            if freed <= depth[u] or not self._host_ok(u, opt):
+                continue
+            old = self._get(u)
             self._set(u, opt)
             new = self.peak()
             if new <= self.cur:
-                self.cur = new
+                self.cur, depth[u] = new, freed
                 if self.cur <= U and not minimize_peak:
                     break
             else:
-                self._set(u, SAVE)
+                self._set(u, old)
 
     def descend(self, U: float, minimize_peak: bool) -> None:
         """2. Steepest descent on the peak: apply the single change (any unit, any option) that
