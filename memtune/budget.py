@@ -164,7 +164,6 @@ def parse_host_budget(value: "int | str | None") -> int | None:
         return _parse_bytes(value, total=lambda: psutil.virtual_memory().total)
     except BudgetError as e:
         raise BudgetError(
-            f"host_budget {value[:40] if isinstance(value, str) else value!r} is not a size: give bytes, a size such as "
-            f"\"64GB\", a share of this "
-            f"machine's RAM such as \"50%\", \"auto\" (what psutil reports available, less a reserve) or None "
-            f"(no limit)") from e
+            f"host_budget {value[:40] if isinstance(value, str) else value!r} is not a size: give bytes, a size such "
+            f"as \"64GB\", a share of this machine's RAM such as \"50%\", \"auto\" (what psutil reports available, "
+            f"less a reserve) or None (no limit)") from e

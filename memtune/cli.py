@@ -360,6 +360,12 @@ def _cmd_profile(args) -> int:
     return EXIT_OK
 
 
+def _add_host_budget(p: argparse.ArgumentParser, *, default: str) -> None:
+    p.add_argument("--host-budget", default=None,
+                   help="host memory the plan may pin for offloaded optimizer state and activations (CUDA targets): "
+                        f"64GB, 50%%, auto (what is available here, less a reserve) or bytes; default: {default}")
+
+
 def _args_plan(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", nargs="?", help="path/to/file.py:factory or package.module:factory (or give --profile)")
     p.add_argument("--profile", dest="profile_path", default=None, help="plan from a saved profile JSON instead")
@@ -376,9 +382,7 @@ def _args_plan(p: argparse.ArgumentParser) -> None:
                         "and the budget is per device (default: 1, one process)")
     p.add_argument("--link", default="nvlink", help="interconnect the collectives are priced on, with --world-size: "
                                                     "nvlink, pcie, infiniband or loopback (default: nvlink)")
-    p.add_argument("--host-budget", default=None,
-                   help="host memory the plan may pin for offloaded optimizer state and activations (CUDA targets): "
-                        "64GB, 50%%, auto (what is available here, less a reserve) or bytes; default: no limit")
+    _add_host_budget(p, default="no limit")
     p.add_argument("--out", default="plan.json", help="where to write the plan JSON (default: plan.json)")
 
 
@@ -421,10 +425,7 @@ def _args_fit(p: argparse.ArgumentParser) -> None:
     p.add_argument("--budget", required=True, help="memory budget: 24GB, 512MiB, 80%%, or bytes")
     p.add_argument("--steps", type=_count(0), required=True,
                    help="optimizer steps the run should reach (a resumed run trains only the rest)")
-    p.add_argument("--host-budget", default=None,
-                   help="host memory the plan may pin for offloaded optimizer state and activations (CUDA targets): "
-                        "64GB, 50%%, auto (what is available here, less a reserve) or bytes; default: auto")
-
+    _add_host_budget(p, default="auto")
     p.add_argument("--optimizer", default="muon2", choices=_families(), help="default: muon2")
     p.add_argument("--lr", type=float, default=None, help="Muon-part learning rate (default: OptimizerSettings')")
     p.add_argument("--planner", default=None, choices=_planners(), help="default: exact")

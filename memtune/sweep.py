@@ -232,17 +232,11 @@ def sweep_profile(model, sample, *, loss_fn=None, device: str = "cpu"):
     records, so that the sweep and the plan agree on what fits."""
     import memtune
     from memtune.optim import OptimizerSettings
+    from memtune.optim.settings import default_ns_dtype
 
     space = memtune.PlanSpace(ns_steps=tuple(range(NS_STEPS[0], NS_STEPS[1] + 1)), state_dtypes=STATE_DTYPES)
     return memtune.profile(model, sample, loss_fn=loss_fn, target=device, space=space,
-                           optimizer=OptimizerSettings(name="muon2", ns_dtype=_ns_dtype(device)))
-
-
-def _ns_dtype(device: str) -> str:
-    """The Newton-Schulz dtype memtune.fit chooses on ``device`` (:func:`memtune.optim.settings.default_ns_dtype`)."""
-    from memtune.optim.settings import default_ns_dtype
-
-    return default_ns_dtype(device)
+                           optimizer=OptimizerSettings(name="muon2", ns_dtype=default_ns_dtype(device)))
 
 
 def planner_options(params: dict[str, Any], device: str | None = None) -> dict[str, Any]:
@@ -330,6 +324,7 @@ def sweep(build_fn: Callable[..., Any], *, budget: int | str, n_trials: int, stu
 
     import memtune
     from memtune.optim import OptimizerSettings
+    from memtune.optim.settings import default_ns_dtype
 
     objectives = (objective,) if isinstance(objective, str) else tuple(objective)
     bad = [o for o in objectives if o not in OBJECTIVES]
@@ -383,7 +378,7 @@ def sweep(build_fn: Callable[..., Any], *, budget: int | str, n_trials: int, stu
         trial.set_user_attr("predicted_step_ms", plan.predicted_step_ms)
         model, data, loss_fn = _unpack(_call(build_fn, params))
         settings = OptimizerSettings(name="muon2", lr=params["lr"], ns_steps=params["ns_steps"],
-                                     state_dtype=params["state_dtype"], ns_dtype=_ns_dtype(device))
+                                     state_dtype=params["state_dtype"], ns_dtype=default_ns_dtype(device))
         opts = planner_options(params, device)
         opts.pop("optimizer")
         t0 = time.perf_counter()

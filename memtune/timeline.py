@@ -524,12 +524,15 @@ class TimelineModel:
         """Predicted peak bytes of decisions ``x`` (non-SAVE) / ``r`` (RECOMPUTE) / ``s`` (selective level)."""
         return float(self.row_values(cc, x, r, s).max())
 
-    def host_bytes(self, cc: ConfigConstants, x: np.ndarray, r: np.ndarray) -> float:
+    def host_bytes(self, cc: ConfigConstants, x: np.ndarray | None = None, r: np.ndarray | None = None) -> float:
         """Host bytes a plan puts in host memory: the optimizer state it offloads (the
-        configuration's) and the activations of its OFFLOAD units (``x`` and not ``r``). Zero on
-        a CPU target, whose device memory is host memory."""
+        configuration's) and the activations of its OFFLOAD units (``x`` and not ``r``; without
+        them, none: what the configuration pins by itself). Zero on a CPU target, whose device
+        memory is host memory."""
         if self.profile.target == "cpu":
             return 0.0
+        if x is None:
+            return float(cc.host_bytes)
         off = (np.asarray(x) > 0.5) & ~(np.asarray(r) > 0.5)
         return float(cc.host_bytes) + float(self.offload_host_bytes[off].sum())
 

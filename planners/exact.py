@@ -73,7 +73,7 @@ class ExactPlanner:
             if prunable(per_tier, tier, base_ms, options):
                 continue
             tm, cc = timeline_for(profile, cfg)
-            if cc.fixed_peak > U or tm.host_bytes(cc, np.zeros(tm.N), np.zeros(tm.N)) > H:
+            if cc.fixed_peak > U:
                 continue
             left = max(0.05, deadline - time.perf_counter())
             sol = solve_config(tm, cc, table, U, allow_offload=offload_allowed(profile, options), time_limit_s=left,
@@ -100,10 +100,10 @@ def solve_config(tm: TimelineModel, cc: ConfigConstants, table, U: float, *, all
 
     With ``minimize_peak`` the objective is the peak itself (``U`` is ignored): the most
     memory-frugal decisions of this configuration."""
-    x0 = np.zeros(tm.N)
-    host_left = host_budget - tm.host_bytes(cc, x0, x0)
+    host_left = host_budget - tm.host_bytes(cc)
     if host_left < 0:
-        return None
+        return None  # the configuration's offloaded state alone is over the host budget
+    x0 = np.zeros(tm.N)
     if not minimize_peak and tm.peak(cc, x0, x0) <= U:
         return tm.choices(x0, x0), ()
     model = _Milp(tm, cc, 0.0 if minimize_peak else U, allow_offload=allow_offload, minimize_peak=minimize_peak,

@@ -55,7 +55,7 @@ class GreedyPlanner:
             if prunable(per_tier, tier, table.base.total_ms, options):
                 continue
             tm, cc = timeline_for(profile, cfg)
-            if cc.fixed_peak > U or tm.host_bytes(cc, np.zeros(tm.N), np.zeros(tm.N)) > H:
+            if cc.fixed_peak > U:
                 continue
             state = greedy_decisions(tm, cc, table, U, allow_offload=offload_allowed(profile, options), host_budget=H)
             if state is None:
@@ -83,9 +83,9 @@ def greedy_decisions(tm: TimelineModel, cc: ConfigConstants, table, U: float, *,
                      minimize_peak: bool = False, host_budget: float = float("inf")) -> UnitChoices | None:
     """Greedy decisions for one configuration that fit ``U`` and ``host_budget`` (``None`` if
     none found). With ``minimize_peak``, keep descending until no single change lowers the peak."""
-    host_left = host_budget - tm.host_bytes(cc, np.zeros(tm.N), np.zeros(tm.N))
+    host_left = host_budget - tm.host_bytes(cc)
     if host_left < 0:
-        return None
+        return None  # the configuration's offloaded state alone is over the host budget
     search = _Search(tm, cc, table, allow_offload=allow_offload, host_left=host_left)
     if search.cur <= U and not minimize_peak:
         return search.choices()

@@ -3,17 +3,15 @@ guessed), the biggest consumers, and the allowed changes that would help."""
 
 from __future__ import annotations
 
+import dataclasses
+import math
+
 from memtune.budget import Budget
 from memtune.errors import InfeasibleBudgetError
 from memtune.levers import LEVERS
 from memtune.plan import Plan
 from memtune.profile import ModelProfile
 from memtune.units_fmt import fmt_bytes
-
-import dataclasses
-import math
-
-import numpy as np
 
 from .options import PlannerOptions, configs, costs_for, host_limit, make_plan, offload_allowed, timeline_for
 
@@ -56,7 +54,7 @@ def host_infeasible(profile: ModelProfile, options: PlannerOptions) -> Infeasibl
     need = math.inf
     for cfg in configs(profile, options):
         tm, cc = timeline_for(profile, cfg)
-        need = min(need, tm.host_bytes(cc, np.zeros(tm.N), np.zeros(tm.N)))
+        need = min(need, tm.host_bytes(cc))
     suggestions = [f"a host budget of at least {fmt_bytes(int(need))} ({int(need)} bytes)",
                    "levers={'state_offload': (False,)} (optimizer state stays on the device)",
                    "state_dtypes including 'int8' (8-bit optimizer state: a quarter of the host bytes)"]

@@ -65,7 +65,7 @@ def regroup(batches: Iterable[Any], size: int | Callable[[], int], *, skip_sampl
         n = batch_size_of(batch)
         if n is None:
             raise UsageError("global_batch needs batches with a batch dimension (tensors whose dim 0 counts samples); "
-                             f"this batch holds no tensor with one")
+                             "this batch holds no tensor with one")
         if skip_samples:
             if n <= skip_samples:
                 skip_samples -= n
@@ -251,11 +251,12 @@ class AutoBatch:
 
     def decide(self, step: int) -> int | None:
         """The next global batch at ``step``, or ``None`` to keep the current one."""
-        c, b = self.config, self.noise.b_noise
-        if self.stopped or b is None or self.noise.count < c.warmup_steps or step - self.last_change < c.interval:
+        c = self.config
+        if self.stopped or self.noise.count < c.warmup_steps or step - self.last_change < c.interval:
             return None
         new = self.next_size()
-        if new <= self.global_batch or b < new or self.support < c.confirm_steps:
+        # support counts only readings with B_noise >= new (confirm_steps >= 1): no need to read it again
+        if new <= self.global_batch or self.support < c.confirm_steps:
             return None
         return new
 
