@@ -14,6 +14,11 @@ A roofline model from the profile's FLOPs and bytes, not a measurement:
   (:mod:`memtune.selective`);
 * **offload**: ``2 × saved bytes / host bandwidth`` per OFFLOAD unit (out and back over
   PCIe). Overlap with compute is *not* assumed, so this is an upper bound;
+* **optimizer-state stream** (the ``state_offload`` lever): a timeline of the pipeline
+  :class:`memtune.stepping.PlanOptimizer` runs (:func:`state_stream_seconds`): per parameter in
+  backward's order, its state comes in on one copy engine while the parameter before it
+  updates, and goes back on the other; the step pays only what cannot hide behind backward and
+  the updates;
 * **Newton-Schulz**: ``ns_flops(m, n, steps) = steps · (4m²n + 2m³)`` FLOPs per m × n
   matrix (m ≤ n, :func:`memtune.optim.ns_flops`) at the bf16 rate, plus three kernels
   per iteration;
@@ -203,6 +208,8 @@ class CostContext:
     backward_s: float = 0.0
     outside_forward_s: float = 0.0
     """Forward time of the code outside every unit (embeddings, head, loss)."""
+    unit_backward_s: dict = field(default_factory=dict)
+    """Backward seconds per unit (FQN); the rest of ``backward_s`` is outside every unit."""
     terms: dict = field(default_factory=dict)
 
     def add_term(self, name: str, seconds) -> None:
@@ -215,7 +222,7 @@ class CostContext:
 
     def state_link_bytes(self) -> float:
         """Bytes of optimizer state (and master copy) that cross the host link once."""
-        return _state_bytes(self.profile, self.optimizer, self.master_bytes_per_element)
+        return sum(_param_state_bytes(self.profile, self.optimizer, self.master_bytes_per_element).values())
 
 
 def _roofline_s(spec: DeviceSpec, flops: float, nbytes: float, kernels: float, rate: float) -> float:
@@ -250,6 +257,7 @@ def cost_table(profile: ModelProfile, *, optimizer: OptimizerPlan | None = None,
     for u in profile.units:
         f, b = fwd_bwd(u)
         unit_fwd[u.fqn] = f
+        ctx.unit_backward_s[u.fqn] = b
         fwd += f
         bwd += b
     # Everything outside the units: embeddings, head, loss.
@@ -305,16 +313,79 @@ def _selective_ms(profile: ModelProfile, variant: StepVariant, spec: DeviceSpec,
     return out
 
 
-def _state_bytes(profile: ModelProfile, opt: OptimizerPlan, master_bytes_per_element: float) -> float:
-    """Bytes of optimizer state (and a master copy) that cross the host link, for pricing."""
+def _param_state_bytes(profile: ModelProfile, opt: OptimizerPlan, master_bytes_per_element: float) -> dict[str, float]:
+    """Per parameter, the bytes of its optimizer state (and master copy) that cross the host link
+    one way, for pricing."""
+    if opt is None:
+        opt = OptimizerPlan(name=profile.optimizer if orthogonalizes(profile.optimizer) else "adamw")
     elem = STATE_PRECISIONS[opt.state_dtype].bytes_per_element
     muon = set(opt.muon_params) if orthogonalizes(opt.name) else set()
-    total = 0.0
+    out = {}
     for p in profile.params:
         numel = math.prod(p.shape)
         n_states = (2 if opt.name == "muon2" else 1) if p.fqn in muon else 2
-        total += numel * (n_states * elem + master_bytes_per_element)
-    return total
+        out[p.fqn] = numel * (n_states * elem + master_bytes_per_element)
+    return out
+
+
+def state_stream_seconds(ctx: CostContext) -> float:
+    """Seconds the offloaded optimizer state's stream adds to one step, from a timeline of the
+    pipeline :class:`memtune.stepping.PlanOptimizer` runs (docs/planners.md, "The state stream").
+
+    Parameters update in backward's order (the reverse of registration). Three clocks advance:
+    the compute stream (each parameter's share of backward when the step runs in backward, then
+    its update), the host-to-device copy engine and the device-to-host one. When an update is
+    issued, the states that follow are fetched ahead within the stream's window (twice the
+    largest parameter's state); an update waits for its state (fetched on the spot if it was
+    not ahead), and its write-back starts when it ends. On a GPU the two directions run on
+    separate copy engines at the link's bandwidth each (PCIe is full duplex); on a CPU target the
+    copies are plain copies on the one thread, so nothing overlaps. The result is the finish time
+    minus the compute alone: the transfer that could not hide. Recomputation in backward, which
+    would hide more, is not counted (the estimate errs long)."""
+    profile, spec = ctx.profile, ctx.spec
+    link = _param_state_bytes(profile, ctx.optimizer, ctx.master_bytes_per_element)
+    opt_s = _optimizer_seconds_per_param(profile, ctx.optimizer, spec, fp32_working_copy=ctx.fp32_working_copy)
+    bw = ctx.host_bandwidth
+    copy_s = {f: b / bw + spec.kernel_overhead_s for f, b in link.items()}
+    order = [p.fqn for p in reversed(profile.params)]
+    if spec.kind == "cpu":
+        return sum(2 * copy_s[f] for f in order)
+    # Backward's compute before each parameter's update: its unit's backward, charged to the first
+    # of the unit's parameters to update; the code outside every unit, shared by parameter bytes.
+    before = dict.fromkeys(order, 0.0)
+    if ctx.optimizer_overlaps_backward:
+        outside = [p for p in profile.params if p.unit is None]
+        outside_s = max(0.0, ctx.backward_s - sum(ctx.unit_backward_s.values()))
+        outside_bytes = sum(p.param_bytes for p in outside) or 1
+        seen: set[str] = set()
+        for p in reversed(profile.params):
+            if p.unit is None:
+                before[p.fqn] = outside_s * p.param_bytes / outside_bytes
+            elif p.unit not in seen:
+                seen.add(p.unit)
+                before[p.fqn] = ctx.unit_backward_s.get(p.unit, 0.0)
+    # The fetch-ahead window of memtune.stepping._Stream: twice the largest parameter's state.
+    window = 2 * max(link.values(), default=0.0)
+    compute = h2d = d2h = 0.0
+    arrives: dict[int, float] = {}   # fetched ahead: index -> when its state is on the device
+    nxt = 0                          # the first parameter not yet fetched
+    for i, f in enumerate(order):
+        compute += before[f]
+        if i not in arrives:          # not fetched ahead: fetched now, the update waits
+            h2d = max(h2d, compute) + copy_s[f]
+            arrives[i] = h2d
+            nxt = i + 1
+        start = max(compute, arrives.pop(i))
+        held = sum(link[order[k]] for k in arrives)
+        while nxt < len(order) and (not arrives or held + link[order[nxt]] <= window):
+            h2d = max(h2d, start) + copy_s[order[nxt]]   # fetches start as the update is issued
+            arrives[nxt] = h2d
+            held += link[order[nxt]]
+            nxt += 1
+        compute = start + opt_s[f]
+        d2h = max(d2h, compute) + copy_s[f]
+    busy = sum(before.values()) + sum(opt_s[f] for f in order)
+    return max(0.0, max(compute, d2h) - busy)
 
 
 def _optimizer_seconds(profile: ModelProfile, opt: OptimizerPlan | None, spec: DeviceSpec, *,
@@ -330,8 +401,21 @@ def _optimizer_seconds(profile: ModelProfile, opt: OptimizerPlan | None, spec: D
     return memo[key]
 
 
+def _optimizer_seconds_per_param(profile: ModelProfile, opt: OptimizerPlan | None, spec: DeviceSpec, *,
+                                 fp32_working_copy: bool = False) -> dict[str, float]:
+    """Seconds of each parameter's update alone (Newton-Schulz and elementwise, its own kernels):
+    how :class:`memtune.stepping.PlanOptimizer` steps. Kept on the profile object."""
+    memo = profile.__dict__.setdefault("_optimizer_seconds_per_param", {})
+    key = (None if opt is None else (opt.name, opt.state_dtype, opt.ns_steps, tuple(opt.muon_params)),
+           spec, fp32_working_copy)
+    if key not in memo:
+        memo[key] = {f: ns + el for f, (ns, el) in
+                     _price_optimizer_step(profile, opt, spec, fp32_working_copy, per_param=True).items()}
+    return memo[key]
+
+
 def _price_optimizer_step(profile: ModelProfile, opt: OptimizerPlan | None, spec: DeviceSpec,
-                          fp32_working_copy: bool) -> tuple[float, float]:
+                          fp32_working_copy: bool, per_param: bool = False):
     if opt is None:
         opt = OptimizerPlan(name=profile.optimizer if orthogonalizes(profile.optimizer) else "adamw")
     muon = set(opt.muon_params) if orthogonalizes(opt.name) else set()
@@ -344,7 +428,9 @@ def _price_optimizer_step(profile: ModelProfile, opt: OptimizerPlan | None, spec
     ns_kernels = 0
     nbytes = 0.0
     kernels = 0
+    each: dict[str, tuple[float, float]] = {}
     for p in profile.params:
+        before = (ns_flops_total, ns_kernels, nbytes, kernels)
         numel = math.prod(p.shape)
         pbytes = p.param_bytes / max(numel, 1)  # bytes per element of the parameter
         if p.fqn in muon and len(p.shape) >= 2:
@@ -359,6 +445,12 @@ def _price_optimizer_step(profile: ModelProfile, opt: OptimizerPlan | None, spec
             pbytes = 2.0 + 8.0 / 3  # bf16 param and grad, plus the fp32 working copy's traffic
         nbytes += numel * (2 * pbytes + pbytes + n_states * per_state)  # param r/w, grad r, states
         kernels += OPTIMIZER_KERNELS_PER_PARAM + (2 * n_states if elem != 4 else 0)
+        if per_param:
+            d = [a - b for a, b in zip((ns_flops_total, ns_kernels, nbytes, kernels), before)]
+            each[p.fqn] = (d[0] / (spec.bf16_flops * spec.matmul_efficiency) + d[1] * spec.kernel_overhead_s,
+                           d[2] / (spec.mem_bandwidth * spec.bandwidth_efficiency) + d[3] * spec.kernel_overhead_s)
+    if per_param:
+        return each
     if spec.kind == "cuda" and not muon and opt.state_dtype == "fp32":
         kernels = OPTIMIZER_KERNELS_PER_PARAM * max(1, math.ceil(len(profile.params) / 64))  # foreach
     ns_s = ns_flops_total / (spec.bf16_flops * spec.matmul_efficiency) + ns_kernels * spec.kernel_overhead_s

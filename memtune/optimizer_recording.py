@@ -55,12 +55,15 @@ def record_configuration(config: OptimizerPlan, setups: list[tuple[StepVariant, 
                          profiled: bool = False) -> list[OptimizerStepProfile]:
     """:func:`record_optimizer_step` of ``config`` for each (optimizer variant, setup), in order.
 
-    A setup stepped one parameter at a time anyway (offloaded state, bf16 weights) whose
-    in-backward twin is also asked for is not recorded on its own: its whole step is the
-    sequence of its per-parameter steps, so the twin's recording gives both (the step's
-    temporaries are the largest parameter's)."""
+    A setup stepped one parameter at a time anyway (bf16 weights) whose in-backward twin is
+    also asked for is not recorded on its own: its whole step is the sequence of its
+    per-parameter steps, so the twin's recording gives both (the step's temporaries are the
+    largest parameter's). Offloaded state is always recorded on its own: its stream holds
+    state fetched ahead across the updates, differently in backward and after it."""
     def per_parameter_key(setup: RecordingSetup):
         rest = {k: v for k, v in setup.stepping.items() if k != "in_backward"}
+        if rest.get("offload"):
+            return None  # the state stream holds different things between updates in and after backward
         return tuple(sorted(rest.items(), key=lambda kv: kv[0])) if rest else None
 
     twins = {per_parameter_key(s): (v, s) for v, s in setups if s.stepping.get("in_backward") and per_parameter_key(s)}
@@ -120,12 +123,22 @@ def record_optimizer_step(setup: RecordingSetup, config: OptimizerPlan, *, varia
     stepped = [(n, p) for n, p in fparams.items() if n in with_grad and p.requires_grad]
     nbytes = lambda t: round_allocation(t.untyped_storage().nbytes(), granularity)  # noqa: E731
     per_param: list[tuple[str, int]] = []
+    held = 0
     try:
+        names = dict(stepped)
+        order = [n for n in dict.fromkeys(setup.order or tuple(names)) if n in names]
         for _ in range(WARMUP_STEPS):
             for _, p in stepped:
                 p.grad = torch.zeros_like(p)
+            if opt is not None and in_backward:  # in backward's order, as the measured step (and training) runs
+                for n in order:
+                    opt.step_param(names[n])
+                    names[n].grad = None
             if opt is not None:
                 opt.step()
+        for _, p in stepped:
+            if p.grad is None:  # the in-backward warm-up freed them as it went
+                p.grad = torch.zeros_like(p)
         hosts = _host_buffers(opt)
         host_ids = {id(t.untyped_storage()) for t in hosts}
         device_state = [t for t in optimizer_state_tensors(opt) if target == "cpu" or id(t.untyped_storage()) not in host_ids]
@@ -139,13 +152,14 @@ def record_optimizer_step(setup: RecordingSetup, config: OptimizerPlan, *, varia
             if opt is None:
                 rec.mark(StepEvent.OPTIM_START)
             elif in_backward:
-                names = dict(stepped)
-                for n in (setup.order or tuple(names)):
-                    if n in names:
-                        rec.mark(StepEvent.PARAM_STEP, n)
-                        opt.step_param(names[n])
-                        names[n].grad = None
+                for n in order:
+                    rec.mark(StepEvent.PARAM_STEP, n)
+                    opt.step_param(names[n])
+                    names[n].grad = None
+                    # What the state stream holds while backward computes the next gradients.
+                    held = max(held, round_allocation(opt.stream_bytes(), granularity))
                 rec.mark(StepEvent.OPTIM_START)
+                opt.finish_step()
             else:
                 rec.mark(StepEvent.OPTIM_START)
                 opt.step()
@@ -169,7 +183,8 @@ def record_optimizer_step(setup: RecordingSetup, config: OptimizerPlan, *, varia
     return OptimizerStepProfile(
         name=config.name, state_dtype=config.state_dtype, ns_steps=config.ns_steps, settings=config.settings,
         muon_params=muon, adamw_params=adamw, state_bytes=state, step_transient_bytes=transient, profiled=profiled,
-        variant=variant.for_optimizer(), host_state_bytes=host_bytes, param_step_bytes=tuple(per_param))
+        variant=variant.for_optimizer(), host_state_bytes=host_bytes, param_step_bytes=tuple(per_param),
+        stream_bytes=held)
 
 
 class ParamView(torch.nn.Module):

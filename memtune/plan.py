@@ -113,6 +113,9 @@ class MemoryBreakdown:
     ``host_budget`` (:class:`memtune.planners.PlannerOptions`)."""
     other_transient_bytes: int = 0
     """Temporaries of the op running at the peak (logits, gradients in flight...)."""
+    stream_bytes: int = 0
+    """Offloaded optimizer state on its way through the device (fetched ahead, being written
+    back), held through backward (:class:`memtune.stepping.PlanOptimizer`)."""
     reserve_bytes: int = 0
     """CUDA context and allocator slack, outside ``peak_bytes``."""
     phase: str = ""
@@ -351,7 +354,9 @@ class Plan:
             f"  memory at peak ({m.phase}): params {fmt_bytes(m.params_bytes)}, grads {fmt_bytes(m.grads_bytes)}, "
             f"optimizer state {fmt_bytes(m.optimizer_state_bytes)}, activations {fmt_bytes(m.saved_activation_bytes)}, "
             f"recompute {fmt_bytes(m.recompute_transient_bytes)}, optimizer step {fmt_bytes(m.optimizer_transient_bytes)}, "
-            f"other {fmt_bytes(m.other_transient_bytes)}; reserve {fmt_bytes(m.reserve_bytes)}"
+            f"other {fmt_bytes(m.other_transient_bytes)}"
+            + (f", state stream {fmt_bytes(m.stream_bytes)}" if m.stream_bytes else "")
+            + f"; reserve {fmt_bytes(m.reserve_bytes)}"
             + (f"; in host memory {fmt_bytes(m.host_bytes)}" if m.host_bytes else ""),
             f"  time: forward {fmt_ms(t.forward_ms)}, backward {fmt_ms(t.backward_ms)}, recompute {fmt_ms(t.recompute_ms)}, "
             f"NS {fmt_ms(t.ns_ms)}, optimizer {fmt_ms(t.optimizer_ms)}"

@@ -242,10 +242,21 @@ class OptimizerStepProfile:
     param_step_bytes: tuple[tuple[str, int], ...] = ()
     """(parameter FQN, temporaries of its update), for a recording that steps one parameter at a
     time where backward completes its gradient; empty otherwise."""
+    stream_bytes: int = 0
+    """Device bytes the offloaded state's stream holds between two updates in backward (the next
+    parameter's state fetched ahead, the last one's still being written back), at its largest:
+    held while backward computes, on top of the step's live memory. 0 without offload in backward."""
 
     @property
     def key(self) -> tuple:
         return (self.name, self.state_dtype, self.ns_steps, self.variant)
+
+
+def _unpipelined_offload(o: dict) -> bool:
+    """A saved optimizer recording of offloaded state made before the pipelined state stream (no
+    ``stream_bytes``): it measured one parameter's state at a time on the device."""
+    variant = o.get("variant") or {}
+    return "stream_bytes" not in o and bool(variant.get("state_offload"))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -455,7 +466,10 @@ class ModelProfile:
                                         "adamw_params": tuple(o["adamw_params"]),
                                         "variant": StepVariant.from_dict(o.get("variant")),
                                         "param_step_bytes": tuple(tuple(x) for x in o.get("param_step_bytes", ()))})
-                for o in d.get("optimizer_steps", ()))
+                for o in d.get("optimizer_steps", ()) if not _unpipelined_offload(o))
+            if len(kw["optimizer_steps"]) < len(d.get("optimizer_steps", ())):
+                kw["assumptions"] += ("offloaded-state recordings from before the pipelined state stream were "
+                                      "dropped (they do not measure its buffers): re-profile to plan state offload",)
             kw["step_variants"] = tuple(StepRecording(**{**r, **_recording_from_dict(r),
                                                          "variant": StepVariant.from_dict(r["variant"])})
                                         for r in d.get("step_variants", ()))

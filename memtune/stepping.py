@@ -6,8 +6,11 @@ Three plan dimensions change *when* and *where* a parameter is updated, not *how
   in its ``register_post_accumulate_grad_hook`` as soon as its gradient is complete, and the
   gradient is freed at once, so full gradients never coexist;
 * **optimizer-state offload** (the ``state_offload`` lever): the state lives in (pinned) host
-  memory; a parameter's state is copied to the device just before its update and back just
-  after, so the device holds one parameter's state at a time;
+  memory and streams through the device one parameter at a time, pipelined (:class:`_Stream`):
+  while a parameter updates, the next one's state is on its way in and the previous one's on
+  its way out, on two side streams (host-to-device and device-to-host copies run on separate
+  copy engines). The device holds the updating parameter's state, a window fetched ahead and
+  the last one's;
 * **bf16 weights** (the ``weights`` lever): the parameters are stored in bf16. The update is
   computed in fp32 on a one-parameter working copy and written back either with stochastic
   rounding (``"bf16-sr"``: unbiased, no extra memory) or from an fp32 master copy kept with
@@ -123,6 +126,7 @@ class PlanOptimizer(Optimizer):
         self.state = inner.state  # type: ignore[assignment]
         self.defaults = inner.defaults
         self._handles = []
+        self._stream = _Stream(self) if offload else None
         self._stepped: set[int] = set()
         self.nonfinite: list[str] = []
         """Parameters whose gradient was NaN/inf in the current step (in-backward: not updated)."""
@@ -176,12 +180,24 @@ class PlanOptimizer(Optimizer):
                 if id(p) not in self._stepped and p.grad is not None:
                     self.step_param(p)
         self._stepped.clear()
+        self.finish_step()
         return loss
+
+    def finish_step(self) -> None:
+        """End the step's state stream: wait for the last copies back to host memory and drop
+        any state fetched ahead that the step did not use. :meth:`step` calls it."""
+        if self._stream is not None:
+            self._stream.finish()
+
+    def stream_bytes(self) -> int:
+        """Device bytes the state stream holds now (state fetched ahead, copies still going out)."""
+        return self._stream.held_bytes() if self._stream is not None else 0
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.inner.zero_grad(set_to_none=set_to_none)
         self._stepped.clear()
         self.nonfinite.clear()
+        self.finish_step()
 
     def seed_master(self, p: torch.Tensor, value: torch.Tensor) -> None:
         """Start ``p``'s fp32 master copy (``bf16-master``) from ``value``, e.g. the fp32 weights
@@ -195,16 +211,15 @@ class PlanOptimizer(Optimizer):
     def step_param(self, p: torch.Tensor) -> None:
         """Update ``p`` alone, with its state brought to the device and put back as configured."""
         part, group = self._where[id(p)]
-        state = part.state
-        if self.offload and p in state:
-            self._load_state(p)
+        if self._stream is not None:
+            self._stream.before(p)
         if self.weights is not None and p.dtype == torch.bfloat16:
             self._step_bf16(part, group, p)
         else:
             with _only(part, group, p, self.names.get(id(p))):
                 part.step()
-        if self.offload:
-            self._offload_state(p)
+        if self._stream is not None:
+            self._stream.after(p)
 
     def _step_bf16(self, part: Optimizer, group: dict, p: torch.Tensor) -> None:
         """One fp32 update of a bf16 parameter on a working copy, written back by stochastic
@@ -253,6 +268,14 @@ class PlanOptimizer(Optimizer):
             if isinstance(v, torch.Tensor) and v is hosts.get(k):
                 st[k] = v.to(p.device, non_blocking=self.pin, copy=True)
 
+    def _device_state(self, p: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Device copies of ``p``'s host-resident state tensors, by state key (not yet installed)."""
+        part, _ = self._where[id(p)]
+        st = part.state.get(p) or {}
+        hosts = self._hosts(p)
+        return {k: v.to(p.device, non_blocking=self.pin, copy=True) for k, v in st.items()
+                if isinstance(v, torch.Tensor) and v is hosts.get(k)}
+
     def _hosts(self, p: torch.Tensor) -> dict:
         if not hasattr(self, "_host_buffers"):
             self._host_buffers: dict[int, dict] = {}
@@ -260,9 +283,11 @@ class PlanOptimizer(Optimizer):
 
     # ------------------------------------------------------------------ delegation
     def state_dict(self) -> dict:
+        self.finish_step()  # host copies complete
         return self.inner.state_dict()
 
     def load_state_dict(self, state_dict: dict) -> None:
+        self.finish_step()
         self.inner.load_state_dict(state_dict)
         self.param_groups = self.inner.param_groups
         self._index()
@@ -304,6 +329,137 @@ class PlanOptimizer(Optimizer):
         if getattr(self, "inner", None) is not None and hasattr(self, "_handles"):
             raise ValueError("add parameter groups to the inner optimizer before wrapping it")
         super().add_param_group(param_group)
+
+
+class _Stream:
+    """The pipeline that streams offloaded state through the device, one parameter at a time,
+    in the order the previous step updated them (backward's order for a step in backward):
+
+    * ``before(p)``: install ``p``'s state on the device (fetched ahead, or now), then fetch
+      ahead the parameters that follow, as long as what is fetched ahead stays within a window
+      of twice the largest parameter's state (at least one parameter);
+    * ``after(p)``: start copying ``p``'s state back to its pinned host buffers, and release the
+      device copies of the parameter before it.
+
+    On CUDA the fetches run on one side stream and the write-backs on another (separate copy
+    engines, so both directions move at once), ordered against the updates by events. Elsewhere
+    the copies are plain copies, but the device tensors are held and released at the very same
+    points, so a recording under fake tensors measures the memory the CUDA pipeline holds: the
+    updating parameter's state, the window fetched ahead and the previous one's state.
+    :func:`memtune.cost_model.state_stream_seconds` prices this same pipeline."""
+
+    WINDOW = 2
+    """What may be fetched ahead, in multiples of the largest parameter's state."""
+
+    def __init__(self, opt: PlanOptimizer):
+        self.opt = opt
+        self.order: dict[int, torch.Tensor] = {}   # id -> the parameter after it, from the last step
+        self._this_step: list[torch.Tensor] = []
+        self.ahead: dict[int, tuple[dict, object]] = {}   # id -> (device state, fetched event), in order
+        self.going: list[dict] = []                       # device state being written back
+        self.written: dict[int, object] = {}              # id -> event: its host copy is complete
+        self._streams: dict[torch.device, tuple] = {}
+
+    def _cuda(self, device: torch.device):
+        if device.type != "cuda":
+            return None
+        if device not in self._streams:
+            self._streams[device] = (torch.cuda.Stream(device), torch.cuda.Stream(device))
+        return self._streams[device]
+
+    def _host_bytes(self, p: torch.Tensor) -> int:
+        return sum(t.untyped_storage().nbytes() for t in self.opt._hosts(p).values())
+
+    def _window(self) -> int:
+        largest = max((sum(t.untyped_storage().nbytes() for t in h.values())
+                       for h in getattr(self.opt, "_host_buffers", {}).values()), default=0)
+        return self.WINDOW * largest
+
+    def _fetch(self, p: torch.Tensor, streams) -> None:
+        fetched = None
+        if streams is not None:
+            if id(p) in self.written:  # its host buffers hold its last update
+                streams[0].wait_event(self.written[id(p)])
+            with torch.cuda.stream(streams[0]):
+                dev = self.opt._device_state(p)
+                fetched = torch.cuda.Event()
+                fetched.record(streams[0])
+        else:
+            dev = self.opt._device_state(p)
+        self.ahead[id(p)] = (dev, fetched)
+
+    def before(self, p: torch.Tensor) -> None:
+        opt = self.opt
+        part, _ = opt._where[id(p)]
+        st = part.state.get(p)
+        streams = self._cuda(p.device)
+        if st:
+            if id(p) in self.ahead:
+                dev, fetched = self.ahead.pop(id(p))
+                if streams is not None:
+                    torch.cuda.current_stream(p.device).wait_event(fetched)
+                    for t in dev.values():
+                        t.record_stream(torch.cuda.current_stream(p.device))
+            else:
+                self.ahead.clear()  # fetched for another order: the host copies are intact
+                dev = opt._device_state(p)
+            st.update(dev)
+        self._this_step.append(p)
+        # Fetch ahead, within the window.
+        window = self._window()
+        held = sum(sum(t.untyped_storage().nbytes() for t in dev.values()) for dev, _ in self.ahead.values())
+        nxt, seen = self.order.get(id(p)), {id(p)}
+        while nxt is not None and id(nxt) not in seen:
+            seen.add(id(nxt))
+            if id(nxt) not in self.ahead and opt._where[id(nxt)][0].state.get(nxt):
+                size = self._host_bytes(nxt)
+                if self.ahead and held + size > window:
+                    break
+                self._fetch(nxt, streams)
+                held += size
+            nxt = self.order.get(id(nxt))
+
+    def after(self, p: torch.Tensor) -> None:
+        opt = self.opt
+        part, _ = opt._where[id(p)]
+        st = part.state.get(p) or {}
+        hosts = opt._hosts(p)
+        dev = {k: v for k, v in st.items()   # what _offload_state moves: the device copies in use
+               if isinstance(v, torch.Tensor) and v is not hosts.get(k) and (k in hosts or v.device == p.device)}
+        streams = self._cuda(p.device)
+        if streams is not None:
+            streams[1].wait_stream(torch.cuda.current_stream(p.device))  # the update is done
+            with torch.cuda.stream(streams[1]):
+                opt._offload_state(p)
+                written = torch.cuda.Event()
+                written.record(streams[1])
+            for t in dev.values():
+                t.record_stream(streams[1])  # the allocator reuses them only once the copy is done
+            self.written[id(p)] = written
+        else:
+            opt._offload_state(p)
+        self._release()
+        self.going.append(dev)
+
+    def _release(self) -> None:
+        for dev in self.going:
+            dev.clear()
+        self.going = []
+
+    def held_bytes(self) -> int:
+        held = [t for dev in self.going for t in dev.values()]
+        held += [t for dev, _ in self.ahead.values() for t in dev.values()]
+        return sum(t.untyped_storage().nbytes() for t in held)
+
+    def finish(self) -> None:
+        self._release()
+        self.ahead.clear()
+        for written in self.written.values():
+            written.synchronize()  # the host buffers are complete (a checkpoint may read them)
+        self.written = {}
+        if len(self._this_step) > 1:
+            self.order = {id(a): b for a, b in zip(self._this_step, self._this_step[1:])}
+        self._this_step = []
 
 
 @contextmanager

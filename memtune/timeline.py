@@ -90,6 +90,8 @@ class OptimizerMemory:
     """Per parameter, the temporaries of its update in backward."""
     host_bytes: int = 0
     """State kept in host memory instead."""
+    stream_bytes: int = 0
+    """Device bytes the offloaded state's stream holds through backward (counted at every row)."""
 
 
 def optimizer_memory(recording: ModelProfile, opt: OptimizerPlan, variant: StepVariant | None = None) -> OptimizerMemory:
@@ -111,7 +113,7 @@ def optimizer_memory(recording: ModelProfile, opt: OptimizerPlan, variant: StepV
         i = next(i for i, e in enumerate(ev) if e.name == StepEvent.OPTIM_START)
         return OptimizerMemory(recording.optimizer_state_bytes, ev[i].peak_bytes - ev[i].live_bytes)
     if rec.param_step_bytes:
-        return OptimizerMemory(rec.state_bytes, 0, dict(rec.param_step_bytes), rec.host_state_bytes)
+        return OptimizerMemory(rec.state_bytes, 0, dict(rec.param_step_bytes), rec.host_state_bytes, rec.stream_bytes)
     return OptimizerMemory(rec.state_bytes, rec.step_transient_bytes, None, rec.host_state_bytes)
 
 
@@ -146,9 +148,11 @@ class ConfigConstants:
     """What one optimizer configuration fixes on a timeline, before any unit decision: the
     constant of every peak row."""
 
-    __slots__ = ("const", "fixed_peak", "state_bytes", "host_bytes", "delta")
+    __slots__ = ("const", "fixed_peak", "state_bytes", "host_bytes", "delta", "stream_bytes")
 
-    def __init__(self, *, const: np.ndarray, fixed_peak: float, state_bytes: int, host_bytes: int, delta: float):
+    def __init__(self, *, const: np.ndarray, fixed_peak: float, state_bytes: int, host_bytes: int, delta: float,
+                 stream_bytes: int = 0):
+        self.stream_bytes = stream_bytes
         self.const = const
         """Per peak row: its value with nothing dropped."""
         self.fixed_peak = fixed_peak
@@ -476,7 +480,9 @@ class TimelineModel:
 
     # ------------------------------------------------------------------ per configuration
     def constants(self, opt: OptimizerMemory) -> ConfigConstants:
-        delta = opt.state_bytes - self.base_state
+        # The stream's buffers are held through backward only; counting them at every row keeps
+        # the forward rows on the safe side (they peak below backward's in these plans).
+        delta = opt.state_bytes + opt.stream_bytes - self.base_state
         if len(self.step_idx) and opt.param_step_bytes is None:
             raise ValueError("an in-backward recording needs the optimizer's per-parameter recording")
         per_param = opt.param_step_bytes or {}
@@ -492,7 +498,7 @@ class TimelineModel:
                                                         dtype=np.float64)
         fixed = float(const[opt_rows].max()) if opt_rows.any() else 0.0
         return ConfigConstants(const=const, fixed_peak=fixed, state_bytes=opt.state_bytes, host_bytes=opt.host_bytes,
-                               delta=delta)
+                               delta=delta, stream_bytes=opt.stream_bytes)
 
     # ------------------------------------------------------------------ evaluation
     def dropped(self, z: np.ndarray) -> np.ndarray:
@@ -564,7 +570,7 @@ class TimelineModel:
             peak_bytes=int(math.ceil(vals[j])), params_bytes=int(self.static), grads_bytes=int(self.grad[i]),
             optimizer_state_bytes=int(cc.state_bytes), saved_activation_bytes=int(act),
             recompute_transient_bytes=int(rc), optimizer_transient_bytes=int(opt_tmp), other_transient_bytes=int(other),
-            reserve_bytes=reserve_bytes, phase=phase,
+            stream_bytes=int(cc.stream_bytes), reserve_bytes=reserve_bytes, phase=phase,
             host_bytes=int(self.host_bytes(cc, x, r)))
 
     def indicators(self, decisions: dict[str, Decision], save_ops: dict[str, tuple[str, ...]] | None = None

@@ -65,12 +65,13 @@ class ExactPlanner:
             cands.append((tier, table.base.total_ms, cfg.key, cfg, table))
         cands.sort(key=lambda t: (t[0], t[1], t[2]))
         per_tier: dict[int, Plan] = {}
+        floor_ms = min((c[1] for c in cands), default=0.0)
         deadline = time.perf_counter() + options.time_limit_s
         for tier, base_ms, _, cfg, table in cands:
             best = per_tier.get(tier)
             if best is not None and base_ms >= best.predicted_step_ms - 1e-12:
                 continue  # cannot beat this tier's best: its time without any recompute is already slower
-            if prunable(per_tier, tier, base_ms, options):
+            if prunable(per_tier, tier, floor_ms, options):
                 continue
             tm, cc = timeline_for(profile, cfg)
             if cc.fixed_peak > U:
@@ -118,7 +119,13 @@ def solve_config(tm: TimelineModel, cc: ConfigConstants, table, U: float, *, all
         return _greedy(tm, cc, table, U, allow_offload, minimize_peak,
                        f"HiGHS failed on this configuration ({e}); greedy planned it", host_budget)
     if res.x is None:
-        return None
+        if res.status == highs.INFEASIBLE:
+            return None
+        # Out of time before any incumbent (the time limit is shared by every configuration):
+        # this configuration is not given up, greedy plans it.
+        return _greedy(tm, cc, table, U, allow_offload, minimize_peak,
+                       f"the MILP found no plan in its time ({res.message.strip()}); greedy planned this configuration",
+                       host_budget)
     x, r, sel = model.decode(res.x)
     notes: tuple[str, ...] = ()
     if res.status != 0:

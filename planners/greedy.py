@@ -47,12 +47,13 @@ class GreedyPlanner:
         cands = sorted(((costs_for(profile, c, options), c) for c in configs(profile, options)),
                        key=lambda t: (t[1].lossiness if options.prefer_lossless else 0, t[0].base.total_ms, t[1].key))
         per_tier: dict[int, Plan] = {}
+        floor_ms = min((t.base.total_ms for t, _ in cands), default=0.0)
         for table, cfg in cands:
             tier = cfg.lossiness if options.prefer_lossless else 0
             best = per_tier.get(tier)
             if best is not None and table.base.total_ms >= best.predicted_step_ms - 1e-12:
                 continue
-            if prunable(per_tier, tier, table.base.total_ms, options):
+            if prunable(per_tier, tier, floor_ms, options):
                 continue
             tm, cc = timeline_for(profile, cfg)
             if cc.fixed_peak > U:

@@ -190,11 +190,13 @@ def choose_tier(per_tier: dict[int, Plan], options: PlannerOptions) -> Plan:
     return next(per_tier[t] for t in sorted(per_tier) if per_tier[t].predicted_step_ms <= limit)
 
 
-def prunable(per_tier: dict[int, Plan], tier: int, base_ms: float, options: PlannerOptions) -> bool:
+def prunable(per_tier: dict[int, Plan], tier: int, floor_ms: float, options: PlannerOptions) -> bool:
     """Whether a configuration of ``tier`` can be skipped: a more exact tier already has a plan
-    fast enough that this one (at least ``base_ms``) could never be chosen over it."""
+    that :func:`choose_tier` takes whatever the fastest plan turns out to be. ``floor_ms`` is a
+    lower bound on every plan's time (the least base time of all the configurations, lossier
+    tiers included: those may be faster than this one, and the limit is relative to the fastest)."""
     exact = [p.predicted_step_ms for t, p in per_tier.items() if t < tier]
-    return bool(exact) and min(exact) <= base_ms * max(1.0, options.max_lossless_slowdown)
+    return bool(exact) and min(exact) <= floor_ms * max(1.0, options.max_lossless_slowdown)
 
 
 def lossiness(config, profile: ModelProfile | None = None) -> int:

@@ -4,7 +4,8 @@ tests/data/profile_v3.json and plans_v3.json were written by memtune at commit 0
 2-layer GPT profiled for an H100 with micro-batches, bf16 weights, in-backward stepping, state
 offload and a chunked loss recorded; three plans, with the options below). Read by this
 memtune, the plans predict the very peak and step time they were written with, and planning
-the profile again at their budgets returns the same choices.
+the profile again at their budgets returns the same choices; a plan that offloads optimizer
+state is refused with the remedy (its recording predates the pipelined state stream).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import pytest
 
 import memtune
 from memtune.cost_model import predict_step_time
+from memtune.errors import UnrecordedPlanError
 from memtune.plan import Plan
 from memtune.profile import ModelProfile
 from memtune.variant import StepVariant
@@ -37,7 +39,10 @@ def test_a_schema_3_profile_reads_with_its_levers_as_variants(v3):
     recorded = set(prof.recorded_variants)
     assert {StepVariant(micro_batch_size=2), StepVariant(weights="bf16-sr"), StepVariant(optimizer_in_backward=True),
             StepVariant(loss_chunks=4)} <= recorded  # schema 3's "bf16" recording is bf16-sr's
-    assert any(o.variant == StepVariant(state_offload=True, optimizer_in_backward=True) for o in prof.optimizer_steps)
+    # Its offloaded-state recordings predate the pipelined state stream, whose buffers they do not
+    # measure: they are dropped, and the profile says so.
+    assert not any(o.variant.state_offload for o in prof.optimizer_steps)
+    assert any("re-profile to plan state offload" in a for a in prof.assumptions)
 
 
 @pytest.mark.parametrize("name", sorted(OPTIONS))
@@ -47,6 +52,11 @@ def test_a_schema_3_plan_predicts_what_it_was_written_with(v3, name):
     assert d["schema_version"] == 3
     plan = Plan.from_dict(d)
     assert plan.schema_version == 4
+    if plan.variant.state_offload:
+        # Its state stream is not what this memtune runs (see above): refused, with the remedy.
+        with pytest.raises(UnrecordedPlanError, match="re-profile"):
+            memtune.predict_peak(prof, plan)
+        return
     assert memtune.predict_peak(prof, plan).peak_bytes == d["predicted_peak_bytes"]
     assert predict_step_time(prof, plan).total_ms == pytest.approx(d["predicted_step_ms"], rel=1e-9)
     again = memtune.plan(prof, d["budget_bytes"], **OPTIONS[name])

@@ -1,11 +1,12 @@
-"""Optimizer-state offload: the state lives in (pinned) host memory and each parameter's state is
-copied to the device just before its update and back just after, so the device holds one
-parameter's state at a time.
+"""Optimizer-state offload: the state lives in (pinned) host memory and streams through the
+device one parameter at a time: the next parameter's state is fetched while one updates, and the
+last one's written back meanwhile, on separate copy engines.
 
-It changes only the optimizer step, which the optimizer recordings measure (host copies are not
-counted against the device on a CUDA target). On a CPU target host memory *is* the device, so it
-is recorded and planned only for other targets. The copies cross the host link twice per step;
-stepped in backward they overlap the rest of backward. The mechanism is
+It changes only the optimizer step, which the optimizer recordings measure, the stream's
+buffers included (host copies are not counted against the device on a CUDA target). On a CPU
+target host memory *is* the device, so it is recorded and planned only for other targets. Its
+price is a timeline of the stream against backward and the updates
+(:func:`memtune.cost_model.state_stream_seconds`). The mechanism is
 :class:`memtune.stepping.PlanOptimizer`.
 """
 
@@ -44,10 +45,9 @@ class StateOffloadLever(SwitchLever):
         yield
 
     def cost(self, value, ctx) -> None:
-        def exposed_seconds(c) -> float:
-            traffic = 2 * c.state_link_bytes() / c.host_bandwidth  # to the device and back
-            return max(0.0, traffic - c.backward_s) if c.optimizer_overlaps_backward else traffic
-        ctx.add_term(self.name, exposed_seconds)
+        from memtune.cost_model import state_stream_seconds
+
+        ctx.add_term(self.name, state_stream_seconds)   # the stream's timeline: what cannot hide
 
     def describe(self, value) -> str:
         return "optimizer state in host memory" if value else "optimizer state on the device"

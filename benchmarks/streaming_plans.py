@@ -1,0 +1,112 @@
+"""Plans for Llama-2 shapes that do not fit an H100 without streaming, planned from this CPU.
+
+    python benchmarks/streaming_plans.py              # 7B and 13B, about 4 minutes on 2 cores
+    python benchmarks/streaming_plans.py --only 7b
+
+Each model is built on the ``meta`` device, profiled for an H100 (bf16-mixed, seq 2048,
+batch 1, AdamW, every default lever recorded) under fake tensors, and planned with every
+default at each budget. The table gives the plan's tokens/s, its step time, what the optimizer
+state's stream adds to it, and the same plan priced the old way (the stream serial,
+``2 × state bytes / host bandwidth``, hidden only behind backward), side by side from one run.
+An infeasible budget prints the planner's reason (its smallest plan and what fills it).
+Writes ``benchmarks/results/streaming_plans.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import time
+from pathlib import Path
+
+import torch
+
+import memtune
+from memtune import zoo
+from memtune.cost_model import predict_step_time
+
+SHAPES = {
+    "7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32),
+    "13b": dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40),
+}
+BUDGETS = {"7b": ("24GB", "12GB"), "13b": ("24GB",)}
+SEQ = 2048
+
+
+def serial_stream_ms(profile, plan) -> float:
+    """The stream's price before the timeline model: serial traffic, hidden only behind backward."""
+    from memtune.cost_model import CostContext, device_for, host_bandwidth
+    from memtune.levers import LEVERS
+
+    spec = device_for(profile)
+    ctx = CostContext(profile=profile, spec=spec, optimizer=plan.optimizer, variant=plan.variant)
+    for name, value in plan.variant.choices:
+        LEVERS[name].cost(value, ctx)
+    traffic = 2 * ctx.state_link_bytes() / host_bandwidth(spec)
+    backward_s = plan.time.backward_ms / 1e3
+    return 1e3 * (max(0.0, traffic - backward_s) if ctx.optimizer_overlaps_backward else traffic)
+
+
+def run(name: str) -> list[dict]:
+    with torch.device("meta"):
+        model = zoo.hf_llama(vocab_size=32000, max_position_embeddings=4096, **SHAPES[name])
+    ids = torch.zeros(1, SEQ, dtype=torch.long, device="meta")
+    t0 = time.perf_counter()
+    prof = memtune.profile(model, {"input_ids": ids, "labels": ids}, precision="bf16-mixed", target="H100")
+    profile_s = time.perf_counter() - t0
+    rows = []
+    for budget in BUDGETS[name]:
+        t0 = time.perf_counter()
+        row = dict(model=f"Llama-2-{name.upper()}", budget=budget, profile_s=round(profile_s, 1))
+        try:
+            plan = memtune.plan(prof, budget)
+        except memtune.InfeasibleBudgetError as e:
+            row.update(feasible=False, reason=str(e).split(". To fit")[0], min_feasible_bytes=e.min_feasible_bytes)
+        else:
+            t = predict_step_time(prof, plan)
+            stream = t.lever_ms.get("state_offload", 0.0)
+            old = serial_stream_ms(prof, plan) if plan.variant.state_offload else 0.0
+            old_step = t.total_ms - stream + old
+            row.update(feasible=True, tokens_per_s=round(SEQ / (t.total_ms / 1e3)), step_ms=round(t.total_ms, 1),
+                       stream_ms=round(stream, 1), serial_stream_ms=round(old, 1),
+                       serial_tokens_per_s=round(SEQ / (old_step / 1e3)),
+                       peak_gib=round(plan.predicted_peak_bytes / 2**30, 2),
+                       usable_gib=round(plan.usable_bytes / 2**30, 2),
+                       stream_buffer_gib=round(plan.memory.stream_bytes / 2**30, 2),
+                       host_gib=round(plan.memory.host_bytes / 2**30, 2),
+                       state=plan.optimizer.state_dtype, weights=plan.variant["weights"] or "fp32",
+                       in_backward=bool(plan.variant["optimizer_in_backward"]),
+                       state_offload=bool(plan.variant.state_offload),
+                       recomputed=f"{len(plan.recompute_units)}/{len(plan.decisions)}", summary=plan.summary())
+        row["plan_s"] = round(time.perf_counter() - t0, 1)
+        rows.append(row)
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--only", choices=sorted(SHAPES))
+    args = ap.parse_args()
+    rows = []
+    for name in ([args.only] if args.only else list(SHAPES)):
+        rows += run(name)
+    print(f"\n{'model':<12} {'budget':>6} {'tokens/s':>9} {'step':>9} {'stream':>9} {'serial price: stream':>21} "
+          f"{'tokens/s':>9} {'peak / usable GiB':>18} {'state':>6} {'weights':>8}")
+    for r in rows:
+        if not r["feasible"]:
+            print(f"{r['model']:<12} {r['budget']:>6}  infeasible: {r['reason']}")
+            continue
+        print(f"{r['model']:<12} {r['budget']:>6} {r['tokens_per_s']:>9,} {r['step_ms']:>7.1f}ms {r['stream_ms']:>7.1f}ms "
+              f"{r['serial_stream_ms']:>19.1f}ms {r['serial_tokens_per_s']:>9,} "
+              f"{r['peak_gib']:>8.2f} / {r['usable_gib']:<7.2f} {r['state']:>6} {r['weights']:>8}")
+    peak_rss_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    print(f"\npeak RSS {peak_rss_gib:.2f} GiB")
+    out = Path(__file__).resolve().parent / "results" / "streaming_plans.json"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps(dict(rows=rows, peak_rss_gib=round(peak_rss_gib, 2)), indent=1))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

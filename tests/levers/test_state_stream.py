@@ -1,0 +1,186 @@
+"""The offloaded optimizer state's stream (memtune.stepping._Stream) and its price
+(memtune.cost_model.state_stream_seconds).
+
+The stream is checked on real CPU tensors, where the copies are plain copies but the device
+tensors are held and released at the points the CUDA pipeline holds them: what it fetches ahead,
+in which order, how much it holds, and that the parameters stay torch.equal to an ordinary step
+whatever order the updates come in. The price is checked against hand-computed timelines.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+import torch.nn as nn
+
+from memtune.cost_model import CostContext, state_stream_seconds
+from memtune.devices import DEVICES
+from memtune.plan import OptimizerPlan
+from memtune.profile import ParamInfo
+from memtune.stepping import PlanOptimizer, _Stream
+from memtune.variant import StepVariant
+
+
+def _mlp(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(16, 64), nn.GELU(), nn.Linear(64, 64), nn.GELU(), nn.Linear(64, 4))
+
+
+def _batches(n=4):
+    g = torch.Generator().manual_seed(1)
+    return [(torch.randn(8, 16, generator=g), torch.randn(8, 4, generator=g)) for _ in range(n)]
+
+
+def _step(model, opt, x, y):
+    torch.nn.functional.mse_loss(model(x), y).backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+def test_the_stream_fetches_ahead_in_backward_order_within_its_window():
+    model = _mlp()
+    opt = PlanOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-2), model, in_backward=True, offload=True)
+    names = {id(p): n for n, p in model.named_parameters()}
+    fetched: list[str] = []
+    updates: list[tuple[str, list[str], int]] = []   # (updating, fetched ahead at its start, bytes held after)
+    real_fetch, real_before = _Stream._fetch, _Stream.before
+
+    def fetch(self, p, streams):
+        fetched.append(names[id(p)])
+        real_fetch(self, p, streams)
+
+    def before(self, p):
+        ahead = [names[i] for i in self.ahead]
+        real_before(self, p)
+        updates.append((names[id(p)], ahead, 0))
+
+    data = _batches(3)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(_Stream, "_fetch", fetch)
+        mp.setattr(_Stream, "before", before)
+        _step(model, opt, *data[0])     # the first step learns the order: nothing is fetched ahead
+        assert fetched == []
+        order = [u for u, _, _ in updates]
+        assert order[0] == "4.bias" or order[0] == "4.weight"   # backward's order: the last layer first
+        updates.clear()
+        held_between = []
+        real_after = _Stream.after
+
+        def after(self, p):
+            real_after(self, p)
+            held_between.append(self.held_bytes())
+
+        mp.setattr(_Stream, "after", after)
+        _step(model, opt, *data[1])
+    assert [u for u, _, _ in updates] == order
+    # Every update after the first finds its state already fetched (ahead of it, in order).
+    assert all(u in ahead for u, ahead, _ in updates[1:])
+    assert fetched == order[1:]
+    # What is held between updates: the last update's state going out and the window ahead.
+    state_bytes = {n: sum(t.untyped_storage().nbytes() for t in opt._hosts(p).values())
+                   for n, p in model.named_parameters()}
+    largest = max(state_bytes.values())
+    assert max(held_between) <= _Stream.WINDOW * largest + largest
+    assert max(held_between) > 0
+    assert opt.stream_bytes() == 0   # the step ended: nothing held, the host copies are complete
+    for p in model.parameters():
+        st = opt.state[p]
+        assert st["exp_avg"] is opt._hosts(p)["exp_avg"]   # the state is back in its host buffers
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "muon2"])
+def test_updates_in_a_changed_order_discard_what_was_fetched_and_stay_exact(optimizer):
+    """The stream fetches in the last step's order; a step that updates in another order (a
+    different graph) finds the wrong state ahead, drops it, and still steps exactly."""
+    from memtune.optim import OptimizerSettings, build_optimizer
+
+    def make(m):
+        if optimizer == "adamw":
+            return torch.optim.AdamW(m.parameters(), lr=1e-2)
+        return build_optimizer(m, OptimizerSettings(ns_dtype="fp32"))
+
+    ref, other = _mlp(), _mlp()
+    ref_opt = make(ref)
+    opt = PlanOptimizer(make(other), other, offload=True)
+    orders = [list(other.parameters()), list(other.parameters()), list(reversed(list(other.parameters()))),
+              list(other.parameters())[1::2] + list(other.parameters())[0::2]]
+    for (x, y), order in zip(_batches(4), orders):
+        for m, o in ((ref, ref_opt), (other, None)):
+            torch.nn.functional.mse_loss(m(x), y).backward()
+            if o is not None:
+                o.step()
+                o.zero_grad(set_to_none=True)
+        for p in order:       # the updates in this step's order, then the end of the step
+            opt.step_param(p)
+            p.grad = None
+        opt.step()
+        assert opt.stream_bytes() == 0
+    assert all(torch.equal(a, b) for a, b in zip(ref.parameters(), other.parameters()))
+
+
+# ----------------------------------------------------------------------------- the price
+def _ctx(sizes, *, spec="H100", backward_s=0.0, in_backward=False, unit_backward=None):
+    """A CostContext over parameters of ``sizes`` elements (fp32 AdamW: 8 bytes of state each)."""
+    params = tuple(ParamInfo(fqn=f"p{i}", shape=(n,), dtype="float32", param_bytes=4 * n,
+                             unit=(f"u{i}" if unit_backward else None), module_type="Linear")
+                   for i, n in enumerate(sizes))
+
+    @dataclasses.dataclass
+    class _Profile:   # what state_stream_seconds reads of a profile
+        params: tuple
+        optimizer: str = "adamw"
+
+    prof = _Profile(params)
+    ctx = CostContext(profile=prof, spec=DEVICES[spec] if isinstance(spec, str) else spec,
+                      optimizer=OptimizerPlan(name="adamw"), variant=StepVariant(),
+                      optimizer_overlaps_backward=in_backward, backward_s=backward_s)
+    ctx.unit_backward_s = dict(unit_backward or {})
+    return ctx
+
+
+def _copy_s(ctx, n):
+    return 8 * n / ctx.host_bandwidth + ctx.spec.kernel_overhead_s
+
+
+def test_the_price_is_the_exposed_transfer_of_a_hand_computed_timeline(monkeypatch):
+    import memtune.cost_model as cm
+
+    n = 10_000_000
+    ctx = _ctx([n, n, n])
+    c = _copy_s(ctx, n)
+    # Updates cost u each; the window (twice the largest state) fetches two ahead.
+    for u in (0.1 * c, 3 * c):
+        monkeypatch.setattr(cm, "_optimizer_seconds_per_param", lambda *a, **k: {"p0": u, "p1": u, "p2": u})
+        # Order p2, p1, p0. p2 fetched now (ends c); p1 and p0 fetched ahead from c (end 2c, 3c).
+        # Updates: p2 [c, c+u], p1 [max(c+u, 2c), +u], p0 [max(.., 3c), +u]; write-backs follow each.
+        t_p2 = c + u
+        t_p1 = max(t_p2, 2 * c) + u
+        t_p0 = max(t_p1, 3 * c) + u
+        d2h = max(max(t_p2 + c, t_p1) + c, t_p0) + c
+        expected = max(t_p0, d2h) - 3 * u
+        assert state_stream_seconds(ctx) == pytest.approx(expected, rel=1e-9)
+    # With updates far slower than copies, only the first fetch and the last write-back show.
+    monkeypatch.setattr(cm, "_optimizer_seconds_per_param", lambda *a, **k: {"p0": 1.0, "p1": 1.0, "p2": 1.0})
+    assert state_stream_seconds(ctx) == pytest.approx(2 * c, rel=1e-9)
+
+
+def test_backward_hides_the_stream_and_a_cpu_target_hides_nothing(monkeypatch):
+    import memtune.cost_model as cm
+
+    monkeypatch.setattr(cm, "_optimizer_seconds_per_param", lambda *a, **k: dict.fromkeys(("p0", "p1", "p2", "p3"), 0.0))
+    n = 50_000_000
+    after = _ctx([n] * 4)
+    serial = 4 * 2 * _copy_s(after, n)
+    exposed_after = state_stream_seconds(after)
+    assert 0 < exposed_after < serial   # full duplex: in and out overlap even with no compute
+    c = _copy_s(after, n)
+    assert exposed_after == pytest.approx(4 * c + c, rel=1e-9)   # the fetches back to back, then one write-back
+    # In backward, each unit's backward (longer than a copy) hides the next fetches.
+    inb = _ctx([n] * 4, in_backward=True, backward_s=4 * 3 * c, unit_backward={f"u{i}": 3 * c for i in range(4)})
+    assert state_stream_seconds(inb) == pytest.approx(2 * c, rel=1e-9)   # the first fetch and the last write-back
+    # On a CPU target the copies are plain copies: everything is exposed.
+    cpu = dataclasses.replace(DEVICES["H100"], kind="cpu", name="cpu")
+    ctx = _ctx([n] * 4, spec=cpu)
+    assert state_stream_seconds(ctx) == pytest.approx(4 * 2 * _copy_s(ctx, n), rel=1e-9)
