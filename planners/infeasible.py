@@ -130,7 +130,8 @@ def plan_consumers(plan: Plan) -> list[tuple[str, int]]:
                  ("optimizer step temporaries", m.optimizer_transient_bytes),
                  (activations, m.saved_activation_bytes),
                  ("recomputation temporaries", m.recompute_transient_bytes),
-                 ("temporaries of the op at the peak", m.other_transient_bytes)]
+                 ("temporaries of the op at the peak", m.other_transient_bytes),
+                 ("offloaded optimizer state in flight (fetched ahead, being written back)", m.stream_bytes)]
     return sorted(((n, b) for n, b in consumers if b > 0), key=lambda t: -t[1])
 
 
