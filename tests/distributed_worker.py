@@ -89,6 +89,31 @@ def sharded_muon2_against_replicated(rank: int) -> dict:
             for k, v in replica.state_dict().items()}
 
 
+def muon2_checkpoint_resume(rank: int, batches, clean, out_dir: Path) -> dict:
+    """Muon² on FSDP2 shards (ShardedMuon2), checkpointed with DCP at step 2 and resumed by a
+    fresh trainer on a fresh model, against the uninterrupted run ``clean`` of the same options."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    opts = dict(optimizer="muon2", progress=False, planner_options={"strategies": ("fsdp",)})
+    path = out_dir / "muon2.ckpt"
+    first = memtune.fit(make_model(), budget="1GB", checkpoint_path=path, checkpoint_every=2, **opts)
+    first.train(batches[:2], steps=2)
+    resumed = memtune.Trainer.resume(path, make_model(), "1GB", checkpoint_path=path, checkpoint_every=2, **opts)
+    resumed.train(batches, steps=STEPS)
+
+    def full(trainer):
+        return get_model_state_dict(trainer.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+    a, b = full(clean), full(resumed)
+    out = {"parts": sorted(type(p).__name__ for p in getattr(resumed.optimizer, "parts", {}).values()),
+           "clean_losses": [h["loss"] for h in clean.history], "resumed_losses": [h["loss"] for h in resumed.history],
+           "events": [e["kind"] for e in resumed.events]}
+    if rank == 0:
+        out["equal"] = {k: bool(torch.equal(a[k], b[k])) for k in a}
+        out["moved"] = {k: float((a[k] - v).norm()) for k, v in make_model().state_dict().items() if k in a}
+    return out
+
+
 def main(out_dir: Path) -> None:
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -108,6 +133,8 @@ def main(out_dir: Path) -> None:
                        "strategy": trainer.plan.parallel.strategy,
                        "plan_hash": memtune.distributed.digest(trainer.plan.to_dict()),
                        "seconds": time.perf_counter() - t0}
+        if (optimizer, strategy) == ("muon2", "fsdp"):
+            result["muon2_resume"] = muon2_checkpoint_resume(rank, batches, trainer, out_dir)
 
     # A per-rank budget below the smallest peak one process can plan (same levers: recompute,
     # fp32 AdamW) at this rank's local batch.

@@ -98,6 +98,19 @@ def test_fit_with_muon2_on_fsdp2_shards_matches_muon2_on_ddp(ranks):
         assert sharded["losses"][-1] < sharded["losses"][0]
 
 
+def test_sharded_muon2_checkpoint_and_resume_are_bit_identical(ranks):
+    """Muon² on FSDP2 shards saved through DCP (its state as DTensors sharded like the
+    parameters) at step 2 and resumed by a fresh trainer: every weight torch.equal to the
+    uninterrupted run's, and the same losses."""
+    for r in ranks:
+        got = r["muon2_resume"]
+        assert "ShardedMuon2" in got["parts"] and "resume" in got["events"]
+        assert got["resumed_losses"] == got["clean_losses"] and len(got["clean_losses"]) == worker.STEPS
+    equal, moved = ranks[0]["muon2_resume"]["equal"], ranks[0]["muon2_resume"]["moved"]
+    assert equal and all(equal.values()), [k for k, v in equal.items() if not v]
+    assert sum(m > 0 for m in moved.values()) >= len(moved) // 2   # training moved the weights
+
+
 def test_every_rank_holds_the_same_plan(ranks):
     for key in ("exact_fsdp", "exact_ddp", "muon2_fsdp", "muon2_ddp", "budget"):
         assert len({r[key]["plan_hash"] for r in ranks}) == 1, key

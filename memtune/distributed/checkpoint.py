@@ -55,12 +55,7 @@ def save(trainer, path: str | Path) -> Path:
 
     from memtune.runtime import checkpoint as ckpt
 
-    from .muon import has_sharded_muon
-
     path = Path(path)
-    if has_sharded_muon(trainer.optimizer):
-        raise CheckpointError("checkpoints of Muon² on FSDP2 shards are not implemented yet; train with "
-                              "optimizer='adamw', or with Muon² on DDP (planner_options={'strategies': ('ddp',)})")
     tmp = path.with_name(path.name + ".tmp")
     if trainer.dist.is_main and tmp.exists():
         shutil.rmtree(tmp)  # what a killed save left

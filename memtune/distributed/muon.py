@@ -12,7 +12,8 @@ scatters after, so the ranks run their NS at the same time.
 The update equals replicated Muon² on the same gradients up to the order in which the
 gradients were summed across ranks (``tests/test_distributed.py``: within 1e-5 relative).
 :func:`shard_optimizer` swaps the Muon² parts of a freshly built optimizer for this class when
-the plan shards with FSDP2. Its state is not in distributed checkpoints yet.
+the plan shards with FSDP2. Its state dict gives each state tensor as a DTensor sharded like its
+parameter, so DCP checkpoints save and load it (:meth:`ShardedMuon2.state_dict`).
 """
 
 from __future__ import annotations
@@ -111,6 +112,25 @@ class ShardedMuon2(Muon2):
             local_p.add_(o_local.reshape(local_p.shape), alpha=-group["lr"] * shape_scale(full[-2], full[-1],
                                                                                           group["adjust_lr"]))
 
+    def state_dict(self) -> dict:
+        """The optimizer's state dict with every state tensor of a sharded parameter given as a
+        DTensor sharded like the parameter (its rows on this rank), so
+        ``torch.distributed.checkpoint`` writes each row once and can load it at another world
+        size. State that is not laid out by the parameter's rows (factorized second moments,
+        int8 codes' block scales) cannot be saved that way: :class:`~memtune.errors.CheckpointError`."""
+        sd = super().state_dict()
+        params = [p for g in self.param_groups for p in g["params"]]
+        for idx, st in list(sd["state"].items()):
+            p = params[idx]
+            if hasattr(p, "device_mesh"):
+                sd["state"][idx] = {k: _sharded_like(p, k, v) for k, v in st.items()}
+        return sd
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Load a state dict from :meth:`state_dict` (DTensor state becomes the local rows again)."""
+        state = {idx: {k: _local(v) for k, v in st.items()} for idx, st in state_dict["state"].items()}
+        super().load_state_dict({**state_dict, "state": state})
+
     def _init_state(self, p: torch.Tensor, group: dict, key: torch.Tensor | None = None) -> dict:
         """State of the local shard ``p``, kept under the parameter ``key``."""
         state = super()._init_state(p, group)
@@ -118,6 +138,28 @@ class ShardedMuon2(Muon2):
             self.state[key] = self.state.pop(p)
             return self.state[key]
         return state
+
+
+def _sharded_like(p, key: str, v):
+    """State tensor ``v`` of the sharded parameter ``p`` (its local rows) as a DTensor placed as
+    ``p`` is; scalars and non-tensors as they are."""
+    from torch.distributed.tensor import DTensor
+
+    from memtune.errors import CheckpointError
+
+    if not isinstance(v, torch.Tensor) or v.dim() == 0:
+        return v
+    local = _local(p)
+    rows = local.shape[0] if local.dim() else 1
+    if v.shape[0] != rows or math.prod(v.shape[1:]) * rows != local.numel():
+        raise CheckpointError(
+            f"Muon² state {key!r} of shape {tuple(v.shape)} is not laid out by the rows of its sharded parameter "
+            f"(local shard {tuple(local.shape)}), so a distributed checkpoint cannot place it: factorized second "
+            "moments and int8 state are not checkpointable on FSDP2 shards; use Muon² with fp32 or bf16, "
+            "unfactorized state (the default), or DDP")
+    shape = (p.shape[0], *v.shape[1:])
+    stride = tuple(math.prod(shape[i + 1:]) for i in range(len(shape)))
+    return DTensor.from_local(v, p.device_mesh, p.placements, run_check=False, shape=torch.Size(shape), stride=stride)
 
 
 def shard_optimizer(optimizer):
@@ -140,8 +182,3 @@ def shard_optimizer(optimizer):
     if all(converted[n] is parts[n] for n in parts):
         return optimizer
     return HybridOptimizer(converted)
-
-
-def has_sharded_muon(optimizer) -> bool:
-    parts = getattr(optimizer, "parts", None) or {"": optimizer}
-    return any(isinstance(p, ShardedMuon2) for p in parts.values())
