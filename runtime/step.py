@@ -155,18 +155,14 @@ class StepRunner:
         if measure and len(pieces) == 1:
             pieces = halves(batch)  # two batch sizes for the noise scale; the same gradient sum
         first = None
-        for part, weight in pieces:
-            self.enter(TrainerPhase.FORWARD)
-            args, kwargs, target = split_batch(part, t.loss_fn)
-            with self._autocast(levers):
-                out = t._forward(*args, **kwargs)
-                loss = loss_from_output(out, part, target, t.loss_fn)
-            del out
-            if updates_during_backward and not math.isfinite(float(loss.detach())):
-                # Backward updates parameters as it goes: catch a non-finite loss before it starts.
-                raise NonFiniteStep(float(loss.detach()), [])
-            self.enter(TrainerPhase.BACKWARD)
-            t._backward(loss if weight == 1.0 else loss * weight)
+        # Under DDP the gradients are synchronized on the last micro-batch only (they accumulate in
+        # DDP's buckets either way); FSDP2 reduce-scatters every micro-batch, so that its
+        # accumulated gradients stay shards (memtune.distributed.memory prices it so).
+        # (Not while measuring the noise scale, which reads the first piece's synchronized gradient.)
+        no_sync = getattr(t._forward, "no_sync", None) if len(pieces) > 1 and not measure else None
+        for k, (part, weight) in enumerate(pieces):
+            with no_sync() if no_sync is not None and k < len(pieces) - 1 else nullcontext():
+                loss = self._piece(part, levers, updates_during_backward, weight)
             total += float(loss.detach()) * weight
             del loss
             if measure and first is None and len(pieces) > 1:
@@ -174,6 +170,22 @@ class StepRunner:
         if first is not None:
             self.noise_measure = (first[0], first[1], grad_sq(t.model), batch_size_of(batch))
         return total
+
+    def _piece(self, part: Any, levers, updates_during_backward: bool, weight: float) -> torch.Tensor:
+        """Forward and backward of one piece of the batch; its (unweighted) loss."""
+        t = self.trainer
+        self.enter(TrainerPhase.FORWARD)
+        args, kwargs, target = split_batch(part, t.loss_fn)
+        with self._autocast(levers):
+            out = t._forward(*args, **kwargs)
+            loss = loss_from_output(out, part, target, t.loss_fn)
+        del out
+        if updates_during_backward and not math.isfinite(float(loss.detach())):
+            # Backward updates parameters as it goes: catch a non-finite loss before it starts.
+            raise NonFiniteStep(float(loss.detach()), [])
+        self.enter(TrainerPhase.BACKWARD)
+        t._backward(loss if weight == 1.0 else loss * weight)
+        return loss
 
     def _check_gradients(self, total: float, levers) -> None:
         """Nothing non-finite is ever applied: check before the optimizer step (an optimizer that

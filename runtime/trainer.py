@@ -197,7 +197,9 @@ class Trainer:
         if self.link not in LINKS:
             raise UsageError(f"link={self.link!r}: choose one of {sorted(LINKS)}")
         # The levers that do not run across ranks stay at their default (memtune.levers.parallel_restrictions).
-        self.allow_microbatching = False
+        from memtune.levers import LEVERS
+
+        self.allow_microbatching = self.allow_microbatching and LEVERS["micro_batch_size"].supported_under_parallel
         self.allow_offload = False
         self.planner_options["levers"] = {**self.planner_options.get("levers", {}), **parallel_restrictions()}
         # Ranks re-planning on their own telemetry could diverge; plans change only together.

@@ -114,6 +114,73 @@ def muon2_checkpoint_resume(rank: int, batches, clean, out_dir: Path) -> dict:
     return out
 
 
+THIRTY_CONFIG = dict(n_layer=4, n_embd=128, n_head=2, block_size=256)
+THIRTY_STEPS = 3
+
+
+def thirty_percent_batches(world_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    corpus = TextCorpus.load()
+    return [corpus.batch("train", LOCAL_BATCH * world_size, THIRTY_CONFIG["block_size"],
+                         generator=torch.Generator().manual_seed(300 + k)) for k in range(THIRTY_STEPS)]
+
+
+def thirty_percent_model():
+    torch.manual_seed(0)
+    return zoo.GPT(zoo.GPTConfig(**THIRTY_CONFIG))
+
+
+def measured_run(trainer, batches) -> int:
+    """Train ``trainer`` on all but the last batch, then the last one under FSDPMemTracker: its peak."""
+    from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
+
+    trainer.train(batches[:-1], steps=len(batches) - 1)
+    tracker = FSDPMemTracker(trainer.model, optm=trainer.optimizer)
+    piece = trainer.runner._piece
+
+    def each_piece(*args, **kwargs):
+        # FSDPMemTracker refuses a second root forward in one tracked region (each micro-batch
+        # is one): clear its per-module stats between them; the peak it tracks is kept.
+        tracker.reset_mod_stats()
+        return piece(*args, **kwargs)
+
+    trainer.runner._piece = each_piece
+    with tracker:
+        trainer.step(batches[-1])
+    trainer.runner._piece = piece
+    return int(tracker.get_tracker_snapshot("peak")[torch.device("cpu")]["Total"])
+
+
+def chunked_loss(rank: int, world: int) -> dict:
+    """The thirty-percent model with its head and loss in 4 chunks, on FSDP2."""
+    batches = [local(b, rank) for b in thirty_percent_batches(world)]
+    trainer = memtune.fit(thirty_percent_model(), budget="1GB", optimizer="adamw", progress=False,
+                          planner_options={"levers": {"loss_chunks": (4,)}, "strategies": ("fsdp",)})
+    measured = measured_run(trainer, batches)
+    plan = trainer.plan
+    return {"usable_bytes": plan.usable_bytes, "predicted_peak_bytes": plan.predicted_peak_bytes,
+            "measured_peak_bytes": measured, "loss_chunks": plan.variant["loss_chunks"],
+            "strategy": plan.parallel.strategy, "losses": [h["loss"] for h in trainer.history]}
+
+
+def thirty_percent(rank: int, world: int) -> dict:
+    """A GPT whose activations dominate (seq 256) at 30% of its single-process unplanned peak
+    per rank: fit must combine sharding with the other levers (micro-batching, recompute). One
+    steady-state step is measured by FSDPMemTracker."""
+    batches = [local(b, rank) for b in thirty_percent_batches(world)]
+    prof = memtune.profile(thirty_percent_model(), batches[0], optimizer="adamw", target="cpu",
+                           space=memtune.PlanSpace.minimal())
+    budget = int(0.30 * prof.baseline_peak_bytes)
+    trainer = memtune.fit(thirty_percent_model(), budget=budget, optimizer="adamw", progress=False)
+    measured = measured_run(trainer, batches)
+    plan = trainer.plan
+    return {"budget_bytes": budget, "baseline_peak_bytes": prof.baseline_peak_bytes, "usable_bytes": plan.usable_bytes,
+            "predicted_peak_bytes": plan.predicted_peak_bytes, "measured_peak_bytes": measured,
+            "strategy": plan.parallel.strategy, "micro_batch_size": plan.variant["micro_batch_size"],
+            "recompute": list(plan.recompute_units), "losses": [h["loss"] for h in trainer.history],
+            "events": [e["kind"] for e in trainer.events], "summary": plan.summary(),
+            "plan_hash": memtune.distributed.digest(plan.to_dict())}
+
+
 def main(out_dir: Path) -> None:
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -188,6 +255,8 @@ def main(out_dir: Path) -> None:
                              "unchanged": all(torch.equal(a, b) for a, b in zip(before, trainer.model.parameters()))}
 
     result["muon2"] = sharded_muon2_against_replicated(rank)
+    result["thirty"] = thirty_percent(rank, world)
+    result["chunked"] = chunked_loss(rank, world)
 
     (out_dir / f"rank{rank}.json").write_text(json.dumps(result, indent=1))
     dist.destroy_process_group()

@@ -51,6 +51,16 @@ def ranks(tmp_path_factory) -> list[dict]:
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(WORLD)]
 
 
+@pytest.fixture(scope="module")
+def thirty_reference() -> list[float]:
+    """Losses of one process training the thirty-percent model on the global batches, exactly."""
+    trainer = memtune.fit(worker.thirty_percent_model(), budget="1GB", optimizer="adamw", progress=False)
+    trainer.train(worker.thirty_percent_batches(WORLD), steps=worker.THIRTY_STEPS)
+    assert trainer.plan.parallel is None and trainer.plan.variant["micro_batch_size"] is None
+    assert trainer.plan.variant["loss_chunks"] is None
+    return [h["loss"] for h in trainer.history]
+
+
 def _single_process_losses() -> list[float]:
     trainer = memtune.fit(worker.make_model(), budget="1GB", optimizer="adamw", progress=False)
     trainer.train(worker.global_batches(WORLD), steps=worker.STEPS)
@@ -123,6 +133,36 @@ def test_per_rank_budget_below_single_process_fits_and_matches_prediction(ranks)
         assert b["strategy"] == "fsdp"
         assert b["measured_peak_bytes"] <= b["usable_bytes"]
         assert abs(b["measured_peak_bytes"] / b["predicted_peak_bytes"] - 1) <= 0.05, b
+
+
+def test_thirty_percent_of_the_single_process_peak_fits_by_combining_sharding_with_the_levers(ranks, thirty_reference):
+    """Per rank 30% of the model's single-process unplanned peak: FSDP2 with micro-batches and
+    recomputation. Every rank's measured peak (FSDPMemTracker) is under its usable budget and
+    within 3% of the prediction, and the losses equal one process training on the global batch
+    (micro-batching sums the gradient in another order: 1e-5)."""
+    reference = thirty_reference
+    assert len({r["thirty"]["plan_hash"] for r in ranks}) == 1
+    for r in ranks:
+        t = r["thirty"]
+        assert t["strategy"] == "fsdp" and t["micro_batch_size"] is not None, t["summary"]
+        assert t["measured_peak_bytes"] <= t["usable_bytes"], t
+        assert abs(t["measured_peak_bytes"] / t["predicted_peak_bytes"] - 1) <= 0.03, t
+        assert not any(k in ("oom", "tighten") for k in t["events"]), t["events"]
+        assert len(t["losses"]) == len(reference)
+        for a, b in zip(t["losses"], reference):
+            assert abs(a - b) <= 1e-5 * abs(b), (t["losses"], reference)
+
+
+def test_a_chunked_loss_across_ranks_measures_as_predicted_and_keeps_the_losses(ranks, thirty_reference):
+    """The head and loss in 4 chunks on FSDP2: measured within 3% of the prediction per rank,
+    losses equal one process on the global batch within 1e-5 (the mean is summed in another order)."""
+    reference = thirty_reference
+    for r in ranks:
+        c = r["chunked"]
+        assert c["loss_chunks"] == 4 and c["strategy"] == "fsdp"
+        assert abs(c["measured_peak_bytes"] / c["predicted_peak_bytes"] - 1) <= 0.03, c
+        for a, b in zip(c["losses"], reference):
+            assert abs(a - b) <= 1e-5 * abs(b), (c["losses"], reference)
 
 
 def test_infeasible_budget_fails_on_every_rank_with_the_same_error(ranks):

@@ -27,9 +27,15 @@ gradients live in them, so gradient bytes are resident for the whole step.
 These rules were checked against PyTorch's own ``FSDPMemTracker``/``MemTracker`` on real 2-rank
 gloo runs (``tests/test_distributed.py`` asserts within 5% on every run; docs/distributed.md).
 Only the recordings of levers that declare themselves supported under data parallelism
-(:attr:`memtune.levers.Lever.supported_under_parallel`) are kept; today that is none, so only
-the profiled step is rewritten and a distributed plan never chooses a lever. The per-op record
-is dropped too: a distributed plan recomputes whole units (no SELECTIVE save sets).
+(:attr:`memtune.levers.Lever.supported_under_parallel`) are kept, each rewritten by the same
+rules; today that is micro-batching. A micro-batch recording runs in accumulation mode (every
+gradient exists, whole, all step). Under FSDP2 every micro-batch's backward reduce-scatters, so a
+rank holds every gradient's *shard* all step, plus, in backward, the root's new gradients (from
+the start of backward: a bound) and the running unit's new unsharded gradients, which are whole
+by the end of its backward: they are added on top of what was live when that backward began,
+where its activations are gone, not on top of the interval's peak. Under DDP the gradients live
+in the buckets either way. The per-op record is dropped: a distributed plan recomputes whole
+units (no SELECTIVE save sets).
 """
 
 from __future__ import annotations
@@ -73,31 +79,45 @@ def per_rank_profile(profile: ModelProfile, world_size: int, strategy: str,
     return _fsdp(profile, world_size, dict(reshard_after_forward or {}))
 
 
-def _drop_variants(profile: ModelProfile, **changes) -> ModelProfile:
-    """Only the recordings of levers that run across ranks (every other lever at its default)
-    are rewritten; the others are dropped, so a distributed plan never chooses them."""
+def _rewrite(profile: ModelProfile, rewrite, **changes) -> ModelProfile:
+    """``profile`` with its profiled step and every step variant recorded with levers that run
+    across ranks (every other lever at its default) rewritten by ``rewrite(recording, accumulating)``
+    (which returns the recording's changed fields); the other variants are dropped, so a
+    distributed plan never chooses them."""
     from memtune.levers import LEVERS
 
     def parallel(variant) -> bool:
         return all(LEVERS[name].supported_under_parallel for name, _ in variant.choices)
 
+    variants = []
+    for r in profile.step_variants:
+        if parallel(r.variant):
+            # A micro-batch recording runs in accumulation mode: every gradient exists from the start.
+            fields = rewrite(profile.recording(r.variant), r.variant.micro_batch_size is not None)
+            own = {f.name for f in dataclasses.fields(r)}
+            fields.update({k: v for k, v in changes.items() if k in own})
+            fields["baseline_peak_bytes"] = max(e.peak_bytes for e in fields["timeline"])
+            variants.append(dataclasses.replace(r, **fields))
     # Per-op save sets are not planned across ranks yet: selective checkpointing under FSDP2
     # measured a spike of one all-gathered weight (+3.2% of the peak) on one rank in one run of
     # three (tests/test_distributed.py). Without the per-op record every unit is planned whole.
     units = tuple(dataclasses.replace(u, ops=()) for u in profile.units)
-    return dataclasses.replace(profile, units=units,
-                               step_variants=tuple(r for r in profile.step_variants if parallel(r.variant)),
+    variants = [dataclasses.replace(r, units=tuple(dataclasses.replace(u, ops=()) for u in r.units)) for r in variants]
+    return dataclasses.replace(profile, units=units, step_variants=tuple(variants),
                                optimizer_steps=tuple(o for o in profile.optimizer_steps if parallel(o.variant)),
-                               **changes)
+                               **changes, **rewrite(profile, False))
 
 
 def _ddp(p: ModelProfile) -> ModelProfile:
     trainable = p.grad_bytes  # bucket bytes: one gradient per trainable parameter
-    events = tuple(dataclasses.replace(e, live_bytes=e.live_bytes - e.grad_bytes + trainable,
-                                       peak_bytes=e.peak_bytes - e.grad_bytes + trainable, grad_bytes=trainable)
-                   for e in p.timeline)
-    # "end" (after zero_grad) keeps the buckets too.
-    return _drop_variants(p, timeline=events, baseline_peak_bytes=max(e.peak_bytes for e in events))
+
+    def rewrite(r: ModelProfile, accumulating: bool) -> dict:
+        # The gradients live in the buckets all step (also after zero_grad), accumulating or not.
+        events = tuple(dataclasses.replace(e, live_bytes=e.live_bytes - e.grad_bytes + trainable,
+                                           peak_bytes=e.peak_bytes - e.grad_bytes + trainable, grad_bytes=trainable)
+                       for e in r.timeline)
+        return dict(timeline=events, baseline_peak_bytes=max(e.peak_bytes for e in events))
+    return _rewrite(p, rewrite)
 
 
 def _fsdp(p: ModelProfile, N: int, reshard: dict[str, bool]) -> ModelProfile:
@@ -111,8 +131,25 @@ def _fsdp(p: ModelProfile, N: int, reshard: dict[str, bool]) -> ModelProfile:
     state_sharded = int(round(p.optimizer_state_bytes * ratio))
     state_cut = p.optimizer_state_bytes - state_sharded
     unit_grad_cut = {u: b - b // N for u, b in full.items()}  # what sharding a finished unit's gradient saves
+    steps = tuple(dataclasses.replace(o, state_bytes=int(round(o.state_bytes * ratio)),
+                                      step_transient_bytes=int(round(o.step_transient_bytes * ratio)))
+                  for o in p.optimizer_steps)
 
-    ev = p.timeline
+    def rewrite(r: ModelProfile, accumulating: bool) -> dict:
+        return dict(timeline=_fsdp_timeline(r.timeline, full, root_full, reshard, unit_grad_cut, ratio, param_cut,
+                                            state_cut, accumulating, N))
+
+    out = _rewrite(dataclasses.replace(p, optimizer_steps=steps), rewrite, param_bytes=shard_total,
+                   grad_bytes=int(round(p.grad_bytes * ratio)), optimizer_state_bytes=state_sharded)
+    return dataclasses.replace(out, baseline_peak_bytes=max(e.peak_bytes for e in out.timeline))
+
+
+def _fsdp_timeline(ev, full: dict[str, int], root_full: int, reshard: dict[str, bool], unit_grad_cut: dict[str, int],
+                   ratio: float, param_cut: int, state_cut: int, accumulating: bool, N: int) -> tuple:
+    """One recorded step's timeline as a rank sees it under FSDP2 (the module docstring's rules).
+    ``accumulating``: a micro-batch recording, whose gradients all exist from the start; under
+    FSDP2 those accumulated gradients are shards (each micro-batch's backward reduce-scatters),
+    and the unit whose backward runs holds its new unsharded gradient besides."""
     fwd_open: set[str] = set()       # units whose forward has started and not ended
     kept: set[str] = set()           # reshard_after_forward=False units gathered until their backward ends
     bwd_unit: str | None = None      # unit whose backward runs
@@ -120,6 +157,7 @@ def _fsdp(p: ModelProfile, N: int, reshard: dict[str, bool]) -> ModelProfile:
     last_gathered = 0
     last_reduced = 0
     in_step = True                   # forward/backward (root unsharded)
+    in_backward = False
     out: list[TimelineEvent] = []
     for e in ev:
         name, u = e.name, e.unit
@@ -135,6 +173,8 @@ def _fsdp(p: ModelProfile, N: int, reshard: dict[str, bool]) -> ModelProfile:
             kept.discard(bwd_unit)
             last_reduced = full[bwd_unit]
             bwd_unit = None
+        if name in (StepEvent.LOSS, StepEvent.BWD_START):
+            in_backward = True
         if name == StepEvent.BWD_START and u in full:
             bwd_unit = u
             # A unit kept unsharded since its forward is not gathered again; by then the last
@@ -146,7 +186,15 @@ def _fsdp(p: ModelProfile, N: int, reshard: dict[str, bool]) -> ModelProfile:
         if in_step:
             gathered = root_full + sum(full[x] for x in fwd_open | kept | ({bwd_unit} if bwd_unit else set()))
             buffers = last_gathered + last_reduced
-            grad_cut = sum(unit_grad_cut[x] for x in done)
+            if accumulating:
+                # Recorded: every gradient, whole, all step. A rank holds every gradient's shard;
+                # in backward also the root's new gradients (from the start of backward: a bound)
+                # and, as the running unit's backward completes them, its new unsharded gradients
+                # (added below) until they are reduce-scattered.
+                sharded = (sum(full.values()) + root_full) // N
+                grad_cut = e.grad_bytes - sharded - (root_full if in_backward else 0)
+            else:
+                grad_cut = sum(unit_grad_cut[x] for x in done)
         else:
             gathered, buffers = 0, 0
             grad_cut = e.grad_bytes - int(round(e.grad_bytes * ratio))
@@ -155,12 +203,10 @@ def _fsdp(p: ModelProfile, N: int, reshard: dict[str, bool]) -> ModelProfile:
         if optim:  # the optimizer's temporaries are per parameter: they shrink with the shards
             step_tmp = int(round(step_tmp * ratio))
         live = e.live_bytes + shift
-        out.append(dataclasses.replace(e, live_bytes=live, peak_bytes=live + step_tmp,
-                                       grad_bytes=e.grad_bytes - grad_cut))
-    steps = tuple(dataclasses.replace(o, state_bytes=int(round(o.state_bytes * ratio)),
-                                      step_transient_bytes=int(round(o.step_transient_bytes * ratio)))
-                  for o in p.optimizer_steps)
-    sharded = dataclasses.replace(p, optimizer_steps=steps)
-    return _drop_variants(sharded, timeline=tuple(out), param_bytes=shard_total,
-                          grad_bytes=int(round(p.grad_bytes * ratio)), optimizer_state_bytes=state_sharded,
-                          baseline_peak_bytes=max(e.peak_bytes for e in out))
+        peak = live + step_tmp
+        if accumulating and in_step and bwd_unit is not None:
+            # The unit's new gradients are whole by the end of its backward, where its activations
+            # are gone: on top of what was live when its backward began, not of its peak.
+            peak = max(peak, live + full[bwd_unit])
+        out.append(dataclasses.replace(e, live_bytes=live, peak_bytes=peak, grad_bytes=e.grad_bytes - grad_cut))
+    return tuple(out)

@@ -24,6 +24,9 @@ class LossChunksLever(Lever):
     default = None
     affects_step = True
     profile_on_demand = True
+    supported_under_parallel = True
+    """It changes only activations (the logits of one chunk at a time), which the per-rank model
+    keeps as recorded; under FSDP2 the head is the root's, unsharded through backward."""
     legacy_hint = "allow_loss_chunking=True (head and loss in chunks)"
     numerics = "the same mean cross-entropy, summed in another order"
 

@@ -43,6 +43,11 @@ class MicroBatchLever(Lever):
     default = None
     affects_step = True
     searchable = True
+    supported_under_parallel = True
+    """Across ranks each rank splits its local batch. Under FSDP2 every micro-batch's backward
+    reduce-scatters, so the accumulated gradients stay shards (the per-rank rewrite,
+    :mod:`memtune.distributed.memory`); under DDP the gradients are synchronized only on the last
+    micro-batch (``no_sync``), in the buckets they live in anyway."""
     legacy_hint = "allow_microbatching=True (smaller micro-batches with gradient accumulation)"
     numerics = ("the same gradient, summed over the micro-batches in another order; but with stateful layers "
                 "(batch norm in training, buffers written per call) statistics are taken and buffers updated per "
