@@ -140,6 +140,59 @@ class ShardedMuon2(Muon2):
         return state
 
 
+ASSIGNMENTS = ("balanced", "round-robin", "replicated")
+"""Ways to place whole-matrix Newton-Schulz across ranks that :func:`ns_layout_seconds` prices:
+``balanced`` is :func:`assign_owners` (longest work first to the least-loaded rank, what
+:class:`ShardedMuon2` runs); ``round-robin`` gives matrix *i* to rank ``i mod N``; ``replicated``
+all-gathers every update to every rank and each rank orthogonalizes every matrix (no scatter), as
+data-parallel Muon does when each rank holds a whole copy (Moonlight's recipe before sharding)."""
+
+
+def ns_layout_seconds(shapes: list[tuple[int, int]], ns_seconds: list[float], world_size: int, link,
+                      assignment: str = "balanced", *, bytes_per_element: int = 4) -> tuple[float, float]:
+    """(Newton-Schulz seconds on the busiest rank, gather/scatter seconds) of one optimizer step
+    of sharded Muon² over matrices of ``shapes`` (whole rows × columns) whose NS alone takes
+    ``ns_seconds`` each, on ``world_size`` ranks joined by ``link`` (a
+    :class:`memtune.distributed.planning.Link`).
+
+    The collectives run in the optimizer step, after backward, and nothing overlaps them: each
+    matrix's fp32 update (dim 0 padded to a multiple of N) is gathered to its owner and the
+    result scattered back, each moving ``(N-1)/N`` of the matrix over the link, plus one ring
+    latency per collective."""
+    N = world_size
+    if N <= 1 or not shapes:
+        return sum(ns_seconds), 0.0
+    if assignment not in ASSIGNMENTS:
+        raise ValueError(f"assignment={assignment!r}: use one of {ASSIGNMENTS}")
+    frac = (N - 1) / N
+    bw = link.bandwidth_gbps * 1e9
+    hop = link.latency_us * 1e-6 * (N - 1)
+    padded = [math.ceil(r / N) * N * c * bytes_per_element for r, c in shapes]
+    if assignment == "replicated":
+        return sum(ns_seconds), sum(frac * b / bw + hop for b in padded)
+    owners = assign_owners(shapes, N) if assignment == "balanced" else [i % N for i in range(len(shapes))]
+    load = [0.0] * N
+    for k, o in enumerate(owners):
+        load[o] += ns_seconds[k]
+    return max(load), sum(2 * (frac * b / bw + hop) for b in padded)
+
+
+def sharded_step_seconds(profile, optimizer, spec, world_size: int, link) -> tuple[float, float]:
+    """(Newton-Schulz seconds on the busiest owner rank, gather/scatter seconds) of ``profile``'s
+    Muon² matrices under :class:`ShardedMuon2` (``optimizer``: the plan's
+    :class:`~memtune.plan.OptimizerPlan`; zeros when it does not orthogonalize)."""
+    from memtune.cost_model import _price_optimizer_step
+    from memtune.optimizers import orthogonalizes
+
+    if optimizer is None or not orthogonalizes(optimizer.name) or not optimizer.muon_params:
+        return 0.0, 0.0
+    per = _price_optimizer_step(profile, optimizer, spec, False, per_param=True)
+    muon = set(optimizer.muon_params)
+    mats = [q for q in profile.params if q.fqn in muon and len(q.shape) >= 2]
+    shapes = [(q.shape[0], math.prod(q.shape[1:])) for q in mats]
+    return ns_layout_seconds(shapes, [per[q.fqn][0] for q in mats], world_size, link)
+
+
 def _sharded_like(p, key: str, v):
     """State tensor ``v`` of the sharded parameter ``p`` (its local rows) as a DTensor placed as
     ``p`` is; scalars and non-tensors as they are."""

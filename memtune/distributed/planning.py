@@ -17,9 +17,12 @@ The candidate layouts:
 * ``fsdp``, nothing resharded (one all-gather per unit per step);
 * ``ddp``: replicated parameters and state, one gradient all-reduce.
 
-Muon²/Muon need whole matrices for Newton-Schulz: under ``fsdp`` they run as
-:class:`memtune.distributed.muon.ShardedMuon2` (owner-rank NS). Their memory is the recorded
-optimizer step scaled to the shards, and the gathers are not priced yet (a note says so).
+Under ``fsdp`` the optimizer steps on shards: its elementwise time is divided by the ranks.
+Muon²/Muon need whole matrices for Newton-Schulz and run as
+:class:`memtune.distributed.muon.ShardedMuon2`: each matrix is orthogonalized on one owner rank,
+so the step pays the busiest owner's NS time plus every matrix's gather and scatter
+(:func:`memtune.distributed.muon.sharded_step_seconds`). Their memory is the recorded optimizer
+step scaled to the shards; the owner's whole-matrix NS workspace is not measured (a note says so).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import logging
 from dataclasses import dataclass
 
 from memtune.budget import Budget
+from memtune.cost_model import device_for
 from memtune.errors import InfeasibleBudgetError, UsageError
 from memtune.levers import parallel_restrictions
 from memtune.optimizers import orthogonalizes
@@ -36,6 +40,7 @@ from memtune.plan import ParallelPlan, Plan
 from memtune.profile import ModelProfile
 
 from .memory import per_rank_profile, unsharded_bytes_by_unit
+from .muon import sharded_step_seconds
 
 log = logging.getLogger("memtune.distributed")
 
@@ -138,7 +143,8 @@ def plan_distributed(profile: ModelProfile, budget: int | str | Budget, *, world
         strategies = STRATEGIES
     if "fsdp" in strategies and any(orthogonalizes(n) for n in names):
         notes = ("under FSDP2, Muon²/Muon orthogonalize each matrix whole on an owner rank "
-                 "(memtune.distributed.muon); the gathers are not priced yet",)
+                 "(memtune.distributed.muon): its NS and gathers are priced, its whole-matrix NS workspace is "
+                 "not in the predicted peak",)
     bad = [s for s in strategies if s not in STRATEGIES]
     if bad:
         raise UsageError(f"unknown strategies {bad}; choose from {STRATEGIES}")
@@ -156,9 +162,17 @@ def plan_distributed(profile: ModelProfile, budget: int | str | Budget, *, world
             continue
         compute_s = (p.time.forward_ms + p.time.backward_ms + p.time.recompute_ms) / 1e3
         comm_ms = comm_seconds(profile, world_size, strategy, reshard, lk, compute_s=compute_s) * 1e3
+        time = p.time
+        if strategy == "fsdp":
+            # The optimizer steps on shards; Newton-Schulz runs whole on owner ranks.
+            ns_s, muon_comm_s = sharded_step_seconds(profile, p.optimizer, device_for(profile, opts.get("device")),
+                                                     world_size, lk)
+            time = dataclasses.replace(time, optimizer_ms=time.optimizer_ms / world_size, ns_ms=ns_s * 1e3)
+            comm_ms += muon_comm_s * 1e3
         par = ParallelPlan(world_size=world_size, strategy=strategy, reshard_after_forward=reshard,
                            mixed_precision=mixed, link=link, comm_ms=comm_ms)
-        p = dataclasses.replace(p, parallel=par, predicted_step_ms=p.predicted_step_ms + comm_ms,
+        step_ms = p.predicted_step_ms - p.time.total_ms + time.total_ms + comm_ms
+        p = dataclasses.replace(p, parallel=par, time=time, predicted_step_ms=step_ms,
                                 profile_hash=profile.fingerprint, notes=notes + p.notes)
         if best is None or p.predicted_step_ms < best[0] - 1e-9:
             best = (p.predicted_step_ms, k, p)
