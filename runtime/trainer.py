@@ -202,8 +202,8 @@ class Trainer:
         self.allow_microbatching = self.allow_microbatching and LEVERS["micro_batch_size"].supported_under_parallel
         self.allow_offload = False
         self.planner_options["levers"] = {**self.planner_options.get("levers", {}), **parallel_restrictions()}
-        # Ranks re-planning on their own telemetry could diverge; plans change only together.
-        self.retune_enabled = False
+        # Re-tuning stays on: every rank decides from the same, agreed readings (_retune), so
+        # plans change only together.
 
     def _default_settings(self, name: str, settings: Any):
         from memtune.optim import OptimizerSettings
@@ -630,8 +630,13 @@ class Trainer:
         return sample.device_free_bytes + (sample.reserved_bytes or 0)
 
     def _retune(self, sample) -> None:
+        available = self._available_bytes(sample)
+        if self.dist is not None:
+            # One decision for all ranks: the least memory any rank has, the largest correction
+            # any rank measured. Every rank then plans the same (plan_distributed checks by hash).
+            available, self.retuner.correction = _agree_retune_inputs(available, self.retuner.correction, self.device)
         decision: RetuneDecision | None = self.retuner.decide(
-            self._available_bytes(sample), self.plan_budget_bytes, self.plan.predicted_peak_bytes)
+            available, self.plan_budget_bytes, self.plan.predicted_peak_bytes)
         if decision is None:
             return
         target = self.retuner.planning_budget(decision.budget_bytes)
@@ -1022,6 +1027,18 @@ def _collective_device(device: torch.device) -> torch.device | str:
     import torch.distributed as dist
 
     return device if dist.get_backend() == "nccl" else "cpu"
+
+
+def _agree_retune_inputs(available: int | None, correction: float, device: torch.device) -> tuple[int | None, float]:
+    """(the least available memory over ranks, or ``None`` when no rank knows it; the largest
+    correction factor over ranks)."""
+    import torch.distributed as dist
+
+    t = torch.tensor([math.inf if available is None else float(available), -correction], dtype=torch.float64,
+                     device=_collective_device(device))
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    least, corr = float(t[0].item()), -float(t[1].item())
+    return (None if math.isinf(least) else int(least)), corr
 
 
 def _mean_over_ranks(value: float, device: torch.device) -> float:

@@ -162,6 +162,34 @@ def chunked_loss(rank: int, world: int) -> dict:
             "strategy": plan.parallel.strategy, "losses": [h["loss"] for h in trainer.history]}
 
 
+RETUNE_STEPS = 9
+
+
+def agreed_retune(rank: int, world: int) -> dict:
+    """Live re-tuning across ranks: only rank 1's (replayed) device loses memory to another
+    process, from step 3 to step 6; every rank must tighten and relax together, to the same plans."""
+    from memtune.runtime.retune import RetuneConfig
+    from memtune.runtime.telemetry import DEFAULT_CONTEXT_BYTES_ESTIMATE, SyntheticDevice
+
+    corpus = TextCorpus.load()
+    batches = [local(corpus.batch("train", LOCAL_BATCH * world, THIRTY_CONFIG["block_size"],
+                                  generator=torch.Generator().manual_seed(500 + k)), rank) for k in range(RETUNE_STEPS)]
+    prof = memtune.profile(thirty_percent_model(), batches[0], optimizer="adamw", target="cpu",
+                           space=memtune.PlanSpace.minimal())
+    budget = prof.baseline_peak_bytes // 2
+    ctx = DEFAULT_CONTEXT_BYTES_ESTIMATE
+    device = SyntheticDevice(total_bytes=ctx + 2 * budget, our_reserved_bytes=budget // 4, context_bytes=ctx)
+    if rank == 1:
+        device = device.grab(2 * budget - int(0.65 * budget), at_step=3, release_step=6)
+    trainer = memtune.fit(thirty_percent_model(), budget=budget, optimizer="adamw", progress=False,
+                          telemetry=[device.replay(RETUNE_STEPS + 1)], retune_config=RetuneConfig(relax_after_steps=2))
+    trainer.train(batches, steps=RETUNE_STEPS)
+    return {"budget_bytes": budget,
+            "events": [[e["kind"], e["step"], e["predicted_peak_bytes"], e["recompute"], e["variant"]]
+                       for e in trainer.events],
+            "losses": [h["loss"] for h in trainer.history]}
+
+
 def thirty_percent(rank: int, world: int) -> dict:
     """A GPT whose activations dominate (seq 256) at 30% of its single-process unplanned peak
     per rank: fit must combine sharding with the other levers (micro-batching, recompute). One
@@ -257,6 +285,7 @@ def main(out_dir: Path) -> None:
     result["muon2"] = sharded_muon2_against_replicated(rank)
     result["thirty"] = thirty_percent(rank, world)
     result["chunked"] = chunked_loss(rank, world)
+    result["retune"] = agreed_retune(rank, world)
 
     (out_dir / f"rank{rank}.json").write_text(json.dumps(result, indent=1))
     dist.destroy_process_group()

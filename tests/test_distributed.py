@@ -165,6 +165,21 @@ def test_a_chunked_loss_across_ranks_measures_as_predicted_and_keeps_the_losses(
             assert abs(a - b) <= 1e-5 * abs(b), (c["losses"], reference)
 
 
+def test_live_retuning_is_agreed_across_ranks(ranks):
+    """Only rank 1's device loses memory (steps 3-5): both ranks tighten at step 3 and relax after
+    the release, at the same steps and to the same plans; no rank re-plans alone."""
+    events = [r["retune"]["events"] for r in ranks]
+    assert events[0] == events[1]
+    kinds = [(kind, step) for kind, step, *_ in events[0]]
+    assert ("tighten", 3) in kinds, kinds
+    relax = [e for e in events[0] if e[0] == "relax"]
+    assert relax and relax[0][1] >= 6, kinds
+    tighten = next(e for e in events[0] if e[0] == "tighten")
+    assert tighten[2] <= 0.65 * ranks[0]["retune"]["budget_bytes"]  # planned into what rank 1 had left
+    assert relax[0][2] > tighten[2]
+    assert ranks[0]["retune"]["losses"] == ranks[1]["retune"]["losses"]
+
+
 def test_infeasible_budget_fails_on_every_rank_with_the_same_error(ranks):
     errors = [r["infeasible"]["error"] for r in ranks]
     assert errors[0] is not None and errors[0].startswith("InfeasibleBudgetError")
