@@ -4,6 +4,8 @@ A factory is named ``path/to/file.py:factory`` or ``package.module:factory`` on 
 
     memtune plan examples/models.py:tiny_gpt --budget 5MB
     memtune fit examples/models.py:gpt_with_data --budget 5MB --steps 20
+    memtune plan examples/models.py:llama_70b --target H100 --precision bf16-mixed --budget 80GB \
+        --nnodes 2 --nproc-per-node 8 --link nvlink,infiniband
 
 A factory returns ``(model, sample)``, ``(model, sample, loss_fn)`` or a dict with the keys
 ``model``, ``sample`` and optionally ``loss_fn`` and ``data`` (an iterable of batches, which
@@ -38,3 +40,12 @@ def gpt_with_data():
     corpus = TextCorpus.load()
     sample = corpus.batch("train", BATCH, cfg.block_size, generator=torch.Generator().manual_seed(0))
     return {"model": zoo.GPT(cfg), "sample": sample, "data": corpus.batches("train", BATCH, cfg.block_size, seed=1)}
+
+
+def llama_70b():
+    """Llama-2-70B on the ``meta`` device (no memory) with one sequence of 2048 tokens per rank:
+    for planning a cluster from a laptop (``memtune plan ... --target H100 --nnodes 2 ...``)."""
+    with torch.device("meta"):
+        model = zoo.llama_70b()
+    ids = torch.zeros(1, 2048, dtype=torch.long, device="meta")
+    return model, {"input_ids": ids, "labels": ids}

@@ -302,9 +302,12 @@ def _plan_table(plan, prof=None):
         t.add_row("accumulation", f"{plan.grad_accum_steps} steps")
     if plan.parallel is not None:
         par = plan.parallel
-        layout = par.strategy + (f", {sum(par.reshard_after_forward.values())}/{len(par.reshard_after_forward)} units "
-                                 "resharded after forward" if par.strategy == "fsdp" else "")
-        t.add_row("parallel", f"{layout} over {par.world_size} ranks; memory per rank")
+        layout = par.strategy + (f" (shard groups of {par.shard_size})" if par.strategy == "hsdp" else "") + (
+            f", {sum(par.reshard_after_forward.values())}/{len(par.reshard_after_forward)} units "
+            "resharded after forward" if par.strategy in ("fsdp", "hsdp") else "")
+        links = par.link + (f" within a node, {par.inter_link} between" if par.inter_link else "")
+        t.add_row("parallel", f"{layout} over {par.world_size} ranks ({links}), collectives {par.comm_ms:.1f} ms "
+                              "not hidden; memory per rank")
     t.add_section()
     for label, v in (("params", m.params_bytes), ("grads", m.grads_bytes), ("optimizer state", m.optimizer_state_bytes),
                      ("saved activations", m.saved_activation_bytes), ("recompute transient", m.recompute_transient_bytes),
@@ -317,17 +320,18 @@ def _plan_table(plan, prof=None):
                      *tm.lever_ms.items()):
         t.add_row(f"time: {label}", fmt_ms(v))
     if plan.parallel is not None:
-        t.add_row(f"time: collectives not hidden ({plan.parallel.link})", fmt_ms(plan.parallel.comm_ms))
+        links = plan.parallel.link + (f" + {plan.parallel.inter_link}" if plan.parallel.inter_link else "")
+        t.add_row(f"time: collectives not hidden ({links})", fmt_ms(plan.parallel.comm_ms))
     for n in plan.notes:
         t.add_row("note", n)
     return t
 
 
-def _profile(args, w: Workload):
+def _profile(args, w: Workload, space=None):
     import memtune
 
     return memtune.profile(w.model, w.sample, loss_fn=w.loss_fn, optimizer=args.optimizer or "muon2",
-                           precision=args.precision, target=_target(args.target))
+                           precision=args.precision, target=_target(args.target), space=space)
 
 
 def _add_profile_args(p: argparse.ArgumentParser) -> None:
@@ -380,8 +384,13 @@ def _args_plan(p: argparse.ArgumentParser) -> None:
     p.add_argument("--world-size", type=int, default=1,
                    help="plan one rank of N data-parallel ranks (FSDP2 or DDP); the sample is one rank's local batch "
                         "and the budget is per device (default: 1, one process)")
+    p.add_argument("--nnodes", type=int, default=None,
+                   help="nodes of the cluster (with --nproc-per-node: --world-size is their product); over several "
+                        "nodes HSDP (shard within a node, replicate across nodes) is a candidate layout")
+    p.add_argument("--nproc-per-node", type=int, default=None, help="ranks per node (GPUs per node)")
     p.add_argument("--link", default="nvlink", help="interconnect the collectives are priced on, with --world-size: "
-                                                    "nvlink, pcie, infiniband or loopback (default: nvlink)")
+                                                    "nvlink, pcie, infiniband or loopback, or two separated by a comma "
+                                                    "(within a node, between nodes: nvlink,infiniband); default: nvlink")
     _add_host_budget(p, default="no limit")
     p.add_argument("--out", default="plan.json", help="where to write the plan JSON (default: plan.json)")
 
@@ -396,17 +405,31 @@ def _cmd_plan(args) -> int:
         from memtune.budget import Budget
 
         Budget.parse(_budget(args.budget), device=_target(args.target))  # fail fast, before profiling
-        prof = _profile(args, load_workload(args.model))
+        space = None
+        if (args.world_size or 1) > 1 or args.nnodes or args.nproc_per_node:
+            from memtune.levers import parallel_restrictions
+            from memtune.profiler import PlanSpace
+
+            space = PlanSpace(levers=parallel_restrictions())  # record only what runs across ranks
+        prof = _profile(args, load_workload(args.model), space=space)
     else:
         raise UsageError("give a model (path/to/file.py:factory) or --profile profile.json")
     device = "cpu" if prof.target == "cpu" else None
+    nnodes = args.nnodes or 1
+    if args.nproc_per_node is not None or args.nnodes is not None:
+        if args.nproc_per_node is None or args.nproc_per_node < 1 or nnodes < 1:
+            raise UsageError("--nnodes N --nproc-per-node M: give both, each 1 or more (the world size is N × M)")
+        if args.world_size not in (1, nnodes * args.nproc_per_node):
+            raise UsageError(f"--world-size {args.world_size} is not --nnodes {nnodes} × --nproc-per-node "
+                             f"{args.nproc_per_node}; give one or the other")
+        args.world_size = nnodes * args.nproc_per_node
     if args.world_size < 1:
         raise UsageError(f"--world-size {args.world_size}: give the number of ranks, 1 or more")
     host = {"host_budget": args.host_budget} if args.host_budget is not None else {}
     if args.world_size > 1:
         from memtune.distributed import plan_distributed
 
-        plan = plan_distributed(prof, _budget(args.budget), world_size=args.world_size, link=args.link,
+        plan = plan_distributed(prof, _budget(args.budget), world_size=args.world_size, link=args.link, nnodes=nnodes,
                                 planner=args.planner, optimizer=args.optimizer, **({"device": device} if device else {}),
                                 **host)
     else:

@@ -170,23 +170,32 @@ class ParallelPlan:
     world_size: int
     """Ranks the plan was made for (each feeds its own local batch)."""
     strategy: str = "fsdp"
-    """``fsdp``: FSDP2 ``fully_shard`` on every unit and the root; ``ddp``: replicated
-    parameters, gradients all-reduced (``DistributedDataParallel``)."""
+    """``fsdp``: FSDP2 ``fully_shard`` on every unit and the root; ``hsdp``: the same on a 2-D
+    mesh, sharded within groups of ``shard_size`` ranks (a node) and replicated across them;
+    ``ddp``: replicated parameters, gradients all-reduced (``DistributedDataParallel``)."""
+    shard_size: int | None = None
+    """``hsdp``: ranks per shard group (it divides ``world_size``)."""
     reshard_after_forward: dict[str, bool] = field(default_factory=dict)
     """FSDP2's ``reshard_after_forward`` per unit FQN (True frees the gathered parameters
     after the unit's forward and gathers them again for backward)."""
     mixed_precision: str | None = None
     """``bf16``: FSDP2 ``MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)``."""
     link: str = "loopback"
-    """The :data:`memtune.distributed.LINKS` entry collectives were priced on."""
+    """The :data:`memtune.distributed.LINKS` entry collectives were priced on (within a node)."""
+    inter_link: str | None = None
+    """The link between nodes (``None``: one node, or the same link)."""
     comm_ms: float = 0.0
     """Predicted collective time per step that compute does not hide."""
 
     def __post_init__(self) -> None:
         if self.world_size < 1:
             raise ValueError(f"world_size must be >= 1, got {self.world_size}")
-        if self.strategy not in ("fsdp", "ddp"):
-            raise ValueError(f"strategy must be 'fsdp' or 'ddp', got {self.strategy!r}")
+        if self.strategy not in ("fsdp", "hsdp", "ddp"):
+            raise ValueError(f"strategy must be 'fsdp', 'hsdp' or 'ddp', got {self.strategy!r}")
+        if self.strategy == "hsdp" and not (self.shard_size and 1 < self.shard_size < self.world_size
+                                            and self.world_size % self.shard_size == 0):
+            raise ValueError(f"hsdp needs a shard_size that divides world_size {self.world_size} into groups of "
+                             f"2 or more, got {self.shard_size!r}")
         if self.mixed_precision not in (None, "bf16"):
             raise ValueError(f"mixed_precision must be None or 'bf16', got {self.mixed_precision!r}")
 
@@ -366,10 +375,13 @@ class Plan:
         lines += self._unit_lines()
         if self.parallel is not None:
             par = self.parallel
-            lines.append(f"  parallel: {par.strategy} over {par.world_size} ranks ({par.link}), collectives "
+            links = par.link + (f" within a node, {par.inter_link} between" if par.inter_link else "")
+            lines.append(f"  parallel: {par.strategy}"
+                         + (f" (shard groups of {par.shard_size})" if par.strategy == "hsdp" else "")
+                         + f" over {par.world_size} ranks ({links}), collectives "
                          f"{fmt_ms(par.comm_ms)} not hidden; memory and budget per rank"
                          + (f"; resharded after forward: {sum(par.reshard_after_forward.values())}/"
-                            f"{len(par.reshard_after_forward)} units" if par.strategy == "fsdp" else ""))
+                            f"{len(par.reshard_after_forward)} units" if par.strategy in ("fsdp", "hsdp") else ""))
         lines += [f"  note: {n}" for n in self.notes]
         return "\n".join(lines)
 

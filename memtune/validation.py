@@ -239,8 +239,9 @@ def check_plan_matches_model(model, plan, profile=None) -> None:
         dtypes.update(LEVERS[name].param_dtypes(value, model))
     raw = sum(p.numel() * (dtypes[n].itemsize if n in dtypes else p.element_size()) for n, p in params.items())
     planned = plan.memory.params_bytes
-    if plan.parallel is not None and plan.parallel.strategy == "fsdp":
-        planned *= plan.parallel.world_size  # a sharded plan counts one rank's shards
+    if plan.parallel is not None and plan.parallel.strategy in ("fsdp", "hsdp"):
+        # a sharded plan counts one rank's shards
+        planned *= plan.parallel.shard_size if plan.parallel.strategy == "hsdp" else plan.parallel.world_size
     # The plan's static bytes include buffers, allocation rounding and kernel workspaces, so
     # they are at least the parameters' own bytes; less means a plan for a smaller model.
     if planned and raw > planned:

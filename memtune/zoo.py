@@ -288,6 +288,13 @@ def llama_7b(**kw) -> nn.Module:
                     vocab_size=32000, max_position_embeddings=4096, **kw)
 
 
+def llama_70b(**kw) -> nn.Module:
+    """Llama-2-70B shapes (80 layers, grouped-query attention with 8 key/value heads). Build it
+    under ``torch.device("meta")``: it has 69B parameters."""
+    return hf_llama(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
+                    num_key_value_heads=8, vocab_size=32000, max_position_embeddings=4096, **kw)
+
+
 def hf_gpt2(*, n_embd=128, n_layer=2, n_head=4, vocab_size=256, n_positions=512, **kw) -> nn.Module:
     """A ``transformers`` GPT2LMHeadModel built from a config: random weights, no hub."""
     from transformers import GPT2Config, GPT2LMHeadModel

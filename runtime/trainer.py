@@ -192,10 +192,16 @@ class Trainer:
 
     def _setup_distributed(self) -> None:
         """Restrict this rank to what is implemented across ranks (docs/distributed.md)."""
-        from memtune.distributed import LINKS
+        import os
 
-        if self.link not in LINKS:
-            raise UsageError(f"link={self.link!r}: choose one of {sorted(LINKS)}")
+        from memtune.distributed.planning import parse_links
+
+        parse_links(self.link)  # a UsageError names the links
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", self.dist.world_size))
+        if 1 < local < self.dist.world_size and self.dist.world_size % local == 0 \
+                and not {"nnodes", "shard_size"} & set(self.planner_options):
+            # Several nodes: HSDP (shard within a node, replicate across) is a candidate layout.
+            self.planner_options["nnodes"] = self.dist.world_size // local
         # The levers that do not run across ranks stay at their default (memtune.levers.parallel_restrictions).
         from memtune.levers import LEVERS
 
@@ -317,7 +323,7 @@ class Trainer:
             # After sharding: the optimizer steps the shards, and the recompute wrappers go on the
             # units' own forward, inside FSDP2's hooks.
             self.optimizer = apply_plan(self.model, plan, settings=self.optimizer_settings)
-            if plan.parallel.strategy == "fsdp":
+            if plan.parallel.strategy in ("fsdp", "hsdp"):
                 from memtune.distributed.muon import shard_optimizer
 
                 self.optimizer = shard_optimizer(self.optimizer)  # Newton-Schulz on whole matrices

@@ -107,3 +107,25 @@ def test_host_budget_reaches_the_planner_and_a_bad_one_is_named(tmp_path, capsys
     assert main(["plan", "examples/models.py:tiny_gpt", "--budget", "5MB", "--host-budget", "lots",
                  "--out", str(out)]) == 2
     assert "host_budget 'lots' is not a size" in capsys.readouterr().err
+
+
+def test_plan_a_cluster_of_nodes_prints_the_layout_and_refuses_a_mismatched_world(tmp_path, capsys):
+    """``memtune plan --nnodes 2 --nproc-per-node 2 --link nvlink,infiniband``: a plan for one of
+    4 ranks over 2 nodes (HSDP is a candidate), with its layout and links printed; a world size
+    that is not nodes × ranks per node is refused."""
+    from memtune.cli import main
+
+    out = tmp_path / "plan.json"
+    assert main(["plan", "examples/models.py:tiny_gpt", "--budget", "5MB", "--nnodes", "2", "--nproc-per-node", "2",
+                 "--link", "nvlink,infiniband", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    par = json.loads(out.read_text())["parallel"]
+    assert par["world_size"] == 4 and par["strategy"] in ("fsdp", "hsdp", "ddp")
+    assert (par["link"], par["inter_link"]) == ("nvlink", "infiniband")
+    assert "4 ranks" in text and "peak" in text
+    assert main(["plan", "examples/models.py:tiny_gpt", "--budget", "5MB", "--nnodes", "2", "--nproc-per-node", "2",
+                 "--world-size", "8", "--out", str(out)]) == 2
+    assert "--world-size 8 is not --nnodes 2" in capsys.readouterr().err
+    assert main(["plan", "examples/models.py:tiny_gpt", "--budget", "5MB", "--world-size", "2",
+                 "--link", "nvlink,warp", "--out", str(out)]) == 2
+    assert "give one link, or two" in capsys.readouterr().err

@@ -215,6 +215,19 @@ def _sharded_like(p, key: str, v):
     return DTensor.from_local(v, p.device_mesh, p.placements, run_check=False, shape=torch.Size(shape), stride=stride)
 
 
+def _shard_group(opt):
+    """The process group a parameter's shards span: its mesh's ``shard`` dimension under HSDP
+    (each replica group orthogonalizes its own copy of the same matrices), else ``None`` (all ranks)."""
+    for g in opt.param_groups:
+        for p in g["params"]:
+            mesh = getattr(p, "device_mesh", None)
+            if mesh is not None and mesh.ndim == 2:
+                return mesh.get_group("shard")
+            if mesh is not None:
+                return None
+    return None
+
+
 def shard_optimizer(optimizer):
     """``optimizer`` (fresh, no state yet) with every :class:`Muon2` (alone or a part of a
     :class:`memtune.optim.HybridOptimizer`) replaced by a :class:`ShardedMuon2` over the same
@@ -225,7 +238,7 @@ def shard_optimizer(optimizer):
         if isinstance(opt, Muon2) and not isinstance(opt, ShardedMuon2):
             if opt.state:
                 raise ValueError("shard_optimizer needs a fresh optimizer (this one already holds state)")
-            return ShardedMuon2([dict(g) for g in opt.param_groups])
+            return ShardedMuon2([dict(g) for g in opt.param_groups], process_group=_shard_group(opt))
         return opt
 
     parts = getattr(optimizer, "parts", None)

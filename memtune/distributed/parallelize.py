@@ -5,6 +5,8 @@
   decisions (activation checkpointing) are applied by :func:`memtune.apply_plan` to the unit's
   own ``forward``, which FSDP2's pre/post-forward hooks wrap: the recompute in backward runs
   after FSDP2's pre-backward all-gather, on unsharded parameters, the order FSDP2 expects.
+* ``hsdp``: the same on a 2-D device mesh (replicate across groups of ``shard_size`` ranks, shard
+  within one): FSDP2's hybrid sharding.
 * ``ddp``: ``DistributedDataParallel(gradient_as_bucket_view=True)``. The wrapper is only
   used to call the model, so parameter FQNs, state dicts and plans keep the user's names.
 
@@ -34,19 +36,27 @@ def parallelize(model: nn.Module, plan: Plan, device: torch.device) -> nn.Module
 
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
         if par.mixed_precision == "bf16" else MixedPrecisionPolicy()
+    mesh = None
+    if par.strategy == "hsdp":
+        from torch.distributed.device_mesh import init_device_mesh
+
+        # Replicate across groups (nodes), shard within one: FSDP2's HSDP.
+        mesh = init_device_mesh(device.type, (par.world_size // par.shard_size, par.shard_size),
+                                mesh_dim_names=("replicate", "shard"))
     modules = dict(model.named_modules())
     for fqn in plan.decisions:  # execution order
         if fqn not in modules:  # a call of a shared module, or a segment (memtune.units): the root shards it
             continue
-        fully_shard(modules[fqn], reshard_after_forward=par.reshard_after_forward.get(fqn, True), mp_policy=mp)
-    fully_shard(model, mp_policy=mp)
+        fully_shard(modules[fqn], reshard_after_forward=par.reshard_after_forward.get(fqn, True), mp_policy=mp,
+                    mesh=mesh)
+    fully_shard(model, mp_policy=mp, mesh=mesh)
     return model
 
 
 def set_reshard_after_forward(model: nn.Module, plan: Plan) -> None:
     """Follow a re-plan's ``reshard_after_forward`` on an already sharded model."""
     par = plan.parallel
-    if par is None or par.strategy != "fsdp":
+    if par is None or par.strategy not in ("fsdp", "hsdp"):
         return
     modules = dict(model.named_modules())
     for fqn, flag in par.reshard_after_forward.items():
