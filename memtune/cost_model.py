@@ -328,7 +328,7 @@ def _param_state_bytes(profile: ModelProfile, opt: OptimizerPlan, master_bytes_p
     return out
 
 
-def state_stream_seconds(ctx: CostContext) -> float:
+def state_stream_seconds(ctx: CostContext, offloaded_share: float | bool = True) -> float:
     """Seconds the offloaded optimizer state's stream adds to one step, from a timeline of the
     pipeline :class:`memtune.stepping.PlanOptimizer` runs (docs/planners.md, "The state stream").
 
@@ -341,12 +341,18 @@ def state_stream_seconds(ctx: CostContext) -> float:
     separate copy engines at the link's bandwidth each (PCIe is full duplex); on a CPU target the
     copies are plain copies on the one thread, so nothing overlaps. The result is the finish time
     minus the compute alone: the transfer that could not hide. Recomputation in backward, which
-    would hide more, is not counted (the estimate errs long)."""
+    would hide more, is not counted (the estimate errs long). With ``offloaded_share`` below 1 the
+    parameters :func:`memtune.stepping.resident_names` keeps on the device copy nothing."""
+    from .stepping import resident_names
+
     profile, spec = ctx.profile, ctx.spec
     link = _param_state_bytes(profile, ctx.optimizer, ctx.master_bytes_per_element)
+    # A partial offload keeps the state of the parameters updated first on the device: no copies.
+    for name in resident_names([(p.fqn, math.prod(p.shape)) for p in profile.params], offloaded_share):
+        link[name] = 0.0
     opt_s = _optimizer_seconds_per_param(profile, ctx.optimizer, spec, fp32_working_copy=ctx.fp32_working_copy)
     bw = ctx.host_bandwidth
-    copy_s = {f: b / bw + spec.kernel_overhead_s for f, b in link.items()}
+    copy_s = {f: (b / bw + spec.kernel_overhead_s if b else 0.0) for f, b in link.items()}
     order = [p.fqn for p in reversed(profile.params)]
     if spec.kind == "cpu":
         return sum(2 * copy_s[f] for f in order)
@@ -372,18 +378,21 @@ def state_stream_seconds(ctx: CostContext) -> float:
     for i, f in enumerate(order):
         compute += before[f]
         if i not in arrives:          # not fetched ahead: fetched now, the update waits
-            h2d = max(h2d, compute) + copy_s[f]
-            arrives[i] = h2d
-            nxt = i + 1
+            arrives[i] = max(h2d, compute) + copy_s[f] if link[f] else compute   # (resident: nothing to fetch)
+            h2d = arrives[i] if link[f] else h2d
+            nxt = max(nxt, i + 1)
         start = max(compute, arrives.pop(i))
         held = sum(link[order[k]] for k in arrives)
         while nxt < len(order) and (not arrives or held + link[order[nxt]] <= window):
-            h2d = max(h2d, start) + copy_s[order[nxt]]   # fetches start as the update is issued
-            arrives[nxt] = h2d
-            held += link[order[nxt]]
+            g = order[nxt]
+            if link[g]:
+                h2d = max(h2d, start) + copy_s[g]   # fetches start as the update is issued
+            arrives[nxt] = h2d if link[g] else start
+            held += link[g]
             nxt += 1
         compute = start + opt_s[f]
-        d2h = max(d2h, compute) + copy_s[f]
+        if link[f]:
+            d2h = max(d2h, compute) + copy_s[f]
     busy = sum(before.values()) + sum(opt_s[f] for f in order)
     return max(0.0, max(compute, d2h) - busy)
 

@@ -5,8 +5,9 @@ Three plan dimensions change *when* and *where* a parameter is updated, not *how
 * **optimizer step in backward** (``Plan.optimizer_in_backward``): each parameter is updated
   in its ``register_post_accumulate_grad_hook`` as soon as its gradient is complete, and the
   gradient is freed at once, so full gradients never coexist;
-* **optimizer-state offload** (the ``state_offload`` lever): the state lives in (pinned) host
-  memory and streams through the device one parameter at a time, pipelined (:class:`_Stream`):
+* **optimizer-state offload** (the ``state_offload`` lever): the state (all of it, or a share:
+  :func:`resident_names` keeps the rest on the device) lives in (pinned) host memory and streams
+  through the device one parameter at a time, pipelined (:class:`_Stream`):
   while a parameter updates, the next one's state is on its way in and the previous one's on
   its way out, on two side streams (host-to-device and device-to-host copies run on separate
   copy engines). The device holds the updating parameter's state, a window fetched ahead and
@@ -102,14 +103,33 @@ def stochastic_round_to_bf16(x: torch.Tensor, generator: torch.Generator | None 
     return torch.where(torch.isfinite(x), rounded, x).to(torch.bfloat16)
 
 
+def resident_names(params: list[tuple[str, int]], offloaded_share: float | bool) -> set[str]:
+    """Of ``params`` ((name, elements) in registration order), those whose optimizer state stays
+    on the device when ``offloaded_share`` of it (by elements) lives in host memory: the ones
+    updated first in backward (the last registered), up to the ``1 - share`` that stays. The
+    runtime (:class:`PlanOptimizer`) and the price (:func:`memtune.cost_model.state_stream_seconds`)
+    both use this rule."""
+    if offloaded_share is True or not offloaded_share:
+        return set()
+    total = sum(n for _, n in params)
+    keep = (1.0 - float(offloaded_share)) * total
+    out, held = set(), 0
+    for name, n in reversed(params):
+        if held + n > keep:
+            break
+        out.add(name)
+        held += n
+    return out
+
+
 class PlanOptimizer(Optimizer):
     """The plan's optimizer, stepped one parameter at a time (see the module docstring).
 
     ``param_groups`` and ``state`` are the inner optimizer's own objects, so LR schedulers,
     ``set_state_dtype``/``set_ns_steps`` and checkpoints act on it directly."""
 
-    def __init__(self, inner: Optimizer, model: nn.Module, *, in_backward: bool = False, offload: bool = False,
-                 weights: str | None = None, pin_memory: bool | None = None):
+    def __init__(self, inner: Optimizer, model: nn.Module, *, in_backward: bool = False, offload: bool | float = False,
+                 weights: str | None = None, pin_memory: bool | None = None, host_buffers: dict | None = None):
         if weights not in WEIGHTS:
             raise ValueError(f"weights={weights!r}: use one of {[str(w) for w in WEIGHTS]}")
         weights = WeightMode(weights) if weights is not None else None
@@ -119,6 +139,9 @@ class PlanOptimizer(Optimizer):
         self.weights = weights
         self.pin = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.names = {id(p): n for n, p in model.named_parameters()}
+        resident = resident_names([(n, p.numel()) for n, p in model.named_parameters()], offload)
+        self._resident = {id(p) for n, p in model.named_parameters() if n in resident}
+        """Parameters whose state stays on the device under a partial offload (``offload`` a share)."""
         self._index()
         params = [p for g in inner.param_groups for p in g["params"]]
         super().__init__(params, {})
@@ -133,9 +156,13 @@ class PlanOptimizer(Optimizer):
         if in_backward:
             for p in params:
                 self._handles.append(p.register_post_accumulate_grad_hook(self._hook))
-        if offload:  # the state moves to host memory now, if the inner optimizer already has some
-            for p in params:
+        if host_buffers:  # a re-wrap: the state already in host memory stays there
+            self._host_buffers = host_buffers
+        for p in params:
+            if offload:  # the state moves to host memory now, if the inner optimizer already has some
                 self._offload_state(p)
+            if id(p) in self._resident or not offload:
+                self._load_state(p)  # (a re-wrap) state this plan keeps on the device comes back
 
     def _index(self) -> None:
         """Map each parameter to its part and group. ``Optimizer.load_state_dict`` replaces the
@@ -248,6 +275,8 @@ class PlanOptimizer(Optimizer):
 
     # ------------------------------------------------------------------ offload
     def _offload_state(self, p: torch.Tensor) -> None:
+        if id(p) in self._resident:
+            return  # its state stays on the device
         part, _ = self._where[id(p)]
         st = part.state.get(p)
         if not st:
@@ -262,7 +291,9 @@ class PlanOptimizer(Optimizer):
 
     def _load_state(self, p: torch.Tensor) -> None:
         part, _ = self._where[id(p)]
-        st = part.state[p]
+        st = part.state.get(p)
+        if not st:
+            return
         hosts = self._hosts(p)
         for k, v in list(st.items()):
             if isinstance(v, torch.Tensor) and v is hosts.get(k):
@@ -391,7 +422,7 @@ class _Stream:
     def before(self, p: torch.Tensor) -> None:
         opt = self.opt
         part, _ = opt._where[id(p)]
-        st = part.state.get(p)
+        st = part.state.get(p) if id(p) not in opt._resident else None
         streams = self._cuda(p.device)
         if st:
             if id(p) in self.ahead:
@@ -411,7 +442,7 @@ class _Stream:
         nxt, seen = self.order.get(id(p)), {id(p)}
         while nxt is not None and id(nxt) not in seen:
             seen.add(id(nxt))
-            if id(nxt) not in self.ahead and opt._where[id(nxt)][0].state.get(nxt):
+            if id(nxt) not in self.ahead and id(nxt) not in opt._resident and opt._where[id(nxt)][0].state.get(nxt):
                 size = self._host_bytes(nxt)
                 if self.ahead and held + size > window:
                     break
@@ -421,6 +452,8 @@ class _Stream:
 
     def after(self, p: torch.Tensor) -> None:
         opt = self.opt
+        if id(p) in opt._resident:
+            return  # its state stays on the device: nothing goes out
         part, _ = opt._where[id(p)]
         st = part.state.get(p) or {}
         hosts = opt._hosts(p)
@@ -486,14 +519,17 @@ def rewrap(optimizer: Optimizer, model: nn.Module, *, in_backward: bool = False,
     state): unwrap it, bring offloaded state back if the plan keeps it on the device, and wrap
     it again if the plan steps one parameter at a time."""
     inner = optimizer
+    hosts = None
     if isinstance(optimizer, PlanOptimizer):
         optimizer.remove_hooks()
+        optimizer.finish_step()
         if optimizer.offload and not offload:
             for g in optimizer.param_groups:
                 for p in g["params"]:
                     if p in optimizer.state:
                         optimizer._load_state(p)
+        hosts = getattr(optimizer, "_host_buffers", None) if offload else None
         inner = optimizer.inner
     if not (in_backward or offload or weights):
         return inner
-    return PlanOptimizer(inner, model, in_backward=in_backward, offload=offload, weights=weights)
+    return PlanOptimizer(inner, model, in_backward=in_backward, offload=offload, weights=weights, host_buffers=hosts)

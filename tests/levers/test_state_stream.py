@@ -19,7 +19,7 @@ from memtune.cost_model import CostContext, state_stream_seconds
 from memtune.devices import DEVICES
 from memtune.plan import OptimizerPlan
 from memtune.profile import ParamInfo
-from memtune.stepping import PlanOptimizer, _Stream
+from memtune.stepping import PlanOptimizer, _Stream, resident_names
 from memtune.variant import StepVariant
 
 
@@ -184,3 +184,52 @@ def test_backward_hides_the_stream_and_a_cpu_target_hides_nothing(monkeypatch):
     cpu = dataclasses.replace(DEVICES["H100"], kind="cpu", name="cpu")
     ctx = _ctx([n] * 4, spec=cpu)
     assert state_stream_seconds(ctx) == pytest.approx(4 * 2 * _copy_s(ctx, n), rel=1e-9)
+
+
+# ----------------------------------------------------------------------------- a share offloaded
+def test_a_share_keeps_the_state_of_the_parameters_updated_first_on_the_device():
+    params = [("embed", 100), ("h0", 50), ("h1", 50), ("head", 40)]
+    assert resident_names(params, True) == set() and resident_names(params, False) == set()
+    assert resident_names(params, 0.5) == {"head", "h1"}        # 90 of the 240 elements stay; 120 would
+    assert resident_names(params, 0.75) == {"head"}             # 60 may stay: the head's 40
+    assert resident_names(params, 0.9) == set()                 # 24 may stay: not even the head
+
+
+@pytest.mark.parametrize("in_backward", [False, True])
+@pytest.mark.parametrize("optimizer", ["adamw", "muon2"])
+def test_half_the_state_offloaded_steps_exactly_and_keeps_the_rest_on_the_device(optimizer, in_backward):
+    from memtune.optim import OptimizerSettings, build_optimizer
+
+    def make(m):
+        if optimizer == "adamw":
+            return torch.optim.AdamW(m.parameters(), lr=1e-2)
+        return build_optimizer(m, OptimizerSettings(ns_dtype="fp32"))
+
+    ref, other = _mlp(), _mlp()
+    ref_opt = make(ref)
+    opt = PlanOptimizer(make(other), other, offload=0.5, in_backward=in_backward)
+    for x, y in _batches(3):
+        _step(ref, ref_opt, x, y)
+        _step(other, opt, x, y)
+    assert all(torch.equal(a, b) for a, b in zip(ref.parameters(), other.parameters()))
+    names = resident_names([(n, p.numel()) for n, p in other.named_parameters()], 0.5)
+    assert names and len(names) < len(list(other.parameters()))
+    for n, p in other.named_parameters():
+        hosts = opt._hosts(p)
+        in_host = [k for k, v in opt.state[p].items() if isinstance(v, torch.Tensor) and v is hosts.get(k)]
+        assert (not in_host) == (n in names), (n, in_host)
+
+
+def test_a_share_offloaded_copies_only_the_rest_and_costs_less(monkeypatch):
+    import memtune.cost_model as cm
+
+    monkeypatch.setattr(cm, "_optimizer_seconds_per_param", lambda *a, **k: dict.fromkeys(("p0", "p1", "p2", "p3"), 0.0))
+    n = 50_000_000
+    full = _ctx([n] * 4)
+    c = _copy_s(full, n)
+    assert state_stream_seconds(full, offloaded_share=True) == pytest.approx(5 * c, rel=1e-9)
+    # Half: p2 and p3 (updated first) stay; p1 and p0 are fetched back to back, then one goes out.
+    assert state_stream_seconds(full, offloaded_share=0.5) == pytest.approx(3 * c, rel=1e-9)
+    cpu = dataclasses.replace(DEVICES["H100"], kind="cpu", name="cpu")
+    ctx = _ctx([n] * 4, spec=cpu)
+    assert state_stream_seconds(ctx, offloaded_share=0.5) == pytest.approx(2 * 2 * _copy_s(ctx, n), rel=1e-9)
