@@ -8,7 +8,7 @@ each per-rank budget (a fraction of the model's single-process unplanned peak at
 batch), every rank runs ``memtune.fit`` and trains 3 steps; the last is measured by PyTorch's
 ``FSDPMemTracker`` (``MemTracker`` under DDP). The table gives the plan (layout, micro-batch,
 recomputed units), the prediction and the measurement per rank. Writes
-``benchmarks/results/distributed_levers.json``.
+``benchmarks/results/distributed_levers.{json,md}``.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ def worker(args, out: Path) -> None:
     corpus = TextCorpus.load()
     rows = []
     for name, shape in SHAPES.items():
-        def model():
+        def model(shape=shape):
             torch.manual_seed(0)
             return GPT(GPTConfig(block_size=SEQ, **shape))
 
@@ -87,19 +87,21 @@ def main() -> None:
         subprocess.run(cmd, env=env, check=True, capture_output=True)
         rows = [r for k in range(args.nproc) for r in json.loads((Path(tmp) / f"rank{k}.json").read_text())]
     mib = 2 ** 20
-    print(f"{'shape':<7} {'budget':>7} {'rank':>4} {'layout':>7} {'micro':>5} {'recomp':>6} {'usable':>9} "
-          f"{'predicted':>10} {'measured':>9} {'error':>7}")
+    lines = [f"{'shape':<7} {'budget':>7} {'rank':>4} {'layout':>7} {'micro':>5} {'recomp':>6} {'usable':>9} "
+             f"{'predicted':>10} {'measured':>9} {'error':>7}"]
     for r in rows:
         if not r["feasible"]:
-            print(f"{r['shape']:<7} {r['fraction']:>6.0%} {r['rank']:>4}  infeasible: {r['reason'][:120]}")
+            lines.append(f"{r['shape']:<7} {r['fraction']:>6.0%} {r['rank']:>4}  infeasible: {r['reason'][:120]}")
             continue
-        print(f"{r['shape']:<7} {r['fraction']:>6.0%} {r['rank']:>4} {r['strategy']:>7} {str(r['micro_batch']):>5} "
-              f"{r['recomputed']:>6} {r['usable_bytes'] / mib:>8.2f}M {r['predicted_peak_bytes'] / mib:>9.2f}M "
-              f"{r['measured_peak_bytes'] / mib:>8.2f}M {r['error']:>+7.2%}")
-    out = Path(__file__).resolve().parent / "results" / "distributed_levers.json"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps(rows, indent=1))
-    print(f"wrote {out}")
+        lines.append(f"{r['shape']:<7} {r['fraction']:>6.0%} {r['rank']:>4} {r['strategy']:>7} {str(r['micro_batch']):>5} "
+                     f"{r['recomputed']:>6} {r['usable_bytes'] / mib:>8.2f}M {r['predicted_peak_bytes'] / mib:>9.2f}M "
+                     f"{r['measured_peak_bytes'] / mib:>8.2f}M {r['error']:>+7.2%}")
+    print("\n".join(lines))
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import _record
+
+    path = _record.write("distributed_levers", {"rows": rows}, "\n".join(lines))
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -8,13 +8,13 @@ between nodes). For three placements of the whole-matrix Newton-Schulz
 (:data:`memtune.distributed.muon.ASSIGNMENTS`: balanced owners, round-robin owners, every rank
 orthogonalizing every matrix after an all-gather) the table gives the busiest rank's NS time, the
 gather/scatter time and their share of the predicted step. A model, not a measurement: no GPU.
-Writes ``benchmarks/results/sharded_muon2.json``.
+Writes ``benchmarks/results/sharded_muon2.{json,md}``.
 """
 
 from __future__ import annotations
 
-import json
 import math
+import sys
 from pathlib import Path
 
 import torch
@@ -24,6 +24,9 @@ from memtune import zoo
 from memtune.cost_model import _price_optimizer_step, device_for
 from memtune.distributed.muon import ASSIGNMENTS, ns_layout_seconds
 from memtune.distributed.planning import LINKS, plan_distributed
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _record  # noqa: E402
 
 
 def main() -> None:
@@ -50,15 +53,14 @@ def main() -> None:
             rows.append(dict(ranks=N, link=link, assignment=assignment, ns_ms=1e3 * ns_s, gather_scatter_ms=1e3 * comm_s,
                              step_ms=step_ms, share=1e3 * (ns_s + comm_s) / step_ms, matrices=len(mats),
                              ns_total_ms=1e3 * sum(ns)))
-    print(f"{'ranks':>5} {'link':>10} {'placement':>12} {'NS (busiest)':>13} {'gather+scatter':>15} {'step':>9} {'share':>6}")
-    for r in rows:
-        print(f"{r['ranks']:>5} {r['link']:>10} {r['assignment']:>12} {r['ns_ms']:>11.1f}ms {r['gather_scatter_ms']:>13.1f}ms "
-              f"{r['step_ms']:>7.1f}ms {r['share']:>6.1%}")
-    print(f"({rows[0]['matrices']} matrices; Newton-Schulz on one rank would take {rows[0]['ns_total_ms']:.1f} ms)")
-    out = Path(__file__).resolve().parent / "results" / "sharded_muon2.json"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps(rows, indent=1))
-    print(f"wrote {out}")
+    lines = [f"{'ranks':>5} {'link':>10} {'placement':>12} {'NS (busiest)':>13} {'gather+scatter':>15} {'step':>9} "
+             f"{'share':>6}"]
+    lines += [f"{r['ranks']:>5} {r['link']:>10} {r['assignment']:>12} {r['ns_ms']:>11.1f}ms "
+              f"{r['gather_scatter_ms']:>13.1f}ms {r['step_ms']:>7.1f}ms {r['share']:>6.1%}" for r in rows]
+    lines.append(f"({rows[0]['matrices']} matrices; Newton-Schulz on one rank would take {rows[0]['ns_total_ms']:.1f} ms)")
+    print("\n".join(lines))
+    path = _record.write("sharded_muon2", {"rows": rows}, "\n".join(lines))
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

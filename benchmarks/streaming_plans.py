@@ -9,14 +9,14 @@ default at each budget. The table gives the plan's tokens/s, its step time, what
 state's stream adds to it, and the same plan priced the old way (the stream serial,
 ``2 × state bytes / host bandwidth``, hidden only behind backward), side by side from one run.
 An infeasible budget prints the planner's reason (its smallest plan and what fills it).
-Writes ``benchmarks/results/streaming_plans.json``.
+Writes ``benchmarks/results/streaming_plans.{json,md}``.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import resource
+import sys
 import time
 from pathlib import Path
 
@@ -25,6 +25,9 @@ import torch
 import memtune
 from memtune import zoo
 from memtune.cost_model import predict_step_time
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _record  # noqa: E402
 
 SHAPES = {
     "7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32),
@@ -91,21 +94,20 @@ def main() -> None:
     rows = []
     for name in ([args.only] if args.only else list(SHAPES)):
         rows += run(name)
-    print(f"\n{'model':<12} {'budget':>6} {'tokens/s':>9} {'step':>9} {'stream':>9} {'serial price: stream':>21} "
-          f"{'tokens/s':>9} {'peak / usable GiB':>18} {'state':>6} {'weights':>8}")
+    lines = [f"{'model':<12} {'budget':>6} {'tokens/s':>9} {'step':>9} {'stream':>9} {'serial price: stream':>21} "
+             f"{'tokens/s':>9} {'peak / usable GiB':>18} {'state':>6} {'weights':>8}"]
     for r in rows:
         if not r["feasible"]:
-            print(f"{r['model']:<12} {r['budget']:>6}  infeasible: {r['reason']}")
+            lines.append(f"{r['model']:<12} {r['budget']:>6}  infeasible: {r['reason']}")
             continue
-        print(f"{r['model']:<12} {r['budget']:>6} {r['tokens_per_s']:>9,} {r['step_ms']:>7.1f}ms {r['stream_ms']:>7.1f}ms "
-              f"{r['serial_stream_ms']:>19.1f}ms {r['serial_tokens_per_s']:>9,} "
-              f"{r['peak_gib']:>8.2f} / {r['usable_gib']:<7.2f} {r['state']:>6} {r['weights']:>8}")
+        lines.append(f"{r['model']:<12} {r['budget']:>6} {r['tokens_per_s']:>9,} {r['step_ms']:>7.1f}ms "
+                     f"{r['stream_ms']:>7.1f}ms {r['serial_stream_ms']:>19.1f}ms {r['serial_tokens_per_s']:>9,} "
+                     f"{r['peak_gib']:>8.2f} / {r['usable_gib']:<7.2f} {r['state']:>6} {r['weights']:>8}")
     peak_rss_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    print(f"\npeak RSS {peak_rss_gib:.2f} GiB")
-    out = Path(__file__).resolve().parent / "results" / "streaming_plans.json"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps(dict(rows=rows, peak_rss_gib=round(peak_rss_gib, 2)), indent=1))
-    print(f"wrote {out}")
+    lines.append(f"peak RSS {peak_rss_gib:.2f} GiB")
+    print("\n".join(lines))
+    path = _record.write("streaming_plans", dict(rows=rows, peak_rss_gib=round(peak_rss_gib, 2)), "\n".join(lines))
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

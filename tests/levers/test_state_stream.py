@@ -33,6 +33,15 @@ def _batches(n=4):
     return [(torch.randn(8, 16, generator=g), torch.randn(8, 4, generator=g)) for _ in range(n)]
 
 
+def _optimizer(name, model):
+    """AdamW, or Muon² with fp32 Newton-Schulz (so that two runs compare bit for bit)."""
+    from memtune.optim import OptimizerSettings, build_optimizer
+
+    if name == "adamw":
+        return torch.optim.AdamW(model.parameters(), lr=1e-2)
+    return build_optimizer(model, OptimizerSettings(ns_dtype="fp32"))
+
+
 def _step(model, opt, x, y):
     torch.nn.functional.mse_loss(model(x), y).backward()
     opt.step()
@@ -94,16 +103,9 @@ def test_the_stream_fetches_ahead_in_backward_order_within_its_window():
 def test_updates_in_a_changed_order_discard_what_was_fetched_and_stay_exact(optimizer):
     """The stream fetches in the last step's order; a step that updates in another order (a
     different graph) finds the wrong state ahead, drops it, and still steps exactly."""
-    from memtune.optim import OptimizerSettings, build_optimizer
-
-    def make(m):
-        if optimizer == "adamw":
-            return torch.optim.AdamW(m.parameters(), lr=1e-2)
-        return build_optimizer(m, OptimizerSettings(ns_dtype="fp32"))
-
     ref, other = _mlp(), _mlp()
-    ref_opt = make(ref)
-    opt = PlanOptimizer(make(other), other, offload=True)
+    ref_opt = _optimizer(optimizer, ref)
+    opt = PlanOptimizer(_optimizer(optimizer, other), other, offload=True)
     orders = [list(other.parameters()), list(other.parameters()), list(reversed(list(other.parameters()))),
               list(other.parameters())[1::2] + list(other.parameters())[0::2]]
     for (x, y), order in zip(_batches(4), orders):
@@ -198,16 +200,9 @@ def test_a_share_keeps_the_state_of_the_parameters_updated_first_on_the_device()
 @pytest.mark.parametrize("in_backward", [False, True])
 @pytest.mark.parametrize("optimizer", ["adamw", "muon2"])
 def test_half_the_state_offloaded_steps_exactly_and_keeps_the_rest_on_the_device(optimizer, in_backward):
-    from memtune.optim import OptimizerSettings, build_optimizer
-
-    def make(m):
-        if optimizer == "adamw":
-            return torch.optim.AdamW(m.parameters(), lr=1e-2)
-        return build_optimizer(m, OptimizerSettings(ns_dtype="fp32"))
-
     ref, other = _mlp(), _mlp()
-    ref_opt = make(ref)
-    opt = PlanOptimizer(make(other), other, offload=0.5, in_backward=in_backward)
+    ref_opt = _optimizer(optimizer, ref)
+    opt = PlanOptimizer(_optimizer(optimizer, other), other, offload=0.5, in_backward=in_backward)
     for x, y in _batches(3):
         _step(ref, ref_opt, x, y)
         _step(other, opt, x, y)
