@@ -18,6 +18,7 @@ CPU it applies to tracked tensor memory (:class:`~memtune.runtime.memguard.Tenso
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 import itertools
 import logging
@@ -232,6 +233,11 @@ class Trainer:
         # otherwise need lower state precision, or nothing fits.
         space = self._plan_space()
         first = replan.staged_space(space)
+        if self.dist is not None and self.precision == "bf16-mixed":
+            # FSDP2's bf16 MixedPrecisionPolicy computes on bf16 parameters: the per-rank model
+            # rewrites the step recorded with bf16 weights (the planner itself keeps fp32 weights).
+            space, first = (dataclasses.replace(sp, levers={**sp.levers, "weights": (None, "bf16-sr")})
+                            for sp in (space, first))
         staged = first != space
         self.profile = _profile_for_training(self.model, sample, self.loss_fn, self.optimizer_settings, self.precision,
                                              target, first if staged else space)

@@ -162,6 +162,21 @@ def chunked_loss(rank: int, world: int) -> dict:
             "strategy": plan.parallel.strategy, "losses": [h["loss"] for h in trainer.history]}
 
 
+def bf16_mixed(rank: int, world: int) -> dict:
+    """The thirty-percent model in bf16-mixed on FSDP2 (MixedPrecisionPolicy: bf16 parameters,
+    fp32 reduce) at half its single-process unplanned peak per rank, measured by FSDPMemTracker."""
+    batches = [local(b, rank) for b in thirty_percent_batches(world)]
+    prof = memtune.profile(thirty_percent_model(), batches[0], optimizer="adamw", target="cpu", precision="bf16-mixed",
+                           space=memtune.PlanSpace.minimal())
+    trainer = memtune.fit(thirty_percent_model(), budget=int(0.5 * prof.baseline_peak_bytes), optimizer="adamw",
+                          progress=False, precision="bf16-mixed", planner_options={"strategies": ("fsdp",)})
+    measured = measured_run(trainer, batches)
+    plan = trainer.plan
+    return {"usable_bytes": plan.usable_bytes, "predicted_peak_bytes": plan.predicted_peak_bytes,
+            "measured_peak_bytes": measured, "mixed_precision": plan.parallel.mixed_precision,
+            "losses": [h["loss"] for h in trainer.history]}
+
+
 RETUNE_STEPS = 9
 
 
@@ -286,6 +301,7 @@ def main(out_dir: Path) -> None:
     result["thirty"] = thirty_percent(rank, world)
     result["chunked"] = chunked_loss(rank, world)
     result["retune"] = agreed_retune(rank, world)
+    result["bf16"] = bf16_mixed(rank, world)
 
     (out_dir / f"rank{rank}.json").write_text(json.dumps(result, indent=1))
     dist.destroy_process_group()

@@ -165,6 +165,18 @@ def test_a_chunked_loss_across_ranks_measures_as_predicted_and_keeps_the_losses(
             assert abs(a - b) <= 1e-5 * abs(b), (c["losses"], reference)
 
 
+def test_bf16_mixed_on_fsdp2_measures_within_3_percent(ranks):
+    """bf16-mixed under FSDP2's MixedPrecisionPolicy: the per-rank model rewrites the step recorded
+    with bf16 weights (fp32 shards, bf16 gathers, fp32 reduce-scatters); each rank's peak within
+    3% of the prediction and under its budget. (It was 19-24% high when it rewrote the fp32 step.)"""
+    for r in ranks:
+        b = r["bf16"]
+        assert b["mixed_precision"] == "bf16"
+        assert b["measured_peak_bytes"] <= b["usable_bytes"], b
+        assert abs(b["measured_peak_bytes"] / b["predicted_peak_bytes"] - 1) <= 0.03, b
+        assert b["losses"][-1] < b["losses"][0] or len(b["losses"]) < 3
+
+
 def test_live_retuning_is_agreed_across_ranks(ranks):
     """Only rank 1's device loses memory (steps 3-5): both ranks tighten at step 3 and relax after
     the release, at the same steps and to the same plans; no rank re-plans alone."""

@@ -68,7 +68,8 @@ def unsharded_bytes_by_unit(profile: ModelProfile, world_size: int) -> dict[str 
 
 
 def per_rank_profile(profile: ModelProfile, world_size: int, strategy: str,
-                     reshard_after_forward: Mapping[str, bool] | None = None) -> ModelProfile:
+                     reshard_after_forward: Mapping[str, bool] | None = None, *,
+                     mixed_precision: str | None = None) -> ModelProfile:
     """``profile`` (recorded at the local batch) as one of ``world_size`` ranks sees it under
     ``strategy`` (``"ddp"`` or ``"fsdp"``). ``reshard_after_forward`` maps unit FQN to FSDP2's
     flag (default True for every unit)."""
@@ -76,7 +77,7 @@ def per_rank_profile(profile: ModelProfile, world_size: int, strategy: str,
         return _ddp(profile)
     if strategy != "fsdp":
         raise ValueError(f"strategy must be 'ddp' or 'fsdp', got {strategy!r}")
-    return _fsdp(profile, world_size, dict(reshard_after_forward or {}))
+    return _fsdp(profile, world_size, dict(reshard_after_forward or {}), mixed=mixed_precision == "bf16")
 
 
 def _rewrite(profile: ModelProfile, rewrite, **changes) -> ModelProfile:
@@ -101,11 +102,12 @@ def _rewrite(profile: ModelProfile, rewrite, **changes) -> ModelProfile:
     # Per-op save sets are not planned across ranks yet: selective checkpointing under FSDP2
     # measured a spike of one all-gathered weight (+3.2% of the peak) on one rank in one run of
     # three (tests/test_distributed.py). Without the per-op record every unit is planned whole.
-    units = tuple(dataclasses.replace(u, ops=()) for u in profile.units)
+    main = rewrite(profile, False)
+    units = tuple(dataclasses.replace(u, ops=()) for u in main.pop("units", profile.units))
     variants = [dataclasses.replace(r, units=tuple(dataclasses.replace(u, ops=()) for u in r.units)) for r in variants]
     return dataclasses.replace(profile, units=units, step_variants=tuple(variants),
                                optimizer_steps=tuple(o for o in profile.optimizer_steps if parallel(o.variant)),
-                               **changes, **rewrite(profile, False))
+                               **changes, **main)
 
 
 def _ddp(p: ModelProfile) -> ModelProfile:
@@ -120,36 +122,79 @@ def _ddp(p: ModelProfile) -> ModelProfile:
     return _rewrite(p, rewrite)
 
 
-def _fsdp(p: ModelProfile, N: int, reshard: dict[str, bool]) -> ModelProfile:
+def _fsdp(p: ModelProfile, N: int, reshard: dict[str, bool], mixed: bool = False) -> ModelProfile:
     unit_fqns = [u.fqn for u in sorted(p.units, key=lambda u: u.order)]
     by_unit = unsharded_bytes_by_unit(p, N)
     full = {u: by_unit.get(u, 0) for u in unit_fqns}  # unsharded (padded) bytes per unit
     root_full = sum(b for u, b in by_unit.items() if u not in full)
     shard_total = sum(by_unit.values()) // N
     ratio = shard_total / max(1, sum(full.values()) + root_full)
-    param_cut = p.param_bytes - shard_total
     state_sharded = int(round(p.optimizer_state_bytes * ratio))
-    state_cut = p.optimizer_state_bytes - state_sharded
-    unit_grad_cut = {u: b - b // N for u, b in full.items()}  # what sharding a finished unit's gradient saves
     steps = tuple(dataclasses.replace(o, state_bytes=int(round(o.state_bytes * ratio)),
                                       step_transient_bytes=int(round(o.step_transient_bytes * ratio)))
                   for o in p.optimizer_steps)
+    # bf16-mixed: FSDP2's MixedPrecisionPolicy gathers the fp32 shards as bf16 parameters and the
+    # step computes on them, which is the step recorded with bf16 weights (the weights lever's
+    # recording); its gradients are bf16, reduce-scattered in fp32 into fp32 shards.
+    half = {u: b // 2 for u, b in full.items()} if mixed else full
+    root_half = root_full // 2 if mixed else root_full
+
+    def source(r: ModelProfile) -> ModelProfile:
+        if not mixed:
+            return r
+        from memtune.stepping import WeightMode
+
+        try:
+            from memtune.variant import StepVariant
+
+            return p.recording(StepVariant(**{**dict(r.variant.choices), "weights": WeightMode.BF16_SR}))
+        except KeyError:
+            return r   # not recorded with bf16 weights: the fp32 step, a bound
 
     def rewrite(r: ModelProfile, accumulating: bool) -> dict:
-        return dict(timeline=_fsdp_timeline(r.timeline, full, root_full, reshard, unit_grad_cut, ratio, param_cut,
-                                            state_cut, accumulating, N))
+        src = source(r)
+        bf16 = src is not r
+        sizes = _Sizes(gathered=half if bf16 else full, root_gathered=root_half if bf16 else root_full,
+                       reduced=full, root_full=root_full, N=N, ratio=ratio, grad_scale=2.0 if bf16 else 1.0,
+                       param_cut=src.param_bytes - shard_total, state_cut=src.optimizer_state_bytes - state_sharded)
+        return dict(timeline=_fsdp_timeline(src.timeline, reshard, sizes, accumulating), units=src.units,
+                    storages=src.storages, outside_activation_bytes=src.outside_activation_bytes,
+                    fwd_flops=src.fwd_flops, bwd_flops=src.bwd_flops)
 
     out = _rewrite(dataclasses.replace(p, optimizer_steps=steps), rewrite, param_bytes=shard_total,
                    grad_bytes=int(round(p.grad_bytes * ratio)), optimizer_state_bytes=state_sharded)
     return dataclasses.replace(out, baseline_peak_bytes=max(e.peak_bytes for e in out.timeline))
 
 
-def _fsdp_timeline(ev, full: dict[str, int], root_full: int, reshard: dict[str, bool], unit_grad_cut: dict[str, int],
-                   ratio: float, param_cut: int, state_cut: int, accumulating: bool, N: int) -> tuple:
+@dataclasses.dataclass(frozen=True)
+class _Sizes:
+    """Bytes the FSDP2 rewrite of one recording moves around."""
+
+    gathered: dict[str, int]
+    """Per unit, its parameters all-gathered (bf16 under bf16-mixed)."""
+    root_gathered: int
+    reduced: dict[str, int]
+    """Per unit, its gradients' reduce-scatter input (fp32: the reduce dtype)."""
+    root_full: int
+    """The root's parameters, whole, at their stored size."""
+    N: int
+    ratio: float
+    """A shard's share of a parameter."""
+    grad_scale: float
+    """Bytes of a sharded (stored-dtype) gradient per recorded gradient byte: 2 for bf16 recordings."""
+    param_cut: int
+    """The recording's parameter bytes less this rank's shards."""
+    state_cut: int
+    """The recording's optimizer state less this rank's shards."""
+
+
+def _fsdp_timeline(ev, reshard: dict[str, bool], z: _Sizes, accumulating: bool) -> tuple:
     """One recorded step's timeline as a rank sees it under FSDP2 (the module docstring's rules).
     ``accumulating``: a micro-batch recording, whose gradients all exist from the start; under
     FSDP2 those accumulated gradients are shards (each micro-batch's backward reduce-scatters),
     and the unit whose backward runs holds its new unsharded gradient besides."""
+    full, N = z.gathered, z.N
+    shards = (sum(z.reduced.values()) + z.root_full) // N      # every gradient's shard, stored dtype
     fwd_open: set[str] = set()       # units whose forward has started and not ended
     kept: set[str] = set()           # reshard_after_forward=False units gathered until their backward ends
     bwd_unit: str | None = None      # unit whose backward runs
@@ -171,7 +216,7 @@ def _fsdp_timeline(ev, full: dict[str, int], root_full: int, reshard: dict[str, 
         elif name in (StepEvent.BWD_START, StepEvent.BWD_END, StepEvent.BWD_DONE) and bwd_unit is not None:
             done.append(bwd_unit)
             kept.discard(bwd_unit)
-            last_reduced = full[bwd_unit]
+            last_reduced = z.reduced[bwd_unit]
             bwd_unit = None
         if name in (StepEvent.LOSS, StepEvent.BWD_START):
             in_backward = True
@@ -184,24 +229,24 @@ def _fsdp_timeline(ev, full: dict[str, int], root_full: int, reshard: dict[str, 
             in_step = False
         optim = name == StepEvent.OPTIM_START
         if in_step:
-            gathered = root_full + sum(full[x] for x in fwd_open | kept | ({bwd_unit} if bwd_unit else set()))
+            gathered = z.root_gathered + sum(full[x] for x in fwd_open | kept | ({bwd_unit} if bwd_unit else set()))
             buffers = last_gathered + last_reduced
             if accumulating:
                 # Recorded: every gradient, whole, all step. A rank holds every gradient's shard;
                 # in backward also the root's new gradients (from the start of backward: a bound)
                 # and, as the running unit's backward completes them, its new unsharded gradients
                 # (added below) until they are reduce-scattered.
-                sharded = (sum(full.values()) + root_full) // N
-                grad_cut = e.grad_bytes - sharded - (root_full if in_backward else 0)
+                grad_cut = e.grad_bytes - shards - (z.root_gathered if in_backward else 0)
             else:
-                grad_cut = sum(unit_grad_cut[x] for x in done)
+                # A finished unit's gradient is a shard of the stored dtype.
+                grad_cut = sum(full[x] - z.reduced[x] // N for x in done)
         else:
             gathered, buffers = 0, 0
-            grad_cut = e.grad_bytes - int(round(e.grad_bytes * ratio))
-        shift = -param_cut - state_cut - grad_cut + gathered + buffers
+            grad_cut = e.grad_bytes - int(round(e.grad_bytes * z.grad_scale * z.ratio))
+        shift = -z.param_cut - z.state_cut - grad_cut + gathered + buffers
         step_tmp = e.peak_bytes - e.live_bytes
         if optim:  # the optimizer's temporaries are per parameter: they shrink with the shards
-            step_tmp = int(round(step_tmp * ratio))
+            step_tmp = int(round(step_tmp * z.ratio))
         live = e.live_bytes + shift
         peak = live + step_tmp
         if accumulating and in_step and bwd_unit is not None:

@@ -221,7 +221,8 @@ def plan_distributed(profile: ModelProfile, budget: int | str | Budget, *, world
     errors: list[InfeasibleBudgetError] = []
     for k, (strategy, reshard) in enumerate(candidates(profile, strategies=strategies)):
         group = shard_size if strategy == "hsdp" else world_size   # the ranks a parameter is sharded over
-        rank_profile = per_rank_profile(profile, group, "fsdp" if strategy == "hsdp" else strategy, reshard)
+        rank_profile = per_rank_profile(profile, group, "fsdp" if strategy == "hsdp" else strategy, reshard,
+                                        mixed_precision=mixed)
         try:
             p = make_plan(rank_profile, budget, planner, reserve=reserve, **opts)
         except InfeasibleBudgetError as e:
