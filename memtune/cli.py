@@ -410,7 +410,10 @@ def _cmd_plan(args) -> int:
             from memtune.levers import parallel_restrictions
             from memtune.profiler import PlanSpace
 
-            space = PlanSpace(levers=parallel_restrictions())  # record only what runs across ranks
+            levers = parallel_restrictions()  # record only what runs across ranks
+            if args.precision == "bf16-mixed":
+                levers["weights"] = (None, "bf16-sr")  # FSDP2's bf16 policy runs the step with bf16 weights
+            space = PlanSpace(levers=levers)
         prof = _profile(args, load_workload(args.model), space=space)
     else:
         raise UsageError("give a model (path/to/file.py:factory) or --profile profile.json")
