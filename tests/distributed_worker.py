@@ -115,7 +115,7 @@ def muon2_checkpoint_resume(rank: int, batches, clean, out_dir: Path) -> dict:
 
 
 THIRTY_CONFIG = dict(n_layer=4, n_embd=128, n_head=2, block_size=256)
-THIRTY_STEPS = 3
+THIRTY_STEPS = 2
 
 
 def thirty_percent_batches(world_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
