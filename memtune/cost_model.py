@@ -313,11 +313,15 @@ def _selective_ms(profile: ModelProfile, variant: StepVariant, spec: DeviceSpec,
     return out
 
 
+def _profiled_optimizer(profile: ModelProfile) -> OptimizerPlan:
+    """The optimizer a plan without one is priced with: the profiled one (AdamW if it is not Muon's)."""
+    return OptimizerPlan(name=profile.optimizer if orthogonalizes(profile.optimizer) else "adamw")
+
+
 def _param_state_bytes(profile: ModelProfile, opt: OptimizerPlan, master_bytes_per_element: float) -> dict[str, float]:
     """Per parameter, the bytes of its optimizer state (and master copy) that cross the host link
     one way, for pricing."""
-    if opt is None:
-        opt = OptimizerPlan(name=profile.optimizer if orthogonalizes(profile.optimizer) else "adamw")
+    opt = opt or _profiled_optimizer(profile)
     elem = STATE_PRECISIONS[opt.state_dtype].bytes_per_element
     muon = set(opt.muon_params) if orthogonalizes(opt.name) else set()
     out = {}
@@ -403,11 +407,16 @@ def _optimizer_seconds(profile: ModelProfile, opt: OptimizerPlan | None, spec: D
     are updated through an fp32 working copy (read and written once more, 8 bytes/element).
     Kept on the profile object: planners price the same optimizer under many step variants."""
     memo = profile.__dict__.setdefault("_optimizer_seconds", {})
-    key = (None if opt is None else (opt.name, opt.state_dtype, opt.ns_steps, tuple(opt.muon_params)),
-           spec, fp32_working_copy)   # what the price reads of the plan
+    key = _price_key(opt, spec, fp32_working_copy)
     if key not in memo:
         memo[key] = _price_optimizer_step(profile, opt, spec, fp32_working_copy)
     return memo[key]
+
+
+def _price_key(opt: OptimizerPlan | None, spec: DeviceSpec, fp32_working_copy: bool) -> tuple:
+    """What an optimizer step's price reads of the plan (the memo key of its prices)."""
+    return (None if opt is None else (opt.name, opt.state_dtype, opt.ns_steps, tuple(opt.muon_params)),
+            spec, fp32_working_copy)
 
 
 def _optimizer_seconds_per_param(profile: ModelProfile, opt: OptimizerPlan | None, spec: DeviceSpec, *,
@@ -415,8 +424,7 @@ def _optimizer_seconds_per_param(profile: ModelProfile, opt: OptimizerPlan | Non
     """Seconds of each parameter's update alone (Newton-Schulz and elementwise, its own kernels):
     how :class:`memtune.stepping.PlanOptimizer` steps. Kept on the profile object."""
     memo = profile.__dict__.setdefault("_optimizer_seconds_per_param", {})
-    key = (None if opt is None else (opt.name, opt.state_dtype, opt.ns_steps, tuple(opt.muon_params)),
-           spec, fp32_working_copy)
+    key = _price_key(opt, spec, fp32_working_copy)
     if key not in memo:
         memo[key] = {f: ns + el for f, (ns, el) in
                      _price_optimizer_step(profile, opt, spec, fp32_working_copy, per_param=True).items()}
@@ -425,8 +433,7 @@ def _optimizer_seconds_per_param(profile: ModelProfile, opt: OptimizerPlan | Non
 
 def _price_optimizer_step(profile: ModelProfile, opt: OptimizerPlan | None, spec: DeviceSpec,
                           fp32_working_copy: bool, per_param: bool = False):
-    if opt is None:
-        opt = OptimizerPlan(name=profile.optimizer if orthogonalizes(profile.optimizer) else "adamw")
+    opt = opt or _profiled_optimizer(profile)
     muon = set(opt.muon_params) if orthogonalizes(opt.name) else set()
     elem = STATE_PRECISIONS[opt.state_dtype].bytes_per_element
     # Per state tensor and element: fp32 reads and writes it once (8 bytes); low precision reads

@@ -274,20 +274,24 @@ class PlanOptimizer(Optimizer):
         del work
 
     # ------------------------------------------------------------------ offload
-    def _offload_state(self, p: torch.Tensor) -> None:
+    def _offload_state(self, p: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Move ``p``'s state to its host buffers; the device tensors it replaced, by key."""
         if id(p) in self._resident:
-            return  # its state stays on the device
+            return {}  # its state stays on the device
         part, _ = self._where[id(p)]
         st = part.state.get(p)
         if not st:
-            return
+            return {}
         hosts = self._hosts(p)
+        moved = {}
         for k, v in list(st.items()):
             # Only what lives with the parameter moves: e.g. torch.optim keeps its step counter
             # on the CPU whatever the parameter's device.
             if isinstance(v, torch.Tensor) and v is not hosts.get(k) and (k in hosts or v.device == p.device):
                 hosts[k] = _to_host(v, hosts.get(k), self.pin)
                 st[k] = hosts[k]
+                moved[k] = v
+        return moved
 
     def _load_state(self, p: torch.Tensor) -> None:
         part, _ = self._where[id(p)]
@@ -390,6 +394,7 @@ class _Stream:
         self.going: list[dict] = []                       # device state being written back
         self.written: dict[int, object] = {}              # id -> event: its host copy is complete
         self._streams: dict[torch.device, tuple] = {}
+        self.window = 0
 
     def _cuda(self, device: torch.device):
         if device.type != "cuda":
@@ -401,7 +406,7 @@ class _Stream:
     def _host_bytes(self, p: torch.Tensor) -> int:
         return sum(t.untyped_storage().nbytes() for t in self.opt._hosts(p).values())
 
-    def _window(self) -> int:
+    def _measure_window(self) -> int:
         largest = max((sum(t.untyped_storage().nbytes() for t in h.values())
                        for h in getattr(self.opt, "_host_buffers", {}).values()), default=0)
         return self.WINDOW * largest
@@ -436,8 +441,8 @@ class _Stream:
                 dev = opt._device_state(p)
             st.update(dev)
         self._this_step.append(p)
-        # Fetch ahead, within the window.
-        window = self._window()
+        # Fetch ahead, within the window (measured at the end of the step that learnt the order).
+        window = self.window
         held = sum(sum(t.untyped_storage().nbytes() for t in dev.values()) for dev, _ in self.ahead.values())
         nxt, seen = self.order.get(id(p)), {id(p)}
         while nxt is not None and id(nxt) not in seen:
@@ -454,25 +459,20 @@ class _Stream:
         opt = self.opt
         if id(p) in opt._resident:
             return  # its state stays on the device: nothing goes out
-        part, _ = opt._where[id(p)]
-        st = part.state.get(p) or {}
-        hosts = opt._hosts(p)
-        dev = {k: v for k, v in st.items()   # what _offload_state moves: the device copies in use
-               if isinstance(v, torch.Tensor) and v is not hosts.get(k) and (k in hosts or v.device == p.device)}
         streams = self._cuda(p.device)
         if streams is not None:
             streams[1].wait_stream(torch.cuda.current_stream(p.device))  # the update is done
             with torch.cuda.stream(streams[1]):
-                opt._offload_state(p)
+                dev = opt._offload_state(p)
                 written = torch.cuda.Event()
                 written.record(streams[1])
             for t in dev.values():
                 t.record_stream(streams[1])  # the allocator reuses them only once the copy is done
             self.written[id(p)] = written
         else:
-            opt._offload_state(p)
+            dev = opt._offload_state(p)
         self._release()
-        self.going.append(dev)
+        self.going.append(dev)  # held until the next update, as the copy out is on CUDA
 
     def _release(self) -> None:
         for dev in self.going:
@@ -492,6 +492,7 @@ class _Stream:
         self.written = {}
         if len(self._this_step) > 1:
             self.order = {id(a): b for a, b in zip(self._this_step, self._this_step[1:])}
+            self.window = self._measure_window()  # the host buffers exist once a step has stepped
         self._this_step = []
 
 
