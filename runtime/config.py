@@ -69,6 +69,11 @@ class TrainerConfig:
     max_compiled_plans: int = 4
     """With a ``torch.compile``-d model, distinct plans the runtime may compile before it stops
     relaxing to new ones (each new plan is one recompile), >= 1."""
+    collective_timeout: float | None = 300.0
+    """Under torchrun: seconds a rank waits inside a step's collectives for a peer before it takes
+    the peer as failed (> 0). An out-of-memory error on one rank is then recovered in place on
+    every rank (:mod:`memtune.distributed.recovery`); ``None``: the process group's own timeout
+    (30 minutes on gloo). Give more than the longest a rank may wait for its peers in a step."""
     link: str = "loopback"
     """Under torchrun: the interconnect collectives are priced on (:data:`memtune.distributed.LINKS`)."""
     global_batch: int | str | None = None
@@ -98,6 +103,11 @@ class TrainerConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise UsageError(f"{name}={value!r}: give a whole number >= 0")
+        if self.collective_timeout is not None and not (isinstance(self.collective_timeout, (int, float))
+                                                        and not isinstance(self.collective_timeout, bool)
+                                                        and self.collective_timeout > 0):
+            raise UsageError(f"collective_timeout={self.collective_timeout!r}: give seconds > 0, or None for the "
+                             "process group's own timeout")
         self.planner_options = dict(self.planner_options or {})
         from memtune.budget import parse_host_budget
 

@@ -104,6 +104,8 @@ class Trainer:
         if c.host_budget is not None:
             self.planner_options.setdefault("host_budget", c.host_budget)
         self.max_oom_retries = c.max_oom_retries
+        self.collective_timeout = c.collective_timeout
+        self._rendezvous_store = None
         self.enforce_budget = c.enforce_budget
         self.progress = c.progress
         self.checkpoint_path = Path(c.checkpoint_path) if c.checkpoint_path else None
@@ -400,19 +402,28 @@ class Trainer:
         retries = 0  # per step, as documented: each step gets max_oom_retries
         t0 = time.perf_counter()
         while True:
+            ran = False
             try:
-                loss, peak = self.runner.run(batch)
+                with self._step_deadline():
+                    loss, peak = self.runner.run(batch)
+                    ran = True
+                    if self.dist is not None:
+                        # The global batch's loss (ranks feed equal local batches). Inside the
+                        # deadline: a peer that failed after its last gradient collective shows here.
+                        loss = _mean_over_ranks(loss, self.device)
                 break
             except NonFiniteStep as bad:
                 return self._non_finite(bad, buffers)
-            except torch.OutOfMemoryError as e:
+            except RuntimeError as e:  # (torch.OutOfMemoryError is one)
                 if self.dist is not None:
-                    # The other ranks are inside this step's collectives: a re-plan here alone would
-                    # leave them waiting. The evidence goes next to the checkpoint, this rank exits,
-                    # torchrun stops the others and restarts the job, and resume re-plans on all ranks.
-                    from memtune.distributed import checkpoint as dist_ckpt
-
-                    raise dist_ckpt.record_oom(self, e) from e
+                    # The other ranks are inside this step's collectives, or waiting on this one:
+                    # every rank agrees through the store, rebuilds the group and retries in place.
+                    retries = self._recover_across_ranks(e, ran=ran, retries=retries)
+                    ckpt.set_rng_state(rng)
+                    buffers.restore()
+                    continue
+                if not isinstance(e, torch.OutOfMemoryError):
+                    raise
                 if not self.runner.retry_safe():
                     updating = self.runner.levers_updating_during_backward()
                     where = "inside optimizer.step()" if self.runner.phase is TrainerPhase.OPTIMIZER else \
@@ -436,8 +447,6 @@ class Trainer:
                 self._tighten_after_oom(e, peak, retries)
                 ckpt.set_rng_state(rng)  # the retry draws the same dropout masks
                 buffers.restore()  # and updates the running statistics once, from where the step began
-        if self.dist is not None:
-            loss = _mean_over_ranks(loss, self.device)  # the global batch's loss (ranks feed equal local batches)
         step_ms = (time.perf_counter() - t0) * 1000
         self.step_count += 1
         self.skipped_batches = 0
@@ -577,6 +586,61 @@ class Trainer:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 
+    def _step_deadline(self):
+        if self.dist is None:
+            return contextlib.nullcontext()
+        from memtune.distributed.recovery import step_deadline
+
+        return step_deadline(self.collective_timeout)
+
+    def _recover_across_ranks(self, error: RuntimeError, *, ran: bool, retries: int) -> int:
+        """Every rank whose step failed, by its own out-of-memory error or by a collective whose
+        peer left (:mod:`memtune.distributed.recovery`), comes here: the ranks exchange records
+        through the store and decide alike. Retried in place: the group is rebuilt, every rank
+        re-plans tighter from the same readings, and the retry count is returned. Otherwise every
+        rank raises, and torchrun's restart path takes over."""
+        from torch.distributed import distributed_c10d as c10d
+
+        from memtune.distributed import checkpoint as dist_ckpt
+        from memtune.distributed import recovery
+
+        oom = isinstance(error, torch.OutOfMemoryError)
+        safe = not ran and self.runner.retry_safe()
+        where = "after its optimizer step" if ran else f"in {self.runner.phase.value}"
+        peak = self.runner.last_peak
+        if peak is None and self.device.type == "cuda":
+            peak = torch.cuda.max_memory_allocated(self.device)
+        if self._rendezvous_store is None:
+            self._rendezvous_store = c10d._get_default_store()
+        generation = recovery.next_generation()
+        wait = 2 * (self.collective_timeout or 1800.0) + 30
+        records = recovery.exchange(self._rendezvous_store, generation,
+                                    {"rank": self.dist.rank, "oom": oom, "retry_safe": safe, "where": where,
+                                     "peak": peak, "error": f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
+                                     if str(error) else type(error).__name__},
+                                    rank=self.dist.rank, world=self.dist.world_size, wait_s=wait)
+        reason = recovery.decide(records) or recovery.can_rebuild(self)
+        if reason is None and retries + 1 > self.max_oom_retries:
+            reason = (f"the step ran out of memory {retries + 1} time{'s' if retries else ''} "
+                      f"(max_oom_retries={self.max_oom_retries})")
+        if reason is not None:
+            self._free_failed_step()
+            if oom and self.checkpoint_path is not None:
+                dist_ckpt.record_oom(self, error)  # evidence next to the checkpoint: resume re-plans below it
+            raise recovery.refuse(reason, rank=self.dist.rank, step=self.step_count, own=error) from error
+        error.__traceback__ = None  # its frames hold the failed step's tensors (and DDP's old reducer)
+        self._free_failed_step()
+        seconds = recovery.rebuild(self, generation, self._rendezvous_store)
+        ooms = [r for r in records if r["oom"]]
+        peaks = [r["peak"] for r in records if r["peak"] is not None]
+        self.events.append({"step": self.step_count, "kind": "regroup", "ranks": [r["rank"] for r in ooms],
+                            "seconds": round(seconds, 3),
+                            "reason": f"rank(s) {[r['rank'] for r in ooms]} ran out of memory; the process group "
+                                      "was rebuilt in place and every rank retries the step"})
+        cause = torch.OutOfMemoryError(f"rank(s) {[r['rank'] for r in ooms]}: {ooms[0]['error']}")
+        self._tighten_after_oom(cause, max(peaks) if peaks else None, retries + 1)
+        return retries + 1
+
     def _free_failed_step(self) -> None:
         self.runner.phase = TrainerPhase.IDLE
         self.optimizer.zero_grad(set_to_none=True)
@@ -596,6 +660,8 @@ class Trainer:
         limit = self.budget.usable_bytes
         # Below what the device has left now, if another process took memory.
         available = self._available_bytes(self.telemetry.sample(self.step_count, force=True, event="oom"))
+        if self.dist is not None:  # every rank plans from the same readings (and checks the plan by hash)
+            available, self.retuner.correction = _agree_retune_inputs(available, self.retuner.correction, self.device)
         if available is not None:
             limit = min(limit, int(available / (1 + self.retuner.config.margin)))
         target = self.retuner.planning_budget(limit)
@@ -1001,6 +1067,9 @@ def fit(model: nn.Module, budget: int | str | Budget = "24GB", **kwargs) -> Trai
     checkpoint_path, checkpoint_every: periodic crash-safe checkpoints (and one when
         ``train`` ends);
     max_oom_retries (4, per step), enforce_budget (True), progress (True);
+    collective_timeout (300 s): under torchrun, how long a rank waits inside a step for a peer
+        before taking it as failed; an out-of-memory error on one rank is then recovered in
+        place on every rank (:mod:`memtune.distributed.recovery`);
     on_nonfinite: ``"raise"`` (default: a NaN/inf loss or gradient stops the run before the
         optimizer step) or ``"skip"`` (skip the batch, with an event); max_skipped_batches (10
         in a row before even ``"skip"`` stops); max_grad_norm: clip the global gradient norm;

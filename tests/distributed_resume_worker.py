@@ -5,9 +5,11 @@
 * attempt 0: a clean run of STEPS steps (FSDP2, a DCP checkpoint every 2 steps), its final full
   weights written to ``OUT_DIR/clean.pt``; then the same run again (``resumed``), in which rank 1
   kills itself with SIGKILL after step 3;
-* attempt 1: ``resumed`` resumes from its step-2 checkpoint and finishes; then a third run
-  (``oom``, a checkpoint every step) in which rank 1 alone runs out of memory (injected) in the
-  forward of step 4;
+* attempt 1: ``resumed`` resumes from its step-2 checkpoint and finishes; then ``in_place``, in
+  which rank 1 alone runs out of memory (injected) in the forward of step 4 and in the backward
+  of step 5: every rank recovers in place (no restart) and retries the step; then ``oom`` (a
+  checkpoint every step, ``max_oom_retries=0``) in which rank 1 runs out of memory in the
+  forward of step 4 and every rank stops: the restart path;
 * attempt 2: ``oom`` resumes from its step-3 checkpoint, every rank re-plans below the plan that
   failed, and the run finishes.
 
@@ -34,6 +36,8 @@ from memtune.data import TextCorpus  # noqa: E402
 
 STEPS = 6
 KILL_AFTER = 3
+COLLECTIVE_TIMEOUT = 5.0
+"""Seconds rank 0 waits inside a step for rank 1 before it joins the recovery."""
 OPTIONS = dict(optimizer="adamw", progress=False, checkpoint_every=2, planner_options={"strategies": ("fsdp",)})
 
 
@@ -46,13 +50,17 @@ def batches(rank: int, world: int):
 def run(out: Path, name: str, *, kill: bool = False, oom: bool = False) -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     path = out / f"{name}.ckpt"
-    options = dict(OPTIONS, checkpoint_every=1 if name == "oom" else 2)
+    options = dict(OPTIONS, checkpoint_every=1 if name == "oom" else 2, collective_timeout=COLLECTIVE_TIMEOUT)
+    if name == "oom":
+        options["max_oom_retries"] = 0  # no retry in place: the restart path
     if is_distributed_checkpoint(path):
         trainer = memtune.Trainer.resume(path, make_model(), "1GB", **options)
     else:
         trainer = memtune.fit(make_model(), budget="1GB", checkpoint_path=path, **options)
         if oom and rank == 1:
             trainer.inject_oom(KILL_AFTER, "forward")
+            if name == "in_place":
+                trainer.inject_oom(KILL_AFTER + 1, "backward")
     data = batches(rank, world)
 
     def loader():
@@ -67,7 +75,9 @@ def run(out: Path, name: str, *, kill: bool = False, oom: bool = False) -> None:
         torch.save({"weights": weights, "losses": [h["loss"] for h in trainer.history],
                     "steps": [h["step"] for h in trainer.history], "events": [e["kind"] for e in trainer.events],
                     "recompute": list(trainer.plan.recompute_units),
-                    "attempt": int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))}, out / f"{name}.pt")
+                    "attempt": int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")), "pid": os.getpid(),
+                    "budgets": [e.get("budget_bytes") for e in trainer.events if e["kind"] in ("initial", "oom")],
+                    "regroups": [e for e in trainer.events if e["kind"] == "regroup"]}, out / f"{name}.pt")
     dist.barrier()
 
 
@@ -86,6 +96,8 @@ def main(out: Path) -> None:
     attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
     if not (out / "resumed.pt").exists():
         run(out, "resumed", kill=attempt == 0)
+    if not (out / "in_place.pt").exists():
+        run(out, "in_place", oom=True)
     run(out, "oom", oom=True)
     dist.destroy_process_group()
 

@@ -11,7 +11,10 @@ per-rank JSON. References:
   rank with the same error instead of hanging;
 * faults: a second launch (``tests/distributed_resume_worker.py``) kills rank 1 with SIGKILL
   after step 3; torchrun restarts both ranks, which resume from the DCP checkpoint of step 2;
-  the final weights are bit-identical to an uninterrupted run's, and the losses equal.
+  the final weights are bit-identical to an uninterrupted run's, and the losses equal. In the
+  same launch rank 1 runs out of memory twice and every rank recovers in place (the process
+  group rebuilt, no restart), again bit-identical; with ``max_oom_retries=0`` the same failure
+  takes the restart path instead.
 """
 
 from __future__ import annotations
@@ -240,7 +243,7 @@ def test_cli_plans_one_rank_of_a_cluster_from_one_machine(ranks, tmp_path, capsy
 def restarted(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("restart")
     _torchrun("distributed_resume_worker.py", out, "--max-restarts=2")
-    return {n: torch.load(out / f"{n}.pt") for n in ("clean", "resumed", "oom")}
+    return {n: torch.load(out / f"{n}.pt") for n in ("clean", "resumed", "in_place", "oom")}
 
 
 def _same_run(clean: dict, other: dict) -> None:
@@ -259,7 +262,17 @@ def test_kill_9_of_a_rank_and_a_torchrun_restart_resume_bit_identically(restarte
     _same_run(clean, resumed)
 
 
-def test_an_oom_on_one_rank_replans_every_rank_and_keeps_the_losses(restarted):
+def test_an_oom_on_one_rank_recovers_in_place_on_every_rank_and_keeps_the_losses(restarted):
+    clean, resumed, in_place = restarted["clean"], restarted["resumed"], restarted["in_place"]
+    # No process restarted: the run finished in the attempt (and process) that ran ``resumed``.
+    assert in_place["attempt"] == resumed["attempt"] == 1 and in_place["pid"] == resumed["pid"]
+    assert [(e["step"], e["ranks"]) for e in in_place["regroups"]] == [(3, [1]), (4, [1])]  # forward, then backward
+    budgets = in_place["budgets"]
+    assert len(budgets) == 3 and budgets[0] > budgets[1] > budgets[2]  # each failure re-planned tighter
+    _same_run(clean, in_place)  # every step once, the same losses and bit-identical weights
+
+
+def test_an_oom_that_cannot_be_retried_in_place_replans_every_rank_after_a_restart(restarted):
     clean, oom = restarted["clean"], restarted["oom"]
     assert oom["attempt"] == 2 and "oom-replan" in oom["events"]
     assert len(oom["recompute"]) > len(clean["recompute"])  # a tighter plan (the ranks agreed on it by hash)

@@ -1,6 +1,7 @@
 """HSDP on a 2 x 2 mesh of 4 gloo processes (``tests/hsdp_worker.py``): per-rank memory as
 predicted and losses equal one process on the global batch, for AdamW and for Muon² (owner-rank
-Newton-Schulz within each shard group)."""
+Newton-Schulz within each shard group), Muon² through an out-of-memory error on one rank
+recovered in place (the mesh's process groups rebuilt)."""
 
 from __future__ import annotations
 
@@ -49,3 +50,6 @@ def test_hsdp_on_a_2x2_mesh_measures_as_predicted_and_equals_one_process(ranks, 
             assert abs(a - b) <= 1e-5 * abs(b), (got["losses"], reference)
         if optimizer == "muon2":
             assert "ShardedMuon2" in got["parts"]
+            assert got["regroups"] == [[1, [3]]]  # rank 3's OOM, recovered in place on every rank
+        else:
+            assert got["regroups"] == []

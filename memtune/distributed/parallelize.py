@@ -36,13 +36,7 @@ def parallelize(model: nn.Module, plan: Plan, device: torch.device) -> nn.Module
 
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
         if par.mixed_precision == "bf16" else MixedPrecisionPolicy()
-    mesh = None
-    if par.strategy == "hsdp":
-        from torch.distributed.device_mesh import init_device_mesh
-
-        # Replicate across groups (nodes), shard within one: FSDP2's HSDP.
-        mesh = init_device_mesh(device.type, (par.world_size // par.shard_size, par.shard_size),
-                                mesh_dim_names=("replicate", "shard"))
+    mesh = hsdp_mesh(par, device) if par.strategy == "hsdp" else None
     modules = dict(model.named_modules())
     for fqn in plan.decisions:  # execution order
         if fqn not in modules:  # a call of a shared module, or a segment (memtune.units): the root shards it
@@ -51,6 +45,21 @@ def parallelize(model: nn.Module, plan: Plan, device: torch.device) -> nn.Module
                     mesh=mesh)
     fully_shard(model, mp_policy=mp, mesh=mesh)
     return model
+
+
+def hsdp_mesh(par, device: torch.device):
+    """HSDP's 2-D device mesh: replicate across groups (nodes) of ``par.shard_size`` ranks, shard
+    within one. Its sub-groups are created in a fixed order, named by torch's group counter from
+    the value it had here: a rebuilt process group (:mod:`memtune.distributed.recovery`) sets the
+    counter back to it and creates them again, under the same names."""
+    from torch.distributed import distributed_c10d as c10d
+    from torch.distributed.device_mesh import init_device_mesh
+
+    start = c10d._world.group_count  # torch names unnamed groups by this counter
+    mesh = init_device_mesh(device.type, (par.world_size // par.shard_size, par.shard_size),
+                            mesh_dim_names=("replicate", "shard"))
+    mesh._memtune_group_start = start
+    return mesh
 
 
 def set_reshard_after_forward(model: nn.Module, plan: Plan) -> None:
