@@ -263,8 +263,8 @@ def runtime_checks(quick: bool, tmp: Path) -> dict:
     return out
 
 
-LLAMA_7B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32)
-TINY = dict(hidden_size=64, intermediate_size=172, num_hidden_layers=2, num_attention_heads=2)
+LLAMA_7B = {"hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32, "num_attention_heads": 32}
+TINY = {"hidden_size": 64, "intermediate_size": 172, "num_hidden_layers": 2, "num_attention_heads": 2}
 
 
 def copy_overlap(trace) -> dict:
@@ -378,8 +378,8 @@ def streaming_checks(cpu_smoke: bool, steps: int = 10) -> list[dict]:
 
 
 def streaming_table(rows: list[dict]) -> str:
-    lines = ["| budget | plan | predicted peak | max_allocated | error | predicted step | measured step | tokens/s "
-             "(measured / predicted) | copies hidden |", "|---|---|--:|--:|--:|--:|--:|--:|--:|"]
+    lines = [("| budget | plan | predicted peak | max_allocated | error | predicted step | measured step | tokens/s "
+              "(measured / predicted) | copies hidden |"), "|---|---|--:|--:|--:|--:|--:|--:|--:|"]
     for r in rows:
         b = r["budget"] if isinstance(r["budget"], str) else f"{r['budget'] / GiB:.3f} GiB"
         if r.get("infeasible"):
