@@ -13,6 +13,9 @@ gradients are never applied twice and no batch is skipped.
 
 The budget is enforced on CUDA with ``torch.cuda.set_per_process_memory_fraction``; on a
 CPU it applies to tracked tensor memory (:class:`~memtune.runtime.memguard.TensorMemoryGuard`).
+A model on the host whose weights, as given, do not fit the budget on the CUDA device (a 7B
+model in fp32 on a 24GB card) stays on the host until the first plan is applied to it, and
+moves once the plan has made them fit (bf16 weights): :func:`weights_outgrow_budget`.
 """
 
 from __future__ import annotations
@@ -89,8 +92,12 @@ class Trainer:
         if precision is None:
             precision = "bf16-mixed" if self.device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
         self.precision = precision
-        self.model = model.to(self.device)
         self.budget = Budget.parse(budget, device=self.device if self.device.type == "cuda" else "cpu")
+        self._move_after_plan = self.dist is None and weights_outgrow_budget(model, self.device, self.budget)
+        """The model stays where it is until the first plan is applied to it (:meth:`_install`): its
+        weights as given do not fit the budget (a 7B model in fp32 on a 24GB card), and the plan
+        (bf16 weights, say) is what makes them fit."""
+        self.model = model if self._move_after_plan else model.to(self.device)
         self.sample = c.sample
         self.loss_fn = c.loss_fn
         self.optimizer_name = c.optimizer
@@ -241,6 +248,9 @@ class Trainer:
             space, first = (dataclasses.replace(sp, levers={**sp.levers, "weights": (None, "bf16-sr")})
                             for sp in (space, first))
         staged = first != space
+        if self._move_after_plan:
+            # (The model is still on the host: profile it there, with the sample beside it, for the device.)
+            sample = move_batch(sample, next(unwrap(self.model).parameters()).device)
         self.profile = _profile_for_training(self.model, sample, self.loss_fn, self.optimizer_settings, self.precision,
                                              target, first if staged else space)
         budget = self.retuner.planning_budget(self.budget.usable_bytes)
@@ -337,6 +347,13 @@ class Trainer:
                 self.optimizer = shard_optimizer(self.optimizer)  # Newton-Schulz on whole matrices
         elif self.optimizer is None:
             self.optimizer = apply_plan(self.model, plan, settings=self.optimizer_settings)
+            if self._move_after_plan:
+                # The plan has made the weights fit (bf16, say): now they go to the device. The
+                # Parameter objects are kept, so the optimizer and the levers' hooks hold them still;
+                # the optimizer has no state yet, and creates it on the device.
+                self.model.to(self.device)
+                self._move_after_plan = False
+                gc.collect()
         else:
             # The optimizer and its state are kept; it is re-wrapped if the plan steps it differently.
             self.optimizer = apply_plan(self.model, plan, optimizer=self.optimizer)
@@ -1128,6 +1145,18 @@ def _mean_over_ranks(value: float, device: torch.device) -> float:
     t = torch.tensor([value], dtype=torch.float64, device=_collective_device(device))
     dist.all_reduce(t)
     return float(t.item()) / dist.get_world_size()
+
+
+def weights_outgrow_budget(model: nn.Module, device: torch.device, budget: Budget) -> bool:
+    """Whether ``model``'s parameters and buffers, where they are and as they are typed, are
+    off ``device`` (CUDA) and would not fit ``budget`` there: moving them first would run out of
+    memory before any plan could make them fit."""
+    if device.type != "cuda":
+        return False
+    tensors = [*unwrap(model).parameters(), *unwrap(model).buffers()]
+    if any(t.device.type in ("cuda", "meta") for t in tensors):
+        return False
+    return sum(t.numel() * t.element_size() for t in tensors) > budget.usable_bytes
 
 
 def _refuse_empty(batch: Any, step: int) -> None:
