@@ -24,8 +24,10 @@ It measures, side by side in one run:
    against the plan's peak, the measured step time against the predicted one, and the overlap
    of the host<->device copies with compute, read from a ``torch.profiler`` trace of the last
    step. About 3 minutes on one H100 (the profile on fake tensors is most of it).
-   ``--streaming --cpu-smoke`` runs the same code on a tiny Llama on the CPU (no fraction, no
-   trace), to check the script itself.
+   Then ``memtune.fit`` itself at 24GB on the same shape given in fp32 on the host: the trainer
+   keeps it there until its plan makes the weights fit, then moves it and trains 10 steps under
+   its own cap. ``--streaming --cpu-smoke`` runs the same code on a tiny Llama on the CPU (no
+   fraction, no trace), to check the script itself.
 
 Writes benchmarks/results/gpu_validation.json and .md (``gpu_streaming`` for section 5).
 """
@@ -308,7 +310,7 @@ def streaming_checks(cpu_smoke: bool, steps: int = 10) -> list[dict]:
         model = zoo.hf_llama(vocab_size=32000, max_position_embeddings=4096, **shape)
     ids = torch.randint(0, 32000, (1, seq), device=device)
     t0 = time.perf_counter()
-    prof = memtune.profile(model, {"input_ids": ids, "labels": ids}, precision="bf16-mixed",
+    prof = memtune.profile(model, {"input_ids": ids, "labels": ids}, optimizer="adamw", precision="bf16-mixed",
                            target="cpu" if cpu_smoke else device)
     profile_s = time.perf_counter() - t0
     print(f"streaming: profiled {sum(p.numel() for p in model.parameters()) / 1e9:.2f}B parameters in {profile_s:.0f} s; "
@@ -319,7 +321,7 @@ def streaming_checks(cpu_smoke: bool, steps: int = 10) -> list[dict]:
         row: dict = {"budget": budget, "profile_s": round(profile_s, 1)}
         rows.append(row)
         try:
-            plan = memtune.plan(prof, budget)
+            plan = memtune.plan(prof, budget, optimizer="adamw")
         except memtune.InfeasibleBudgetError as e:
             row.update(infeasible=True, reason=str(e)[:600], min_feasible=e.min_feasible_bytes)
             print(f"   {budget}: infeasible: {str(e).splitlines()[0][:200]}", flush=True)
@@ -374,7 +376,51 @@ def streaming_checks(cpu_smoke: bool, steps: int = 10) -> list[dict]:
         gc.collect()
         if not cpu_smoke:
             torch.cuda.empty_cache()
+    del model
+    gc.collect()
+    rows.append(fit_row(cpu_smoke, shape, seq, budgets[0], steps))
     return rows
+
+
+def fit_row(cpu_smoke: bool, shape: dict, seq: int, budget: str, steps: int) -> dict:
+    """``memtune.fit`` itself on the same shape, given in fp32 on the host: the trainer keeps it
+    there until its plan makes the weights fit (bf16), then moves it, and trains under its cap."""
+    from memtune import zoo
+
+    device = torch.device("cpu" if cpu_smoke else "cuda")
+    torch.manual_seed(0)
+    model = zoo.hf_llama(vocab_size=32000, max_position_embeddings=4096, **shape)  # fp32, on the host
+    if budget.endswith("%"):
+        budget = int(memtune.profile(model, {"input_ids": torch.zeros(1, seq, dtype=torch.long),
+                                             "labels": torch.zeros(1, seq, dtype=torch.long)},
+                                     optimizer="adamw", precision="bf16-mixed", target="cpu").baseline_peak_bytes
+                     * float(budget[:-1]) / 100)
+    trainer = memtune.fit(model, budget, device=str(device), precision="bf16-mixed", optimizer="adamw", progress=False)
+    deferred = trainer._move_after_plan
+    for _ in range(steps):
+        ids = torch.randint(0, 32000, (1, seq))
+        trainer.step({"input_ids": ids, "labels": ids})
+    h, plan = trainer.history, trainer.plan
+    peaks = [x["peak_bytes"] for x in h[2:] if x["peak_bytes"] is not None]
+    measured_ms = statistics.median(x["step_ms"] for x in h[2:])
+    peak = max(peaks) if peaks else None
+    row = {"budget": f"fit {budget}", "moved_after_plan": deferred, "plan": plan.summary(),
+           "predicted_peak": plan.predicted_peak_bytes, "measured_max_allocated": peak,
+           "peak_error": None if peak is None else (plan.predicted_peak_bytes - peak) / peak,
+           "fits": None if peak is None else peak <= plan.usable_bytes, "predicted_step_ms": plan.predicted_step_ms,
+           "measured_step_ms": measured_ms, "measured_tokens_per_s": seq * 1e3 / measured_ms,
+           "predicted_tokens_per_s": seq * 1e3 / plan.predicted_step_ms, "oom_retries": sum(x["oom_retries"] for x in h),
+           "events": [e["kind"] for e in trainer.events], "loss_first_last": [round(h[0]["loss"], 4), round(h[-1]["loss"], 4)]}
+    print(f"   fit {budget}: weights moved after the plan: {deferred}; {plan.summary().splitlines()[0]}", flush=True)
+    print(f"      peak predicted {plan.predicted_peak_bytes / GiB:.2f} GiB, measured "
+          f"{'n/a' if peak is None else f'{peak / GiB:.2f} GiB'}; step predicted {plan.predicted_step_ms:.0f} ms, measured "
+          f"{measured_ms:.0f} ms; OOM retries {row['oom_retries']}", flush=True)
+    del trainer, model
+    gc.collect()
+    if not cpu_smoke:
+        torch.cuda.set_per_process_memory_fraction(1.0, device)
+        torch.cuda.empty_cache()
+    return row
 
 
 def streaming_table(rows: list[dict]) -> str:
