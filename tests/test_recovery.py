@@ -63,3 +63,25 @@ def test_the_step_deadline_is_a_no_op_without_a_process_group():
     assert not dist.is_initialized()
     with recovery.step_deadline(5.0):
         pass
+
+
+def test_the_step_deadline_holds_inside_the_step_and_the_groups_own_timeout_comes_back():
+    # In a process of its own: a process group initialized here would outlive the test.
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent("""
+        from datetime import timedelta
+        import torch.distributed as dist
+        from memtune.distributed import recovery
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1, timeout=timedelta(seconds=77))
+        pg = dist.group.WORLD
+        assert recovery._backend_timeout(pg) == timedelta(seconds=77)
+        with recovery.step_deadline(2.5):
+            assert recovery._backend_timeout(pg) == timedelta(seconds=2.5)
+        assert recovery._backend_timeout(pg) == timedelta(seconds=77)
+        print("ok")
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]

@@ -63,10 +63,14 @@ def _prefix(generation: int) -> str:
 
 
 def _backend_timeout(pg: dist.ProcessGroup) -> timedelta | None:
+    """The group's own collective timeout, or ``None`` where its backend does not say."""
     for device in pg._device_types:
-        options = getattr(pg._get_backend(device), "options", None)
+        try:
+            options = getattr(pg._get_backend(device), "options", None)
+        except RuntimeError:  # (no backend registered for that device type)
+            continue
         timeout = getattr(options, "_timeout", None)
-        if timeout is not None:
+        if isinstance(timeout, timedelta):
             return timeout
     return None
 
@@ -78,15 +82,15 @@ def step_deadline(seconds: float | None):
     if seconds is None or not dist.is_initialized():
         yield
         return
-    groups = list(c10d._world.pg_map)
-    before = [_backend_timeout(pg) for pg in groups]
-    for pg in groups:
+    # Only groups whose own timeout can be read (and so restored) get the deadline.
+    groups = [(pg, t) for pg in list(c10d._world.pg_map) if (t := _backend_timeout(pg)) is not None]
+    for pg, _ in groups:
         pg.set_timeout(timedelta(seconds=seconds))
     try:
         yield
     finally:
-        for pg, timeout in zip(groups, before):
-            if timeout is not None and pg in c10d._world.pg_map:  # (a rebuilt group has its own)
+        for pg, timeout in groups:
+            if pg in c10d._world.pg_map:  # (a rebuilt group has its own)
                 pg.set_timeout(timeout)
 
 
