@@ -36,7 +36,7 @@ from memtune.data import TextCorpus  # noqa: E402
 
 STEPS = 6
 KILL_AFTER = 3
-COLLECTIVE_TIMEOUT = 5.0
+COLLECTIVE_TIMEOUT = 3.0
 """Seconds rank 0 waits inside a step for rank 1 before it joins the recovery."""
 OPTIONS = dict(optimizer="adamw", progress=False, checkpoint_every=2, planner_options={"strategies": ("fsdp",)})
 
