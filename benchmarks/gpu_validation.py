@@ -265,8 +265,15 @@ def runtime_checks(quick: bool, tmp: Path) -> dict:
     return out
 
 
-LLAMA_7B = {"hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32, "num_attention_heads": 32}
-TINY = {"hidden_size": 64, "intermediate_size": 172, "num_hidden_layers": 2, "num_attention_heads": 2}
+def llama(cpu_smoke: bool) -> torch.nn.Module:
+    """Llama-2-7B (:func:`memtune.zoo.llama_7b`), fp32 and random; for the smoke test a tiny
+    Llama with the same vocabulary."""
+    from memtune import zoo
+
+    if cpu_smoke:
+        return zoo.hf_llama(hidden_size=64, intermediate_size=172, num_hidden_layers=2, num_attention_heads=2,
+                            vocab_size=32000, max_position_embeddings=4096)
+    return zoo.llama_7b()
 
 
 def copy_overlap(trace) -> dict:
@@ -298,16 +305,15 @@ def copy_overlap(trace) -> dict:
 
 def streaming_checks(cpu_smoke: bool, steps: int = 10) -> list[dict]:
     """Section 5: streamed plans for a 7B shape, applied and trained under the budget's memory cap."""
-    from memtune import zoo
     from memtune.devices import CUDA_CONTEXT_BYTES
 
     device = torch.device("cpu" if cpu_smoke else "cuda")
-    shape, seq = (TINY, 64) if cpu_smoke else (LLAMA_7B, 2048)
+    seq = 64 if cpu_smoke else 2048
     budgets = ("90%", "70%") if cpu_smoke else ("24GB", "12GB")
     rows = []
     torch.manual_seed(0)
     with torch.device(device):  # fp32 and random, on the device: the plan converts it before the cap applies
-        model = zoo.hf_llama(vocab_size=32000, max_position_embeddings=4096, **shape)
+        model = llama(cpu_smoke)
     ids = torch.randint(0, 32000, (1, seq), device=device)
     t0 = time.perf_counter()
     prof = memtune.profile(model, {"input_ids": ids, "labels": ids}, optimizer="adamw", precision="bf16-mixed",
@@ -315,9 +321,9 @@ def streaming_checks(cpu_smoke: bool, steps: int = 10) -> list[dict]:
     profile_s = time.perf_counter() - t0
     print(f"streaming: profiled {sum(p.numel() for p in model.parameters()) / 1e9:.2f}B parameters in {profile_s:.0f} s; "
           f"unplanned peak {prof.baseline_peak_bytes / GiB:.2f} GiB", flush=True)
+    # (The smoke test's budgets are shares of the tiny model's unplanned peak.)
+    budgets = [int(prof.baseline_peak_bytes * float(b[:-1]) / 100) if b.endswith("%") else b for b in budgets]
     for budget in budgets:
-        if budget.endswith("%"):
-            budget = int(prof.baseline_peak_bytes * float(budget[:-1]) / 100)
         row: dict = {"budget": budget, "profile_s": round(profile_s, 1)}
         rows.append(row)
         try:
@@ -378,23 +384,16 @@ def streaming_checks(cpu_smoke: bool, steps: int = 10) -> list[dict]:
             torch.cuda.empty_cache()
     del model
     gc.collect()
-    rows.append(fit_row(cpu_smoke, shape, seq, budgets[0], steps))
+    rows.append(fit_row(cpu_smoke, seq, budgets[0], steps))
     return rows
 
 
-def fit_row(cpu_smoke: bool, shape: dict, seq: int, budget: str, steps: int) -> dict:
+def fit_row(cpu_smoke: bool, seq: int, budget: str | int, steps: int) -> dict:
     """``memtune.fit`` itself on the same shape, given in fp32 on the host: the trainer keeps it
     there until its plan makes the weights fit (bf16), then moves it, and trains under its cap."""
-    from memtune import zoo
-
     device = torch.device("cpu" if cpu_smoke else "cuda")
     torch.manual_seed(0)
-    model = zoo.hf_llama(vocab_size=32000, max_position_embeddings=4096, **shape)  # fp32, on the host
-    if budget.endswith("%"):
-        budget = int(memtune.profile(model, {"input_ids": torch.zeros(1, seq, dtype=torch.long),
-                                             "labels": torch.zeros(1, seq, dtype=torch.long)},
-                                     optimizer="adamw", precision="bf16-mixed", target="cpu").baseline_peak_bytes
-                     * float(budget[:-1]) / 100)
+    model = llama(cpu_smoke)  # fp32, on the host
     trainer = memtune.fit(model, budget, device=str(device), precision="bf16-mixed", optimizer="adamw", progress=False)
     deferred = trainer._move_after_plan
     for _ in range(steps):

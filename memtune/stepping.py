@@ -158,11 +158,13 @@ class PlanOptimizer(Optimizer):
                 self._handles.append(p.register_post_accumulate_grad_hook(self._hook))
         if host_buffers:  # a re-wrap: the state already in host memory stays there
             self._host_buffers = host_buffers
-        for p in params:
-            if offload:  # the state moves to host memory now, if the inner optimizer already has some
+        if offload:
+            for p in params:
+                # The state moves to host memory now, if the inner optimizer already has some; on a
+                # re-wrap, state in host memory that this plan keeps on the device comes back.
                 self._offload_state(p)
-            if id(p) in self._resident or not offload:
-                self._load_state(p)  # (a re-wrap) state this plan keeps on the device comes back
+                if id(p) in self._resident:
+                    self._load_state(p)
 
     def _index(self) -> None:
         """Map each parameter to its part and group. ``Optimizer.load_state_dict`` replaces the

@@ -451,9 +451,7 @@ class Trainer:
                         "step cannot be retried safely; resume from the last checkpoint with a smaller budget"
                         + (f", or plan with levers={self.runner.held_at_default(updating)} so that an OOM in "
                            "backward can be retried" if updating else "")) from e
-                peak = self.runner.last_peak
-                if peak is None and self.device.type == "cuda":
-                    peak = torch.cuda.max_memory_allocated(self.device)
+                peak = self._failed_step_peak()
                 self._free_failed_step()
                 retries += 1
                 if retries > self.max_oom_retries:
@@ -603,6 +601,13 @@ class Trainer:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 
+    def _failed_step_peak(self) -> int | None:
+        """The peak a step that just failed reached, where it was measured."""
+        peak = self.runner.last_peak
+        if peak is None and self.device.type == "cuda":
+            peak = torch.cuda.max_memory_allocated(self.device)
+        return peak
+
     def _step_deadline(self):
         if self.dist is None:
             return contextlib.nullcontext()
@@ -624,9 +629,7 @@ class Trainer:
         oom = isinstance(error, torch.OutOfMemoryError)
         safe = not ran and self.runner.retry_safe()
         where = "after its optimizer step" if ran else f"in {self.runner.phase.value}"
-        peak = self.runner.last_peak
-        if peak is None and self.device.type == "cuda":
-            peak = torch.cuda.max_memory_allocated(self.device)
+        peak = self._failed_step_peak()
         if self._rendezvous_store is None:
             self._rendezvous_store = c10d._get_default_store()
         generation = recovery.next_generation()
@@ -643,7 +646,7 @@ class Trainer:
         if reason is not None:
             self._free_failed_step()
             if oom and self.checkpoint_path is not None:
-                dist_ckpt.record_oom(self, error)  # evidence next to the checkpoint: resume re-plans below it
+                dist_ckpt.record_oom(self, error, peak)  # evidence next to the checkpoint: resume re-plans below it
             raise recovery.refuse(reason, rank=self.dist.rank, step=self.step_count, own=error) from error
         error.__traceback__ = None  # its frames hold the failed step's tensors (and DDP's old reducer)
         self._free_failed_step()

@@ -12,14 +12,14 @@ It is written to ``<path>.tmp`` and renamed into place by rank 0 after every ran
 (a barrier), so a ``kill -9`` at any moment leaves the previous checkpoint whole. Resuming
 (:func:`resume`) rebuilds the plan's layout on a fresh model, then loads the state in place.
 
-**Out of memory across ranks.** A rank that runs out of memory mid-step cannot re-plan alone:
-the others wait in the step's collectives. It writes what failed (step, plan, peak) to
-``<path>.oom-rank<r>.json`` (:func:`record_oom`) and exits with
-:class:`~memtune.errors.StepFailedError`; torchrun stops the other ranks and, with
-``--max-restarts``, restarts the job. :func:`resume` reads every rank's record (the same files on
-every rank), plans every rank below the smallest failed peak with exact-maths options first,
-checks that all ranks hold the same new plan, and retries from the checkpoint: with
-``checkpoint_every=1``, the very batch that failed.
+**Out of memory across ranks, when it cannot be retried in place**
+(:mod:`memtune.distributed.recovery`). The rank that ran out of memory writes what failed
+(step, plan, peak) to ``<path>.oom-rank<r>.json`` (:func:`record_oom`), every rank raises
+:class:`~memtune.errors.StepFailedError`, and torchrun, with ``--max-restarts``, restarts the job.
+:func:`resume` reads every rank's record (the same files on every rank), plans every rank
+below the smallest failed peak with exact-maths options first, checks that all ranks hold the
+same new plan, and retries from the checkpoint: with ``checkpoint_every=1``, the very batch
+that failed.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from typing import Any
 
 import torch.distributed as dist
 
-from memtune.errors import CheckpointError, PlanFileError, StepFailedError
+from memtune.errors import CheckpointError, PlanFileError
 from memtune.plan import Plan
 from memtune.profile import ModelProfile
 
@@ -129,18 +129,11 @@ def _oom_records(path: Path) -> list[Path]:
     return sorted(path.parent.glob(path.name + ".oom-rank*.json"))
 
 
-def record_oom(trainer, error: BaseException) -> StepFailedError:
-    """Write this rank's out-of-memory evidence next to the checkpoint; the error to raise."""
-    import torch
-
-    rank = trainer.dist.rank
-    peak = torch.cuda.max_memory_allocated(trainer.device) if trainer.device.type == "cuda" else None
-    where = trainer.checkpoint_path
-    if where is None:
-        return StepFailedError(
-            f"out of memory on rank {rank} at step {trainer.step_count} ({error}); across ranks the job recovers by "
-            "restarting from a checkpoint: pass checkpoint_path= and checkpoint_every=1 and launch with torchrun "
-            "--max-restarts N, or restart with a smaller per-device budget")
+def record_oom(trainer, error: BaseException, peak: int | None) -> Path:
+    """Write this rank's out-of-memory evidence (step, plan, measured ``peak``) next to
+    ``trainer.checkpoint_path``, where :func:`resume` reads it to re-plan every rank below it;
+    the file written."""
+    rank, where = trainer.dist.rank, trainer.checkpoint_path
     record = {"rank": rank, "step": trainer.step_count, "plan_version": trainer.plan_version,
               "predicted_peak_bytes": trainer.plan.predicted_peak_bytes, "usable_bytes": trainer.plan.usable_bytes,
               "measured_peak_bytes": peak, "error": str(error)[:500]}
@@ -148,9 +141,7 @@ def record_oom(trainer, error: BaseException) -> StepFailedError:
     tmp = target.with_name(target.name + f".{os.getpid()}")
     tmp.write_text(json.dumps(record))
     os.replace(tmp, target)
-    return StepFailedError(
-        f"out of memory on rank {rank} at step {trainer.step_count} ({error}); recorded in {target}: a torchrun "
-        "restart (--max-restarts) resumes from the last checkpoint with a tighter plan on every rank")
+    return target
 
 
 def _replan_after_oom(trainer, path: Path) -> None:

@@ -143,10 +143,9 @@ def _fsdp(p: ModelProfile, N: int, reshard: dict[str, bool], mixed: bool = False
         if not mixed:
             return r
         from memtune.stepping import WeightMode
+        from memtune.variant import StepVariant
 
         try:
-            from memtune.variant import StepVariant
-
             return p.recording(StepVariant(**{**dict(r.variant.choices), "weights": WeightMode.BF16_SR}))
         except KeyError:
             return r   # not recorded with bf16 weights: the fp32 step, a bound

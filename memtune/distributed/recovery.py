@@ -141,10 +141,7 @@ def fsdp_root(model: torch.nn.Module):
 
 def can_rebuild(trainer) -> str | None:
     """``None`` when :func:`rebuild` can bring ``trainer`` back in place, else why not."""
-    par = trainer.plan.parallel if trainer.plan is not None else None
-    if par is None:
-        return "the model is not wrapped for data parallelism yet"
-    if par.strategy in ("fsdp", "hsdp"):
+    if trainer.plan.parallel.strategy in ("fsdp", "hsdp"):
         from torch.distributed.fsdp import FSDPModule
 
         if not hasattr(FSDPModule, "reset_iter_state"):
@@ -165,9 +162,8 @@ def rebuild(trainer, generation: int, store: dist.Store) -> float:
     rank, world = dist.get_rank(), dist.get_world_size()
     start = None
     if par.strategy == "hsdp":
-        meshes = [info.mesh for info in _mesh_infos(trainer.model)]
-        start = next((getattr(m, "_memtune_group_start", None) for m in meshes
-                      if getattr(m, "_memtune_group_start", None) is not None), None)
+        start = next((s for info in _mesh_infos(trainer.model)
+                      if (s := getattr(info.mesh, "_memtune_group_start", None)) is not None), None)
         if start is None:
             raise DistributedError("the HSDP device mesh was not built by memtune.distributed.parallelize, so its "
                                    "process groups cannot be rebuilt under the same names; restart the job instead")
@@ -190,49 +186,71 @@ def rebuild(trainer, generation: int, store: dist.Store) -> float:
             count, c10d._world.group_count = c10d._world.group_count, start
             hsdp_mesh(par, trainer.device)
             c10d._world.group_count = max(count, c10d._world.group_count)
-        _refresh_fsdp_groups(trainer.model)
-        _alias_stale_meshes(trainer.model, trainer.optimizer)
+        _rebind_groups(trainer.model, trainer.optimizer)
         fsdp_root(trainer.model).reset_iter_state()
         _drop_unsharded_grads(trainer.model)
     # ShardedMuon2 gathers within the shard group under HSDP (the default group otherwise): the
     # one FSDP2 now holds (a parameter's own mesh may be an equal one cached from another model).
+    from memtune.distributed.checkpoint import _parts
+    from memtune.distributed.muon import ShardedMuon2
+
     shard = _mesh_infos(trainer.model)[0].shard_process_group if par.strategy == "hsdp" else None
-    _refresh_optimizer_groups(trainer.optimizer, shard)
+    for part in _parts(trainer.optimizer):
+        if isinstance(part, ShardedMuon2):
+            part.process_group = shard
     return time.perf_counter() - t0
+
+
+def _fsdp_param_groups(model: torch.nn.Module):
+    """FSDP2's parameter groups, over ``model``'s sharded modules."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            yield from m._get_fsdp_state()._fsdp_param_groups
 
 
 def _mesh_infos(model: torch.nn.Module) -> list:
     """Every FSDP2 mesh-info object of ``model``'s units and parameters (they hold process groups)."""
-    from torch.distributed.fsdp import FSDPModule
-
     infos = {}
-    for m in model.modules():
-        if not isinstance(m, FSDPModule):
-            continue
-        for group in m._get_fsdp_state()._fsdp_param_groups:
-            for owner in (group, *group.fsdp_params):
-                for info in (getattr(owner, "mesh_info", None), getattr(owner, "post_forward_mesh_info", None)):
-                    if info is not None:
-                        infos[id(info)] = info
+    for group in _fsdp_param_groups(model):
+        for owner in (group, *group.fsdp_params):
+            for info in (getattr(owner, "mesh_info", None), getattr(owner, "post_forward_mesh_info", None)):
+                if info is not None:
+                    infos[id(info)] = info
     return list(infos.values())
 
 
-def _refresh_fsdp_groups(model: torch.nn.Module) -> None:
+def _layout(mesh) -> tuple:
+    return tuple(mesh.mesh.flatten().tolist()), tuple(mesh.mesh.shape)
+
+
+def _rebind_groups(model: torch.nn.Module, optimizer) -> None:
+    """Point ``model``'s device meshes and FSDP2's mesh-info objects at the rebuilt groups.
+
+    A sharded parameter's DTensor may carry an equal mesh that FSDP2 found cached from an
+    earlier model in this process, under that model's group names (gone with the old groups):
+    each such name is registered again for the rebuilt group along the same dimension of the
+    live mesh with the same layout."""
+    infos = _mesh_infos(model)
+    live = {_layout(info.mesh): info.mesh for info in infos}
+    params = [p for g in getattr(optimizer, "param_groups", []) for p in g["params"]]
     meshes = {}
-    for info in _mesh_infos(model):
-        mesh = info.mesh
+    for mesh in [*(info.mesh for info in infos), *(getattr(p, "device_mesh", None) for p in params)]:
         for m in (mesh, getattr(mesh, "_root_mesh", None)):
             if m is not None:
                 meshes[id(m)] = m
-        if getattr(info, "shard_mesh_dim", None) is not None:
-            info.shard_process_group = mesh.get_group(info.shard_mesh_dim)
-        if getattr(info, "replicate_mesh_dim", None) is not None:
-            info.replicate_process_group = mesh.get_group(info.replicate_mesh_dim)
-        if hasattr(info, "reduce_scatter_process_group"):
-            info.reduce_scatter_process_group = None
     for mesh in meshes.values():
         names = list(getattr(mesh, "_dim_group_names", []))
         try:
+            for dim, name in enumerate(names):
+                try:
+                    c10d._resolve_process_group(name)
+                except (RuntimeError, ValueError):
+                    twin = live.get(_layout(mesh))
+                    if twin is None or twin is mesh:
+                        raise
+                    c10d._register_process_group(name, twin.get_group(dim))
             groups = {n: c10d._resolve_process_group(n) for n in names}
         except (RuntimeError, ValueError) as e:
             raise DistributedError(f"the rebuilt process groups do not include the device mesh's {names} ({e}); "
@@ -241,63 +259,24 @@ def _refresh_fsdp_groups(model: torch.nn.Module) -> None:
         if registry is not None:
             registry.clear()
             registry.update(groups)
-
-
-def _alias_stale_meshes(model: torch.nn.Module, optimizer) -> None:
-    """A sharded parameter's DTensor may carry an equal mesh that FSDP2 found cached from an
-    earlier model in this process, under that model's group names (gone with the old groups).
-    Each such name is registered again for the rebuilt group along the same mesh dimension."""
-    live = {}
-    for info in _mesh_infos(model):
-        live[tuple(info.mesh.mesh.flatten().tolist()), tuple(info.mesh.mesh.shape)] = info.mesh
-    params = [p for g in getattr(optimizer, "param_groups", []) for p in g["params"]]
-    for p in params:
-        mesh = getattr(p, "device_mesh", None)
-        if mesh is None:
-            continue
-        twin = live.get((tuple(mesh.mesh.flatten().tolist()), tuple(mesh.mesh.shape)))
-        for dim, name in enumerate(getattr(mesh, "_dim_group_names", [])):
-            try:
-                c10d._resolve_process_group(name)
-            except (RuntimeError, ValueError):
-                if twin is None:
-                    raise DistributedError(f"a parameter's device mesh names process group {name!r}, which the "
-                                           "rebuilt groups do not include; restart the job instead") from None
-                c10d._register_process_group(name, twin.get_group(dim))
-        registry = getattr(mesh, "_pg_registry", None)
-        if registry is not None:
-            registry.update({n: c10d._resolve_process_group(n) for n in mesh._dim_group_names})
+    for info in infos:
+        if getattr(info, "shard_mesh_dim", None) is not None:
+            info.shard_process_group = info.mesh.get_group(info.shard_mesh_dim)
+        if getattr(info, "replicate_mesh_dim", None) is not None:
+            info.replicate_process_group = info.mesh.get_group(info.replicate_mesh_dim)
+        if hasattr(info, "reduce_scatter_process_group"):
+            info.reduce_scatter_process_group = None
 
 
 def _drop_unsharded_grads(model: torch.nn.Module) -> None:
     """Gradients a unit computed before its reduce-scatter failed stay on its unsharded
     parameters (``reset_iter_state`` leaves them): the retry would add its own to them."""
-    from torch.distributed.fsdp import FSDPModule
-
-    for m in model.modules():
-        if isinstance(m, FSDPModule):
-            for group in m._get_fsdp_state()._fsdp_param_groups:
-                for fp in group.fsdp_params:
-                    unsharded = getattr(fp, "_unsharded_param", None)
-                    if unsharded is not None:
-                        unsharded.grad = None
-                    fp.unsharded_accumulated_grad = None
-
-
-def _refresh_optimizer_groups(optimizer, group) -> None:
-    from memtune.distributed.muon import ShardedMuon2
-
-    seen, todo = set(), [optimizer]
-    while todo:
-        opt = todo.pop()
-        if opt is None or id(opt) in seen:
-            continue
-        seen.add(id(opt))
-        if isinstance(opt, ShardedMuon2):
-            opt.process_group = group
-        parts = getattr(opt, "parts", None)
-        todo.extend(parts.values() if parts else ())
-        todo.extend(getattr(opt, name, None) for name in ("inner", "optimizer", "base"))
+    for group in _fsdp_param_groups(model):
+        for fp in group.fsdp_params:
+            unsharded = getattr(fp, "_unsharded_param", None)
+            if unsharded is not None:
+                unsharded.grad = None
+            fp.unsharded_accumulated_grad = None
 
 
 def refuse(reason: str, *, rank: int, step: int, own: BaseException) -> StepFailedError:
