@@ -63,10 +63,12 @@ class ApplyContext:
     plan: Plan
     after_optimizer: list[Callable[[torch.optim.Optimizer], None]] = field(default_factory=list)
     """Called with the optimizer once it is built or re-wrapped."""
+    device: torch.device | None = None
+    """The device the model trains on (``None``: where its parameters are)."""
 
 
 def apply_plan(model: nn.Module, plan: Plan, *, optimizer: torch.optim.Optimizer | None = None,
-               settings=None) -> torch.optim.Optimizer:
+               settings=None, device: str | torch.device | None = None) -> torch.optim.Optimizer:
     """Apply ``plan``'s unit decisions and levers to ``model`` and return the optimizer to train it with.
 
     Args:
@@ -77,6 +79,8 @@ def apply_plan(model: nn.Module, plan: Plan, *, optimizer: torch.optim.Optimizer
         settings: a :class:`memtune.optim.OptimizerSettings` for learning rates and other
             hyperparameters; everything that decides memory (optimizer, NS steps and dtype, state
             precision, parameter split) is the plan's, as the profile recorded it.
+        device: the device the model trains on, when it is not there yet (a model kept in host
+            memory until its plan makes it fit); ``None``: where its parameters are.
     """
     from .compiled import unwrap
 
@@ -94,7 +98,7 @@ def apply_plan(model: nn.Module, plan: Plan, *, optimizer: torch.optim.Optimizer
                     for u, d in applied.items()}, units=plan.decisions)
     model.__dict__[_DECISION] = applied
     disable_kv_cache(model)
-    ctx = ApplyContext(plan=plan)
+    ctx = ApplyContext(plan=plan, device=None if device is None else torch.device(device))
     _apply_levers(model, plan, ctx)
     stepping = plan_stepping(plan)
     if optimizer is not None:

@@ -210,6 +210,8 @@ class CostContext:
     """Forward time of the code outside every unit (embeddings, head, loss)."""
     unit_backward_s: dict = field(default_factory=dict)
     """Backward seconds per unit (FQN); the rest of ``backward_s`` is outside every unit."""
+    unit_forward_s: dict = field(default_factory=dict)
+    """Forward seconds per unit (FQN)."""
     terms: dict = field(default_factory=dict)
 
     def add_term(self, name: str, seconds) -> None:
@@ -256,7 +258,7 @@ def cost_table(profile: ModelProfile, *, optimizer: OptimizerPlan | None = None,
     fwd = bwd = 0.0
     for u in profile.units:
         f, b = fwd_bwd(u)
-        unit_fwd[u.fqn] = f
+        unit_fwd[u.fqn] = ctx.unit_forward_s[u.fqn] = f
         ctx.unit_backward_s[u.fqn] = b
         fwd += f
         bwd += b
@@ -399,6 +401,62 @@ def state_stream_seconds(ctx: CostContext, offloaded_share: float | bool = True)
             d2h = max(d2h, compute) + copy_s[f]
     busy = sum(before.values()) + sum(opt_s[f] for f in order)
     return max(0.0, max(compute, d2h) - busy)
+
+
+HOST_SPEC = DeviceSpec(name="host", kind="cpu", memory_bytes=0, bf16_flops=2e12, fp32_flops=2e12,
+                       mem_bandwidth=100e9, matmul_efficiency=0.5, bandwidth_efficiency=0.5, kernel_overhead_s=4e-6)
+"""The host of a GPU server, for pricing a host optimizer step: 32 cores of AVX-512 (about 2
+TFLOP/s fp32 peak) and 100 GB/s of DRAM bandwidth (eight DDR5 channels reach 300; one socket's
+share under a training job's other traffic is taken), each at half efficiency. An assumption,
+not a measurement: docs/planners.md, "Weight offload"."""
+
+
+def weight_stream_seconds(ctx: CostContext) -> float:
+    """Seconds weight offload adds to one step (docs/planners.md, "Weight offload"): the copies
+    :class:`memtune.streaming.WeightStream` makes that cannot hide behind compute, and the
+    streamed parameters' optimizer step on the host in place of the device's.
+
+    Forward runs the units in order: the first unit's parameters are copied in on the spot,
+    and each unit's start issues the next one's copy on the host-to-device engine, which
+    begins once the work queued before it (the previous unit) is done. Backward does the same
+    in reverse, and each unit's gradients are copied out on the device-to-host engine once its
+    backward ends; the optimizer waits for the last of them. Recomputation is not counted as
+    hiding anything (the estimate errs long). On a CPU target every copy is a plain copy on the
+    same cores, so nothing hides, and the optimizer step runs on the same CPU as before."""
+    profile, spec, k = ctx.profile, ctx.spec, ctx.repeats
+    unit_bytes = {u.fqn: float(u.param_bytes) for u in profile.units if u.param_bytes}
+    grad_bytes = {u.fqn: float(u.grad_bytes) for u in profile.units if u.param_bytes}
+    streamed = [p.fqn for p in profile.params if p.unit in unit_bytes]
+    bw = ctx.host_bandwidth
+    copy_s = lambda n: n / bw + spec.kernel_overhead_s if n else 0.0  # noqa: E731
+    if spec.kind == "cpu":
+        return k * sum(2 * copy_s(unit_bytes[u]) + copy_s(grad_bytes.get(u, 0.0)) for u in unit_bytes)
+
+    def exposed(order: list[str], compute_s: dict[str, float], out_bytes: dict[str, float]) -> float:
+        t = h2d = d2h = 0.0
+        ready: dict[int, float] = {}
+        for i, u in enumerate(order):
+            start = t
+            if i not in ready:   # not prefetched: copied in on the spot
+                h2d = max(h2d, t) + copy_s(unit_bytes.get(u, 0.0))
+                ready[i] = h2d
+            t = max(t, ready.pop(i))
+            if i + 1 < len(order):   # the next unit's copy, once the previous unit's work is done
+                h2d = max(h2d, start) + copy_s(unit_bytes.get(order[i + 1], 0.0))
+                ready[i + 1] = h2d
+            t += compute_s.get(u, 0.0)
+            if out_bytes.get(u):
+                d2h = max(d2h, t) + copy_s(out_bytes[u])
+        return max(t, d2h) - sum(compute_s.get(u, 0.0) for u in order)
+
+    order = [u.fqn for u in profile.units if u.fqn in unit_bytes]
+    per_pass = lambda times: {u: s / k for u, s in times.items()}  # noqa: E731 (the base times count every pass)
+    fwd = exposed(order, per_pass(ctx.unit_forward_s), {})
+    bwd = exposed(list(reversed(order)), per_pass(ctx.unit_backward_s), grad_bytes)
+    host = _optimizer_seconds_per_param(profile, ctx.optimizer, HOST_SPEC, fp32_working_copy=ctx.fp32_working_copy)
+    device = _optimizer_seconds_per_param(profile, ctx.optimizer, spec, fp32_working_copy=ctx.fp32_working_copy)
+    step = sum(host[f] - device[f] for f in streamed if f in host and f in device)
+    return k * (fwd + bwd) + step
 
 
 def _optimizer_seconds(profile: ModelProfile, opt: OptimizerPlan | None, spec: DeviceSpec, *,

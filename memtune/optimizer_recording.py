@@ -107,6 +107,7 @@ def _memo_key(setup: RecordingSetup, config: OptimizerPlan, variant: StepVariant
                  for name, m in setup.model.named_modules(remove_duplicate=False))
     params = tuple((n, tuple(p.shape), p.dtype, p.requires_grad) for n, p in setup.params.items())
     return (tree, params, repr(config), variant, repr(sorted(setup.stepping.items())), setup.order,
+            tuple(sorted(setup.host_params)),
             tuple(sorted((k, repr(v)) for k, v in kw.items())))
 
 
@@ -174,17 +175,25 @@ def _record_optimizer_step(setup: RecordingSetup, config: OptimizerPlan, *, vari
                     names[n].grad = None
             if opt is not None:
                 opt.step()
+        # Parameters streamed from host memory (weight offload) step there, state and all: on a
+        # device target their step is not the device's (they keep no gradient here), and their
+        # state, parameters and gradients are host bytes. On a CPU target host memory is the device.
+        on_host = [p for n, p in stepped if n in setup.host_params] if target != "cpu" else []
         for _, p in stepped:
             if p.grad is None:  # the in-backward warm-up freed them as it went
                 p.grad = torch.zeros_like(p)
-        hosts = _host_buffers(opt)
+        for p in on_host:
+            p.grad = None
+        hosts = _host_buffers(opt) + [t for p in on_host for t in _state_of(opt, p)]
         host_ids = {id(t.untyped_storage()) for t in hosts}
         device_state = [t for t in optimizer_state_tensors(opt) if target == "cpu" or id(t.untyped_storage()) not in host_ids]
         rec = StepRecorder(granularity=granularity, target=target)
         observe = (lambda t: rec.exclude(t)) if target != "cpu" else (lambda t: None)
 
         with rec, observe_host_tensors(observe):
-            rec.register_static(list(fparams.values()), [p.grad for _, p in stepped], device_state)
+            on_host_ids = {id(p) for p in on_host}
+            rec.register_static([p for p in fparams.values() if id(p) not in on_host_ids],
+                                [p.grad for _, p in stepped if p.grad is not None], device_state)
             # Hold no reference to the state: a step that replaces a state tensor must free the old one.
             del device_state, hosts
             if opt is None:
@@ -209,10 +218,11 @@ def _record_optimizer_step(setup: RecordingSetup, config: OptimizerPlan, *, vari
         else:
             iv = next(iv for iv in rec.intervals if iv.name == StepEvent.OPTIM_START)
             transient = max(0, iv.peak_bytes - iv.live_bytes)
-        hosts = _host_buffers(opt)
+        hosts = _host_buffers(opt) + [t for p in on_host for t in _state_of(opt, p)]
         host_ids = {id(t.untyped_storage()) for t in hosts}
         all_state = optimizer_state_tensors(opt)
-        host_bytes = unique_bytes(hosts, nbytes)
+        # (A streamed parameter and its gradient: pinned host memory too.)
+        host_bytes = unique_bytes(hosts, nbytes) + 2 * sum(nbytes(p) for p in on_host)
         device_bytes = unique_bytes([t for t in all_state if id(t.untyped_storage()) not in host_ids], nbytes)
         state = device_bytes + (host_bytes if target == "cpu" else 0)
     finally:
@@ -245,6 +255,16 @@ class ParamView(torch.nn.Module):
 
     def modules(self):
         return self._model.modules()
+
+
+def _state_of(opt, p: torch.Tensor) -> list[torch.Tensor]:
+    """The tensors of ``p``'s optimizer state (hybrid optimizers keep it in their parts)."""
+    inner = getattr(opt, "inner", opt)
+    for part in (getattr(inner, "parts", None) or {"": inner}).values():
+        state = part.state.get(p)
+        if state:
+            return [t for t in state.values() if isinstance(t, torch.Tensor)]
+    return []
 
 
 def _host_buffers(opt) -> list[torch.Tensor]:

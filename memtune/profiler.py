@@ -268,12 +268,13 @@ class _Run:
         if kind is RecordingKind.STEP:  # (recorded under the fake mode: _empty_like makes fake tensors)
             return RecordingSetup(kind=kind, model=self.model, params=self.fparams, make_param=_empty_like,
                                   sample=self.fsample, batch_size=self.batch_size, precision=self.precision,
-                                  facts=self.facts)
+                                  facts=self.facts, units=tuple(self.unit_fqns))
 
         make_meta = functools.partial(_empty_like, device="meta")
         params = {n: make_meta(p).requires_grad_(p.requires_grad) for n, p in self.named_params.items()}
         return RecordingSetup(kind=kind, model=self.model, params=params, make_param=make_meta,
-                              precision=self.precision, order=self.grad_order, facts=self.facts)
+                              precision=self.precision, order=self.grad_order, facts=self.facts,
+                              units=tuple(self.unit_fqns))
 
     def build_optimizer(self, params: dict[str, torch.Tensor], stepping: dict[str, Any]):
         """The profiled optimizer on ``params`` (stepped as ``stepping`` says), with its state created."""
@@ -376,8 +377,10 @@ def _record_step_variants(run: _Run) -> list[StepRecording]:
                                                              run.granularity))
         out.append(StepRecording(
             variant=key, sample=describe(setup.sample), batch_size=batch_size_of(setup.sample),
-            param_bytes=sum(run.nbytes(t) for t in setup.params.values()),
-            grad_bytes=sum(run.nbytes(t) for t in setup.params.values() if t.requires_grad),
+            # (Parameters that live in host memory, weight offload's on a device target, and
+            # their gradients, are not the device's.)
+            param_bytes=sum(run.nbytes(t) for t in setup.params.values() if not rec.in_host_memory(t)),
+            grad_bytes=sum(run.nbytes(t) for t in setup.params.values() if t.requires_grad and not rec.in_host_memory(t)),
             optimizer_state_bytes=unique_bytes(optimizer_state_tensors(opt), run.nbytes), **fields))
         run.assumptions += [a for a in rec.assumptions if a not in run.assumptions]
     return out

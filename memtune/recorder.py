@@ -95,6 +95,9 @@ class StorageRecord:
     freed_op: int = 0
     """When its producing unit's forward freed it: the number of that forward's ops that had run
     (at least 1; 0: still alive when the forward ended)."""
+    weight: bool = False
+    """A streamed parameter's device copy (:mod:`memtune.streaming`): live bytes while its
+    storage is allocated, never a saved activation (autograd's views of it are the weight)."""
 
     @property
     def saved(self) -> bool:
@@ -160,6 +163,7 @@ class StepRecorder(TorchDispatchMode):
         self.unit_ops: dict[str, list[OpEntry]] = {}
         """Per unit, every aten op its forward ran, in order (the per-op record)."""
         self._op: OpEntry | None = None
+        self._host: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
     @property
     def peak_reserved_bytes(self) -> int | None:
@@ -282,7 +286,7 @@ class StepRecorder(TorchDispatchMode):
             if not isinstance(t, torch.Tensor):
                 continue
             st = t.untyped_storage()
-            if st in self._static or st in self._by_storage:
+            if st in self._static or st in self._by_storage or st in self._host:
                 continue
             n = self._nbytes(st)
             self._static[st] = n
@@ -304,6 +308,44 @@ class StepRecorder(TorchDispatchMode):
             if self._trace is not None and entry[0].trace_key is not None:
                 self._trace.append(("f", entry[0].trace_key))
 
+    def host_static(self, tensors) -> None:
+        """Tensors that live in host memory for the whole step (streamed parameters on a CUDA
+        target): :meth:`register_static` does not count them."""
+        for t in tensors:
+            self._host[t.untyped_storage()] = True
+
+    def in_host_memory(self, t: torch.Tensor) -> bool:
+        """Whether ``t`` was declared host-resident (:meth:`host_static`)."""
+        return t.untyped_storage() in self._host
+
+    def nbytes_of(self, t: torch.Tensor) -> int:
+        return self._nbytes(t.untyped_storage())
+
+    def mark_weight(self, t: torch.Tensor) -> None:
+        """``t`` (just allocated) is a streamed parameter's device copy (:attr:`StorageRecord.weight`)."""
+        entry = self._by_storage.get(t.untyped_storage())
+        if entry is not None:
+            entry[0].weight = True
+
+    def resize(self, t: torch.Tensor, nbytes: int) -> None:
+        """``t``'s storage was resized to ``nbytes`` (a streamed copy freed, or fetched again)."""
+        entry = self._by_storage.get(t.untyped_storage())
+        if entry is None:
+            return
+        rec = entry[0]
+        new = round_allocation(nbytes, self.granularity) if nbytes else 0
+        if not rec.excluded:
+            self.live_bytes += new - rec.nbytes
+            if self._trace is not None:
+                if rec.nbytes and rec.trace_key is not None:
+                    self._trace.append(("f", rec.trace_key))
+                if new:
+                    rec.trace_key = self._next_key
+                    self._next_key += 1
+                    self._trace.append(("m", rec.trace_key, new))
+        rec.nbytes = new
+        self._bump_peak()
+
     def is_static(self, t: torch.Tensor) -> bool:
         return t.untyped_storage() in self._static
 
@@ -321,10 +363,12 @@ class StepRecorder(TorchDispatchMode):
             self._trace.append(("m", key, nbytes))
 
         def on_free(_ref, self=self, nbytes=nbytes, record=record, key=key):
-            if record is not None and record.excluded:
-                return
+            if record is not None:
+                if record.excluded:
+                    return
+                nbytes, key = record.nbytes, record.trace_key  # (a resized storage: its current size)
             self.live_bytes -= nbytes
-            if self._trace is not None:
+            if self._trace is not None and nbytes:
                 self._trace.append(("f", key))
             if record is not None:
                 record.freed = len(self.intervals) - 1
@@ -364,7 +408,7 @@ class StepRecorder(TorchDispatchMode):
             if ops:
                 ops[-1].saves = True  # autograd saves right after the op that needs it ran
         entry = self._by_storage.get(t.untyped_storage())
-        if entry is not None:
+        if entry is not None and not entry[0].weight:
             rec = entry[0]
             unit = self.unit_stack[-1] if self.unit_stack else None
             if unit is None:

@@ -67,6 +67,10 @@ class RecordingSetup:
     """The recorder, once the recording has run."""
     grad_order: list[str] = field(default_factory=list)
     """The parameters in the order backward completed their gradients, once the step has run."""
+    units: tuple[str, ...] = ()
+    """The profile's units (names as :func:`memtune.units.split_unit` reads them)."""
+    host_params: set[str] = field(default_factory=set)
+    """Parameters that live and step in host memory (an optimizer recording)."""
 
     def retype_params(self, dtypes: dict[str, torch.dtype]) -> None:
         """Store the parameters named in ``dtypes`` in those dtypes (new empty parameters; the

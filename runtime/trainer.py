@@ -128,6 +128,9 @@ class Trainer:
         self._saved_step: int | None = None
         self.compiled = is_compiled(model)
         """Whether ``model`` is a ``torch.compile`` wrapper: plans go to the module it compiles."""
+        if self.compiled:  # (levers whose hooks swap what the compiled graph reads stay off)
+            self.planner_options["levers"] = {**self.planner_options.get("levers", {}),
+                                              **held_at_default(lambda lever: not lever.runs_compiled)}
         self.max_compiled_plans = c.max_compiled_plans
         self._compiled_plans: list[Plan] = []
         self._recompiles = RecompileCounter() if self.compiled else None
@@ -346,17 +349,20 @@ class Trainer:
 
                 self.optimizer = shard_optimizer(self.optimizer)  # Newton-Schulz on whole matrices
         elif self.optimizer is None:
-            self.optimizer = apply_plan(self.model, plan, settings=self.optimizer_settings)
+            self.optimizer = apply_plan(self.model, plan, settings=self.optimizer_settings, device=self.device)
             if self._move_after_plan:
-                # The plan has made the weights fit (bf16, say): now they go to the device. The
-                # Parameter objects are kept, so the optimizer and the levers' hooks hold them still;
-                # the optimizer has no state yet, and creates it on the device.
-                self.model.to(self.device)
+                # The plan has made the weights fit (bf16, or streamed from host memory): now they go
+                # to the device, but for those a lever keeps in host memory. The Parameter objects
+                # are kept, so the optimizer and the levers' hooks hold them still; the optimizer has
+                # no state yet, and creates it where each parameter lives.
+                from memtune.streaming import move_model
+
+                move_model(self.model, self.device)
                 self._move_after_plan = False
                 gc.collect()
         else:
             # The optimizer and its state are kept; it is re-wrapped if the plan steps it differently.
-            self.optimizer = apply_plan(self.model, plan, optimizer=self.optimizer)
+            self.optimizer = apply_plan(self.model, plan, optimizer=self.optimizer, device=self.device)
             if plan.parallel is not None:
                 from memtune.distributed import set_reshard_after_forward
 
@@ -663,6 +669,10 @@ class Trainer:
 
     def _free_failed_step(self) -> None:
         self.runner.phase = TrainerPhase.IDLE
+        from memtune.apply import applied_levers
+
+        for applied in applied_levers(self.model).values():
+            applied.discard_step()
         self.optimizer.zero_grad(set_to_none=True)
         gc.collect()
         if self.device.type == "cuda":

@@ -1,5 +1,5 @@
 """The plan dimensions that fit what does not fit: bf16 weights, the optimizer step in backward,
-optimizer-state offload and a chunked loss.
+optimizer-state offload, weight offload and a chunked loss.
 
 For each: the same maths where it should be (torch.equal against the ordinary step), and
 fidelity on real CPU steps: plans pinned to the dimension, planned at a budget between the
@@ -118,13 +118,16 @@ def test_chunked_loss_matches_the_full_loss():
 # ----------------------------------------------------------------------------- fidelity
 def _profile(case: Case):
     return memtune.profile(fresh(case), case.batch, loss_fn=case.loss_fn, target="cpu",
-                           space=memtune.PlanSpace(levers={"state_offload": (False, 0.5, True), "micro_batch_size": (2,)}))
+                           space=memtune.PlanSpace(levers={"state_offload": (False, 0.5, True), "micro_batch_size": (2,),
+                                                           "weight_offload": (False, True)}))
 
 
 DIMENSIONS = {
     "bf16-sr": dict(levers={"weights": ("bf16-sr",), "loss_chunks": (None,)}),
     "in_backward": dict(levers={"weights": (None,), "loss_chunks": (None,)}),
     "chunked_loss": dict(levers={"weights": (None,)}),
+    # (On a CPU target it is planned only when asked for: host and device copies are both CPU memory.)
+    "weight_offload": dict(levers={"weight_offload": (True,), "loss_chunks": (None,)}),
     "everything": dict(allow_microbatching=True),
 }
 
@@ -155,6 +158,7 @@ def test_each_dimension_fits_and_matches_memtracker(name, fidelity_rows):
             assert measured <= budget, fidelity_rows[-1]
             assert abs(fidelity_rows[-1]["error"]) <= TOLERANCE, fidelity_rows[-1]
             checked |= {k for k in ("weights", "optimizer_in_backward", "loss_chunks") if getattr(plan, k)}
+            checked |= {"weight_offload"} if plan.variant["weight_offload"] else set()
     # On a CPU target the planner never offloads (host memory is the budget); the state-offload
     # step itself is measured on a plan built by hand: device and host copies are both CPU memory.
     # Half of it (the parameters updated first keep theirs on the device) likewise.
@@ -170,7 +174,7 @@ def test_each_dimension_fits_and_matches_memtracker(name, fidelity_rows):
         measured = _measure(case, plan)
         fidelity_rows.append(_row(name, plan, None, measured, f"state-offload {share}"))
         assert abs(fidelity_rows[-1]["error"]) <= TOLERANCE, fidelity_rows[-1]
-    assert checked >= {"weights", "optimizer_in_backward", "loss_chunks"}, checked
+    assert checked >= {"weights", "optimizer_in_backward", "loss_chunks", "weight_offload"}, checked
 
 
 @pytest.mark.slow

@@ -18,10 +18,12 @@ from .in_backward import OptimizerInBackwardLever
 from .loss_chunks import LossChunksLever
 from .micro_batch import MicroBatchLever
 from .state_offload import StateOffloadLever
+from .weight_offload import WeightOffloadLever
 from .weights import WeightsLever
 
 LEVERS: dict[str, Lever] = {lever.name: lever for lever in (
     StateOffloadLever(),
+    WeightOffloadLever(),
     WeightsLever(),
     OptimizerInBackwardLever(),
     MicroBatchLever(),

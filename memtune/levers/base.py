@@ -76,6 +76,10 @@ class Applied:
         """The pieces a step runs ``batch`` as, each with the weight of its loss."""
         return [(batch, 1.0)]
 
+    def discard_step(self) -> None:
+        """A step failed part-way (an out-of-memory error): drop what it left behind before the
+        runtime retries or re-plans."""
+
     def remove(self) -> None:
         """Undo what :meth:`Lever.apply` did to the model."""
 
@@ -118,6 +122,9 @@ class Lever:
     allows_global_grad_clip: ClassVar[bool] = True
     """Every gradient exists at once before the optimizer step, so a global gradient-norm clip
     can run (a run with ``max_grad_norm`` keeps a lever without this at its default)."""
+    runs_compiled: ClassVar[bool] = True
+    """It runs under ``torch.compile`` (the runtime holds it at its default for a compiled model
+    otherwise)."""
     supported_under_parallel: ClassVar[bool] = False
     """It runs under ``torch.distributed`` (FSDP2/DDP); otherwise the distributed planner keeps
     it at its default."""
