@@ -140,13 +140,19 @@ MIN_HOST_RESERVE_BYTES = 2 << 30
 HOST_RESERVE_FRACTION = 0.10
 
 
-def host_available_budget() -> int:
-    """Host memory a plan may pin now: what psutil reports available, less a reserve for the
-    process itself, the data loader and the page cache (10% of the machine's RAM, at least 2 GiB)."""
+def host_reserve_bytes() -> int:
+    """Host memory kept free for the process itself, the data loader and the page cache: 10% of
+    the machine's RAM, at least 2 GiB."""
     import psutil
 
-    vm = psutil.virtual_memory()
-    return max(0, int(vm.available - max(MIN_HOST_RESERVE_BYTES, HOST_RESERVE_FRACTION * vm.total)))
+    return int(max(MIN_HOST_RESERVE_BYTES, HOST_RESERVE_FRACTION * psutil.virtual_memory().total))
+
+
+def host_available_budget() -> int:
+    """Host memory a plan may pin now: what psutil reports available, less :func:`host_reserve_bytes`."""
+    import psutil
+
+    return max(0, int(psutil.virtual_memory().available - host_reserve_bytes()))
 
 
 def parse_host_budget(value: "int | str | None") -> int | None:

@@ -110,6 +110,20 @@ class Retuner:
             self.ample_steps = 0
         return None
 
+    @staticmethod
+    def decide_host(available_bytes: int | None, plan_host_bytes: int, reserve_bytes: int) -> RetuneDecision | None:
+        """Host memory: when what is available falls below ``reserve_bytes`` while the plan pins
+        ``plan_host_bytes`` (offloaded state, activations, streamed weights), a host budget that
+        gives the shortfall back. Host memory is never relaxed: the budget the run started with
+        (``host_budget``) stays the ceiling."""
+        if not plan_host_bytes or available_bytes is None or available_bytes >= reserve_bytes:
+            return None
+        short = reserve_bytes - available_bytes
+        return RetuneDecision(
+            "host-tighten", max(0, plan_host_bytes - short),
+            f"host memory available fell to {fmt_bytes(available_bytes)}, under the {fmt_bytes(reserve_bytes)} reserve "
+            f"(another process, or the page cache, took it) while the plan pins {fmt_bytes(plan_host_bytes)}")
+
     def state_dict(self) -> dict:
         return {"correction": self.correction, "ample_steps": self.ample_steps}
 

@@ -738,6 +738,8 @@ class Trainer:
         return sample.device_free_bytes + (sample.reserved_bytes or 0)
 
     def _retune(self, sample) -> None:
+        if self.dist is None and self._tighten_host(sample):
+            return
         available = self._available_bytes(sample)
         if self.dist is not None:
             # One decision for all ranks: the least memory any rank has, the largest correction
@@ -767,6 +769,28 @@ class Trainer:
                                           f"already (max_compiled_plans={self.max_compiled_plans})"})
             return
         self._install(plan, kind=decision.kind, reason=decision.reason)
+
+    def _tighten_host(self, sample) -> bool:
+        """Re-plan to pin less host memory when host memory runs short (the planner's host
+        budget shrinks by the shortfall for the rest of the run). Whether it re-planned."""
+        from memtune.budget import host_reserve_bytes
+
+        pinned = self.plan.memory.host_bytes if self.plan.memory is not None else 0
+        decision = self.retuner.decide_host(getattr(sample, "host_available_bytes", None), pinned, host_reserve_bytes())
+        if decision is None:
+            return False
+        before = self.planner_options.get("host_budget")
+        self.planner_options["host_budget"] = decision.budget_bytes
+        try:
+            plan = self._make_plan(self.plan_budget_bytes, lossless=True)
+        except InfeasibleBudgetError as e:
+            self.planner_options["host_budget"] = before
+            log.warning("cannot pin less host memory at step %d: %s", self.step_count, e)
+            self.events.append({"step": self.step_count, "kind": "host-tighten-infeasible", "reason": decision.reason,
+                                "host_budget_bytes": decision.budget_bytes})
+            return False
+        self._install(plan, kind=decision.kind, reason=decision.reason)
+        return True
 
     # ------------------------------------------------------------------ loops
     def train(self, loader: Iterable, *, steps: int | None = None, epochs: int | None = None) -> list[dict[str, Any]]:

@@ -30,6 +30,7 @@ class WeightOffloadLever(SwitchLever):
     affects_optimizer = True
     changeable_mid_run = False  # moving the weights between memories mid-run is not done
     runs_compiled = False  # its hooks swap the modules' parameters, which a compiled graph would guard on
+    profile_on_demand = True  # the runtime records it only when nothing fits without it (or only lossily)
     lossless = True
     numerics = "none: the parameters are copied, not changed, and step in fp32 on the host"
     record_hint = "weight offload (parameters in host memory, streamed per unit)"

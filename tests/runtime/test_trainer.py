@@ -151,6 +151,34 @@ def test_replayed_telemetry_tightens_at_step_k_and_relaxes_after_release():
     assert all(h["peak_bytes"] <= 0.55 * usable for h in held)
 
 
+def test_host_memory_running_short_lowers_the_host_budget_and_replans():
+    """A plan that pins host memory (said to here: a CPU plan pins none, its host memory is the
+    device) while what the host has available falls under the reserve: the run's host budget
+    shrinks by the shortfall and it re-plans ("host-tighten"). A host that keeps its reserve, or
+    a plan that pins nothing, changes nothing."""
+    import dataclasses
+    from types import SimpleNamespace
+
+    from memtune.budget import host_reserve_bytes
+    from memtune.runtime.retune import Retuner
+
+    reserve = host_reserve_bytes()
+    assert Retuner.decide_host(reserve, 8 << 30, reserve) is None
+    assert Retuner.decide_host(0, 0, reserve) is None
+    assert Retuner.decide_host(None, 8 << 30, reserve) is None
+    data = batches(2, batch_size=8, block=64)
+    trainer = memtune.fit(gpt(2, 64), "1GB", progress=False, device="cpu")
+    trainer.step(data[0])
+    pinned = 8 << 30
+    trainer.plan = dataclasses.replace(trainer.plan, memory=dataclasses.replace(trainer.plan.memory, host_bytes=pinned))
+    assert not trainer._tighten_host(SimpleNamespace(host_available_bytes=reserve + 1))
+    assert trainer._tighten_host(SimpleNamespace(host_available_bytes=reserve - (1 << 30)))
+    assert trainer.planner_options["host_budget"] == pinned - (1 << 30)
+    event = trainer.events[-1]
+    assert event["kind"] == "host-tighten" and "under the" in event["reason"] and "reserve" in event["reason"]
+    trainer.step(data[1])
+
+
 @pytest.mark.parametrize("form", ["dict", "tuple_loss_fn", "tuple_model_loss", "tensor"])
 def test_batch_forms(form):
     x, y = batches(1, batch_size=4, block=32)[0]
