@@ -2,7 +2,8 @@
 
     python benchmarks/weight_offload_fidelity.py      # about 80 s on 2 cores
 
-Each model is profiled on the CPU with weight offload recorded, planned at 80% of its unplanned
+Each model (and a PEFT LoRA Llama, whose frozen base weights stream too) is profiled on the CPU
+with weight offload recorded, planned at 80% of its unplanned
 peak with weight offload pinned on, applied, and (1) trained two steps beside the same plan
 without weight offload: the parameters must be ``torch.equal``; (2) measured by MemTracker over
 one planned step against the prediction. On a CPU target the host Parameters and the device
@@ -44,9 +45,23 @@ def train(case, plan, steps=2):
     return model
 
 
+def cases() -> dict:
+    """The joint-fidelity families, and a LoRA-wrapped HF Llama (tests/runtime/test_lora.py)."""
+    from cases import Case
+
+    out = dict(sorted(CASES.items()))
+    try:
+        sys.path.insert(0, str(ROOT / "tests" / "runtime"))
+        from test_lora import batches, lora_llama
+    except ImportError:  # (peft not installed)
+        return out
+    out["lora_llama"] = Case("lora_llama", lora_llama, batches(1)[0])
+    return out
+
+
 def main() -> None:
     rows = []
-    for name, case in sorted(CASES.items()):
+    for name, case in cases().items():
         t0 = time.perf_counter()
         prof = memtune.profile(fresh(case), case.batch, loss_fn=case.loss_fn, target="cpu",
                                space=memtune.PlanSpace(levers={"weight_offload": (False, True)}))
