@@ -48,6 +48,16 @@ class StreamObserver:
         """``grad``, a parameter's gradient, was just allocated in host memory."""
 
 
+_OBSERVERS: list[StreamObserver] = []
+"""Observers of every stream (the runtime's CPU memory guard, which a storage resize bypasses)."""
+
+
+def register_observer(observer: StreamObserver) -> Callable[[], None]:
+    """Tell ``observer`` what every stream does from now on; returns the function that stops it."""
+    _OBSERVERS.append(observer)
+    return lambda: _OBSERVERS.remove(observer)
+
+
 @dataclass(eq=False)
 class _Slot:
     module: nn.Module
@@ -128,6 +138,10 @@ class WeightStream:
         """Gradients to host memory."""
         self._end_queued = False
 
+    def _notify(self, event: str, *args) -> None:
+        for observer in (self.observer, *_OBSERVERS):
+            getattr(observer, event)(*args)
+
     @property
     def streamed(self) -> list[str]:
         return [s.fqn for u in self.units for s in u.slots]
@@ -141,7 +155,7 @@ class WeightStream:
                 copy = nn.Parameter(torch.empty_like(host, device=self.device or host.device),
                                     requires_grad=host.requires_grad)
             slot.copy, slot.copy_of = copy, host
-            self.observer.created(copy)
+            self._notify("created", copy)
             if host.requires_grad:
                 copy.register_post_accumulate_grad_hook(lambda q, slot=slot: self._grad_done(slot, q))
             return copy
@@ -149,7 +163,7 @@ class WeightStream:
         if st.nbytes() == 0:
             need = slot.copy.numel() * slot.copy.element_size()
             st.resize_(need)
-            self.observer.resized(slot.copy, need)
+            self._notify("resized", slot.copy, need)
         return slot.copy
 
     def fetch(self, unit: _Unit, *, prefetch: bool = False, read_host: bool = False) -> None:
@@ -195,7 +209,7 @@ class WeightStream:
         for slot in unit.slots:
             if slot.copy is not None and slot.copy.untyped_storage().nbytes():
                 slot.copy.untyped_storage().resize_(0)
-                self.observer.resized(slot.copy, 0)
+                self._notify("resized", slot.copy, 0)
         unit.resident = False
 
     def _wait(self, unit: _Unit) -> None:
@@ -260,7 +274,7 @@ class WeightStream:
             if host.grad is None:
                 h = torch.empty(host.shape, dtype=host.dtype, device=host.device,
                                 pin_memory=self._d2h is not None)
-                self.observer.host_grad(h)
+                self._notify("host_grad", h)
                 if self._d2h is None:
                     h.copy_(g)
                 else:  # on the device-to-host engine, behind the rest of backward

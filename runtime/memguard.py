@@ -45,14 +45,49 @@ class TensorMemoryGuard(TorchDispatchMode):
     def _add(self, st: torch.UntypedStorage) -> int:
         if st in self._storages:
             return 0
-        n = int(st.nbytes())
+        size = [int(st.nbytes())]  # (a streamed weight's storage is resized: see resized())
 
-        def on_free(_ref, self=self, n=n):
-            self.live_bytes -= n
+        def on_free(_ref, self=self, size=size):
+            self.live_bytes -= size[0]
 
-        self._storages[st] = weakref.ref(st, on_free)
-        self.live_bytes += n
-        return n
+        self._storages[st] = (weakref.ref(st, on_free), size)
+        self.live_bytes += size[0]
+        return size[0]
+
+    def __enter__(self):
+        # Weight offload frees and refills its device copies by resizing their storage, which no
+        # op dispatch shows: the streams tell the guard (memtune.streaming).
+        from memtune.streaming import register_observer
+
+        self._unregister = register_observer(self)
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        self._unregister()
+        return super().__exit__(*exc)
+
+    def created(self, t: torch.Tensor) -> None:
+        pass
+
+    def host_grad(self, t: torch.Tensor) -> None:
+        pass
+
+    def resized(self, t: torch.Tensor, nbytes: int) -> None:
+        entry = self._storages.get(t.untyped_storage())
+        if entry is None:
+            return
+        self.live_bytes += nbytes - entry[1][0]
+        entry[1][0] = nbytes
+        self._check(f"a streamed weight's copy of {fmt_bytes(nbytes)}")
+
+    def _check(self, what) -> None:
+        if self.live_bytes > self.peak_bytes:
+            self.peak_bytes = self.live_bytes
+        if self.limit_bytes is not None and self.live_bytes > self.limit_bytes:
+            raise torch.OutOfMemoryError(
+                f"memtune CPU budget exceeded: {what} needs tracked tensor memory of {fmt_bytes(self.live_bytes)}, "
+                f"over the {fmt_bytes(self.limit_bytes)} budget"
+            )
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
@@ -60,15 +95,11 @@ class TensorMemoryGuard(TorchDispatchMode):
         for t in leaves:
             if isinstance(t, torch.Tensor):
                 self._add(t.untyped_storage())
-        if self.live_bytes > self.peak_bytes:
-            self.peak_bytes = self.live_bytes
-        if self.limit_bytes is not None and self.live_bytes > self.limit_bytes:
-            over = self.live_bytes
+        try:
+            self._check(func)
+        except torch.OutOfMemoryError:
             del out, leaves  # the failed allocation is released, as with a real allocator
-            raise torch.OutOfMemoryError(
-                f"memtune CPU budget exceeded: {func} needs tracked tensor memory of {fmt_bytes(over)}, "
-                f"over the {fmt_bytes(self.limit_bytes)} budget"
-            )
+            raise
         return out
 
 
