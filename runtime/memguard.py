@@ -81,8 +81,7 @@ class TensorMemoryGuard(TorchDispatchMode):
         self._check(f"a streamed weight's copy of {fmt_bytes(nbytes)}")
 
     def _check(self, what) -> None:
-        if self.live_bytes > self.peak_bytes:
-            self.peak_bytes = self.live_bytes
+        self.peak_bytes = max(self.peak_bytes, self.live_bytes)
         if self.limit_bytes is not None and self.live_bytes > self.limit_bytes:
             raise torch.OutOfMemoryError(
                 f"memtune CPU budget exceeded: {what} needs tracked tensor memory of {fmt_bytes(self.live_bytes)}, "

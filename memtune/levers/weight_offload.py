@@ -94,6 +94,18 @@ def _unit_modules(model, unit_fqns) -> list:
     return out
 
 
+def _install(model, unit_fqns, device, observer):
+    """A :class:`~memtune.streaming.WeightStream` over ``model``'s units, its hooks installed at
+    the unit boundaries the profiler's recorder uses: (stream, hook handles)."""
+    from memtune.step_recording import hook_units
+    from memtune.streaming import WeightStream
+
+    units = _unit_modules(model, unit_fqns)
+    ws = WeightStream(model, units, device, observer=observer)
+    modules = dict(model.named_modules())
+    return ws, ws.install(lambda pre, post: hook_units(modules, [u for u, _ in units], pre, post))
+
+
 def _streamed(setup) -> set[str]:
     from memtune.streaming import owned_parameters
 
@@ -103,8 +115,7 @@ def _streamed(setup) -> set[str]:
 
 def _stream_in_recording(rec, setup) -> list:
     """Run the stream in a step recording: the recorder follows every copy's storage."""
-    from memtune.step_recording import hook_units
-    from memtune.streaming import StreamObserver, WeightStream
+    from memtune.streaming import StreamObserver
 
     on_device = rec.target == "cpu"
 
@@ -121,13 +132,10 @@ def _stream_in_recording(rec, setup) -> list:
             else:
                 rec.exclude(grad)
 
-    units = _unit_modules(setup.model, setup.units)
-    ws = WeightStream(setup.model, units, None, observer=Observer())
+    ws, handles = _install(setup.model, setup.units, None, Observer())
     names = set(ws.streamed)
     if not on_device:
         rec.host_static([p for n, p in setup.params.items() if n in names])
-    modules = dict(setup.model.named_modules())
-    handles = ws.install(lambda pre, post: hook_units(modules, [u for u, _ in units], pre, post))
 
     class _Drop:
         def remove(self):
@@ -141,17 +149,13 @@ class _Streamed(Applied):
     def __init__(self, model, plan, device):
         import torch
 
-        from memtune.step_recording import hook_units
-        from memtune.streaming import WeightStream, to_host
+        from memtune.streaming import to_host
 
         self.device = device or next((p.device for p in model.parameters()), torch.device("cpu"))
-        units = _unit_modules(model, list(plan.decisions))
-        self.stream = WeightStream(model, units, self.device)
+        self.stream, self.handles = _install(model, list(plan.decisions), self.device, None)
         params = dict(model.named_parameters())
         self.host_params = [params[n] for n in self.stream.streamed]
         to_host(self.host_params, pin=self.device.type == "cuda")
-        modules = dict(model.named_modules())
-        self.handles = self.stream.install(lambda pre, post: hook_units(modules, [u for u, _ in units], pre, post))
 
     def discard_step(self) -> None:
         """Every host parameter back in its module, no device copy left."""
