@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.autograd.graph import get_gradient_edge
 from torch.utils._pytree import tree_flatten
 
 
@@ -71,6 +72,9 @@ class _Slot:
     """What the module held before the copy was registered (put back after)."""
     copy_of: torch.Tensor | None = None
     """The host parameter ``copy`` was made for (a recording brings new fake parameters)."""
+    grad_node: Any = None
+    """``copy``'s gradient accumulator, taken while its storage is allocated (asking a resized
+    fake tensor for it re-allocates the storage)."""
     unit: Any = None
 
 
@@ -158,6 +162,7 @@ class WeightStream:
             self._notify("created", copy)
             if host.requires_grad:
                 copy.register_post_accumulate_grad_hook(lambda q, slot=slot: self._grad_done(slot, q))
+                slot.grad_node = get_gradient_edge(copy).node
             return copy
         st = slot.copy.untyped_storage()
         if st.nbytes() == 0:
@@ -255,6 +260,10 @@ class WeightStream:
         if not self._end_queued:  # once per backward pass: where it ends, everything is put back
             self._end_queued = True
             torch.autograd.Variable._execution_engine.queue_callback(self._backward_done)
+        # A copy that takes no part in this backward (an expert no token was routed to) gets no
+        # gradient: its unit does not wait for one.
+        unit.pending -= sum(1 for s in unit.slots if s.grad_node is not None
+                            and not torch._C._will_engine_execute_node(s.grad_node))
         unit.in_backward = True
         self.fetch(unit)
         self._wait(unit)
@@ -262,7 +271,7 @@ class WeightStream:
         nxt = self._next(unit, -1)
         if nxt is not None and self._stream is not None and nxt.pending:
             self.fetch(nxt, prefetch=True)
-        if unit.pending == 0:
+        if unit.pending <= 0:
             self._finish_backward(unit)
 
     def _grad_done(self, slot: _Slot, q: torch.Tensor) -> None:
@@ -327,7 +336,7 @@ class WeightStream:
             unit.resident = True
             self.release(unit)
             for s in unit.slots:
-                s.copy = s.copy_of = s.host = None
+                s.copy = s.copy_of = s.host = s.grad_node = None
 
 
 def to_host(params: list[nn.Parameter], *, pin: bool) -> None:
