@@ -31,13 +31,14 @@ own precision (e.g. int8 codes), so the measured step is already a steady-state 
 reads that state and replaces it, as every later step does."""
 
 
-def optimizer_state_tensors(opt) -> list[torch.Tensor]:
-    """Every tensor in ``opt``'s state (none for ``None``)."""
+def optimizer_state_tensors(opt, params=None) -> list[torch.Tensor]:
+    """Every tensor in ``opt``'s state (none for ``None``), or in that of ``params`` only."""
     from torch.utils._pytree import tree_flatten
 
     if opt is None:
         return []
-    leaves, _ = tree_flatten([dict(s) for s in opt.state.values()])
+    states = opt.state.values() if params is None else (opt.state.get(p, {}) for p in params)
+    leaves, _ = tree_flatten([dict(s) for s in states])
     return [t for t in leaves if isinstance(t, torch.Tensor)]
 
 
@@ -184,7 +185,10 @@ def _record_optimizer_step(setup: RecordingSetup, config: OptimizerPlan, *, vari
                 p.grad = torch.zeros_like(p)
         for p in on_host:
             p.grad = None
-        hosts = _host_buffers(opt) + [t for p in on_host for t in _state_of(opt, p)]
+
+        def host_tensors() -> list[torch.Tensor]:  # (the step replaces state tensors: read them anew)
+            return _host_buffers(opt) + optimizer_state_tensors(opt, on_host)
+        hosts = host_tensors()
         host_ids = {id(t.untyped_storage()) for t in hosts}
         device_state = [t for t in optimizer_state_tensors(opt) if target == "cpu" or id(t.untyped_storage()) not in host_ids]
         rec = StepRecorder(granularity=granularity, target=target)
@@ -218,7 +222,7 @@ def _record_optimizer_step(setup: RecordingSetup, config: OptimizerPlan, *, vari
         else:
             iv = next(iv for iv in rec.intervals if iv.name == StepEvent.OPTIM_START)
             transient = max(0, iv.peak_bytes - iv.live_bytes)
-        hosts = _host_buffers(opt) + [t for p in on_host for t in _state_of(opt, p)]
+        hosts = host_tensors()
         host_ids = {id(t.untyped_storage()) for t in hosts}
         all_state = optimizer_state_tensors(opt)
         # (A streamed parameter and its gradient: pinned host memory too.)
@@ -255,16 +259,6 @@ class ParamView(torch.nn.Module):
 
     def modules(self):
         return self._model.modules()
-
-
-def _state_of(opt, p: torch.Tensor) -> list[torch.Tensor]:
-    """The tensors of ``p``'s optimizer state (hybrid optimizers keep it in their parts)."""
-    inner = getattr(opt, "inner", opt)
-    for part in (getattr(inner, "parts", None) or {"": inner}).values():
-        state = part.state.get(p)
-        if state:
-            return [t for t in state.values() if isinstance(t, torch.Tensor)]
-    return []
 
 
 def _host_buffers(opt) -> list[torch.Tensor]:

@@ -86,6 +86,8 @@ class _Unit:
     """Gradients (and the unit's backward end) still to come before its copies are freed."""
     in_backward: bool = False
     resident: bool = False
+    index: int = 0
+    """Its place in forward order."""
     ready: Any = None
     """A CUDA event the side stream records once a prefetch has landed."""
 
@@ -130,11 +132,11 @@ class WeightStream:
         self.observer = observer or StreamObserver()
         owned = owned_parameters(model, units)
         self.units = [_Unit(name, [_Slot(m, a, f) for m, a, f in owned[name]]) for name, _ in units]
-        for unit in self.units:
+        for i, unit in enumerate(self.units):
+            unit.index = i
             for slot in unit.slots:
                 slot.unit = unit
         self._by_name = {u.name: u for u in self.units}
-        self._order = [u.name for u in self.units]
         cuda = self.device is not None and self.device.type == "cuda"
         self._stream = torch.cuda.Stream(self.device) if cuda else None
         """Host-to-device copies ahead of the unit that needs them."""
@@ -209,8 +211,6 @@ class WeightStream:
 
     def release(self, unit: _Unit) -> None:
         """Free ``unit``'s device copies (their storage; saved views keep the storage object)."""
-        if not unit.resident:
-            return
         for slot in unit.slots:
             if slot.copy is not None and slot.copy.untyped_storage().nbytes():
                 slot.copy.untyped_storage().resize_(0)
@@ -223,8 +223,8 @@ class WeightStream:
             unit.ready = None
 
     def _next(self, unit: _Unit, step: int) -> _Unit | None:
-        i = self._order.index(unit.name) + step
-        return self._by_name[self._order[i]] if 0 <= i < len(self._order) else None
+        i = unit.index + step
+        return self.units[i] if 0 <= i < len(self.units) else None
 
     # ------------------------------------------------------------------ hooks
     def _pre_forward(self, unit: _Unit):
@@ -333,7 +333,6 @@ class WeightStream:
             unit.in_backward = False
             unit.pending = 0
             self._register(unit, copies=False)
-            unit.resident = True
             self.release(unit)
             for s in unit.slots:
                 s.copy = s.copy_of = s.host = s.grad_node = None
@@ -360,7 +359,7 @@ def move_model(model: nn.Module, device: torch.device) -> None:
     """``model.to(device)``, but for the parameters an applied weight offload keeps in host memory."""
     from memtune.apply import applied_levers
 
-    keep = {id(p) for a in applied_levers(model).values() for p in getattr(a, "host_params", ())}
+    keep = {id(p) for a in applied_levers(model).values() for p in a.host_params}
     for mod in model.modules():
         for name, p in mod._parameters.items():
             if p is not None and id(p) not in keep and p.device != device:

@@ -21,10 +21,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.weak import WeakIdKeyDictionary
 
+from memtune.streaming import StreamObserver, register_observer
 from memtune.units_fmt import fmt_bytes
 
 
-class TensorMemoryGuard(TorchDispatchMode):
+class TensorMemoryGuard(TorchDispatchMode, StreamObserver):
     """Live tensor bytes with a hard limit. ``limit_bytes=None`` only measures."""
 
     def __init__(self, limit_bytes: int | None = None):
@@ -57,20 +58,12 @@ class TensorMemoryGuard(TorchDispatchMode):
     def __enter__(self):
         # Weight offload frees and refills its device copies by resizing their storage, which no
         # op dispatch shows: the streams tell the guard (memtune.streaming).
-        from memtune.streaming import register_observer
-
         self._unregister = register_observer(self)
         return super().__enter__()
 
     def __exit__(self, *exc):
         self._unregister()
         return super().__exit__(*exc)
-
-    def created(self, t: torch.Tensor) -> None:
-        pass
-
-    def host_grad(self, t: torch.Tensor) -> None:
-        pass
 
     def resized(self, t: torch.Tensor, nbytes: int) -> None:
         entry = self._storages.get(t.untyped_storage())

@@ -776,6 +776,8 @@ class Trainer:
         from memtune.budget import host_reserve_bytes
 
         pinned = self.plan.memory.host_bytes if self.plan.memory is not None else 0
+        if not pinned:  # (every step: no psutil reading when the plan pins nothing)
+            return False
         decision = self.retuner.decide_host(getattr(sample, "host_available_bytes", None), pinned, host_reserve_bytes())
         if decision is None:
             return False

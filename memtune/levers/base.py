@@ -71,6 +71,9 @@ class Applied:
     precision: str | None = None
     """The precision the step runs under while the lever is applied (``bf16-mixed`` for bf16
     weights, whatever the run's own); ``None``: the run's own."""
+    host_params: tuple = ()
+    """Parameters the lever keeps in host memory: moving the model to its device leaves them
+    (:func:`memtune.streaming.move_model`)."""
 
     def split_batch(self, batch: Any) -> list[tuple[Any, float]]:
         """The pieces a step runs ``batch`` as, each with the weight of its loss."""

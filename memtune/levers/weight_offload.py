@@ -154,7 +154,7 @@ class _Streamed(Applied):
         self.device = device or next((p.device for p in model.parameters()), torch.device("cpu"))
         self.stream, self.handles = _install(model, list(plan.decisions), self.device, None)
         params = dict(model.named_parameters())
-        self.host_params = [params[n] for n in self.stream.streamed]
+        self.host_params = tuple(params[n] for n in self.stream.streamed)
         to_host(self.host_params, pin=self.device.type == "cuda")
 
     def discard_step(self) -> None:
