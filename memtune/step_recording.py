@@ -101,6 +101,27 @@ def forward_loss(model, fparams, fbuffers, fsample, loss_fn, precision) -> tuple
     return out, loss
 
 
+def on_backward_start(outs: list[torch.Tensor], fn: Callable[[], None]) -> list:
+    """Call ``fn`` once, where backward first runs a node that takes one of ``outs``' gradients:
+    after every hook on those gradients has run (hooks that free memory there, as weight
+    offload's release of the unit after this one, come before this unit's backward and its
+    recomputation). Returns the hook handles."""
+    fired = [False]
+
+    def once(*_):
+        if not fired[0]:
+            fired[0] = True
+            fn()
+
+    handles = []
+    for t in outs:
+        if t.grad_fn is not None:  # node pre-hooks run after the tensor hooks on its inputs
+            handles.append(t.grad_fn.register_prehook(lambda grad_outputs: once()))
+        else:  # a leaf the unit returns as it is
+            handles.append(t.register_hook(lambda grad: once()))
+    return handles
+
+
 def record_step(rec: StepRecorder, setup: RecordingSetup, unit_fqns, fbuffers, loss_fn, opt, *,
                 step_optimizer: bool = True) -> None:
     """Run one training step as ``setup`` says, under ``rec``. ``opt``'s state is live for the
@@ -138,7 +159,7 @@ def record_step(rec: StepRecorder, setup: RecordingSetup, unit_fqns, fbuffers, l
             io[fqn]["output_records"] = _records(rec, outs)
             grad_outs = [t for t in outs if t.requires_grad]
             if grad_outs:
-                torch.autograd.graph.register_multi_grad_hook(grad_outs, lambda grads: _bwd_start(fqn), mode="any")
+                handles.extend(on_backward_start(grad_outs, lambda: _bwd_start(fqn)))
             rec.mark(StepEvent.FWD_END, fqn)
         return hook
 

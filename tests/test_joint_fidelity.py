@@ -3,7 +3,7 @@
 For model families beyond the profiler's suite (memtune's zoo plus Hugging Face Llama, GPT-2,
 BERT, T5 and Mixtral configs: decoders, an encoder, an encoder-decoder, two MoEs, a CNN with
 batch norm and a model with value-dependent control flow), plans are sampled across optimizer
-× state precision × Newton-Schulz steps × micro-batching × recompute sets (whole units and
+× state precision × Newton-Schulz steps × micro-batching × weight offload × recompute sets (whole units and
 per-op save sets), at budgets from the
 minimum feasible to 100% of the configuration's unplanned peak. Each plan is applied to a fresh
 model, trained for real CPU steps the way memtune's runtime takes them, and the steady-state
@@ -75,8 +75,9 @@ def fresh(case: Case) -> torch.nn.Module:
 
 def _profile(case: Case):
     # Every family, each at its own NS floor (Muon² 3, Muon 5), every precision, every halved micro-batch.
+    # Weight offload too: on the CPU its copies are host memory, counted as MemTracker counts them.
     return memtune.profile(fresh(case), case.batch, loss_fn=case.loss_fn, target="cpu",
-                           space=memtune.PlanSpace(optimizers=FAMILIES))
+                           space=memtune.PlanSpace(optimizers=FAMILIES, levers={"weight_offload": (False, True)}))
 
 
 def _measure(case: Case, plan: Plan) -> int:
@@ -85,12 +86,14 @@ def _measure(case: Case, plan: Plan) -> int:
     return measure_planned_step(model, case.batch, plan, opt, loss_fn=case.loss_fn)
 
 
-def _pinned_options(opt, micro: int | None) -> dict:
+def _pinned_options(opt, micro: int | None, weight_offload: bool = False) -> dict:
     return dict(optimizer=opt.name, state_dtypes=(opt.state_dtype,), min_ns_steps=opt.ns_steps or None,
-                max_ns_steps=opt.ns_steps or None, levers={"micro_batch_size": (micro,)})
+                max_ns_steps=opt.ns_steps or None,
+                levers={"micro_batch_size": (micro,), "weight_offload": (weight_offload,)})
 
 
 def _row(name, plan, budget, measured, kind):
+    kind += "+wo" if plan.variant.weight_offload else ""
     o = plan.optimizer
     err = (measured - plan.predicted_peak_bytes) / measured
     return dict(model=name, kind=kind, optimizer=f"{o.name}/{o.state_dtype}/ns{o.ns_steps}",
@@ -130,7 +133,7 @@ def test_sampled_plans_fit_and_match_memtracker(name, fidelity_rows):
     for _ in range(PLANNED_PER_MODEL):
         rec = rng.choice(steps)
         micro = rng.choice(micros)
-        opts = _pinned_options(rec, micro)
+        opts = _pinned_options(rec, micro, weight_offload=rng.random() < 0.5)
         with pytest.raises(InfeasibleBudgetError) as info:
             memtune.plan(prof, 1, **opts)
         lo = info.value.min_feasible_bytes
@@ -143,8 +146,8 @@ def test_sampled_plans_fit_and_match_memtracker(name, fidelity_rows):
     for _ in range(RANDOM_PER_MODEL):
         rec = rng.choice(steps)
         micro = rng.choice(micros)
-        draft = memtune.plan(prof, 1 << 50, **_pinned_options(rec, micro))
-        variant = StepVariant(micro_batch_size=draft.micro_batch_size)
+        draft = memtune.plan(prof, 1 << 50, **_pinned_options(rec, micro, weight_offload=rng.random() < 0.5))
+        variant = StepVariant(micro_batch_size=draft.micro_batch_size, weight_offload=draft.variant.weight_offload)
         decisions, save_ops = _random_decisions(prof, variant, rng)
         plan = Plan(budget_bytes=1 << 50, usable_bytes=1 << 50, decisions=decisions, save_ops=save_ops,
                     optimizer=draft.optimizer, variant=variant, grad_accum_steps=draft.grad_accum_steps)
