@@ -453,10 +453,48 @@ def weight_stream_seconds(ctx: CostContext) -> float:
     per_pass = lambda times: {u: s / k for u, s in times.items()}  # noqa: E731 (the base times count every pass)
     fwd = exposed(order, per_pass(ctx.unit_forward_s), {})
     bwd = exposed(list(reversed(order)), per_pass(ctx.unit_backward_s), grad_bytes)
-    host = _optimizer_seconds_per_param(profile, ctx.optimizer, HOST_SPEC, fp32_working_copy=ctx.fp32_working_copy)
+    host = _optimizer_parts_per_param(profile, ctx.optimizer, HOST_SPEC, fp32_working_copy=ctx.fp32_working_copy)
     device = _optimizer_seconds_per_param(profile, ctx.optimizer, spec, fp32_working_copy=ctx.fp32_working_copy)
-    step = sum(host[f] - device[f] for f in streamed if f in host and f in device)
+    opt = ctx.optimizer or _profiled_optimizer(profile)
+    shapes = {p.fqn: p.shape for p in profile.params}
+    step = 0.0
+    for f in streamed:
+        if f not in host or f not in device:
+            continue
+        ns, el = host[f]
+        if ns and ns_on_device(shapes[f], opt.ns_steps, spec, bw):
+            ns = device_ns_seconds(shapes[f], opt.ns_steps, spec, bw)
+        step += ns + el - device[f]
     return k * (fwd + bwd) + step
+
+
+def _ns_work(shape: tuple[int, ...], steps: int) -> tuple[float, int, int]:
+    """(FLOPs, kernels, elements) of one parameter's Newton-Schulz, as Muon² views it (a 3-D
+    parameter is a batch of matrices, a higher one is flattened to rows × the rest)."""
+    rows, cols = (shape[0], math.prod(shape[1:])) if len(shape) != 3 else shape[1:]
+    batch = shape[0] if len(shape) == 3 else 1
+    return float(batch * ns_flops(rows, cols, steps)), batch * 3 * steps, batch * rows * cols
+
+
+def _ns_seconds(shape: tuple[int, ...], steps: int, spec: DeviceSpec) -> float:
+    flops, kernels, _ = _ns_work(shape, steps)
+    return flops / (spec.bf16_flops * spec.matmul_efficiency) + kernels * spec.kernel_overhead_s
+
+
+def device_ns_seconds(shape: tuple[int, ...], steps: int, spec: DeviceSpec, link_bandwidth: float) -> float:
+    """A host-resident matrix's Newton-Schulz on the device (:func:`memtune.optim.muon2.orthogonalize`):
+    its bf16 input over the link to the device, the iterations there, its bf16 result back."""
+    elements = _ns_work(shape, steps)[2]
+    return _ns_seconds(shape, steps, spec) + 2 * (2 * elements / link_bandwidth + spec.kernel_overhead_s)
+
+
+def ns_on_device(shape: tuple[int, ...], steps: int, spec: DeviceSpec, link_bandwidth: float) -> bool:
+    """Whether a matrix that steps in host memory (weight offload) orthogonalizes faster on the
+    device, transfers included, than on the host (:data:`HOST_SPEC`). On a CPU target there is
+    no other device. The runtime asks the same question of the same numbers."""
+    if spec.kind != "cuda" or len(shape) < 2:
+        return False
+    return device_ns_seconds(shape, steps, spec, link_bandwidth) < _ns_seconds(shape, steps, HOST_SPEC)
 
 
 def _optimizer_seconds(profile: ModelProfile, opt: OptimizerPlan | None, spec: DeviceSpec, *,
@@ -485,7 +523,18 @@ def _optimizer_seconds_per_param(profile: ModelProfile, opt: OptimizerPlan | Non
     key = _price_key(opt, spec, fp32_working_copy)
     if key not in memo:
         memo[key] = {f: ns + el for f, (ns, el) in
-                     _price_optimizer_step(profile, opt, spec, fp32_working_copy, per_param=True).items()}
+                     _optimizer_parts_per_param(profile, opt, spec, fp32_working_copy=fp32_working_copy).items()}
+    return memo[key]
+
+
+def _optimizer_parts_per_param(profile: ModelProfile, opt: OptimizerPlan | None, spec: DeviceSpec, *,
+                               fp32_working_copy: bool = False) -> dict[str, tuple[float, float]]:
+    """(Newton-Schulz seconds, elementwise seconds) of each parameter's update alone. Kept on the
+    profile object."""
+    memo = profile.__dict__.setdefault("_optimizer_parts_per_param", {})
+    key = _price_key(opt, spec, fp32_working_copy)
+    if key not in memo:
+        memo[key] = _price_optimizer_step(profile, opt, spec, fp32_working_copy, per_param=True)
     return memo[key]
 
 
@@ -508,10 +557,9 @@ def _price_optimizer_step(profile: ModelProfile, opt: OptimizerPlan | None, spec
         numel = math.prod(p.shape)
         pbytes = p.param_bytes / max(numel, 1)  # bytes per element of the parameter
         if p.fqn in muon and len(p.shape) >= 2:
-            rows, cols = (p.shape[0], math.prod(p.shape[1:])) if len(p.shape) != 3 else p.shape[1:]
-            batch = p.shape[0] if len(p.shape) == 3 else 1
-            ns_flops_total += batch * ns_flops(rows, cols, opt.ns_steps)
-            ns_kernels += batch * 3 * opt.ns_steps
+            flops, kernels_ns, _ = _ns_work(tuple(p.shape), opt.ns_steps)
+            ns_flops_total += flops
+            ns_kernels += kernels_ns
             n_states = 2 if opt.name == "muon2" else 1
         else:
             n_states = 2

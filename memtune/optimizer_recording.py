@@ -214,6 +214,8 @@ def _record_optimizer_step(setup: RecordingSetup, config: OptimizerPlan, *, vari
             else:
                 rec.mark(StepEvent.OPTIM_START)
                 opt.step()
+                if on_host:
+                    _device_newton_schulz(opt, on_host)
             rec.mark(StepEvent.OPTIM_END)
         if in_backward:
             per_param = [(iv.unit, max(0, iv.peak_bytes - iv.live_bytes)) for iv in rec.intervals
@@ -237,6 +239,35 @@ def _record_optimizer_step(setup: RecordingSetup, config: OptimizerPlan, *, vari
         muon_params=muon, adamw_params=adamw, state_bytes=state, step_transient_bytes=transient,
         variant=variant.for_optimizer(), host_state_bytes=host_bytes, param_step_bytes=tuple(per_param),
         stream_bytes=held, profiled=False)
+
+
+def _device_newton_schulz(opt, on_host: list[torch.Tensor]) -> None:
+    """The device's part of the host-resident matrices' step (weight offload on a GPU target,
+    :meth:`memtune.optim.Muon2.run_ns_on`): one matrix at a time, its input arrives in the NS
+    dtype, the iterations run and the result leaves. Run here on fake tensors, each distinct
+    shape once, under the recorder of the step: the step's transient is the larger of this and
+    the device parameters' update. Every such matrix is recorded as if it went to the device
+    (the runtime keeps the smallest on the host when the host is priced faster: never more)."""
+    from .optim.muon2 import Muon2, _as_matrix, orthogonalize
+
+    inner = getattr(opt, "inner", opt)
+    mine = {id(p) for p in on_host}
+    done = set()
+    for part in (getattr(inner, "parts", None) or {"": inner}).values():
+        if not isinstance(part, Muon2):
+            continue
+        for g in part.param_groups:
+            for p in g["params"]:
+                shape = tuple(_as_matrix(p, g["matrix_view"]).shape)
+                steps = part.state.get(p, {}).get("ns_steps", g["ns_steps"])
+                key = (shape, steps, id(g))
+                if id(p) not in mine or key in done:
+                    continue
+                done.add(key)
+                arrived = torch.empty(shape, dtype=g["ns_dtype"], device=p.device)
+                out, _ = orthogonalize(arrived, steps, traced=bool(g["adaptive_ns"]), coeffs=g["ns_coefficients"],
+                                       eps=g["ns_eps"], dtype=g["ns_dtype"], normalize=g["ns_normalize"])
+                del arrived, out
 
 
 class ParamView(torch.nn.Module):

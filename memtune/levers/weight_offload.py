@@ -1,7 +1,9 @@
 """Weight offload: every unit's own parameters live in (pinned) host memory and stream through
 the device, one unit ahead, in forward and again in backward; their gradients go to host memory
 as they complete, and their optimizer step runs on the host, where their state lives
-(ZeRO-Offload/ZeRO-Infinity's parameter offload, FSDP2's ``CPUOffloadPolicy`` on one device).
+(ZeRO-Offload/ZeRO-Infinity's parameter offload, FSDP2's ``CPUOffloadPolicy`` on one device),
+except Muon²'s Newton-Schulz, which runs on the GPU wherever that is priced faster
+(:meth:`_Streamed.place_newton_schulz`).
 Parameters outside every unit, or shared between units (tied embeddings), stay on the device.
 
 Recorded, not modelled: the step recording runs :class:`memtune.streaming.WeightStream` on the
@@ -77,7 +79,9 @@ class WeightOffloadLever(SwitchLever):
         return None if profile.target == "cpu" else super().suggest(profile, options, recorded)
 
     def apply(self, model, value, ctx) -> Applied:
-        return _Streamed(model, ctx.plan, ctx.device)
+        streamed = _Streamed(model, ctx.plan, ctx.device)
+        ctx.after_optimizer.append(streamed.place_newton_schulz)
+        return streamed
 
 
 def _unit_modules(model, unit_fqns) -> list:
@@ -151,11 +155,32 @@ class _Streamed(Applied):
 
         from memtune.streaming import to_host
 
+        self.plan = plan
         self.device = device or next((p.device for p in model.parameters()), torch.device("cpu"))
         self.stream, self.handles = _install(model, list(plan.decisions), self.device, None)
         params = dict(model.named_parameters())
         self.host_params = tuple(params[n] for n in self.stream.streamed)
         to_host(self.host_params, pin=self.device.type == "cuda")
+
+    def place_newton_schulz(self, opt) -> None:
+        """The streamed matrices' Newton-Schulz runs on the device where the cost model prices it
+        faster than on the host, transfers included (:func:`memtune.cost_model.ns_on_device`;
+        on a GPU that is all but the smallest matrices): their state and update stay on the host."""
+        from memtune.cost_model import host_bandwidth, ns_on_device
+        from memtune.devices import DEVICES, resolve_device
+        from memtune.optim.muon2 import Muon2
+
+        if self.device.type != "cuda":
+            return
+        spec = DEVICES.get(self.plan.target) or resolve_device(self.device)
+        steps = self.plan.optimizer.ns_steps or 1
+        inner = getattr(opt, "inner", opt)
+        for part in getattr(inner, "parts", {"": inner}).values():
+            if isinstance(part, Muon2):
+                mine = {id(p) for p in self.host_params}
+                params = [p for g in part.param_groups for p in g["params"] if id(p) in mine]
+                part.run_ns_on([p for p in params if ns_on_device(tuple(p.shape), steps, spec, host_bandwidth(spec))],
+                               self.device)
 
     def discard_step(self) -> None:
         """Every host parameter back in its module, no device copy left."""

@@ -113,6 +113,26 @@ def _as_matrix(t: torch.Tensor, view: str) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- optimizer shell
+def orthogonalize(G: torch.Tensor, steps: int, device: torch.device | None = None, *, traced: bool = False,
+                  coeffs, eps: float, dtype: torch.dtype, normalize: str
+                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Newton-Schulz of ``G`` (:func:`newton_schulz`, or :func:`newton_schulz_traced` with its
+    per-iteration errors), run on ``device`` when that is not where ``G`` is: ``G``'s copy in
+    ``dtype`` goes there (the first thing NS does on its own is that cast, so the maths is the
+    same) and the result comes back. Weight offload's streamed matrices step in host memory and
+    orthogonalize on the GPU this way."""
+    home = G.device
+    moved = device is not None and torch.device(device) != home
+    if moved:
+        G = G.to(dtype).to(device)
+    kw = dict(coeffs=coeffs, eps=eps, dtype=dtype, normalize=normalize)
+    ortho, errors = newton_schulz_traced(G, steps, **kw) if traced else (newton_schulz(G, steps, **kw), None)
+    if moved:
+        ortho = ortho.to(home)
+        errors = None if errors is None else errors.to(home)
+    return ortho, errors
+
+
 class Muon2(StateDtypeMixin, Optimizer):
     """Muon² (see module docstring). ``precondition=False`` gives torch.optim.Muon.
 
@@ -158,6 +178,8 @@ class Muon2(StateDtypeMixin, Optimizer):
         for group in self.param_groups:
             self._check_group(group)
         self.ns_telemetry: dict[str, dict[str, Any]] = {}
+        self._ns_devices: dict[torch.Tensor, torch.device] = {}
+        """Parameters whose Newton-Schulz runs on another device (:meth:`run_ns_on`)."""
 
     @staticmethod
     def _check_group(group: dict) -> None:
@@ -209,6 +231,17 @@ class Muon2(StateDtypeMixin, Optimizer):
             rule = group["adaptive_ns"]
             state["ns_steps"] = max(rule["k_min"], min(rule["k_max"], group["ns_steps"]))
         return state
+
+    def run_ns_on(self, params, device: torch.device | str | None) -> None:
+        """Run the Newton-Schulz iterations of ``params`` on ``device`` (their input, in the NS
+        dtype, is copied there and the result back; :func:`orthogonalize`); ``None``: where
+        each parameter is. Their state and update stay where the parameters are. Not part of
+        the state dict: whoever placed the parameters says it again after a restore."""
+        for p in params:
+            if device is None:
+                self._ns_devices.pop(p, None)
+            else:
+                self._ns_devices[p] = torch.device(device)
 
     def set_ns_steps(self, ns_steps: int) -> None:
         """Use ``ns_steps`` NS iterations from the next step on (also resets adaptive K)."""
@@ -265,13 +298,14 @@ class Muon2(StateDtypeMixin, Optimizer):
         # slot of one stacked batch (no torch.stack copy). Tall matrices are stored transposed:
         # NS works on the short-fat orientation anyway, so (768, 192) and (192, 768) share a batch.
         buckets: dict[tuple, list] = defaultdict(list)
-        batch_ns = group["batch_ns"] if group["batch_ns"] is not None else items[0][1].device.type != "cpu"
         for it in items:
             shape = _as_matrix(it[1], view).shape
-            if batch_ns:
+            # Batched on accelerators, not on the CPU (nor for matrices in host memory, which
+            # weight offload orthogonalizes one at a time, on the device or not).
+            if group["batch_ns"] if group["batch_ns"] is not None else it[1].device.type != "cpu":
                 tall = shape[-2] > shape[-1]
                 short_fat = (*shape[:-2], shape[-1], shape[-2]) if tall else tuple(shape)
-                buckets[(short_fat, it[3])].append((it, tall))
+                buckets[(short_fat, it[3], it[1].device, self._ns_devices.get(it[1]))].append((it, tall))
             else:
                 buckets[(it[0],)].append((it, False))
 
@@ -279,6 +313,7 @@ class Muon2(StateDtypeMixin, Optimizer):
                      normalize=group["ns_normalize"])
         for key, members in buckets.items():
             k = members[0][0][3]
+            batch_ns = len(key) > 1
             if batch_ns:
                 stacked = torch.empty((len(members), *key[0]), dtype=torch.float32, device=members[0][0][1].device)
                 slots = [stacked[j].mT if tall else stacked[j] for j, (_, tall) in enumerate(members)]
@@ -288,10 +323,8 @@ class Muon2(StateDtypeMixin, Optimizer):
                 slots[j] = self._preconditioned_update(it[1], it[2], group, out=slots[j])
             if not batch_ns:
                 stacked = slots[0]
-            if rule:
-                ortho, errors = newton_schulz_traced(stacked, k, **ns_kw)
-            else:
-                ortho, errors = newton_schulz(stacked, k, **ns_kw), None
+            ortho, errors = orthogonalize(stacked, k, self._ns_devices.get(members[0][0][1]), traced=bool(rule),
+                                          **ns_kw)
             if not batch_ns:
                 ortho = ortho[None]
                 errors = errors[:, None] if errors is not None else None

@@ -192,3 +192,76 @@ def test_fit_streams_the_weights_when_asked_and_an_oom_retry_keeps_the_losses(tm
                                      optimizer="adamw", planner_options={"levers": {"weight_offload": (True,)}})
     resumed.train(data, steps=1)
     assert resumed.plan.variant.weight_offload
+
+
+def _device_ns_peak(shape, steps, group) -> int:
+    """MemTracker's peak of the device's part of one host-resident matrix's step, on real CPU
+    tensors: its input arriving in the NS dtype, the iterations, the result."""
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    from memtune.optim.muon2 import orthogonalize
+
+    mt = MemTracker()
+    with mt:
+        arrived = torch.randn(shape).to(group["ns_dtype"])
+        out, _ = orthogonalize(arrived, steps, coeffs=group["ns_coefficients"], eps=group["ns_eps"],
+                               dtype=group["ns_dtype"], normalize=group["ns_normalize"])
+        del arrived, out
+    return int(mt.get_tracker_snapshot("peak")[torch.device("cpu")]["Total"])
+
+
+def test_streamed_muon2_orthogonalizes_on_the_device_recorded_and_priced():
+    """Profiled for an H100: a streamed matrix's Muon² state and update stay on the host, its
+    Newton-Schulz runs on the GPU (bf16 in and out over the link). The device transient the
+    optimizer recording holds is that of the largest matrix's NS as MemTracker measures the same
+    computation on real tensors, and the lever's price is the transfers and the GPU's NS, not
+    the host's: orders of magnitude below the host's NS for these matrices."""
+    from memtune.cost_model import HOST_SPEC, _ns_seconds, host_bandwidth, ns_on_device
+    from memtune.devices import DEVICES
+    from memtune.optim.muon2 import Muon2
+
+    with torch.device("meta"):  # a small vocabulary: the device's own step is smaller than the NS
+        model = zoo.GPT(zoo.GPTConfig(n_layer=2, n_embd=512, n_head=8, block_size=128, vocab_size=64))
+    x = torch.zeros(2, 128, dtype=torch.long)
+    prof = memtune.profile(model, (x, x), target="H100", optimizer="muon2",
+                           space=memtune.PlanSpace(optimizers=("muon2",), state_dtypes=("fp32",), ns_steps=(3,),
+                                                   levers={"weight_offload": (False, True), "state_offload": (False,),
+                                                           "weights": (None,), "optimizer_in_backward": (False,)}))
+    rec = next(r for r in prof.optimizer_steps if r.variant.weight_offload)
+    group = Muon2([torch.nn.Parameter(torch.zeros(2, 2))]).param_groups[0]
+    streamed = [p for p in prof.params if p.unit is not None and p.fqn in rec.muon_params]
+    shapes = {tuple(p.shape) for p in streamed}
+    measured = max(_device_ns_peak(s, 3, group) for s in shapes)
+    assert measured <= rec.step_transient_bytes <= measured * 1.03, (measured, rec.step_transient_bytes)
+
+    h100 = DEVICES["H100"]
+    link = host_bandwidth(h100)
+    assert all(ns_on_device(s, 3, h100, link) for s in shapes)
+    assert not ns_on_device((8, 8), 3, h100, link)  # too small to be worth the two copies
+    assert not ns_on_device((512, 512), 3, HOST_SPEC, link)  # a CPU target has no other device
+    plan = memtune.plan(prof, 1 << 40, optimizer="muon2", levers={"weight_offload": (True,)})
+    host_ns_ms = 1e3 * sum(_ns_seconds(tuple(p.shape), 3, HOST_SPEC) for p in streamed)
+    assert plan.time.lever_ms["weight_offload"] < host_ns_ms / 5, (plan.time.lever_ms, host_ns_ms)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_streamed_muon2_on_a_gpu_steps_as_the_resident_model():
+    """On a GPU: Muon² with every unit streamed (state and update in host memory, NS on the
+    GPU) trains as the same model resident on the GPU, to fp32 rounding of the host's
+    elementwise kernels."""
+    prof = memtune.profile(_model(), BATCH, optimizer="muon2", target="cpu", space=SPACE)
+    plan = memtune.plan(prof, 1 << 40, levers={"weight_offload": (True,)})
+    ordinary = dataclasses.replace(plan, variant=StepVariant())
+    streamed_model, resident = _model(), _model().cuda()
+    opts = [apply_plan(streamed_model, plan, device="cuda"), apply_plan(resident, ordinary)]
+    from memtune.streaming import move_model
+
+    move_model(streamed_model, torch.device("cuda"))  # as the runtime: all but the streamed parameters
+    x, y = (t.cuda() for t in BATCH)
+    for _ in range(2):
+        for m, o in zip((streamed_model, resident), opts):
+            m(x, y).backward()
+            o.step()
+            o.zero_grad(set_to_none=True)
+    for (n, a), b in zip(streamed_model.named_parameters(), resident.parameters()):
+        torch.testing.assert_close(a.detach().cpu(), b.detach().cpu(), rtol=1e-4, atol=1e-5, msg=n)
