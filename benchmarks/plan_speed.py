@@ -45,7 +45,10 @@ def main() -> None:
     ap.add_argument("--units", type=int, default=1000)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--fractions", type=float, nargs="+", default=[0.8, 0.6, 0.45])
+    ap.add_argument("--mip-rel-gap", type=float, default=None,
+                    help="the exact planner's proven gap (default: PlannerOptions.mip_rel_gap)")
     args = ap.parse_args()
+    gap = {} if args.mip_rel_gap is None else {"mip_rel_gap": args.mip_rel_gap}
 
     # The H100 chain has MiB-sized activations (KiB on the CPU one): with KiB activations on an
     # H100, recompute and offload both cost ~kernel overhead, near-ties that slow HiGHS's proof.
@@ -67,7 +70,7 @@ def main() -> None:
                 for _ in range(args.repeats):
                     t = time.perf_counter()
                     try:
-                        p = plan(prof, budget, planner, reserve=0, **opts)
+                        p = plan(prof, budget, planner, reserve=0, **opts, **gap)
                     except InfeasibleBudgetError:
                         p = None
                     times.append(time.perf_counter() - t)

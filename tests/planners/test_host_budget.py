@@ -53,7 +53,8 @@ def test_offloaded_activations_stay_within_the_host_budget(planner):
                 assert "host_budget" in str(e)
                 continue
             assert p.memory.host_bytes <= host and p.predicted_peak_bytes <= budget
-            assert p.predicted_step_ms >= free.predicted_step_ms - 1e-9
+            # No faster than the unlimited plan: up to the exact planner's proven gap on each.
+            assert p.predicted_step_ms >= free.predicted_step_ms / (1 + PlannerOptions().mip_rel_gap) - 1e-9
             capped_ok += p.memory.host_bytes < free.memory.host_bytes
     assert capped_ok >= 2   # recomputation took over from offload where the host ran out
     assert "in host memory" in free.summary()

@@ -6,6 +6,8 @@ import logging
 
 import pytest
 
+from memtune.planners.options import PlannerOptions
+
 from memtune.planning import pareto, plan
 from synthetic import chain_profile
 
@@ -42,10 +44,11 @@ def test_pareto_frontier_trades_memory_for_time(planner):
     times = [p.predicted_step_ms for p in front]
     assert peaks == sorted(peaks, reverse=True) and len(set(peaks)) == len(peaks)
     assert all(a < b for a, b in zip(times, times[1:]))  # strictly: dominated points are dropped
-    if planner == "exact":  # each point is the optimum for its own peak
+    if planner == "exact":  # each point is the optimum for its own peak, up to the MILP's proven gap
+        gap = PlannerOptions().mip_rel_gap
         for p in front:
             assert plan(prof, p.predicted_peak_bytes, optimizer="adamw",
-                        state_dtypes=("fp32",)).predicted_step_ms == pytest.approx(p.predicted_step_ms)
+                        state_dtypes=("fp32",)).predicted_step_ms == pytest.approx(p.predicted_step_ms, rel=gap)
 
 
 def test_greedy_falls_back_to_the_min_peak_plan_when_its_search_fails(monkeypatch):
