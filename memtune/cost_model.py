@@ -245,6 +245,40 @@ def cost_table(profile: ModelProfile, *, optimizer: OptimizerPlan | None = None,
         LEVERS[name].cost(value, ctx)
     rate = spec.bf16_flops if profile.precision == "bf16-mixed" else spec.fp32_flops
     wscale, scale, k = ctx.param_byte_scale, ctx.activation_scale, ctx.repeats
+    times = _pass_times(profile, spec, rate, scale, wscale, k)
+    ctx.unit_forward_s.update(times.unit_fwd)
+    ctx.unit_backward_s.update(times.unit_bwd)
+    ctx.forward_s, ctx.backward_s, ctx.outside_forward_s = times.fwd, times.bwd, times.outside_fwd
+    ns_s, opt_s = _optimizer_seconds(profile, optimizer, spec, fp32_working_copy=ctx.fp32_working_copy)
+    lever_ms = {name: seconds(ctx) * 1e3 for name, seconds in ctx.terms.items()}
+    base = TimeBreakdown(forward_ms=times.fwd * 1e3, backward_ms=times.bwd * 1e3, ns_ms=ns_s * 1e3,
+                         optimizer_ms=opt_s * 1e3, lever_ms=lever_ms)
+    return CostTable(base=base, recompute_ms=times.recompute_ms, offload_ms=times.offload_ms,
+                     selective_ms=_selective_ms(profile, ctx.variant, spec, times, k))
+
+
+@dataclass(frozen=True)
+class _PassTimes:
+    """Forward and backward seconds of one pass set (per optimizer step), per unit and in all,
+    and what each unit's recomputation (its forward) and activation offload add, in ms. They
+    depend on the device and the scale factors only, not on the optimizer: a planner prices up
+    to ~120 configurations over a handful of these (kept on the profile object). Read only."""
+
+    unit_fwd: dict[str, float]
+    unit_bwd: dict[str, float]
+    fwd: float
+    bwd: float
+    outside_fwd: float
+    recompute_ms: dict[str, float]
+    offload_ms: dict[str, float]
+
+
+def _pass_times(profile: ModelProfile, spec: DeviceSpec, rate: float, scale: float, wscale: float,
+                k: int) -> _PassTimes:
+    memo = profile.__dict__.setdefault("_pass_times", {})
+    key = (spec, rate, scale, wscale, k)
+    if key in memo:
+        return memo[key]
 
     def fwd_bwd(u) -> tuple[float, float]:
         act = u.input_bytes + u.output_bytes + u.saved_activation_bytes
@@ -255,11 +289,11 @@ def cost_table(profile: ModelProfile, *, optimizer: OptimizerPlan | None = None,
         return f * k, b * k
 
     unit_fwd: dict[str, float] = {}
+    unit_bwd: dict[str, float] = {}
     fwd = bwd = 0.0
     for u in profile.units:
         f, b = fwd_bwd(u)
-        unit_fwd[u.fqn] = ctx.unit_forward_s[u.fqn] = f
-        ctx.unit_backward_s[u.fqn] = b
+        unit_fwd[u.fqn], unit_bwd[u.fqn] = f, b
         fwd += f
         bwd += b
     # Everything outside the units: embeddings, head, loss.
@@ -272,22 +306,16 @@ def cost_table(profile: ModelProfile, *, optimizer: OptimizerPlan | None = None,
     fwd += outside_fwd
     bwd += k * _roofline_s(spec, out_bwd_flops * scale, 2 * out_params * wscale + 2 * out_act * scale, 2 * out_kernels,
                            rate)
-    ctx.forward_s, ctx.backward_s, ctx.outside_forward_s = fwd, bwd, outside_fwd
-
     host_bw = host_bandwidth(spec)
-    offload = {u.fqn: k * (2 * u.saved_activation_bytes * scale / host_bw + 2 * spec.kernel_overhead_s)
+    offload = {u.fqn: k * (2 * u.saved_activation_bytes * scale / host_bw + 2 * spec.kernel_overhead_s) * 1e3
                for u in profile.units}
-    ns_s, opt_s = _optimizer_seconds(profile, optimizer, spec, fp32_working_copy=ctx.fp32_working_copy)
-    lever_ms = {name: seconds(ctx) * 1e3 for name, seconds in ctx.terms.items()}
-    base = TimeBreakdown(forward_ms=fwd * 1e3, backward_ms=bwd * 1e3, ns_ms=ns_s * 1e3, optimizer_ms=opt_s * 1e3,
-                         lever_ms=lever_ms)
-    return CostTable(base=base, recompute_ms={f: t * 1e3 for f, t in unit_fwd.items()},
-                     offload_ms={f: t * 1e3 for f, t in offload.items()},
-                     selective_ms=_selective_ms(profile, ctx.variant, spec, unit_fwd, k))
+    memo[key] = _PassTimes(unit_fwd=unit_fwd, unit_bwd=unit_bwd, fwd=fwd, bwd=bwd, outside_fwd=outside_fwd,
+                           recompute_ms={f: t * 1e3 for f, t in unit_fwd.items()}, offload_ms=offload)
+    return memo[key]
 
 
 def _selective_ms(profile: ModelProfile, variant: StepVariant, spec: DeviceSpec,
-                  unit_fwd: dict[str, float], repeats: int) -> dict[str, dict[tuple[str, ...], float]]:
+                  times: _PassTimes, repeats: int) -> dict[str, dict[tuple[str, ...], float]]:
     """The time every selective candidate of the step ``variant`` runs adds: the unit's forward
     time times the share of its op time (priced on ``spec``) outside the save set, plus the
     selective policy's dispatch cost on every op of the unit (``spec.python_dispatch_s``, per
@@ -305,14 +333,20 @@ def _selective_ms(profile: ModelProfile, variant: StepVariant, spec: DeviceSpec,
         policies_of = unit_policies(recording)
         memo[spec] = {u.fqn: (pols, recompute_fractions(recording, u, [p.save_ops for p in pols], spec))
                       for u in recording.units if (pols := policies_of.get(u.fqn, ()))}
-    out: dict[str, dict[tuple[str, ...], float]] = {}
-    for u in recording.units:
-        got = memo[spec].get(u.fqn)
-        if got is not None and u.fqn in unit_fwd:
-            pols, fractions = got
-            dispatch = repeats * len(u.ops) * spec.python_dispatch_s
-            out[u.fqn] = {p.save_ops: (unit_fwd[u.fqn] * f + dispatch) * 1e3 for p, f in zip(pols, fractions)}
-    return out
+    # ... and so do the prices, for the pass times (the same for every optimizer). Read only.
+    priced = recording.__dict__.setdefault("_selective_ms", {})
+    key = (spec, id(times), repeats)
+    if key not in priced:
+        unit_fwd = times.unit_fwd
+        out: dict[str, dict[tuple[str, ...], float]] = {}
+        for u in recording.units:
+            got = memo[spec].get(u.fqn)
+            if got is not None and u.fqn in unit_fwd:
+                pols, fractions = got
+                dispatch = repeats * len(u.ops) * spec.python_dispatch_s
+                out[u.fqn] = {p.save_ops: (unit_fwd[u.fqn] * f + dispatch) * 1e3 for p, f in zip(pols, fractions)}
+        priced[key] = (times, out)  # (holding the times keeps their id from being reused)
+    return priced[key][1]
 
 
 def _profiled_optimizer(profile: ModelProfile) -> OptimizerPlan:
@@ -380,6 +414,7 @@ def state_stream_seconds(ctx: CostContext, offloaded_share: float | bool = True)
     window = 2 * max(link.values(), default=0.0)
     compute = h2d = d2h = 0.0
     arrives: dict[int, float] = {}   # fetched ahead: index -> when its state is on the device
+    ahead = 0.0                      # their state bytes
     nxt = 0                          # the first parameter not yet fetched
     for i, f in enumerate(order):
         compute += before[f]
@@ -387,8 +422,10 @@ def state_stream_seconds(ctx: CostContext, offloaded_share: float | bool = True)
             arrives[i] = max(h2d, compute) + copy_s[f] if link[f] else compute   # (resident: nothing to fetch)
             h2d = arrives[i] if link[f] else h2d
             nxt = max(nxt, i + 1)
+        else:
+            ahead -= link[f]
         start = max(compute, arrives.pop(i))
-        held = sum(link[order[k]] for k in arrives)
+        held = ahead = ahead if arrives else 0.0
         while nxt < len(order) and (not arrives or held + link[order[nxt]] <= window):
             g = order[nxt]
             if link[g]:
@@ -396,6 +433,7 @@ def state_stream_seconds(ctx: CostContext, offloaded_share: float | bool = True)
             arrives[nxt] = h2d if link[g] else start
             held += link[g]
             nxt += 1
+        ahead = held
         compute = start + opt_s[f]
         if link[f]:
             d2h = max(d2h, compute) + copy_s[f]

@@ -54,6 +54,7 @@ from .profile import StepEvent, StepPhase
 
 aten = torch.ops.aten
 
+_DEVICE_QUERY = torch.ops.prim.device.default
 _SDPA_CPU = {aten._scaled_dot_product_flash_attention_for_cpu.default}
 def _cpu_flash_flops(query, key, value, *args, **kwargs) -> int:
     from torch.utils.flop_counter import sdpa_flop_count
@@ -425,6 +426,8 @@ class StepRecorder(TorchDispatchMode):
 
     # ------------------------------------------------------------------ dispatch
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is _DEVICE_QUERY:  # ``t.device``: allocates nothing, computes nothing (60% of the calls)
+            return func(*args, **(kwargs or {}))
         kwargs = kwargs or {}
         if self.resolve_data_dependent:
             resolved = self._resolve_data_dependent(func, args)
