@@ -3,7 +3,10 @@
 By default: the repeated blocks, i.e. structurally identical children of a ``ModuleList``
 or ``Sequential`` (transformer blocks, residual stages). Structure is the module type plus
 the names, shapes and dtypes of its parameters. When containers nest, the outermost repeated
-level wins. A user can override with FQNs, module types, or a predicate.
+level wins. A ``ModuleList`` of one composite block (a one-layer config of a model family) has
+that block as its unit. With nothing of the kind, the model's children that hold parameters
+are the units, less its output head. A user can override with FQNs, module types, or a
+predicate.
 
 Two more kinds of unit come from how the model runs rather than from its module tree:
 
@@ -119,10 +122,16 @@ def repeated_blocks(model: nn.Module) -> list[str]:
     """FQNs of the repeated blocks, in registration order."""
     found: list[str] = []
     for name, mod in model.named_modules():
-        if not isinstance(mod, (nn.ModuleList, nn.Sequential)) or len(mod) < 2:
+        if not isinstance(mod, (nn.ModuleList, nn.Sequential)) or not len(mod):
             continue
         if any(name == f or name.startswith(f + ".") for f in found):
             continue  # inside a block we already took
+        if len(mod) == 1:
+            # A stack of one (a one-layer config of a model family): its block is still the unit.
+            child, c = next(iter(mod.named_children()))
+            if isinstance(mod, nn.ModuleList) and _is_block(c):
+                found.append(f"{name}.{child}" if name else child)
+            continue
         counts = Counter(_signature(c) for c in mod.children())
         sig, n = counts.most_common(1)[0]
         key = _signature
@@ -190,14 +199,20 @@ def resolve_units(model: nn.Module, units: UnitSpec = None, *, calls: Mapping[st
     if units is None:
         fqns = repeated_blocks(model)
         if calls:
-            fqns += [s for s in shared_modules(model, calls) if not _inside(s, fqns) and
+            fqns += [s for s in shared_modules(model, calls) if s not in fqns and not _inside(s, fqns) and
                      not any(_inside(f, [s]) for f in fqns)]
             order = {n: i for i, n in enumerate(modules)}
             fqns = _per_call(sorted(fqns, key=order.__getitem__), calls)
         if not fqns:
             fqns = sequential_segments(model)
         if not fqns:
-            fqns = [n for n, c in model.named_children() if any(True for _ in c.parameters())]
+            # The output head is no unit: recomputing a lone Linear frees nothing, and the chunked
+            # loss (memtune.loss_chunking) runs it without calling the module.
+            try:
+                head = getattr(model, "get_output_embeddings", lambda: None)()
+            except (NotImplementedError, AttributeError):
+                head = None
+            fqns = [n for n, c in model.named_children() if any(True for _ in c.parameters()) and c is not head]
         return fqns
     if callable(units) and not isinstance(units, (list, tuple)):
         fqns = [n for n, m in modules.items() if n and units(n, m)]

@@ -149,6 +149,32 @@ def test_short_sequential_keeps_its_layers_as_units():
     assert resolve_units(model) == ["0", "2"]
 
 
+def test_a_one_layer_model_has_its_block_as_the_unit_and_plans_with_every_default():
+    """A one-layer config of a model family (HF Llama with ``num_hidden_layers=1``): the block is
+    the unit, not the body and the head; a profile with every default lever (the chunked loss
+    runs the head without calling it) plans, and the plan measures within 3% and under budget."""
+    from memtune import zoo
+
+    def make():
+        torch.manual_seed(0)
+        return zoo.hf_llama(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
+
+    ids = torch.randint(0, 100, (4, 32), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": ids, "labels": ids}
+    assert resolve_units(make()) == ["model.layers.0"]
+    prof = memtune.profile(make(), batch, target="cpu")
+    assert [u.fqn for u in prof.units] == ["model.layers.0"]
+    budget = int(prof.baseline_peak_bytes * 0.8)
+    try:
+        plan = memtune.plan(prof, budget)
+    except InfeasibleBudgetError as e:
+        budget = e.min_feasible_bytes
+        plan = memtune.plan(prof, budget)
+    model = make()
+    measured = measure_planned_step(model, batch, plan, apply_plan(model, plan))
+    assert measured <= budget and abs(measured / plan.predicted_peak_bytes - 1) <= TOLERANCE
+
+
 @pytest.fixture(scope="module")
 def profiles():
     out = {}
