@@ -39,6 +39,7 @@ from torch.utils._pytree import tree_flatten, tree_map_only
 from .batching import LossFn, batch_size_of, describe
 from .devices import CUDA_ALLOCATION_GRANULARITY, CUDA_WORKSPACE_BYTES, DeviceSpec, resolve_device
 from .fake_compat import eager_hf_masking, kv_cache_as_configured, training_configs
+from .errors import MemtuneError
 from .levers import LEVERS, ProfileContext, combinations, held_at_default
 from .optimizer_recording import ParamView, optimizer_state_tensors, record_configuration, unique_bytes
 from .optimizers import FAMILIES, OPTIMIZERS, STATE_DTYPES, as_on_target, build_optimizer_for, ns_floor, orthogonalizes
@@ -358,7 +359,10 @@ def _record_step_variants(run: _Run) -> list[StepRecording]:
     keys = list(dict.fromkeys(v.for_step() for v in run.variants if not v.for_step().is_default))
     optimizers: dict[tuple, Any] = {}
     out = []
+    failed: set[int] = set()
     for key in keys:
+        if key.micro_batch_size in failed:
+            continue
         setup = run.setup(RecordingKind.STEP)
         setup.static.append(run.fsample)
         with _as_variant(key, setup):
@@ -371,7 +375,20 @@ def _record_step_variants(run: _Run) -> list[StepRecording]:
             else:
                 opt = optimizers[cache_key] = run.build_optimizer(setup.params, setup.stepping)
             rec = StepRecorder(granularity=run.granularity, target=run.spec.kind)
-            record_step(rec, setup, run.unit_fqns, run.fbuffers, run.loss_fn, opt, step_optimizer=False)
+            try:
+                record_step(rec, setup, run.unit_fqns, run.fbuffers, run.loss_fn, opt, step_optimizer=False)
+            except MemtuneError:
+                raise
+            except Exception as e:
+                if key.micro_batch_size is None:
+                    raise
+                # The model cannot run on a micro-batch this small (batch norm on one sample, a
+                # batch size the code hard-wires): no plan may use it, and the profile says so.
+                failed.add(key.micro_batch_size)
+                run.assumptions.append(
+                    f"micro-batches of {key.micro_batch_size} were not recorded: the model's step failed on one "
+                    f"({type(e).__name__}: {str(e).splitlines()[0][:160]}); plans use larger micro-batches")
+                continue
         fields = assemble_recording(rec, run.model, run.unit_fqns, workspace_bytes=run.workspace,
                                     unit_params=_unit_params(run.model, run.named_params, setup.params, run.unit_fqns,
                                                              run.granularity))
@@ -383,6 +400,9 @@ def _record_step_variants(run: _Run) -> list[StepRecording]:
             grad_bytes=sum(run.nbytes(t) for t in setup.params.values() if t.requires_grad and not rec.in_host_memory(t)),
             optimizer_state_bytes=unique_bytes(optimizer_state_tensors(opt), run.nbytes), **fields))
         run.assumptions += [a for a in rec.assumptions if a not in run.assumptions]
+    if failed:
+        run.variants = [v for v in run.variants if v.micro_batch_size not in failed]
+        out = [r for r in out if r.variant.micro_batch_size not in failed]
     return out
 
 

@@ -345,3 +345,40 @@ def test_unsafe_recompute_is_found_and_never_planned():
         frugal = memtune.pareto(prof, planner)[-1]
         assert "blocks.1" not in plan.recompute_units and "blocks.1" not in frugal.recompute_units
         assert set(frugal.recompute_units) == {"blocks.0", "blocks.2"}
+
+
+def test_a_micro_batch_the_model_cannot_run_is_left_out_and_said():
+    """Batch norm on a micro-batch of one sample fails in training mode (the model's own error):
+    the profile records the micro-batches the model can run, says which it left out and why,
+    and no plan uses it."""
+    import torch.nn.functional as F
+
+    from reference import measure_planned_step
+
+    from memtune.apply import apply_plan
+
+    class Block(nn.Module):
+        def __init__(self, d):
+            super().__init__()
+            self.lin, self.bn = nn.Linear(d, d), nn.BatchNorm1d(d)
+
+        def forward(self, x):
+            return x + torch.relu(self.bn(self.lin(x)))
+
+    def make():
+        torch.manual_seed(0)
+        return nn.Sequential(*(Block(32) for _ in range(3)), nn.Linear(32, 10))
+
+    g = torch.Generator().manual_seed(0)
+    batch = (torch.randn(8, 32, generator=g), torch.randint(0, 10, (8,), generator=g))
+    prof = memtune.profile(make(), batch, loss_fn=F.cross_entropy, target="cpu")
+    micro = prof.recorded_choices("micro_batch_size")
+    assert 1 not in micro and 2 in micro, micro
+    assert any("micro-batches of 1 were not recorded" in a and "BatchNorm" not in a and "ValueError" in a
+               for a in prof.assumptions), prof.assumptions
+    plan = memtune.plan(prof, 1 << 30, levers={"micro_batch_size": (2,)})
+    model = make()
+    measured = measure_planned_step(model, batch, plan, apply_plan(model, plan), loss_fn=F.cross_entropy)
+    assert measured <= plan.predicted_peak_bytes
+    with pytest.raises(Exception, match="micro"):
+        memtune.plan(prof, 1 << 30, levers={"micro_batch_size": (1,)})
