@@ -330,9 +330,13 @@ class ModelProfile:
     counter), as the ops of the fake step wrote them (:mod:`memtune.stateful`): the runtime copies
     them before each step so that a retried or skipped step leaves them as one clean step would."""
     written_buffer_bytes: int = 0
-    """Bytes of ``written_buffers``. The runtime holds copies of them: the step's snapshot, and a
-    recomputed unit's copy from its forward to its backward plus one while it recomputes, so the
-    planner counts three times these bytes as static (:class:`memtune.timeline.TimelineModel`)."""
+    """Bytes of ``written_buffers``. The runtime holds copies of them: the step's snapshot (the
+    whole step), and a recomputed unit's copy of its own from its forward to its backward plus
+    one while it recomputes (:class:`memtune.timeline.TimelineModel`)."""
+    written_buffer_sizes: tuple[int, ...] = ()
+    """Bytes of each of ``written_buffers``, in order: which unit holds which copy. A profile
+    from before it was recorded has none, and the planner then counts three copies of every
+    written buffer for the whole step."""
     batch_statistics: tuple[str, ...] = ()
     """FQNs of the modules that normalize with statistics over the batch as profiled (batch norm
     in training mode): with them, or with written buffers, micro-batching changes the maths
@@ -457,6 +461,7 @@ class ModelProfile:
             kw["tracers_tried"] = tuple(tuple(t) for t in d["tracers_tried"])
             kw["assumptions"] = tuple(d.get("assumptions", ()))
             kw["written_buffers"] = tuple(d.get("written_buffers", ()))
+            kw["written_buffer_sizes"] = tuple(d.get("written_buffer_sizes", ()))
             kw["batch_statistics"] = tuple(d.get("batch_statistics", ()))
             kw["variant"] = StepVariant.from_dict(d.get("variant"))
             kw.update(_recording_from_dict(d))

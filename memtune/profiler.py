@@ -443,6 +443,8 @@ def _assemble(run: _Run, main: dict[str, Any], step_variants, optimizer_steps, *
         buffer_bytes=sum(run.nbytes(b) for b in run.fbuffers.values()),
         written_buffers=run.written_buffers, batch_statistics=batch_statistics(run.model),
         written_buffer_bytes=sum(run.nbytes(run.fbuffers[n]) for n in run.written_buffers if n in run.fbuffers),
+        written_buffer_sizes=tuple(run.nbytes(run.fbuffers[n]) if n in run.fbuffers else 0
+                                   for n in run.written_buffers),
         grad_bytes=sum(p.param_bytes for p, fp in zip(params, run.fparams.values()) if fp.requires_grad),
         optimizer_state_bytes=run.optimizer_state_bytes,
         input_bytes=unique_bytes([t for t in tree_flatten(run.fsample)[0] if isinstance(t, torch.Tensor)], run.nbytes),

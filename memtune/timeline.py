@@ -21,6 +21,10 @@ which units hold it. A plan changes that timeline in exactly these ways:
   storages whose producing op is outside the save set; those its save set produced stay (and
   no other holder can drop them); the checkpoint's cache holds the save set's other outputs
   (see :meth:`TimelineModel._drop_rows`); the recompute peak is the partial forward's transient.
+* **Written buffers** (batch norm's running statistics; :mod:`memtune.stateful`): the trainer's
+  snapshot of them is live for the whole step; a RECOMPUTE or SELECTIVE unit also holds a copy of
+  the buffers inside it from its forward start to its backward end, and one more while it
+  recomputes (in its transient).
 * **Optimizer**: the state bytes of the plan's optimizer configuration replace the profiled
   optimizer's for the whole step, and the optimizer-step intervals carry the plan's measured
   step temporaries instead (both from :class:`~memtune.profile.OptimizerStepProfile`); an
@@ -181,9 +185,21 @@ class TimelineModel:
         self.fqns = [u.fqn for u in p.units]
         self.N = len(self.fqns)
         self._events(ev)
-        # The runtime's copies of the buffers the step writes (memtune.stateful): the step's
-        # snapshot, a recomputed unit's copy held to its backward and one while it recomputes.
-        copies = 3 * p.written_buffer_bytes
+        # The runtime's copies of the buffers the step writes (memtune.stateful): the trainer's
+        # snapshot for the whole step; a recomputed unit's copy of its own, held from its forward
+        # to its backward, and one more while it recomputes (per recomputing column, below). A
+        # profile without per-buffer sizes counts three copies of all of them throughout.
+        self.unit_written = np.zeros(self.N)
+        """Bytes of the written buffers inside each unit (:func:`memtune.units.inside_unit`)."""
+        sizes = p.written_buffer_sizes
+        if len(sizes) == len(p.written_buffers) and sizes:
+            from .units import inside_unit
+
+            copies = p.written_buffer_bytes
+            self.unit_written = np.array([sum(b for n, b in zip(p.written_buffers, sizes) if inside_unit(f, n))
+                                          for f in self.fqns], dtype=np.float64)
+        else:
+            copies = 3 * p.written_buffer_bytes
         self.live += copies
         self.peak_b += copies
         self._columns(p)
@@ -201,10 +217,13 @@ class TimelineModel:
     # ------------------------------------------------------------------ structure
     def _events(self, ev) -> None:
         """Where each unit's forward ends and its backward starts and ends."""
+        fs: dict[str, int] = {}
         fe: dict[str, int] = {}
         bs: dict[str, int] = {}
         for i, e in enumerate(ev):
-            if e.name == StepEvent.FWD_END and e.unit not in fe:
+            if e.name == StepEvent.FWD_START and e.unit not in fs:
+                fs[e.unit] = i
+            elif e.name == StepEvent.FWD_END and e.unit not in fe:
                 fe[e.unit] = i
             elif e.name == StepEvent.BWD_START and e.unit not in bs:
                 bs[e.unit] = i
@@ -215,6 +234,7 @@ class TimelineModel:
         self.is_opt[start:end] = True
         self.bs = np.array([bs.get(f, -1) for f in self.fqns], dtype=np.int64)
         self.fe = np.array([fe.get(f, -1) for f in self.fqns], dtype=np.int64)
+        self.fs = np.array([fs.get(f, -1) for f in self.fqns], dtype=np.int64)
         # A unit's backward ends at the next backward boundary after its start (its bwd_end,
         # another unit's bwd_start, or the end of backward); in-backward "step" events do not end it.
         bounds = np.array([i for i, e in enumerate(ev) if e.name in (StepEvent.BWD_START, StepEvent.BWD_END,
@@ -258,6 +278,13 @@ class TimelineModel:
                 col = self.q_start[u] + k
                 self.cached[col], self.held[col] = cache_lifetimes(p.units[u], pol.save_ops)
                 self.col_transient[col] = recompute_transient(p.units[u], pol.save_ops)
+        # A recomputation runs on one more copy of the buffers its unit writes.
+        recomputing = np.ones(self.C, dtype=bool)
+        recomputing[N:2 * N] = False  # OFFLOAD columns restore by copy
+        self.col_written = np.where(recomputing, self.unit_written[self.col_unit], 0.0) if N else np.zeros(0)
+        """Per column: the bytes of the copy of its unit's written buffers it holds from the unit's
+        forward start to its backward end (recomputing columns; :mod:`memtune.stateful`)."""
+        self.col_transient = self.col_transient + self.col_written
         # Per storage: (producing unit, deepest level of that unit whose save set keeps it).
         self._kept_until: dict[int, tuple[int, int]] = {}
         self.extended: list[tuple[int, float, int, int]] = []
@@ -420,6 +447,10 @@ class TimelineModel:
             rows += [self.fe[cu[ok]], end[cu[ok]]]
             cols += [G + ok, G + ok]
             vals += [-amount[ok], amount[ok]]
+        ok = np.nonzero((self.fs[cu] >= 0) & (self.be[cu] >= 0) & (self.col_written > 0))[0] if C else np.zeros(0, int)
+        rows += [self.fs[cu[ok]], self.be[cu[ok]]]
+        cols += [G + ok, G + ok]
+        vals += [-self.col_written[ok], self.col_written[ok]]
         if self.extended:
             col, nbytes, start, end = (np.array(v) for v in zip(*self.extended))
             rows += [start.astype(np.int64), end.astype(np.int64)]

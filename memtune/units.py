@@ -100,6 +100,19 @@ def unit_param_prefixes(modules: Mapping[str, nn.Module], name: str) -> tuple[st
     return tuple(prefix + c for c in list(modules[fqn]._modules)[span[0]:span[1]])
 
 
+def inside_unit(unit: str, fqn: str) -> bool:
+    """Whether the parameter or buffer ``fqn`` lies inside ``unit``: its module (every call of a
+    shared module), or one of the children its segment spans."""
+    base, _, span = split_unit(unit)
+    prefix = f"{base}." if base else ""
+    if not fqn.startswith(prefix):
+        return False
+    if span is None:
+        return True
+    child = fqn[len(prefix):].split(".", 1)[0]
+    return child.isdigit() and span[0] <= int(child) < span[1]
+
+
 def owns(prefixes: Iterable[str], param_fqn: str) -> bool:
     return any(param_fqn == p or param_fqn.startswith(p + ".") for p in prefixes)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 from memtune.plan import Decision, Plan
 from memtune.profile import ModelProfile
 from memtune.timeline import plan_optimizer_memory, plan_recording
+from memtune.units import inside_unit
 
 
 def reference_peak(profile: ModelProfile, plan: Plan) -> int:
@@ -96,8 +97,21 @@ def reference_peak(profile: ModelProfile, plan: Plan) -> int:
         for i in range(p.storages[sid].freed + 1, end):
             dropped[i] -= p.storages[sid].nbytes
     opt = plan_optimizer_memory(p, plan)
-    # Plus the runtime's copies of the buffers the step writes (at most three: memtune.stateful).
-    delta = opt.state_bytes - p.optimizer_state_bytes + 3 * p.written_buffer_bytes
+    # Plus the runtime's copies of the buffers the step writes (memtune.stateful): the trainer's
+    # snapshot all step; each recomputed unit's own copy from its forward start to its backward
+    # end, and one more while it recomputes (three of all throughout without per-buffer sizes).
+    written = {u.fqn: 0 for u in p.units}
+    if p.written_buffer_sizes:
+        delta = opt.state_bytes - p.optimizer_state_bytes + p.written_buffer_bytes
+        for u in written:
+            written[u] = sum(b for n, b in zip(p.written_buffers, p.written_buffer_sizes) if inside_unit(u, n))
+        fwd_start = {e.unit: i for i, e in reversed(list(enumerate(ev))) if e.name == "fwd_start"}
+        for u, d in plan.decisions.items():
+            if d.recomputes and written[u] and u in fwd_start and u in bwd_start:
+                for i in range(fwd_start[u], bwd_end(u)):
+                    dropped[i] -= written[u]
+    else:
+        delta = opt.state_bytes - p.optimizer_state_bytes + 3 * p.written_buffer_bytes
     best = 0
     for i, e in enumerate(ev):
         if optim_start <= i < optim_end:
@@ -108,10 +122,11 @@ def reference_peak(profile: ModelProfile, plan: Plan) -> int:
             best = max(best, e.live_bytes + delta - dropped[i] + opt.param_step_bytes[e.unit])
         for u, j in bwd_start.items():
             if j == i and plan.decisions.get(u) is Decision.RECOMPUTE:
-                best = max(best, e.live_bytes + delta - dropped[i] - restored[u] + p.unit(u).fwd_transient_bytes)
+                best = max(best, e.live_bytes + delta - dropped[i] - restored[u] + p.unit(u).fwd_transient_bytes
+                           + written[u])
             if j == i and plan.decisions.get(u) is Decision.SELECTIVE:
                 best = max(best, e.live_bytes + delta - dropped[i] - restored[u]
-                           + _partial_forward_peak(p.unit(u), plan.save_ops[u]) + popped[u])
+                           + _partial_forward_peak(p.unit(u), plan.save_ops[u]) + popped[u] + written[u])
     return best
 
 
