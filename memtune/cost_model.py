@@ -271,6 +271,8 @@ class _PassTimes:
     outside_fwd: float
     recompute_ms: dict[str, float]
     offload_ms: dict[str, float]
+    key: tuple
+    """What they were computed for (device, FLOP rate and scale factors): their memo key."""
 
 
 def _pass_times(profile: ModelProfile, spec: DeviceSpec, rate: float, scale: float, wscale: float,
@@ -310,7 +312,7 @@ def _pass_times(profile: ModelProfile, spec: DeviceSpec, rate: float, scale: flo
     offload = {u.fqn: k * (2 * u.saved_activation_bytes * scale / host_bw + 2 * spec.kernel_overhead_s) * 1e3
                for u in profile.units}
     memo[key] = _PassTimes(unit_fwd=unit_fwd, unit_bwd=unit_bwd, fwd=fwd, bwd=bwd, outside_fwd=outside_fwd,
-                           recompute_ms={f: t * 1e3 for f, t in unit_fwd.items()}, offload_ms=offload)
+                           recompute_ms={f: t * 1e3 for f, t in unit_fwd.items()}, offload_ms=offload, key=key)
     return memo[key]
 
 
@@ -335,7 +337,7 @@ def _selective_ms(profile: ModelProfile, variant: StepVariant, spec: DeviceSpec,
                       for u in recording.units if (pols := policies_of.get(u.fqn, ()))}
     # ... and so do the prices, for the pass times (the same for every optimizer). Read only.
     priced = recording.__dict__.setdefault("_selective_ms", {})
-    key = (spec, id(times), repeats)
+    key = (times.key, repeats)
     if key not in priced:
         unit_fwd = times.unit_fwd
         out: dict[str, dict[tuple[str, ...], float]] = {}
@@ -345,8 +347,8 @@ def _selective_ms(profile: ModelProfile, variant: StepVariant, spec: DeviceSpec,
                 pols, fractions = got
                 dispatch = repeats * len(u.ops) * spec.python_dispatch_s
                 out[u.fqn] = {p.save_ops: (unit_fwd[u.fqn] * f + dispatch) * 1e3 for p, f in zip(pols, fractions)}
-        priced[key] = (times, out)  # (holding the times keeps their id from being reused)
-    return priced[key][1]
+        priced[key] = out
+    return priced[key]
 
 
 def _profiled_optimizer(profile: ModelProfile) -> OptimizerPlan:

@@ -249,11 +249,11 @@ def _device_newton_schulz(opt, on_host: list[torch.Tensor]) -> None:
     the device parameters' update. Every such matrix is recorded as if it went to the device
     (the runtime keeps the smallest on the host when the host is priced faster: never more)."""
     from .optim.muon2 import Muon2, _as_matrix, orthogonalize
+    from .optimizers import optimizer_parts
 
-    inner = getattr(opt, "inner", opt)
     mine = {id(p) for p in on_host}
     done = set()
-    for part in (getattr(inner, "parts", None) or {"": inner}).values():
+    for part in optimizer_parts(opt):
         if not isinstance(part, Muon2):
             continue
         for g in part.param_groups:

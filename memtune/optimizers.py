@@ -159,13 +159,19 @@ def optimizer_split(model: nn.Module, optimizer) -> tuple[tuple[str, ...], tuple
     return tuple(f for f in trainable if f in chosen), tuple(f for f in trainable if f not in chosen)
 
 
+def optimizer_parts(opt) -> list:
+    """The optimizers that step ``opt``'s parameters: through a
+    :class:`~memtune.stepping.PlanOptimizer` to its inner optimizer, and a hybrid's parts."""
+    inner = getattr(opt, "inner", opt)
+    return list((getattr(inner, "parts", None) or {"": inner}).values())
+
+
 def as_on_target(opt, target: str):
     """``opt`` (built on fake or meta parameters by the profiler) set to take the choices that
     depend on the device as the target device will: Muon²'s batched Newton-Schulz
     (``batch_ns=None`` resolves by the parameters' device, and a fake or meta tensor would
     answer for the wrong one). Returns ``opt``."""
-    inner = getattr(opt, "inner", opt)
-    for part in (getattr(inner, "parts", None) or {"": inner}).values():
+    for part in optimizer_parts(opt):
         for g in getattr(part, "param_groups", ()):
             if "batch_ns" in g and g["batch_ns"] is None:
                 g["batch_ns"] = target != "cpu"

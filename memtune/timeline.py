@@ -442,15 +442,12 @@ class TimelineModel:
         cu = self.col_unit
         rows, cols, vals = [self.g_lo, self.g_hi], [np.arange(G), np.arange(G)], [self.g_bytes, -self.g_bytes]
         unsaved = self.unsaved[cu] if C else np.zeros(0)
-        for amount, end in ((unsaved, self.be), (self.cached, self.bs), (self.held, self.be)):
-            ok = np.nonzero((self.fe[cu] >= 0) & (self.bs[cu] >= 0) & (amount > 0))[0] if C else np.zeros(0, int)
-            rows += [self.fe[cu[ok]], end[cu[ok]]]
+        for amount, start, end in ((unsaved, self.fe, self.be), (self.cached, self.fe, self.bs),
+                                   (self.held, self.fe, self.be), (self.col_written, self.fs, self.be)):
+            ok = np.nonzero((start[cu] >= 0) & (self.bs[cu] >= 0) & (amount > 0))[0] if C else np.zeros(0, int)
+            rows += [start[cu[ok]], end[cu[ok]]]
             cols += [G + ok, G + ok]
             vals += [-amount[ok], amount[ok]]
-        ok = np.nonzero((self.fs[cu] >= 0) & (self.be[cu] >= 0) & (self.col_written > 0))[0] if C else np.zeros(0, int)
-        rows += [self.fs[cu[ok]], self.be[cu[ok]]]
-        cols += [G + ok, G + ok]
-        vals += [-self.col_written[ok], self.col_written[ok]]
         if self.extended:
             col, nbytes, start, end = (np.array(v) for v in zip(*self.extended))
             rows += [start.astype(np.int64), end.astype(np.int64)]

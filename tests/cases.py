@@ -20,6 +20,24 @@ class Case:
     loss_fn: Callable | None = None
 
 
+class BNBlock(torch.nn.Module):
+    """A residual Linear + BatchNorm1d block: batch norm writes its running statistics, and
+    refuses a training batch of one sample."""
+
+    def __init__(self, d: int):
+        super().__init__()
+        self.lin, self.bn = torch.nn.Linear(d, d), torch.nn.BatchNorm1d(d)
+
+    def forward(self, x):
+        return x + torch.relu(self.bn(self.lin(x)))
+
+
+def bn_mlp() -> torch.nn.Module:
+    """Three :class:`BNBlock` units of width 32 and a 10-way head, seeded."""
+    torch.manual_seed(0)
+    return torch.nn.Sequential(*(BNBlock(32) for _ in range(3)), torch.nn.Linear(32, 10))
+
+
 def _tokens(batch_size: int = 8, block: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
     return TextCorpus.load().batch("train", batch_size, block, generator=torch.Generator().manual_seed(0))
 

@@ -353,21 +353,10 @@ def test_a_micro_batch_the_model_cannot_run_is_left_out_and_said():
     and no plan uses it."""
     import torch.nn.functional as F
 
+    from cases import bn_mlp as make
     from reference import measure_planned_step
 
     from memtune.apply import apply_plan
-
-    class Block(nn.Module):
-        def __init__(self, d):
-            super().__init__()
-            self.lin, self.bn = nn.Linear(d, d), nn.BatchNorm1d(d)
-
-        def forward(self, x):
-            return x + torch.relu(self.bn(self.lin(x)))
-
-    def make():
-        torch.manual_seed(0)
-        return nn.Sequential(*(Block(32) for _ in range(3)), nn.Linear(32, 10))
 
     g = torch.Generator().manual_seed(0)
     batch = (torch.randn(8, 32, generator=g), torch.randint(0, 10, (8,), generator=g))

@@ -169,18 +169,17 @@ class _Streamed(Applied):
         from memtune.cost_model import host_bandwidth, ns_on_device
         from memtune.devices import DEVICES, resolve_device
         from memtune.optim.muon2 import Muon2
+        from memtune.optimizers import optimizer_parts
 
         if self.device.type != "cuda":
             return
         spec = DEVICES.get(self.plan.target) or resolve_device(self.device)
-        steps = self.plan.optimizer.ns_steps or 1
-        inner = getattr(opt, "inner", opt)
-        for part in getattr(inner, "parts", {"": inner}).values():
+        steps, link = self.plan.optimizer.ns_steps or 1, host_bandwidth(spec)
+        mine = {id(p) for p in self.host_params}
+        for part in optimizer_parts(opt):
             if isinstance(part, Muon2):
-                mine = {id(p) for p in self.host_params}
-                params = [p for g in part.param_groups for p in g["params"] if id(p) in mine]
-                part.run_ns_on([p for p in params if ns_on_device(tuple(p.shape), steps, spec, host_bandwidth(spec))],
-                               self.device)
+                part.run_ns_on([p for g in part.param_groups for p in g["params"]
+                                if id(p) in mine and ns_on_device(tuple(p.shape), steps, spec, link)], self.device)
 
     def discard_step(self) -> None:
         """Every host parameter back in its module, no device copy left."""

@@ -206,20 +206,6 @@ def test_micro_batching_a_batch_norm_model_is_lossy_and_only_taken_when_listed()
 
 
 # ----------------------------------------------------------------------------- memory
-class _BNBlock(nn.Module):
-    def __init__(self, d):
-        super().__init__()
-        self.lin, self.bn = nn.Linear(d, d), nn.BatchNorm1d(d)
-
-    def forward(self, x):
-        return x + torch.relu(self.bn(self.lin(x)))
-
-
-def bn_mlp():
-    torch.manual_seed(0)
-    return nn.Sequential(*(_BNBlock(32) for _ in range(3)), nn.Linear(32, 10))
-
-
 @pytest.mark.parametrize("decisions", ["save", "recompute", "mixed"])
 def test_copies_of_written_buffers_are_counted_where_they_live(decisions):
     """The copies of the buffers a step writes are counted where the runtime holds them: the
@@ -227,6 +213,7 @@ def test_copies_of_written_buffers_are_counted_where_they_live(decisions):
     (from its forward to its backward, one more while it recomputes). On a small batch-norm MLP,
     where those copies are a visible share of the step, each plan measures (MemTracker, the
     planned step without the trainer's snapshot) under its prediction and within 3% of it."""
+    from cases import bn_mlp
     from reference import measure_planned_step
 
     g = torch.Generator().manual_seed(0)
