@@ -195,6 +195,9 @@ def _record_optimizer_step(setup: RecordingSetup, config: OptimizerPlan, *, vari
         observe = (lambda t: rec.exclude(t)) if target != "cpu" else (lambda t: None)
 
         with rec, observe_host_tensors(observe):
+            if target != "cpu":
+                # Host buffers made by the warm-up: each step writes its state back into them.
+                rec.host_static(hosts)
             on_host_ids = {id(p) for p in on_host}
             rec.register_static([p for p in fparams.values() if id(p) not in on_host_ids],
                                 [p.grad for _, p in stepped if p.grad is not None], device_state)

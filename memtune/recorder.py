@@ -390,8 +390,8 @@ class StepRecorder(TorchDispatchMode):
 
     def _track_output(self, t: torch.Tensor) -> None:
         st = t.untyped_storage()
-        if st in self._by_storage or st in self._static:
-            return
+        if st in self._by_storage or st in self._static or st in self._host:
+            return  # (host memory written in place, e.g. offloaded state copied back, is not the device's)
         n = self._overrides.pop(id(t), None)
         n = self._nbytes(st) if n is None else round_allocation(n, self.granularity)
         rec = StorageRecord(nbytes=n, created=len(self.intervals) - 1, producer=self.current_unit if self.phase is StepPhase.FORWARD else None)

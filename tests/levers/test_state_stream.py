@@ -228,3 +228,29 @@ def test_a_share_offloaded_copies_only_the_rest_and_costs_less(monkeypatch):
     cpu = dataclasses.replace(DEVICES["H100"], kind="cpu", name="cpu")
     ctx = _ctx([n] * 4, spec=cpu)
     assert state_stream_seconds(ctx, offloaded_share=0.5) == pytest.approx(2 * 2 * _copy_s(ctx, n), rel=1e-9)
+
+
+@pytest.mark.parametrize("in_backward", [False, True])
+def test_on_a_gpu_target_the_state_written_back_is_not_device_memory(in_backward):
+    # The step writes each parameter's state back into host buffers the warm-up made. On a GPU
+    # target those writes are not device allocations: what the offloaded step holds on the device
+    # is its window and one parameter's update, however many layers stream through it.
+    import memtune
+
+    def recorded(layers: int):
+        torch.manual_seed(0)
+        model = nn.Sequential(*[nn.Linear(256, 256) for _ in range(layers)])
+        space = memtune.PlanSpace(state_dtypes=("fp32",), levers={"state_offload": (True,), "weights": (None,),
+                                                                  "optimizer_in_backward": (in_backward,)})
+        prof = memtune.profile(model, (torch.randn(4, 256), torch.randn(4, 256)), target="H100", space=space,
+                               loss_fn=nn.functional.mse_loss)
+        rec = next(o for o in prof.optimizer_steps if o.variant.state_offload
+                   and bool(o.variant.optimizer_in_backward) == in_backward)
+        return rec.step_transient_bytes, rec.host_state_bytes, dict(rec.param_step_bytes).get("0.weight")
+
+    (few, few_host, _), (many, many_host, weight_update) = recorded(4), recorded(12)
+    assert many_host == 3 * few_host  # three times the state streams through host memory ...
+    assert many == few                # ... through the same device bytes,
+    assert many < few_host            # fewer than four layers' state (before: the whole state, and more)
+    if in_backward:  # one weight's update holds less than that weight's state (AdamW: 2 fp32 buffers)
+        assert weight_update < 2 * 4 * 256 * 256
