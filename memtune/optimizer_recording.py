@@ -14,11 +14,12 @@ model replays it; nothing about an optimizer is estimated from a formula.
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections import OrderedDict
 
 import torch
 
-from .optimizers import FAMILIES, build_optimizer_for, optimizer_split
+from .optimizers import FAMILIES, build_optimizer_for, optimizer_parts, optimizer_split
 from .plan import OptimizerPlan
 from .profile import OptimizerStepProfile, StepEvent
 from .recorder import StepRecorder
@@ -129,8 +130,39 @@ def record_optimizer_step(setup: RecordingSetup, config: OptimizerPlan, *, varia
     return dataclasses.replace(out, profiled=profiled)
 
 
-def _record_optimizer_step(setup: RecordingSetup, config: OptimizerPlan, *, variant: StepVariant, granularity: int,
-                           target: str, foreach: bool, with_grad: set[str]) -> OptimizerStepProfile:
+FOLD_REPEATS = True
+"""Record a per-parameter step over identical blocks folded (:func:`repeated_blocks`)."""
+FOLD_KEEP = 2
+"""Identical blocks kept at each end of a run when a per-parameter step is recorded folded."""
+FOLD_SLACK = 2 << 20
+"""Bytes added to a folded recording's step temporaries on a CUDA target (two unsplit
+remainders of the caching allocator's large pool; measured differences: at most 1 MiB)."""
+
+
+def _record_optimizer_step(setup: RecordingSetup, config: OptimizerPlan, **kw) -> OptimizerStepProfile:
+    """:func:`_record_step`, folded over repeated blocks where the step is per parameter.
+
+    A step taken one parameter at a time (in backward, with offloaded state, on bf16 weights)
+    dispatches every op of every parameter; a 70B model's 80 identical blocks made that most
+    of its profile. Such a step is recorded on the model with the middle of each run of
+    identical blocks left out (:func:`repeated_blocks`): every distinct parameter, in every
+    context it is stepped in, is still stepped, and each left-out parameter takes the
+    measured figures of its stand-in. Where the state stream's window reaches past the blocks
+    kept, more are kept; where the figures would not carry over exactly (state shared between
+    parameters), the whole model is recorded."""
+    keep = FOLD_KEEP if FOLD_REPEATS and setup.stepping else None
+    while keep is not None:
+        out, need = _record_step(setup, config, keep=keep, **kw)
+        if out is not None:
+            return out
+        keep = need if need is not None and need > keep else None
+    out, _ = _record_step(setup, config, keep=None, **kw)
+    return out
+
+
+def _record_step(setup: RecordingSetup, config: OptimizerPlan, *, variant: StepVariant, granularity: int,
+                 target: str, foreach: bool, with_grad: set[str],
+                 keep: int | None) -> tuple[OptimizerStepProfile | None, int | None]:
     """Build ``config`` on ``setup.params`` (meta parameters) and record a steady-state step.
     ``with_grad``: FQNs of the parameters that received a gradient in the recorded training
     step (only those are stepped, as in training).
@@ -139,7 +171,11 @@ def _record_optimizer_step(setup: RecordingSetup, config: OptimizerPlan, *, vari
     with ``in_backward`` each parameter is stepped alone, in ``setup.order`` (the order backward
     completes their gradients), and its temporaries recorded. Offloaded state lives in host
     memory: on a CUDA target it is not counted against the device (``host_state_bytes``); on a
-    CPU target host memory *is* the device."""
+    CPU target host memory *is* the device.
+
+    ``keep``: fold repeated blocks, keeping that many at each end of a run (per-parameter
+    stepping only). Returns ``(None, blocks needed)`` where the folded figures would not equal
+    the whole model's; ``(profile, None)`` otherwise."""
     from .devices import round_allocation
     from .optimizers import as_on_target
     from .stepping import PlanOptimizer, observe_host_tensors
@@ -161,6 +197,17 @@ def _record_optimizer_step(setup: RecordingSetup, config: OptimizerPlan, *, vari
     else:
         muon, adamw = (), tuple(n for n, p in fparams.items() if p.requires_grad)
     stepped = [(n, p) for n, p in fparams.items() if n in with_grad and p.requires_grad]
+    fold: dict[str, str] = {}
+    twins: dict[str, str] = {}
+    if keep and isinstance(opt, PlanOptimizer):
+        full = _stepping_sequence(opt, view, stepped, setup.order, in_backward)
+        sig = _signatures(opt, view, stepped, setup.host_params)
+        fold, twins = repeated_blocks(full, sig, keep)
+        if fold:
+            _leave_out(opt, {id(fparams[n]) for n in fold})
+            stepped = [(n, p) for n, p in stepped if n not in fold]
+    elif keep:
+        return None, None
     nbytes = lambda t: round_allocation(t.untyped_storage().nbytes(), granularity)  # noqa: E731
     per_param: list[tuple[str, int]] = []
     held = 0
@@ -188,6 +235,15 @@ def _record_optimizer_step(setup: RecordingSetup, config: OptimizerPlan, *, vari
 
         def host_tensors() -> list[torch.Tensor]:  # (the step replaces state tensors: read them anew)
             return _host_buffers(opt) + optimizer_state_tensors(opt, on_host)
+        if fold and opt._stream is not None:
+            # The stream's figures at a parameter depend on what is fetched around it: each
+            # left-out parameter's stand-in must see the same parameters within the window.
+            sizes = {n: 0 if id(p) in opt._resident else opt._stream._host_bytes(p) for n, p in stepped}
+            sizes.update({d: sizes[r] for d, r in fold.items()})
+            reduced = [n for n in full if n not in fold]
+            if not contexts_agree(full, reduced, fold, sig, sizes, opt._stream.window):
+                block = min(sum(sizes[n] for n in full if _block_of(n) == b) for b in {_block_of(r) for r in fold.values()})
+                return None, (keep + 1 if not block else -(-opt._stream.window // block) + 2)
         hosts = host_tensors()
         host_ids = {id(t.untyped_storage()) for t in hosts}
         device_state = [t for t in optimizer_state_tensors(opt) if target == "cpu" or id(t.untyped_storage()) not in host_ids]
@@ -233,6 +289,27 @@ def _record_optimizer_step(setup: RecordingSetup, config: OptimizerPlan, *, vari
         # (A streamed parameter and its gradient: pinned host memory too.)
         host_bytes = unique_bytes(hosts, nbytes) + 2 * sum(nbytes(p) for p in on_host)
         device_bytes = unique_bytes([t for t in all_state if id(t.untyped_storage()) not in host_ids], nbytes)
+        if fold:
+            # Each left-out parameter holds what its stand-in holds, provided no state is shared
+            # between parameters (then the parts add up to the whole).
+            on_host_ids = {id(p) for p in on_host}
+            split = {n: _param_bytes(opt, p, host_ids, nbytes, id(p) in on_host_ids) for n, p in stepped}
+            if (sum(d for d, _ in split.values()), sum(h for _, h in split.values())) != (device_bytes, host_bytes):
+                return None, None
+            device_bytes += sum(split[r][0] for r in fold.values())
+            host_bytes += sum(split[r][1] for r in fold.values())
+            # On a CUDA target the caching allocator makes a step's temporaries depend a little
+            # on which blocks earlier steps freed (a reused block keeps a remainder of up to
+            # 1 MiB unsplit), so the same update measures a few MiB apart in different blocks,
+            # and the folded step's history is not the whole one's. Every folded figure is
+            # raised by FOLD_SLACK; a left-out parameter takes the larger of its stand-in's
+            # figure and its twin's (the figures alternate between neighbouring blocks).
+            slack = FOLD_SLACK if target != "cpu" else 0
+            if in_backward:
+                measured = dict(per_param)
+                per_param = [(n, slack + (measured[n] if n not in fold else max(measured[fold[n]], measured[twins[n]])))
+                             for n in full]
+            transient += slack
         state = device_bytes + (host_bytes if target == "cpu" else 0)
     finally:
         for p in fparams.values():
@@ -241,7 +318,121 @@ def _record_optimizer_step(setup: RecordingSetup, config: OptimizerPlan, *, vari
         name=config.name, state_dtype=config.state_dtype, ns_steps=config.ns_steps, settings=config.settings,
         muon_params=muon, adamw_params=adamw, state_bytes=state, step_transient_bytes=transient,
         variant=variant.for_optimizer(), host_state_bytes=host_bytes, param_step_bytes=tuple(per_param),
-        stream_bytes=held, profiled=False)
+        stream_bytes=held, profiled=False), None
+
+
+# ----------------------------------------------------------------------------- folding repeats
+_BLOCK = re.compile(r"^(.*?)\.(\d+)\.(.+)$")
+
+
+def _block_of(name: str) -> tuple[str, int] | None:
+    """(container, index) of the stacked block ``name`` lives in (its first numeric
+    component: ``model.layers.12.mlp.up_proj.weight`` → ``("model.layers", 12)``), or None."""
+    m = _BLOCK.match(name)
+    return (m.group(1), int(m.group(2))) if m else None
+
+
+def repeated_blocks(sequence: list[str], sig: dict[str, tuple], keep: int) -> tuple[dict[str, str], dict[str, str]]:
+    """The parameters a folded recording leaves out, each mapped to its stand-in, and to its twin.
+
+    ``sequence``: the parameters in the order they are stepped; ``sig``: what a parameter's
+    update depends on (relative name, shape, dtype, optimizer part and group, where its state
+    lives). Blocks of one container (``layers.0``, ``layers.1``, ...) whose parameters have
+    equal signatures, consecutive by index, form a run. Of a run longer than ``2 × keep``
+    blocks, the first ``keep`` and the last ``keep`` in stepping order are kept; each
+    parameter of a block in between is stood in for by the same parameter of the last block of
+    the first ``keep``, stepped with ``keep - 1`` identical blocks before it and ``keep``
+    after; its twin is the same parameter of the block stepped next (``keep`` before,
+    ``keep - 1`` after)."""
+    blocks: dict[tuple[str, int], list[str]] = {}
+    for n in sequence:
+        b = _block_of(n)
+        if b is not None:
+            blocks.setdefault(b, []).append(n)
+    rest = {b: tuple(sorted((_BLOCK.match(n).group(3), sig[n]) for n in ns)) for b, ns in blocks.items()}
+    first = {b: sequence.index(ns[0]) for b, ns in blocks.items()}
+    out: dict[str, str] = {}
+    twins: dict[str, str] = {}
+    by_container: dict[str, list[int]] = {}
+    for c, i in sorted(blocks):
+        by_container.setdefault(c, []).append(i)
+    for c, idx in by_container.items():
+        run = [idx[0]]
+        for i in idx[1:] + [None]:
+            if i is not None and i == run[-1] + 1 and rest[(c, i)] == rest[(c, run[0])]:
+                run.append(i)
+                continue
+            if len(run) > 2 * keep:
+                stepped = sorted(run, key=lambda j: first[(c, j)])
+                stand_in = {_BLOCK.match(n).group(3): n for n in blocks[(c, stepped[keep - 1])]}
+                twin = {_BLOCK.match(n).group(3): n for n in blocks[(c, stepped[-keep])]}
+                for j in stepped[keep:-keep]:
+                    for n in blocks[(c, j)]:
+                        out[n], twins[n] = stand_in[_BLOCK.match(n).group(3)], twin[_BLOCK.match(n).group(3)]
+            run = [i] if i is not None else []
+    return out, twins
+
+
+def contexts_agree(full: list[str], reduced: list[str], fold: dict[str, str], sig: dict[str, tuple],
+                   sizes: dict[str, int], window: int) -> bool:
+    """Whether every left-out parameter (``fold``) is stepped, in ``full``, among the same
+    parameters as its stand-in in ``reduced``: the same signatures before and after it, as far
+    as the state stream's ``window`` (bytes fetched ahead; ``sizes`` per parameter) reaches,
+    one more each way."""
+    def around(seq: list[str], i: int) -> tuple:
+        def walk(names) -> list:
+            out, held = [], 0
+            for n in names:
+                out.append(sig[n])
+                held += sizes[n]
+                if held > window:
+                    break
+            return out
+        return tuple(walk(seq[i + 1:])), tuple(walk(reversed(seq[:i])))
+    at_f = {n: i for i, n in enumerate(full)}
+    at_r = {n: i for i, n in enumerate(reduced)}
+    return all(around(full, at_f[d]) == around(reduced, at_r[r]) for d, r in fold.items())
+
+
+def _stepping_sequence(opt, view, stepped, order, in_backward: bool) -> list[str]:
+    """The stepped parameters in the order the recorded step updates them: backward's order
+    in backward, the optimizer's groups' order after it (:meth:`PlanOptimizer.step`)."""
+    names = {n for n, _ in stepped}
+    if in_backward:
+        return [n for n in dict.fromkeys(order or (n for n, _ in stepped)) if n in names]
+    fqn = {id(p): n for n, p in view.named_parameters()}
+    return [fqn[id(p)] for g in opt.param_groups for p in g["params"] if fqn.get(id(p)) in names]
+
+
+def _signatures(opt, view, stepped, host_params) -> dict[str, tuple]:
+    """What each stepped parameter's update depends on (:func:`repeated_blocks`)."""
+    parts = {id(part): i for i, part in enumerate(optimizer_parts(opt))}
+    out = {}
+    for n, p in stepped:
+        part, group = opt._where[id(p)]
+        m = _BLOCK.match(n)
+        out[n] = (m.group(3) if m else n, tuple(p.shape), p.dtype, parts[id(part)], next(i for i, g in enumerate(part.param_groups) if g is group),
+                  n in host_params, id(p) in opt._resident)
+    return out
+
+
+def _leave_out(opt, ids: set[int]) -> None:
+    """Take the parameters ``ids`` out of ``opt`` (a :class:`PlanOptimizer` not yet stepped)."""
+    for part in optimizer_parts(opt):
+        for g in part.param_groups:
+            keep = [i for i, p in enumerate(g["params"]) if id(p) not in ids]
+            if g.get("param_names") is not None:
+                g["param_names"] = [g["param_names"][i] for i in keep]
+            g["params"] = [g["params"][i] for i in keep]
+    opt._index()
+
+
+def _param_bytes(opt, p, host_ids: set[int], nbytes, on_host: bool) -> tuple[int, int]:
+    """(device, host) bytes ``p``'s optimizer state holds, as the whole-step count counts them."""
+    state = optimizer_state_tensors(opt, [p])
+    device = unique_bytes([t for t in state if id(t.untyped_storage()) not in host_ids], nbytes)
+    hosts = list(getattr(opt, "_host_buffers", {}).get(id(p), {}).values()) + (state if on_host else [])
+    return device, unique_bytes(hosts, nbytes) + (2 * nbytes(p) if on_host else 0)
 
 
 def _device_newton_schulz(opt, on_host: list[torch.Tensor]) -> None:
