@@ -1,10 +1,10 @@
 """Plans for Llama-2 shapes that do not fit an H100 without streaming, planned from this CPU.
 
-    python benchmarks/streaming_plans.py              # 7B, 13B and 70B, about 10 minutes on 2 cores
+    python benchmarks/streaming_plans.py              # 7B, 13B and 70B, about 4 minutes on 2 cores
     python benchmarks/streaming_plans.py --only 7b
 
 Each model is built on the ``meta`` device, profiled for an H100 (bf16-mixed, seq 2048,
-batch 1, AdamW, every default lever recorded) under fake tensors, and planned with every
+batch 1, AdamW, every default lever recorded, the 70B too) under fake tensors, and planned with every
 default at each budget. The table gives the plan's tokens/s, its step time, what the optimizer
 state's stream adds to it, and the same plan priced the old way (the stream serial,
 ``2 × state bytes / host bandwidth``, hidden only behind backward), side by side from one run;
@@ -41,12 +41,6 @@ SHAPES = {
 BUDGETS = {"7b": (("24GB", None), ("12GB", None)), "13b": (("24GB", None),), "70b": (("80GB", "1.5TB"),)}
 """(device budget, host budget) per shape: ``None`` is the default (what psutil reports available
 here, less a reserve), which cannot hold a 70B model's host copies on this machine."""
-SPACES = {"70b": memtune.PlanSpace(levers={"weight_offload": (True,), "weights": (None,), "state_offload": (False,),
-                                           "optimizer_in_backward": (False,)})}
-"""The 70B profile records the step variants that stream the weights, and the levers that combine
-with weight offload (the state precisions, micro-batches, the chunked loss): its bf16 weights
-alone (128 GiB) exceed the 80GB device, so no variant without it can fit. With every default
-lever recorded the profile takes about 4.5 minutes here (docs/benchmarks.md)."""
 SEQ = 2048
 
 
@@ -69,8 +63,7 @@ def run(name: str) -> list[dict]:
         model = zoo.hf_llama(vocab_size=32000, max_position_embeddings=4096, **SHAPES[name])
     ids = torch.zeros(1, SEQ, dtype=torch.long, device="meta")
     t0 = time.perf_counter()
-    prof = memtune.profile(model, {"input_ids": ids, "labels": ids}, precision="bf16-mixed", target="H100",
-                           space=SPACES.get(name, memtune.PlanSpace()))
+    prof = memtune.profile(model, {"input_ids": ids, "labels": ids}, precision="bf16-mixed", target="H100")
     profile_s = time.perf_counter() - t0
     rows = []
     for budget, host_budget in BUDGETS[name]:
