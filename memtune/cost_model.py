@@ -384,7 +384,19 @@ def state_stream_seconds(ctx: CostContext, offloaded_share: float | bool = True)
     copies are plain copies on the one thread, so nothing overlaps. The result is the finish time
     minus the compute alone: the transfer that could not hide. Recomputation in backward, which
     would hide more, is not counted (the estimate errs long). With ``offloaded_share`` below 1 the
-    parameters :func:`memtune.stepping.resident_names` keeps on the device copy nothing."""
+    parameters :func:`memtune.stepping.resident_names` keeps on the device copy nothing.
+    Kept on the profile object: the planners price the same stream under many configurations
+    that differ in nothing it reads."""
+    memo = ctx.profile.__dict__.setdefault("_state_stream_seconds", {})
+    key = (_price_key(ctx.optimizer, ctx.spec, ctx.fp32_working_copy), ctx.master_bytes_per_element,
+           offloaded_share, ctx.host_bandwidth, ctx.optimizer_overlaps_backward,
+           (ctx.backward_s, tuple(ctx.unit_backward_s.items())) if ctx.optimizer_overlaps_backward else None)
+    if key not in memo:
+        memo[key] = _state_stream_seconds(ctx, offloaded_share)
+    return memo[key]
+
+
+def _state_stream_seconds(ctx: CostContext, offloaded_share: float | bool) -> float:
     from .stepping import resident_names
 
     profile, spec = ctx.profile, ctx.spec

@@ -1,7 +1,8 @@
 """The exact planner: a MILP (``scipy.optimize.milp``, HiGHS) over unit decisions, solved per
 outer configuration (optimizer × state precision × NS steps × step variant) in order of the
 configuration's no-recompute step time, stopping as soon as no remaining configuration can beat
-the best plan found.
+the best plan found. Configurations that may still beat it are solved a few at a time, side by
+side (:func:`memtune.planners.highs.parallel_solves`), with the same result.
 
 The MILP is built from the timeline's own rows (:class:`memtune.timeline.TimelineModel`, whose
 docstring names them), so it cannot disagree with :func:`memtune.predict_peak`. In the notation
@@ -35,6 +36,7 @@ configuration, greedy plans that configuration and the plan says so in its notes
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -67,25 +69,43 @@ class ExactPlanner:
         per_tier: dict[int, Plan] = {}
         floor_ms = min((c[1] for c in cands), default=0.0)
         deadline = time.perf_counter() + options.time_limit_s
-        for tier, base_ms, _, cfg, table in cands:
+        workers = highs.parallel_solves()
+
+        def open_(cand) -> bool:
+            """Whether a configuration may still beat what has been found."""
+            tier, base_ms = cand[0], cand[1]
             best = per_tier.get(tier)
             if best is not None and base_ms >= best.predicted_step_ms - 1e-12:
-                continue  # cannot beat this tier's best: its time without any recompute is already slower
-            if prunable(per_tier, tier, floor_ms, options):
-                continue
+                return False  # cannot beat this tier's best: its time without any recompute is already slower
+            return not prunable(per_tier, tier, floor_ms, options)
+
+        def solve(cand):
+            tier, _, _, cfg, table = cand
             tm, cc = timeline_for(profile, cfg)
             if cc.fixed_peak > U:
-                continue
+                return None
             left = max(0.05, deadline - time.perf_counter())
-            sol = solve_config(tm, cc, table, U, allow_offload=offload_allowed(profile, options), time_limit_s=left,
-                               mip_rel_gap=options.mip_rel_gap, host_budget=H)
-            if sol is None:
-                continue
-            choices, notes = sol
-            plan = make_plan(profile, budget, cfg, choices.decisions, planner=self.name, options=options, table=table,
-                             notes=notes, save_ops=choices.save_ops)
-            if best is None or plan.predicted_step_ms < best.predicted_step_ms - 1e-12:
-                per_tier[tier] = plan
+            return solve_config(tm, cc, table, U, allow_offload=offload_allowed(profile, options), time_limit_s=left,
+                                mip_rel_gap=options.mip_rel_gap, host_budget=H)
+
+        # The next few configurations that may still beat the best are solved side by side, and
+        # their plans taken in order, as one at a time would: a configuration that would have
+        # been pruned after its neighbour's plan cannot beat that plan, so the result is the same.
+        pending = list(cands)
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            while pending:
+                pending = [c for c in pending if open_(c)]
+                batch, pending = pending[:workers], pending[workers:]
+                for cand, sol in zip(batch, pool.map(solve, batch) if len(batch) > 1 else map(solve, batch)):
+                    if sol is None or not open_(cand):
+                        continue
+                    choices, notes = sol
+                    tier, _, _, cfg, table = cand
+                    plan = make_plan(profile, budget, cfg, choices.decisions, planner=self.name, options=options,
+                                     table=table, notes=notes, save_ops=choices.save_ops)
+                    best = per_tier.get(tier)
+                    if best is None or plan.predicted_step_ms < best.predicted_step_ms - 1e-12:
+                        per_tier[tier] = plan
         if not per_tier:
             from .infeasible import infeasible_error
             raise infeasible_error(profile, budget, options)

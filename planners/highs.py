@@ -9,7 +9,9 @@ re-tuning, every rank of a torchrun job). An abort there would kill the training
 under torchrun, every rank with it.
 
 So the MILP runs in a long-lived child process. It is started on first use and talks to us
-over its stdin/stdout with length-prefixed pickles. It imports numpy and scipy only, so it starts
+over its stdin/stdout with length-prefixed pickles. Solves from several threads at once (the
+exact planner solves independent configurations side by side) each take a process of their
+own: the first one, or a spare started for the purpose and kept for the next time. It imports numpy and scipy only, so it starts
 in about 0.4 s. Its own stdout goes to /dev/null, which also silences HiGHS's debug prints. When
 the child dies mid-solve, :func:`solve` starts a new one and solves again with presolve off
 (the crashing path is the one that undoes presolve). If that also fails it raises
@@ -144,7 +146,13 @@ class _Died(Exception):
 
 
 _lock = threading.Lock()
+"""Guards the processes below, which of them are solving, and the statistics."""
 _child: _Child | None = None
+"""The solver process a lone solve uses."""
+_spares: list[_Child] = []
+"""More solver processes, for solves that run while the first one is busy."""
+_busy: set[int] = set()
+"""``id`` of the processes solving now."""
 _stats = {"solves": 0, "restarts": 0, "failed": 0, "rechecked": 0}
 
 
@@ -165,13 +173,33 @@ def _isolated() -> bool:
     return mode != "inprocess" and os.name != "nt" and _cannot_spawn is None
 
 
-def _get_child() -> _Child:
+def _acquire() -> _Child:
+    """A solver process no other thread is using (the first one if it is free), marked busy.
+    A process that died is replaced (a restart); one inherited across fork is not ours."""
     global _child
-    if _child is None or not _child.alive():
-        if _child is not None and _child.pid == os.getpid():
-            _stats["restarts"] += 1
-        _child = _Child()
-    return _child
+    with _lock:
+        if _child is None or not _child.alive():
+            if _child is not None and _child.pid == os.getpid():
+                _stats["restarts"] += 1
+            _child = None  # (if starting fails, nothing half-made is left)
+            _child = _Child()
+        child = _child
+        if id(child) in _busy:
+            for spare in [c for c in _spares if not c.alive()]:
+                _spares.remove(spare)
+                if spare.pid == os.getpid():
+                    _stats["restarts"] += 1
+            child = next((c for c in _spares if id(c) not in _busy), None)
+            if child is None:
+                child = _Child()
+                _spares.append(child)
+        _busy.add(id(child))
+        return child
+
+
+def _release(child: _Child) -> None:
+    with _lock:
+        _busy.discard(id(child))
 
 
 INFEASIBLE = 2
@@ -203,22 +231,34 @@ def _solve(c, A, lo, hi, integrality, lb, ub, *, time_limit_s: float, mip_rel_ga
     deaths = []
     with _lock:
         _stats["solves"] += 1
-        for attempt in range(2):
-            if attempt:
-                problem = {**problem, "options": {**options, "presolve": False}}
-            try:
-                child = _get_child()
-            except OSError as e:  # no usable interpreter to start (embedded Python, exhausted pids)
-                _cannot_spawn = f"{type(e).__name__}: {e}"
-                log.warning("memtune: cannot start the HiGHS process (%s); solving in this process from now on",
-                            _cannot_spawn)
-                return MilpResult(*_solve_here(problem))
-            try:
-                return child.solve(problem, wall_limit(time_limit_s))
-            except _Died as e:
-                deaths.append(str(e))
+    for attempt in range(2):
+        if attempt:
+            problem = {**problem, "options": {**options, "presolve": False}}
+        try:
+            child = _acquire()
+        except OSError as e:  # no usable interpreter to start (embedded Python, exhausted pids)
+            _cannot_spawn = f"{type(e).__name__}: {e}"
+            log.warning("memtune: cannot start the HiGHS process (%s); solving in this process from now on",
+                        _cannot_spawn)
+            return MilpResult(*_solve_here(problem))
+        try:
+            return child.solve(problem, wall_limit(time_limit_s))
+        except _Died as e:
+            deaths.append(str(e))
+        finally:
+            _release(child)
+    with _lock:
         _stats["failed"] += 1
     raise SolverFailed("; then, with presolve off, ".join(deaths))
+
+
+def parallel_solves() -> int:
+    """How many solves are worth running at once here: one per core this process may use, up to
+    four (each is a process of its own); one where they would share this process's interpreter."""
+    if not _isolated():
+        return 1
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(4, cores))
 
 
 def stats() -> dict:
@@ -229,8 +269,9 @@ def stats() -> dict:
 
 @atexit.register
 def _shutdown() -> None:
-    if _child is not None:
-        _child.close()
+    for child in [_child, *_spares]:
+        if child is not None:
+            child.close()
 
 
 def _serve() -> None:

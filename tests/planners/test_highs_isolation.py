@@ -135,3 +135,26 @@ def test_when_no_solver_process_can_start_it_solves_in_process(monkeypatch, case
     got = _plan(prof, budget)
     assert got.fits and got.predicted_step_ms == pytest.approx(reference.predicted_step_ms)
     assert "Resource temporarily unavailable" in highs._cannot_spawn and not highs._isolated()
+
+
+def test_configurations_solved_side_by_side_plan_as_one_at_a_time(monkeypatch):
+    # Muon² with every state precision, micro-batching and offload: several configurations
+    # may beat the first plan, and the exact planner solves them in separate processes at once.
+    prof = chain_profile(60, seed=2, target_name="H100", scale=2**20)
+    from memtune.planning import plan
+
+    def plans(workers: int):
+        monkeypatch.setattr(highs, "parallel_solves", lambda: workers)
+        out = []
+        for frac in (0.8, 0.6, 0.45):
+            p = plan(prof, int(prof.baseline_peak_bytes * frac), "exact", reserve=0, optimizer="muon2",
+                     allow_microbatching=True, allow_offload=True)
+            out.append((p.predicted_step_ms, p.optimizer.key, str(p.variant), sorted(p.decisions.items())))
+        return out
+
+    one = plans(1)
+    for c in list(highs._spares):
+        c.close()
+    highs._spares.clear()
+    assert plans(3) == one
+    assert any(c.alive() for c in highs._spares)  # solved at once, in processes of their own
