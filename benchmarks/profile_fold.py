@@ -25,14 +25,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _record  # noqa: E402
+import streaming_plans  # noqa: E402
 
-SHAPES = {
-    "7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32),
-    "70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
-                num_key_value_heads=8),
-}
-PLAN = {"70b": ("80GB", "1.5TB")}
-SEQ = 2048
+SHAPES = {k: streaming_plans.SHAPES[k] for k in ("7b", "70b")}
+PLAN = {"70b": streaming_plans.BUDGETS["70b"][0]}
+SEQ = streaming_plans.SEQ
 
 
 def _profile(name: str, fold: bool, out) -> None:
