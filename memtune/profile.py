@@ -481,7 +481,7 @@ class ModelProfile:
             return check_fields(cls(**kw), what="profile", remedy=_PROFILE_REMEDY)
         except PlanFileError:
             raise
-        except (KeyError, TypeError, ValueError) as e:
+        except (KeyError, TypeError, ValueError, AttributeError) as e:  # (a list where a mapping belongs)
             raise PlanFileError(
                 f"not a memtune profile ({type(e).__name__}: {e}); write one with memtune.profile(...).to_json(path)"
             ) from e

@@ -190,6 +190,17 @@ def test_a_profile_with_one_field_replaced_is_rejected_or_plannable(real, data):
         pass
 
 
+def test_a_number_where_a_recording_belongs_is_a_corrupt_profile(real):
+    # Found by the property above (CI, hypothesis's draw): optimizer_steps[0] replaced by -1
+    # raised AttributeError from the loader instead of the profile error.
+    prof, _ = real
+    for field in ("optimizer_steps", "step_variants", "params"):
+        doc = prof.to_dict()
+        doc[field] = [-1, *doc[field][1:]]
+        with pytest.raises(PlanFileError, match="not a memtune profile"):
+            ModelProfile.from_dict(doc)
+
+
 # ----------------------------------------------------------------------------- the CLI
 def run_cli(argv) -> tuple[int, str]:
     err = io.StringIO()
