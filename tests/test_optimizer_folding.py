@@ -124,3 +124,14 @@ def test_contexts_must_agree_as_far_as_the_window_reaches():
     assert contexts_agree(full, reduced, fold, sig, sizes, window=15)
     # A window of three blocks reaches the head from the stand-in, not from a left-out block.
     assert not contexts_agree(full, reduced, fold, sig, sizes, window=60)
+
+
+def test_a_share_of_the_state_offloaded_splits_the_runs_where_it_ends(monkeypatch):
+    # state_offload=0.4 keeps the state of the parameters updated first (the last blocks) on the
+    # device: blocks on either side of that boundary differ, and each side folds on its own.
+    space = memtune.PlanSpace(state_dtypes=("fp32",),
+                              levers={"micro_batch_size": (None,), "loss_chunks": (None,), "weights": (None,),
+                                      "state_offload": (0.4,), "weight_offload": (False,)})
+    folded, whole, left_out = _both(_llama(10, 64), monkeypatch, target="cpu", space=space)
+    assert folded == whole
+    assert 0 < min(n for n in left_out if n) < 6 * 9  # with the share: fewer left out than one run of ten allows
