@@ -131,7 +131,7 @@ def record_optimizer_step(setup: RecordingSetup, config: OptimizerPlan, *, varia
 
 
 FOLD_REPEATS = True
-"""Record a per-parameter step over identical blocks folded (:func:`repeated_blocks`)."""
+"""Record a per-parameter step over identical blocks folded (:func:`folded_blocks`)."""
 FOLD_KEEP = 2
 """Identical blocks kept at each end of a run when a per-parameter step is recorded folded."""
 FOLD_SLACK = 2 << 20
@@ -145,7 +145,7 @@ def _record_optimizer_step(setup: RecordingSetup, config: OptimizerPlan, **kw) -
     A step taken one parameter at a time (in backward, with offloaded state, on bf16 weights)
     dispatches every op of every parameter; a 70B model's 80 identical blocks made that most
     of its profile. Such a step is recorded on the model with the middle of each run of
-    identical blocks left out (:func:`repeated_blocks`): every distinct parameter, in every
+    identical blocks left out (:func:`folded_blocks`): every distinct parameter, in every
     context it is stepped in, is still stepped, and each left-out parameter takes the
     measured figures of its stand-in. Where the state stream's window reaches past the blocks
     kept, more are kept; where the figures would not carry over exactly (state shared between
@@ -201,8 +201,8 @@ def _record_step(setup: RecordingSetup, config: OptimizerPlan, *, variant: StepV
     twins: dict[str, str] = {}
     if keep and isinstance(opt, PlanOptimizer):
         full = _stepping_sequence(opt, view, stepped, setup.order, in_backward)
-        sig = _signatures(opt, view, stepped, setup.host_params)
-        fold, twins = repeated_blocks(full, sig, keep)
+        sig = _signatures(opt, stepped, setup.host_params)
+        fold, twins = folded_blocks(full, sig, keep)
         if fold:
             _leave_out(opt, {id(fparams[n]) for n in fold})
             stepped = [(n, p) for n, p in stepped if n not in fold]
@@ -332,7 +332,7 @@ def _block_of(name: str) -> tuple[str, int] | None:
     return (m.group(1), int(m.group(2))) if m else None
 
 
-def repeated_blocks(sequence: list[str], sig: dict[str, tuple], keep: int) -> tuple[dict[str, str], dict[str, str]]:
+def folded_blocks(sequence: list[str], sig: dict[str, tuple], keep: int) -> tuple[dict[str, str], dict[str, str]]:
     """The parameters a folded recording leaves out, each mapped to its stand-in, and to its twin.
 
     ``sequence``: the parameters in the order they are stepped; ``sig``: what a parameter's
@@ -343,14 +343,19 @@ def repeated_blocks(sequence: list[str], sig: dict[str, tuple], keep: int) -> tu
     parameter of a block in between is stood in for by the same parameter of the last block of
     the first ``keep``, stepped with ``keep - 1`` identical blocks before it and ``keep``
     after; its twin is the same parameter of the block stepped next (``keep`` before,
-    ``keep - 1`` after)."""
+    ``keep - 1`` after). (Not :func:`memtune.units.repeated_blocks`, which finds units in the
+    module tree: this works on parameter names, as the optimizer steps them.)"""
     blocks: dict[tuple[str, int], list[str]] = {}
-    for n in sequence:
-        b = _block_of(n)
-        if b is not None:
+    rel: dict[str, str] = {}
+    first: dict[tuple[str, int], int] = {}
+    for at, n in enumerate(sequence):
+        m = _BLOCK.match(n)
+        if m:
+            b = (m.group(1), int(m.group(2)))
             blocks.setdefault(b, []).append(n)
-    rest = {b: tuple(sorted((_BLOCK.match(n).group(3), sig[n]) for n in ns)) for b, ns in blocks.items()}
-    first = {b: sequence.index(ns[0]) for b, ns in blocks.items()}
+            rel[n] = m.group(3)
+            first.setdefault(b, at)
+    rest = {b: tuple(sorted((rel[n], sig[n]) for n in ns)) for b, ns in blocks.items()}
     out: dict[str, str] = {}
     twins: dict[str, str] = {}
     by_container: dict[str, list[int]] = {}
@@ -364,11 +369,11 @@ def repeated_blocks(sequence: list[str], sig: dict[str, tuple], keep: int) -> tu
                 continue
             if len(run) > 2 * keep:
                 stepped = sorted(run, key=lambda j: first[(c, j)])
-                stand_in = {_BLOCK.match(n).group(3): n for n in blocks[(c, stepped[keep - 1])]}
-                twin = {_BLOCK.match(n).group(3): n for n in blocks[(c, stepped[-keep])]}
+                stand_in = {rel[n]: n for n in blocks[(c, stepped[keep - 1])]}
+                twin = {rel[n]: n for n in blocks[(c, stepped[-keep])]}
                 for j in stepped[keep:-keep]:
                     for n in blocks[(c, j)]:
-                        out[n], twins[n] = stand_in[_BLOCK.match(n).group(3)], twin[_BLOCK.match(n).group(3)]
+                        out[n], twins[n] = stand_in[rel[n]], twin[rel[n]]
             run = [i] if i is not None else []
     return out, twins
 
@@ -404,8 +409,8 @@ def _stepping_sequence(opt, view, stepped, order, in_backward: bool) -> list[str
     return [fqn[id(p)] for g in opt.param_groups for p in g["params"] if fqn.get(id(p)) in names]
 
 
-def _signatures(opt, view, stepped, host_params) -> dict[str, tuple]:
-    """What each stepped parameter's update depends on (:func:`repeated_blocks`)."""
+def _signatures(opt, stepped, host_params) -> dict[str, tuple]:
+    """What each stepped parameter's update depends on (:func:`folded_blocks`)."""
     parts = {id(part): i for i, part in enumerate(optimizer_parts(opt))}
     out = {}
     for n, p in stepped:
@@ -443,7 +448,6 @@ def _device_newton_schulz(opt, on_host: list[torch.Tensor]) -> None:
     the device parameters' update. Every such matrix is recorded as if it went to the device
     (the runtime keeps the smallest on the host when the host is priced faster: never more)."""
     from .optim.muon2 import Muon2, _as_matrix, orthogonalize
-    from .optimizers import optimizer_parts
 
     mine = {id(p) for p in on_host}
     done = set()

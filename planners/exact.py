@@ -71,7 +71,7 @@ class ExactPlanner:
         deadline = time.perf_counter() + options.time_limit_s
         workers = highs.parallel_solves()
 
-        def open_(cand) -> bool:
+        def may_win(cand) -> bool:
             """Whether a configuration may still beat what has been found."""
             tier, base_ms = cand[0], cand[1]
             best = per_tier.get(tier)
@@ -94,10 +94,10 @@ class ExactPlanner:
         pending = list(cands)
         with ThreadPoolExecutor(max_workers=workers) as pool:
             while pending:
-                pending = [c for c in pending if open_(c)]
+                pending = [c for c in pending if may_win(c)]
                 batch, pending = pending[:workers], pending[workers:]
                 for cand, sol in zip(batch, pool.map(solve, batch) if len(batch) > 1 else map(solve, batch)):
-                    if sol is None or not open_(cand):
+                    if sol is None or not may_win(cand):
                         continue
                     choices, notes = sol
                     tier, _, _, cfg, table = cand

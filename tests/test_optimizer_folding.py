@@ -1,7 +1,7 @@
 """Optimizer recordings folded over repeated blocks equal the whole model's.
 
 A per-parameter step (in backward, offloaded state, bf16 weights) is recorded with the middle
-of each run of identical blocks left out (memtune.optimizer_recording.repeated_blocks). The
+of each run of identical blocks left out (memtune.optimizer_recording.folded_blocks). The
 reference is the same profile recorded without folding: on a CPU target every field is equal;
 on a CUDA target the caching allocator's history moves the step temporaries by a few MiB, and
 the folded figures are never below the whole model's.
@@ -17,7 +17,7 @@ import torch
 import memtune
 import memtune.optimizer_recording as orec
 from memtune import zoo
-from memtune.optimizer_recording import contexts_agree, repeated_blocks
+from memtune.optimizer_recording import contexts_agree, folded_blocks
 
 
 def _llama(layers: int, vocab: int) -> torch.nn.Module:
@@ -30,13 +30,13 @@ def _both(model, monkeypatch, **kw):
     """The profile's optimizer recordings folded and whole, and how many parameters were left out."""
     ids = torch.zeros(1, 16, dtype=torch.long, device="meta")
     left_out = []
-    real = orec.repeated_blocks
+    real = orec.folded_blocks
 
     def counting(*a):
         out = real(*a)
         left_out.append(len(out[0]))
         return out
-    monkeypatch.setattr(orec, "repeated_blocks", counting)
+    monkeypatch.setattr(orec, "folded_blocks", counting)
     out = {}
     for fold in (True, False):
         monkeypatch.setattr(orec, "FOLD_REPEATS", fold)
@@ -106,19 +106,19 @@ def _seq(order, blocks=range(8), rest=("a", "b")):
 def test_runs_of_identical_blocks_fold_to_their_ends_in_stepping_order():
     seq = ["head"] + _seq(reversed(range(8))) + ["embed"]
     sig = {n: (n.rsplit(".", 1)[-1],) for n in seq}
-    fold, twins = repeated_blocks(seq, sig, 2)
+    fold, twins = folded_blocks(seq, sig, 2)
     # Stepped 7, 6, 5, ..., 0: kept 7, 6 and 1, 0; blocks 5..2 stood in for by 6, twinned with 1.
     assert sorted(fold) == sorted(_seq(range(2, 6)))
     assert fold["layers.3.a"] == "layers.6.a" and twins["layers.3.a"] == "layers.1.a"
     # A block that differs ends the run: 0..3 and 5..7 are too short to fold.
     sig["layers.4.b"] = ("b", "other")
-    assert repeated_blocks(seq, sig, 2) == ({}, {})
+    assert folded_blocks(seq, sig, 2) == ({}, {})
 
 
 def test_contexts_must_agree_as_far_as_the_window_reaches():
     full = ["head"] + _seq(reversed(range(8))) + ["embed"]
     sig = {n: (n.rsplit(".", 1)[-1],) for n in full}
-    fold, _ = repeated_blocks(full, sig, 2)
+    fold, _ = folded_blocks(full, sig, 2)
     reduced = [n for n in full if n not in fold]
     sizes = {n: 10 for n in full}
     assert contexts_agree(full, reduced, fold, sig, sizes, window=15)
