@@ -16,6 +16,12 @@ mark (:class:`memtune.runtime.memguard.HostPeakMeter`) in a fresh process starte
 
     python benchmarks/compile_fidelity.py            # ~10 min on 2 CPU cores
     python benchmarks/compile_fidelity.py --quick    # GPT only, no activation_memory_budget sweep
+    python benchmarks/compile_fidelity.py --graph    # the compiled-graph prediction (about 8 min)
+
+``--graph`` checks :func:`memtune.compiled.predict_compiled_peak` and
+:func:`memtune.compiled.plan_compiled`: for each model, unplanned and planned for the compiled
+step at 50% and 80% of the eager unplanned peak, with and without ``let_checkpoints_compile()``,
+the recorded prediction against the measured compiled peak (writes compile_graph_fidelity.*).
 
 Writes benchmarks/results/compile_fidelity.{json,md}.
 """
@@ -144,6 +150,80 @@ def worker_amb(name: str, budget: float) -> dict:
             "compiled": _measure(compiled_model, model, batch, None, opt, guard=False)}
 
 
+def worker_graph(name: str, frac: float, *, fast: bool) -> dict:
+    """The compiled-graph prediction of the unplanned step (``frac`` 0) or of the plan
+    :func:`memtune.compiled.plan_compiled` makes at ``frac`` of the eager unplanned peak, then
+    the real compiled step measured."""
+    import torch
+
+    import memtune
+    from memtune.compiled import let_checkpoints_compile, plan_compiled, predict_compiled_peak
+
+    if fast:
+        let_checkpoints_compile()
+    model, batch = build(name)
+    t0 = time.perf_counter()
+    if frac == 0:
+        plan, budget = None, None
+        pred = predict_compiled_peak(model, batch)
+        opt = torch.optim.AdamW(model.parameters())
+        eager_pred = None
+    else:
+        prof = memtune.profile(model, batch, optimizer="adamw", target="cpu")
+        budget = int(prof.baseline_peak_bytes * frac)
+        plan, pred = plan_compiled(model, batch, budget, profile=prof, **PLAN_OPTIONS)
+        eager_pred = plan.predicted_peak_bytes
+        opt = memtune.apply_plan(model, plan)
+    plan_s = time.perf_counter() - t0
+    compiled_model = torch.compile(model)
+    _step(compiled_model, batch, plan, opt)
+    measured = _measure(compiled_model, model, batch, plan, opt, guard=False)
+    return {"model": name, "fraction": frac, "let_checkpoints_compile": fast, "budget_bytes": budget,
+            "predicted_peak_bytes": pred.peak_bytes, "predicted_phase": pred.phase, "graphs": pred.graphs,
+            "eager_predicted_peak_bytes": eager_pred, "predict_and_plan_s": round(plan_s, 1),
+            "plan": None if plan is None else {"decisions": {u: d.value for u, d in plan.decisions.items()},
+                                               "micro_batch_size": plan.micro_batch_size,
+                                               "grad_accum_steps": plan.grad_accum_steps},
+            "compiled": measured}
+
+
+def graph_main() -> None:
+    from _record import write
+    from memtune.units_fmt import fmt_bytes
+
+    rows = [_spawn("graph" + ("fast" if fast else ""), m, str(f))
+            for m in ("gpt", "llama") for f in (0, 0.5, 0.8) for fast in (False, True)]
+    lines = ["| model | budget | let_checkpoints_compile | plan | eager prediction | compiled-graph prediction | "
+             "measured compiled | error | under budget | graphs | predict + plan s | ms |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        m, p = r["compiled"]["peak_bytes"], r["predicted_peak_bytes"]
+        r["error_pct"] = _err(p, m)
+        r["under_budget"] = None if r["budget_bytes"] is None else m <= r["budget_bytes"]
+        plan = "unplanned" if r["plan"] is None else ", ".join(
+            f"{k} {v}" for k, v in sorted(_count(r["plan"]["decisions"]).items()) if k != "save") or "save all"
+        if r["plan"] and r["plan"]["grad_accum_steps"] > 1:
+            plan += f", micro {r['plan']['micro_batch_size']}x{r['plan']['grad_accum_steps']}"
+        budget = "-" if r["budget_bytes"] is None else f"{int(r['fraction'] * 100)}% ({fmt_bytes(r['budget_bytes'])})"
+        eager = "-" if r["eager_predicted_peak_bytes"] is None else fmt_bytes(r["eager_predicted_peak_bytes"])
+        lines.append(f"| {r['model']} | {budget} | {'yes' if r['let_checkpoints_compile'] else 'no'} | {plan} | {eager} | "
+                     f"{fmt_bytes(p)} | {fmt_bytes(m)} | {r['error_pct']:+.2f}% | "
+                     f"{'-' if r['under_budget'] is None else ('yes' if r['under_budget'] else 'NO')} | {r['graphs']} | "
+                     f"{r['predict_and_plan_s']} | {r['compiled']['step_ms']} |")
+    table = "\n".join(lines)
+    print(table)
+    write("compile_graph_fidelity", {"rows": rows},
+          "# torch.compile: the compiled-graph prediction against the measured compiled step\n\n"
+          "Error = (predicted - measured) / measured; negative means the step used more than predicted.\n\n" + table + "\n")
+
+
+def _count(decisions: dict) -> dict:
+    out: dict = {}
+    for d in decisions.values():
+        out[d] = out.get(d, 0) + 1
+    return out
+
+
 def _spawn(*args: str) -> dict:
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
     out = subprocess.run([sys.executable, __file__, "--worker", *args], capture_output=True, text=True, env=env)
@@ -165,11 +245,17 @@ def _err(pred: int, measured: int) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--graph", action="store_true", help="check the compiled-graph prediction")
     ap.add_argument("--worker", nargs="+")
     args = ap.parse_args()
+    if args.graph:
+        graph_main()
+        return
     if args.worker:
         kind, name, value = args.worker
-        if kind == "amb":
+        if kind.startswith("graph"):
+            result = worker_graph(name, float(value), fast=kind.endswith("fast"))
+        elif kind == "amb":
             result = worker_amb(name, float(value))
         else:
             result = worker_plan(name, float(value), eager_too=kind == "plan", fast=kind.endswith("fast"))

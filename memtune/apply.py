@@ -92,12 +92,7 @@ def apply_plan(model: nn.Module, plan: Plan, *, optimizer: torch.optim.Optimizer
         raise MemtuneError(
             f"plan names units {missing[:3]} that {type(model).__name__} does not have; plan for this model "
             f"(memtune.plan(memtune.profile(model, batch), ...)) or pass the model that was profiled")
-    _unwrap_units(model)
-    applied = {u: d for u, d in plan.decisions.items() if d is not Decision.SAVE}
-    install(model, {u: functools.partial(_wrap, modules[split_unit(u)[0]], d, plan.save_ops.get(u, ()))
-                    for u, d in applied.items()}, units=plan.decisions)
-    model.__dict__[_DECISION] = applied
-    disable_kv_cache(model)
+    install_decisions(model, plan)
     ctx = ApplyContext(plan=plan, device=None if device is None else torch.device(device))
     _apply_levers(model, plan, ctx)
     stepping = plan_stepping(plan)
@@ -187,6 +182,18 @@ def _remember_stepper(model: nn.Module, opt) -> None:
         model.__dict__[_STEPPER] = weakref.ref(opt)
     else:
         model.__dict__.pop(_STEPPER, None)
+
+
+def install_decisions(model: nn.Module, plan: Plan) -> None:
+    """Make each unit of ``model`` (the module Dynamo traces) run as ``plan`` decides, replacing
+    what was there; no lever, no optimizer (:func:`apply_plan` does the rest)."""
+    modules = dict(model.named_modules())
+    _unwrap_units(model)
+    applied = {u: d for u, d in plan.decisions.items() if d is not Decision.SAVE}
+    install(model, {u: functools.partial(_wrap, modules[split_unit(u)[0]], d, plan.save_ops.get(u, ()))
+                    for u, d in applied.items()}, units=plan.decisions)
+    model.__dict__[_DECISION] = applied
+    disable_kv_cache(model)
 
 
 def _unwrap_units(model: nn.Module) -> None:

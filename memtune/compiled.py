@@ -11,7 +11,10 @@ those compiles so that a runtime can cap how many distinct plans it compiles.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
+from typing import Callable
 
+import torch
 import torch.nn as nn
 
 log = logging.getLogger("memtune.compiled")
@@ -77,3 +80,321 @@ class RecompileCounter:
     @property
     def graphs(self) -> int:
         return self._now() - self._start
+
+
+# ---------------------------------------------------------------------------------------------
+# The compiled step's peak, recorded under fake tensors from the graphs inductor would compile.
+
+COMPILED_LEVERS = frozenset({"micro_batch_size", "loss_chunks"})
+"""Levers whose plans :func:`predict_compiled_peak` records (they change the batch and the loss
+only); the others change how parameters and optimizer state live, which the recording of a
+compiled step does not follow yet."""
+
+_REDUCTIONS = frozenset({"sum", "amax", "amin", "mean", "var", "var_mean", "prod", "max", "min", "argmax",
+                         "argmin", "any", "all", "logsumexp"})
+
+
+@dataclass(frozen=True)
+class CompiledPeak:
+    """Peak memory of one training step under ``torch.compile`` (inductor), recorded under fake
+    tensors. Bytes include the parameters, buffers, the batch and the optimizer state."""
+
+    peak_bytes: int
+    phase: str
+    """Where the peak is: ``forward``, ``backward`` or ``optimizer``."""
+    forward_peak_bytes: int
+    backward_peak_bytes: int
+    optimizer_peak_bytes: int
+    static_bytes: int
+    """Parameters, buffers, the batch and the optimizer state."""
+    graphs: int
+    """Forward graphs compiled (more than one: Dynamo broke the graph, and the code between the
+    pieces ran eagerly, as recorded)."""
+    seconds: float
+
+    def __str__(self) -> str:
+        from .units_fmt import fmt_bytes
+
+        return (f"compiled step peak {fmt_bytes(self.peak_bytes)} in {self.phase} (forward "
+                f"{fmt_bytes(self.forward_peak_bytes)}, backward {fmt_bytes(self.backward_peak_bytes)}, optimizer "
+                f"{fmt_bytes(self.optimizer_peak_bytes)}; {self.graphs} graph{'s' if self.graphs != 1 else ''})")
+
+
+def _pointwise(node) -> bool:
+    return node.op == "call_function" and torch.Tag.pointwise in getattr(node.target, "tags", ())
+
+
+def _reduction(node) -> bool:
+    packet = getattr(node.target, "_overloadpacket", None)
+    return node.op == "call_function" and packet is not None and packet.__name__ in _REDUCTIONS
+
+
+def fused_into_consumers(gm) -> set:
+    """Nodes of an inductor input graph whose output no buffer holds: a pointwise op read only by
+    pointwise ops and reductions is computed inside its consumers' kernel (inductor's fusion).
+    Everything else (matmuls, attention, views' bases, reductions, graph outputs) is a buffer."""
+    return {n for n in gm.graph.nodes
+            if _pointwise(n) and n.users and all(_pointwise(u) or _reduction(u) for u in n.users)}
+
+
+_RECORDING: list = []
+"""The recorder of the compiled step being recorded (at most one)."""
+_FORWARD_GRAPHS = [0]
+"""Forward graphs handed to :func:`_replay` since the last prediction started."""
+
+
+def _replay(gm, example_inputs, **_kwargs):
+    """inductor's ``inner_compile``: instead of generating kernels, run ``gm`` op by op, counting
+    only the buffers inductor would allocate (:func:`fused_into_consumers`), freed at their last
+    use; inputs are freed as inductor frees them (boxed, stolen arguments)."""
+    import torch.fx
+    from torch.utils._python_dispatch import _disable_current_modes
+    from torch.utils._pytree import tree_flatten
+
+    fused = fused_into_consumers(gm)
+    if not _kwargs.get("is_backward"):
+        _FORWARD_GRAPHS[0] += 1
+
+    class Replay(torch.fx.Interpreter):
+        def run_node(self, n):
+            rec = _RECORDING[-1] if _RECORDING else None
+            if rec is None or n.op in ("placeholder", "output"):
+                return super().run_node(n)
+            if isinstance(n.target, torch._ops.HigherOrderOperator):  # checkpoint's RNG replay: its op, then count
+                with _disable_current_modes():
+                    out = super().run_node(n)
+                for t in tree_flatten(out)[0]:
+                    if isinstance(t, torch.Tensor) and type(t).__name__ == "FakeTensor":
+                        rec._track_output(t)
+                rec._bump_peak()
+                return out
+            if n in fused:
+                rec.skip = True
+                try:
+                    return super().run_node(n)
+                finally:
+                    rec.skip = False
+            return super().run_node(n)
+
+    def run(args):
+        taken = list(args)
+        args.clear()
+        return Replay(gm).boxed_run(taken)
+
+    run._boxed_call = True
+    return run
+
+
+def _replaying_backend(gm, example_inputs):
+    from torch._inductor.compile_fx import compile_fx
+
+    return compile_fx(gm, example_inputs, inner_compile=_replay)
+
+
+def _recorder_class():
+    from .recorder import StepRecorder
+
+    class CompiledStepRecorder(StepRecorder):
+        """A step recorder that Dynamo lets compiled code run under (it records what the compiled
+        graphs and the eager code between them allocate), and that can be told to skip an op."""
+
+        skip = False
+
+        @classmethod
+        def ignore_compile_internals(cls) -> bool:
+            return True
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if self.skip:
+                return func(*args, **(kwargs or {}))
+            return super().__torch_dispatch__(func, types, args, kwargs)
+
+    return CompiledStepRecorder
+
+
+def predict_compiled_peak(model: nn.Module, batch, plan=None, *, loss_fn=None,
+                          optimizer: Callable | None = None) -> CompiledPeak:
+    """Peak memory of one training step of ``model`` under ``torch.compile`` with inductor, with
+    ``plan``'s unit decisions and levers applied (``None``: unplanned), recorded on the CPU under
+    fake tensors: no real memory, no kernels compiled.
+
+    Dynamo traces the model and inductor's own pipeline (decompositions, joint-graph passes,
+    the min-cut partitioner that chooses what forward saves for backward, and
+    ``activation_memory_budget`` when set) produces the forward and backward graphs. Those
+    graphs then run op by op on fake tensors under a step recorder, counting what inductor
+    allocates: a pointwise op read only by pointwise ops and reductions lives inside a fused
+    kernel and is not counted (:func:`fused_into_consumers`). Graph breaks (e.g. a recomputed
+    Hugging Face layer without :func:`let_checkpoints_compile`) run eagerly in between, and are
+    recorded as they run. The optimizer step runs eagerly, as it does in training.
+
+    ``optimizer``: ``params -> torch.optim.Optimizer`` for an unplanned step (default AdamW);
+    a plan builds its own. Dynamo's caches are reset afterwards (the next real call compiles).
+    ``forward_peak_bytes`` runs to the first micro-batch's loss; ``backward_peak_bytes`` covers
+    its backward and, with micro-batches, the second micro-batch (every later one repeats it).
+
+    Measured against the real compiled step (inductor on the CPU, resident high-water mark,
+    ``benchmarks/compile_fidelity.py``): see docs/benchmarks.md section 9.
+    """
+    import time
+
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.nn.utils.stateless import _reparametrize_module
+    from torch.utils._pytree import tree_flatten, tree_map
+
+    from .apply import _unwrap_units, applied_decisions, build_plan_optimizer, install_decisions
+    from .batching import loss_from_output, split_batch, split_micro_batches
+    from .errors import MemtuneError
+    from .optimizer_recording import optimizer_state_tensors
+    from .profile import StepEvent
+
+    t0 = time.perf_counter()
+    inner = unwrap(model)
+    if plan is not None:
+        other = [name for name, _ in plan.variant.choices if name not in COMPILED_LEVERS]
+        if other:
+            raise MemtuneError(f"predict_compiled_peak records plans whose levers change the batch or the loss only "
+                               f"({', '.join(sorted(COMPILED_LEVERS))}); this plan also sets {', '.join(other)}. "
+                               "Plan with those levers off (levers={...: (default,)}) or predict it eagerly "
+                               "(memtune.predict_peak)")
+        if applied_decisions(inner):
+            raise MemtuneError("a plan is applied to this model; call memtune.remove_plan(model) before predicting "
+                               "another plan's compiled peak")
+    choices = dict(plan.variant.choices) if plan is not None else {}
+    micro = choices.get("micro_batch_size")
+    chunks = choices.get("loss_chunks")
+
+    mode = FakeTensorMode(allow_non_fake_inputs=True)  # checkpoint's RNG state is a real tensor
+
+    def fake(t):
+        if not isinstance(t, torch.Tensor):
+            return t
+        out = mode.from_tensor(t.detach())
+        return out.requires_grad_(t.requires_grad) if t.is_leaf or isinstance(t, nn.Parameter) else out
+
+    swapped = {n: fake(p) for n, p in inner.named_parameters()}
+    swapped.update({n: fake(b) for n, b in inner.named_buffers()})
+    fbatch = tree_map(fake, batch)
+    Recorder = _recorder_class()
+    rec = Recorder(target="cpu")
+    _FORWARD_GRAPHS[0] = 0
+    compiled = torch.compile(inner, backend=_replaying_backend)
+    if plan is not None:
+        install_decisions(inner, plan)
+    if chunks is not None:
+        from . import loss_chunking
+
+        loss_chunking.apply(inner, chunks)
+    try:
+        with mode, _reparametrize_module(inner, swapped):
+            params = [p for p in swapped.values() if isinstance(p, torch.Tensor) and p.requires_grad]
+            opt = build_plan_optimizer(inner, plan) if plan is not None else \
+                (optimizer or torch.optim.AdamW)(params)
+            parts = split_micro_batches(fbatch, micro)
+            steps = parts[:2]  # the first micro-step creates the gradients, the second runs with them
+
+            def step(record: bool):
+                for i, (part, weight) in enumerate(steps):
+                    args, kwargs, target = split_batch(part, loss_fn)
+                    loss = loss_from_output(compiled(*args, **kwargs), part, target, loss_fn)
+                    if record and i == 0:
+                        rec.mark(StepEvent.LOSS)
+                    (loss if weight == 1.0 else loss * weight).backward()
+                    del loss
+                if record:
+                    rec.mark(StepEvent.BWD_DONE)
+                opt.step()
+                if record:
+                    rec.mark(StepEvent.OPTIM_END)
+                opt.zero_grad(set_to_none=True)
+
+            step(False)  # compiles, creates the optimizer state
+            step(False)  # a plan change or the state can recompile once
+            _RECORDING.append(rec)
+            try:
+                with rec:
+                    rec.mark(StepEvent.START)
+                    rec.register_static(list(swapped.values()), tree_flatten(fbatch)[0], optimizer_state_tensors(opt))
+                    step(True)
+                    rec.mark(StepEvent.END)
+            finally:
+                _RECORDING.pop()
+    finally:
+        if chunks is not None:
+            from . import loss_chunking
+
+            loss_chunking.remove(inner)
+        if plan is not None:
+            _unwrap_units(inner)
+        graphs = _FORWARD_GRAPHS[0]
+        torch._dynamo.reset()  # drop the replaying graphs: the next real call compiles for real
+    peaks = [i.peak_bytes for i in rec.intervals]
+    fwd, bwd, optim = peaks[0], peaks[1], peaks[2]
+    peak = max(fwd, bwd, optim)
+    phase = "forward" if peak == fwd else "backward" if peak == bwd else "optimizer"
+    return CompiledPeak(peak_bytes=peak, phase=phase, forward_peak_bytes=fwd, backward_peak_bytes=bwd,
+                        optimizer_peak_bytes=optim, static_bytes=rec.static_bytes,
+                        graphs=graphs, seconds=round(time.perf_counter() - t0, 2))
+
+
+def plan_compiled(model: nn.Module, batch, budget, *, profile=None, loss_fn=None, tries: int = 6, **options):
+    """A plan whose *compiled* step (:func:`predict_compiled_peak`) fits ``budget``: ``(plan, peak)``.
+
+    memtune's planners price the eager step. Inductor's partitioner saves a different set of
+    tensors (on an HF Llama it saves 22% fewer bytes per layer than eager autograd; a block
+    that inductor compiles as a recomputed region can keep more). So the plan is searched on the
+    eager planner's budget: start at ``budget``, record the compiled step of the plan it gives,
+    and move the planning budget by the compiled step's distance from the usable budget (down
+    when over, up when there is room), keeping the fastest plan whose compiled peak fits. At most
+    ``tries`` compiled recordings (each a few seconds on small models). ``options`` go to
+    :func:`memtune.plan`; a ``profile`` of the same model and batch saves profiling again.
+    Raises :class:`~memtune.errors.MemtuneError` when no plan tried fits.
+    """
+    from .errors import MemtuneError
+    from .planning import plan as make_plan
+    from .profiler import profile as make_profile
+
+    inner = unwrap(model)
+    prof = profile if profile is not None else make_profile(inner, batch, loss_fn=loss_fn, target="cpu")
+    first = make_plan(prof, budget, **options)
+    usable = first.usable_bytes
+    seen: dict[tuple, tuple] = {}
+    best = None
+    planning = usable
+    tried = []
+    for _ in range(max(1, tries)):
+        try:
+            p = first if planning == usable else make_plan(prof, int(planning), reserve=0, **options)
+        except MemtuneError:
+            break
+        key = (tuple(sorted((u, d.value) for u, d in p.decisions.items())),
+               tuple(sorted((u, ops) for u, ops in p.save_ops.items())), p.variant, p.grad_accum_steps)
+        if key in seen:
+            peak = seen[key][1]
+        else:
+            peak = predict_compiled_peak(inner, batch, p, loss_fn=loss_fn)
+            seen[key] = (p, peak)
+        tried.append((int(planning), p.predicted_step_ms, peak.peak_bytes))
+        if peak.peak_bytes <= usable:
+            if best is None or p.predicted_step_ms < best[0].predicted_step_ms:
+                best = (p, peak)
+            if peak.peak_bytes > usable * 0.99:
+                break
+        new = planning * usable / max(peak.peak_bytes, 1)
+        if peak.peak_bytes > usable:
+            new = min(new, planning - (peak.peak_bytes - usable))
+        if abs(new - planning) < 1:
+            break
+        planning = new
+    if best is None:
+        raise MemtuneError(
+            f"no plan's compiled step fits {usable:,} usable bytes: tried planning budgets and compiled peaks "
+            f"{[(b, pk) for b, _, pk in tried]}; raise the budget or plan for the eager step (memtune.plan)")
+    plan, peak = best
+    from dataclasses import replace
+
+    from .units_fmt import fmt_bytes
+
+    note = (f"planned for torch.compile (inductor): compiled step predicted {fmt_bytes(peak.peak_bytes)} "
+            f"({peak.phase}) against {fmt_bytes(usable)} usable; the eager prediction is "
+            f"{fmt_bytes(plan.predicted_peak_bytes)}")
+    return replace(plan, budget_bytes=first.budget_bytes, usable_bytes=usable, notes=plan.notes + (note,)), peak

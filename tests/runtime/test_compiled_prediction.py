@@ -1,0 +1,97 @@
+"""The compiled-graph prediction (memtune.compiled.predict_compiled_peak / plan_compiled).
+
+Its fidelity against the real inductor step (a real compile takes about 30 s a graph on 2 CPU
+cores) is measured in ``benchmarks/compile_fidelity.py --graph``; these tests check the
+recording's rules and contracts on small models (a few seconds each: inductor's pipeline runs
+up to its partitioned graphs, which then run on fake tensors)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.fx.experimental.proxy_tensor import make_fx
+
+import memtune
+from memtune import zoo
+from memtune.apply import applied_decisions
+from memtune.compiled import fused_into_consumers, plan_compiled, predict_compiled_peak
+from memtune.errors import MemtuneError
+from memtune.plan import Decision
+
+PLAN = dict(state_dtypes=("fp32",), levers={"weights": (None,), "optimizer_in_backward": (False,),
+                                             "state_offload": (False,), "micro_batch_size": (None,)})
+
+
+def gpt():
+    torch.manual_seed(0)
+    return zoo.GPT(zoo.GPTConfig(n_layer=2, n_embd=64, n_head=4, block_size=64))
+
+
+def batch():
+    x = torch.randint(0, 256, (16, 64), generator=torch.Generator().manual_seed(0))
+    return x, x
+
+
+def test_a_pointwise_op_read_only_by_pointwise_ops_and_reductions_has_no_buffer():
+    def f(x, w):
+        h = torch.mm(x, w)            # extern kernel: a buffer
+        a = torch.relu(h)             # read by mul: fused
+        b = a * 2                     # read by sum and by mm: a buffer (mm needs it realized)
+        return b.sum() + torch.mm(b, w).sum()
+
+    gm = make_fx(f)(torch.randn(4, 4), torch.randn(4, 4))
+    fused = {n.target for n in fused_into_consumers(gm)}
+    assert torch.ops.aten.relu.default in fused
+    assert torch.ops.aten.mm.default not in fused
+    assert torch.ops.aten.mul.Tensor not in fused
+
+
+def test_the_prediction_leaves_the_model_as_it_was_and_recomputing_lowers_it():
+    model, b = gpt(), batch()
+    before = {n: (p, p.detach().clone()) for n, p in model.named_parameters()}
+    prof = memtune.profile(model, b, optimizer="adamw", target="cpu", space=memtune.PlanSpace.minimal())
+    plan = memtune.plan(prof, int(prof.baseline_peak_bytes * 0.6), **PLAN)
+    assert plan.recompute_units
+    unplanned = predict_compiled_peak(model, b)
+    planned = predict_compiled_peak(model, b, plan)
+    assert planned.peak_bytes < unplanned.peak_bytes
+    assert unplanned.graphs == 1 and unplanned.phase in ("forward", "backward", "optimizer")
+    # the recorded bytes are the whole step's: parameters, optimizer state (AdamW: 2x) and the batch
+    n_param = sum(p.numel() * 4 for p in model.parameters())
+    assert unplanned.static_bytes >= 3 * n_param
+    for n, p in model.named_parameters():  # the same real tensors, untouched, and no plan left behind
+        assert p is before[n][0] and type(p) is torch.nn.Parameter and torch.equal(p, before[n][1])
+    assert not applied_decisions(model)
+    loss = model(*b)
+    loss.backward()
+    assert torch.isfinite(loss)
+
+
+def test_a_plan_for_the_compiled_step_fits_its_budget_compiled():
+    model, b = gpt(), batch()
+    prof = memtune.profile(model, b, optimizer="adamw", target="cpu", space=memtune.PlanSpace.minimal())
+    budget = int(prof.baseline_peak_bytes * 0.7)
+    plan, peak = plan_compiled(model, b, budget, profile=prof, **PLAN)
+    assert peak.peak_bytes <= plan.usable_bytes and plan.budget_bytes == budget
+    assert predict_compiled_peak(model, b, plan).peak_bytes == peak.peak_bytes  # recorded, so repeatable
+    assert "planned for torch.compile" in plan.notes[-1]
+    with pytest.raises(memtune.InfeasibleBudgetError, match="use a budget of at least"):
+        plan_compiled(model, b, int(prof.static_bytes * 1.05), profile=prof, tries=2, **PLAN)
+
+
+def test_plans_it_cannot_record_and_an_applied_plan_are_refused_with_the_fix():
+    model, b = gpt(), batch()
+    prof = memtune.profile(model, b, optimizer="adamw", target="cpu", space=memtune.PlanSpace.minimal())
+    plan = memtune.plan(prof, int(prof.baseline_peak_bytes * 0.6), **PLAN)
+    memtune.apply_plan(model, plan)
+    with pytest.raises(MemtuneError, match="remove_plan"):
+        predict_compiled_peak(model, b, plan)
+    memtune.remove_plan(model)
+    from dataclasses import replace
+
+    from memtune.variant import StepVariant
+
+    offloaded = replace(plan, variant=StepVariant(state_offload=True))
+    with pytest.raises(MemtuneError, match="state_offload"):
+        predict_compiled_peak(model, b, offloaded)
+    assert all(d is Decision.SAVE for d in plan.decisions.values()) or plan.recompute_units
