@@ -180,6 +180,7 @@ def worker_graph(name: str, frac: float, *, fast: bool) -> dict:
     measured = _measure(compiled_model, model, batch, plan, opt, guard=False)
     return {"model": name, "fraction": frac, "let_checkpoints_compile": fast, "budget_bytes": budget,
             "predicted_peak_bytes": pred.peak_bytes, "predicted_phase": pred.phase, "graphs": pred.graphs,
+            "rng_replays": pred.rng_replays,
             "eager_predicted_peak_bytes": eager_pred, "predict_and_plan_s": round(plan_s, 1),
             "plan": None if plan is None else {"decisions": {u: d.value for u, d in plan.decisions.items()},
                                                "micro_batch_size": plan.micro_batch_size,
@@ -194,8 +195,8 @@ def graph_main() -> None:
     rows = [_spawn("graph" + ("fast" if fast else ""), m, str(f))
             for m in ("gpt", "llama") for f in (0, 0.5, 0.8) for fast in (False, True)]
     lines = ["| model | budget | let_checkpoints_compile | plan | eager prediction | compiled-graph prediction | "
-             "measured compiled | error | under budget | graphs | predict + plan s | ms |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "measured compiled | error | under budget | graphs | RNG replays | predict + plan s | ms |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         m, p = r["compiled"]["peak_bytes"], r["predicted_peak_bytes"]
         r["error_pct"] = _err(p, m)
@@ -209,6 +210,7 @@ def graph_main() -> None:
         lines.append(f"| {r['model']} | {budget} | {'yes' if r['let_checkpoints_compile'] else 'no'} | {plan} | {eager} | "
                      f"{fmt_bytes(p)} | {fmt_bytes(m)} | {r['error_pct']:+.2f}% | "
                      f"{'-' if r['under_budget'] is None else ('yes' if r['under_budget'] else 'NO')} | {r['graphs']} | "
+                     f"{r['rng_replays']} | "
                      f"{r['predict_and_plan_s']} | {r['compiled']['step_ms']} |")
     table = "\n".join(lines)
     print(table)
