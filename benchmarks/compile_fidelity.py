@@ -171,7 +171,12 @@ def worker_graph(name: str, frac: float, *, fast: bool) -> dict:
     else:
         prof = memtune.profile(model, batch, optimizer="adamw", target="cpu")
         budget = int(prof.baseline_peak_bytes * frac)
-        plan, pred = plan_compiled(model, batch, budget, profile=prof, **PLAN_OPTIONS)
+        try:
+            plan, pred = plan_compiled(model, batch, budget, profile=prof, **PLAN_OPTIONS)
+        except memtune.MemtuneError as e:  # no plan whose compiled recording can be trusted fits: said, not measured
+            return {"model": name, "fraction": frac, "let_checkpoints_compile": fast, "budget_bytes": budget,
+                    "refused": str(e),
+                    "predict_and_plan_s": round(time.perf_counter() - t0, 1)}
         eager_pred = plan.predicted_peak_bytes
         opt = memtune.apply_plan(model, plan)
     plan_s = time.perf_counter() - t0
@@ -190,14 +195,34 @@ def worker_graph(name: str, frac: float, *, fast: bool) -> dict:
 
 def graph_main() -> None:
     from _record import write
-    from memtune.units_fmt import fmt_bytes
 
     rows = [_spawn("graph" + ("fast" if fast else ""), m, str(f))
             for m in ("gpt", "llama") for f in (0, 0.5, 0.8) for fast in (False, True)]
+    table = _graph_table(rows)
+    print(table)
+    write("compile_graph_fidelity", {"rows": rows},
+          "# torch.compile: the compiled-graph prediction against the measured compiled step\n\n"
+          "Error = (predicted - measured) / measured; negative means the step used more than predicted.\n\n" + table + "\n")
+
+
+def _graph_table(rows: list[dict]) -> str:
+    import re
+
+    from memtune.units_fmt import fmt_bytes
+
     lines = ["| model | budget | let_checkpoints_compile | plan | eager prediction | compiled-graph prediction | "
              "measured compiled | error | under budget | graphs | RNG replays | predict + plan s | ms |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        budget = "-" if r["budget_bytes"] is None else f"{int(r['fraction'] * 100)}% ({fmt_bytes(r['budget_bytes'])})"
+        let = "yes" if r["let_checkpoints_compile"] else "no"
+        if "refused" in r:  # plan_compiled found no plan to return: (planning budget, compiled peak, RNG replays) tried
+            tried = [(int(p), int(n)) for _, p, n in re.findall(r"\((\d+), (\d+), (\d+)\)", r["refused"])]
+            peaks = [p for p, _ in tried]
+            lines.append(f"| {r['model']} | {budget} | {let} | refused: {len(tried)} plans tried, compiled peaks "
+                         f"{fmt_bytes(min(peaks))}–{fmt_bytes(max(peaks))}, {sum(1 for _, n in tried if n)} replaying "
+                         f"RNG | | | | | no plan | | | {r['predict_and_plan_s']} | |")
+            continue
         m, p = r["compiled"]["peak_bytes"], r["predicted_peak_bytes"]
         r["error_pct"] = _err(p, m)
         r["under_budget"] = None if r["budget_bytes"] is None else m <= r["budget_bytes"]
@@ -205,18 +230,12 @@ def graph_main() -> None:
             f"{k} {v}" for k, v in sorted(_count(r["plan"]["decisions"]).items()) if k != "save") or "save all"
         if r["plan"] and r["plan"]["grad_accum_steps"] > 1:
             plan += f", micro {r['plan']['micro_batch_size']}x{r['plan']['grad_accum_steps']}"
-        budget = "-" if r["budget_bytes"] is None else f"{int(r['fraction'] * 100)}% ({fmt_bytes(r['budget_bytes'])})"
         eager = "-" if r["eager_predicted_peak_bytes"] is None else fmt_bytes(r["eager_predicted_peak_bytes"])
-        lines.append(f"| {r['model']} | {budget} | {'yes' if r['let_checkpoints_compile'] else 'no'} | {plan} | {eager} | "
+        lines.append(f"| {r['model']} | {budget} | {let} | {plan} | {eager} | "
                      f"{fmt_bytes(p)} | {fmt_bytes(m)} | {r['error_pct']:+.2f}% | "
                      f"{'-' if r['under_budget'] is None else ('yes' if r['under_budget'] else 'NO')} | {r['graphs']} | "
-                     f"{r['rng_replays']} | "
-                     f"{r['predict_and_plan_s']} | {r['compiled']['step_ms']} |")
-    table = "\n".join(lines)
-    print(table)
-    write("compile_graph_fidelity", {"rows": rows},
-          "# torch.compile: the compiled-graph prediction against the measured compiled step\n\n"
-          "Error = (predicted - measured) / measured; negative means the step used more than predicted.\n\n" + table + "\n")
+                     f"{r['rng_replays']} | {r['predict_and_plan_s']} | {r['compiled']['step_ms']} |")
+    return "\n".join(lines)
 
 
 def _count(decisions: dict) -> dict:

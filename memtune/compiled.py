@@ -122,9 +122,8 @@ class CompiledPeak:
     rng_replays: int = 0
     """Ops a compiled recomputation ran again under saved RNG state (``run_with_rng_state``, e.g.
     the attention of an HF layer compiled as a checkpoint under :func:`let_checkpoints_compile`).
-    Such steps measured 12–24% above this recording on the CPU (docs/integrations.md): inductor
-    fuses the recomputation with the backward into kernels whose outputs live together, which
-    this recording's op-by-op order does not follow; :func:`plan_compiled` does not return them."""
+    Such steps measured above this recording on the CPU (docs/integrations.md), by more than
+    the 3% every other measured case is within; :func:`plan_compiled` does not return them."""
 
     def __str__(self) -> str:
         from .units_fmt import fmt_bytes
@@ -159,17 +158,108 @@ _RNG_REPLAYS = [0]
 """``run_with_rng_state`` calls the step being recorded ran."""
 
 
-def _replay(gm, example_inputs, **_kwargs):
-    """inductor's ``inner_compile``: instead of generating kernels, run ``gm`` op by op, counting
-    only the buffers inductor would allocate (:func:`fused_into_consumers`), freed at their last
-    use; inputs are freed as inductor frees them (boxed, stolen arguments)."""
+class _Scheduled(Exception):
+    """Raised in place of inductor's code generation, carrying its memory estimate."""
+
+
+def _scheduled_codegen(graph) -> None:
+    """Stands in for ``GraphLowering.codegen``: build inductor's scheduler (fusion, the
+    peak-memory reordering), read its own estimate of the graph's peak (``torch._inductor.memory``:
+    every scheduler buffer from its allocation to its last use, and the inputs the graph may free),
+    and stop before any kernel is generated."""
+    from torch._inductor import memory
+
+    graph.init_wrapper_code()
+    graph._update_scheduler()
+    sched = graph.scheduler
+    outputs = memory.OrderedSet(graph.get_output_names())
+    _, freeable = memory.prepare_planning_info(
+        sched.nodes, sched.name_to_buf, sched.name_to_fused_node, memory.OrderedSet(graph.graph_inputs.keys()), outputs)
+    infos, _, _ = memory.compute_memory_timeline(sched.nodes, freeable, outputs)
+    raise _Scheduled(_peak_with_inplace_reuse(infos, len(sched.nodes)),
+                     int(sum(b.mpi_buffer.size_free for b in freeable.values())))
+
+
+def _peak_with_inplace_reuse(infos, steps: int) -> int:
+    """Peak of inductor's buffer timeline (``torch._inductor.memory.BufferInfo``: allocated at the
+    step of the kernel that writes it, freed after the last kernel that reads it), where a kernel's
+    output of the same size as a buffer whose last reader is that kernel takes its memory, as
+    inductor's wrapper does (``# reuse``); its own estimate counts both at that step."""
+    delta = [0] * (steps + 2)
+    dying: dict[tuple[int, int], list] = {}
+    for bi in infos:
+        delta[bi.start_step] += bi.size_alloc
+        if bi.end_step != -1:
+            delta[bi.end_step + 1] -= bi.size_free
+            dying.setdefault((bi.end_step, bi.size_free), []).append(bi)
+    for bi in sorted(infos, key=lambda b: b.start_step):
+        pool = dying.get((bi.start_step, bi.size_alloc))
+        if bi.size_alloc and pool:
+            donor = next((d for d in pool if d is not bi and d.start_step < bi.start_step), None)
+            if donor is not None:
+                pool.remove(donor)
+                delta[bi.start_step] -= bi.size_alloc  # the output is written where the input was
+                delta[bi.start_step + 1] += donor.size_free  # and the input is not freed after the kernel
+    peak = cur = 0
+    for d in delta:
+        cur += d
+        peak = max(peak, cur)
+    return int(peak)
+
+
+def inductor_peak(gm, example_inputs, **kwargs) -> tuple[int, int] | None:
+    """Inductor's own estimate of ``gm``'s peak memory as it would compile it: ``(peak bytes,
+    bytes of inputs it frees)``, both counted from the graph's start; ``None`` where this torch's
+    inductor cannot be stopped before code generation. Runs lowering and scheduling on a copy
+    of the graph (its post-grad passes rewrite the graph in place), with the FX graph cache off."""
+    from unittest import mock
+
+    import torch._inductor.config as inductor_config
+    import torch.fx
+    from torch._inductor.compile_fx import compile_fx_inner
+    from torch._inductor.graph import GraphLowering
+
+    graph = torch.fx.Graph()
+    out = graph.graph_copy(gm.graph, {})
+    graph.output(out)
+    copy = torch.fx.GraphModule(gm, graph)
+    try:
+        with mock.patch.object(GraphLowering, "codegen", _scheduled_codegen), \
+                inductor_config.patch(fx_graph_cache=False, cpp_wrapper=False):
+            compile_fx_inner(copy, example_inputs, **kwargs)
+    except Exception as e:  # noqa: BLE001 - inductor wraps what codegen raises
+        seen = set()
+        while e is not None and id(e) not in seen and not isinstance(e, _Scheduled):
+            seen.add(id(e))
+            e = e.__cause__ or getattr(e, "inner_exception", None)
+        if isinstance(e, _Scheduled):
+            return e.args[0], e.args[1]
+        log.warning("memtune: inductor's memory estimate failed (%s: %s); counting buffers op by op",
+                    type(e).__name__, e)
+    return None
+
+
+def _replay(gm, example_inputs, **kwargs):
+    """inductor's ``inner_compile``: instead of generating kernels, run ``gm`` op by op on fake
+    tensors, and count memory as inductor would use it. The graph's peak is inductor's own
+    estimate (:func:`inductor_peak`, from its scheduler: fused kernels, buffer lifetimes, its
+    reordering); where that is not available, the buffers inductor would allocate
+    (:func:`fused_into_consumers`) are counted op by op and freed at their last use. Inputs are
+    freed as inductor frees them (boxed, stolen arguments)."""
     import torch.fx
     from torch.utils._python_dispatch import _disable_current_modes
     from torch.utils._pytree import tree_flatten
 
+    estimate = inductor_peak(gm, example_inputs, **kwargs)
     fused = fused_into_consumers(gm)
-    if not _kwargs.get("is_backward"):
+    if not kwargs.get("is_backward"):
         _FORWARD_GRAPHS[0] += 1
+
+    def track(rec, out) -> None:
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor) and type(t).__name__ == "FakeTensor":
+                rec._track_output(t)
+        rec._bump_peak()
 
     class Replay(torch.fx.Interpreter):
         def run_node(self, n):
@@ -181,12 +271,10 @@ def _replay(gm, example_inputs, **_kwargs):
                     out = super().run_node(n)
                 if n.target.name() == "run_with_rng_state":
                     _RNG_REPLAYS[0] += 1
-                for t in tree_flatten(out)[0]:
-                    if isinstance(t, torch.Tensor) and type(t).__name__ == "FakeTensor":
-                        rec._track_output(t)
-                rec._bump_peak()
+                if estimate is None:
+                    track(rec, out)
                 return out
-            if n in fused:
+            if estimate is not None or n in fused:
                 rec.skip = True
                 try:
                     return super().run_node(n)
@@ -197,7 +285,16 @@ def _replay(gm, example_inputs, **_kwargs):
     def run(args):
         taken = list(args)
         args.clear()
-        return Replay(gm).boxed_run(taken)
+        rec = _RECORDING[-1] if _RECORDING else None
+        if rec is None or estimate is None:
+            return Replay(gm).boxed_run(taken)
+        peak, freed_inputs = estimate
+        top = rec.live_bytes - freed_inputs + peak  # what was live, less the inputs the graph frees, plus its peak
+        out = Replay(gm).boxed_run(taken)
+        track(rec, out)  # outputs (saved activations, gradients) stay live after the graph
+        if rec.intervals and top > rec.intervals[-1].peak_bytes:
+            rec.intervals[-1].peak_bytes = top
+        return out
 
     run._boxed_call = True
     return run
@@ -238,12 +335,15 @@ def predict_compiled_peak(model: nn.Module, batch, plan=None, *, loss_fn=None,
 
     Dynamo traces the model and inductor's own pipeline (decompositions, joint-graph passes,
     the min-cut partitioner that chooses what forward saves for backward, and
-    ``activation_memory_budget`` when set) produces the forward and backward graphs. Those
-    graphs then run op by op on fake tensors under a step recorder, counting what inductor
-    allocates: a pointwise op read only by pointwise ops and reductions lives inside a fused
-    kernel and is not counted (:func:`fused_into_consumers`). Graph breaks (e.g. a recomputed
-    Hugging Face layer without :func:`let_checkpoints_compile`) run eagerly in between, and are
-    recorded as they run. The optimizer step runs eagerly, as it does in training.
+    ``activation_memory_budget`` when set) produces the forward and backward graphs. Inductor
+    then lowers and schedules each graph (fusion, its peak-memory reordering) and stops before
+    generating code; the peak of its scheduled buffers, with a kernel's output written over an
+    input it reads last (as its wrapper does), is the graph's peak (:func:`inductor_peak`). The
+    graphs run op by op on fake tensors under a step recorder, so that what they save and
+    return is live where it is in training. Graph breaks (e.g. a recomputed Hugging Face layer
+    without :func:`let_checkpoints_compile`) run eagerly in between and are recorded op by op;
+    so is the optimizer step, as in training. Where inductor's scheduler cannot be stopped (another
+    torch), buffers are counted op by op (:func:`fused_into_consumers`).
 
     ``optimizer``: ``params -> torch.optim.Optimizer`` for an unplanned step (default AdamW);
     a plan builds its own. Dynamo's caches are reset afterwards (the next real call compiles).
@@ -366,7 +466,7 @@ def plan_compiled(model: nn.Module, batch, budget, *, profile=None, loss_fn=None
     when over, up when there is room), keeping the fastest plan whose compiled peak fits. At most
     ``tries`` compiled recordings (each a few seconds on small models). A plan whose compiled step
     replays RNG state in a recomputation (:attr:`CompiledPeak.rng_replays`) is not returned: that
-    case measured 12–24% above its recording, and above the eager prediction too. ``options`` go to
+    case measured above its recording, and above the eager prediction too. ``options`` go to
     :func:`memtune.plan`; a ``profile`` of the same model and batch saves profiling again.
     Raises :class:`~memtune.errors.MemtuneError` when no plan tried fits.
     """
@@ -415,8 +515,8 @@ def plan_compiled(model: nn.Module, batch, budget, *, profile=None, loss_fn=None
         raise MemtuneError(
             f"no plan's compiled step fits {usable:,} usable bytes: tried (planning budget, compiled peak, RNG "
             f"replays) {tried}; raise the budget"
-            + ("; the plans that recompute attention replay its RNG state in the compiled graph, which measured up to "
-               "24% above its recording (docs/integrations.md): plan without let_checkpoints_compile() (recomputed "
+            + ("; the plans that recompute attention replay its RNG state in the compiled graph, which measured "
+               "above its recording (docs/integrations.md): plan without let_checkpoints_compile() (recomputed "
                "HF layers then run eagerly, and are recorded exactly)" if rng else
                ", or plan for the eager step (memtune.plan)"))
     plan, peak = best
