@@ -351,7 +351,9 @@ def predict_compiled_peak(model: nn.Module, batch, plan=None, *, loss_fn=None,
     its backward and, with micro-batches, the second micro-batch (every later one repeats it).
 
     Measured against the real compiled step (inductor on the CPU, resident high-water mark,
-    ``benchmarks/compile_fidelity.py``): see docs/benchmarks.md section 9.
+    ``benchmarks/compile_fidelity.py --graph``): see docs/benchmarks.md section 9. Bytes are
+    counted as tensors hold them: on a CUDA device the caching allocator's rounding is not
+    simulated here (memtune's eager profile does simulate it).
     """
     import time
 
