@@ -207,6 +207,7 @@ def graph_main() -> None:
 
 def _graph_table(rows: list[dict]) -> str:
     import re
+    from collections import Counter
 
     from memtune.units_fmt import fmt_bytes
 
@@ -227,7 +228,7 @@ def _graph_table(rows: list[dict]) -> str:
         r["error_pct"] = _err(p, m)
         r["under_budget"] = None if r["budget_bytes"] is None else m <= r["budget_bytes"]
         plan = "unplanned" if r["plan"] is None else ", ".join(
-            f"{k} {v}" for k, v in sorted(_count(r["plan"]["decisions"]).items()) if k != "save") or "save all"
+            f"{k} {v}" for k, v in sorted(Counter(r["plan"]["decisions"].values()).items()) if k != "save") or "save all"
         if r["plan"] and r["plan"]["grad_accum_steps"] > 1:
             plan += f", micro {r['plan']['micro_batch_size']}x{r['plan']['grad_accum_steps']}"
         eager = "-" if r["eager_predicted_peak_bytes"] is None else fmt_bytes(r["eager_predicted_peak_bytes"])
@@ -236,13 +237,6 @@ def _graph_table(rows: list[dict]) -> str:
                      f"{'-' if r['under_budget'] is None else ('yes' if r['under_budget'] else 'NO')} | {r['graphs']} | "
                      f"{r['rng_replays']} | {r['predict_and_plan_s']} | {r['compiled']['step_ms']} |")
     return "\n".join(lines)
-
-
-def _count(decisions: dict) -> dict:
-    out: dict = {}
-    for d in decisions.values():
-        out[d] = out.get(d, 0) + 1
-    return out
 
 
 def _spawn(*args: str) -> dict:

@@ -16,7 +16,7 @@ planner's budget until the plan's compiled step fits.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
@@ -152,10 +152,6 @@ def fused_into_consumers(gm) -> set:
 
 _RECORDING: list = []
 """The recorder of the compiled step being recorded (at most one)."""
-_FORWARD_GRAPHS = [0]
-"""Forward graphs handed to :func:`_replay` since the last prediction started."""
-_RNG_REPLAYS = [0]
-"""``run_with_rng_state`` calls the step being recorded ran."""
 
 
 class _Scheduled(Exception):
@@ -250,14 +246,15 @@ def _replay(gm, example_inputs, **kwargs):
     from torch.utils._python_dispatch import _disable_current_modes
     from torch.utils._pytree import tree_flatten
 
+    from .recorder import _is_fake
+
     estimate = inductor_peak(gm, example_inputs, **kwargs)
-    fused = fused_into_consumers(gm)
-    if not kwargs.get("is_backward"):
-        _FORWARD_GRAPHS[0] += 1
+    # Counted op by op only without inductor's estimate: then every op but the fused ones.
+    uncounted = fused_into_consumers(gm) if estimate is None else None
 
     def track(rec, out) -> None:
         for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor) and type(t).__name__ == "FakeTensor":
+            if _is_fake(t):
                 rec._track_output(t)
         rec._bump_peak()
 
@@ -270,11 +267,11 @@ def _replay(gm, example_inputs, **kwargs):
                 with _disable_current_modes():
                     out = super().run_node(n)
                 if n.target.name() == "run_with_rng_state":
-                    _RNG_REPLAYS[0] += 1
-                if estimate is None:
+                    rec.rng_replays += 1
+                if uncounted is not None:
                     track(rec, out)
                 return out
-            if estimate is not None or n in fused:
+            if uncounted is None or n in uncounted:
                 rec.skip = True
                 try:
                     return super().run_node(n)
@@ -314,6 +311,8 @@ def _recorder_class():
         graphs and the eager code between them allocate), and that can be told to skip an op."""
 
         skip = False
+        rng_replays = 0
+        """``run_with_rng_state`` calls the recorded step ran (:attr:`CompiledPeak.rng_replays`)."""
 
         @classmethod
         def ignore_compile_internals(cls) -> bool:
@@ -361,6 +360,7 @@ def predict_compiled_peak(model: nn.Module, batch, plan=None, *, loss_fn=None,
     from torch.nn.utils.stateless import _reparametrize_module
     from torch.utils._pytree import tree_flatten, tree_map
 
+    from . import loss_chunking
     from .apply import _unwrap_units, applied_decisions, build_plan_optimizer, install_decisions
     from .batching import loss_from_output, split_batch, split_micro_batches
     from .errors import MemtuneError
@@ -379,9 +379,8 @@ def predict_compiled_peak(model: nn.Module, batch, plan=None, *, loss_fn=None,
         if applied_decisions(inner):
             raise MemtuneError("a plan is applied to this model; call memtune.remove_plan(model) before predicting "
                                "another plan's compiled peak")
-    choices = dict(plan.variant.choices) if plan is not None else {}
-    micro = choices.get("micro_batch_size")
-    chunks = choices.get("loss_chunks")
+    micro = plan.micro_batch_size if plan is not None else None
+    chunks = plan.loss_chunks if plan is not None else None
 
     mode = FakeTensorMode(allow_non_fake_inputs=True)  # checkpoint's RNG state is a real tensor
 
@@ -389,20 +388,18 @@ def predict_compiled_peak(model: nn.Module, batch, plan=None, *, loss_fn=None,
         if not isinstance(t, torch.Tensor):
             return t
         out = mode.from_tensor(t.detach())
-        return out.requires_grad_(t.requires_grad) if t.is_leaf or isinstance(t, nn.Parameter) else out
+        return out.requires_grad_(t.requires_grad) if t.is_leaf else out
 
     swapped = {n: fake(p) for n, p in inner.named_parameters()}
     swapped.update({n: fake(b) for n, b in inner.named_buffers()})
     fbatch = tree_map(fake, batch)
     Recorder = _recorder_class()
     rec = Recorder(target="cpu")
-    _FORWARD_GRAPHS[0] = 0
+    graphs = RecompileCounter()  # Dynamo's graphs: one per piece between graph breaks
     compiled = torch.compile(inner, backend=_replaying_backend)
     if plan is not None:
         install_decisions(inner, plan)
     if chunks is not None:
-        from . import loss_chunking
-
         loss_chunking.apply(inner, chunks)
     try:
         with mode, _reparametrize_module(inner, swapped):
@@ -430,7 +427,6 @@ def predict_compiled_peak(model: nn.Module, batch, plan=None, *, loss_fn=None,
             step(False)  # compiles, creates the optimizer state
             step(False)  # a plan change or the state can recompile once
             _RECORDING.append(rec)
-            _RNG_REPLAYS[0] = 0
             try:
                 with rec:
                     rec.mark(StepEvent.START)
@@ -441,12 +437,10 @@ def predict_compiled_peak(model: nn.Module, batch, plan=None, *, loss_fn=None,
                 _RECORDING.pop()
     finally:
         if chunks is not None:
-            from . import loss_chunking
-
             loss_chunking.remove(inner)
         if plan is not None:
             _unwrap_units(inner)
-        graphs = _FORWARD_GRAPHS[0]
+        n_graphs = graphs.graphs
         torch._dynamo.reset()  # drop the replaying graphs: the next real call compiles for real
     peaks = [i.peak_bytes for i in rec.intervals]
     fwd, bwd, optim = peaks[0], peaks[1], peaks[2]
@@ -454,7 +448,7 @@ def predict_compiled_peak(model: nn.Module, batch, plan=None, *, loss_fn=None,
     phase = "forward" if peak == fwd else "backward" if peak == bwd else "optimizer"
     return CompiledPeak(peak_bytes=peak, phase=phase, forward_peak_bytes=fwd, backward_peak_bytes=bwd,
                         optimizer_peak_bytes=optim, static_bytes=rec.static_bytes,
-                        graphs=graphs, seconds=round(time.perf_counter() - t0, 2), rng_replays=_RNG_REPLAYS[0])
+                        graphs=n_graphs, seconds=round(time.perf_counter() - t0, 2), rng_replays=rec.rng_replays)
 
 
 def plan_compiled(model: nn.Module, batch, budget, *, profile=None, loss_fn=None, tries: int = 6, **options):
@@ -480,7 +474,7 @@ def plan_compiled(model: nn.Module, batch, budget, *, profile=None, loss_fn=None
     prof = profile if profile is not None else make_profile(inner, batch, loss_fn=loss_fn, target="cpu")
     first = make_plan(prof, budget, **options)
     usable = first.usable_bytes
-    seen: dict[tuple, tuple] = {}
+    seen: dict[tuple, CompiledPeak] = {}  # a plan met again (same choices) is not recorded again
     best = None
     planning = usable
     tried = []
@@ -489,26 +483,23 @@ def plan_compiled(model: nn.Module, batch, budget, *, profile=None, loss_fn=None
             p = first if planning == usable else make_plan(prof, int(planning), reserve=0, **options)
         except MemtuneError:
             break
-        key = (tuple(sorted((u, d.value) for u, d in p.decisions.items())),
-               tuple(sorted((u, ops) for u, ops in p.save_ops.items())), p.variant, p.grad_accum_steps)
-        if key in seen:
-            peak = seen[key][1]
-        else:
-            peak = predict_compiled_peak(inner, batch, p, loss_fn=loss_fn)
-            seen[key] = (p, peak)
+        key = (tuple(sorted((u, d.value) for u, d in p.decisions.items())), tuple(sorted(p.save_ops.items())),
+               p.optimizer.key, p.variant, p.grad_accum_steps)
+        if key not in seen:
+            seen[key] = predict_compiled_peak(inner, batch, p, loss_fn=loss_fn)
+        peak = seen[key]
         tried.append((int(planning), peak.peak_bytes, peak.rng_replays))
         if peak.rng_replays:  # not a prediction to trust: look for a plan that recomputes less
             planning *= 1.1
             continue
-        bound = peak.peak_bytes
-        if bound <= usable:
+        if peak.peak_bytes <= usable:
             if best is None or p.predicted_step_ms < best[0].predicted_step_ms:
                 best = (p, peak)
-            if bound > usable * 0.99:
+            if peak.peak_bytes > usable * 0.99:
                 break
-        new = planning * usable / max(bound, 1)
-        if bound > usable:
-            new = min(new, planning - (bound - usable))
+        new = planning * usable / max(peak.peak_bytes, 1)
+        if peak.peak_bytes > usable:
+            new = min(new, planning - (peak.peak_bytes - usable))
         if abs(new - planning) < 1:
             break
         planning = new
@@ -522,12 +513,9 @@ def plan_compiled(model: nn.Module, batch, budget, *, profile=None, loss_fn=None
                "HF layers then run eagerly, and are recorded exactly)" if rng else
                ", or plan for the eager step (memtune.plan)"))
     plan, peak = best
-    from dataclasses import replace
-
     from .units_fmt import fmt_bytes
 
     note = (f"planned for torch.compile (inductor): compiled step predicted {fmt_bytes(peak.peak_bytes)} "
             f"({peak.phase}) against {fmt_bytes(usable)} usable; the eager prediction is "
-            f"{fmt_bytes(plan.predicted_peak_bytes)}"
-            )
+            f"{fmt_bytes(plan.predicted_peak_bytes)}")
     return replace(plan, budget_bytes=first.budget_bytes, usable_bytes=usable, notes=plan.notes + (note,)), peak
