@@ -64,8 +64,14 @@ def option_sets(base: dict[str, Any], current: Plan | None, *, lossless: bool,
     return [same, same_dtype, full]
 
 
+def save_sets(plan: Plan) -> dict[str, tuple[str, ...]]:
+    """The save set of each SELECTIVE unit of ``plan``: a choice too, kept beside the decisions
+    (a plan that changes only what a SELECTIVE unit keeps is another plan)."""
+    return {u: tuple(plan.save_ops.get(u, ())) for u, d in plan.decisions.items() if d is Decision.SELECTIVE}
+
+
 def same_plan(a: Plan, b: Plan) -> bool:
-    return all(getattr(a, f) == getattr(b, f) for f in PLAN_CHOICES)
+    return all(getattr(a, f) == getattr(b, f) for f in PLAN_CHOICES) and save_sets(a) == save_sets(b)
 
 
 def plan_changes(old: Plan, new: Plan) -> dict[str, Any]:
@@ -77,6 +83,10 @@ def plan_changes(old: Plan, new: Plan) -> dict[str, Any]:
         changes["save->recompute"] = to_rc
     if to_save:
         changes["recompute->save"] = to_save
+    old_sets, new_sets = save_sets(old), save_sets(new)
+    resaved = [u for u, ops in new_sets.items() if u in old_sets and old_sets[u] != ops]
+    if resaved:
+        changes["save_ops"] = resaved
     for name in ("ns_steps", "state_dtype"):
         if getattr(new.optimizer, name) != getattr(old.optimizer, name):
             changes[name] = [getattr(old.optimizer, name), getattr(new.optimizer, name)]

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -157,7 +158,6 @@ def test_host_memory_running_short_lowers_the_host_budget_and_replans():
     shrinks by the shortfall and it re-plans ("host-tighten"). A host that keeps its reserve, or
     a plan that pins nothing, changes nothing."""
     import dataclasses
-    from types import SimpleNamespace
 
     from memtune.budget import host_reserve_bytes
     from memtune.runtime.retune import Retuner
@@ -496,3 +496,49 @@ def test_a_second_signal_just_after_a_step_checkpoints_its_data_position_too(tmp
         trainer.train(_tokens(5), steps=5)
     state = ckpt.load(tmp_path / "ck.pt")
     assert state["step"] == 2 and state["batches_seen"] == 2  # resume does not replay batch 2
+
+
+def test_a_retune_that_changes_only_a_save_set_is_installed():
+    """A re-plan whose only change is what a SELECTIVE unit keeps is another plan: the trainer
+    installs it (its event names the unit), and the step then keeps what the new set keeps."""
+    import dataclasses
+
+    from memtune.plan import Decision
+    from memtune.runtime import replan
+    from memtune.runtime.retune import RetuneDecision
+    from memtune.timeline import timeline_model
+
+    data = batches(3, batch_size=8, block=64)
+    trainer = memtune.fit(gpt(2, 64), "1GB", progress=False, device="cpu", allow_microbatching=False)
+    trainer.step(data[0])
+    tm = timeline_model(trainer.profile)
+    units = [u for k, u in enumerate(tm.fqns) if len(tm.policies[k]) >= 2]
+    assert units, "no unit of this GPT has two save-set candidates"
+    u = units[0]
+    pols = sorted(tm.policies[tm.fqns.index(u)], key=lambda p: len(p.save_ops))
+
+    def measured_step(batch) -> int:  # PyTorch's MemTracker as the referee
+        mt = MemTracker()
+        mt.track_external(trainer.model, trainer.optimizer)
+        with mt:
+            trainer.step(batch)
+        return mt.get_tracker_snapshot("peak")[torch.device("cpu")]["Total"]
+
+    def selective(save):
+        plan = dataclasses.replace(trainer.plan, decisions={**trainer.plan.decisions, u: Decision.SELECTIVE},
+                                   save_ops={**trainer.plan.save_ops, u: save})
+        return dataclasses.replace(plan, predicted_peak_bytes=memtune.predict_peak(trainer.profile, plan).peak_bytes)
+
+    lean, rich = selective(pols[0].save_ops), selective(pols[-1].save_ops)
+    assert replan.same_plan(lean, dataclasses.replace(lean))
+    assert not replan.same_plan(lean, rich)
+    assert replan.plan_changes(lean, rich) == {"save_ops": [u]}
+    trainer._install(lean, kind="test", reason="the lean save set")
+    lean_peak = measured_step(data[1])
+
+    trainer._make_plan = lambda target, lossless=False: rich
+    trainer.retuner.decide = lambda *args: RetuneDecision("relax", trainer.plan_budget_bytes, "test: headroom")
+    trainer._retune(SimpleNamespace(device_free_bytes=None, host_available_bytes=None))
+    assert trainer.plan is rich
+    assert trainer.events[-1]["kind"] == "relax" and trainer.events[-1]["changes"] == {"save_ops": [u]}
+    assert measured_step(data[2]) > lean_peak  # it keeps more for backward
