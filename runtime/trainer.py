@@ -419,7 +419,7 @@ class Trainer:
         if self.plan is None:
             self._setup(batch)
         self._check_batch_size(batch)
-        rng = ckpt.rng_state()
+        rng = ckpt.RngSnapshot()
         # Running statistics and counters as the step found them: a retry or a skipped batch puts them back.
         buffers = BufferSnapshot(unwrap(self.model), self.profile.written_buffers)
         retries = 0  # per step, as documented: each step gets max_oom_retries
@@ -442,7 +442,7 @@ class Trainer:
                     # The other ranks are inside this step's collectives, or waiting on this one:
                     # every rank agrees through the store, rebuilds the group and retries in place.
                     retries = self._recover_across_ranks(e, ran=ran, retries=retries)
-                    ckpt.set_rng_state(rng)
+                    rng.restore()
                     buffers.restore()
                     continue
                 if not isinstance(e, torch.OutOfMemoryError):
@@ -466,7 +466,7 @@ class Trainer:
                                                    max_retries=self.max_oom_retries,
                                                    checkpoint=self._checkpoint_on_disk()) from e
                 self._tighten_after_oom(e, peak, retries)
-                ckpt.set_rng_state(rng)  # the retry draws the same dropout masks
+                rng.restore()  # the retry draws the same dropout masks
                 buffers.restore()  # and updates the running statistics once, from where the step began
         step_ms = (time.perf_counter() - t0) * 1000
         self.step_count += 1

@@ -542,3 +542,20 @@ def test_a_retune_that_changes_only_a_save_set_is_installed():
     assert trainer.plan is rich
     assert trainer.events[-1]["kind"] == "relax" and trainer.events[-1]["changes"] == {"save_ops": [u]}
     assert measured_step(data[2]) > lean_peak  # it keeps more for backward
+
+
+def test_a_fitted_step_measures_no_more_than_its_plan_predicts():
+    """What the trainer keeps through a step (its RNG snapshot for a retry) is not in the
+    profile, so it must make no tensor: MemTracker's peak of a trained step is at most the plan's
+    prediction (two int64 RNG tensors once put it 9,992 bytes over)."""
+    data = batches(3, batch_size=4, block=32)
+    trainer = memtune.fit(gpt(2, 64), "1GB", optimizer="adamw", progress=False, device="cpu")
+    trainer.train(data[:2], steps=2)
+    mt = MemTracker()
+    mt.track_external(trainer.model, trainer.optimizer)
+    with mt:
+        trainer.step(data[2])
+    measured = mt.get_tracker_snapshot("peak")[torch.device("cpu")]["Total"]
+    predicted = trainer.plan.predicted_peak_bytes
+    assert measured <= predicted
+    assert predicted - measured <= 0.005 * predicted
