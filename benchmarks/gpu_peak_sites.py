@@ -8,12 +8,16 @@ blocks by their innermost interesting stack frame.
     python benchmarks/gpu_peak_sites.py
 """
 
+import sys
 from collections import Counter
+from pathlib import Path
 
 import torch
 
 from memtune import zoo
-from memtune.batching import loss_from_output, split_batch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gpu_validation import train_step  # noqa: E402
 
 MiB = 2**20
 
@@ -32,16 +36,9 @@ def run(name, make, batch, precision):
     torch.manual_seed(0)
     model = make().cuda()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    args, kwargs, target = split_batch(batch, None)
 
     def step():
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=precision == "bf16-mixed"):
-            out = model(*args, **kwargs)
-            loss = loss_from_output(out, batch, target, None)
-        del out
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        train_step(model, batch, None, precision, opt)
 
     for _ in range(2):
         step()

@@ -29,13 +29,21 @@ It measures, side by side in one run:
    its own cap. ``--streaming --cpu-smoke`` runs the same code on a tiny Llama on the CPU (no
    fraction, no trace), to check the script itself.
 
-Writes benchmarks/results/gpu_validation.json and .md (``gpu_streaming`` for section 5).
+6. activation offload (``--activation-offload``, alone): on the GPT and HF Llama of section 2
+   (bf16-mixed), every other unit and every unit OFFLOAD against the same units RECOMPUTE and
+   against no plan, and the planner's plans with and without ``allow_activation_offload`` at 50%
+   and 35% of the unplanned activations: ``max_memory_allocated`` against each plan's peak, and
+   the median step time of 7 against the predicted one (:mod:`memtune.offload`).
+
+Writes benchmarks/results/gpu_validation.json and .md (``gpu_streaming`` for section 5,
+``gpu_activation_offload`` for section 6).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import gc
 import statistics
 import subprocess
@@ -78,19 +86,24 @@ def measure_reserve() -> dict:
             "torch_allocated": allocated}
 
 
-def real_step_peak(model, batch, loss_fn, precision, opt) -> tuple[int, int]:
-    """(max allocated, max reserved) of the third step (the first two create optimizer state)."""
+def train_step(model, batch, loss_fn, precision, opt) -> None:
     from memtune.batching import loss_from_output, split_batch
 
+    args, kwargs, target = split_batch(batch, loss_fn)
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=precision == "bf16-mixed"):
+        out = model(*args, **kwargs)
+        loss = loss_from_output(out, batch, target, loss_fn)
+    del out
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+def real_step_peak(model, batch, loss_fn, precision, opt) -> tuple[int, int]:
+    """(max allocated, max reserved) of the third step (the first two create optimizer state)."""
+
     def step():
-        args, kwargs, target = split_batch(batch, loss_fn)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=precision == "bf16-mixed"):
-            out = model(*args, **kwargs)
-            loss = loss_from_output(out, batch, target, loss_fn)
-        del out
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        train_step(model, batch, loss_fn, precision, opt)
 
     for _ in range(2):
         step()
@@ -439,6 +452,69 @@ def streaming_table(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def activation_offload_checks(quick: bool, steps: int = 7) -> list[dict]:
+    """OFFLOAD units on the GPU (memtune.offload): each plan's measured peak against its
+    prediction, and its median step time against the same model with those units SAVE and
+    RECOMPUTE, side by side in one process; and what the planner does with
+    ``allow_activation_offload`` at 50% and 35% of the unplanned activations."""
+    from memtune.plan import Decision
+
+    def median_step_ms(model, batch, loss_fn, precision, opt) -> float:
+        times = []
+        for _ in range(steps):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            train_step(model, batch, loss_fn, precision, opt)
+            torch.cuda.synchronize()
+            times.append((time.perf_counter() - t0) * 1e3)
+        return sorted(times)[len(times) // 2]
+
+    rows = []
+    for name, make, batch, loss_fn in models(quick):
+        precision = "bf16-mixed"
+        torch.manual_seed(0)
+        model = make().cuda()
+        prof = memtune.profile(model, batch, loss_fn=loss_fn, precision=precision, target=torch.device("cuda"))
+        base = memtune.plan(prof, 1 << 50, optimizer="adamw", state_dtypes=("fp32",), reserve=0)
+        units = list(base.decisions)
+        plans = {}
+        for label, chosen in (("every other", units[::2]), ("all", units)):
+            for d in (Decision.OFFLOAD, Decision.RECOMPUTE):
+                p = dataclasses.replace(base, decisions={**base.decisions, **{u: d for u in chosen}})
+                plans[f"{label} {d.value}"] = dataclasses.replace(
+                    p, predicted_peak_bytes=memtune.predict_peak(prof, p).peak_bytes,
+                    predicted_step_ms=memtune.predict_step_time(prof, p).total_ms)
+        plans["save"] = base
+        acts = prof.saved_activation_bytes
+        for frac in (0.5, 0.35):
+            budget = int(prof.baseline_peak_bytes - (1 - frac) * acts)
+            for off in (False, True):
+                try:
+                    plans[f"plan {frac:.0%}{' +offload' if off else ''}"] = memtune.plan(
+                        prof, budget, optimizer="adamw", state_dtypes=("fp32",), reserve=0, allow_activation_offload=off)
+                except memtune.InfeasibleBudgetError:
+                    pass
+        for label, plan in plans.items():
+            memtune.remove_plan(model)
+            opt = memtune.apply_plan(model, plan)
+            alloc, _ = real_step_peak(model, batch, loss_fn, precision, opt)
+            ms = median_step_ms(model, batch, loss_fn, precision, opt)
+            n_off = sum(d is Decision.OFFLOAD for d in plan.decisions.values())
+            rows.append({"model": name, "plan": label, "offload_units": n_off,
+                         "predicted_peak": plan.predicted_peak_bytes, "measured_max_allocated": alloc,
+                         "error": (plan.predicted_peak_bytes - alloc) / alloc, "predicted_step_ms": plan.predicted_step_ms,
+                         "measured_step_ms": ms, "offload_ms": plan.time.offload_ms if plan.time else None})
+            print(f"offload {name:9s} {label:24s} {n_off} offloaded  peak predicted {plan.predicted_peak_bytes / GiB:.3f} "
+                  f"measured {alloc / GiB:.3f} GiB ({rows[-1]['error']:+.2%})  step {ms:.1f} ms "
+                  f"(predicted {plan.predicted_step_ms:.1f})", flush=True)
+            del opt
+        memtune.remove_plan(model)
+        del model
+        gc.collect()
+        torch.cuda.empty_cache()
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
@@ -447,7 +523,24 @@ def main() -> None:
     ap.add_argument("--skip-runtime", action="store_true", help="only the reserve and fidelity checks")
     ap.add_argument("--streaming", action="store_true", help="only section 5: streamed 7B plans at 24GB and 12GB")
     ap.add_argument("--cpu-smoke", action="store_true", help="with --streaming: a tiny Llama on the CPU")
+    ap.add_argument("--activation-offload", action="store_true",
+                    help="only OFFLOAD units: measured peak and step time against SAVE and RECOMPUTE")
     args = ap.parse_args()
+    if args.activation_offload:
+        if not torch.cuda.is_available():
+            print("no CUDA device: nothing to validate")
+            return
+        rows = activation_offload_checks(args.quick)
+        lines = ["| model | plan | offloaded units | predicted peak | measured max_allocated | error | step (median) | "
+                 "predicted step |", "|---|---|--:|--:|--:|--:|--:|--:|"]
+        lines += [f"| {r['model']} | {r['plan']} | {r['offload_units']} | {r['predicted_peak'] / GiB:.3f} GiB | "
+                  f"{r['measured_max_allocated'] / GiB:.3f} GiB | {r['error']:+.2%} | {r['measured_step_ms']:.1f} ms | "
+                  f"{r['predicted_step_ms']:.1f} ms |" for r in rows]
+        md = "\n".join(lines) + "\n"
+        path = _record.write("gpu_activation_offload", {"rows": rows}, md)
+        print(md)
+        print(f"wrote {path}")
+        return
     if args.streaming:
         if not (args.cpu_smoke or torch.cuda.is_available()):
             print("no CUDA device: nothing to validate (--cpu-smoke checks the script on a tiny model)")

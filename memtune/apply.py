@@ -7,8 +7,8 @@
 * RECOMPUTE units run ``torch.utils.checkpoint.checkpoint(forward, ..., use_reentrant=False)``;
 * SELECTIVE units run the same with a ``create_selective_checkpoint_contexts`` policy that keeps
   the outputs of the op calls in the plan's save set (:func:`memtune.selective.context_fn`);
-* OFFLOAD units run their forward under saved-tensor hooks that keep activations in host
-  memory (pinned when CUDA is available);
+* OFFLOAD units keep what their forward saves in pinned host memory, copied out and back on a
+  side stream that overlaps the unit's compute (:mod:`memtune.offload`);
 * SAVE units run unchanged;
 * each lever of the plan's step variant (:mod:`memtune.levers`) is applied by its own
   :meth:`~memtune.levers.Lever.apply`, which returns an :class:`~memtune.levers.Applied`
@@ -52,6 +52,9 @@ _DECISION = "_memtune_decisions"
 """Attribute of the model holding unit name -> decision of the units applied (not SAVE)."""
 _LEVERS = "_memtune_levers"
 """Attribute holding lever name -> (choice, Applied) of the levers applied to a model."""
+OFFLOAD_DEVICE_TYPES: tuple[str, ...] = ("cuda",)
+"""Device types whose saved activations OFFLOAD units keep in host memory (the tests set
+``("cpu",)``, which offloads CPU tensors to other CPU tensors, to check the runtime on the CPU)."""
 _STEPPER = "_memtune_stepper"
 """Attribute holding a weak reference to the PlanOptimizer that hooks the model's parameters."""
 
@@ -228,36 +231,18 @@ def _wrap(module: nn.Module, decision: Decision, save_ops: tuple[str, ...] = (),
                 return checkpoint(forward, *args, use_reentrant=False, **extra, **kwargs)
             return buffers.run(forward, lambda fn: checkpoint(fn, *args, use_reentrant=False, **extra, **kwargs))
     elif decision is Decision.OFFLOAD:
-        pack, unpack = _offload_hooks(pin_memory=torch.cuda.is_available())
+        from .offload import ActivationOffload
+
+        offload = ActivationOffload(device_types=OFFLOAD_DEVICE_TYPES)  # read when the plan is applied
 
         @functools.wraps(forward)
         def wrapped(*args, **kwargs):
-            with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+            if not torch.is_grad_enabled():
                 return forward(*args, **kwargs)
+            return offload.run(forward, *args, buffers=tuple(module.buffers()), **kwargs)
     else:  # pragma: no cover - SAVE is never wrapped
         raise ValueError(decision)
     return wrapped
-
-
-def _offload_hooks(*, pin_memory: bool):
-    """Saved-tensor hooks that keep activations in host memory between forward and backward.
-
-    Unlike ``torch.autograd.graph.save_on_cpu``, parameters (and any other leaf that requires
-    grad) stay where they are: they live on the device anyway, and copying a weight out and back
-    for every op that saves it would cost a device-side copy of the weight in backward."""
-
-    def pack(t: torch.Tensor):
-        if (t.is_leaf and t.requires_grad) or t.device.type == "cpu":
-            return (None, t)
-        host = torch.empty(t.size(), dtype=t.dtype, layout=t.layout, pin_memory=pin_memory)
-        host.copy_(t, non_blocking=pin_memory)
-        return (t.device, host)
-
-    def unpack(packed):
-        device, t = packed
-        return t if device is None else t.to(device, non_blocking=pin_memory)
-
-    return pack, unpack
 
 
 def build_plan_optimizer(model: nn.Module, plan: Plan, settings=None) -> torch.optim.Optimizer | None:

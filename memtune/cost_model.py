@@ -308,9 +308,16 @@ def _pass_times(profile: ModelProfile, spec: DeviceSpec, rate: float, scale: flo
     fwd += outside_fwd
     bwd += k * _roofline_s(spec, out_bwd_flops * scale, 2 * out_params * wscale + 2 * out_act * scale, 2 * out_kernels,
                            rate)
+    # Activation offload: what its copies add beyond the unit's own compute, both ways (the
+    # copies overlap the unit's ops on a side stream: memtune.offload), per pass.
+    from .offload import exposed_offload_seconds
+
     host_bw = host_bandwidth(spec)
-    offload = {u.fqn: k * (2 * u.saved_activation_bytes * scale / host_bw + 2 * spec.kernel_overhead_s) * 1e3
-               for u in profile.units}
+    offload = {}
+    for u in profile.units:
+        exposed = exposed_offload_seconds(profile, u, spec, forward_s=unit_fwd[u.fqn] / k,
+                                          backward_s=unit_bwd[u.fqn] / k, scale=scale, host_bw=host_bw)
+        offload[u.fqn] = k * (sum(exposed) + 2 * spec.kernel_overhead_s) * 1e3
     memo[key] = _PassTimes(unit_fwd=unit_fwd, unit_bwd=unit_bwd, fwd=fwd, bwd=bwd, outside_fwd=outside_fwd,
                            recompute_ms={f: t * 1e3 for f, t in unit_fwd.items()}, offload_ms=offload, key=key)
     return memo[key]

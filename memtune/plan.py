@@ -130,7 +130,7 @@ class TimeBreakdown:
     ns_ms: float = 0.0
     optimizer_ms: float = 0.0
     offload_ms: float = 0.0
-    """Activation offload traffic (host link)."""
+    """What activation offload's copies add beyond the units' own compute (host link; :mod:`memtune.offload`)."""
     lever_ms: dict[str, float] = field(default_factory=dict)
     """Time a lever adds, by lever name (:meth:`memtune.levers.Lever.cost`: e.g. optimizer-state
     traffic not hidden behind backward, or a chunked loss's head run again in backward)."""

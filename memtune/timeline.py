@@ -16,7 +16,10 @@ which units hold it. A plan changes that timeline in exactly these ways:
   which restores it: ResNet's stage output, saved by the stage's closing ReLU and by the next
   stage, is freed after the next stage's backward when the stage recomputes, so its recompute
   does not count it beside the copy it makes.
-* **OFFLOAD** unit *u*: as RECOMPUTE, but the storages come back by copy (no transient).
+* **OFFLOAD** unit *u*: as RECOMPUTE, but the storages come back by copy (no transient), all
+  at its backward start (:mod:`memtune.offload`); a storage it saves that another unit or code
+  outside the units saves too is never freed, and its copy lives beside it from *u*'s backward
+  start to its end.
 * **SELECTIVE** unit *u* with save set *k* (:mod:`memtune.selective`): as RECOMPUTE for the
   storages whose producing op is outside the save set; those its save set produced stay (and
   no other holder can drop them); the checkpoint's cache holds the save set's other outputs
@@ -203,6 +206,7 @@ class TimelineModel:
         self.live += copies
         self.peak_b += copies
         self._columns(p)
+        self._offload_copies(p)
         self._groups(p)
         self._drop_rows()
         self._peak_rows()
@@ -290,7 +294,8 @@ class TimelineModel:
         self.extended: list[tuple[int, float, int, int]] = []
         """(column, bytes, from, to): a storage that backward needs but the unit does not hold
         (the next unit's input, or what code outside the units saves), kept by the column's cache
-        from where a plain step frees it to the unit's backward end."""
+        from where a plain step frees it to the unit's backward end; and an OFFLOAD column's copy
+        of a storage others keep too (:meth:`_offload_copies`)."""
         for u, unit in enumerate(p.units):
             if not self.K[u]:
                 continue
@@ -311,6 +316,20 @@ class TimelineModel:
                             self.extended.append((col, float(st.nbytes), int(st.freed) + 1, end))
                             if i <= last:  # live until the recomputation consumes it
                                 self.col_transient[col] += st.nbytes
+
+    def _offload_copies(self, p: ModelProfile) -> None:
+        """An OFFLOAD unit copies back, at its backward start, every storage it saved but its
+        inputs; one that another unit or code outside the units also saves was never freed, so
+        its copy lives beside it until the unit's backward ends (:mod:`memtune.offload`): an
+        :attr:`extended` window of the O column."""
+        for u, unit in enumerate(p.units):
+            if self.bs[u] < 0 or self.fe[u] < 0:
+                continue
+            inputs = set(unit.input_storages)  # kept as they are, not copied
+            for sid in unit.saved_storages:
+                st = p.storages[sid]
+                if sid not in inputs and (st.saved_outside or any(h != unit.fqn for h in st.holders)):
+                    self.extended.append((self.N + u, float(st.nbytes), int(self.bs[u]), int(self.be[u])))
 
     def columns(self, x: np.ndarray, r: np.ndarray, s: np.ndarray | None = None) -> np.ndarray:
         """The decision columns ``z`` of vectors ``x`` (non-SAVE), ``r`` (recomputes) and ``s``

@@ -96,6 +96,14 @@ def reference_peak(profile: ModelProfile, plan: Plan) -> int:
                 popped[fqn] += p.storages[sid].nbytes  # live in the recomputation until consumed
         for i in range(p.storages[sid].freed + 1, end):
             dropped[i] -= p.storages[sid].nbytes
+    # An OFFLOAD unit fetches a copy of every storage it saved (not its inputs) when its backward starts; one that
+    # someone else saves too was never freed, so the copy is extra until the unit's backward ends.
+    for u in p.units:
+        if plan.decisions.get(u.fqn) is Decision.OFFLOAD and u.fqn in fwd_end and u.fqn in bwd_start:
+            shared = sum(p.storages[sid].nbytes for sid in set(u.saved_storages) - set(u.input_storages)
+                         if p.storages[sid].saved_outside or set(p.storages[sid].holders) - {u.fqn})
+            for i in range(bwd_start[u.fqn], bwd_end(u.fqn)):
+                dropped[i] -= shared
     opt = plan_optimizer_memory(p, plan)
     # Plus the runtime's copies of the buffers the step writes (memtune.stateful): the trainer's
     # snapshot all step; each recomputed unit's own copy from its forward start to its backward

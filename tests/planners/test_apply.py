@@ -35,50 +35,100 @@ def test_reapplying_switches_units_and_remove_restores():
     assert applied_decisions(model) == {} and all("forward" not in m.__dict__ for m in model.modules())
 
 
-def test_offload_keeps_parameters_in_place_and_changes_no_number():
-    from memtune.apply import _offload_hooks
+def _traced_offload(monkeypatch):
+    """Offload CPU tensors (to other CPU tensors) and log what the offload does, in order."""
+    import memtune.apply as apply_mod
+    from memtune import offload
 
-    model = _gpt()
+    monkeypatch.setattr(apply_mod, "OFFLOAD_DEVICE_TYPES", ("cpu",))
+    log, groups = [], []
+    for name in ("pack", "forward_done", "prefetch", "unpack"):
+        real = getattr(offload._Group, name)
+
+        def traced(self, *args, _real=real, _name=name):
+            if self not in groups:
+                groups.append(self)
+            out = _real(self, *args)
+            log.append((_name, groups.index(self), out[0] is not None if _name == "pack" else None))
+            return out
+        monkeypatch.setattr(offload._Group, name, traced)
+    return log, groups
+
+
+def test_offload_copies_each_storage_once_lets_it_go_and_changes_no_number(monkeypatch):
+    """Two OFFLOAD units on the CPU runtime: parameters, their views and the units' inputs are
+    not copied; every other storage is copied once (views share it) and let go when the unit's
+    forward returns; each unit's backward starts by fetching all of its storages back, and lets
+    each go after its last use; loss and gradients are those of the plain model, dropout included."""
+    torch.manual_seed(0)
+    cfg = zoo.GPTConfig(n_layer=3, n_embd=32, n_head=2, block_size=16, dropout=0.1)
+    model = zoo.GPT(cfg)
     idx = torch.randint(0, 256, (2, 16))
+    torch.manual_seed(1)
     ref = model(idx, idx)
     ref.backward()
     ref_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad(set_to_none=True)
-    apply_plan(model, _plan({UNITS[1]: Decision.OFFLOAD}))
-    packed = []
-    pack, unpack = _offload_hooks(pin_memory=False)
-
-    def spy(t):
-        packed.append(pack(t))
-        return packed[-1]
-
-    import memtune.apply as apply_mod
-    real = apply_mod._offload_hooks
-    apply_mod._offload_hooks = lambda *, pin_memory: (spy, unpack)
-    try:
-        apply_plan(model, _plan({UNITS[1]: Decision.OFFLOAD}))
-    finally:
-        apply_mod._offload_hooks = real
+    log, groups = _traced_offload(monkeypatch)
+    apply_plan(model, _plan({UNITS[0]: Decision.OFFLOAD, UNITS[2]: Decision.OFFLOAD}))
+    torch.manual_seed(1)
     out = model(idx, idx)
+    assert len(groups) == 2
+    for g in groups:
+        assert g.entries and all(e.device is None and e.host.nbytes() > 0 for e in g.entries.values())
+        params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        assert not params & set(g.entries) and not g.kept & set(g.entries)
+    copied = [c for k, _, c in log if k == "pack"]
+    assert any(copied) and not all(copied)  # (weights are saved by the linear layers, and stay)
     out.backward()
-    assert packed and torch.equal(out, ref)
+    assert torch.equal(out, ref)
     assert all(torch.equal(p.grad, ref_grads[n]) for n, p in model.named_parameters())
-    params = {id(p) for p in model.parameters()}
-    assert any(id(t) in params for _, t in packed)  # weights saved by linear layers...
-    assert all(device is None for device, t in packed if id(t) in params)  # ...are never copied out
+    order = [(k, g) for k, g, _ in log if k != "pack"]
+    # The last unit's backward comes first; each backward fetches everything before its first unpack.
+    first_unpack = {g: order.index(("unpack", g)) for g in (0, 1)}
+    assert order.index(("prefetch", 1)) < first_unpack[1] < order.index(("prefetch", 0)) < first_unpack[0]
+    assert order.index(("forward_done", 0)) < order.index(("forward_done", 1)) < order.index(("prefetch", 1))
+    assert all(e.device is None for g in groups for e in g.entries.values())  # all let go again
+
+
+def test_a_saved_tensor_and_its_view_share_one_host_copy(monkeypatch):
+    from memtune.offload import ActivationOffload
+
+    log, groups = _traced_offload(monkeypatch)
+    x = torch.randn(8, 8, requires_grad=True)
+
+    def unit(x):
+        y = x.exp()
+        return (y * y.t()).sum()  # exp saves y, mul saves y and its transpose: one storage
+
+    out = ActivationOffload(device_types=("cpu",)).run(unit, x * 1)
+    assert sum(c for k, _, c in log if k == "pack") == 3 and len(groups[0].entries) == 1
+    out.backward()
+    x2 = x.detach().clone().requires_grad_()
+    unit(x2 * 1).backward()
+    assert torch.equal(x.grad, x2.grad)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_offload_moves_device_activations_to_host_and_back():
-    from memtune.apply import _offload_hooks
-
-    pack, unpack = _offload_hooks(pin_memory=True)
-    x = torch.randn(64, 64, device="cuda")
-    device, host = pack(x)
-    assert device == x.device and host.device.type == "cpu" and host.is_pinned()
-    assert torch.equal(unpack((device, host)), x)
-    w = torch.nn.Parameter(torch.randn(4, 4, device="cuda"))
-    assert pack(w) == (None, w)
+def test_offload_frees_device_activations_and_trains_the_same_on_a_gpu():
+    """On a GPU the OFFLOAD units' saved activations leave device memory when their forward
+    returns (side stream, pinned host memory) and come back for backward: the memory allocated
+    after forward drops, and the gradients are the plain model's."""
+    model, idx = _gpt().cuda(), torch.randint(0, 256, (8, 16), device="cuda")
+    ref = model(idx, idx)
+    torch.cuda.synchronize()
+    with_saved = torch.cuda.memory_allocated()
+    ref.backward()
+    ref_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    del ref
+    apply_plan(model, _plan({u: Decision.OFFLOAD for u in UNITS[:2]}))
+    out = model(idx, idx)
+    torch.cuda.synchronize()
+    assert torch.cuda.memory_allocated() < with_saved
+    out.backward()
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, ref_grads[n], rtol=0, atol=0, msg=n)
 
 
 def test_unknown_unit_is_an_error_that_names_the_fix():
