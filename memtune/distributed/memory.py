@@ -101,7 +101,7 @@ def _rewrite(profile: ModelProfile, rewrite, **changes) -> ModelProfile:
             variants.append(dataclasses.replace(r, **fields))
     # Per-op save sets are not planned across ranks yet. On 2 CPU ranks (gloo), FSDPMemTracker
     # measures, in about one step in eight and on any plan (unplanned, whole-unit recompute or
-    # selective alike), 268 KB of one block's unsharded gradients more than these rules (3.1% of
+    # selective alike), 268 KB of a block's unsharded gradients (one MLP weight's, every bias's and norm's) more than these rules (3.1% of
     # the budget test's peak; docs/distributed.md). A selective plan fills its budget more
     # tightly than a whole-unit one, which is why it was the one seen over budget. Until that is
     # modelled, every unit is planned whole (without the per-op record).
