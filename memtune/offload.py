@@ -78,7 +78,7 @@ class _Group:
 
     # ---------------------------------------------------------------- forward
     def pack(self, t: torch.Tensor) -> Any:
-        if t.device.type not in self.owner.device_types or _is_parameter(t):
+        if t.device.type not in self.owner.device_types or t.layout != torch.strided or _is_parameter(t):
             return (None, t)
         st = t.untyped_storage()
         key = st.data_ptr()  # unique while the entry holds the storage (until the forward ends)
