@@ -31,13 +31,13 @@ def first_batch(loader, device: torch.device, *, who: str) -> Any:
     from memtune.batching import move_batch
     from memtune.runtime import checkpoint as ckpt
 
-    state = ckpt.rng_state()
+    state = ckpt.RngSnapshot()
     try:
         batch = next(iter(loader))
     except StopIteration:
         raise UsageError(f"the {who}'s train dataloader is empty; memtune profiles on its first batch") from None
     finally:
-        ckpt.set_rng_state(state)
+        state.restore()
     return move_batch(dict(batch) if hasattr(batch, "keys") else batch, device)
 
 

@@ -66,7 +66,9 @@ def quantize_blockwise(x: torch.Tensor, *, signed: bool, domain: str = "sqrt",
         # momentum entry over a zeroed V into a huge step (measured: int8 runs diverged).
         # Code 1 acts as a floor of one quantum, relative to the block's max.
         mag = torch.maximum(mag, blocks.gt(0).float(), out=mag)
-    codes = mag.to(torch.int8 if signed else torch.uint8).view(-1)[:n]
+    codes = mag.to(torch.int8 if signed else torch.uint8).view(-1)
+    if codes.numel() != n:  # the last block's padding leaves storage too (the state keeps ``codes``)
+        codes = codes[:n].clone()
     return codes, absmax
 
 
