@@ -100,11 +100,12 @@ def _rewrite(profile: ModelProfile, rewrite, **changes) -> ModelProfile:
             fields["baseline_peak_bytes"] = max(e.peak_bytes for e in fields["timeline"])
             variants.append(dataclasses.replace(r, **fields))
     # Per-op save sets are not planned across ranks yet. On 2 CPU ranks (gloo), FSDPMemTracker
-    # measures, in about one step in eight and on any plan (unplanned, whole-unit recompute or
-    # selective alike), 268 KB of a block's unsharded gradients (one MLP weight's, every bias's and norm's) more than these rules (3.1% of
-    # the budget test's peak; docs/distributed.md). A selective plan fills its budget more
-    # tightly than a whole-unit one, which is why it was the one seen over budget. Until that is
-    # modelled, every unit is planned whole (without the per-op record).
+    # now and then reads, on any plan (unplanned, whole-unit recompute or selective alike),
+    # 268 KB more than these rules: the size of one MLP weight's gradient and a block's biases'
+    # and norms' (3.1% of the budget test's peak; benchmarks/fsdp_tracker_extra.py,
+    # docs/distributed.md). A selective plan fills its budget more tightly than a whole-unit
+    # one, which is why it was the one seen over budget. Until that is explained or modelled,
+    # every unit is planned whole (without the per-op record).
     main = rewrite(profile, False)
     units = tuple(dataclasses.replace(u, ops=()) for u in main.pop("units", profile.units))
     variants = [dataclasses.replace(r, units=tuple(dataclasses.replace(u, ops=()) for u in r.units)) for r in variants]
