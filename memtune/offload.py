@@ -55,10 +55,11 @@ def _is_parameter(t: torch.Tensor) -> bool:
 
 
 class _Entry:
-    __slots__ = ("device", "host", "event", "uses", "left")
+    __slots__ = ("device", "where", "host", "event", "uses", "left")
 
-    def __init__(self, device: torch.UntypedStorage, host: torch.UntypedStorage) -> None:
+    def __init__(self, device: torch.UntypedStorage, where: torch.device, host: torch.UntypedStorage) -> None:
         self.device: torch.UntypedStorage | None = device
+        self.where = where  # the device it comes back to
         self.host = host
         self.event = None
         self.uses = 0  # saved tensors that read this storage
@@ -87,7 +88,7 @@ class _Group:
         entry = self.entries.get(key)
         if entry is None:
             host = torch.empty(st.nbytes(), dtype=torch.uint8, device="cpu",
-                               pin_memory=self.owner.pin).untyped_storage()
+                               pin_memory=self.owner.cuda).untyped_storage()
             stream = self.owner.stream
             if stream is None:
                 host.copy_(st)
@@ -95,7 +96,7 @@ class _Group:
                 stream.wait_stream(torch.cuda.current_stream(t.device))
                 with torch.cuda.stream(stream):
                     host.copy_(st, non_blocking=True)
-            entry = self.entries[key] = _Entry(st, host)
+            entry = self.entries[key] = _Entry(st, t.device, host)
         entry.uses += 1
         entry.left += 1
         return (key, t.dtype, t.device, t.storage_offset(), tuple(t.shape), t.stride())
@@ -114,13 +115,12 @@ class _Group:
         if self.back:
             return
         self.back = True
-        stream = self.owner.stream
-        device = self.owner.device
         for entry in reversed(self.entries.values()):
-            self._fetch(entry, device, stream)
+            self._fetch(entry)
 
-    def _fetch(self, entry: _Entry, device, stream) -> None:
-        dev = torch.empty(entry.host.nbytes(), dtype=torch.uint8, device=device).untyped_storage()
+    def _fetch(self, entry: _Entry) -> None:
+        dev = torch.empty(entry.host.nbytes(), dtype=torch.uint8, device=entry.where).untyped_storage()
+        stream = self.owner.stream
         if stream is None:
             dev.copy_(entry.host)
         else:
@@ -138,8 +138,7 @@ class _Group:
         _, dtype, device, offset, shape, stride = packed
         entry = self.entries[key]
         if entry.device is None:  # no gradient reached an output first (or backward runs again)
-            self.owner.device = device
-            self._fetch(entry, device, self.owner.stream)
+            self._fetch(entry)
         if entry.event is not None:
             torch.cuda.current_stream(device).wait_event(entry.event)
             entry.event = None
@@ -160,31 +159,22 @@ class ActivationOffload:
 
     def __init__(self, *, device_types: tuple[str, ...] = ("cuda",)) -> None:
         self.device_types = device_types
-        cuda = "cuda" in device_types and torch.cuda.is_available()
-        self.pin = cuda
+        self.cuda = "cuda" in device_types and torch.cuda.is_available()
+        """Copies go through pinned memory on a side stream (else they are synchronous)."""
         self.stream = None
-        self._cuda = cuda
-        self.device = None
-
-    def _side_stream(self, device: torch.device):
-        if self.stream is None or self.stream.device != device:
-            self.stream = torch.cuda.Stream(device=device)
-        return self.stream
 
     @torch.compiler.disable  # (hooks and side streams: the unit runs eagerly under torch.compile)
     def run(self, forward: Callable, *args, buffers=(), **kwargs):
         kept = {t.untyped_storage().data_ptr() for t in (*tree_flatten((args, kwargs))[0], *buffers)
                 if isinstance(t, torch.Tensor)}
         group = _Group(self, kept)
-        if self._cuda:
-            self.device = torch.device("cuda", torch.cuda.current_device())
-            self._side_stream(self.device)
+        if self.cuda:
+            device = torch.device("cuda", torch.cuda.current_device())
+            if self.stream is None or self.stream.device != device:
+                self.stream = torch.cuda.Stream(device=device)
         with torch.autograd.graph.saved_tensors_hooks(group.pack, group.unpack):
             out = forward(*args, **kwargs)
         group.forward_done()
-        if self.device is None:
-            self.device = next((t.device for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)),
-                               torch.device("cpu"))
         outputs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor) and t.requires_grad]
         if outputs and group.entries:
             torch.autograd.graph.register_multi_grad_hook(outputs, group.prefetch, mode="any")

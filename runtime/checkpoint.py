@@ -52,21 +52,7 @@ REQUIRED = {"model": dict, "optimizer": dict, "plan": dict, "profile": dict, "pl
 # ----------------------------------------------------------------------------- RNG as data
 def rng_state() -> dict[str, Any]:
     """Every RNG state as tensors and plain numbers (loadable with ``weights_only=True``)."""
-    version, words, gauss = random.getstate()
-    state: dict[str, Any] = {"torch": torch.get_rng_state(),
-                             "python": {"version": version, "words": torch.tensor(words, dtype=torch.int64),
-                                        "gauss": gauss}}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = list(torch.cuda.get_rng_state_all())
-    try:
-        import numpy as np
-
-        kind, keys, pos, has_gauss, cached = np.random.get_state()
-        state["numpy"] = {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                          "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}
-    except ImportError:  # pragma: no cover - numpy is a dependency
-        pass
-    return state
+    return RngSnapshot().as_data()
 
 
 class RngSnapshot:
@@ -89,6 +75,22 @@ class RngSnapshot:
             self.numpy = np.random.get_state()
         except ImportError:  # pragma: no cover - numpy is a dependency
             self.numpy = None
+
+    def as_data(self) -> dict[str, Any]:
+        """The states as tensors and plain numbers, as checkpoints store them (:func:`rng_state`)."""
+        version, words, gauss = self.python
+        state: dict[str, Any] = {"torch": self.torch,
+                                 "python": {"version": version, "words": torch.tensor(words, dtype=torch.int64),
+                                            "gauss": gauss}}
+        if self.cuda is not None:
+            state["cuda"] = self.cuda
+        if self.numpy is not None:
+            import numpy as np
+
+            kind, keys, pos, has_gauss, cached = self.numpy
+            state["numpy"] = {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                              "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}
+        return state
 
     def restore(self) -> None:
         torch.set_rng_state(self.torch)
